@@ -1,0 +1,131 @@
+//! The proxy side of a transport: how the pool opens and uses connections to agents.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use tokio::sync::watch;
+
+use crate::capabilities::{Capabilities, Hello};
+use crate::config::{ConfigAck, ConfigPush};
+use crate::decision::Decision;
+use crate::error::TransportError;
+use crate::event::{CancelReason, CorrelationId, Event};
+use crate::signals::ConnectionSignals;
+
+/// A boxed, sendable future, as the object-safe traits here return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A boxed, sendable stream.
+pub type BoxStream<'a, T> = Pin<Box<dyn Stream<Item = T> + Send + 'a>>;
+
+/// Where an agent listens, in a form its transport understands (`unix:/run/waf.sock`,
+/// `grpc://10.0.0.5:50051`, `mem://waf`…). Cloning is a reference-count increment.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint(Arc<str>);
+
+impl Endpoint {
+    /// Wraps an address.
+    pub fn new(addr: impl Into<Arc<str>>) -> Self {
+        Self(addr.into())
+    }
+
+    /// The address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The part before `:` (or `://`), if the address has a scheme.
+    pub fn scheme(&self) -> Option<&str> {
+        self.0.split_once(':').map(|(s, _)| s)
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Endpoint {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for Endpoint {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+/// Opens connections to agents.
+///
+/// Connecting is split from the handshake so the caller can bound each with its own time-out:
+/// [`connect`](Connector::connect) only establishes the byte stream, and
+/// [`PendingConnection::handshake`] exchanges [`Hello`] and [`Capabilities`].
+pub trait Connector: Send + Sync + 'static {
+    /// Establishes a stream to `endpoint`. No protocol message is exchanged yet.
+    fn connect(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>>;
+}
+
+/// A connected stream that has not yet handshaken.
+pub trait PendingConnection: Send + 'static {
+    /// Sends `hello`, waits for the agent's capabilities, and starts the connection's task.
+    ///
+    /// Fails with [`TransportError::VersionMismatch`] if no protocol version is shared.
+    fn handshake(self: Box<Self>, hello: Hello) -> BoxFuture<'static, Result<Arc<dyn AgentConnection>, TransportError>>;
+}
+
+/// One live, multiplexed connection to an agent.
+///
+/// An implementation runs one task that owns the socket. Requests are matched to answers by
+/// the transport's own numeric stream ids, so any number may be in flight at once. The task
+/// publishes [`ConnectionSignals`] on a watch channel; when the connection dies it fails every
+/// pending request at once with [`TransportError::Closed`] and publishes `open: false`.
+///
+/// # Contract
+///
+/// * Dropping the future returned by [`send`](AgentConnection::send) before it resolves forgets
+///   the request and tells the agent to cancel it with [`CancelReason::Abandoned`].
+/// * [`cancel`](AgentConnection::cancel) fails every pending request of that correlation id on
+///   this connection with [`TransportError::Cancelled`] and tells the agent.
+/// * Methods other than the returned futures never block and never wait: they enqueue.
+pub trait AgentConnection: Send + Sync + 'static {
+    /// A short label for logs and errors (`"unix:/run/waf.sock#2"`).
+    fn label(&self) -> &str;
+
+    /// What the agent announced in the handshake.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Sends one event and resolves with the agent's decision.
+    fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>>;
+
+    /// Cancels the pending requests of `correlation_id` on this connection.
+    fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason);
+
+    /// Subscribes to the connection's signals (open, draining, flow control, agent health).
+    fn signals(&self) -> watch::Receiver<ConnectionSignals>;
+
+    /// Round-trips a ping and resolves with the time it took.
+    fn ping(&self) -> BoxFuture<'static, Result<Duration, TransportError>>;
+
+    /// Pushes configuration and resolves with the agent's acknowledgement.
+    fn push_config(&self, push: ConfigPush) -> BoxFuture<'static, Result<ConfigAck, TransportError>>;
+
+    /// Tells the agent that no new requests will come on this connection; pending ones go on.
+    fn drain(&self);
+
+    /// Tells the agent the proxy is shutting down, then closes. Pending requests fail with
+    /// [`TransportError::Closed`].
+    fn close(&self);
+}
