@@ -1,1 +1,100 @@
-fn main(){}
+//! `cargo xtask <task>`: the project's automation, in Rust so it needs nothing but cargo.
+//!
+//! * `ci` — formatting, clippy (`-D warnings`), every unit, integration and doc test, and a
+//!   compile check of the benches. This is what `.ci/run` runs.
+//! * `race` — the loom models (built with `--cfg agentpool_loom` in a separate target
+//!   directory, so the normal build cache is untouched) and the stress tests in release mode
+//!   with more iterations.
+//! * `itest` — the cross-crate integration tests in `tests/`.
+//! * `bench [args]` — the criterion benches (release build; not part of `ci`).
+
+use std::env;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        eprintln!("usage: cargo xtask <ci|race|itest|bench> [args]");
+        return ExitCode::FAILURE;
+    };
+    let result = match task.as_str() {
+        "ci" => ci(),
+        "race" => race(),
+        "itest" => itest(),
+        "bench" => bench(&args[1..]),
+        other => Err(format!("unknown task {other:?}; expected ci, race, itest or bench")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs one step, echoing it and how long it took.
+fn step(name: &str, mut cmd: Command) -> Result<(), String> {
+    eprintln!("==> {name}");
+    let started = Instant::now();
+    let status = cmd.status().map_err(|e| format!("{name}: cannot run: {e}"))?;
+    eprintln!("<== {name}: {} in {:.1?}", if status.success() { "ok" } else { "FAILED" }, started.elapsed());
+    if status.success() { Ok(()) } else { Err(format!("{name} failed ({status})")) }
+}
+
+fn with_args(mut c: Command, args: &[&str]) -> Command {
+    c.args(args);
+    c
+}
+
+fn ci() -> Result<(), String> {
+    step("fmt", with_args(cargo(), &["fmt", "--all", "--", "--check"]))?;
+    step("clippy", with_args(cargo(), &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    step("test", with_args(cargo(), &["test", "--workspace", "--all-targets"]))?;
+    step("doc tests", with_args(cargo(), &["test", "--workspace", "--doc"]))?;
+    let mut doc = with_args(cargo(), &["doc", "--workspace", "--no-deps"]);
+    doc.env("RUSTDOCFLAGS", "-D warnings");
+    step("docs", doc)?;
+    step("bench compile check", with_args(cargo(), &["check", "--workspace", "--benches"]))?;
+    race_loom()
+}
+
+/// The loom models: small, so they stay in `ci` as well as `race`.
+fn race_loom() -> Result<(), String> {
+    let mut c = with_args(cargo(), &["test", "-p", "pool-core", "--lib", "--release", "--", "loom_"]);
+    c.env("RUSTFLAGS", "--cfg agentpool_loom")
+        .env("CARGO_TARGET_DIR", root().join("target").join("loom"))
+        .env("LOOM_MAX_PREEMPTIONS", "3");
+    step("loom models", c)
+}
+
+fn race() -> Result<(), String> {
+    race_loom()?;
+    let mut c = with_args(cargo(), &["test", "-p", "pool-core", "--release", "--test", "stress"]);
+    c.env("AGENTPOOL_STRESS_SCALE", "10");
+    step("stress tests (release, 10x)", c)
+}
+
+fn itest() -> Result<(), String> {
+    step("integration tests", with_args(cargo(), &["test", "-p", "agentpool-tests"]))
+}
+
+fn bench(extra: &[String]) -> Result<(), String> {
+    let mut c = with_args(cargo(), &["bench", "--workspace"]);
+    if !extra.is_empty() {
+        c.arg("--").args(extra);
+    }
+    step("benches", c)
+}

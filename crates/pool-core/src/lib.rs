@@ -1,1 +1,82 @@
-//! x
+//! A pool of multiplexed connections to external processing agents.
+//!
+//! A reverse proxy asks agents — a WAF, an auth service, a bot detector — to decide on each
+//! request. `pool-core` keeps N connections to every endpoint (replica) of every agent and
+//! picks one per request: it balances load, tracks each connection's health, trips a circuit
+//! breaker on a failing endpoint, ejects outlier replicas, honours what the agent says about
+//! itself (its concurrency and body limits, its supported events, degraded / draining /
+//! unhealthy reports, flow-control pauses), bounds every request with a time-out, and drains
+//! gracefully. It knows nothing about sockets: transports plug in through the
+//! [`pool_api::Connector`] trait.
+//!
+//! # Main types
+//!
+//! * [`AgentPool`] — the registry and the send path ([`AgentPool::send`]).
+//! * [`AgentSpec`] — an agent to add: id, endpoints, per-agent [`AgentOptions`].
+//! * [`PoolConfig`] — every setting, with serde + humantime and [`PoolConfig::validate`].
+//! * [`AgentService`] — one agent as a `tower::Service<Event>`.
+//! * [`AgentStats`], [`PoolStats`], [`ConnectionHealth`] — what the pool knows.
+//! * Pure policies, usable on their own: [`balance`], [`breaker`], [`health`], [`ewma`],
+//!   [`outlier`], [`backoff`].
+//!
+//! # Example
+//!
+//! ```
+//! use pool_core::{AgentPool, AgentSpec, PoolConfig};
+//! use pool_api::{Event, RequestHeaders};
+//! use test_support::{AllowAll, MemoryAgent, MemoryConnector};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let connector = MemoryConnector::new();
+//! connector.register("mem://waf", &MemoryAgent::new(AllowAll));
+//!
+//! let pool = AgentPool::new(PoolConfig::default(), connector)?;
+//! let report = pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf")).await?;
+//! assert_eq!(report.connected, 4);
+//!
+//! let event = Event::RequestHeaders(RequestHeaders::new("req-1", http::Method::GET, "/".parse()?));
+//! let decision = pool.send("waf", event).await?;
+//! assert!(decision.is_allow());
+//!
+//! pool.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Design
+//!
+//! See `docs/architecture.md` in the repository for how a request flows. In short: the hot
+//! path (agent lookup, breaker check, balancer pick, permit) reads an `arc-swap` snapshot and
+//! atomics — no lock, no allocation; every request holds an RAII permit that is returned
+//! however the request ends; one supervisor task per connection slot connects, mirrors the
+//! agent's signals, pings, and replaces a dead connection with jittered exponential back-off.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+mod agent;
+pub mod backoff;
+pub mod balance;
+pub mod breaker;
+mod config;
+mod endpoint;
+mod error;
+pub mod ewma;
+pub mod health;
+mod maintenance;
+mod metrics;
+pub mod outlier;
+mod permits;
+mod pool;
+mod service;
+mod slot;
+mod supervisor;
+mod sync;
+
+pub use agent::{AgentSpec, AgentStats, EndpointStats};
+pub use config::{AgentOptions, FailureMode, HealthConfig, PoolConfig};
+pub use endpoint::BreakerStatus;
+pub use error::{PoolError, Unavailable};
+pub use pool::{AddReport, AgentPool, PoolStats, Reservation};
+pub use service::AgentService;
+pub use slot::ConnectionHealth;

@@ -1,0 +1,740 @@
+//! One registered agent: its endpoints, connection slots, balancer, and the send path.
+//!
+//! # How a request flows
+//!
+//! 1. [`Agent::try_reserve`] loads the agent's snapshot of connected slots (one `ArcSwap`
+//!    load), lets the balancer pick among the usable ones (flags, breaker gate, supported
+//!    event kind and free capacity are all atomics), and takes a permit with one CAS. A
+//!    half-open breaker admits exactly one probe here. Nothing is locked or allocated.
+//! 2. If every usable connection is full, the caller waits for a permit (woken by the next
+//!    release) until the request's deadline; if none is usable at all, the agent's failure
+//!    mode decides: an error, or "allow" (fail open).
+//! 3. [`AgentShared::dispatch`] sends on the chosen connection and races the answer against
+//!    the deadline (scaled by a degraded agent's multiplier) and the agent's abort signal. A
+//!    time-out or abort tells the agent to cancel.
+//! 4. The outcome feeds the slot's health window and latency estimate and the endpoint's
+//!    breaker; the permit is returned when the [`InFlight`] guard drops — which also happens
+//!    if the caller drops the future at any await point.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use pool_api::{
+    CancelReason, Capabilities, Connector, Decision, Endpoint, Event, EventKind, EventSet, StopReport,
+    TransportError,
+};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::Balancer;
+use crate::breaker::Admission;
+use crate::config::{AgentSettings, FailureMode};
+use crate::endpoint::{BreakerStatus, EndpointState, GATE_EJECTED, GATE_OPEN, GATE_PROBE};
+use crate::error::{PoolError, Unavailable};
+use crate::health::HealthState;
+use crate::metrics::AgentMetrics;
+use crate::outlier::{IntervalCounts, OutlierDetector, Verdict};
+use crate::pool::PoolCtx;
+use crate::slot::{AGENT_UNHEALTHY, ConnectionHealth, DRAINING, InFlight, PAUSED, Slot};
+use crate::supervisor;
+use crate::sync::lock_std as lock;
+
+/// Attempts at a pick when racing threads take the chosen permit first.
+const MAX_RACES: usize = 4;
+
+/// Why no permit could be taken right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reject {
+    /// Usable connections exist but all are at their concurrency limit.
+    Full,
+    /// No connection accepts this event kind.
+    Unsupported,
+    /// Nothing can take the request.
+    Unavailable(Unavailable),
+}
+
+/// What the in-flight path needs of its agent; held by every slot.
+pub(crate) struct AgentShared {
+    pub(crate) id: Arc<str>,
+    pub(crate) metrics: AgentMetrics,
+    pub(crate) settings: AgentSettings,
+    pub(crate) ctx: Arc<PoolCtx>,
+    /// Fired at the end of a drain: in-flight sends cancel and return.
+    pub(crate) abort: CancellationToken,
+    removed: AtomicBool,
+    capacity: Notify,
+    waiters: AtomicUsize,
+    watching_idle: AtomicBool,
+    idle: Notify,
+}
+
+impl AgentShared {
+    /// Called after every permit release.
+    #[inline]
+    pub(crate) fn permit_released(&self) {
+        // SeqCst pairs with the fence in the waiters: see `Permits::release`.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.capacity.notify_waiters();
+        }
+        if self.watching_idle.load(Ordering::SeqCst) {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Wakes permit waiters after capacity appeared some other way (a new connection, a
+    /// resume).
+    pub(crate) fn wake_waiters(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.capacity.notify_waiters();
+        }
+    }
+
+    fn admitting(&self) -> Result<(), PoolError> {
+        if self.removed.load(Ordering::Acquire) {
+            Err(PoolError::Unavailable { agent: self.id.to_string(), reason: Unavailable::Removed })
+        } else if !self.ctx.admitting() {
+            Err(PoolError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Answers for an agent that cannot take a request, by its failure mode.
+    pub(crate) fn unavailable(&self, reason: Unavailable) -> Result<Decision, PoolError> {
+        self.metrics.unavailable.increment(1);
+        match self.settings.failure_mode {
+            FailureMode::Closed => Err(PoolError::Unavailable { agent: self.id.to_string(), reason }),
+            FailureMode::Open => {
+                self.metrics.fail_open.increment(1);
+                Ok(Decision::allow()
+                    .with_tag("agentpool:fail-open")
+                    .with_reason(format!("agent {} skipped: {reason}", self.id)))
+            }
+        }
+    }
+
+    fn reject(&self, reject: Reject, kind: Option<EventKind>) -> Result<Decision, PoolError> {
+        match reject {
+            Reject::Unsupported => Err(PoolError::UnsupportedEvent {
+                agent: self.id.to_string(),
+                kind: kind.unwrap_or(EventKind::RequestHeaders),
+            }),
+            Reject::Unavailable(reason) => self.unavailable(reason),
+            Reject::Full => unreachable!("a full agent is waited for, not rejected"),
+        }
+    }
+
+    /// Sends `event` on the reserved connection and records the outcome. The single send
+    /// path: every event kind and every caller (pool, handle, tower service) ends here.
+    pub(crate) async fn dispatch(&self, mut guard: InFlight, event: Event, start: Instant) -> Result<Decision, PoolError> {
+        let slot = Arc::clone(&guard.slot);
+        let kind = event.kind();
+        if !slot.supports(1 << kind as u8) {
+            return Err(PoolError::UnsupportedEvent { agent: self.id.to_string(), kind });
+        }
+        if let Some(limit) = slot.max_body() {
+            let size = (event.body_len() as u64).max(event.declared_body_size().unwrap_or(0));
+            if size > limit {
+                return Err(PoolError::BodyTooLarge { agent: self.id.to_string(), size, limit });
+            }
+        }
+        let Some(live) = slot.conn.load_full() else {
+            // The connection died between the pick and now; its replacement is on the way.
+            return Err(PoolError::Transport {
+                agent: self.id.to_string(),
+                connection: slot.label().to_string(),
+                source: TransportError::Closed {
+                    connection: slot.label().to_string(),
+                    reason: "connection lost before send".into(),
+                },
+            });
+        };
+        let multiplier = slot.timeout_multiplier();
+        let timeout = if multiplier > 1.0 {
+            self.settings.request_timeout.mul_f32(multiplier)
+        } else {
+            self.settings.request_timeout
+        };
+        let deadline = start + timeout;
+        let correlation_id = event.correlation_id().clone();
+        self.metrics.requests.increment(1);
+
+        // Kept outside the select so a time-out can cancel on the wire before it is dropped.
+        let mut answer = live.conn.send(event);
+        enum Outcome<T> {
+            Answer(T),
+            TimedOut,
+            Aborted,
+        }
+        let outcome = tokio::select! {
+            biased;
+            r = &mut answer => Outcome::Answer(r),
+            () = sleep_until(deadline) => Outcome::TimedOut,
+            () = self.abort.cancelled() => Outcome::Aborted,
+        };
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start);
+        let thresholds = &self.ctx.config.health.thresholds;
+        let probe = guard.is_probe();
+        let result = match outcome {
+            Outcome::Answer(Ok(decision)) => {
+                slot.record(now, true, elapsed, None, false, thresholds);
+                slot.endpoint.record(now, true, probe);
+                self.metrics.latency.record(elapsed.as_secs_f64());
+                guard.settle();
+                Ok(decision)
+            }
+            Outcome::Answer(Err(source)) => {
+                let err = PoolError::Transport {
+                    agent: self.id.to_string(),
+                    connection: live.conn.label().to_owned(),
+                    source,
+                };
+                if err.is_agent_failure() {
+                    slot.record(now, false, elapsed, Some(&err), false, thresholds);
+                    slot.endpoint.record(now, false, probe);
+                    self.metrics.failures.increment(1);
+                    self.metrics.latency.record(elapsed.as_secs_f64());
+                    guard.settle();
+                }
+                Err(err)
+            }
+            Outcome::TimedOut => {
+                live.conn.cancel(&correlation_id, CancelReason::Timeout);
+                let err = PoolError::Timeout { agent: self.id.to_string(), after: timeout };
+                slot.record(now, false, elapsed, Some(&err), true, thresholds);
+                slot.endpoint.record(now, false, probe);
+                self.metrics.failures.increment(1);
+                self.metrics.timeouts.increment(1);
+                guard.settle();
+                Err(err)
+            }
+            Outcome::Aborted => {
+                live.conn.cancel(&correlation_id, CancelReason::ProxyShutdown);
+                Err(PoolError::Transport {
+                    agent: self.id.to_string(),
+                    connection: live.conn.label().to_owned(),
+                    source: TransportError::Cancelled(CancelReason::ProxyShutdown),
+                })
+            }
+        };
+        drop(answer);
+        drop(guard);
+        result
+    }
+}
+
+/// Counts a permit waiter for as long as it lives.
+struct Waiter<'a>(&'a AgentShared);
+
+impl<'a> Waiter<'a> {
+    fn new(shared: &'a AgentShared) -> Self {
+        shared.waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Per-interval bookkeeping of outlier detection.
+struct Outliers {
+    detector: OutlierDetector,
+    last_totals: Vec<(u64, u64)>,
+}
+
+/// A registered agent.
+pub(crate) struct Agent {
+    pub(crate) shared: Arc<AgentShared>,
+    balancer: Balancer,
+    pub(crate) endpoints: Vec<Arc<EndpointState>>,
+    slots: Mutex<Vec<Arc<Slot>>>,
+    snapshot: ArcSwap<Vec<Arc<Slot>>>,
+    outliers: Mutex<Outliers>,
+    /// Stops the supervisors.
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// How an agent is to be added.
+#[derive(Clone)]
+pub struct AgentSpec {
+    pub(crate) id: String,
+    pub(crate) endpoints: Vec<Endpoint>,
+    pub(crate) options: crate::config::AgentOptions,
+    pub(crate) connector: Option<Arc<dyn Connector>>,
+}
+
+impl std::fmt::Debug for AgentSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSpec")
+            .field("id", &self.id)
+            .field("endpoints", &self.endpoints)
+            .field("options", &self.options)
+            .field("connector", &self.connector.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+impl AgentSpec {
+    /// An agent with the given id and no endpoint yet.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into(), endpoints: Vec::new(), options: Default::default(), connector: None }
+    }
+
+    /// Adds an endpoint (a replica of the agent).
+    #[must_use]
+    pub fn endpoint(mut self, endpoint: impl Into<Endpoint>) -> Self {
+        self.endpoints.push(endpoint.into());
+        self
+    }
+
+    /// Adds several endpoints.
+    #[must_use]
+    pub fn endpoints<E: Into<Endpoint>>(mut self, endpoints: impl IntoIterator<Item = E>) -> Self {
+        self.endpoints.extend(endpoints.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets per-agent overrides of pool settings.
+    #[must_use]
+    pub fn options(mut self, options: crate::config::AgentOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Uses this connector for the agent instead of the pool's.
+    #[must_use]
+    pub fn connector(mut self, connector: Arc<dyn Connector>) -> Self {
+        self.connector = Some(connector);
+        self
+    }
+
+    pub(crate) fn validate(&self, ctx: &PoolCtx) -> Result<AgentSettings, PoolError> {
+        let mut problems = Vec::new();
+        if self.id.trim().is_empty() {
+            problems.push("id: must not be empty".to_owned());
+        }
+        if self.endpoints.is_empty() {
+            problems.push(format!("agent {:?}: endpoints: at least one is required", self.id));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.endpoints {
+            if e.as_str().trim().is_empty() {
+                problems.push(format!("agent {:?}: endpoints: an endpoint is empty", self.id));
+            } else if !seen.insert(e) {
+                problems.push(format!("agent {:?}: endpoints: {e} is listed twice", self.id));
+            }
+        }
+        let settings = AgentSettings::resolve(&ctx.config, &self.options);
+        match settings {
+            Ok(s) if problems.is_empty() => Ok(s),
+            Ok(_) => Err(PoolError::InvalidConfig { problems }),
+            Err(more) => {
+                problems.extend(more.into_iter().map(|p| format!("agent {:?}: {p}", self.id)));
+                Err(PoolError::InvalidConfig { problems })
+            }
+        }
+    }
+}
+
+/// Statistics of one agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentStats {
+    /// The agent's id.
+    pub id: String,
+    /// Per endpoint (replica).
+    pub endpoints: Vec<EndpointStats>,
+    /// Connection slots (endpoints × connections per endpoint).
+    pub connections: usize,
+    /// Slots with a live connection.
+    pub connected: usize,
+    /// Connected slots that are usable and not unhealthy.
+    pub healthy: usize,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Requests finished.
+    pub requests: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// Of which timed out.
+    pub timeouts: u64,
+    /// failures / requests (0 without requests).
+    pub error_rate: f64,
+    /// True if at least one connection is healthy.
+    pub is_healthy: bool,
+    /// Capabilities of the first connected slot, if any.
+    pub capabilities: Option<Capabilities>,
+}
+
+/// Statistics of one endpoint of an agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointStats {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Its circuit breaker.
+    pub breaker: BreakerStatus,
+    /// True while ejected by outlier detection.
+    pub ejected: bool,
+    /// Its connected slots.
+    pub connected: usize,
+}
+
+impl Agent {
+    /// Builds the agent and starts one supervisor per slot. The receivers report whether each
+    /// slot's first connection attempt succeeded.
+    pub(crate) fn start(
+        spec: AgentSpec,
+        settings: AgentSettings,
+        ctx: Arc<PoolCtx>,
+        default_connector: Arc<dyn Connector>,
+        parent: &CancellationToken,
+    ) -> (Arc<Agent>, Vec<oneshot::Receiver<bool>>) {
+        let cfg = &ctx.config;
+        let id: Arc<str> = Arc::from(spec.id.as_str());
+        let seed = ctx.next_seed();
+        let balancer = match seed {
+            Some(s) => Balancer::seeded(settings.balancer, s),
+            None => Balancer::new(settings.balancer),
+        }
+        .with_default_rtt(cfg.health.default_rtt);
+        let per_endpoint = settings.connections_per_endpoint;
+        let shared = Arc::new(AgentShared {
+            metrics: AgentMetrics::new(&id),
+            id: id.clone(),
+            settings,
+            ctx: ctx.clone(),
+            abort: parent.child_token(),
+            removed: AtomicBool::new(false),
+            capacity: Notify::new(),
+            waiters: AtomicUsize::new(0),
+            watching_idle: AtomicBool::new(false),
+            idle: Notify::new(),
+        });
+        let endpoints: Vec<Arc<EndpointState>> = spec
+            .endpoints
+            .iter()
+            .map(|e| Arc::new(EndpointState::new(e.clone(), &cfg.breaker, ctx.next_seed(), &id)))
+            .collect();
+        let slots: Vec<Arc<Slot>> = endpoints
+            .iter()
+            .flat_map(|ep| {
+                (0..per_endpoint).map(|_| {
+                    Arc::new(Slot::new(
+                        shared.clone(),
+                        ep.clone(),
+                        shared.settings.max_concurrency,
+                        cfg.health.window,
+                        cfg.health.buckets,
+                        cfg.health.latency_decay,
+                    ))
+                })
+            })
+            .collect();
+        let detector = OutlierDetector::new(cfg.outlier.clone(), endpoints.len());
+        let agent = Arc::new(Agent {
+            balancer,
+            outliers: Mutex::new(Outliers { detector, last_totals: vec![(0, 0); endpoints.len()] }),
+            endpoints,
+            slots: Mutex::new(slots.clone()),
+            snapshot: ArcSwap::from_pointee(Vec::new()),
+            stop: parent.child_token(),
+            tasks: TaskTracker::new(),
+            shared,
+        });
+        let connector = spec.connector.unwrap_or(default_connector);
+        let mut firsts = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let (tx, rx) = oneshot::channel();
+            firsts.push(rx);
+            agent.tasks.spawn(supervisor::supervise(agent.clone(), slot, connector.clone(), tx));
+        }
+        (agent, firsts)
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub(crate) fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Rebuilds the snapshot of connected slots; called when a connection comes or goes.
+    pub(crate) fn republish(&self) {
+        let slots = lock(&self.slots);
+        let live: Vec<Arc<Slot>> = slots.iter().filter(|s| s.is_connected()).cloned().collect();
+        self.shared.metrics.connections.set(live.len() as f64);
+        self.snapshot.store(Arc::new(live));
+        drop(slots);
+        self.shared.wake_waiters();
+    }
+
+    /// Takes a permit on the best usable connection, without waiting.
+    /// `kind: None` reserves for any event kind the connection accepts.
+    #[inline]
+    pub(crate) fn try_reserve(&self, kind: Option<EventKind>) -> Result<InFlight, Reject> {
+        let kind_bit = kind.map_or(EventSet::ALL.bits(), |k| 1u8 << k as u8);
+        let snap = self.snapshot.load();
+        for allow_soft in [false, true] {
+            for _ in 0..MAX_RACES {
+                let Some(i) = self.balancer.pick(&snap[..], |s| s.usable(kind_bit, allow_soft)) else {
+                    break;
+                };
+                let slot = &snap[i];
+                if !slot.permits.try_acquire() {
+                    continue;
+                }
+                let mut probe = false;
+                if slot.endpoint.gate() & GATE_PROBE != 0 {
+                    match slot.endpoint.breaker.try_probe(Instant::now()) {
+                        Admission::Probe => probe = true,
+                        Admission::Admitted => {}
+                        Admission::Rejected => {
+                            slot.permits.release();
+                            continue;
+                        }
+                    }
+                }
+                return Ok(InFlight::new(slot.clone(), probe));
+            }
+        }
+        Err(self.why_not(&snap, kind_bit))
+    }
+
+    #[cold]
+    fn why_not(&self, snap: &[Arc<Slot>], kind_bit: u8) -> Reject {
+        if self.shared.removed.load(Ordering::Acquire) {
+            return Reject::Unavailable(Unavailable::Removed);
+        }
+        if snap.is_empty() {
+            return Reject::Unavailable(Unavailable::NoConnections);
+        }
+        let candidates: Vec<&Arc<Slot>> = snap.iter().filter(|s| s.supports(kind_bit)).collect();
+        if candidates.is_empty() {
+            return Reject::Unsupported;
+        }
+        let blocked = |s: &Slot| {
+            s.flags() & (PAUSED | DRAINING | AGENT_UNHEALTHY) != 0 || s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) != 0
+        };
+        if candidates.iter().any(|s| !blocked(s)) {
+            return Reject::Full;
+        }
+        if candidates.iter().all(|s| s.endpoint.gate() & GATE_OPEN != 0) {
+            return Reject::Unavailable(Unavailable::CircuitOpen);
+        }
+        if candidates.iter().any(|s| s.flags() & PAUSED != 0) {
+            return Reject::Unavailable(Unavailable::Paused);
+        }
+        Reject::Unavailable(Unavailable::AgentNotReady)
+    }
+
+    /// Reserves a permit, waiting for capacity until `deadline` if every usable connection
+    /// is full. `Err(Ok(decision))` is a fail-open answer.
+    pub(crate) async fn reserve(
+        &self,
+        kind: Option<EventKind>,
+        deadline: Instant,
+    ) -> Result<InFlight, Result<Decision, PoolError>> {
+        self.shared.admitting().map_err(Err)?;
+        match self.try_reserve(kind) {
+            Ok(g) => return Ok(g),
+            Err(Reject::Full) => {}
+            Err(r) => return Err(self.shared.reject(r, kind)),
+        }
+        let _waiter = Waiter::new(&self.shared);
+        loop {
+            let notified = self.shared.capacity.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_reserve(kind) {
+                Ok(g) => return Ok(g),
+                Err(Reject::Full) => {}
+                Err(r) => return Err(self.shared.reject(r, kind)),
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = sleep_until(deadline) => {
+                    self.shared.metrics.timeouts.increment(1);
+                    let after = self.shared.settings.request_timeout;
+                    return Err(Err(PoolError::Timeout { agent: self.shared.id.to_string(), after }));
+                }
+                () = self.shared.abort.cancelled() => return Err(Err(PoolError::ShuttingDown)),
+            }
+        }
+    }
+
+    /// The whole send: reserve (waiting if full), then dispatch.
+    pub(crate) async fn send(&self, event: Event) -> Result<Decision, PoolError> {
+        let start = Instant::now();
+        let deadline = start + self.shared.settings.request_timeout;
+        match self.reserve(Some(event.kind()), deadline).await {
+            Ok(guard) => self.shared.dispatch(guard, event, start).await,
+            Err(answer) => answer,
+        }
+    }
+
+    pub(crate) fn slots(&self) -> Vec<Arc<Slot>> {
+        lock(&self.slots).clone()
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        lock(&self.slots).iter().map(|s| u64::from(s.permits.in_flight())).sum()
+    }
+
+    /// Waits until nothing is in flight or `deadline` passes; true if idle.
+    async fn wait_idle(&self, deadline: Instant) -> bool {
+        self.shared.watching_idle.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            fence(Ordering::SeqCst);
+            if self.in_flight() == 0 {
+                return true;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = sleep_until(deadline) => return self.in_flight() == 0,
+            }
+        }
+    }
+
+    /// Drains and closes the agent: stop admitting, tell the agent, wait for in-flight
+    /// requests until `deadline` (returning as soon as there are none), cancel the rest,
+    /// stop the supervisors and close every connection.
+    pub(crate) async fn shut_down(&self, deadline: Instant) -> StopReport {
+        let started = Instant::now();
+        self.shared.removed.store(true, Ordering::Release);
+        let at_start = self.in_flight();
+        for slot in self.slots() {
+            if let Some(live) = slot.conn.load_full() {
+                live.conn.drain();
+            }
+        }
+        self.wait_idle(deadline).await;
+        let forced = self.in_flight();
+        if forced > 0 {
+            tracing::warn!(agent = %self.id(), forced, "drain deadline passed; cancelling what is left");
+        }
+        self.shared.abort.cancel();
+        // Aborted sends return at once; give them the moment they need.
+        self.wait_idle(Instant::now() + Duration::from_secs(1)).await;
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.republish();
+        StopReport { drained: at_start.saturating_sub(forced), forced, elapsed: started.elapsed() }
+    }
+
+    /// Re-reads every slot's health window (so idle slots recover) and updates gauges.
+    pub(crate) fn refresh_health(&self, now: Instant) {
+        let thresholds = &self.shared.ctx.config.health.thresholds;
+        let mut healthy = 0;
+        for slot in lock(&self.slots).iter() {
+            slot.refresh(now, thresholds);
+            if slot_is_healthy(slot) {
+                healthy += 1;
+            }
+        }
+        self.shared.metrics.healthy.set(f64::from(healthy));
+    }
+
+    /// One outlier-detection interval over the endpoints.
+    pub(crate) fn evaluate_outliers(&self, now: Instant) {
+        if self.endpoints.len() < 2 {
+            return;
+        }
+        let slots = self.slots();
+        let mut o = lock(&self.outliers);
+        let mut counts = Vec::with_capacity(self.endpoints.len());
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let (requests, failures) = slots
+                .iter()
+                .filter(|s| Arc::ptr_eq(&s.endpoint, ep))
+                .map(|s| s.totals())
+                .fold((0, 0), |(r, f), (r2, f2, _)| (r + r2, f + f2));
+            let (last_r, last_f) = o.last_totals[i];
+            o.last_totals[i] = (requests, failures);
+            let failed = failures - last_f;
+            counts.push(IntervalCounts { successes: (requests - last_r) - failed, failures: failed });
+        }
+        for (host, verdict) in o.detector.evaluate(now, &counts) {
+            let ejected = verdict == Verdict::Ejected;
+            tracing::warn!(agent = %self.id(), endpoint = %self.endpoints[host].endpoint, ejected, "outlier detection");
+            self.endpoints[host].set_ejected(ejected);
+        }
+    }
+
+    pub(crate) fn stats(&self, now: Instant) -> AgentStats {
+        let slots = self.slots();
+        let mut s = AgentStats {
+            id: self.id().to_owned(),
+            endpoints: Vec::with_capacity(self.endpoints.len()),
+            connections: slots.len(),
+            connected: 0,
+            healthy: 0,
+            in_flight: 0,
+            requests: 0,
+            failures: 0,
+            timeouts: 0,
+            error_rate: 0.0,
+            is_healthy: false,
+            capabilities: None,
+        };
+        for slot in &slots {
+            let (r, f, t) = slot.totals();
+            s.requests += r;
+            s.failures += f;
+            s.timeouts += t;
+            s.in_flight += u64::from(slot.permits.in_flight());
+            if slot.is_connected() {
+                s.connected += 1;
+                if s.capabilities.is_none() {
+                    s.capabilities = slot.capabilities();
+                }
+            }
+            if slot_is_healthy(slot) {
+                s.healthy += 1;
+            }
+        }
+        for ep in &self.endpoints {
+            s.endpoints.push(EndpointStats {
+                endpoint: ep.endpoint.to_string(),
+                breaker: ep.breaker.status(now),
+                ejected: ep.is_ejected(),
+                connected: slots.iter().filter(|s| Arc::ptr_eq(&s.endpoint, ep) && s.is_connected()).count(),
+            });
+        }
+        s.error_rate = if s.requests == 0 { 0.0 } else { s.failures as f64 / s.requests as f64 };
+        s.is_healthy = s.healthy > 0;
+        s
+    }
+
+    pub(crate) fn health(&self, now: Instant) -> Vec<ConnectionHealth> {
+        self.slots().iter().map(|s| s.snapshot(now)).collect()
+    }
+
+    pub(crate) fn capabilities(&self) -> Option<Capabilities> {
+        self.snapshot.load().iter().find_map(|s| s.capabilities())
+    }
+
+    pub(crate) fn supports(&self, kind: EventKind) -> bool {
+        self.snapshot.load().iter().any(|s| s.supports(1 << kind as u8))
+    }
+}
+
+fn slot_is_healthy(slot: &Slot) -> bool {
+    slot.is_connected()
+        && slot.flags() & (PAUSED | DRAINING | AGENT_UNHEALTHY) == 0
+        && slot.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
+        && slot.health_state() != HealthState::Unhealthy
+}

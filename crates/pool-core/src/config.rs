@@ -1,0 +1,303 @@
+//! Pool configuration: serde with humantime durations, defaults that match the documented
+//! behaviour, and a `validate()` that reports every problem at once.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::BackoffConfig;
+use crate::balance::Strategy;
+use crate::breaker::BreakerConfig;
+use crate::error::PoolError;
+use crate::health::HealthThresholds;
+use crate::outlier::OutlierConfig;
+
+/// What the pool answers when an agent cannot take a request (every breaker open, no
+/// connection up, every instance draining or unhealthy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureMode {
+    /// Fail the request with [`PoolError::Unavailable`] (the safe default for security agents).
+    #[default]
+    Closed,
+    /// Skip the agent and answer [`Decision::allow`](pool_api::Decision::allow), tagged
+    /// `agentpool:fail-open` in its audit data and counted (for optional agents: analytics…).
+    Open,
+}
+
+/// Connection health: the success-rate window, its thresholds, latency tracking and pings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Length of the success-rate window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Buckets the window is divided into (old buckets expire one at a time).
+    pub buckets: usize,
+    /// Success-rate thresholds for Healthy / Degraded / Unhealthy.
+    pub thresholds: HealthThresholds,
+    /// How often each connection is pinged (0 = never).
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A ping not answered within this closes the connection, which is then replaced.
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// Decay of the peak-EWMA latency estimate.
+    #[serde(with = "humantime_serde")]
+    pub latency_decay: Duration,
+    /// Latency assumed for a connection with no estimate yet (peak-EWMA balancing).
+    #[serde(with = "humantime_serde")]
+    pub default_rtt: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(10),
+            buckets: 10,
+            thresholds: HealthThresholds::default(),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
+            latency_decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+        }
+    }
+}
+
+/// Configuration of an [`AgentPool`](crate::AgentPool).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Identifies this proxy to agents in the handshake.
+    pub proxy_id: String,
+    /// Connections opened to each endpoint (replica) of an agent.
+    pub connections_per_endpoint: usize,
+    /// Requests in flight per connection; the agent's advertised maximum lowers it.
+    pub max_concurrency_per_connection: u32,
+    /// How a connection is chosen for each request.
+    pub balancer: Strategy,
+    /// Time allowed for a whole send, waiting for a permit included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Time allowed to establish a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for the handshake once connected.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Back-off between reconnect attempts of one connection.
+    pub reconnect: BackoffConfig,
+    /// Per-endpoint circuit breaker.
+    pub breaker: BreakerConfig,
+    /// Connection health.
+    pub health: HealthConfig,
+    /// Outlier ejection across an agent's endpoints.
+    pub outlier: OutlierConfig,
+    /// What to answer when an agent cannot take a request.
+    pub failure_mode: FailureMode,
+    /// How long shutdown waits for in-flight requests before cancelling them.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Seed for every random choice (balancing, jitter), for reproducible tests.
+    pub seed: Option<u64>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            proxy_id: "agentpool".to_owned(),
+            connections_per_endpoint: 4,
+            max_concurrency_per_connection: 100,
+            balancer: Strategy::default(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            reconnect: BackoffConfig::default(),
+            breaker: BreakerConfig::default(),
+            health: HealthConfig::default(),
+            outlier: OutlierConfig::default(),
+            failure_mode: FailureMode::default(),
+            drain_timeout: Duration::from_secs(30),
+            seed: None,
+        }
+    }
+}
+
+/// Upper bound on connections per endpoint; more is a typo, not a plan.
+const MAX_CONNECTIONS_PER_ENDPOINT: usize = 1024;
+
+impl PoolConfig {
+    /// Checks every field and returns all problems at once, each naming its field.
+    pub fn validate(&self) -> Result<(), PoolError> {
+        let mut p = Vec::new();
+        if self.proxy_id.trim().is_empty() {
+            p.push("proxy_id: must not be empty".to_owned());
+        }
+        if !(1..=MAX_CONNECTIONS_PER_ENDPOINT).contains(&self.connections_per_endpoint) {
+            p.push(format!(
+                "connections_per_endpoint: must be 1..={MAX_CONNECTIONS_PER_ENDPOINT}, got {}",
+                self.connections_per_endpoint
+            ));
+        }
+        if self.max_concurrency_per_connection == 0 {
+            p.push("max_concurrency_per_connection: must be at least 1".to_owned());
+        }
+        for (name, d) in [
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("health.window", self.health.window),
+            ("health.latency_decay", self.health.latency_decay),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{name}: must be greater than zero"));
+            }
+        }
+        if self.health.buckets == 0 || self.health.buckets > 1000 {
+            p.push(format!("health.buckets: must be 1..=1000, got {}", self.health.buckets));
+        }
+        if !self.health.ping_interval.is_zero() && self.health.ping_timeout.is_zero() {
+            p.push("health.ping_timeout: must be greater than zero when pings are on".to_owned());
+        }
+        p.extend(self.health.thresholds.validate().into_iter().map(|e| format!("health.{e}")));
+        p.extend(self.reconnect.validate().into_iter().map(|e| format!("reconnect.{e}")));
+        p.extend(self.breaker.validate().into_iter().map(|e| format!("breaker.{e}")));
+        p.extend(self.outlier.validate().into_iter().map(|e| format!("outlier.{e}")));
+        if p.is_empty() { Ok(()) } else { Err(PoolError::InvalidConfig { problems: p }) }
+    }
+}
+
+/// Per-agent overrides of pool settings; `None` keeps the pool's value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentOptions {
+    /// Overrides [`PoolConfig::connections_per_endpoint`].
+    pub connections_per_endpoint: Option<usize>,
+    /// Overrides [`PoolConfig::max_concurrency_per_connection`].
+    pub max_concurrency_per_connection: Option<u32>,
+    /// Overrides [`PoolConfig::balancer`].
+    pub balancer: Option<Strategy>,
+    /// Overrides [`PoolConfig::request_timeout`].
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Overrides [`PoolConfig::failure_mode`].
+    pub failure_mode: Option<FailureMode>,
+}
+
+/// The settings an agent runs with: pool values with its overrides applied.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct AgentSettings {
+    pub(crate) connections_per_endpoint: usize,
+    pub(crate) max_concurrency: u32,
+    pub(crate) balancer: Strategy,
+    pub(crate) request_timeout: Duration,
+    pub(crate) failure_mode: FailureMode,
+}
+
+impl AgentSettings {
+    pub(crate) fn resolve(pool: &PoolConfig, opts: &AgentOptions) -> Result<Self, Vec<String>> {
+        let s = Self {
+            connections_per_endpoint: opts.connections_per_endpoint.unwrap_or(pool.connections_per_endpoint),
+            max_concurrency: opts.max_concurrency_per_connection.unwrap_or(pool.max_concurrency_per_connection),
+            balancer: opts.balancer.unwrap_or(pool.balancer),
+            request_timeout: opts.request_timeout.unwrap_or(pool.request_timeout),
+            failure_mode: opts.failure_mode.unwrap_or(pool.failure_mode),
+        };
+        let mut p = Vec::new();
+        if !(1..=MAX_CONNECTIONS_PER_ENDPOINT).contains(&s.connections_per_endpoint) {
+            p.push(format!(
+                "options.connections_per_endpoint: must be 1..={MAX_CONNECTIONS_PER_ENDPOINT}, got {}",
+                s.connections_per_endpoint
+            ));
+        }
+        if s.max_concurrency == 0 {
+            p.push("options.max_concurrency_per_connection: must be at least 1".to_owned());
+        }
+        if s.request_timeout.is_zero() {
+            p.push("options.request_timeout: must be greater than zero".to_owned());
+        }
+        if p.is_empty() { Ok(s) } else { Err(p) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documentation() {
+        let c = PoolConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.connections_per_endpoint, 4);
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.balancer, Strategy::PowerOfTwoChoices);
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.breaker.failure_threshold, 5);
+        assert_eq!(c.breaker.reset_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_field() {
+        let c = PoolConfig {
+            proxy_id: " ".into(),
+            connections_per_endpoint: 0,
+            max_concurrency_per_connection: 0,
+            request_timeout: Duration::ZERO,
+            connect_timeout: Duration::ZERO,
+            handshake_timeout: Duration::ZERO,
+            ..PoolConfig::default()
+        };
+        let Err(PoolError::InvalidConfig { problems }) = c.validate() else { panic!("must fail") };
+        for field in [
+            "proxy_id",
+            "connections_per_endpoint",
+            "max_concurrency_per_connection",
+            "request_timeout",
+            "connect_timeout",
+            "handshake_timeout",
+        ] {
+            assert!(problems.iter().any(|p| p.starts_with(field)), "{field} missing from {problems:?}");
+        }
+        assert_eq!(problems.len(), 6);
+    }
+
+    #[test]
+    fn config_reads_from_json_with_humantime_durations() {
+        let c: PoolConfig = serde_json::from_str(
+            r#"{"connections_per_endpoint": 2, "request_timeout": "250ms", "balancer": "peak-ewma",
+                "failure_mode": "open", "health": {"window": "5s", "thresholds": {"healthy": 0.9}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.connections_per_endpoint, 2);
+        assert_eq!(c.request_timeout, Duration::from_millis(250));
+        assert_eq!(c.balancer, Strategy::PeakEwma);
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert_eq!(c.health.window, Duration::from_secs(5));
+        assert_eq!(c.health.thresholds.healthy, 0.9);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<PoolConfig, _> = serde_json::from_str(r#"{"conections_per_endpoint": 2}"#);
+        assert!(r.unwrap_err().to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn agent_options_override_pool_values() {
+        let pool = PoolConfig::default();
+        let opts = AgentOptions {
+            connections_per_endpoint: Some(1),
+            request_timeout: Some(Duration::from_secs(2)),
+            failure_mode: Some(FailureMode::Open),
+            ..AgentOptions::default()
+        };
+        let s = AgentSettings::resolve(&pool, &opts).unwrap();
+        assert_eq!(s.connections_per_endpoint, 1);
+        assert_eq!(s.request_timeout, Duration::from_secs(2));
+        assert_eq!(s.failure_mode, FailureMode::Open);
+        assert_eq!(s.max_concurrency, 100);
+        let bad = AgentOptions { max_concurrency_per_connection: Some(0), ..AgentOptions::default() };
+        assert_eq!(AgentSettings::resolve(&pool, &bad).unwrap_err().len(), 1);
+    }
+}

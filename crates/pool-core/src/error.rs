@@ -1,0 +1,123 @@
+//! The pool's error type.
+
+use std::time::Duration;
+
+use pool_api::{EventKind, TransportError};
+
+/// Why no connection of an agent could take a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No connection is up (the agent is unreachable or still connecting).
+    NoConnections,
+    /// Every endpoint's circuit breaker is open.
+    CircuitOpen,
+    /// Every connected agent instance is draining or reports itself unhealthy.
+    AgentNotReady,
+    /// Every connection is paused by the agent's flow control.
+    Paused,
+    /// Every usable connection is at its concurrency limit (only from
+    /// [`AgentPool::try_reserve`](crate::AgentPool::try_reserve), which does not wait).
+    NoCapacity,
+    /// The agent is being removed from the pool.
+    Removed,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NoConnections => "no connection is up",
+            Self::CircuitOpen => "every circuit breaker is open",
+            Self::AgentNotReady => "every instance is draining or unhealthy",
+            Self::Paused => "every connection is paused by flow control",
+            Self::NoCapacity => "every connection is at its concurrency limit",
+            Self::Removed => "the agent is being removed",
+        })
+    }
+}
+
+/// Everything that can go wrong in the pool. Each variant names the agent involved.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// No agent with this id is registered.
+    #[error("unknown agent {agent:?}")]
+    UnknownAgent {
+        /// The id asked for.
+        agent: String,
+    },
+    /// An agent with this id is already registered.
+    #[error("agent {agent:?} is already registered")]
+    AgentExists {
+        /// The id.
+        agent: String,
+    },
+    /// The agent specification or configuration is invalid; every problem is listed.
+    #[error("invalid configuration: {}", .problems.join("; "))]
+    InvalidConfig {
+        /// One line per problem, each naming the field.
+        problems: Vec<String>,
+    },
+    /// The pool is shutting down and admits nothing new.
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+    /// The pool was built outside a tokio runtime.
+    #[error("the pool must be created inside a tokio runtime")]
+    NoRuntime,
+    /// No connection can take the request and the agent fails closed.
+    #[error("agent {agent:?} is unavailable: {reason}")]
+    Unavailable {
+        /// The agent.
+        agent: String,
+        /// Why.
+        reason: Unavailable,
+    },
+    /// The request did not complete within its time-out (permit wait included).
+    #[error("request to agent {agent:?} timed out after {after:?}")]
+    Timeout {
+        /// The agent.
+        agent: String,
+        /// The time-out that applied (after any degraded-health multiplier).
+        after: Duration,
+    },
+    /// The agent did not subscribe to this kind of event.
+    #[error("agent {agent:?} does not accept {kind} events")]
+    UnsupportedEvent {
+        /// The agent.
+        agent: String,
+        /// The event kind.
+        kind: EventKind,
+    },
+    /// The body exceeds what the agent accepts.
+    #[error("body of {size} bytes exceeds agent {agent:?}'s limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The agent.
+        agent: String,
+        /// The body size (chunk or declared total).
+        size: u64,
+        /// The agent's limit.
+        limit: u64,
+    },
+    /// The connection or the agent failed the request.
+    #[error("agent {agent:?} via {connection}: {source}")]
+    Transport {
+        /// The agent.
+        agent: String,
+        /// The connection's label.
+        connection: String,
+        /// What the transport reported.
+        #[source]
+        source: TransportError,
+    },
+}
+
+impl PoolError {
+    /// True if the failure says something about the agent's health (it counts against its
+    /// health score and circuit breaker); false for caller mistakes and pool state.
+    pub fn is_agent_failure(&self) -> bool {
+        match self {
+            Self::Timeout { .. } => true,
+            Self::Transport { source, .. } => !matches!(source, TransportError::Cancelled(_)),
+            _ => false,
+        }
+    }
+}

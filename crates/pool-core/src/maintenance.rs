@@ -1,0 +1,45 @@
+//! The pool's background maintenance: one task, started with the pool and stopped with it.
+//!
+//! Every health bucket (window / buckets, 1 s by default) it re-reads each connection's
+//! success-rate window — so a connection that was unhealthy and has since seen no traffic
+//! recovers as its bad buckets expire — and updates the healthy-connection gauges. Every
+//! outlier interval it runs outlier detection on each agent with several endpoints.
+//! Connection pings run in each connection's own supervisor, not here, so one slow agent
+//! never delays another.
+
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior, interval};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PoolConfig;
+use crate::pool::WeakPool;
+
+pub(crate) async fn run(pool: WeakPool, cancel: CancellationToken, cfg: PoolConfig) {
+    let bucket = cfg.health.window / u32::try_from(cfg.health.buckets).unwrap_or(u32::MAX);
+    let mut refresh = interval(bucket.max(Duration::from_millis(10)));
+    refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut outliers = interval(cfg.outlier.interval.max(Duration::from_millis(10)));
+    outliers.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    outliers.reset();
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            _ = refresh.tick() => {
+                let Some(agents) = pool.agents() else { break };
+                let now = Instant::now();
+                for agent in agents {
+                    agent.refresh_health(now);
+                }
+            }
+            _ = outliers.tick(), if cfg.outlier.enabled => {
+                let Some(agents) = pool.agents() else { break };
+                let now = Instant::now();
+                for agent in agents {
+                    agent.evaluate_outliers(now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Metric handles, registered once per agent so the hot path never formats a name or a label.
+//!
+//! Everything goes through the [`metrics`] facade: with no recorder installed the handles are
+//! no-ops; a binary installs an exporter (e.g. Prometheus) to collect them.
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `agentpool_requests_total` | counter | agent |
+//! | `agentpool_request_failures_total` | counter | agent |
+//! | `agentpool_request_timeouts_total` | counter | agent |
+//! | `agentpool_unavailable_total` | counter | agent (no connection could take a request) |
+//! | `agentpool_fail_open_total` | counter | agent (answered allow because unavailable) |
+//! | `agentpool_in_flight` | gauge | agent |
+//! | `agentpool_request_duration_seconds` | histogram | agent |
+//! | `agentpool_connections` | gauge | agent (connected) |
+//! | `agentpool_healthy_connections` | gauge | agent |
+//! | `agentpool_reconnects_total` | counter | agent |
+//! | `agentpool_breaker_state` | gauge | agent, endpoint (0 closed, 1 open, 2 half-open) |
+//! | `agentpool_breaker_trips_total` | counter | agent, endpoint |
+//! | `agentpool_endpoint_ejected` | gauge | agent, endpoint (1 while ejected) |
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+pub(crate) struct AgentMetrics {
+    pub(crate) requests: Counter,
+    pub(crate) failures: Counter,
+    pub(crate) timeouts: Counter,
+    pub(crate) unavailable: Counter,
+    pub(crate) fail_open: Counter,
+    pub(crate) in_flight: Gauge,
+    pub(crate) latency: Histogram,
+    pub(crate) connections: Gauge,
+    pub(crate) healthy: Gauge,
+    pub(crate) reconnects: Counter,
+}
+
+impl AgentMetrics {
+    pub(crate) fn new(agent: &str) -> Self {
+        let l = [("agent", agent.to_owned())];
+        Self {
+            requests: metrics::counter!("agentpool_requests_total", &l),
+            failures: metrics::counter!("agentpool_request_failures_total", &l),
+            timeouts: metrics::counter!("agentpool_request_timeouts_total", &l),
+            unavailable: metrics::counter!("agentpool_unavailable_total", &l),
+            fail_open: metrics::counter!("agentpool_fail_open_total", &l),
+            in_flight: metrics::gauge!("agentpool_in_flight", &l),
+            latency: metrics::histogram!("agentpool_request_duration_seconds", &l),
+            connections: metrics::gauge!("agentpool_connections", &l),
+            healthy: metrics::gauge!("agentpool_healthy_connections", &l),
+            reconnects: metrics::counter!("agentpool_reconnects_total", &l),
+        }
+    }
+}
+
+/// Describes every metric once, so exporters can print help text and units.
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("agentpool_requests_total", "Requests sent to agents.");
+    describe_counter!("agentpool_request_failures_total", "Requests that failed (errors and time-outs).");
+    describe_counter!("agentpool_request_timeouts_total", "Requests that timed out.");
+    describe_counter!("agentpool_unavailable_total", "Requests no connection could take.");
+    describe_counter!("agentpool_fail_open_total", "Requests answered allow because the agent was unavailable.");
+    describe_gauge!("agentpool_in_flight", "Requests in flight.");
+    describe_histogram!("agentpool_request_duration_seconds", Unit::Seconds, "Time from send to answer.");
+    describe_gauge!("agentpool_connections", "Connections up.");
+    describe_gauge!("agentpool_healthy_connections", "Connections up and healthy.");
+    describe_counter!("agentpool_reconnects_total", "Connections replaced after dying.");
+    describe_gauge!("agentpool_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
+    describe_counter!("agentpool_breaker_trips_total", "Times a circuit breaker opened.");
+    describe_gauge!("agentpool_endpoint_ejected", "1 while the endpoint is ejected as an outlier.");
+}

@@ -1,0 +1,403 @@
+//! The pool: a registry of agents and the public API.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use pool_api::{Capabilities, Connector, Decision, Event, EventKind, Hello, StopReport};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{Agent, AgentSpec, AgentStats, Reject};
+use crate::config::PoolConfig;
+use crate::error::PoolError;
+use crate::service::AgentService;
+use crate::slot::{ConnectionHealth, InFlight};
+use crate::sync::lock_std as lock;
+
+type Registry = HashMap<Arc<str>, Arc<Agent>, foldhash::fast::RandomState>;
+
+/// What every agent of a pool shares: its configuration and admission state.
+pub(crate) struct PoolCtx {
+    pub(crate) config: PoolConfig,
+    pub(crate) hello: Hello,
+    admitting: AtomicBool,
+    seeds: AtomicU64,
+}
+
+impl PoolCtx {
+    pub(crate) fn admitting(&self) -> bool {
+        self.admitting.load(Ordering::Acquire)
+    }
+
+    /// A fresh seed derived from the configured one, or `None` when unseeded.
+    pub(crate) fn next_seed(&self) -> Option<u64> {
+        let base = self.config.seed?;
+        let n = self.seeds.fetch_add(1, Ordering::Relaxed);
+        // splitmix64 of (seed + n): distinct, well-mixed seeds per component.
+        let mut z = base.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Some(z ^ (z >> 31))
+    }
+}
+
+pub(crate) struct PoolInner {
+    ctx: Arc<PoolCtx>,
+    connector: Arc<dyn Connector>,
+    registry: ArcSwap<Registry>,
+    /// Serialises registry writers; never held across an await.
+    writer: Mutex<()>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // Stops maintenance and every supervisor (they hold child tokens).
+        self.cancel.cancel();
+    }
+}
+
+/// A pool of connections to external processing agents.
+///
+/// Cloning is cheap and every clone is the same pool. The pool's background work — one
+/// supervisor per connection slot and one maintenance task — runs from construction until
+/// [`shutdown`](AgentPool::shutdown) or until the last clone is dropped.
+#[derive(Clone)]
+pub struct AgentPool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for AgentPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentPool").field("agents", &self.agent_ids()).finish_non_exhaustive()
+    }
+}
+
+/// What [`AgentPool::add_agent`] found when it first connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddReport {
+    /// Connection slots of the agent.
+    pub slots: usize,
+    /// Of which connected on the first attempt. 0 means the agent is registered but
+    /// unreachable; it is retried in the background until it comes up.
+    pub connected: usize,
+}
+
+/// Pool-wide statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStats {
+    /// Registered agents.
+    pub agents: usize,
+    /// Connection slots.
+    pub connections: usize,
+    /// Slots with a live connection.
+    pub connected: usize,
+    /// Connected slots that are usable and not unhealthy.
+    pub healthy: usize,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Requests finished.
+    pub requests: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// Of which timed out.
+    pub timeouts: u64,
+    /// False once shutdown has begun.
+    pub admitting: bool,
+}
+
+/// A permit on one connection of an agent, taken by [`AgentPool::try_reserve`].
+///
+/// Sending consumes it; dropping it gives the permit back.
+pub struct Reservation {
+    guard: InFlight,
+    start: Instant,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation").field("connection", &self.guard.slot.label()).finish()
+    }
+}
+
+impl Reservation {
+    pub(crate) fn new(guard: InFlight) -> Self {
+        Self { guard, start: Instant::now() }
+    }
+
+    /// The label of the reserved connection.
+    pub fn connection(&self) -> String {
+        self.guard.slot.label().to_string()
+    }
+
+    /// Sends `event` on the reserved connection. The request time-out counts from the
+    /// reservation.
+    pub async fn send(self, event: Event) -> Result<Decision, PoolError> {
+        let agent = self.guard.slot.agent.clone();
+        agent.dispatch(self.guard, event, self.start).await
+    }
+}
+
+impl AgentPool {
+    /// Builds a pool that opens connections with `connector`. Must be called inside a tokio
+    /// runtime: the maintenance task starts here.
+    pub fn new(config: PoolConfig, connector: impl Connector) -> Result<Self, PoolError> {
+        Self::with_connector(config, Arc::new(connector))
+    }
+
+    /// [`new`](Self::new) with a shared connector.
+    pub fn with_connector(config: PoolConfig, connector: Arc<dyn Connector>) -> Result<Self, PoolError> {
+        config.validate()?;
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| PoolError::NoRuntime)?;
+        crate::metrics::describe();
+        let ctx = Arc::new(PoolCtx {
+            hello: Hello::new(config.proxy_id.clone()),
+            config,
+            admitting: AtomicBool::new(true),
+            seeds: AtomicU64::new(0),
+        });
+        let inner = Arc::new(PoolInner {
+            ctx,
+            connector,
+            registry: ArcSwap::from_pointee(Registry::default()),
+            writer: Mutex::new(()),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let maintenance =
+            crate::maintenance::run(weak(Arc::downgrade(&inner)), inner.cancel.clone(), inner.ctx.config.clone());
+        inner.tasks.spawn_on(maintenance, &handle);
+        Ok(Self { inner })
+    }
+
+    /// The configuration the pool runs with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.ctx.config
+    }
+
+    /// Registers an agent and opens its connections.
+    ///
+    /// Returns once every slot's first connection attempt has finished (each bounded by the
+    /// connect and handshake time-outs). An agent that cannot be reached is still registered
+    /// — unhealthy, with [`AddReport::connected`] 0 — and its supervisors keep retrying.
+    pub async fn add_agent(&self, spec: AgentSpec) -> Result<AddReport, PoolError> {
+        let ctx = &self.inner.ctx;
+        if !ctx.admitting() {
+            return Err(PoolError::ShuttingDown);
+        }
+        let settings = spec.validate(ctx)?;
+        let id: Arc<str> = Arc::from(spec.id.as_str());
+        let firsts = {
+            let _w = lock(&self.inner.writer);
+            if self.inner.registry.load().contains_key(&id) {
+                return Err(PoolError::AgentExists { agent: spec.id });
+            }
+            let (agent, firsts) =
+                Agent::start(spec, settings, ctx.clone(), self.inner.connector.clone(), &self.inner.cancel);
+            let mut next = Registry::clone(&self.inner.registry.load());
+            next.insert(id, agent);
+            self.inner.registry.store(Arc::new(next));
+            firsts
+        };
+        let slots = firsts.len();
+        let mut connected = 0;
+        for rx in firsts {
+            if rx.await == Ok(true) {
+                connected += 1;
+            }
+        }
+        Ok(AddReport { slots, connected })
+    }
+
+    /// Removes an agent gracefully: no new requests, in-flight ones may finish until the
+    /// drain time-out, then what is left is cancelled and the connections are closed.
+    pub async fn remove_agent(&self, id: &str) -> Result<StopReport, PoolError> {
+        let agent = {
+            let _w = lock(&self.inner.writer);
+            let current = self.inner.registry.load();
+            let Some(agent) = current.get(id).cloned() else {
+                return Err(PoolError::UnknownAgent { agent: id.to_owned() });
+            };
+            let mut next = Registry::clone(&current);
+            next.remove(id);
+            self.inner.registry.store(Arc::new(next));
+            agent
+        };
+        Ok(agent.shut_down(Instant::now() + self.inner.ctx.config.drain_timeout).await)
+    }
+
+    /// Removes every agent, draining them in parallel; the reports are summed.
+    pub async fn remove_all(&self) -> StopReport {
+        let agents: Vec<Arc<Agent>> = {
+            let _w = lock(&self.inner.writer);
+            let current = self.inner.registry.swap(Arc::new(Registry::default()));
+            current.values().cloned().collect()
+        };
+        drain_all(agents, Instant::now() + self.inner.ctx.config.drain_timeout).await
+    }
+
+    /// True if an agent with this id is registered.
+    pub fn has_agent(&self, id: &str) -> bool {
+        self.inner.registry.load().contains_key(id)
+    }
+
+    /// Ids of the registered agents, sorted.
+    pub fn agent_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.inner.registry.load().keys().map(|k| k.to_string()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Number of registered agents.
+    pub fn agent_count(&self) -> usize {
+        self.inner.registry.load().len()
+    }
+
+    fn agent(&self, id: &str) -> Result<Arc<Agent>, PoolError> {
+        self.inner.registry.load().get(id).cloned().ok_or_else(|| PoolError::UnknownAgent { agent: id.to_owned() })
+    }
+
+    /// Statistics of one agent.
+    pub fn agent_stats(&self, id: &str) -> Option<AgentStats> {
+        self.inner.registry.load().get(id).map(|a| a.stats(Instant::now()))
+    }
+
+    /// Statistics of every agent, sorted by id.
+    pub fn all_agent_stats(&self) -> Vec<AgentStats> {
+        let now = Instant::now();
+        let mut all: Vec<AgentStats> = self.inner.registry.load().values().map(|a| a.stats(now)).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Pool-wide statistics.
+    pub fn stats(&self) -> PoolStats {
+        let all = self.all_agent_stats();
+        PoolStats {
+            agents: all.len(),
+            connections: all.iter().map(|a| a.connections).sum(),
+            connected: all.iter().map(|a| a.connected).sum(),
+            healthy: all.iter().map(|a| a.healthy).sum(),
+            in_flight: all.iter().map(|a| a.in_flight).sum(),
+            requests: all.iter().map(|a| a.requests).sum(),
+            failures: all.iter().map(|a| a.failures).sum(),
+            timeouts: all.iter().map(|a| a.timeouts).sum(),
+            admitting: self.inner.ctx.admitting(),
+        }
+    }
+
+    /// Health of each connection slot of an agent.
+    pub fn health(&self, id: &str) -> Option<Vec<ConnectionHealth>> {
+        self.inner.registry.load().get(id).map(|a| a.health(Instant::now()))
+    }
+
+    /// True if the agent has at least one healthy connection.
+    pub fn is_agent_healthy(&self, id: &str) -> bool {
+        self.agent_stats(id).is_some_and(|s| s.is_healthy)
+    }
+
+    /// Capabilities an agent announced (from one of its live connections).
+    pub fn capabilities(&self, id: &str) -> Option<Capabilities> {
+        self.inner.registry.load().get(id).and_then(|a| a.capabilities())
+    }
+
+    /// True if some live connection of the agent accepts events of `kind`.
+    pub fn supports(&self, id: &str, kind: EventKind) -> bool {
+        self.inner.registry.load().get(id).is_some_and(|a| a.supports(kind))
+    }
+
+    /// Sends one event to an agent and returns its decision.
+    ///
+    /// The connection is chosen by the agent's balancer among usable ones; the whole call,
+    /// waiting for a permit included, is bounded by the request time-out. An agent that
+    /// cannot take the request answers by its failure mode: an error, or allow (fail open).
+    pub async fn send(&self, agent: &str, event: Event) -> Result<Decision, PoolError> {
+        let agent = self.agent(agent)?;
+        agent.send(event).await
+    }
+
+    /// Takes a permit on the best connection of an agent for an event of `kind`, without
+    /// waiting: the pick path alone (lookup, breaker, balancer, permit). Fails with
+    /// [`PoolError::Unavailable`] when nothing can take it — also when every usable
+    /// connection is full — regardless of the failure mode.
+    pub fn try_reserve(&self, agent: &str, kind: EventKind) -> Result<Reservation, PoolError> {
+        let registry = self.inner.registry.load();
+        let Some(a) = registry.get(agent) else {
+            return Err(PoolError::UnknownAgent { agent: agent.to_owned() });
+        };
+        if !self.inner.ctx.admitting() {
+            return Err(PoolError::ShuttingDown);
+        }
+        match a.try_reserve(Some(kind)) {
+            Ok(guard) => Ok(Reservation::new(guard)),
+            Err(Reject::Unsupported) => Err(PoolError::UnsupportedEvent { agent: agent.to_owned(), kind }),
+            Err(Reject::Full) => Err(PoolError::Unavailable {
+                agent: agent.to_owned(),
+                reason: crate::error::Unavailable::NoCapacity,
+            }),
+            Err(Reject::Unavailable(reason)) => Err(PoolError::Unavailable { agent: agent.to_owned(), reason }),
+        }
+    }
+
+    /// A [`tower_service::Service`] that sends events to one agent.
+    pub fn service(&self, agent: &str) -> Result<AgentService, PoolError> {
+        Ok(AgentService::new(self.agent(agent)?))
+    }
+
+    /// Shuts the pool down: stop admitting, drain every agent in parallel (returning as soon as
+    /// nothing is in flight, or at the drain time-out), cancel what is left, close every
+    /// connection, stop the background tasks.
+    pub async fn shutdown(&self) -> StopReport {
+        self.inner.ctx.admitting.store(false, Ordering::Release);
+        let report = self.remove_all().await;
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        report
+    }
+
+    /// False once shutdown has begun.
+    pub fn is_admitting(&self) -> bool {
+        self.inner.ctx.admitting()
+    }
+
+    /// Every agent, for maintenance.
+    pub(crate) fn agents_of(registry: &ArcSwap<Registry>) -> Vec<Arc<Agent>> {
+        registry.load().values().cloned().collect()
+    }
+}
+
+/// Maintenance's view of the pool: the registry, reachable through a weak pointer.
+pub(crate) struct WeakPool(std::sync::Weak<PoolInner>);
+
+impl WeakPool {
+    pub(crate) fn agents(&self) -> Option<Vec<Arc<Agent>>> {
+        self.0.upgrade().map(|inner| AgentPool::agents_of(&inner.registry))
+    }
+}
+
+pub(crate) fn weak(inner: std::sync::Weak<PoolInner>) -> WeakPool {
+    WeakPool(inner)
+}
+
+async fn drain_all(agents: Vec<Arc<Agent>>, deadline: Instant) -> StopReport {
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for agent in agents {
+        set.spawn(async move { agent.shut_down(deadline).await });
+    }
+    let mut total = StopReport::default();
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            total.drained += r.drained;
+            total.forced += r.forced;
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+

@@ -1,0 +1,380 @@
+//! A connection slot: one of the N connections an endpoint keeps, with everything the hot
+//! path reads about it in atomics.
+//!
+//! A slot outlives the connections it holds: when a connection dies its supervisor replaces
+//! it in the same slot, so the slot's in-flight count stays exact across reconnects (requests
+//! of the dead connection fail at once and give their permits back here).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use pool_api::{AgentConnection, Capabilities, ConnectionSignals, HealthStatus};
+use tokio::time::Instant;
+
+use crate::agent::AgentShared;
+use crate::balance::Load;
+use crate::endpoint::{EndpointState, GATE_EJECTED, GATE_OPEN};
+use crate::ewma::PeakEwma;
+use crate::health::{self, HealthState, HealthThresholds, HealthWindow};
+use crate::permits::Permits;
+use crate::sync::lock_std as lock;
+use std::sync::Mutex;
+
+/// The agent paused this connection (flow control).
+pub(crate) const PAUSED: u32 = 1;
+/// The agent is draining, or the pool is draining this connection.
+pub(crate) const DRAINING: u32 = 1 << 1;
+/// The agent reports itself unhealthy.
+pub(crate) const AGENT_UNHEALTHY: u32 = 1 << 2;
+/// Success rate below the unhealthy threshold: used only when nothing better is available.
+pub(crate) const SOFT_UNHEALTHY: u32 = 1 << 8;
+const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY;
+
+/// The connection currently in a slot.
+pub(crate) struct Live {
+    pub(crate) conn: Arc<dyn AgentConnection>,
+}
+
+/// What a slot learned from its requests.
+struct SlotHealth {
+    window: HealthWindow,
+    ewma: PeakEwma,
+    state: HealthState,
+    last_error: Option<(Instant, String)>,
+    last_latency: Option<Duration>,
+    requests: u64,
+    failures: u64,
+    timeouts: u64,
+    connects: u64,
+    connected_since: Option<Instant>,
+}
+
+/// A health snapshot of one connection slot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionHealth {
+    /// The label of the current connection (or of the last one, if disconnected).
+    pub label: String,
+    /// The endpoint the slot connects to.
+    pub endpoint: String,
+    /// True while a connection is up.
+    pub connected: bool,
+    /// Classification of the recent success rate.
+    pub state: HealthState,
+    /// Success rate over the health window; `None` without requests in it.
+    pub success_rate: Option<f64>,
+    /// Peak-EWMA latency estimate.
+    pub latency_estimate: Option<Duration>,
+    /// Latency of the last successful request.
+    pub last_latency: Option<Duration>,
+    /// The last error and how long ago it happened.
+    pub last_error: Option<(String, Duration)>,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Requests allowed in flight at once (pool limit, lowered by the agent's maximum).
+    pub limit: u32,
+    /// Requests finished on this slot since the pool started.
+    pub requests: u64,
+    /// Of which failed (errors and time-outs).
+    pub failures: u64,
+    /// Of which timed out.
+    pub timeouts: u64,
+    /// Connections established in this slot (1 + reconnects).
+    pub connects: u64,
+    /// Time since the current connection came up.
+    pub uptime: Option<Duration>,
+    /// Paused by the agent's flow control.
+    pub paused: bool,
+    /// The agent's last health report.
+    pub reported: HealthStatus,
+}
+
+pub(crate) struct Slot {
+    pub(crate) agent: Arc<AgentShared>,
+    pub(crate) endpoint: Arc<EndpointState>,
+    pub(crate) permits: Permits,
+    flags: AtomicU32,
+    events: AtomicU8,
+    rtt_ns: AtomicU64,
+    score_bits: AtomicU32,
+    timeout_mult_bits: AtomicU32,
+    max_body: AtomicU64,
+    pub(crate) conn: ArcSwapOption<Live>,
+    label: Mutex<Arc<str>>,
+    caps: Mutex<Option<Capabilities>>,
+    reported: Mutex<HealthStatus>,
+    health: Mutex<SlotHealth>,
+    pool_limit: u32,
+}
+
+impl Slot {
+    pub(crate) fn new(
+        agent: Arc<AgentShared>,
+        endpoint: Arc<EndpointState>,
+        pool_limit: u32,
+        window: Duration,
+        buckets: usize,
+        decay: Duration,
+    ) -> Self {
+        let label: Arc<str> = Arc::from(format!("{} (not connected)", endpoint.endpoint));
+        Self {
+            agent,
+            endpoint,
+            permits: Permits::new(pool_limit),
+            flags: AtomicU32::new(0),
+            events: AtomicU8::new(0),
+            rtt_ns: AtomicU64::new(0),
+            score_bits: AtomicU32::new(1f32.to_bits()),
+            timeout_mult_bits: AtomicU32::new(1f32.to_bits()),
+            max_body: AtomicU64::new(u64::MAX),
+            conn: ArcSwapOption::empty(),
+            label: Mutex::new(label),
+            caps: Mutex::new(None),
+            reported: Mutex::new(HealthStatus::Healthy),
+            health: Mutex::new(SlotHealth {
+                window: HealthWindow::new(window, buckets),
+                ewma: PeakEwma::new(decay),
+                state: HealthState::Healthy,
+                last_error: None,
+                last_latency: None,
+                requests: 0,
+                failures: 0,
+                timeouts: 0,
+                connects: 0,
+                connected_since: None,
+            }),
+            pool_limit,
+        }
+    }
+
+    /// True if a request of the event kind `kind_bit` may be sent here now. With `allow_soft`,
+    /// connections with a poor success rate count too.
+    #[inline]
+    pub(crate) fn usable(&self, kind_bit: u8, allow_soft: bool) -> bool {
+        let mask = if allow_soft { HARD } else { HARD | SOFT_UNHEALTHY };
+        self.flags.load(Ordering::Relaxed) & mask == 0
+            && self.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
+            && self.events.load(Ordering::Relaxed) & kind_bit != 0
+            && self.permits.has_room()
+    }
+
+    #[inline]
+    pub(crate) fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn supports(&self, kind_bit: u8) -> bool {
+        self.events.load(Ordering::Relaxed) & kind_bit != 0
+    }
+
+    pub(crate) fn timeout_multiplier(&self) -> f32 {
+        f32::from_bits(self.timeout_mult_bits.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn max_body(&self) -> Option<u64> {
+        match self.max_body.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            n => Some(n),
+        }
+    }
+
+    pub(crate) fn label(&self) -> Arc<str> {
+        lock(&self.label).clone()
+    }
+
+    pub(crate) fn capabilities(&self) -> Option<Capabilities> {
+        lock(&self.caps).clone()
+    }
+
+    /// Puts a freshly handshaken connection into the slot.
+    pub(crate) fn attach(&self, conn: Arc<dyn AgentConnection>, now: Instant) {
+        let caps = conn.capabilities().clone();
+        let limit = caps.max_concurrency.map_or(self.pool_limit, |m| m.get().min(self.pool_limit));
+        self.permits.set_limit(limit);
+        self.max_body.store(caps.max_body_size.unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.events.store(caps.supported_events.bits(), Ordering::Relaxed);
+        self.flags.store(0, Ordering::Relaxed);
+        self.timeout_mult_bits.store(1f32.to_bits(), Ordering::Relaxed);
+        *lock(&self.label) = Arc::from(conn.label());
+        *lock(&self.caps) = Some(caps);
+        *lock(&self.reported) = HealthStatus::Healthy;
+        {
+            let mut h = lock(&self.health);
+            h.connects += 1;
+            h.connected_since = Some(now);
+        }
+        self.conn.store(Some(Arc::new(Live { conn })));
+    }
+
+    /// Empties the slot after its connection died.
+    pub(crate) fn detach(&self) -> Option<Arc<Live>> {
+        self.events.store(0, Ordering::Relaxed);
+        lock(&self.health).connected_since = None;
+        self.conn.swap(None)
+    }
+
+    /// Mirrors the agent's signals into the flags the hot path reads.
+    pub(crate) fn apply_signals(&self, s: &ConnectionSignals) {
+        let mut set = 0;
+        if s.flow.paused {
+            set |= PAUSED;
+        }
+        if s.draining || matches!(s.health.status, HealthStatus::Draining { .. }) {
+            set |= DRAINING;
+        }
+        if matches!(s.health.status, HealthStatus::Unhealthy) {
+            set |= AGENT_UNHEALTHY;
+        }
+        let keep = self.flags.load(Ordering::Relaxed) & SOFT_UNHEALTHY;
+        self.flags.store(keep | set, Ordering::Relaxed);
+        self.timeout_mult_bits.store(s.health.status.timeout_multiplier().to_bits(), Ordering::Relaxed);
+        *lock(&self.reported) = s.health.status;
+    }
+
+    /// Records one finished request.
+    pub(crate) fn record(
+        &self,
+        now: Instant,
+        success: bool,
+        latency: Duration,
+        error: Option<&dyn std::fmt::Display>,
+        timed_out: bool,
+        thresholds: &HealthThresholds,
+    ) {
+        let mut h = lock(&self.health);
+        h.window.record(now, success);
+        h.requests += 1;
+        if success {
+            let est = h.ewma.observe(now, latency);
+            h.last_latency = Some(latency);
+            self.rtt_ns.store(est, Ordering::Relaxed);
+        } else {
+            h.failures += 1;
+            if timed_out {
+                h.timeouts += 1;
+                // A time-out is a latency of at least the time-out: let the estimate know.
+                let est = h.ewma.observe(now, latency);
+                self.rtt_ns.store(est, Ordering::Relaxed);
+            }
+            if let Some(e) = error {
+                h.last_error = Some((now, e.to_string()));
+            }
+        }
+        self.reclassify(&mut h, now, thresholds);
+    }
+
+    /// Records a failure that is not a request (a failed connect, a ping time-out).
+    pub(crate) fn record_error(&self, now: Instant, error: &dyn std::fmt::Display) {
+        lock(&self.health).last_error = Some((now, error.to_string()));
+    }
+
+    /// Re-reads the window as time passes, so a slot without traffic recovers.
+    pub(crate) fn refresh(&self, now: Instant, thresholds: &HealthThresholds) {
+        let mut h = lock(&self.health);
+        self.reclassify(&mut h, now, thresholds);
+    }
+
+    fn reclassify(&self, h: &mut SlotHealth, now: Instant, thresholds: &HealthThresholds) {
+        let (ok, failed) = h.window.counts(now);
+        h.state = thresholds.classify(ok, failed);
+        self.score_bits.store((health::score(ok, failed) as f32).to_bits(), Ordering::Relaxed);
+        if h.state == HealthState::Unhealthy {
+            self.flags.fetch_or(SOFT_UNHEALTHY, Ordering::Relaxed);
+        } else {
+            self.flags.fetch_and(!SOFT_UNHEALTHY, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn health_state(&self) -> HealthState {
+        lock(&self.health).state
+    }
+
+    /// Lifetime (requests, failures) — for outlier detection's per-interval deltas and stats.
+    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+        let h = lock(&self.health);
+        (h.requests, h.failures, h.timeouts)
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    pub(crate) fn snapshot(&self, now: Instant) -> ConnectionHealth {
+        let h = lock(&self.health);
+        let rtt = self.rtt_ns.load(Ordering::Relaxed);
+        ConnectionHealth {
+            label: self.label().to_string(),
+            endpoint: self.endpoint.endpoint.to_string(),
+            connected: self.is_connected(),
+            state: h.state,
+            success_rate: h.window.success_rate(now),
+            latency_estimate: (rtt > 0).then(|| Duration::from_nanos(rtt)),
+            last_latency: h.last_latency,
+            last_error: h.last_error.as_ref().map(|(at, e)| (e.clone(), now.saturating_duration_since(*at))),
+            in_flight: self.permits.in_flight(),
+            limit: self.permits.limit(),
+            requests: h.requests,
+            failures: h.failures,
+            timeouts: h.timeouts,
+            connects: h.connects,
+            uptime: h.connected_since.map(|t| now.saturating_duration_since(t)),
+            paused: self.flags() & PAUSED != 0,
+            reported: *lock(&self.reported),
+        }
+    }
+}
+
+impl Load for Arc<Slot> {
+    #[inline]
+    fn in_flight(&self) -> u32 {
+        self.permits.in_flight()
+    }
+
+    #[inline]
+    fn rtt_estimate_ns(&self) -> u64 {
+        self.rtt_ns.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn health_score(&self) -> f64 {
+        f64::from(f32::from_bits(self.score_bits.load(Ordering::Relaxed)))
+    }
+}
+
+/// A request's hold on a slot: one permit, given back on drop however the request ends.
+pub(crate) struct InFlight {
+    pub(crate) slot: Arc<Slot>,
+    probe: bool,
+    settled: bool,
+}
+
+impl InFlight {
+    /// Wraps a permit already taken on `slot`.
+    pub(crate) fn new(slot: Arc<Slot>, probe: bool) -> Self {
+        slot.agent.metrics.in_flight.increment(1.0);
+        Self { slot, probe, settled: false }
+    }
+
+    pub(crate) fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Marks the result recorded, so dropping does not report an abandoned probe.
+    pub(crate) fn settle(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let slot = &self.slot;
+        slot.permits.release();
+        slot.agent.metrics.in_flight.decrement(1.0);
+        if self.probe && !self.settled {
+            slot.endpoint.probe_abandoned();
+        }
+        slot.agent.permit_released();
+    }
+}
