@@ -159,12 +159,19 @@ impl PoolConfig {
         if !self.health.ping_interval.is_zero() && self.health.ping_timeout.is_zero() {
             p.push("health.ping_timeout: must be greater than zero when pings are on".to_owned());
         }
-        p.extend(self.health.thresholds.validate().into_iter().map(|e| format!("health.{e}")));
-        p.extend(self.reconnect.validate().into_iter().map(|e| format!("reconnect.{e}")));
-        p.extend(self.breaker.validate().into_iter().map(|e| format!("breaker.{e}")));
-        p.extend(self.outlier.validate().into_iter().map(|e| format!("outlier.{e}")));
+        p.extend(self.health.thresholds.validate().into_iter().map(|e| at("health.thresholds", &e)));
+        p.extend(self.reconnect.validate().into_iter().map(|e| at("reconnect", &e)));
+        p.extend(self.breaker.validate().into_iter().map(|e| at("breaker", &e)));
+        p.extend(self.outlier.validate().into_iter().map(|e| at("outlier", &e)));
         if p.is_empty() { Ok(()) } else { Err(PoolError::InvalidConfig { problems: p }) }
     }
+}
+
+/// Re-roots a policy's problem (`"breaker.failure_threshold must…"`) at its place in the pool
+/// configuration (`"breaker.failure_threshold must…"`, `"health.thresholds.degraded …"`).
+fn at(path: &str, problem: &str) -> String {
+    let rest = problem.split_once('.').map_or(problem, |(_, rest)| rest);
+    format!("{path}.{rest}")
 }
 
 /// Per-agent overrides of pool settings; `None` keeps the pool's value.
@@ -259,6 +266,19 @@ mod tests {
             assert!(problems.iter().any(|p| p.starts_with(field)), "{field} missing from {problems:?}");
         }
         assert_eq!(problems.len(), 6);
+    }
+
+    #[test]
+    fn nested_policy_problems_name_their_full_path() {
+        let mut c = PoolConfig::default();
+        c.health.thresholds.degraded = 0.0;
+        c.breaker.failure_threshold = 0;
+        c.reconnect.base = Duration::ZERO;
+        c.outlier.interval = Duration::ZERO;
+        let Err(PoolError::InvalidConfig { problems }) = c.validate() else { panic!("must fail") };
+        for path in ["health.thresholds.degraded", "breaker.failure_threshold", "reconnect.base", "outlier.interval"] {
+            assert!(problems.iter().any(|p| p.starts_with(path)), "{path} missing from {problems:?}");
+        }
     }
 
     #[test]
