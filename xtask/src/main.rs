@@ -8,6 +8,9 @@
 //! * `itest` — the cross-crate integration tests in `tests/`.
 //! * `bench [args]` — the criterion benches (release build; not part of `ci`).
 
+// Step timings are wall-clock on purpose.
+#![allow(clippy::disallowed_types)]
+
 use std::env;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};

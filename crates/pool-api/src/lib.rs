@@ -74,14 +74,14 @@ pub use config::{ConfigAck, ConfigPush, ConfigUpdateAnswer, ConfigUpdateKind, Co
 pub use decision::{Action, Audit, BodyMutation, Decision, HeaderOp};
 pub use error::{AgentError, LifecycleError, RuntimeError, TransportError};
 pub use event::{
-    BodyChunk, Cancel, CancelReason, CorrelationId, Event, EventKind, EventSet, Metadata,
-    RequestComplete, RequestHeaders, ResponseHeaders, WebSocketFrame, WebSocketOpcode,
+    BodyChunk, Cancel, CancelReason, CorrelationId, Event, EventKind, EventSet, Metadata, RequestComplete,
+    RequestHeaders, ResponseHeaders, WebSocketFrame, WebSocketOpcode,
 };
 pub use handler::AgentHandler;
 pub use lifecycle::{Lifecycle, LifecycleState, StopReport};
 pub use runtime::{
-    ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime, ContainerState,
-    ContainerStatus, EventFilter, StopOptions,
+    ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime, ContainerState, ContainerStatus,
+    EventFilter, StopOptions,
 };
 pub use signals::{AgentHealth, ConnectionSignals, FlowControl, FlowState, HealthStatus};
 pub use transport::{AgentConnection, BoxFuture, BoxStream, Connector, Endpoint, PendingConnection};

@@ -75,7 +75,10 @@ impl From<String> for Endpoint {
 /// [`PendingConnection::handshake`] exchanges [`Hello`] and [`Capabilities`].
 pub trait Connector: Send + Sync + 'static {
     /// Establishes a stream to `endpoint`. No protocol message is exchanged yet.
-    fn connect(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>>;
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+    ) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>>;
 }
 
 /// A connected stream that has not yet handshaken.
@@ -83,7 +86,10 @@ pub trait PendingConnection: Send + 'static {
     /// Sends `hello`, waits for the agent's capabilities, and starts the connection's task.
     ///
     /// Fails with [`TransportError::VersionMismatch`] if no protocol version is shared.
-    fn handshake(self: Box<Self>, hello: Hello) -> BoxFuture<'static, Result<Arc<dyn AgentConnection>, TransportError>>;
+    fn handshake(
+        self: Box<Self>,
+        hello: Hello,
+    ) -> BoxFuture<'static, Result<Arc<dyn AgentConnection>, TransportError>>;
 }
 
 /// One live, multiplexed connection to an agent.

@@ -130,7 +130,12 @@ impl AgentShared {
 
     /// Sends `event` on the reserved connection and records the outcome. The single send
     /// path: every event kind and every caller (pool, handle, tower service) ends here.
-    pub(crate) async fn dispatch(&self, mut guard: InFlight, event: Event, start: Instant) -> Result<Decision, PoolError> {
+    pub(crate) async fn dispatch(
+        &self,
+        mut guard: InFlight,
+        event: Event,
+        start: Instant,
+    ) -> Result<Decision, PoolError> {
         let slot = Arc::clone(&guard.slot);
         let kind = event.kind();
         if !slot.supports(1 << kind as u8) {
@@ -523,7 +528,8 @@ impl Agent {
             return Reject::Unsupported;
         }
         let blocked = |s: &Slot| {
-            s.flags() & (PAUSED | DRAINING | AGENT_UNHEALTHY) != 0 || s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) != 0
+            s.flags() & (PAUSED | DRAINING | AGENT_UNHEALTHY) != 0
+                || s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) != 0
         };
         if candidates.iter().any(|s| !blocked(s)) {
             return Reject::Full;

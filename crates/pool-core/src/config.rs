@@ -205,7 +205,9 @@ impl AgentSettings {
     pub(crate) fn resolve(pool: &PoolConfig, opts: &AgentOptions) -> Result<Self, Vec<String>> {
         let s = Self {
             connections_per_endpoint: opts.connections_per_endpoint.unwrap_or(pool.connections_per_endpoint),
-            max_concurrency: opts.max_concurrency_per_connection.unwrap_or(pool.max_concurrency_per_connection),
+            max_concurrency: opts
+                .max_concurrency_per_connection
+                .unwrap_or(pool.max_concurrency_per_connection),
             balancer: opts.balancer.unwrap_or(pool.balancer),
             request_timeout: opts.request_timeout.unwrap_or(pool.request_timeout),
             failure_mode: opts.failure_mode.unwrap_or(pool.failure_mode),
@@ -276,7 +278,9 @@ mod tests {
         c.reconnect.base = Duration::ZERO;
         c.outlier.interval = Duration::ZERO;
         let Err(PoolError::InvalidConfig { problems }) = c.validate() else { panic!("must fail") };
-        for path in ["health.thresholds.degraded", "breaker.failure_threshold", "reconnect.base", "outlier.interval"] {
+        for path in
+            ["health.thresholds.degraded", "breaker.failure_threshold", "reconnect.base", "outlier.interval"]
+        {
             assert!(problems.iter().any(|p| p.starts_with(path)), "{path} missing from {problems:?}");
         }
     }

@@ -104,11 +104,12 @@ impl BreakerCell {
     /// Moves an open breaker whose reset time has passed to half-open, so a probe may go.
     pub(crate) fn wake(&self, now: Instant) {
         let mut m = lock(&self.machine);
-        if let BreakerState::Open { until } = m.state() {
-            if now >= until && matches!(m.try_acquire(now), Admission::Probe) {
-                // Take the probe slot and hand it straight back: half-open, probe free.
-                m.probe_abandoned();
-            }
+        if let BreakerState::Open { until } = m.state()
+            && now >= until
+            && matches!(m.try_acquire(now), Admission::Probe)
+        {
+            // Take the probe slot and hand it straight back: half-open, probe free.
+            m.probe_abandoned();
         }
         self.publish(&m);
     }

@@ -59,7 +59,10 @@ pub(crate) fn describe() {
     describe_counter!("agentpool_request_failures_total", "Requests that failed (errors and time-outs).");
     describe_counter!("agentpool_request_timeouts_total", "Requests that timed out.");
     describe_counter!("agentpool_unavailable_total", "Requests no connection could take.");
-    describe_counter!("agentpool_fail_open_total", "Requests answered allow because the agent was unavailable.");
+    describe_counter!(
+        "agentpool_fail_open_total",
+        "Requests answered allow because the agent was unavailable."
+    );
     describe_gauge!("agentpool_in_flight", "Requests in flight.");
     describe_histogram!("agentpool_request_duration_seconds", Unit::Seconds, "Time from send to answer.");
     describe_gauge!("agentpool_connections", "Connections up.");

@@ -168,8 +168,11 @@ impl AgentPool {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        let maintenance =
-            crate::maintenance::run(weak(Arc::downgrade(&inner)), inner.cancel.clone(), inner.ctx.config.clone());
+        let maintenance = crate::maintenance::run(
+            weak(Arc::downgrade(&inner)),
+            inner.cancel.clone(),
+            inner.ctx.config.clone(),
+        );
         inner.tasks.spawn_on(maintenance, &handle);
         Ok(Self { inner })
     }
@@ -258,7 +261,12 @@ impl AgentPool {
     }
 
     fn agent(&self, id: &str) -> Result<Arc<Agent>, PoolError> {
-        self.inner.registry.load().get(id).cloned().ok_or_else(|| PoolError::UnknownAgent { agent: id.to_owned() })
+        self.inner
+            .registry
+            .load()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| PoolError::UnknownAgent { agent: id.to_owned() })
     }
 
     /// Statistics of one agent.
@@ -339,7 +347,9 @@ impl AgentPool {
                 agent: agent.to_owned(),
                 reason: crate::error::Unavailable::NoCapacity,
             }),
-            Err(Reject::Unavailable(reason)) => Err(PoolError::Unavailable { agent: agent.to_owned(), reason }),
+            Err(Reject::Unavailable(reason)) => {
+                Err(PoolError::Unavailable { agent: agent.to_owned(), reason })
+            }
         }
     }
 
@@ -400,4 +410,3 @@ async fn drain_all(agents: Vec<Arc<Agent>>, deadline: Instant) -> StopReport {
     total.elapsed = started.elapsed();
     total
 }
-

@@ -97,7 +97,11 @@ async fn connect(
 ) -> Result<Arc<dyn AgentConnection>, TransportError> {
     let cfg = &ctx.config;
     let pending = timeout(cfg.connect_timeout, connector.connect(endpoint)).await.map_err(|_| {
-        TransportError::Timeout { operation: "connect", target: endpoint.to_string(), after: cfg.connect_timeout }
+        TransportError::Timeout {
+            operation: "connect",
+            target: endpoint.to_string(),
+            after: cfg.connect_timeout,
+        }
     })??;
     timeout(cfg.handshake_timeout, pending.handshake(ctx.hello.clone())).await.map_err(|_| {
         TransportError::Timeout {
@@ -108,7 +112,8 @@ async fn connect(
     })?
 }
 
-type Ping = std::pin::Pin<Box<tokio::time::Timeout<BoxFuture<'static, Result<std::time::Duration, TransportError>>>>>;
+type Ping =
+    std::pin::Pin<Box<tokio::time::Timeout<BoxFuture<'static, Result<std::time::Duration, TransportError>>>>>;
 
 async fn run_connected(agent: &Agent, slot: &Slot, conn: &dyn AgentConnection) -> Exit {
     let ctx = &agent.shared.ctx;

@@ -17,7 +17,8 @@ async fn connect_timeout_bounds_a_connect_that_never_finishes() {
     agent.set_connect_silent(true);
     let connector = MemoryConnector::new();
     connector.register("mem://waf", &agent);
-    let pool = AgentPool::new(PoolConfig { connect_timeout: Duration::from_secs(2), ..config() }, connector).unwrap();
+    let pool = AgentPool::new(PoolConfig { connect_timeout: Duration::from_secs(2), ..config() }, connector)
+        .unwrap();
     let start = Instant::now();
     let r = pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf")).await.unwrap();
     assert_eq!(r.connected, 0);
@@ -73,10 +74,7 @@ async fn a_dead_connection_fails_its_pending_requests_at_once_and_is_replaced() 
     agent.disconnect_all();
     for p in pending {
         let err = p.await.unwrap().unwrap_err();
-        assert!(
-            matches!(err, PoolError::Transport { source: TransportError::Closed { .. }, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, PoolError::Transport { source: TransportError::Closed { .. }, .. }), "{err:?}");
     }
     assert_eq!(killed_at.elapsed(), Duration::ZERO, "failed at once, not after the latency");
     // Dead connections are out of the list at once...
@@ -121,11 +119,13 @@ async fn reconnect_backoff_grows_from_base_to_cap() {
 async fn concurrency_per_connection_is_the_lower_of_pool_and_agent_limits() {
     let agent = allow_all();
     agent.set_capabilities(Capabilities::new("waf").with_events(EventKind::ALL).with_max_concurrency(3));
-    let (pool, _c) = common::single(PoolConfig { max_concurrency_per_connection: 10, ..config() }, &agent).await;
+    let (pool, _c) =
+        common::single(PoolConfig { max_concurrency_per_connection: 10, ..config() }, &agent).await;
     assert!(pool.health("waf").unwrap().iter().all(|h| h.limit == 3));
 
     let agent2 = allow_all();
-    let (pool2, _c2) = common::single(PoolConfig { max_concurrency_per_connection: 2, ..config() }, &agent2).await;
+    let (pool2, _c2) =
+        common::single(PoolConfig { max_concurrency_per_connection: 2, ..config() }, &agent2).await;
     assert!(pool2.health("waf").unwrap().iter().all(|h| h.limit == 2));
 }
 
@@ -139,7 +139,9 @@ async fn requests_beyond_capacity_wait_for_a_permit_and_then_go() {
     let tasks: Vec<_> = (0..6)
         .map(|i| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await.map(|_| Instant::now()) })
+            tokio::spawn(
+                async move { pool.send("waf", request(format!("r{i}"))).await.map(|_| Instant::now()) },
+            )
         })
         .collect();
     let mut done = Vec::new();

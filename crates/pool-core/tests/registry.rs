@@ -53,7 +53,10 @@ async fn registry_answers_has_ids_count_and_rejects_duplicates() {
     let dup = pool.add_agent(AgentSpec::new("a").endpoint("mem://x")).await.unwrap_err();
     assert_eq!(dup, PoolError::AgentExists { agent: "a".into() });
     assert!(pool.agent_stats("z").is_none());
-    assert_eq!(pool.send("z", request("r")).await.unwrap_err(), PoolError::UnknownAgent { agent: "z".into() });
+    assert_eq!(
+        pool.send("z", request("r")).await.unwrap_err(),
+        PoolError::UnknownAgent { agent: "z".into() }
+    );
 }
 
 #[tokio::test(start_paused = true)]

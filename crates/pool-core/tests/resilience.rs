@@ -10,7 +10,9 @@ use pool_api::{AgentHealth, HealthStatus};
 use pool_core::breaker::BreakerConfig;
 use pool_core::health::{HealthState, HealthThresholds};
 use pool_core::outlier::OutlierConfig;
-use pool_core::{AgentOptions, AgentPool, AgentSpec, BreakerStatus, FailureMode, PoolConfig, PoolError, Unavailable};
+use pool_core::{
+    AgentOptions, AgentPool, AgentSpec, BreakerStatus, FailureMode, PoolConfig, PoolError, Unavailable,
+};
 use test_support::{MemoryAgent, MemoryConnector};
 use tokio::time::Instant;
 
@@ -161,13 +163,16 @@ async fn a_failed_probe_reopens_for_longer() {
 async fn breaker_settings_are_configurable() {
     let agent = allow_all();
     let mut cfg = one_connection();
-    cfg.breaker = BreakerConfig { failure_threshold: 2, reset_timeout: Duration::from_secs(3), ..cfg.breaker };
+    cfg.breaker =
+        BreakerConfig { failure_threshold: 2, reset_timeout: Duration::from_secs(3), ..cfg.breaker };
     let (pool, _c) = common::single(cfg, &agent).await;
     agent.fail_next(2);
     for i in 0..2 {
         let _ = pool.send("waf", request(format!("f{i}"))).await;
     }
-    assert!(matches!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Open { remaining } if remaining == Duration::from_secs(3)));
+    assert!(
+        matches!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Open { remaining } if remaining == Duration::from_secs(3))
+    );
 }
 
 #[tokio::test(start_paused = true)]

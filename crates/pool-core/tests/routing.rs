@@ -135,11 +135,15 @@ async fn bodies_over_the_agents_limit_are_refused_without_sending() {
 #[tokio::test(start_paused = true)]
 async fn try_reserve_picks_and_holds_a_permit_until_sent_or_dropped() {
     let agent = allow_all();
-    let (pool, _c) = common::single(PoolConfig { max_concurrency_per_connection: 1, ..config() }, &agent).await;
+    let (pool, _c) =
+        common::single(PoolConfig { max_concurrency_per_connection: 1, ..config() }, &agent).await;
     let held: Vec<_> = (0..4).map(|_| pool.try_reserve("waf", EventKind::RequestHeaders).unwrap()).collect();
     assert_eq!(pool.stats().in_flight, 4);
     let err = pool.try_reserve("waf", EventKind::RequestHeaders).unwrap_err();
-    assert!(matches!(err, PoolError::Unavailable { reason: pool_core::Unavailable::NoCapacity, .. }), "{err}");
+    assert!(
+        matches!(err, PoolError::Unavailable { reason: pool_core::Unavailable::NoCapacity, .. }),
+        "{err}"
+    );
     let mut held = held.into_iter();
     let first = held.next().unwrap();
     assert!(first.send(request("r1")).await.unwrap().is_allow());
