@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::balance::Balancer;
 use crate::breaker::Admission;
 use crate::config::{AgentSettings, FailureMode};
+use crate::directory::{AgentView, Agents};
 use crate::endpoint::{BreakerStatus, EndpointState, GATE_EJECTED, GATE_OPEN, GATE_PROBE};
 use crate::error::{PoolError, Unavailable};
 use crate::health::HealthState;
@@ -93,7 +94,7 @@ impl AgentShared {
         }
     }
 
-    fn admitting(&self) -> Result<(), PoolError> {
+    pub(crate) fn admitting(&self) -> Result<(), PoolError> {
         if self.removed.load(Ordering::Acquire) {
             Err(PoolError::Unavailable { agent: self.id.to_string(), reason: Unavailable::Removed })
         } else if !self.ctx.admitting() {
@@ -473,25 +474,52 @@ impl Agent {
         &self.stop
     }
 
-    /// Rebuilds the snapshot of connected slots; called when a connection comes or goes.
+    /// Rebuilds the snapshot of connected slots — the agent's own and its entry in the pool's
+    /// directory — when a connection comes or goes.
     pub(crate) fn republish(&self) {
-        let slots = lock(&self.slots);
-        let live: Vec<Arc<Slot>> = slots.iter().filter(|s| s.is_connected()).cloned().collect();
-        self.shared.metrics.connections.set(live.len() as f64);
-        self.snapshot.store(Arc::new(live));
-        drop(slots);
+        let directory = &self.shared.ctx.directory;
+        let writer = directory.write();
+        let live: Arc<Vec<Arc<Slot>>> =
+            Arc::new(lock(&self.slots).iter().filter(|s| s.is_connected()).cloned().collect());
+        let connected = live.len();
+        self.snapshot.store(live.clone());
+        let current = writer.current();
+        // Only while registered: during add the entry does not exist yet (add copies the
+        // snapshot under the same lock), during removal it is already gone.
+        if let Some(view) = current.get(&*self.shared.id)
+            && std::ptr::eq(Arc::as_ptr(&view.agent), self)
+        {
+            let mut next = Agents::clone(&current);
+            next.insert(self.shared.id.clone(), AgentView { agent: view.agent.clone(), live });
+            writer.publish(next);
+        }
+        drop(writer);
+        self.shared.metrics.connections.set(connected as f64);
         self.shared.wake_waiters();
+    }
+
+    /// The agent's current connected slots.
+    pub(crate) fn live(&self) -> Arc<Vec<Arc<Slot>>> {
+        self.snapshot.load_full()
     }
 
     /// Takes a permit on the best usable connection, without waiting.
     /// `kind: None` reserves for any event kind the connection accepts.
-    #[inline]
     pub(crate) fn try_reserve(&self, kind: Option<EventKind>) -> Result<InFlight, Reject> {
+        self.try_reserve_from(&self.snapshot.load(), kind)
+    }
+
+    /// [`try_reserve`](Self::try_reserve) over a snapshot the caller already holds.
+    #[inline]
+    pub(crate) fn try_reserve_from(
+        &self,
+        snap: &[Arc<Slot>],
+        kind: Option<EventKind>,
+    ) -> Result<InFlight, Reject> {
         let kind_bit = kind.map_or(EventSet::ALL.bits(), |k| 1u8 << k as u8);
-        let snap = self.snapshot.load();
         for allow_soft in [false, true] {
             for _ in 0..MAX_RACES {
-                let Some(i) = self.balancer.pick(&snap[..], |s| s.usable(kind_bit, allow_soft)) else {
+                let Some(i) = self.balancer.pick(snap, |s| s.usable(kind_bit, allow_soft)) else {
                     break;
                 };
                 let slot = &snap[i];
@@ -512,7 +540,7 @@ impl Agent {
                 return Ok(InFlight::new(slot.clone(), probe));
             }
         }
-        Err(self.why_not(&snap, kind_bit))
+        Err(self.why_not(snap, kind_bit))
     }
 
     #[cold]
@@ -552,9 +580,21 @@ impl Agent {
     ) -> Result<InFlight, Result<Decision, PoolError>> {
         self.shared.admitting().map_err(Err)?;
         match self.try_reserve(kind) {
-            Ok(g) => return Ok(g),
-            Err(Reject::Full) => {}
-            Err(r) => return Err(self.shared.reject(r, kind)),
+            Ok(g) => Ok(g),
+            Err(r) => self.wait_for_permit(r, kind, deadline).await,
+        }
+    }
+
+    /// The slow path after a failed pick: wait for capacity if the agent is merely full,
+    /// otherwise answer by the failure mode.
+    pub(crate) async fn wait_for_permit(
+        &self,
+        first: Reject,
+        kind: Option<EventKind>,
+        deadline: Instant,
+    ) -> Result<InFlight, Result<Decision, PoolError>> {
+        if first != Reject::Full {
+            return Err(self.shared.reject(first, kind));
         }
         let _waiter = Waiter::new(&self.shared);
         loop {
@@ -586,6 +626,10 @@ impl Agent {
             Ok(guard) => self.shared.dispatch(guard, event, start).await,
             Err(answer) => answer,
         }
+    }
+
+    pub(crate) fn admitting(&self) -> Result<(), PoolError> {
+        self.shared.admitting()
     }
 
     pub(crate) fn slots(&self) -> Vec<Arc<Slot>> {

@@ -59,6 +59,7 @@ pub mod backoff;
 pub mod balance;
 pub mod breaker;
 mod config;
+mod directory;
 mod endpoint;
 mod error;
 pub mod ewma;

@@ -1,10 +1,8 @@
 //! The pool: a registry of agents and the public API.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
 use pool_api::{Capabilities, Connector, Decision, Event, EventKind, Hello, StopReport};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -12,17 +10,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent::{Agent, AgentSpec, AgentStats, Reject};
 use crate::config::PoolConfig;
+use crate::directory::{AgentView, Agents, Directory};
 use crate::error::PoolError;
 use crate::service::AgentService;
 use crate::slot::{ConnectionHealth, InFlight};
-use crate::sync::lock_std as lock;
-
-type Registry = HashMap<Arc<str>, Arc<Agent>, foldhash::fast::RandomState>;
 
 /// What every agent of a pool shares: its configuration and admission state.
 pub(crate) struct PoolCtx {
     pub(crate) config: PoolConfig,
     pub(crate) hello: Hello,
+    pub(crate) directory: Directory,
     admitting: AtomicBool,
     seeds: AtomicU64,
 }
@@ -47,9 +44,6 @@ impl PoolCtx {
 pub(crate) struct PoolInner {
     ctx: Arc<PoolCtx>,
     connector: Arc<dyn Connector>,
-    registry: ArcSwap<Registry>,
-    /// Serialises registry writers; never held across an await.
-    writer: Mutex<()>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -115,7 +109,6 @@ pub struct PoolStats {
 /// Sending consumes it; dropping it gives the permit back.
 pub struct Reservation {
     guard: InFlight,
-    start: Instant,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -126,7 +119,7 @@ impl std::fmt::Debug for Reservation {
 
 impl Reservation {
     pub(crate) fn new(guard: InFlight) -> Self {
-        Self { guard, start: Instant::now() }
+        Self { guard }
     }
 
     /// The label of the reserved connection.
@@ -134,11 +127,10 @@ impl Reservation {
         self.guard.slot.label().to_string()
     }
 
-    /// Sends `event` on the reserved connection. The request time-out counts from the
-    /// reservation.
+    /// Sends `event` on the reserved connection. The request time-out counts from here.
     pub async fn send(self, event: Event) -> Result<Decision, PoolError> {
         let agent = self.guard.slot.agent.clone();
-        agent.dispatch(self.guard, event, self.start).await
+        agent.dispatch(self.guard, event, Instant::now()).await
     }
 }
 
@@ -156,6 +148,7 @@ impl AgentPool {
         crate::metrics::describe();
         let ctx = Arc::new(PoolCtx {
             hello: Hello::new(config.proxy_id.clone()),
+            directory: Directory::new(),
             config,
             admitting: AtomicBool::new(true),
             seeds: AtomicU64::new(0),
@@ -163,8 +156,6 @@ impl AgentPool {
         let inner = Arc::new(PoolInner {
             ctx,
             connector,
-            registry: ArcSwap::from_pointee(Registry::default()),
-            writer: Mutex::new(()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -195,15 +186,18 @@ impl AgentPool {
         let settings = spec.validate(ctx)?;
         let id: Arc<str> = Arc::from(spec.id.as_str());
         let firsts = {
-            let _w = lock(&self.inner.writer);
-            if self.inner.registry.load().contains_key(&id) {
+            let writer = ctx.directory.write();
+            let current = writer.current();
+            if current.contains_key(&id) {
                 return Err(PoolError::AgentExists { agent: spec.id });
             }
             let (agent, firsts) =
                 Agent::start(spec, settings, ctx.clone(), self.inner.connector.clone(), &self.inner.cancel);
-            let mut next = Registry::clone(&self.inner.registry.load());
-            next.insert(id, agent);
-            self.inner.registry.store(Arc::new(next));
+            let mut next = Agents::clone(&current);
+            // Supervisors that connected already updated the agent's own snapshot under this lock.
+            let live = agent.live();
+            next.insert(id, AgentView { agent, live });
+            writer.publish(next);
             firsts
         };
         let slots = firsts.len();
@@ -220,14 +214,15 @@ impl AgentPool {
     /// drain time-out, then what is left is cancelled and the connections are closed.
     pub async fn remove_agent(&self, id: &str) -> Result<StopReport, PoolError> {
         let agent = {
-            let _w = lock(&self.inner.writer);
-            let current = self.inner.registry.load();
-            let Some(agent) = current.get(id).cloned() else {
+            let writer = self.inner.ctx.directory.write();
+            let current = writer.current();
+            let Some(view) = current.get(id) else {
                 return Err(PoolError::UnknownAgent { agent: id.to_owned() });
             };
-            let mut next = Registry::clone(&current);
+            let agent = view.agent.clone();
+            let mut next = Agents::clone(&current);
             next.remove(id);
-            self.inner.registry.store(Arc::new(next));
+            writer.publish(next);
             agent
         };
         Ok(agent.shut_down(Instant::now() + self.inner.ctx.config.drain_timeout).await)
@@ -236,48 +231,50 @@ impl AgentPool {
     /// Removes every agent, draining them in parallel; the reports are summed.
     pub async fn remove_all(&self) -> StopReport {
         let agents: Vec<Arc<Agent>> = {
-            let _w = lock(&self.inner.writer);
-            let current = self.inner.registry.swap(Arc::new(Registry::default()));
-            current.values().cloned().collect()
+            let writer = self.inner.ctx.directory.write();
+            let current = writer.current();
+            writer.publish(Agents::default());
+            current.values().map(|v| v.agent.clone()).collect()
         };
         drain_all(agents, Instant::now() + self.inner.ctx.config.drain_timeout).await
     }
 
+    fn directory(&self) -> &Directory {
+        &self.inner.ctx.directory
+    }
+
     /// True if an agent with this id is registered.
     pub fn has_agent(&self, id: &str) -> bool {
-        self.inner.registry.load().contains_key(id)
+        self.directory().with(|a| a.contains_key(id))
     }
 
     /// Ids of the registered agents, sorted.
     pub fn agent_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.inner.registry.load().keys().map(|k| k.to_string()).collect();
+        let mut ids: Vec<String> = self.directory().load().keys().map(|k| k.to_string()).collect();
         ids.sort();
         ids
     }
 
     /// Number of registered agents.
     pub fn agent_count(&self) -> usize {
-        self.inner.registry.load().len()
+        self.directory().with(|a| a.len())
     }
 
     fn agent(&self, id: &str) -> Result<Arc<Agent>, PoolError> {
-        self.inner
-            .registry
-            .load()
-            .get(id)
-            .cloned()
+        self.directory()
+            .with(|a| a.get(id).map(|v| v.agent.clone()))
             .ok_or_else(|| PoolError::UnknownAgent { agent: id.to_owned() })
     }
 
     /// Statistics of one agent.
     pub fn agent_stats(&self, id: &str) -> Option<AgentStats> {
-        self.inner.registry.load().get(id).map(|a| a.stats(Instant::now()))
+        self.agent(id).ok().map(|a| a.stats(Instant::now()))
     }
 
     /// Statistics of every agent, sorted by id.
     pub fn all_agent_stats(&self) -> Vec<AgentStats> {
         let now = Instant::now();
-        let mut all: Vec<AgentStats> = self.inner.registry.load().values().map(|a| a.stats(now)).collect();
+        let mut all: Vec<AgentStats> = self.directory().load().values().map(|v| v.agent.stats(now)).collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
     }
@@ -300,7 +297,7 @@ impl AgentPool {
 
     /// Health of each connection slot of an agent.
     pub fn health(&self, id: &str) -> Option<Vec<ConnectionHealth>> {
-        self.inner.registry.load().get(id).map(|a| a.health(Instant::now()))
+        self.agent(id).ok().map(|a| a.health(Instant::now()))
     }
 
     /// True if the agent has at least one healthy connection.
@@ -310,12 +307,12 @@ impl AgentPool {
 
     /// Capabilities an agent announced (from one of its live connections).
     pub fn capabilities(&self, id: &str) -> Option<Capabilities> {
-        self.inner.registry.load().get(id).and_then(|a| a.capabilities())
+        self.agent(id).ok().and_then(|a| a.capabilities())
     }
 
     /// True if some live connection of the agent accepts events of `kind`.
     pub fn supports(&self, id: &str, kind: EventKind) -> bool {
-        self.inner.registry.load().get(id).is_some_and(|a| a.supports(kind))
+        self.agent(id).is_ok_and(|a| a.supports(kind))
     }
 
     /// Sends one event to an agent and returns its decision.
@@ -324,8 +321,30 @@ impl AgentPool {
     /// waiting for a permit included, is bounded by the request time-out. An agent that
     /// cannot take the request answers by its failure mode: an error, or allow (fail open).
     pub async fn send(&self, agent: &str, event: Event) -> Result<Decision, PoolError> {
-        let agent = self.agent(agent)?;
-        agent.send(event).await
+        let start = Instant::now();
+        let kind = event.kind();
+        // The fast path picks inside the directory snapshot; only a miss clones the agent.
+        let picked = self.directory().with(|agents| {
+            let view =
+                agents.get(agent).ok_or_else(|| PoolError::UnknownAgent { agent: agent.to_owned() })?;
+            view.agent.admitting()?;
+            Ok::<_, PoolError>(match view.agent.try_reserve_from(&view.live, Some(kind)) {
+                Ok(guard) => Ok(guard),
+                Err(reject) => Err((view.agent.clone(), reject)),
+            })
+        })?;
+        let guard = match picked {
+            Ok(guard) => guard,
+            Err((agent, reject)) => {
+                let deadline = start + agent.shared.settings.request_timeout;
+                match agent.wait_for_permit(reject, Some(kind), deadline).await {
+                    Ok(guard) => guard,
+                    Err(answer) => return answer,
+                }
+            }
+        };
+        let shared = guard.slot.agent.clone();
+        shared.dispatch(guard, event, start).await
     }
 
     /// Takes a permit on the best connection of an agent for an event of `kind`, without
@@ -333,14 +352,13 @@ impl AgentPool {
     /// [`PoolError::Unavailable`] when nothing can take it — also when every usable
     /// connection is full — regardless of the failure mode.
     pub fn try_reserve(&self, agent: &str, kind: EventKind) -> Result<Reservation, PoolError> {
-        let registry = self.inner.registry.load();
-        let Some(a) = registry.get(agent) else {
-            return Err(PoolError::UnknownAgent { agent: agent.to_owned() });
-        };
-        if !self.inner.ctx.admitting() {
-            return Err(PoolError::ShuttingDown);
-        }
-        match a.try_reserve(Some(kind)) {
+        let picked = self.directory().with(|agents| {
+            let view =
+                agents.get(agent).ok_or_else(|| PoolError::UnknownAgent { agent: agent.to_owned() })?;
+            view.agent.admitting()?;
+            Ok::<_, PoolError>(view.agent.try_reserve_from(&view.live, Some(kind)))
+        })?;
+        match picked {
             Ok(guard) => Ok(Reservation::new(guard)),
             Err(Reject::Unsupported) => Err(PoolError::UnsupportedEvent { agent: agent.to_owned(), kind }),
             Err(Reject::Full) => Err(PoolError::Unavailable {
@@ -374,11 +392,6 @@ impl AgentPool {
     pub fn is_admitting(&self) -> bool {
         self.inner.ctx.admitting()
     }
-
-    /// Every agent, for maintenance.
-    pub(crate) fn agents_of(registry: &ArcSwap<Registry>) -> Vec<Arc<Agent>> {
-        registry.load().values().cloned().collect()
-    }
 }
 
 /// Maintenance's view of the pool: the registry, reachable through a weak pointer.
@@ -386,7 +399,7 @@ pub(crate) struct WeakPool(std::sync::Weak<PoolInner>);
 
 impl WeakPool {
     pub(crate) fn agents(&self) -> Option<Vec<Arc<Agent>>> {
-        self.0.upgrade().map(|inner| AgentPool::agents_of(&inner.registry))
+        self.0.upgrade().map(|inner| inner.ctx.directory.load().values().map(|v| v.agent.clone()).collect())
     }
 }
 

@@ -150,3 +150,22 @@ async fn try_reserve_picks_and_holds_a_permit_until_sent_or_dropped() {
     drop(held);
     assert_eq!(pool.stats().in_flight, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_learns_latency_and_prefers_the_faster_replica() {
+    let (fast, slow) = (allow_all(), allow_all());
+    fast.set_latency(Duration::from_millis(1));
+    slow.set_latency(Duration::from_millis(20));
+    let connector = MemoryConnector::new();
+    connector.register("mem://fast", &fast);
+    connector.register("mem://slow", &slow);
+    let cfg = PoolConfig { balancer: Strategy::PeakEwma, connections_per_endpoint: 1, ..config() };
+    let pool = AgentPool::new(cfg, connector).unwrap();
+    pool.add_agent(AgentSpec::new("waf").endpoints(["mem://fast", "mem://slow"])).await.unwrap();
+    for i in 0..100 {
+        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+    }
+    assert!(slow.events_received() <= 2, "slow got {} of 100", slow.events_received());
+    let estimates: Vec<_> = pool.health("waf").unwrap().iter().map(|h| h.latency_estimate).collect();
+    assert!(estimates.contains(&Some(Duration::from_millis(1))), "{estimates:?}");
+}
