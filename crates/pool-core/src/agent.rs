@@ -58,6 +58,36 @@ pub(crate) enum Reject {
     Unavailable(Unavailable),
 }
 
+/// Why an agent admits nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// The pool is shutting down.
+    Pool,
+    /// The agent is being removed.
+    Agent,
+}
+
+impl Closed {
+    pub(crate) fn error(self, agent: &str) -> PoolError {
+        match self {
+            Self::Pool => PoolError::ShuttingDown,
+            Self::Agent => PoolError::Unavailable { agent: agent.to_owned(), reason: Unavailable::Removed },
+        }
+    }
+}
+
+/// The outcome of a pick inside the directory snapshot: small, so the hot path moves little.
+pub(crate) enum Pick {
+    /// A permit on a connection.
+    Reserved(InFlight),
+    /// No permit now; the agent and why, for the slow path.
+    Miss(Arc<Agent>, Reject),
+    /// No such agent.
+    Unknown,
+    /// The agent or pool admits nothing.
+    Closed(Closed),
+}
+
 /// What the in-flight path needs of its agent; held by every slot.
 pub(crate) struct AgentShared {
     pub(crate) id: Arc<str>,
@@ -95,12 +125,21 @@ impl AgentShared {
     }
 
     pub(crate) fn admitting(&self) -> Result<(), PoolError> {
+        match self.closed() {
+            None => Ok(()),
+            Some(closed) => Err(closed.error(&self.id)),
+        }
+    }
+
+    /// Why nothing is admitted, if so; small, for the hot path.
+    #[inline]
+    pub(crate) fn closed(&self) -> Option<Closed> {
         if self.removed.load(Ordering::Acquire) {
-            Err(PoolError::Unavailable { agent: self.id.to_string(), reason: Unavailable::Removed })
+            Some(Closed::Agent)
         } else if !self.ctx.admitting() {
-            Err(PoolError::ShuttingDown)
+            Some(Closed::Pool)
         } else {
-            Ok(())
+            None
         }
     }
 
@@ -628,8 +667,16 @@ impl Agent {
         }
     }
 
-    pub(crate) fn admitting(&self) -> Result<(), PoolError> {
-        self.shared.admitting()
+    /// Picks inside a directory snapshot: the pool's hot path.
+    #[inline]
+    pub(crate) fn pick(view: &AgentView, kind: EventKind) -> Pick {
+        if let Some(closed) = view.agent.shared.closed() {
+            return Pick::Closed(closed);
+        }
+        match view.agent.try_reserve_from(&view.live, Some(kind)) {
+            Ok(guard) => Pick::Reserved(guard),
+            Err(reject) => Pick::Miss(view.agent.clone(), reject),
+        }
     }
 
     pub(crate) fn slots(&self) -> Vec<Arc<Slot>> {

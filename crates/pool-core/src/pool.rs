@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, AgentSpec, AgentStats, Reject};
+use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject};
 use crate::config::PoolConfig;
 use crate::directory::{AgentView, Agents, Directory};
 use crate::error::PoolError;
@@ -324,27 +324,25 @@ impl AgentPool {
         let start = Instant::now();
         let kind = event.kind();
         // The fast path picks inside the directory snapshot; only a miss clones the agent.
-        let picked = self.directory().with(|agents| {
-            let view =
-                agents.get(agent).ok_or_else(|| PoolError::UnknownAgent { agent: agent.to_owned() })?;
-            view.agent.admitting()?;
-            Ok::<_, PoolError>(match view.agent.try_reserve_from(&view.live, Some(kind)) {
-                Ok(guard) => Ok(guard),
-                Err(reject) => Err((view.agent.clone(), reject)),
-            })
-        })?;
-        let guard = match picked {
-            Ok(guard) => guard,
-            Err((agent, reject)) => {
-                let deadline = start + agent.shared.settings.request_timeout;
-                match agent.wait_for_permit(reject, Some(kind), deadline).await {
+        let guard = match self.pick(agent, kind) {
+            Pick::Reserved(guard) => guard,
+            Pick::Miss(a, reject) => {
+                let deadline = start + a.shared.settings.request_timeout;
+                match a.wait_for_permit(reject, Some(kind), deadline).await {
                     Ok(guard) => guard,
                     Err(answer) => return answer,
                 }
             }
+            Pick::Unknown => return Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
+            Pick::Closed(closed) => return Err(closed.error(agent)),
         };
         let shared = guard.slot.agent.clone();
         shared.dispatch(guard, event, start).await
+    }
+
+    #[inline]
+    fn pick(&self, agent: &str, kind: EventKind) -> Pick {
+        self.directory().with(|agents| agents.get(agent).map_or(Pick::Unknown, |view| Agent::pick(view, kind)))
     }
 
     /// Takes a permit on the best connection of an agent for an event of `kind`, without
@@ -352,22 +350,22 @@ impl AgentPool {
     /// [`PoolError::Unavailable`] when nothing can take it — also when every usable
     /// connection is full — regardless of the failure mode.
     pub fn try_reserve(&self, agent: &str, kind: EventKind) -> Result<Reservation, PoolError> {
-        let picked = self.directory().with(|agents| {
-            let view =
-                agents.get(agent).ok_or_else(|| PoolError::UnknownAgent { agent: agent.to_owned() })?;
-            view.agent.admitting()?;
-            Ok::<_, PoolError>(view.agent.try_reserve_from(&view.live, Some(kind)))
-        })?;
-        match picked {
-            Ok(guard) => Ok(Reservation::new(guard)),
-            Err(Reject::Unsupported) => Err(PoolError::UnsupportedEvent { agent: agent.to_owned(), kind }),
-            Err(Reject::Full) => Err(PoolError::Unavailable {
-                agent: agent.to_owned(),
-                reason: crate::error::Unavailable::NoCapacity,
-            }),
-            Err(Reject::Unavailable(reason)) => {
-                Err(PoolError::Unavailable { agent: agent.to_owned(), reason })
+        match self.pick(agent, kind) {
+            Pick::Reserved(guard) => Ok(Reservation::new(guard)),
+            Pick::Unknown => Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
+            Pick::Closed(closed) => Err(closed.error(agent)),
+            Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
+        }
+    }
+
+    #[cold]
+    fn reject_error(agent: &str, kind: EventKind, reject: Reject) -> PoolError {
+        match reject {
+            Reject::Unsupported => PoolError::UnsupportedEvent { agent: agent.to_owned(), kind },
+            Reject::Full => {
+                PoolError::Unavailable { agent: agent.to_owned(), reason: crate::error::Unavailable::NoCapacity }
             }
+            Reject::Unavailable(reason) => PoolError::Unavailable { agent: agent.to_owned(), reason },
         }
     }
 
