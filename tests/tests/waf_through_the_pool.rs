@@ -34,7 +34,7 @@ async fn a_waf_blocks_admin_and_tags_the_rest_across_replicas_and_a_crash() {
     let allowed = pool.send("waf", get("r2", "/")).await.unwrap();
     assert!(allowed.is_allow());
     assert!(
-        allowed.request_headers.iter().any(|op| matches!(op, HeaderOp::Set { name, .. } if *name == header))
+        allowed.response_headers.iter().any(|op| matches!(op, HeaderOp::Add { name, .. } if *name == header))
     );
 
     // One replica crashes: the other answers everything meanwhile.

@@ -113,6 +113,11 @@ pub trait AgentConnection: Send + Sync + 'static {
     /// What the agent announced in the handshake.
     fn capabilities(&self) -> &Capabilities;
 
+    /// False once the connection is closed, by either side. Called before every send, so it
+    /// must be cheap (an atomic load) and never wait. A caller that finds the connection closed
+    /// still holds its event and may send it elsewhere: nothing reached the agent.
+    fn is_open(&self) -> bool;
+
     /// Sends one event and resolves with the agent's decision.
     fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>>;
 

@@ -40,7 +40,7 @@ use crate::health::HealthState;
 use crate::metrics::AgentMetrics;
 use crate::outlier::{IntervalCounts, OutlierDetector, Verdict};
 use crate::pool::PoolCtx;
-use crate::slot::{AGENT_UNHEALTHY, ConnectionHealth, DRAINING, InFlight, PAUSED, Slot};
+use crate::slot::{ConnectionHealth, DISCONNECTED, HARD, InFlight, PAUSED, Slot};
 use crate::supervisor;
 use crate::sync::lock_std as lock;
 
@@ -96,6 +96,8 @@ pub(crate) struct AgentShared {
     pub(crate) ctx: Arc<PoolCtx>,
     /// Fired at the end of a drain: in-flight sends cancel and return.
     pub(crate) abort: CancellationToken,
+    /// The agent itself, for re-picking when a reserved connection turns out closed.
+    agent: std::sync::OnceLock<std::sync::Weak<Agent>>,
     removed: AtomicBool,
     capacity: Notify,
     waiters: AtomicUsize,
@@ -176,8 +178,27 @@ impl AgentShared {
         event: Event,
         start: Instant,
     ) -> Result<Decision, PoolError> {
-        let slot = Arc::clone(&guard.slot);
         let kind = event.kind();
+        // A connection can die between the pick and here, before its supervisor takes it out
+        // of the snapshot. The event has not been sent: take that slot out and pick again.
+        let live = loop {
+            match guard.slot.conn.load_full() {
+                Some(live) if live.conn.is_open() => break live,
+                _ => {
+                    guard.slot.mark_disconnected();
+                    drop(guard);
+                    let Some(agent) = self.agent.get().and_then(std::sync::Weak::upgrade) else {
+                        return Err(Closed::Agent.error(&self.id));
+                    };
+                    let deadline = start + self.settings.request_timeout;
+                    guard = match agent.reserve(Some(kind), deadline).await {
+                        Ok(guard) => guard,
+                        Err(answer) => return answer,
+                    };
+                }
+            }
+        };
+        let slot = Arc::clone(&guard.slot);
         if !slot.supports(1 << kind as u8) {
             return Err(PoolError::UnsupportedEvent { agent: self.id.to_string(), kind });
         }
@@ -187,17 +208,6 @@ impl AgentShared {
                 return Err(PoolError::BodyTooLarge { agent: self.id.to_string(), size, limit });
             }
         }
-        let Some(live) = slot.conn.load_full() else {
-            // The connection died between the pick and now; its replacement is on the way.
-            return Err(PoolError::Transport {
-                agent: self.id.to_string(),
-                connection: slot.label().to_string(),
-                source: TransportError::Closed {
-                    connection: slot.label().to_string(),
-                    reason: "connection lost before send".into(),
-                },
-            });
-        };
         let multiplier = slot.timeout_multiplier();
         let timeout = if multiplier > 1.0 {
             self.settings.request_timeout.mul_f32(multiplier)
@@ -458,6 +468,7 @@ impl Agent {
             settings,
             ctx: ctx.clone(),
             abort: parent.child_token(),
+            agent: std::sync::OnceLock::new(),
             removed: AtomicBool::new(false),
             capacity: Notify::new(),
             waiters: AtomicUsize::new(0),
@@ -495,6 +506,7 @@ impl Agent {
             tasks: TaskTracker::new(),
             shared,
         });
+        let _ = agent.shared.agent.set(Arc::downgrade(&agent));
         let connector = spec.connector.unwrap_or(default_connector);
         let mut firsts = Vec::with_capacity(slots.len());
         for slot in slots {
@@ -594,12 +606,12 @@ impl Agent {
         if candidates.is_empty() {
             return Reject::Unsupported;
         }
-        let blocked = |s: &Slot| {
-            s.flags() & (PAUSED | DRAINING | AGENT_UNHEALTHY) != 0
-                || s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) != 0
-        };
+        let blocked = |s: &Slot| s.flags() & HARD != 0 || s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) != 0;
         if candidates.iter().any(|s| !blocked(s)) {
             return Reject::Full;
+        }
+        if candidates.iter().all(|s| s.flags() & DISCONNECTED != 0) {
+            return Reject::Unavailable(Unavailable::NoConnections);
         }
         if candidates.iter().all(|s| s.endpoint.gate() & GATE_OPEN != 0) {
             return Reject::Unavailable(Unavailable::CircuitOpen);
@@ -831,7 +843,7 @@ impl Agent {
 
 fn slot_is_healthy(slot: &Slot) -> bool {
     slot.is_connected()
-        && slot.flags() & (PAUSED | DRAINING | AGENT_UNHEALTHY) == 0
+        && slot.flags() & HARD == 0
         && slot.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
         && slot.health_state() != HealthState::Unhealthy
 }

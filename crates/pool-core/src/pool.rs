@@ -342,7 +342,8 @@ impl AgentPool {
 
     #[inline]
     fn pick(&self, agent: &str, kind: EventKind) -> Pick {
-        self.directory().with(|agents| agents.get(agent).map_or(Pick::Unknown, |view| Agent::pick(view, kind)))
+        self.directory()
+            .with(|agents| agents.get(agent).map_or(Pick::Unknown, |view| Agent::pick(view, kind)))
     }
 
     /// Takes a permit on the best connection of an agent for an event of `kind`, without
@@ -362,9 +363,10 @@ impl AgentPool {
     fn reject_error(agent: &str, kind: EventKind, reject: Reject) -> PoolError {
         match reject {
             Reject::Unsupported => PoolError::UnsupportedEvent { agent: agent.to_owned(), kind },
-            Reject::Full => {
-                PoolError::Unavailable { agent: agent.to_owned(), reason: crate::error::Unavailable::NoCapacity }
-            }
+            Reject::Full => PoolError::Unavailable {
+                agent: agent.to_owned(),
+                reason: crate::error::Unavailable::NoCapacity,
+            },
             Reject::Unavailable(reason) => PoolError::Unavailable { agent: agent.to_owned(), reason },
         }
     }

@@ -28,9 +28,11 @@ pub(crate) const PAUSED: u32 = 1;
 pub(crate) const DRAINING: u32 = 1 << 1;
 /// The agent reports itself unhealthy.
 pub(crate) const AGENT_UNHEALTHY: u32 = 1 << 2;
+/// The connection was found closed at send time; its supervisor has not detached it yet.
+pub(crate) const DISCONNECTED: u32 = 1 << 3;
 /// Success rate below the unhealthy threshold: used only when nothing better is available.
 pub(crate) const SOFT_UNHEALTHY: u32 = 1 << 8;
-const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY;
+pub(crate) const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY | DISCONNECTED;
 
 /// The connection currently in a slot.
 pub(crate) struct Live {
@@ -208,6 +210,12 @@ impl Slot {
         self.conn.store(Some(Arc::new(Live { conn })));
     }
 
+    /// Takes the slot out of picking at once: its connection was found closed. Cleared when
+    /// the supervisor attaches the replacement.
+    pub(crate) fn mark_disconnected(&self) {
+        self.flags.fetch_or(DISCONNECTED, Ordering::Relaxed);
+    }
+
     /// Empties the slot after its connection died.
     pub(crate) fn detach(&self) -> Option<Arc<Live>> {
         self.events.store(0, Ordering::Relaxed);
@@ -227,7 +235,7 @@ impl Slot {
         if matches!(s.health.status, HealthStatus::Unhealthy) {
             set |= AGENT_UNHEALTHY;
         }
-        let keep = self.flags.load(Ordering::Relaxed) & SOFT_UNHEALTHY;
+        let keep = self.flags.load(Ordering::Relaxed) & (SOFT_UNHEALTHY | DISCONNECTED);
         self.flags.store(keep | set, Ordering::Relaxed);
         self.timeout_mult_bits.store(s.health.status.timeout_multiplier().to_bits(), Ordering::Relaxed);
         *lock(&self.reported) = s.health.status;

@@ -171,3 +171,28 @@ async fn a_silent_agent_is_caught_by_pings_and_the_connection_replaced() {
     let h = pool.health("waf").unwrap();
     assert!(h[0].last_error.as_ref().unwrap().0.contains("ping"), "{h:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_right_after_a_connection_dies_goes_to_a_live_one() {
+    let (a, b) = (allow_all(), allow_all());
+    let connector = MemoryConnector::new();
+    connector.register("mem://a", &a);
+    connector.register("mem://b", &b);
+    let pool = AgentPool::new(config(), connector).unwrap();
+    pool.add_agent(AgentSpec::new("waf").endpoints(["mem://a", "mem://b"])).await.unwrap();
+    a.refuse_connections(true);
+    a.disconnect_all();
+    // No yield: the supervisors have not yet seen the deaths, the snapshot still lists them.
+    for i in 0..50 {
+        assert!(pool.send("waf", request(format!("r{i}"))).await.unwrap().is_allow());
+    }
+    assert_eq!(b.events_received(), 50);
+    // With every connection dead and none coming back, the answer is "no connections".
+    b.refuse_connections(true);
+    b.disconnect_all();
+    let err = pool.send("waf", request("none")).await.unwrap_err();
+    assert_eq!(
+        err,
+        PoolError::Unavailable { agent: "waf".into(), reason: pool_core::Unavailable::NoConnections }
+    );
+}

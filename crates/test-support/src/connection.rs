@@ -212,6 +212,10 @@ impl AgentConnection for MemoryConnection {
         &self.core.label
     }
 
+    fn is_open(&self) -> bool {
+        self.core.is_open()
+    }
+
     fn capabilities(&self) -> &Capabilities {
         &self.capabilities
     }
