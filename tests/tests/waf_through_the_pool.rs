@@ -44,10 +44,10 @@ async fn a_waf_blocks_admin_and_tags_the_rest_across_replicas_and_a_crash() {
         let d = pool.service("waf").unwrap().oneshot(get(&format!("c{i}"), "/")).await.unwrap();
         assert!(d.is_allow());
     }
-    assert_eq!(pool.agent_stats("waf").unwrap().connected, 4);
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.connected, 4);
     replicas[0].refuse_connections(false);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(pool.agent_stats("waf").unwrap().connected, 8);
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.connected, 8);
     let report = pool.shutdown().await;
     assert_eq!(report.forced, 0);
 }

@@ -90,8 +90,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         for stats in pool.all_agent_stats() {
             let previous = if stats.id == "auth" { &mut last.1 } else { &mut last.0 };
-            let rate = stats.requests - *previous;
-            *previous = stats.requests;
+            let rate = stats.totals.requests - *previous;
+            *previous = stats.totals.requests;
             let breakers: Vec<&str> = stats
                 .endpoints
                 .iter()
@@ -105,12 +105,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "{:>4}s  {:<5} {:>5}/{:<3} {:>8} {:>9} {:>9} {:>8}  {}",
                 second,
                 stats.id,
-                stats.connected,
-                stats.connections,
-                stats.in_flight,
+                stats.totals.connected,
+                stats.totals.connections,
+                stats.totals.in_flight,
                 rate,
-                stats.requests,
-                stats.failures,
+                stats.totals.requests,
+                stats.totals.failures,
                 breakers.join(" ")
             );
         }

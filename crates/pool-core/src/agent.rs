@@ -408,6 +408,17 @@ pub struct AgentStats {
     pub id: String,
     /// Per endpoint (replica).
     pub endpoints: Vec<EndpointStats>,
+    /// Connection and request counts.
+    pub totals: Totals,
+    /// True if at least one connection is healthy.
+    pub is_healthy: bool,
+    /// Capabilities of the first connected slot, if any.
+    pub capabilities: Option<Capabilities>,
+}
+
+/// Connection and request counts of one agent, or summed over a pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
     /// Connection slots (endpoints × connections per endpoint).
     pub connections: usize,
     /// Slots with a live connection.
@@ -418,16 +429,29 @@ pub struct AgentStats {
     pub in_flight: u64,
     /// Requests finished.
     pub requests: u64,
-    /// Of which failed.
+    /// Of which failed (errors and time-outs).
     pub failures: u64,
     /// Of which timed out.
     pub timeouts: u64,
-    /// failures / requests (0 without requests).
-    pub error_rate: f64,
-    /// True if at least one connection is healthy.
-    pub is_healthy: bool,
-    /// Capabilities of the first connected slot, if any.
-    pub capabilities: Option<Capabilities>,
+}
+
+impl Totals {
+    /// failures / requests; 0 without requests.
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 { 0.0 } else { self.failures as f64 / self.requests as f64 }
+    }
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, o: Self) {
+        self.connections += o.connections;
+        self.connected += o.connected;
+        self.healthy += o.healthy;
+        self.in_flight += o.in_flight;
+        self.requests += o.requests;
+        self.failures += o.failures;
+        self.timeouts += o.timeouts;
+    }
 }
 
 /// Statistics of one endpoint of an agent.
@@ -785,47 +809,35 @@ impl Agent {
 
     pub(crate) fn stats(&self, now: Instant) -> AgentStats {
         let slots = self.slots();
-        let mut s = AgentStats {
-            id: self.id().to_owned(),
-            endpoints: Vec::with_capacity(self.endpoints.len()),
-            connections: slots.len(),
-            connected: 0,
-            healthy: 0,
-            in_flight: 0,
-            requests: 0,
-            failures: 0,
-            timeouts: 0,
-            error_rate: 0.0,
-            is_healthy: false,
-            capabilities: None,
-        };
+        let mut t = Totals { connections: slots.len(), ..Totals::default() };
+        let mut capabilities = None;
         for slot in &slots {
-            let (r, f, t) = slot.totals();
-            s.requests += r;
-            s.failures += f;
-            s.timeouts += t;
-            s.in_flight += u64::from(slot.permits.in_flight());
+            let (r, f, to) = slot.totals();
+            t.requests += r;
+            t.failures += f;
+            t.timeouts += to;
+            t.in_flight += u64::from(slot.permits.in_flight());
             if slot.is_connected() {
-                s.connected += 1;
-                if s.capabilities.is_none() {
-                    s.capabilities = slot.capabilities();
+                t.connected += 1;
+                if capabilities.is_none() {
+                    capabilities = slot.capabilities();
                 }
             }
             if slot_is_healthy(slot) {
-                s.healthy += 1;
+                t.healthy += 1;
             }
         }
-        for ep in &self.endpoints {
-            s.endpoints.push(EndpointStats {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|ep| EndpointStats {
                 endpoint: ep.endpoint.to_string(),
                 breaker: ep.breaker.status(now),
                 ejected: ep.is_ejected(),
                 connected: slots.iter().filter(|s| Arc::ptr_eq(&s.endpoint, ep) && s.is_connected()).count(),
-            });
-        }
-        s.error_rate = if s.requests == 0 { 0.0 } else { s.failures as f64 / s.requests as f64 };
-        s.is_healthy = s.healthy > 0;
-        s
+            })
+            .collect();
+        AgentStats { id: self.id().to_owned(), endpoints, totals: t, is_healthy: t.healthy > 0, capabilities }
     }
 
     pub(crate) fn health(&self, now: Instant) -> Vec<ConnectionHealth> {

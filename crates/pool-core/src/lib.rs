@@ -74,7 +74,7 @@ mod slot;
 mod supervisor;
 mod sync;
 
-pub use agent::{AgentSpec, AgentStats, EndpointStats};
+pub use agent::{AgentSpec, AgentStats, EndpointStats, Totals};
 pub use config::{AgentOptions, FailureMode, HealthConfig, PoolConfig};
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};

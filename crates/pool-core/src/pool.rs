@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject};
+use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject, Totals};
 use crate::config::PoolConfig;
 use crate::directory::{AgentView, Agents, Directory};
 use crate::error::PoolError;
@@ -86,20 +86,8 @@ pub struct AddReport {
 pub struct PoolStats {
     /// Registered agents.
     pub agents: usize,
-    /// Connection slots.
-    pub connections: usize,
-    /// Slots with a live connection.
-    pub connected: usize,
-    /// Connected slots that are usable and not unhealthy.
-    pub healthy: usize,
-    /// Requests in flight.
-    pub in_flight: u64,
-    /// Requests finished.
-    pub requests: u64,
-    /// Of which failed.
-    pub failures: u64,
-    /// Of which timed out.
-    pub timeouts: u64,
+    /// Connection and request counts summed over every agent.
+    pub totals: Totals,
     /// False once shutdown has begun.
     pub admitting: bool,
 }
@@ -282,17 +270,11 @@ impl AgentPool {
     /// Pool-wide statistics.
     pub fn stats(&self) -> PoolStats {
         let all = self.all_agent_stats();
-        PoolStats {
-            agents: all.len(),
-            connections: all.iter().map(|a| a.connections).sum(),
-            connected: all.iter().map(|a| a.connected).sum(),
-            healthy: all.iter().map(|a| a.healthy).sum(),
-            in_flight: all.iter().map(|a| a.in_flight).sum(),
-            requests: all.iter().map(|a| a.requests).sum(),
-            failures: all.iter().map(|a| a.failures).sum(),
-            timeouts: all.iter().map(|a| a.timeouts).sum(),
-            admitting: self.inner.ctx.admitting(),
+        let mut totals = Totals::default();
+        for a in &all {
+            totals += a.totals;
         }
+        PoolStats { agents: all.len(), totals, admitting: self.inner.ctx.admitting() }
     }
 
     /// Health of each connection slot of an agent.

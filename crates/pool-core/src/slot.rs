@@ -334,7 +334,7 @@ impl Slot {
     }
 }
 
-impl Load for Arc<Slot> {
+impl Load for Slot {
     #[inline]
     fn in_flight(&self) -> u32 {
         self.permits.in_flight()

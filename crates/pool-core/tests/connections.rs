@@ -52,7 +52,7 @@ async fn a_version_mismatch_never_connects_and_says_why() {
     let agent = allow_all();
     agent.set_protocol_versions([99]);
     let (pool, _c) = common::single(config(), &agent).await;
-    assert_eq!(pool.agent_stats("waf").unwrap().connected, 0);
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.connected, 0);
     let h = pool.health("waf").unwrap();
     assert!(h[0].last_error.as_ref().unwrap().0.contains("version mismatch"), "{h:?}");
 }
@@ -78,12 +78,12 @@ async fn a_dead_connection_fails_its_pending_requests_at_once_and_is_replaced() 
     }
     assert_eq!(killed_at.elapsed(), Duration::ZERO, "failed at once, not after the latency");
     // Dead connections are out of the list at once...
-    assert_eq!(pool.agent_stats("waf").unwrap().connected, 0);
-    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.connected, 0);
+    assert_eq!(pool.stats().totals.in_flight, 0);
     // ...and replaced after the back-off (base 100 ms).
     tokio::time::sleep(Duration::from_millis(150)).await;
     let stats = pool.agent_stats("waf").unwrap();
-    assert_eq!((stats.connections, stats.connected), (4, 4));
+    assert_eq!((stats.totals.connections, stats.totals.connected), (4, 4));
     assert_eq!(agent.connections_opened(), 8);
     assert_eq!(pool.health("waf").unwrap()[0].connects, 2);
 }

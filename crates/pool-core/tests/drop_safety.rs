@@ -75,7 +75,7 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
     a.settle().await;
     b.settle().await;
 
-    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.stats().totals.in_flight, 0);
     for h in pool.health("waf").unwrap() {
         assert_eq!(h.in_flight, 0, "{}", h.label);
     }
@@ -87,9 +87,9 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
         .collect();
     assert!(pool.try_reserve("waf", pool_api::EventKind::RequestHeaders).is_err());
     drop(held);
-    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.stats().totals.in_flight, 0);
     let stats = pool.agent_stats("waf").unwrap();
-    assert!(stats.requests > 10_000, "{stats:?}");
+    assert!(stats.totals.requests > 10_000, "{stats:?}");
 }
 
 /// Polls a future once, then lets it go.

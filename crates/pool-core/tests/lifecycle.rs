@@ -27,7 +27,7 @@ async fn a_request_past_its_time_out_fails_and_the_agent_is_told_to_cancel() {
     assert_eq!(agent.pending(), 0);
     let h = &pool.health("waf").unwrap();
     assert_eq!(h.iter().map(|h| h.timeouts).sum::<u64>(), 1);
-    assert_eq!(pool.agent_stats("waf").unwrap().timeouts, 1);
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.timeouts, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -81,7 +81,7 @@ async fn an_agent_error_is_a_failure_never_an_allow() {
     };
     assert!(e.message.contains("injected"));
     assert!(connection.starts_with("mem://waf#"));
-    assert_eq!(pool.agent_stats("waf").unwrap().failures, 1);
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.failures, 1);
 }
 
 #[tokio::test(start_paused = true)]

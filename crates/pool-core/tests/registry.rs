@@ -20,7 +20,7 @@ async fn add_agent_opens_n_connections_per_endpoint() {
     assert_eq!((report.slots, report.connected), (8, 8));
     assert_eq!((a.live_connections(), b.live_connections()), (4, 4));
     let stats = pool.agent_stats("waf").unwrap();
-    assert_eq!((stats.connections, stats.connected, stats.healthy), (8, 8, 8));
+    assert_eq!((stats.totals.connections, stats.totals.connected, stats.totals.healthy), (8, 8, 8));
     assert!(stats.is_healthy);
     assert_eq!(stats.endpoints.len(), 2);
 }

@@ -121,10 +121,7 @@ async fn a_success_resets_the_consecutive_failure_count() {
 async fn half_open_admits_exactly_one_probe_and_its_success_closes_the_breaker() {
     let agent = allow_all();
     let (pool, _c) = common::single(one_connection(), &agent).await;
-    agent.fail_next(5);
-    for i in 0..5 {
-        let _ = pool.send("waf", request(format!("f{i}"))).await;
-    }
+    common::fail_requests(&pool, &agent, 5).await;
     // The breaker's wake-up fires at exactly 30 s; look just after it.
     tokio::time::sleep(Duration::from_millis(30_001)).await;
     assert_eq!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::HalfOpen);
@@ -166,10 +163,7 @@ async fn breaker_settings_are_configurable() {
     cfg.breaker =
         BreakerConfig { failure_threshold: 2, reset_timeout: Duration::from_secs(3), ..cfg.breaker };
     let (pool, _c) = common::single(cfg, &agent).await;
-    agent.fail_next(2);
-    for i in 0..2 {
-        let _ = pool.send("waf", request(format!("f{i}"))).await;
-    }
+    common::fail_requests(&pool, &agent, 2).await;
     assert!(
         matches!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Open { remaining } if remaining == Duration::from_secs(3))
     );
@@ -179,10 +173,7 @@ async fn breaker_settings_are_configurable() {
 async fn a_dropped_probe_lets_another_probe_through() {
     let agent = allow_all();
     let (pool, _c) = common::single(one_connection(), &agent).await;
-    agent.fail_next(5);
-    for i in 0..5 {
-        let _ = pool.send("waf", request(format!("f{i}"))).await;
-    }
+    common::fail_requests(&pool, &agent, 5).await;
     // The breaker's wake-up fires at exactly 30 s; look just after it.
     tokio::time::sleep(Duration::from_millis(30_001)).await;
     agent.set_latency(Duration::from_secs(5));

@@ -129,7 +129,7 @@ async fn bodies_over_the_agents_limit_are_refused_without_sending() {
     let ok = Event::RequestBody(BodyChunk::new("r3", 0, true, Bytes::from_static(b"1234")));
     assert!(pool.send("waf", ok).await.is_ok());
     assert_eq!(agent.events_received(), 1);
-    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.stats().totals.in_flight, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -138,7 +138,7 @@ async fn try_reserve_picks_and_holds_a_permit_until_sent_or_dropped() {
     let (pool, _c) =
         common::single(PoolConfig { max_concurrency_per_connection: 1, ..config() }, &agent).await;
     let held: Vec<_> = (0..4).map(|_| pool.try_reserve("waf", EventKind::RequestHeaders).unwrap()).collect();
-    assert_eq!(pool.stats().in_flight, 4);
+    assert_eq!(pool.stats().totals.in_flight, 4);
     let err = pool.try_reserve("waf", EventKind::RequestHeaders).unwrap_err();
     assert!(
         matches!(err, PoolError::Unavailable { reason: pool_core::Unavailable::NoCapacity, .. }),
@@ -148,7 +148,7 @@ async fn try_reserve_picks_and_holds_a_permit_until_sent_or_dropped() {
     let first = held.next().unwrap();
     assert!(first.send(request("r1")).await.unwrap().is_allow());
     drop(held);
-    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.stats().totals.in_flight, 0);
 }
 
 #[tokio::test(start_paused = true)]

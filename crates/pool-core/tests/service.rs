@@ -34,19 +34,16 @@ async fn poll_ready_is_pending_while_full_and_wakes_when_a_permit_frees() {
     call.await.unwrap().unwrap();
     assert!(second.is_woken(), "the released permit woke the waiting service");
     assert_ready_ok!(second.enter(|cx, mut s| s.poll_ready(cx)));
-    assert_eq!(pool.stats().in_flight, 1, "poll_ready reserved the permit");
+    assert_eq!(pool.stats().totals.in_flight, 1, "poll_ready reserved the permit");
     drop(second);
-    assert_eq!(pool.stats().in_flight, 0, "dropping the service gave it back");
+    assert_eq!(pool.stats().totals.in_flight, 0, "dropping the service gave it back");
 }
 
 #[tokio::test(start_paused = true)]
 async fn poll_ready_fails_while_every_breaker_is_open() {
     let agent = allow_all();
     let (pool, _c) = common::single(PoolConfig { connections_per_endpoint: 1, ..config() }, &agent).await;
-    agent.fail_next(5);
-    for i in 0..5 {
-        let _ = pool.send("waf", request(format!("f{i}"))).await;
-    }
+    common::fail_requests(&pool, &agent, 5).await;
     let mut svc = pool.service("waf").unwrap();
     let err = svc.ready().await.unwrap_err();
     assert_eq!(err, PoolError::Unavailable { agent: "waf".into(), reason: Unavailable::CircuitOpen });
@@ -64,7 +61,7 @@ async fn tower_middleware_stacks_on_the_service() {
     let err = svc.oneshot(request("r")).await.unwrap_err();
     assert!(err.is::<tower::timeout::error::Elapsed>());
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert_eq!(pool.stats().in_flight, 0, "the dropped call gave its permit back");
+    assert_eq!(pool.stats().totals.in_flight, 0, "the dropped call gave its permit back");
     agent.settle().await;
     assert_eq!(agent.pending(), 0);
 }

@@ -68,7 +68,7 @@ async fn concurrent_senders_with_drops_and_disconnects_leave_no_permit_behind() 
     tokio::time::sleep(Duration::from_millis(50)).await;
     a.settle().await;
     b.settle().await;
-    assert_eq!(pool.stats().in_flight, 0);
+    assert_eq!(pool.stats().totals.in_flight, 0);
     assert_eq!(a.pending() + b.pending(), 0);
     pool.shutdown().await;
 }

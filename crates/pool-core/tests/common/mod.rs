@@ -40,5 +40,14 @@ pub fn allow_all() -> MemoryAgent {
 
 /// Sums in-flight over every connection of every agent.
 pub fn total_in_flight(pool: &AgentPool) -> u64 {
-    pool.stats().in_flight
+    pool.stats().totals.in_flight
+}
+
+/// Makes the next `n` requests to agent `"waf"` fail (the agent answers with an error).
+/// Five in a row open a breaker under the default configuration.
+pub async fn fail_requests(pool: &AgentPool, agent: &MemoryAgent, n: usize) {
+    agent.fail_next(n);
+    for i in 0..n {
+        assert!(pool.send("waf", request(format!("fail-{i}"))).await.is_err());
+    }
 }
