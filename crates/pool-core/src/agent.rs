@@ -109,9 +109,11 @@ impl AgentShared {
     /// Called after every permit release.
     #[inline]
     pub(crate) fn permit_released(&self) {
-        // SeqCst pairs with the fence in the waiters: see `Permits::release`.
+        // SeqCst pairs with the fence in the waiters: see `Permits::release`. One permit freed,
+        // one waiter woken: no herd. A woken waiter that has gone away passes it on (tokio's
+        // `Notified` forwards an unconsumed `notify_one`).
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            self.capacity.notify_waiters();
+            self.capacity.notify_one();
         }
         if self.watching_idle.load(Ordering::SeqCst) {
             self.idle.notify_waiters();

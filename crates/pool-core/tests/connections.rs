@@ -196,3 +196,34 @@ async fn a_request_right_after_a_connection_dies_goes_to_a_live_one() {
         PoolError::Unavailable { agent: "waf".into(), reason: pool_core::Unavailable::NoConnections }
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn many_waiters_are_served_one_permit_at_a_time_and_none_is_lost() {
+    let agent = allow_all();
+    agent.set_latency(Duration::from_millis(10));
+    let cfg = PoolConfig { connections_per_endpoint: 1, max_concurrency_per_connection: 3, ..config() };
+    let (pool, _c) = common::single(cfg, &agent).await;
+    // 300 requests through 3 permits; some callers give up early, the rest must all be served.
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let fut = pool.send("waf", request(format!("r{i}")));
+                if i % 7 == 0 {
+                    tokio::time::timeout(Duration::from_millis(15), fut).await.ok().map(|r| r.is_ok())
+                } else {
+                    Some(fut.await.is_ok())
+                }
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for t in tasks {
+        if t.await.unwrap() == Some(true) {
+            served += 1;
+        }
+    }
+    assert!(served >= 300 - 43, "served {served}");
+    assert_eq!(agent.peak_pending(), 3);
+    assert_eq!(pool.stats().totals.in_flight, 0);
+}
