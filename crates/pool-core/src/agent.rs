@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::Balancer;
 use crate::breaker::Admission;
-use crate::config::{AgentSettings, FailureMode};
+use crate::config::{AgentSettings, FailureMode, FlowControlMode};
 use crate::directory::{AgentView, Agents};
 use crate::endpoint::{BreakerStatus, EndpointState, GATE_EJECTED, GATE_OPEN, GATE_PROBE};
 use crate::error::{PoolError, Unavailable};
@@ -54,6 +54,8 @@ pub(crate) enum Reject {
     Full,
     /// No connection accepts this event kind.
     Unsupported,
+    /// Every otherwise usable connection is paused by the agent's flow control.
+    Paused,
     /// Nothing can take the request.
     Unavailable(Unavailable),
 }
@@ -168,7 +170,28 @@ impl AgentShared {
                 kind: kind.unwrap_or(EventKind::RequestHeaders),
             }),
             Reject::Unavailable(reason) => self.unavailable(reason),
+            Reject::Paused => self.paused().unwrap_or_else(|| {
+                self.metrics.flow_timed_out.increment(1);
+                Err(PoolError::FlowControlPaused { agent: self.id.to_string() })
+            }),
             Reject::Full => unreachable!("a full agent is waited for, not rejected"),
+        }
+    }
+
+    /// The answer to a paused agent by its flow-control mode, or `None` to wait for a resume.
+    fn paused(&self) -> Option<Result<Decision, PoolError>> {
+        match self.settings.flow_control {
+            FlowControlMode::FailClosed => {
+                self.metrics.flow_rejected.increment(1);
+                Some(Err(PoolError::FlowControlPaused { agent: self.id.to_string() }))
+            }
+            FlowControlMode::FailOpen => {
+                self.metrics.flow_fail_open.increment(1);
+                Some(Ok(Decision::allow()
+                    .with_tag("agentpool:flow-control-open")
+                    .with_reason(format!("agent {} skipped: paused by flow control", self.id))))
+            }
+            FlowControlMode::WaitAndRetry => None,
         }
     }
 
@@ -435,6 +458,8 @@ pub struct Totals {
     pub failures: u64,
     /// Of which timed out.
     pub timeouts: u64,
+    /// Connected slots paused by the agent's flow control.
+    pub paused: usize,
 }
 
 impl Totals {
@@ -453,6 +478,7 @@ impl std::ops::AddAssign for Totals {
         self.requests += o.requests;
         self.failures += o.failures;
         self.timeouts += o.timeouts;
+        self.paused += o.paused;
     }
 }
 
@@ -643,7 +669,7 @@ impl Agent {
             return Reject::Unavailable(Unavailable::CircuitOpen);
         }
         if candidates.iter().any(|s| s.flags() & PAUSED != 0) {
-            return Reject::Unavailable(Unavailable::Paused);
+            return Reject::Paused;
         }
         Reject::Unavailable(Unavailable::AgentNotReady)
     }
@@ -670,22 +696,37 @@ impl Agent {
         kind: Option<EventKind>,
         deadline: Instant,
     ) -> Result<InFlight, Result<Decision, PoolError>> {
-        if first != Reject::Full {
-            return Err(self.shared.reject(first, kind));
+        match first {
+            Reject::Full => {}
+            Reject::Paused => match self.shared.paused() {
+                Some(answer) => return Err(answer),
+                None => self.shared.metrics.flow_waited.increment(1),
+            },
+            other => return Err(self.shared.reject(other, kind)),
         }
+        // Waiting for a resume is bounded by the flow-control wait; for a permit, by the
+        // request's deadline only.
+        let resume_by = deadline.min(Instant::now() + self.shared.ctx.config.flow_control.wait);
         let _waiter = Waiter::new(&self.shared);
         loop {
             let notified = self.shared.capacity.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_reserve(kind) {
+            let paused = match self.try_reserve(kind) {
                 Ok(g) => return Ok(g),
-                Err(Reject::Full) => {}
+                Err(Reject::Full) => false,
+                Err(Reject::Paused) if self.shared.settings.flow_control == FlowControlMode::WaitAndRetry => {
+                    true
+                }
                 Err(r) => return Err(self.shared.reject(r, kind)),
-            }
+            };
+            let until = if paused { resume_by } else { deadline };
             tokio::select! {
                 () = &mut notified => {}
-                () = sleep_until(deadline) => {
+                () = sleep_until(until) => {
+                    if paused && until < deadline {
+                        return Err(self.shared.reject(Reject::Paused, kind));
+                    }
                     self.shared.metrics.timeouts.increment(1);
                     let after = self.shared.settings.request_timeout;
                     return Err(Err(PoolError::Timeout { agent: self.shared.id.to_string(), after }));
@@ -821,6 +862,9 @@ impl Agent {
             t.in_flight += u64::from(slot.permits.in_flight());
             if slot.is_connected() {
                 t.connected += 1;
+                if slot.flags() & PAUSED != 0 {
+                    t.paused += 1;
+                }
                 if capabilities.is_none() {
                     capabilities = slot.capabilities();
                 }

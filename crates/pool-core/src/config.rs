@@ -25,6 +25,38 @@ pub enum FailureMode {
     Open,
 }
 
+/// What to do when every usable connection of an agent is paused by the agent's flow control.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowControlMode {
+    /// Fail at once with [`PoolError::FlowControlPaused`].
+    #[default]
+    FailClosed,
+    /// Skip the agent: answer [`Decision::allow`](pool_api::Decision::allow), tagged
+    /// `agentpool:flow-control-open`, and count it.
+    FailOpen,
+    /// Wait for the agent to resume, up to [`FlowControlConfig::wait`] (and never past the
+    /// request's time-out), then fail with [`PoolError::FlowControlPaused`].
+    WaitAndRetry,
+}
+
+/// Flow-control behaviour.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlowControlConfig {
+    /// What to do when paused.
+    pub mode: FlowControlMode,
+    /// How long [`FlowControlMode::WaitAndRetry`] waits for a resume.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+impl Default for FlowControlConfig {
+    fn default() -> Self {
+        Self { mode: FlowControlMode::default(), wait: Duration::from_millis(100) }
+    }
+}
+
 /// Connection health: the success-rate window, its thresholds, latency tracking and pings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,6 +127,8 @@ pub struct PoolConfig {
     pub outlier: OutlierConfig,
     /// What to answer when an agent cannot take a request.
     pub failure_mode: FailureMode,
+    /// What to do when the agent pauses every usable connection.
+    pub flow_control: FlowControlConfig,
     /// How long shutdown waits for in-flight requests before cancelling them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -117,6 +151,7 @@ impl Default for PoolConfig {
             health: HealthConfig::default(),
             outlier: OutlierConfig::default(),
             failure_mode: FailureMode::default(),
+            flow_control: FlowControlConfig::default(),
             drain_timeout: Duration::from_secs(30),
             seed: None,
         }
@@ -156,6 +191,9 @@ impl PoolConfig {
         if self.health.buckets == 0 || self.health.buckets > 1000 {
             p.push(format!("health.buckets: must be 1..=1000, got {}", self.health.buckets));
         }
+        if self.flow_control.mode == FlowControlMode::WaitAndRetry && self.flow_control.wait.is_zero() {
+            p.push("flow_control.wait: must be greater than zero with wait-and-retry".to_owned());
+        }
         if !self.health.ping_interval.is_zero() && self.health.ping_timeout.is_zero() {
             p.push("health.ping_timeout: must be greater than zero when pings are on".to_owned());
         }
@@ -189,6 +227,8 @@ pub struct AgentOptions {
     pub request_timeout: Option<Duration>,
     /// Overrides [`PoolConfig::failure_mode`].
     pub failure_mode: Option<FailureMode>,
+    /// Overrides [`PoolConfig::flow_control`]'s mode.
+    pub flow_control: Option<FlowControlMode>,
 }
 
 /// The settings an agent runs with: pool values with its overrides applied.
@@ -199,6 +239,7 @@ pub(crate) struct AgentSettings {
     pub(crate) balancer: Strategy,
     pub(crate) request_timeout: Duration,
     pub(crate) failure_mode: FailureMode,
+    pub(crate) flow_control: FlowControlMode,
 }
 
 impl AgentSettings {
@@ -211,6 +252,7 @@ impl AgentSettings {
             balancer: opts.balancer.unwrap_or(pool.balancer),
             request_timeout: opts.request_timeout.unwrap_or(pool.request_timeout),
             failure_mode: opts.failure_mode.unwrap_or(pool.failure_mode),
+            flow_control: opts.flow_control.unwrap_or(pool.flow_control.mode),
         };
         let mut p = Vec::new();
         if !(1..=MAX_CONNECTIONS_PER_ENDPOINT).contains(&s.connections_per_endpoint) {

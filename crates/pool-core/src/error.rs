@@ -13,8 +13,6 @@ pub enum Unavailable {
     CircuitOpen,
     /// Every connected agent instance is draining or reports itself unhealthy.
     AgentNotReady,
-    /// Every connection is paused by the agent's flow control.
-    Paused,
     /// Every usable connection is at its concurrency limit (only from
     /// [`AgentPool::try_reserve`](crate::AgentPool::try_reserve), which does not wait).
     NoCapacity,
@@ -28,7 +26,6 @@ impl std::fmt::Display for Unavailable {
             Self::NoConnections => "no connection is up",
             Self::CircuitOpen => "every circuit breaker is open",
             Self::AgentNotReady => "every instance is draining or unhealthy",
-            Self::Paused => "every connection is paused by flow control",
             Self::NoCapacity => "every connection is at its concurrency limit",
             Self::Removed => "the agent is being removed",
         })
@@ -70,6 +67,30 @@ pub enum PoolError {
         agent: String,
         /// Why.
         reason: Unavailable,
+    },
+    /// Every usable connection is paused by the agent's flow control (and the flow-control
+    /// mode fails closed, or its wait ran out).
+    #[error("agent {agent:?} paused every connection (flow control)")]
+    FlowControlPaused {
+        /// The agent.
+        agent: String,
+    },
+    /// The request was cancelled before the agent answered.
+    #[error("request to agent {agent:?} cancelled: {reason}")]
+    Cancelled {
+        /// The agent.
+        agent: String,
+        /// Why.
+        reason: pool_api::CancelReason,
+    },
+    /// The request's pinned connection (correlation affinity or sticky session) died; the
+    /// agent's state for it is gone, so it is not moved elsewhere.
+    #[error("agent {agent:?}: the connection pinned for {key:?} was lost")]
+    PinLost {
+        /// The agent.
+        agent: String,
+        /// The correlation id or session id that was pinned.
+        key: String,
     },
     /// The request did not complete within its time-out (permit wait included).
     #[error("request to agent {agent:?} timed out after {after:?}")]

@@ -75,7 +75,7 @@ mod supervisor;
 mod sync;
 
 pub use agent::{AgentSpec, AgentStats, EndpointStats, Totals};
-pub use config::{AgentOptions, FailureMode, HealthConfig, PoolConfig};
+pub use config::{AgentOptions, FailureMode, FlowControlConfig, FlowControlMode, HealthConfig, PoolConfig};
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};
 pub use pool::{AddReport, AgentPool, PoolStats, Reservation};

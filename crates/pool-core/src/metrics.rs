@@ -10,6 +10,8 @@
 //! | `agentpool_request_timeouts_total` | counter | agent |
 //! | `agentpool_unavailable_total` | counter | agent (no connection could take a request) |
 //! | `agentpool_fail_open_total` | counter | agent (answered allow because unavailable) |
+//! | `agentpool_flow_control_total` | counter | agent, outcome (`rejected`, `fail_open`, `waited`, `timed_out`) |
+//! | `agentpool_paused_connections` | gauge | agent |
 //! | `agentpool_in_flight` | gauge | agent |
 //! | `agentpool_request_duration_seconds` | histogram | agent |
 //! | `agentpool_connections` | gauge | agent (connected) |
@@ -32,11 +34,17 @@ pub(crate) struct AgentMetrics {
     pub(crate) connections: Gauge,
     pub(crate) healthy: Gauge,
     pub(crate) reconnects: Counter,
+    pub(crate) flow_rejected: Counter,
+    pub(crate) flow_fail_open: Counter,
+    pub(crate) flow_waited: Counter,
+    pub(crate) flow_timed_out: Counter,
+    pub(crate) paused: Gauge,
 }
 
 impl AgentMetrics {
     pub(crate) fn new(agent: &str) -> Self {
         let l = [("agent", agent.to_owned())];
+        let flow = |outcome: &'static str| metrics::counter!("agentpool_flow_control_total", "agent" => agent.to_owned(), "outcome" => outcome);
         Self {
             requests: metrics::counter!("agentpool_requests_total", &l),
             failures: metrics::counter!("agentpool_request_failures_total", &l),
@@ -48,6 +56,11 @@ impl AgentMetrics {
             connections: metrics::gauge!("agentpool_connections", &l),
             healthy: metrics::gauge!("agentpool_healthy_connections", &l),
             reconnects: metrics::counter!("agentpool_reconnects_total", &l),
+            flow_rejected: flow("rejected"),
+            flow_fail_open: flow("fail_open"),
+            flow_waited: flow("waited"),
+            flow_timed_out: flow("timed_out"),
+            paused: metrics::gauge!("agentpool_paused_connections", &l),
         }
     }
 }
@@ -68,6 +81,8 @@ pub(crate) fn describe() {
     describe_gauge!("agentpool_connections", "Connections up.");
     describe_gauge!("agentpool_healthy_connections", "Connections up and healthy.");
     describe_counter!("agentpool_reconnects_total", "Connections replaced after dying.");
+    describe_counter!("agentpool_flow_control_total", "Requests that met a paused agent, by outcome.");
+    describe_gauge!("agentpool_paused_connections", "Connections paused by the agent's flow control.");
     describe_gauge!("agentpool_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     describe_counter!("agentpool_breaker_trips_total", "Times a circuit breaker opened.");
     describe_gauge!("agentpool_endpoint_ejected", "1 while the endpoint is ejected as an outlier.");

@@ -349,6 +349,7 @@ impl AgentPool {
                 agent: agent.to_owned(),
                 reason: crate::error::Unavailable::NoCapacity,
             },
+            Reject::Paused => PoolError::FlowControlPaused { agent: agent.to_owned() },
             Reject::Unavailable(reason) => PoolError::Unavailable { agent: agent.to_owned(), reason },
         }
     }

@@ -197,7 +197,9 @@ impl Slot {
         self.permits.set_limit(limit);
         self.max_body.store(caps.max_body_size.unwrap_or(u64::MAX), Ordering::Relaxed);
         self.events.store(caps.supported_events.bits(), Ordering::Relaxed);
-        self.flags.store(0, Ordering::Relaxed);
+        if self.flags.swap(0, Ordering::Relaxed) & PAUSED != 0 {
+            self.agent.metrics.paused.decrement(1.0);
+        }
         self.timeout_mult_bits.store(1f32.to_bits(), Ordering::Relaxed);
         *lock(&self.label) = Arc::from(conn.label());
         *lock(&self.caps) = Some(caps);
@@ -219,6 +221,9 @@ impl Slot {
     /// Empties the slot after its connection died.
     pub(crate) fn detach(&self) -> Option<Arc<Live>> {
         self.events.store(0, Ordering::Relaxed);
+        if self.flags.fetch_and(!PAUSED, Ordering::Relaxed) & PAUSED != 0 {
+            self.agent.metrics.paused.decrement(1.0);
+        }
         lock(&self.health).connected_since = None;
         self.conn.swap(None)
     }
@@ -235,8 +240,14 @@ impl Slot {
         if matches!(s.health.status, HealthStatus::Unhealthy) {
             set |= AGENT_UNHEALTHY;
         }
-        let keep = self.flags.load(Ordering::Relaxed) & (SOFT_UNHEALTHY | DISCONNECTED);
+        let before = self.flags.load(Ordering::Relaxed);
+        let keep = before & (SOFT_UNHEALTHY | DISCONNECTED);
         self.flags.store(keep | set, Ordering::Relaxed);
+        match (before & PAUSED != 0, set & PAUSED != 0) {
+            (false, true) => self.agent.metrics.paused.increment(1.0),
+            (true, false) => self.agent.metrics.paused.decrement(1.0),
+            _ => {}
+        }
         self.timeout_mult_bits.store(s.health.status.timeout_multiplier().to_bits(), Ordering::Relaxed);
         *lock(&self.reported) = s.health.status;
     }

@@ -252,7 +252,8 @@ async fn a_paused_connection_is_not_picked_while_another_can_take_the_request() 
     agent.pause_all();
     tokio::task::yield_now().await;
     let err = pool.send("waf", request("x")).await.unwrap_err();
-    assert_eq!(err, PoolError::Unavailable { agent: "waf".into(), reason: Unavailable::Paused });
+    assert_eq!(err, PoolError::FlowControlPaused { agent: "waf".into() });
+    assert_eq!(pool.stats().totals.paused, 2);
 }
 
 #[tokio::test(start_paused = true)]
