@@ -22,14 +22,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pool_api::{
-    CancelReason, Capabilities, Connector, Decision, Endpoint, Event, EventKind, EventSet, StopReport,
-    TransportError,
+    CancelReason, Capabilities, Connector, CorrelationId, Decision, Endpoint, Event, EventKind, EventSet,
+    StopReport, TransportError,
 };
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::affinity::{Affinity, Lookup, PinGuard};
 use crate::balance::Balancer;
 use crate::breaker::Admission;
 use crate::config::{AgentSettings, FailureMode, FlowControlMode};
@@ -88,6 +89,48 @@ pub(crate) enum Pick {
     Unknown,
     /// The agent or pool admits nothing.
     Closed(Closed),
+    /// The request is pinned to this slot, which has no permit free right now.
+    Pinned(Arc<Agent>, Arc<Slot>),
+    /// The request was pinned to a connection that has died.
+    PinLost,
+}
+
+/// Finishes a send after the pick: waits if it must, then dispatches. Shared by every entry
+/// point (the pool, an agent, a tower service without a reservation).
+pub(crate) async fn send_picked(
+    pick: Pick,
+    agent: &str,
+    event: Event,
+    start: Instant,
+) -> Result<Decision, PoolError> {
+    let kind = event.kind();
+    let guard = match pick {
+        Pick::Reserved(guard) => guard,
+        Pick::Miss(a, reject) => {
+            let deadline = start + a.shared.settings.request_timeout;
+            match a.wait_for_permit(reject, Some(kind), deadline).await {
+                Ok(guard) => guard,
+                Err(answer) => return answer,
+            }
+        }
+        Pick::Pinned(a, slot) => {
+            let deadline = start + a.shared.settings.request_timeout;
+            match a.shared.reserve_pinned(slot, event.correlation_id(), deadline).await {
+                Ok(guard) => guard,
+                Err(answer) => return answer,
+            }
+        }
+        Pick::PinLost => {
+            return Err(PoolError::PinLost {
+                agent: agent.to_owned(),
+                key: event.correlation_id().to_string(),
+            });
+        }
+        Pick::Unknown => return Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
+        Pick::Closed(closed) => return Err(closed.error(agent)),
+    };
+    let shared = guard.slot.agent.clone();
+    shared.dispatch(guard, event, start).await
 }
 
 /// What the in-flight path needs of its agent; held by every slot.
@@ -100,6 +143,8 @@ pub(crate) struct AgentShared {
     pub(crate) abort: CancellationToken,
     /// The agent itself, for re-picking when a reserved connection turns out closed.
     agent: std::sync::OnceLock<std::sync::Weak<Agent>>,
+    /// Correlation affinity: which connection each in-progress request is pinned to.
+    pub(crate) affinity: Affinity,
     removed: AtomicBool,
     capacity: Notify,
     waiters: AtomicUsize,
@@ -195,6 +240,54 @@ impl AgentShared {
         }
     }
 
+    /// Waits for a permit on the slot a request is pinned to, applying the flow-control mode if
+    /// that connection is paused; fails with [`PoolError::PinLost`] if it dies meanwhile.
+    pub(crate) async fn reserve_pinned(
+        &self,
+        slot: Arc<Slot>,
+        key: &CorrelationId,
+        deadline: Instant,
+    ) -> Result<InFlight, Result<Decision, PoolError>> {
+        let generation = slot.generation();
+        let resume_by = deadline.min(Instant::now() + self.ctx.config.flow_control.wait);
+        let _waiter = Waiter::new(self);
+        let mut waited_for_resume = false;
+        loop {
+            let notified = self.capacity.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if slot.generation() != generation || !slot.is_connected() {
+                self.metrics.pin_lost.increment(1);
+                self.affinity.remove(key.as_str());
+                return Err(Err(PoolError::PinLost { agent: self.id.to_string(), key: key.to_string() }));
+            }
+            let paused = slot.flags() & PAUSED != 0;
+            if paused && !waited_for_resume {
+                if let Some(answer) = self.paused() {
+                    return Err(answer);
+                }
+                self.metrics.flow_waited.increment(1);
+                waited_for_resume = true;
+            }
+            if !paused && slot.permits.try_acquire() {
+                return Ok(InFlight::pinned(slot));
+            }
+            let until = if paused { resume_by } else { deadline };
+            tokio::select! {
+                () = &mut notified => {}
+                () = sleep_until(until) => {
+                    if paused && until < deadline {
+                        return Err(self.reject(Reject::Paused, None));
+                    }
+                    self.metrics.timeouts.increment(1);
+                    let after = self.settings.request_timeout;
+                    return Err(Err(PoolError::Timeout { agent: self.id.to_string(), after }));
+                }
+                () = self.abort.cancelled() => return Err(Err(PoolError::ShuttingDown)),
+            }
+        }
+    }
+
     /// Sends `event` on the reserved connection and records the outcome. The single send
     /// path: every event kind and every caller (pool, handle, tower service) ends here.
     pub(crate) async fn dispatch(
@@ -204,11 +297,39 @@ impl AgentShared {
         start: Instant,
     ) -> Result<Decision, PoolError> {
         let kind = event.kind();
+        // A permit taken without looking at affinity (a reservation, a tower service) must
+        // still go where the request is pinned.
+        if !guard.pinned && kind != EventKind::RequestHeaders && self.affinity.len() > 0 {
+            match self.affinity.lookup(event.correlation_id().as_str(), start) {
+                Lookup::Hit(slot) if !Arc::ptr_eq(&slot, &guard.slot) => {
+                    drop(guard);
+                    let deadline = start + self.settings.request_timeout;
+                    guard = match self.reserve_pinned(slot, event.correlation_id(), deadline).await {
+                        Ok(guard) => guard,
+                        Err(answer) => return answer,
+                    };
+                }
+                Lookup::Lost => {
+                    self.metrics.pin_lost.increment(1);
+                    let key = event.correlation_id().to_string();
+                    return Err(PoolError::PinLost { agent: self.id.to_string(), key });
+                }
+                Lookup::Hit(_) | Lookup::Miss => {}
+            }
+        }
         // A connection can die between the pick and here, before its supervisor takes it out
         // of the snapshot. The event has not been sent: take that slot out and pick again.
+        // A pinned request cannot move: its state is on the dead connection.
         let live = loop {
             match guard.slot.conn.load_full() {
                 Some(live) if live.conn.is_open() => break live,
+                _ if guard.pinned => {
+                    guard.slot.mark_disconnected();
+                    self.metrics.pin_lost.increment(1);
+                    self.affinity.remove(event.correlation_id().as_str());
+                    let key = event.correlation_id().to_string();
+                    return Err(PoolError::PinLost { agent: self.id.to_string(), key });
+                }
                 _ => {
                     guard.slot.mark_disconnected();
                     drop(guard);
@@ -243,6 +364,18 @@ impl AgentShared {
         let correlation_id = event.correlation_id().clone();
         self.metrics.requests.increment(1);
 
+        // Headers pin the request to this connection before they go out, so events sent
+        // concurrently find the pin; the guard removes it if this send does not succeed.
+        let pin = if kind == EventKind::RequestHeaders {
+            if self.affinity.pin(&correlation_id, &slot, start) {
+                Some(PinGuard::new(&self.affinity, correlation_id.clone()))
+            } else {
+                self.metrics.affinity_rejected.increment(1);
+                None
+            }
+        } else {
+            None
+        };
         // Kept outside the select so a time-out can cancel on the wire before it is dropped.
         let mut answer = live.conn.send(event);
         enum Outcome<T> {
@@ -262,11 +395,17 @@ impl AgentShared {
         let probe = guard.is_probe();
         let result = match outcome {
             Outcome::Answer(Ok(decision)) => {
+                if let Some(pin) = pin {
+                    pin.keep();
+                }
                 slot.record(now, true, elapsed, None, false, thresholds);
                 slot.endpoint.record(now, true, probe);
                 self.metrics.latency.record(elapsed.as_secs_f64());
                 guard.settle();
                 Ok(decision)
+            }
+            Outcome::Answer(Err(TransportError::Cancelled(reason))) => {
+                Err(PoolError::Cancelled { agent: self.id.to_string(), reason })
             }
             Outcome::Answer(Err(source)) => {
                 let err = PoolError::Transport {
@@ -304,6 +443,9 @@ impl AgentShared {
         };
         drop(answer);
         drop(guard);
+        if kind == EventKind::RequestComplete {
+            self.affinity.remove(correlation_id.as_str());
+        }
         result
     }
 }
@@ -460,6 +602,8 @@ pub struct Totals {
     pub timeouts: u64,
     /// Connected slots paused by the agent's flow control.
     pub paused: usize,
+    /// Requests pinned to a connection by correlation affinity.
+    pub affinity: usize,
 }
 
 impl Totals {
@@ -479,6 +623,7 @@ impl std::ops::AddAssign for Totals {
         self.failures += o.failures;
         self.timeouts += o.timeouts;
         self.paused += o.paused;
+        self.affinity += o.affinity;
     }
 }
 
@@ -521,6 +666,7 @@ impl Agent {
             ctx: ctx.clone(),
             abort: parent.child_token(),
             agent: std::sync::OnceLock::new(),
+            affinity: Affinity::new(cfg.affinity.max_entries, cfg.affinity.ttl),
             removed: AtomicBool::new(false),
             capacity: Notify::new(),
             waiters: AtomicUsize::new(0),
@@ -736,25 +882,51 @@ impl Agent {
         }
     }
 
-    /// The whole send: reserve (waiting if full), then dispatch.
-    pub(crate) async fn send(&self, event: Event) -> Result<Decision, PoolError> {
+    /// The whole send: pick (its pinned connection, or the balancer's), wait if it must,
+    /// dispatch.
+    pub(crate) async fn send(self: &Arc<Self>, event: Event) -> Result<Decision, PoolError> {
         let start = Instant::now();
-        let deadline = start + self.shared.settings.request_timeout;
-        match self.reserve(Some(event.kind()), deadline).await {
-            Ok(guard) => self.shared.dispatch(guard, event, start).await,
-            Err(answer) => answer,
-        }
+        let pick = self.pick_in(&self.live(), event.kind(), event.correlation_id(), start);
+        send_picked(pick, self.id(), event, start).await
     }
 
     /// Picks inside a directory snapshot: the pool's hot path.
     #[inline]
-    pub(crate) fn pick(view: &AgentView, kind: EventKind) -> Pick {
-        if let Some(closed) = view.agent.shared.closed() {
+    pub(crate) fn pick(view: &AgentView, kind: EventKind, id: &CorrelationId, now: Instant) -> Pick {
+        view.agent.pick_in(&view.live, kind, id, now)
+    }
+
+    /// Picks for one event: its pinned connection if the request has one, else the balancer's.
+    #[inline]
+    pub(crate) fn pick_in(
+        self: &Arc<Self>,
+        live: &[Arc<Slot>],
+        kind: EventKind,
+        id: &CorrelationId,
+        now: Instant,
+    ) -> Pick {
+        if let Some(closed) = self.shared.closed() {
             return Pick::Closed(closed);
         }
-        match view.agent.try_reserve_from(&view.live, Some(kind)) {
+        if kind != EventKind::RequestHeaders && self.shared.affinity.len() > 0 {
+            match self.shared.affinity.lookup(id.as_str(), now) {
+                Lookup::Hit(slot) => {
+                    return if slot.flags() & PAUSED == 0 && slot.permits.try_acquire() {
+                        Pick::Reserved(InFlight::pinned(slot))
+                    } else {
+                        Pick::Pinned(self.clone(), slot)
+                    };
+                }
+                Lookup::Lost => {
+                    self.shared.metrics.pin_lost.increment(1);
+                    return Pick::PinLost;
+                }
+                Lookup::Miss => {}
+            }
+        }
+        match self.try_reserve_from(live, Some(kind)) {
             Ok(guard) => Pick::Reserved(guard),
-            Err(reject) => Pick::Miss(view.agent.clone(), reject),
+            Err(reject) => Pick::Miss(self.clone(), reject),
         }
     }
 
@@ -811,8 +983,11 @@ impl Agent {
         StopReport { drained: at_start.saturating_sub(forced), forced, elapsed: started.elapsed() }
     }
 
-    /// Re-reads every slot's health window (so idle slots recover) and updates gauges.
+    /// Re-reads every slot's health window (so idle slots recover), drops idle affinity pins,
+    /// and updates gauges.
     pub(crate) fn refresh_health(&self, now: Instant) {
+        self.shared.affinity.sweep(now);
+        self.shared.metrics.affinity_entries.set(self.shared.affinity.len() as f64);
         let thresholds = &self.shared.ctx.config.health.thresholds;
         let mut healthy = 0;
         for slot in lock(&self.slots).iter() {
@@ -852,7 +1027,8 @@ impl Agent {
 
     pub(crate) fn stats(&self, now: Instant) -> AgentStats {
         let slots = self.slots();
-        let mut t = Totals { connections: slots.len(), ..Totals::default() };
+        let mut t =
+            Totals { connections: slots.len(), affinity: self.shared.affinity.len(), ..Totals::default() };
         let mut capabilities = None;
         for slot in &slots {
             let (r, f, to) = slot.totals();
@@ -888,6 +1064,22 @@ impl Agent {
 
     pub(crate) fn health(&self, now: Instant) -> Vec<ConnectionHealth> {
         self.slots().iter().map(|s| s.snapshot(now)).collect()
+    }
+
+    /// Cancels a request: on the connection it is pinned to, or — when it has no pin (over the
+    /// affinity cap) — on every connection, where only the one carrying it acts.
+    pub(crate) fn cancel(&self, id: &CorrelationId, reason: CancelReason) {
+        if let Some(slot) = self.shared.affinity.slot_of(id.as_str()) {
+            if let Some(live) = slot.conn.load_full() {
+                live.conn.cancel(id, reason);
+            }
+            return;
+        }
+        for slot in self.live().iter() {
+            if let Some(live) = slot.conn.load_full() {
+                live.conn.cancel(id, reason);
+            }
+        }
     }
 
     pub(crate) fn capabilities(&self) -> Option<Capabilities> {

@@ -57,6 +57,23 @@ impl Default for FlowControlConfig {
     }
 }
 
+/// Correlation affinity: pinning a request's events to the connection of its headers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// Pins kept per agent at most; beyond, requests are balanced per event (and counted).
+    pub max_entries: usize,
+    /// A pin unused for this long is dropped by maintenance.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        Self { max_entries: 100_000, ttl: Duration::from_secs(300) }
+    }
+}
+
 /// Connection health: the success-rate window, its thresholds, latency tracking and pings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -129,6 +146,8 @@ pub struct PoolConfig {
     pub failure_mode: FailureMode,
     /// What to do when the agent pauses every usable connection.
     pub flow_control: FlowControlConfig,
+    /// Correlation affinity.
+    pub affinity: AffinityConfig,
     /// How long shutdown waits for in-flight requests before cancelling them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -152,6 +171,7 @@ impl Default for PoolConfig {
             outlier: OutlierConfig::default(),
             failure_mode: FailureMode::default(),
             flow_control: FlowControlConfig::default(),
+            affinity: AffinityConfig::default(),
             drain_timeout: Duration::from_secs(30),
             seed: None,
         }
@@ -190,6 +210,9 @@ impl PoolConfig {
         }
         if self.health.buckets == 0 || self.health.buckets > 1000 {
             p.push(format!("health.buckets: must be 1..=1000, got {}", self.health.buckets));
+        }
+        if self.affinity.ttl.is_zero() {
+            p.push("affinity.ttl: must be greater than zero".to_owned());
         }
         if self.flow_control.mode == FlowControlMode::WaitAndRetry && self.flow_control.wait.is_zero() {
             p.push("flow_control.wait: must be greater than zero with wait-and-retry".to_owned());

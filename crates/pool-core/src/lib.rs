@@ -54,6 +54,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod affinity;
 mod agent;
 pub mod backoff;
 pub mod balance;
@@ -75,7 +76,9 @@ mod supervisor;
 mod sync;
 
 pub use agent::{AgentSpec, AgentStats, EndpointStats, Totals};
-pub use config::{AgentOptions, FailureMode, FlowControlConfig, FlowControlMode, HealthConfig, PoolConfig};
+pub use config::{
+    AffinityConfig, AgentOptions, FailureMode, FlowControlConfig, FlowControlMode, HealthConfig, PoolConfig,
+};
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};
 pub use pool::{AddReport, AgentPool, PoolStats, Reservation};

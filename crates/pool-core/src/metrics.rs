@@ -12,6 +12,9 @@
 //! | `agentpool_fail_open_total` | counter | agent (answered allow because unavailable) |
 //! | `agentpool_flow_control_total` | counter | agent, outcome (`rejected`, `fail_open`, `waited`, `timed_out`) |
 //! | `agentpool_paused_connections` | gauge | agent |
+//! | `agentpool_affinity_entries` | gauge | agent (updated by maintenance) |
+//! | `agentpool_affinity_rejected_total` | counter | agent (over the cap, not pinned) |
+//! | `agentpool_pin_lost_total` | counter | agent (pinned connection died) |
 //! | `agentpool_in_flight` | gauge | agent |
 //! | `agentpool_request_duration_seconds` | histogram | agent |
 //! | `agentpool_connections` | gauge | agent (connected) |
@@ -39,6 +42,9 @@ pub(crate) struct AgentMetrics {
     pub(crate) flow_waited: Counter,
     pub(crate) flow_timed_out: Counter,
     pub(crate) paused: Gauge,
+    pub(crate) affinity_entries: Gauge,
+    pub(crate) affinity_rejected: Counter,
+    pub(crate) pin_lost: Counter,
 }
 
 impl AgentMetrics {
@@ -61,6 +67,9 @@ impl AgentMetrics {
             flow_waited: flow("waited"),
             flow_timed_out: flow("timed_out"),
             paused: metrics::gauge!("agentpool_paused_connections", &l),
+            affinity_entries: metrics::gauge!("agentpool_affinity_entries", &l),
+            affinity_rejected: metrics::counter!("agentpool_affinity_rejected_total", &l),
+            pin_lost: metrics::counter!("agentpool_pin_lost_total", &l),
         }
     }
 }
@@ -83,6 +92,9 @@ pub(crate) fn describe() {
     describe_counter!("agentpool_reconnects_total", "Connections replaced after dying.");
     describe_counter!("agentpool_flow_control_total", "Requests that met a paused agent, by outcome.");
     describe_gauge!("agentpool_paused_connections", "Connections paused by the agent's flow control.");
+    describe_gauge!("agentpool_affinity_entries", "Requests pinned to a connection (correlation affinity).");
+    describe_counter!("agentpool_affinity_rejected_total", "Requests not pinned because the table was full.");
+    describe_counter!("agentpool_pin_lost_total", "Requests failed because their pinned connection died.");
     describe_gauge!("agentpool_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     describe_counter!("agentpool_breaker_trips_total", "Times a circuit breaker opened.");
     describe_gauge!("agentpool_endpoint_ejected", "1 while the endpoint is ejected as an outlier.");

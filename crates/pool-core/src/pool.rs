@@ -3,12 +3,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use pool_api::{Capabilities, Connector, Decision, Event, EventKind, Hello, StopReport};
+use pool_api::{
+    CancelReason, Capabilities, Connector, CorrelationId, Decision, Event, EventKind, Hello, StopReport,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject, Totals};
+use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject, Totals, send_picked};
 use crate::config::PoolConfig;
 use crate::directory::{AgentView, Agents, Directory};
 use crate::error::PoolError;
@@ -304,28 +306,13 @@ impl AgentPool {
     /// cannot take the request answers by its failure mode: an error, or allow (fail open).
     pub async fn send(&self, agent: &str, event: Event) -> Result<Decision, PoolError> {
         let start = Instant::now();
-        let kind = event.kind();
         // The fast path picks inside the directory snapshot; only a miss clones the agent.
-        let guard = match self.pick(agent, kind) {
-            Pick::Reserved(guard) => guard,
-            Pick::Miss(a, reject) => {
-                let deadline = start + a.shared.settings.request_timeout;
-                match a.wait_for_permit(reject, Some(kind), deadline).await {
-                    Ok(guard) => guard,
-                    Err(answer) => return answer,
-                }
-            }
-            Pick::Unknown => return Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
-            Pick::Closed(closed) => return Err(closed.error(agent)),
-        };
-        let shared = guard.slot.agent.clone();
-        shared.dispatch(guard, event, start).await
-    }
-
-    #[inline]
-    fn pick(&self, agent: &str, kind: EventKind) -> Pick {
-        self.directory()
-            .with(|agents| agents.get(agent).map_or(Pick::Unknown, |view| Agent::pick(view, kind)))
+        let pick = self.directory().with(|agents| {
+            agents
+                .get(agent)
+                .map_or(Pick::Unknown, |view| Agent::pick(view, event.kind(), event.correlation_id(), start))
+        });
+        send_picked(pick, agent, event, start).await
     }
 
     /// Takes a permit on the best connection of an agent for an event of `kind`, without
@@ -333,11 +320,21 @@ impl AgentPool {
     /// [`PoolError::Unavailable`] when nothing can take it — also when every usable
     /// connection is full — regardless of the failure mode.
     pub fn try_reserve(&self, agent: &str, kind: EventKind) -> Result<Reservation, PoolError> {
-        match self.pick(agent, kind) {
+        let pick = self.directory().with(|agents| {
+            agents.get(agent).map_or(Pick::Unknown, |view| match view.agent.shared.closed() {
+                Some(closed) => Pick::Closed(closed),
+                None => match view.agent.try_reserve_from(&view.live, Some(kind)) {
+                    Ok(guard) => Pick::Reserved(guard),
+                    Err(reject) => Pick::Miss(view.agent.clone(), reject),
+                },
+            })
+        });
+        match pick {
             Pick::Reserved(guard) => Ok(Reservation::new(guard)),
             Pick::Unknown => Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
             Pick::Closed(closed) => Err(closed.error(agent)),
             Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
+            Pick::Pinned(..) | Pick::PinLost => unreachable!("no affinity without a correlation id"),
         }
     }
 
@@ -352,6 +349,30 @@ impl AgentPool {
             Reject::Paused => PoolError::FlowControlPaused { agent: agent.to_owned() },
             Reject::Unavailable(reason) => PoolError::Unavailable { agent: agent.to_owned(), reason },
         }
+    }
+
+    /// Cancels one request of an agent, with a reason: the agent is told on the connection that
+    /// carries the request, and its pending call fails with [`PoolError::Cancelled`]. Other
+    /// requests on that connection are untouched.
+    pub fn cancel(
+        &self,
+        agent: &str,
+        correlation_id: &CorrelationId,
+        reason: CancelReason,
+    ) -> Result<(), PoolError> {
+        self.agent(agent)?.cancel(correlation_id, reason);
+        Ok(())
+    }
+
+    /// Removes a request's affinity pin; true if it had one. Sending `RequestComplete` does this
+    /// on its own.
+    pub fn clear_affinity(&self, agent: &str, correlation_id: &str) -> bool {
+        self.agent(agent).is_ok_and(|a| a.shared.affinity.remove(correlation_id))
+    }
+
+    /// Requests pinned by correlation affinity, over every agent.
+    pub fn affinity_count(&self) -> usize {
+        self.directory().load().values().map(|v| v.agent.shared.affinity.len()).sum()
     }
 
     /// A [`tower_service::Service`] that sends events to one agent.

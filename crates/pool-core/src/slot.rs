@@ -103,6 +103,8 @@ pub(crate) struct Slot {
     timeout_mult_bits: AtomicU32,
     max_body: AtomicU64,
     pub(crate) conn: ArcSwapOption<Live>,
+    /// Counts the connections this slot has held; a pin remembers the one it was made on.
+    generation: AtomicU64,
     label: Mutex<Arc<str>>,
     caps: Mutex<Option<Capabilities>>,
     reported: Mutex<HealthStatus>,
@@ -131,6 +133,7 @@ impl Slot {
             timeout_mult_bits: AtomicU32::new(1f32.to_bits()),
             max_body: AtomicU64::new(u64::MAX),
             conn: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             label: Mutex::new(label),
             caps: Mutex::new(None),
             reported: Mutex::new(HealthStatus::Healthy),
@@ -209,7 +212,14 @@ impl Slot {
             h.connects += 1;
             h.connected_since = Some(now);
         }
+        self.generation.fetch_add(1, Ordering::Release);
         self.conn.store(Some(Arc::new(Live { conn })));
+    }
+
+    /// Which connection the slot holds (or last held): bumped on every attach.
+    #[inline]
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Takes the slot out of picking at once: its connection was found closed. Cleared when
@@ -367,13 +377,22 @@ pub(crate) struct InFlight {
     pub(crate) slot: Arc<Slot>,
     probe: bool,
     settled: bool,
+    /// Taken on the slot a request is pinned to (affinity or sticky session).
+    pub(crate) pinned: bool,
 }
 
 impl InFlight {
     /// Wraps a permit already taken on `slot`.
     pub(crate) fn new(slot: Arc<Slot>, probe: bool) -> Self {
         slot.agent.metrics.in_flight.increment(1.0);
-        Self { slot, probe, settled: false }
+        Self { slot, probe, settled: false, pinned: false }
+    }
+
+    /// A permit on the slot a request is pinned to.
+    pub(crate) fn pinned(slot: Arc<Slot>) -> Self {
+        let mut g = Self::new(slot, false);
+        g.pinned = true;
+        g
     }
 
     pub(crate) fn is_probe(&self) -> bool {

@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{allow_all, config, request};
+use http::StatusCode;
+use pool_api::{BodyChunk, Capabilities, Event, EventKind, RequestComplete};
 use pool_core::{AgentPool, AgentSpec, PoolConfig};
 use test_support::MemoryConnector;
 
@@ -16,6 +19,7 @@ const BATCH: usize = 1_000;
 async fn dropping_futures_at_random_points_leaks_nothing() {
     let (a, b) = (allow_all(), allow_all());
     for (agent, seed) in [(&a, 1), (&b, 2)] {
+        agent.set_capabilities(Capabilities::new("waf").with_events(EventKind::ALL));
         agent.set_seed(seed);
         agent.set_latency_range(Duration::ZERO, Duration::from_millis(20));
         agent.set_failure_rate(0.05);
@@ -40,19 +44,30 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
             // random time (before, during or after the agent's answer), or not at all.
             let how = rng.u8(0..4);
             let after = Duration::from_micros(rng.u64(0..25_000));
+            let whole = rng.bool();
             tasks.push(tokio::spawn(async move {
-                let fut = pool.send("waf", request(id));
-                match how {
-                    0 => drop(fut),
+                let fut = pool.send("waf", request(id.clone()));
+                let answered = match how {
+                    0 => {
+                        drop(fut);
+                        false
+                    }
                     1 => {
                         let mut fut = Box::pin(fut);
-                        let _ = futures_poll_once(fut.as_mut()).await;
+                        futures_poll_once(fut.as_mut()).await;
+                        false
                     }
-                    2 => {
-                        let _ = tokio::time::timeout(after, fut).await;
-                    }
-                    _ => {
-                        let _ = fut.await;
+                    2 => tokio::time::timeout(after, fut).await.is_ok_and(|r| r.is_ok()),
+                    _ => fut.await.is_ok(),
+                };
+                // Half of the answered requests go on with a body and, sometimes, a completion,
+                // also dropped at random points.
+                if answered && whole {
+                    let body =
+                        Event::RequestBody(BodyChunk::new(id.as_str(), 0, true, Bytes::from_static(b"b")));
+                    let _ = tokio::time::timeout(after, pool.send("waf", body)).await;
+                    if how == 3 {
+                        let _ = pool.send("waf", complete(&id)).await;
                     }
                 }
             }));
@@ -76,6 +91,9 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
     b.settle().await;
 
     assert_eq!(pool.stats().totals.in_flight, 0);
+    // Pins of requests that never completed expire with the TTL (5 min), as documented.
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    assert_eq!(pool.affinity_count(), 0, "every affinity pin is gone");
     for h in pool.health("waf").unwrap() {
         assert_eq!(h.in_flight, 0, "{}", h.label);
     }
@@ -90,6 +108,16 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
     assert_eq!(pool.stats().totals.in_flight, 0);
     let stats = pool.agent_stats("waf").unwrap();
     assert!(stats.totals.requests > 10_000, "{stats:?}");
+}
+
+fn complete(id: &str) -> Event {
+    Event::RequestComplete(RequestComplete {
+        correlation_id: id.into(),
+        status: StatusCode::OK,
+        duration: Duration::from_millis(1),
+        request_bytes: 1,
+        response_bytes: 0,
+    })
 }
 
 /// Polls a future once, then lets it go.
