@@ -1,0 +1,278 @@
+//! Server and pool configuration (serde + humantime durations) and its validation.
+//!
+//! `validate()` collects every problem before it returns, so one run shows them all.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::canonical;
+use crate::tls::{TlsConfig, TlsMaterial};
+use crate::{Error, Handler, Problem};
+
+/// The smallest header buffer hyper accepts (`max_buf_size` panics below it).
+pub const MIN_HEADER_SIZE: usize = 8192;
+
+/// Timeouts of one server. `None` disables a timeout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time allowed to receive a request's headers (HTTP/1) and to finish the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub header_read: Option<Duration>,
+    /// A connection with no request in flight for this long is closed gracefully.
+    #[serde(with = "humantime_serde")]
+    pub idle: Option<Duration>,
+    /// A handler that has not answered after this long is dropped and the client gets 503.
+    #[serde(with = "humantime_serde")]
+    pub request: Option<Duration>,
+    /// The drain deadline of [`Lifecycle::stop`](pool_api::Lifecycle::stop): work still running
+    /// then is cut off.
+    #[serde(with = "humantime_serde")]
+    pub shutdown: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header_read: Some(Duration::from_secs(30)),
+            idle: Some(Duration::from_secs(120)),
+            request: None,
+            shutdown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Options of the listening socket and of accepted connections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketOptions {
+    /// `SO_REUSEADDR` on the listener (lets a restarted server bind while old connections sit in
+    /// TIME_WAIT). On by default.
+    pub reuse_address: bool,
+    /// `SO_REUSEPORT` on the listener (Unix): several listeners, e.g. in different pools or
+    /// processes, share one port. Off by default.
+    pub reuse_port: bool,
+    /// The `listen(2)` backlog.
+    pub backlog: u32,
+    /// `TCP_NODELAY` on accepted connections. On by default.
+    pub nodelay: bool,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions { reuse_address: true, reuse_port: false, backlog: 1024, nodelay: true }
+    }
+}
+
+/// One server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// A name for logs, metrics and filtering.
+    pub name: String,
+    /// Where to listen (see [`crate::addr`] for the forms accepted).
+    pub listen: String,
+    /// The public URL of this server (e.g. `https://api.example.com`); defaults to
+    /// `http(s)://<bind address>`.
+    pub expose: Option<String>,
+    /// A disabled server is kept in its pool but never started.
+    pub disabled: bool,
+    /// TLS; plain HTTP when `None` (unless `tls_mandatory`).
+    pub tls: Option<TlsConfig>,
+    /// Refuse the configuration when `tls` is missing (on top of the pool's default TLS).
+    pub tls_mandatory: bool,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// The largest request head accepted, in bytes (at least [`MIN_HEADER_SIZE`]); bigger heads
+    /// get 431 on HTTP/1 and a stream reset on HTTP/2.
+    pub max_header_size: usize,
+    /// Serve HTTP/2 (ALPN `h2` on TLS). HTTP/1.1 is always served.
+    pub http2: bool,
+    /// Serve HTTP/2 over plain TCP with prior knowledge (h2c). Needs `http2`.
+    pub h2c: bool,
+    /// Socket options.
+    pub socket: SocketOptions,
+    /// The handler; when `None` the pool's default handler is used.
+    #[serde(skip)]
+    pub handler: Option<Handler>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            name: String::new(),
+            listen: String::new(),
+            expose: None,
+            disabled: false,
+            tls: None,
+            tls_mandatory: false,
+            timeouts: Timeouts::default(),
+            max_header_size: 64 * 1024,
+            http2: true,
+            h2c: false,
+            socket: SocketOptions::default(),
+            handler: None,
+        }
+    }
+}
+
+impl PartialEq for ServerConfig {
+    /// Field by field; handlers are equal when they are the same function (same `Arc`).
+    fn eq(&self, other: &Self) -> bool {
+        let handlers = match (&self.handler, &other.handler) {
+            (Some(a), Some(b)) => a.same_as(b),
+            (None, None) => true,
+            _ => false,
+        };
+        handlers
+            && self.name == other.name
+            && self.listen == other.listen
+            && self.expose == other.expose
+            && self.disabled == other.disabled
+            && self.tls == other.tls
+            && self.tls_mandatory == other.tls_mandatory
+            && self.timeouts == other.timeouts
+            && self.max_header_size == other.max_header_size
+            && self.http2 == other.http2
+            && self.h2c == other.h2c
+            && self.socket == other.socket
+    }
+}
+
+impl ServerConfig {
+    /// A configuration with defaults, a name and a listen address.
+    pub fn new(name: impl Into<String>, listen: impl Into<String>) -> Self {
+        ServerConfig { name: name.into(), listen: listen.into(), ..ServerConfig::default() }
+    }
+
+    /// Sets the handler.
+    pub fn with_handler(mut self, handler: Handler) -> Self {
+        self.handler = Some(handler);
+        self
+    }
+
+    /// Sets TLS.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Checks everything that can be checked without binding: address, expose URL, TLS files
+    /// and that the key fits the certificate, limits and timeouts. Returns every problem.
+    pub fn validate(&self) -> Result<(), Error> {
+        let problems = self.problems().1;
+        if problems.is_empty() { Ok(()) } else { Err(Error::Invalid { problems }) }
+    }
+
+    /// The canonical bind address (if it resolves) and the problems found.
+    pub(crate) fn problems(&self) -> (Option<SocketAddr>, Vec<Problem>) {
+        let label = if self.name.is_empty() {
+            format!("<unnamed, listen {:?}>", self.listen)
+        } else {
+            self.name.clone()
+        };
+        let mut problems = Vec::new();
+        let mut problem = |field: &'static str, message: String| {
+            problems.push(Problem { server: label.clone(), field, message })
+        };
+        if self.name.trim().is_empty() {
+            problem("name", "must not be empty".into());
+        }
+        let bind = match canonical(&self.listen) {
+            Ok(bind) => Some(bind),
+            Err(e) => {
+                problem("listen", e.to_string());
+                None
+            }
+        };
+        if let Some(expose) = &self.expose {
+            match expose.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {}
+                Ok(_) => problem("expose", format!("{expose:?} is not an absolute http(s) URL")),
+                Err(e) => problem("expose", format!("{expose:?}: {e}")),
+            }
+        }
+        match &self.tls {
+            Some(tls) => {
+                if let Err(e) = TlsMaterial::load(&label, tls) {
+                    problem("tls", e.to_string());
+                }
+            }
+            None if self.tls_mandatory => problem("tls", "TLS is mandatory but not configured".into()),
+            None => {}
+        }
+        if self.max_header_size < MIN_HEADER_SIZE {
+            problem(
+                "max_header_size",
+                format!("{} is below the minimum {MIN_HEADER_SIZE}", self.max_header_size),
+            );
+        }
+        if self.max_header_size > u32::MAX as usize {
+            problem("max_header_size", format!("{} does not fit in 32 bits", self.max_header_size));
+        }
+        if self.h2c && !self.http2 {
+            problem("h2c", "h2c needs http2 enabled".into());
+        }
+        if self.h2c && self.tls.is_some() {
+            problem("h2c", "h2c is plain-text HTTP/2 and cannot be combined with TLS".into());
+        }
+        let t = &self.timeouts;
+        for (field, value) in [
+            ("timeouts.header_read", t.header_read),
+            ("timeouts.idle", t.idle),
+            ("timeouts.request", t.request),
+        ] {
+            if value == Some(Duration::ZERO) {
+                problem(field, "must be positive (leave it out to disable it)".into());
+            }
+        }
+        if self.socket.backlog == 0 {
+            problem("socket.backlog", "must be positive".into());
+        }
+        if self.socket.reuse_port && !cfg!(unix) {
+            problem("socket.reuse_port", "only supported on Unix".into());
+        }
+        (bind, problems)
+    }
+}
+
+/// The servers of a pool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// One entry per server.
+    pub servers: Vec<ServerConfig>,
+}
+
+impl PoolConfig {
+    /// Validates every server and checks that no two of them resolve to the same address.
+    pub fn validate(&self) -> Result<(), Error> {
+        let problems = self.problems().1;
+        if problems.is_empty() { Ok(()) } else { Err(Error::Invalid { problems }) }
+    }
+
+    pub(crate) fn problems(&self) -> (Vec<Option<SocketAddr>>, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let mut binds = Vec::new();
+        let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
+        for cfg in &self.servers {
+            let (bind, mut p) = cfg.problems();
+            problems.append(&mut p);
+            if let Some(bind) = bind
+                && let Some(first) = seen.insert(bind, &cfg.name)
+            {
+                problems.push(Problem {
+                    server: cfg.name.clone(),
+                    field: "listen",
+                    message: format!("{bind} is also the address of `{first}` (duplicate bind)"),
+                });
+            }
+            binds.push(bind);
+        }
+        (binds, problems)
+    }
+}

@@ -1,0 +1,562 @@
+//! One HTTP server: bind, accept loop, connections, graceful stop, in-place reload.
+//!
+//! The settings a connection needs (handler, HTTP builder with its timeouts and limits, TLS
+//! acceptor) live in one [`ArcSwap`] snapshot, loaded once per accepted connection: a reload
+//! swaps the snapshot, new connections get it, open ones keep theirs. The accept loop owns the
+//! stop: it stops accepting, asks every connection to shut down gracefully (HTTP/1: close when
+//! idle; HTTP/2: GOAWAY), waits until the last socket closes or the deadline passes, then kills
+//! what is left. Handlers are never cancelled before the deadline.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use pool_api::{Lifecycle, LifecycleError, LifecycleState, StopReport};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::accept::AcceptBackoff;
+use crate::counters::{CounterSnapshot, Counters};
+use crate::drain::{Activity, TrackedIo, Tracker};
+use crate::tls::TlsMaterial;
+use crate::{Error, Handler, Problem, ResponseBody, ServerConfig, ShutdownSignal, socket, status};
+
+/// What a connection needs, swapped as a whole on reload.
+struct Live {
+    config: ServerConfig,
+    handler: Handler,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<(TlsMaterial, TlsAcceptor)>,
+}
+
+impl Live {
+    fn build(config: ServerConfig) -> Result<(SocketAddr, Live), Error> {
+        let (bind, problems) = config.problems();
+        if !problems.is_empty() {
+            return Err(Error::Invalid { problems });
+        }
+        let bind = bind.expect("no problem means the address resolved");
+        let handler =
+            config.handler.clone().ok_or_else(|| Error::MissingHandler { server: config.name.clone() })?;
+        let tls = match &config.tls {
+            Some(tls) => {
+                let material = TlsMaterial::load(&config.name, tls)?;
+                let acceptor = TlsAcceptor::from(material.server_config(&config.name, config.http2)?);
+                Some((material, acceptor))
+            }
+            None => None,
+        };
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.timeouts.header_read)
+            .max_buf_size(config.max_header_size);
+        builder.http2().timer(TokioTimer::new()).max_header_list_size(config.max_header_size as u32);
+        if !config.http2 || (tls.is_none() && !config.h2c) {
+            builder = builder.http1_only();
+        }
+        Ok((bind, Live { config, handler, builder, tls }))
+    }
+
+    /// Same effective settings: equal configuration and byte-identical TLS material.
+    fn same_as(&self, other: &Live) -> bool {
+        self.config == other.config
+            && match (&self.tls, &other.tls) {
+                (Some((a, _)), Some((b, _))) => a == b,
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+struct RunHandle {
+    shutdown: watch::Sender<Option<Instant>>,
+    task: Option<JoinHandle<StopReport>>,
+}
+
+struct Inner {
+    bind: SocketAddr,
+    live: ArcSwap<Live>,
+    state: watch::Sender<LifecycleState>,
+    run: Mutex<Option<RunHandle>>,
+    started: Mutex<Option<Instant>>,
+    counters: Arc<Counters>,
+}
+
+/// What [`Server::reload`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// Nothing differed; nothing was touched.
+    Unchanged,
+    /// New settings swapped in: new connections use them, open connections keep the old ones.
+    Swapped,
+    /// Socket options changed, so the running server was stopped and started again.
+    Rebound,
+    /// The server is now disabled, so it was stopped.
+    Stopped,
+}
+
+/// A point-in-time view of one server, built from its lifecycle state (no self-dial).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSnapshot {
+    /// The server's name.
+    pub name: String,
+    /// Its canonical bind address.
+    pub bind: SocketAddr,
+    /// Its public URL.
+    pub expose: String,
+    /// Its lifecycle state.
+    pub state: LifecycleState,
+    /// True when it is running (the health a monitor reports).
+    pub healthy: bool,
+    /// Time since it started, while running.
+    pub uptime: Option<Duration>,
+    /// Its counters.
+    pub counters: CounterSnapshot,
+}
+
+/// One HTTP/1 + HTTP/2 server. Cloning gives another handle to the same server.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.name()).field("bind", &self.inner.bind).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Server {
+    /// Builds a stopped server after validating `config`. The configuration must carry a handler.
+    pub fn new(config: ServerConfig) -> Result<Server, Error> {
+        let (bind, live) = Live::build(config)?;
+        let counters = Arc::new(Counters::new(&live.config.name, bind));
+        Ok(Server {
+            inner: Arc::new(Inner {
+                bind,
+                live: ArcSwap::from_pointee(live),
+                state: watch::Sender::new(LifecycleState::Stopped),
+                run: Mutex::new(None),
+                started: Mutex::new(None),
+                counters,
+            }),
+        })
+    }
+
+    /// The canonical bind address: the server's key in a pool.
+    pub fn bind(&self) -> SocketAddr {
+        self.inner.bind
+    }
+
+    /// The server's name.
+    pub fn name(&self) -> String {
+        self.inner.live.load().config.name.clone()
+    }
+
+    /// The public URL: `expose` from the configuration, else `http(s)://<bind>`.
+    pub fn expose(&self) -> String {
+        let live = self.inner.live.load();
+        match &live.config.expose {
+            Some(url) => url.clone(),
+            None => format!("{}://{}", if live.tls.is_some() { "https" } else { "http" }, self.inner.bind),
+        }
+    }
+
+    /// The current configuration (the handler included).
+    pub fn config(&self) -> ServerConfig {
+        self.inner.live.load().config.clone()
+    }
+
+    /// True when the configuration disables the server.
+    pub fn is_disabled(&self) -> bool {
+        self.inner.live.load().config.disabled
+    }
+
+    /// Counters and state, without I/O.
+    pub fn snapshot(&self) -> ServerSnapshot {
+        let state = self.inner.state.borrow().clone();
+        ServerSnapshot {
+            name: self.name(),
+            bind: self.inner.bind,
+            expose: self.expose(),
+            healthy: state == LifecycleState::Running,
+            state,
+            uptime: self.uptime(),
+            counters: self.inner.counters.snapshot(),
+        }
+    }
+
+    /// A new, stopped server with the same configuration and handler (its own counters).
+    pub fn duplicate(&self) -> Server {
+        let config = self.config();
+        Server::new(config).expect("a running configuration is valid")
+    }
+
+    /// Applies a new configuration for the same bind address. A configuration that fails
+    /// validation, or whose TLS files are unreadable or mismatched, is rejected and the current
+    /// settings stay. See [`ReloadOutcome`] for what happens to a running server.
+    pub async fn reload(&self, config: ServerConfig) -> Result<ReloadOutcome, Error> {
+        let (bind, live) = Live::build(config)?;
+        if bind != self.inner.bind {
+            return Err(Error::Invalid {
+                problems: vec![Problem {
+                    server: live.config.name.clone(),
+                    field: "listen",
+                    message: format!("{bind} differs from the server's address {}", self.inner.bind),
+                }],
+            });
+        }
+        let old = self.inner.live.load_full();
+        if old.same_as(&live) {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        let rebind = old.config.socket != live.config.socket;
+        let disabled = live.config.disabled;
+        self.inner.live.store(Arc::new(live));
+        if disabled && self.is_running() {
+            self.stop().await.map_err(|e| stop_failure(self, e))?;
+            return Ok(ReloadOutcome::Stopped);
+        }
+        if rebind && self.is_running() {
+            self.restart().await.map_err(|e| Error::Start {
+                failures: vec![crate::ServerFailure { bind: self.bind(), name: self.name(), error: e }],
+            })?;
+            return Ok(ReloadOutcome::Rebound);
+        }
+        Ok(ReloadOutcome::Swapped)
+    }
+
+    /// Stops gracefully with `grace` as the drain deadline instead of the configured one.
+    pub async fn stop_within(&self, grace: Duration) -> Result<StopReport, LifecycleError> {
+        let begin = Instant::now();
+        let handle = {
+            let mut run = lock(&self.inner.run);
+            run.as_mut().map(|h| {
+                // The first stop sets the deadline; a later one does not move it.
+                h.shutdown.send_if_modified(|d| {
+                    let first = d.is_none();
+                    if first {
+                        *d = Some(begin + grace);
+                    }
+                    first
+                });
+                h.task.take()
+            })
+        };
+        match handle {
+            Some(Some(task)) => {
+                self.inner.state.send_if_modified(|s| {
+                    let running = *s == LifecycleState::Running;
+                    if running {
+                        *s = LifecycleState::Stopping;
+                    }
+                    running
+                });
+                let mut report = task
+                    .await
+                    .map_err(|e| LifecycleError::Stop { name: self.name(), message: e.to_string() })?;
+                report.elapsed = begin.elapsed();
+                Ok(report)
+            }
+            // Another stop is under way: wait for it.
+            Some(None) => {
+                let mut rx = self.inner.state.subscribe();
+                let _ =
+                    rx.wait_for(|s| matches!(s, LifecycleState::Stopped | LifecycleState::Failed(_))).await;
+                Ok(StopReport { elapsed: begin.elapsed(), ..StopReport::default() })
+            }
+            None => Ok(StopReport::default()),
+        }
+    }
+
+    fn bind_listener(&self, live: &Live) -> Result<TcpListener, Error> {
+        let name = &live.config.name;
+        let socket = socket::bind_socket(self.inner.bind, &live.config.socket)
+            .map_err(|source| Error::Bind { server: name.clone(), bind: self.inner.bind, source })?;
+        TcpListener::from_std(socket.into()).map_err(|source| Error::Bind {
+            server: name.clone(),
+            bind: self.inner.bind,
+            source,
+        })
+    }
+}
+
+fn stop_failure(server: &Server, error: LifecycleError) -> Error {
+    Error::Stop { failures: vec![crate::ServerFailure { bind: server.bind(), name: server.name(), error }] }
+}
+
+impl Lifecycle for Server {
+    /// Binds the socket for real and returns once it listens. A disabled server returns
+    /// [`LifecycleError::Disabled`]; a bind failure returns [`LifecycleError::Start`] with the
+    /// I/O kind (address in use, permission denied…).
+    async fn start(&self) -> Result<(), LifecycleError> {
+        let live = self.inner.live.load_full();
+        let name = live.config.name.clone();
+        if live.config.disabled {
+            return Err(LifecycleError::Disabled { name });
+        }
+        let mut rx = self.inner.state.subscribe();
+        loop {
+            let mut claimed = false;
+            self.inner.state.send_if_modified(|s| {
+                claimed = matches!(s, LifecycleState::Stopped | LifecycleState::Failed(_));
+                if claimed {
+                    *s = LifecycleState::Starting;
+                }
+                claimed
+            });
+            if claimed {
+                break;
+            }
+            let current = rx.borrow_and_update().clone();
+            match current {
+                LifecycleState::Stopping => {
+                    let _ = rx.changed().await;
+                }
+                _ => return Err(LifecycleError::AlreadyRunning { name }),
+            }
+        }
+        let listener = match self.bind_listener(&live) {
+            Ok(l) => l,
+            Err(e) => {
+                self.inner.state.send_replace(LifecycleState::Failed(e.to_string()));
+                return Err(LifecycleError::Start { name, kind: e.io_kind(), message: e.to_string() });
+            }
+        };
+        let (shutdown, shutdown_rx) = watch::channel(None);
+        let tracker = Tracker::new(self.inner.counters.clone());
+        let task = tokio::spawn(accept_loop(Arc::downgrade(&self.inner), listener, shutdown_rx, tracker));
+        *lock(&self.inner.run) = Some(RunHandle { shutdown, task: Some(task) });
+        *lock(&self.inner.started) = Some(Instant::now());
+        self.inner.state.send_replace(LifecycleState::Running);
+        tracing::info!(server = %name, bind = %self.inner.bind, "listening");
+        Ok(())
+    }
+
+    /// Graceful stop with the configured `timeouts.shutdown` deadline; returns as soon as every
+    /// connection closed, with how many drained and how many were cut off.
+    async fn stop(&self) -> Result<StopReport, LifecycleError> {
+        let grace = self.inner.live.load().config.timeouts.shutdown;
+        self.stop_within(grace).await
+    }
+
+    fn is_running(&self) -> bool {
+        *self.inner.state.borrow() == LifecycleState::Running
+    }
+
+    fn uptime(&self) -> Option<Duration> {
+        if !self.is_running() {
+            return None;
+        }
+        lock(&self.inner.started).map(|t| t.elapsed())
+    }
+
+    fn state(&self) -> watch::Receiver<LifecycleState> {
+        self.inner.state.subscribe()
+    }
+}
+
+fn shutdown_deadline(
+    changed: Result<(), watch::error::RecvError>,
+    rx: &watch::Receiver<Option<Instant>>,
+) -> Option<Instant> {
+    match changed {
+        Ok(()) => *rx.borrow(),
+        // Every handle of the server was dropped: stop now.
+        Err(_) => Some(Instant::now()),
+    }
+}
+
+async fn accept_loop(
+    server: Weak<Inner>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<Option<Instant>>,
+    tracker: Arc<Tracker>,
+) -> StopReport {
+    let mut conns = JoinSet::new();
+    let mut backoff = AcceptBackoff::default();
+    let counters = match server.upgrade() {
+        Some(inner) => inner.counters.clone(),
+        None => return StopReport::default(),
+    };
+    let deadline = 'accept: loop {
+        tokio::select! {
+            biased;
+            changed = shutdown.changed() => {
+                if let Some(deadline) = shutdown_deadline(changed, &shutdown) {
+                    break deadline;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    backoff.reset();
+                    let Some(inner) = server.upgrade() else { break Instant::now() };
+                    let live = inner.live.load_full();
+                    drop(inner);
+                    if let Err(e) = socket::configure_stream(&stream, &live.config.socket) {
+                        tracing::debug!(error = %e, "socket options on an accepted connection");
+                    }
+                    let io = tracker.track(stream);
+                    conns.spawn(serve_connection(io, live, shutdown.clone(), counters.clone()));
+                    while conns.try_join_next().is_some() {}
+                }
+                Err(e) => {
+                    counters.accept_error();
+                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(pause) = backoff.on_error(&e) {
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            changed = shutdown.changed() => {
+                                if let Some(deadline) = shutdown_deadline(changed, &shutdown) {
+                                    break 'accept deadline;
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    };
+    // Closing the listener first: new connections are refused from here on.
+    drop(listener);
+    let (drained, forced) = tracker.drain(deadline).await;
+    if forced > 0 {
+        conns.abort_all();
+    }
+    while conns.join_next().await.is_some() {}
+    counters.stopped(drained, forced);
+    if let Some(inner) = server.upgrade() {
+        *lock(&inner.started) = None;
+        lock(&inner.run).take();
+        inner.state.send_replace(LifecycleState::Stopped);
+    }
+    StopReport { drained, forced, elapsed: Duration::ZERO }
+}
+
+async fn serve_connection(
+    io: TrackedIo<TcpStream>,
+    live: Arc<Live>,
+    shutdown: watch::Receiver<Option<Instant>>,
+    counters: Arc<Counters>,
+) {
+    match &live.tls {
+        Some((_, acceptor)) => {
+            let handshake = acceptor.accept(io);
+            let stream = match live.config.timeouts.header_read {
+                Some(limit) => match tokio::time::timeout(limit, handshake).await {
+                    Ok(result) => result,
+                    Err(_) => return,
+                },
+                None => handshake.await,
+            };
+            match stream {
+                Ok(stream) => serve_http(stream, &live, shutdown, counters).await,
+                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+            }
+        }
+        None => serve_http(io, &live, shutdown, counters).await,
+    }
+}
+
+async fn serve_http<I>(
+    io: I,
+    live: &Live,
+    mut shutdown: watch::Receiver<Option<Instant>>,
+    counters: Arc<Counters>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let service = ConnService {
+        handler: live.handler.clone(),
+        signal: ShutdownSignal::new(shutdown.clone()),
+        counters,
+        activity: activity.clone(),
+        request_timeout: live.config.timeouts.request,
+    };
+    let conn = live.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let idle = live.config.timeouts.idle;
+    let mut idle_check = idle.map(|d| Instant::now() + d);
+    let mut closing = false;
+    if shutdown.borrow_and_update().is_some() {
+        closing = true;
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep_until(idle_check.unwrap_or_else(Instant::now)), if idle_check.is_some() && !closing => {
+                let limit = idle.unwrap_or_default();
+                match activity.idle_since() {
+                    Some(since) if since + limit <= Instant::now() => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    Some(since) => idle_check = Some(since + limit),
+                    None => idle_check = Some(Instant::now() + limit),
+                }
+            }
+        }
+    }
+}
+
+/// The per-connection hyper service: counts the request, hands the handler the shutdown signal,
+/// applies the request timeout.
+struct ConnService {
+    handler: Handler,
+    signal: ShutdownSignal,
+    counters: Arc<Counters>,
+    activity: Arc<Activity>,
+    request_timeout: Option<Duration>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        self.counters.request();
+        req.extensions_mut().insert(self.signal.clone());
+        let guard = self.activity.begin();
+        let response = self.handler.call(req);
+        let limit = self.request_timeout;
+        Box::pin(async move {
+            let _in_flight = guard;
+            Ok(match limit {
+                Some(limit) => tokio::time::timeout(limit, response)
+                    .await
+                    .unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE)),
+                None => response.await,
+            })
+        })
+    }
+}
