@@ -1066,6 +1066,27 @@ impl Agent {
         self.slots().iter().map(|s| s.snapshot(now)).collect()
     }
 
+    /// A healthy connected slot, chosen by the balancer (capacity aside): for pinning a
+    /// sticky session.
+    pub(crate) fn healthy_slot(&self) -> Option<Arc<Slot>> {
+        let live = self.live();
+        let healthy = |s: &Arc<Slot>| {
+            s.is_open()
+                && s.flags() & (HARD | crate::slot::SOFT_UNHEALTHY) == 0
+                && s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
+                && s.health_state() != HealthState::Unhealthy
+        };
+        self.balancer.pick(&live[..], healthy).map(|i| live[i].clone())
+    }
+
+    /// Why no slot could be pinned or picked, for errors.
+    pub(crate) fn unavailable_reason(&self) -> Unavailable {
+        match self.why_not(&self.live(), EventSet::ALL.bits()) {
+            Reject::Unavailable(reason) => reason,
+            Reject::Paused | Reject::Full | Reject::Unsupported => Unavailable::AgentNotReady,
+        }
+    }
+
     /// Cancels a request: on the connection it is pinned to, or — when it has no pin (over the
     /// affinity cap) — on every connection, where only the one carrying it acts.
     pub(crate) fn cancel(&self, id: &CorrelationId, reason: CancelReason) {

@@ -74,6 +74,21 @@ impl Default for AffinityConfig {
     }
 }
 
+/// Sticky sessions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StickyConfig {
+    /// A session unused for this long expires; `None` (`null`): sessions live until cleared.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for StickyConfig {
+    fn default() -> Self {
+        Self { idle_timeout: Some(Duration::from_secs(300)) }
+    }
+}
+
 /// Connection health: the success-rate window, its thresholds, latency tracking and pings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -148,6 +163,8 @@ pub struct PoolConfig {
     pub flow_control: FlowControlConfig,
     /// Correlation affinity.
     pub affinity: AffinityConfig,
+    /// Sticky sessions.
+    pub sticky: StickyConfig,
     /// How long shutdown waits for in-flight requests before cancelling them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -172,6 +189,7 @@ impl Default for PoolConfig {
             failure_mode: FailureMode::default(),
             flow_control: FlowControlConfig::default(),
             affinity: AffinityConfig::default(),
+            sticky: StickyConfig::default(),
             drain_timeout: Duration::from_secs(30),
             seed: None,
         }
@@ -210,6 +228,9 @@ impl PoolConfig {
         }
         if self.health.buckets == 0 || self.health.buckets > 1000 {
             p.push(format!("health.buckets: must be 1..=1000, got {}", self.health.buckets));
+        }
+        if self.sticky.idle_timeout.is_some_and(|d| d.is_zero()) {
+            p.push("sticky.idle_timeout: must be greater than zero (or null for never)".to_owned());
         }
         if self.affinity.ttl.is_zero() {
             p.push("affinity.ttl: must be greater than zero".to_owned());

@@ -72,15 +72,18 @@ mod permits;
 mod pool;
 mod service;
 mod slot;
+mod sticky;
 mod supervisor;
 mod sync;
 
 pub use agent::{AgentSpec, AgentStats, EndpointStats, Totals};
 pub use config::{
     AffinityConfig, AgentOptions, FailureMode, FlowControlConfig, FlowControlMode, HealthConfig, PoolConfig,
+    StickyConfig,
 };
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};
 pub use pool::{AddReport, AgentPool, PoolStats, Reservation};
 pub use service::AgentService;
 pub use slot::ConnectionHealth;
+pub use sticky::StickyRoute;

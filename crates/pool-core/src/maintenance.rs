@@ -32,6 +32,9 @@ pub(crate) async fn run(pool: WeakPool, cancel: CancellationToken, cfg: PoolConf
                 for agent in agents {
                     agent.refresh_health(now);
                 }
+                if !pool.sweep_sessions(now) {
+                    break;
+                }
             }
             _ = outliers.tick(), if cfg.outlier.enabled => {
                 let Some(agents) = pool.agents() else { break };

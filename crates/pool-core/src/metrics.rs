@@ -15,6 +15,8 @@
 //! | `agentpool_affinity_entries` | gauge | agent (updated by maintenance) |
 //! | `agentpool_affinity_rejected_total` | counter | agent (over the cap, not pinned) |
 //! | `agentpool_pin_lost_total` | counter | agent (pinned connection died) |
+//! | `agentpool_sticky_repins_total` | counter | agent (a session moved off a dead or unhealthy connection) |
+//! | `agentpool_sticky_sessions` | gauge | — (updated by maintenance) |
 //! | `agentpool_in_flight` | gauge | agent |
 //! | `agentpool_request_duration_seconds` | histogram | agent |
 //! | `agentpool_connections` | gauge | agent (connected) |
@@ -45,6 +47,7 @@ pub(crate) struct AgentMetrics {
     pub(crate) affinity_entries: Gauge,
     pub(crate) affinity_rejected: Counter,
     pub(crate) pin_lost: Counter,
+    pub(crate) sticky_repins: Counter,
 }
 
 impl AgentMetrics {
@@ -70,6 +73,7 @@ impl AgentMetrics {
             affinity_entries: metrics::gauge!("agentpool_affinity_entries", &l),
             affinity_rejected: metrics::counter!("agentpool_affinity_rejected_total", &l),
             pin_lost: metrics::counter!("agentpool_pin_lost_total", &l),
+            sticky_repins: metrics::counter!("agentpool_sticky_repins_total", &l),
         }
     }
 }
@@ -95,6 +99,11 @@ pub(crate) fn describe() {
     describe_gauge!("agentpool_affinity_entries", "Requests pinned to a connection (correlation affinity).");
     describe_counter!("agentpool_affinity_rejected_total", "Requests not pinned because the table was full.");
     describe_counter!("agentpool_pin_lost_total", "Requests failed because their pinned connection died.");
+    describe_counter!(
+        "agentpool_sticky_repins_total",
+        "Sticky sessions moved off a dead or unhealthy connection."
+    );
+    describe_gauge!("agentpool_sticky_sessions", "Live sticky sessions.");
     describe_gauge!("agentpool_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     describe_counter!("agentpool_breaker_trips_total", "Times a circuit breaker opened.");
     describe_gauge!("agentpool_endpoint_ejected", "1 while the endpoint is ejected as an outlier.");

@@ -16,12 +16,14 @@ use crate::directory::{AgentView, Agents, Directory};
 use crate::error::PoolError;
 use crate::service::AgentService;
 use crate::slot::{ConnectionHealth, InFlight};
+use crate::sticky::{Sticky, StickyRoute};
 
 /// What every agent of a pool shares: its configuration and admission state.
 pub(crate) struct PoolCtx {
     pub(crate) config: PoolConfig,
     pub(crate) hello: Hello,
     pub(crate) directory: Directory,
+    pub(crate) sticky: Sticky,
     admitting: AtomicBool,
     seeds: AtomicU64,
 }
@@ -88,6 +90,8 @@ pub struct AddReport {
 pub struct PoolStats {
     /// Registered agents.
     pub agents: usize,
+    /// Sticky sessions held.
+    pub sticky_sessions: usize,
     /// Connection and request counts summed over every agent.
     pub totals: Totals,
     /// False once shutdown has begun.
@@ -139,6 +143,7 @@ impl AgentPool {
         let ctx = Arc::new(PoolCtx {
             hello: Hello::new(config.proxy_id.clone()),
             directory: Directory::new(),
+            sticky: Sticky::new(config.sticky.idle_timeout),
             config,
             admitting: AtomicBool::new(true),
             seeds: AtomicU64::new(0),
@@ -215,6 +220,7 @@ impl AgentPool {
             writer.publish(next);
             agent
         };
+        self.inner.ctx.sticky.remove_agent(id);
         Ok(agent.shut_down(Instant::now() + self.inner.ctx.config.drain_timeout).await)
     }
 
@@ -276,7 +282,12 @@ impl AgentPool {
         for a in &all {
             totals += a.totals;
         }
-        PoolStats { agents: all.len(), totals, admitting: self.inner.ctx.admitting() }
+        PoolStats {
+            agents: all.len(),
+            sticky_sessions: self.inner.ctx.sticky.len(),
+            totals,
+            admitting: self.inner.ctx.admitting(),
+        }
     }
 
     /// Health of each connection slot of an agent.
@@ -375,6 +386,92 @@ impl AgentPool {
         self.directory().load().values().map(|v| v.agent.shared.affinity.len()).sum()
     }
 
+    /// Creates — or replaces — a sticky session pinning `session_id` to one healthy connection
+    /// of `agent`, for a WebSocket, SSE stream or long poll.
+    pub fn create_sticky_session(&self, session_id: &str, agent: &str) -> Result<(), PoolError> {
+        let a = self.agent(agent)?;
+        a.shared.admitting()?;
+        let Some(slot) = a.healthy_slot() else {
+            return Err(PoolError::Unavailable { agent: agent.to_owned(), reason: a.unavailable_reason() });
+        };
+        self.inner.ctx.sticky.insert(session_id, a.shared.id.clone(), slot, Instant::now());
+        Ok(())
+    }
+
+    /// Sends `event` to `agent` through sticky session `session_id`, returning the decision and
+    /// how it was routed. A session whose pinned connection died or turned unhealthy is
+    /// re-pinned to a healthy one ([`StickyRoute::Repinned`]); without a live session of that
+    /// id for that agent the event is balanced like any other ([`StickyRoute::NoSession`]).
+    pub async fn send_sticky(
+        &self,
+        session_id: &str,
+        agent: &str,
+        event: Event,
+    ) -> Result<(Decision, StickyRoute), PoolError> {
+        let start = Instant::now();
+        let sticky = &self.inner.ctx.sticky;
+        let Some((owner, pinned, healthy)) = sticky.lookup(session_id, start).filter(|(a, ..)| &**a == agent)
+        else {
+            return Ok((self.send(agent, event).await?, StickyRoute::NoSession));
+        };
+        drop(owner);
+        let a = self.agent(agent)?;
+        a.shared.admitting()?;
+        let (slot, route) = if healthy {
+            (pinned, StickyRoute::Pinned)
+        } else {
+            let Some(fresh) = a.healthy_slot() else {
+                return Err(PoolError::Unavailable {
+                    agent: agent.to_owned(),
+                    reason: a.unavailable_reason(),
+                });
+            };
+            sticky.repin(session_id, fresh.clone(), start);
+            a.shared.metrics.sticky_repins.increment(1);
+            let route =
+                StickyRoute::Repinned { from: pinned.label().to_string(), to: fresh.label().to_string() };
+            (fresh, route)
+        };
+        let deadline = start + a.shared.settings.request_timeout;
+        let guard = match a.shared.reserve_pinned(slot, event.correlation_id(), deadline).await {
+            Ok(guard) => guard,
+            Err(answer) => return answer.map(|d| (d, route)),
+        };
+        let decision = a.shared.dispatch(guard, event, start).await?;
+        Ok((decision, route))
+    }
+
+    /// Marks a sticky session used now; false if it does not exist or has expired.
+    pub fn refresh_sticky_session(&self, session_id: &str) -> bool {
+        self.inner.ctx.sticky.refresh(session_id, Instant::now())
+    }
+
+    /// True if the sticky session exists and has not expired.
+    pub fn has_sticky_session(&self, session_id: &str) -> bool {
+        self.inner.ctx.sticky.has(session_id, Instant::now())
+    }
+
+    /// Ends a sticky session; true if it existed.
+    pub fn clear_sticky_session(&self, session_id: &str) -> bool {
+        self.inner.ctx.sticky.remove(session_id)
+    }
+
+    /// Sticky sessions held (expired ones count until swept).
+    pub fn sticky_session_count(&self) -> usize {
+        self.inner.ctx.sticky.len()
+    }
+
+    /// The agent a live sticky session belongs to.
+    pub fn sticky_session_agent(&self, session_id: &str) -> Option<String> {
+        self.inner.ctx.sticky.agent_of(session_id, Instant::now())
+    }
+
+    /// Removes expired sticky sessions now (maintenance also does, every health bucket);
+    /// returns how many.
+    pub fn cleanup_expired_sessions(&self) -> usize {
+        self.inner.ctx.sticky.sweep(Instant::now())
+    }
+
     /// A [`tower_service::Service`] that sends events to one agent.
     pub fn service(&self, agent: &str) -> Result<AgentService, PoolError> {
         Ok(AgentService::new(self.agent(agent)?))
@@ -402,6 +499,14 @@ impl AgentPool {
 pub(crate) struct WeakPool(std::sync::Weak<PoolInner>);
 
 impl WeakPool {
+    /// Sweeps expired sticky sessions; false once the pool is gone.
+    pub(crate) fn sweep_sessions(&self, now: Instant) -> bool {
+        let Some(inner) = self.0.upgrade() else { return false };
+        inner.ctx.sticky.sweep(now);
+        metrics::gauge!("agentpool_sticky_sessions").set(inner.ctx.sticky.len() as f64);
+        true
+    }
+
     pub(crate) fn agents(&self) -> Option<Vec<Arc<Agent>>> {
         self.0.upgrade().map(|inner| inner.ctx.directory.load().values().map(|v| v.agent.clone()).collect())
     }

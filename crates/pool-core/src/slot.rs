@@ -330,6 +330,12 @@ impl Slot {
         self.conn.load().is_some()
     }
 
+    /// Connected, and the transport has not seen the connection close (its supervisor may
+    /// not have caught up yet).
+    pub(crate) fn is_open(&self) -> bool {
+        self.conn.load().as_ref().is_some_and(|live| live.conn.is_open())
+    }
+
     pub(crate) fn snapshot(&self, now: Instant) -> ConnectionHealth {
         let h = lock(&self.health);
         let rtt = self.rtt_ns.load(Ordering::Relaxed);

@@ -1,0 +1,155 @@
+//! Sticky sessions: a long-lived stream (WebSocket, SSE, long-polling) pinned to one
+//! connection of one agent for as long as it lasts.
+//!
+//! A session is created on a healthy connection. Each send through it first checks that the
+//! pinned connection is still the same one and still healthy (connected, not paused, not
+//! draining, breaker closed, success rate not unhealthy); if not, the session is re-pinned to
+//! a healthy connection and the caller is told ([`StickyRoute::Repinned`]). A session unused
+//! for the idle time-out expires (swept by maintenance, or by
+//! [`AgentPool::cleanup_expired_sessions`](crate::AgentPool::cleanup_expired_sessions)); with
+//! no time-out it lives until cleared.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use crate::endpoint::{GATE_EJECTED, GATE_OPEN};
+use crate::health::HealthState;
+use crate::slot::{HARD, Slot};
+
+/// How a sticky send was routed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StickyRoute {
+    /// Sent on the session's pinned connection.
+    Pinned,
+    /// The pinned connection had died or turned unhealthy: the session was re-pinned to a
+    /// healthy one, which carried the send.
+    Repinned {
+        /// The label of the connection given up.
+        from: String,
+        /// The label of the new one.
+        to: String,
+    },
+    /// No live session of that id for that agent: balanced like any request.
+    NoSession,
+}
+
+pub(crate) struct Session {
+    pub(crate) agent: Arc<str>,
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) generation: u64,
+    last_used: AtomicU64,
+}
+
+impl Session {
+    /// True while the pinned connection is the same one and fit for traffic.
+    pub(crate) fn is_healthy(&self) -> bool {
+        let s = &self.slot;
+        s.generation() == self.generation
+            && s.is_open()
+            && s.flags() & HARD == 0
+            && s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
+            && s.health_state() != HealthState::Unhealthy
+    }
+}
+
+pub(crate) struct Sticky {
+    sessions: DashMap<Arc<str>, Session, foldhash::fast::RandomState>,
+    idle: Option<Duration>,
+    epoch: Instant,
+}
+
+impl Sticky {
+    pub(crate) fn new(idle: Option<Duration>) -> Self {
+        Self {
+            sessions: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            idle,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn stamp(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn expired(&self, session: &Session, now: Instant) -> bool {
+        self.idle.is_some_and(|idle| {
+            let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+            self.stamp(now).saturating_sub(session.last_used.load(Ordering::Relaxed)) > idle
+        })
+    }
+
+    pub(crate) fn insert(&self, id: &str, agent: Arc<str>, slot: Arc<Slot>, now: Instant) {
+        let session = Session {
+            agent,
+            generation: slot.generation(),
+            slot,
+            last_used: AtomicU64::new(self.stamp(now)),
+        };
+        self.sessions.insert(Arc::from(id), session);
+    }
+
+    /// The session's agent and pin if it is live, touching it; an expired one is removed.
+    #[inline]
+    pub(crate) fn lookup(&self, id: &str, now: Instant) -> Option<(Arc<str>, Arc<Slot>, bool)> {
+        let expired = {
+            let session = self.sessions.get(id)?;
+            if !self.expired(&session, now) {
+                session.last_used.store(self.stamp(now), Ordering::Relaxed);
+                return Some((session.agent.clone(), session.slot.clone(), session.is_healthy()));
+            }
+            true
+        };
+        if expired {
+            self.sessions.remove(id);
+        }
+        None
+    }
+
+    /// Re-pins a session to `slot`, unless it was cleared meanwhile.
+    pub(crate) fn repin(&self, id: &str, slot: Arc<Slot>, now: Instant) {
+        if let Some(mut session) = self.sessions.get_mut(id) {
+            session.generation = slot.generation();
+            session.slot = slot;
+            session.last_used.store(self.stamp(now), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn refresh(&self, id: &str, now: Instant) -> bool {
+        self.lookup(id, now).is_some()
+    }
+
+    pub(crate) fn has(&self, id: &str, now: Instant) -> bool {
+        self.sessions.get(id).is_some_and(|s| !self.expired(&s, now))
+    }
+
+    pub(crate) fn agent_of(&self, id: &str, now: Instant) -> Option<String> {
+        self.sessions.get(id).filter(|s| !self.expired(s, now)).map(|s| s.agent.to_string())
+    }
+
+    pub(crate) fn remove(&self, id: &str) -> bool {
+        self.sessions.remove(id).is_some()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Removes expired sessions; returns how many.
+    pub(crate) fn sweep(&self, now: Instant) -> usize {
+        if self.idle.is_none() {
+            return 0;
+        }
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| !self.expired(s, now));
+        before.saturating_sub(self.sessions.len())
+    }
+
+    /// Removes every session of an agent (it was removed from the pool).
+    pub(crate) fn remove_agent(&self, agent: &str) {
+        self.sessions.retain(|_, s| &*s.agent != agent);
+    }
+}
