@@ -79,16 +79,15 @@ impl Tracker {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Waits until no connection is open or the deadline passes; returns (drained, forced).
-    /// At the deadline the remaining sockets are killed.
-    pub(crate) async fn drain(&self, deadline: Instant) -> (u64, u64) {
-        let at_start = self.active() as u64;
+    /// Waits until no connection is open or the deadline passes; returns how many were still
+    /// open at the deadline (forced). Those sockets are killed.
+    pub(crate) async fn drain(&self, deadline: Instant) -> u64 {
         loop {
             let notified = self.zero.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.active() == 0 {
-                return (at_start, 0);
+                return 0;
             }
             tokio::select! {
                 () = notified => {}
@@ -102,7 +101,7 @@ impl Tracker {
             kill.killed.store(true, Ordering::Release);
             kill.waker.wake();
         }
-        (at_start.saturating_sub(forced), forced)
+        forced
     }
 }
 

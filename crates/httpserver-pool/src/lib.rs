@@ -1,4 +1,42 @@
 //! Many hyper HTTP servers managed as one unit.
+//!
+//! A [`Pool`] holds [`Server`]s keyed by their canonical bind address (`:80`, `0.0.0.0:80` and
+//! a resolved name are one key: a duplicate is an error, never an overwrite). Each server runs
+//! hyper 1 through hyper-util's HTTP/1 + HTTP/2 builder, optionally behind rustls (mTLS, ALPN),
+//! and implements [`pool_api::Lifecycle`]: `start` binds for real and returns once listening
+//! (typed errors: address in use, permission denied, bad TLS); `stop` drains gracefully and
+//! returns as soon as the work is done, or cuts it off at the deadline, with a
+//! [`StopReport`](pool_api::StopReport). Handlers find a [`ShutdownSignal`] in request extensions.
+//!
+//! The pool adds group start/stop/restart (concurrent, failures aggregated, all-or-nothing or
+//! best-effort), selection by name, bind or public URL with a glob or regex ([`Pattern`]),
+//! walk, merge, independent clone, health and counters ([`Pool::monitor`]), and
+//! [`Pool::apply`]: a new [`PoolConfig`] while running, swapping settings in place.
+//!
+//! Modules: `addr` (address parsing), `config` (serde config, validation), `tls`, `server`
+//! (accept loop, connections), `drain` (connection accounting), `accept` (accept-error policy),
+//! `filter`, `pool`, `counters` (metrics facade + snapshots).
+//!
+//! ```
+//! use httpserver_pool::{Field, Handler, Pattern, Pool, PoolConfig, ServerConfig, full};
+//! use pool_api::Lifecycle;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+//! let pool = Pool::new();
+//! pool.set_default_handler(Handler::from_fn(|_req| async { http::Response::new(full("hello")) }));
+//! pool.apply(&PoolConfig { servers: vec![ServerConfig::new("api", format!("localhost:{port}"))] }).await?;
+//!
+//! pool.start().await?;
+//! let api = pool.filter(Field::Name, &Pattern::glob("api*")?);
+//! assert_eq!(api.len(), 1);
+//! assert!(api.servers()[0].is_running());
+//! let report = pool.stop().await?;
+//! assert_eq!(report.forced, 0);
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,3 +60,8 @@ mod socket;
 
 pub use counters::CounterSnapshot;
 pub use server::{ReloadOutcome, Server, ServerSnapshot};
+pub mod filter;
+mod pool;
+
+pub use filter::{Field, Pattern};
+pub use pool::{ApplyReport, Pool, Selection, StartPolicy};

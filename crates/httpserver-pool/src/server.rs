@@ -84,6 +84,7 @@ impl Live {
 
 struct RunHandle {
     shutdown: watch::Sender<Option<Instant>>,
+    tracker: Arc<Tracker>,
     task: Option<JoinHandle<StopReport>>,
 }
 
@@ -250,6 +251,9 @@ impl Server {
         let handle = {
             let mut run = lock(&self.inner.run);
             run.as_mut().map(|h| {
+                // Counted before the signal: a connection closing as soon as it sees the signal
+                // counts as drained.
+                let open = h.tracker.active() as u64;
                 // The first stop sets the deadline; a later one does not move it.
                 h.shutdown.send_if_modified(|d| {
                     let first = d.is_none();
@@ -258,11 +262,11 @@ impl Server {
                     }
                     first
                 });
-                h.task.take()
+                h.task.take().map(|task| (task, open))
             })
         };
         match handle {
-            Some(Some(task)) => {
+            Some(Some((task, open))) => {
                 self.inner.state.send_if_modified(|s| {
                     let running = *s == LifecycleState::Running;
                     if running {
@@ -273,7 +277,9 @@ impl Server {
                 let mut report = task
                     .await
                     .map_err(|e| LifecycleError::Stop { name: self.name(), message: e.to_string() })?;
+                report.drained = open.saturating_sub(report.forced);
                 report.elapsed = begin.elapsed();
+                self.inner.counters.stopped(report.drained, report.forced);
                 Ok(report)
             }
             // Another stop is under way: wait for it.
@@ -343,8 +349,9 @@ impl Lifecycle for Server {
         };
         let (shutdown, shutdown_rx) = watch::channel(None);
         let tracker = Tracker::new(self.inner.counters.clone());
-        let task = tokio::spawn(accept_loop(Arc::downgrade(&self.inner), listener, shutdown_rx, tracker));
-        *lock(&self.inner.run) = Some(RunHandle { shutdown, task: Some(task) });
+        let task =
+            tokio::spawn(accept_loop(Arc::downgrade(&self.inner), listener, shutdown_rx, tracker.clone()));
+        *lock(&self.inner.run) = Some(RunHandle { shutdown, tracker, task: Some(task) });
         *lock(&self.inner.started) = Some(Instant::now());
         self.inner.state.send_replace(LifecycleState::Running);
         tracing::info!(server = %name, bind = %self.inner.bind, "listening");
@@ -437,18 +444,18 @@ async fn accept_loop(
     };
     // Closing the listener first: new connections are refused from here on.
     drop(listener);
-    let (drained, forced) = tracker.drain(deadline).await;
+    let forced = tracker.drain(deadline).await;
     if forced > 0 {
         conns.abort_all();
     }
     while conns.join_next().await.is_some() {}
-    counters.stopped(drained, forced);
     if let Some(inner) = server.upgrade() {
         *lock(&inner.started) = None;
         lock(&inner.run).take();
         inner.state.send_replace(LifecycleState::Stopped);
     }
-    StopReport { drained, forced, elapsed: Duration::ZERO }
+    // `drained` and `elapsed` are filled in by the stop call, which saw the stop begin.
+    StopReport { drained: 0, forced, elapsed: Duration::ZERO }
 }
 
 async fn serve_connection(

@@ -34,7 +34,9 @@ impl PemSource {
 
     fn certs(&self) -> Result<Vec<CertificateDer<'static>>, String> {
         let certs: Result<Vec<_>, _> = match self {
-            PemSource::File(p) => CertificateDer::pem_file_iter(p).map_err(|e| e.to_string())?.collect(),
+            PemSource::File(p) => {
+                CertificateDer::pem_file_iter(p).map_err(|e| format!("{}: {e}", self.describe()))?.collect()
+            }
             PemSource::Pem(s) => CertificateDer::pem_slice_iter(s.as_bytes()).collect(),
         };
         let certs = certs.map_err(|e| format!("{}: {e}", self.describe()))?;
