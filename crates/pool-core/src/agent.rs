@@ -300,7 +300,7 @@ impl AgentShared {
         // A permit taken without looking at affinity (a reservation, a tower service) must
         // still go where the request is pinned.
         if !guard.pinned && kind != EventKind::RequestHeaders && self.affinity.len() > 0 {
-            match self.affinity.lookup(event.correlation_id().as_str(), start) {
+            match self.affinity.lookup(event.correlation_id().as_str(), self.ctx.clock.stamp(start)) {
                 Lookup::Hit(slot) if !Arc::ptr_eq(&slot, &guard.slot) => {
                     drop(guard);
                     let deadline = start + self.settings.request_timeout;
@@ -367,7 +367,7 @@ impl AgentShared {
         // Headers pin the request to this connection before they go out, so events sent
         // concurrently find the pin; the guard removes it if this send does not succeed.
         let pin = if kind == EventKind::RequestHeaders {
-            if self.affinity.pin(&correlation_id, &slot, start) {
+            if self.affinity.pin(&correlation_id, &slot, self.ctx.clock.stamp(start)) {
                 Some(PinGuard::new(&self.affinity, correlation_id.clone()))
             } else {
                 self.metrics.affinity_rejected.increment(1);
@@ -886,14 +886,15 @@ impl Agent {
     /// dispatch.
     pub(crate) async fn send(self: &Arc<Self>, event: Event) -> Result<Decision, PoolError> {
         let start = Instant::now();
-        let pick = self.pick_in(&self.live(), event.kind(), event.correlation_id(), start);
+        let stamp = self.shared.ctx.clock.stamp(start);
+        let pick = self.pick_in(&self.live(), event.kind(), event.correlation_id(), stamp);
         send_picked(pick, self.id(), event, start).await
     }
 
     /// Picks inside a directory snapshot: the pool's hot path.
     #[inline]
-    pub(crate) fn pick(view: &AgentView, kind: EventKind, id: &CorrelationId, now: Instant) -> Pick {
-        view.agent.pick_in(&view.live, kind, id, now)
+    pub(crate) fn pick(view: &AgentView, kind: EventKind, id: &CorrelationId, stamp: u64) -> Pick {
+        view.agent.pick_in(&view.live, kind, id, stamp)
     }
 
     /// Picks for one event: its pinned connection if the request has one, else the balancer's.
@@ -903,13 +904,13 @@ impl Agent {
         live: &[Arc<Slot>],
         kind: EventKind,
         id: &CorrelationId,
-        now: Instant,
+        stamp: u64,
     ) -> Pick {
         if let Some(closed) = self.shared.closed() {
             return Pick::Closed(closed);
         }
         if kind != EventKind::RequestHeaders && self.shared.affinity.len() > 0 {
-            match self.shared.affinity.lookup(id.as_str(), now) {
+            match self.shared.affinity.lookup(id.as_str(), stamp) {
                 Lookup::Hit(slot) => {
                     return if slot.flags() & PAUSED == 0 && slot.permits.try_acquire() {
                         Pick::Reserved(InFlight::pinned(slot))
@@ -986,7 +987,7 @@ impl Agent {
     /// Re-reads every slot's health window (so idle slots recover), drops idle affinity pins,
     /// and updates gauges.
     pub(crate) fn refresh_health(&self, now: Instant) {
-        self.shared.affinity.sweep(now);
+        self.shared.affinity.sweep(self.shared.ctx.clock.stamp(now));
         self.shared.metrics.affinity_entries.set(self.shared.affinity.len() as f64);
         let thresholds = &self.shared.ctx.config.health.thresholds;
         let mut healthy = 0;

@@ -18,9 +18,35 @@ use crate::service::AgentService;
 use crate::slot::{ConnectionHealth, InFlight};
 use crate::sticky::{Sticky, StickyRoute};
 
+/// A sticky send's agent, connection slot and route.
+type StickyPick = (Arc<Agent>, Arc<crate::slot::Slot>, StickyRoute);
+
 /// What every agent of a pool shares: its configuration and admission state.
+/// The pool's clock for idle time-outs: stamps are nanoseconds since the pool was built. A
+/// coarse reading, advanced by maintenance every health bucket, serves lookups that have no
+/// request start time at hand (an `Instant::now()` costs more than the lookup itself).
+pub(crate) struct Clock {
+    epoch: Instant,
+    coarse: AtomicU64,
+}
+
+impl Clock {
+    pub(crate) fn stamp(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn coarse(&self) -> u64 {
+        self.coarse.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn advance(&self, now: Instant) {
+        self.coarse.fetch_max(self.stamp(now), Ordering::Relaxed);
+    }
+}
+
 pub(crate) struct PoolCtx {
     pub(crate) config: PoolConfig,
+    pub(crate) clock: Clock,
     pub(crate) hello: Hello,
     pub(crate) directory: Directory,
     pub(crate) sticky: Sticky,
@@ -141,6 +167,7 @@ impl AgentPool {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| PoolError::NoRuntime)?;
         crate::metrics::describe();
         let ctx = Arc::new(PoolCtx {
+            clock: Clock { epoch: Instant::now(), coarse: AtomicU64::new(0) },
             hello: Hello::new(config.proxy_id.clone()),
             directory: Directory::new(),
             sticky: Sticky::new(config.sticky.idle_timeout),
@@ -235,6 +262,11 @@ impl AgentPool {
         drain_all(agents, Instant::now() + self.inner.ctx.config.drain_timeout).await
     }
 
+    /// A precise clock stamp of now.
+    fn now(&self) -> u64 {
+        self.inner.ctx.clock.stamp(Instant::now())
+    }
+
     fn directory(&self) -> &Directory {
         &self.inner.ctx.directory
     }
@@ -318,10 +350,11 @@ impl AgentPool {
     pub async fn send(&self, agent: &str, event: Event) -> Result<Decision, PoolError> {
         let start = Instant::now();
         // The fast path picks inside the directory snapshot; only a miss clones the agent.
+        let stamp = self.inner.ctx.clock.stamp(start);
         let pick = self.directory().with(|agents| {
             agents
                 .get(agent)
-                .map_or(Pick::Unknown, |view| Agent::pick(view, event.kind(), event.correlation_id(), start))
+                .map_or(Pick::Unknown, |view| Agent::pick(view, event.kind(), event.correlation_id(), stamp))
         });
         send_picked(pick, agent, event, start).await
     }
@@ -346,6 +379,35 @@ impl AgentPool {
             Pick::Closed(closed) => Err(closed.error(agent)),
             Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
             Pick::Pinned(..) | Pick::PinLost => unreachable!("no affinity without a correlation id"),
+        }
+    }
+
+    /// [`try_reserve`](Self::try_reserve) for one event of request `correlation_id`: if the
+    /// request is pinned by affinity (and `kind` is not its headers), the permit is taken on
+    /// its pinned connection — or [`PoolError::PinLost`] if that connection has died. The pin
+    /// is touched at the maintenance clock (to within one health bucket).
+    pub fn try_reserve_for(
+        &self,
+        agent: &str,
+        kind: EventKind,
+        correlation_id: &CorrelationId,
+    ) -> Result<Reservation, PoolError> {
+        let stamp = self.inner.ctx.clock.coarse();
+        let pick = self.directory().with(|agents| {
+            agents.get(agent).map_or(Pick::Unknown, |view| Agent::pick(view, kind, correlation_id, stamp))
+        });
+        match pick {
+            Pick::Reserved(guard) => Ok(Reservation::new(guard)),
+            Pick::Unknown => Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
+            Pick::Closed(closed) => Err(closed.error(agent)),
+            Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
+            Pick::Pinned(..) => Err(PoolError::Unavailable {
+                agent: agent.to_owned(),
+                reason: crate::error::Unavailable::NoCapacity,
+            }),
+            Pick::PinLost => {
+                Err(PoolError::PinLost { agent: agent.to_owned(), key: correlation_id.to_string() })
+            }
         }
     }
 
@@ -394,7 +456,7 @@ impl AgentPool {
         let Some(slot) = a.healthy_slot() else {
             return Err(PoolError::Unavailable { agent: agent.to_owned(), reason: a.unavailable_reason() });
         };
-        self.inner.ctx.sticky.insert(session_id, a.shared.id.clone(), slot, Instant::now());
+        self.inner.ctx.sticky.insert(session_id, a.shared.id.clone(), slot, self.now());
         Ok(())
     }
 
@@ -409,28 +471,10 @@ impl AgentPool {
         event: Event,
     ) -> Result<(Decision, StickyRoute), PoolError> {
         let start = Instant::now();
-        let sticky = &self.inner.ctx.sticky;
-        let Some((owner, pinned, healthy)) = sticky.lookup(session_id, start).filter(|(a, ..)| &**a == agent)
+        let Some((a, slot, route)) =
+            self.sticky_route(session_id, agent, self.inner.ctx.clock.stamp(start))?
         else {
             return Ok((self.send(agent, event).await?, StickyRoute::NoSession));
-        };
-        drop(owner);
-        let a = self.agent(agent)?;
-        a.shared.admitting()?;
-        let (slot, route) = if healthy {
-            (pinned, StickyRoute::Pinned)
-        } else {
-            let Some(fresh) = a.healthy_slot() else {
-                return Err(PoolError::Unavailable {
-                    agent: agent.to_owned(),
-                    reason: a.unavailable_reason(),
-                });
-            };
-            sticky.repin(session_id, fresh.clone(), start);
-            a.shared.metrics.sticky_repins.increment(1);
-            let route =
-                StickyRoute::Repinned { from: pinned.label().to_string(), to: fresh.label().to_string() };
-            (fresh, route)
         };
         let deadline = start + a.shared.settings.request_timeout;
         let guard = match a.shared.reserve_pinned(slot, event.correlation_id(), deadline).await {
@@ -441,14 +485,65 @@ impl AgentPool {
         Ok((decision, route))
     }
 
+    /// Takes a permit on sticky session `session_id`'s connection without waiting (re-pinning
+    /// it first if that connection died or turned unhealthy). Without a live session of that
+    /// id for that agent it reserves like [`try_reserve`](Self::try_reserve). The session is
+    /// touched at the maintenance clock (to within one health bucket).
+    pub fn try_reserve_sticky(
+        &self,
+        session_id: &str,
+        agent: &str,
+        kind: EventKind,
+    ) -> Result<(Reservation, StickyRoute), PoolError> {
+        let Some((a, slot, route)) = self.sticky_route(session_id, agent, self.inner.ctx.clock.coarse())?
+        else {
+            return Ok((self.try_reserve(agent, kind)?, StickyRoute::NoSession));
+        };
+        if slot.flags() & crate::slot::PAUSED != 0 {
+            return Err(PoolError::FlowControlPaused { agent: agent.to_owned() });
+        }
+        if !slot.permits.try_acquire() {
+            let reason = crate::error::Unavailable::NoCapacity;
+            return Err(PoolError::Unavailable { agent: a.id().to_owned(), reason });
+        }
+        Ok((Reservation::new(InFlight::pinned(slot)), route))
+    }
+
+    /// Where a sticky send goes: the session's connection, or a fresh healthy one it has just
+    /// been re-pinned to; `None` without a live session of that id for that agent.
+    fn sticky_route(
+        &self,
+        session_id: &str,
+        agent: &str,
+        stamp: u64,
+    ) -> Result<Option<StickyPick>, PoolError> {
+        let sticky = &self.inner.ctx.sticky;
+        let Some((_, pinned, healthy)) = sticky.lookup(session_id, stamp).filter(|(a, ..)| &**a == agent)
+        else {
+            return Ok(None);
+        };
+        let a = self.agent(agent)?;
+        a.shared.admitting()?;
+        if healthy {
+            return Ok(Some((a, pinned, StickyRoute::Pinned)));
+        }
+        let Some(fresh) = a.healthy_slot() else {
+            return Err(PoolError::Unavailable { agent: agent.to_owned(), reason: a.unavailable_reason() });
+        };
+        sticky.repin(session_id, fresh.clone(), stamp);
+        a.shared.metrics.sticky_repins.increment(1);
+        let route = StickyRoute::Repinned { from: pinned.label().to_string(), to: fresh.label().to_string() };
+        Ok(Some((a, fresh, route)))
+    }
+
     /// Marks a sticky session used now; false if it does not exist or has expired.
     pub fn refresh_sticky_session(&self, session_id: &str) -> bool {
-        self.inner.ctx.sticky.refresh(session_id, Instant::now())
+        self.inner.ctx.sticky.refresh(session_id, self.now())
     }
 
     /// True if the sticky session exists and has not expired.
     pub fn has_sticky_session(&self, session_id: &str) -> bool {
-        self.inner.ctx.sticky.has(session_id, Instant::now())
+        self.inner.ctx.sticky.has(session_id, self.now())
     }
 
     /// Ends a sticky session; true if it existed.
@@ -463,13 +558,13 @@ impl AgentPool {
 
     /// The agent a live sticky session belongs to.
     pub fn sticky_session_agent(&self, session_id: &str) -> Option<String> {
-        self.inner.ctx.sticky.agent_of(session_id, Instant::now())
+        self.inner.ctx.sticky.agent_of(session_id, self.now())
     }
 
     /// Removes expired sticky sessions now (maintenance also does, every health bucket);
     /// returns how many.
     pub fn cleanup_expired_sessions(&self) -> usize {
-        self.inner.ctx.sticky.sweep(Instant::now())
+        self.inner.ctx.sticky.sweep(self.now())
     }
 
     /// A [`tower_service::Service`] that sends events to one agent.
@@ -502,7 +597,8 @@ impl WeakPool {
     /// Sweeps expired sticky sessions; false once the pool is gone.
     pub(crate) fn sweep_sessions(&self, now: Instant) -> bool {
         let Some(inner) = self.0.upgrade() else { return false };
-        inner.ctx.sticky.sweep(now);
+        inner.ctx.clock.advance(now);
+        inner.ctx.sticky.sweep(inner.ctx.clock.stamp(now));
         metrics::gauge!("agentpool_sticky_sessions").set(inner.ctx.sticky.len() as f64);
         true
     }

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::time::Instant;
 
 use crate::endpoint::{GATE_EJECTED, GATE_OPEN};
 use crate::health::HealthState;
@@ -59,46 +58,33 @@ impl Session {
 pub(crate) struct Sticky {
     sessions: DashMap<Arc<str>, Session, foldhash::fast::RandomState>,
     idle: Option<Duration>,
-    epoch: Instant,
 }
 
 impl Sticky {
     pub(crate) fn new(idle: Option<Duration>) -> Self {
-        Self {
-            sessions: DashMap::with_hasher(foldhash::fast::RandomState::default()),
-            idle,
-            epoch: Instant::now(),
-        }
+        Self { sessions: DashMap::with_hasher(foldhash::fast::RandomState::default()), idle }
     }
 
-    fn stamp(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn expired(&self, session: &Session, now: Instant) -> bool {
+    fn expired(&self, session: &Session, stamp: u64) -> bool {
         self.idle.is_some_and(|idle| {
             let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
-            self.stamp(now).saturating_sub(session.last_used.load(Ordering::Relaxed)) > idle
+            stamp.saturating_sub(session.last_used.load(Ordering::Relaxed)) > idle
         })
     }
 
-    pub(crate) fn insert(&self, id: &str, agent: Arc<str>, slot: Arc<Slot>, now: Instant) {
-        let session = Session {
-            agent,
-            generation: slot.generation(),
-            slot,
-            last_used: AtomicU64::new(self.stamp(now)),
-        };
+    pub(crate) fn insert(&self, id: &str, agent: Arc<str>, slot: Arc<Slot>, stamp: u64) {
+        let session =
+            Session { agent, generation: slot.generation(), slot, last_used: AtomicU64::new(stamp) };
         self.sessions.insert(Arc::from(id), session);
     }
 
     /// The session's agent and pin if it is live, touching it; an expired one is removed.
     #[inline]
-    pub(crate) fn lookup(&self, id: &str, now: Instant) -> Option<(Arc<str>, Arc<Slot>, bool)> {
+    pub(crate) fn lookup(&self, id: &str, stamp: u64) -> Option<(Arc<str>, Arc<Slot>, bool)> {
         let expired = {
             let session = self.sessions.get(id)?;
-            if !self.expired(&session, now) {
-                session.last_used.store(self.stamp(now), Ordering::Relaxed);
+            if !self.expired(&session, stamp) {
+                session.last_used.store(stamp, Ordering::Relaxed);
                 return Some((session.agent.clone(), session.slot.clone(), session.is_healthy()));
             }
             true
@@ -110,24 +96,24 @@ impl Sticky {
     }
 
     /// Re-pins a session to `slot`, unless it was cleared meanwhile.
-    pub(crate) fn repin(&self, id: &str, slot: Arc<Slot>, now: Instant) {
+    pub(crate) fn repin(&self, id: &str, slot: Arc<Slot>, stamp: u64) {
         if let Some(mut session) = self.sessions.get_mut(id) {
             session.generation = slot.generation();
             session.slot = slot;
-            session.last_used.store(self.stamp(now), Ordering::Relaxed);
+            session.last_used.store(stamp, Ordering::Relaxed);
         }
     }
 
-    pub(crate) fn refresh(&self, id: &str, now: Instant) -> bool {
-        self.lookup(id, now).is_some()
+    pub(crate) fn refresh(&self, id: &str, stamp: u64) -> bool {
+        self.lookup(id, stamp).is_some()
     }
 
-    pub(crate) fn has(&self, id: &str, now: Instant) -> bool {
-        self.sessions.get(id).is_some_and(|s| !self.expired(&s, now))
+    pub(crate) fn has(&self, id: &str, stamp: u64) -> bool {
+        self.sessions.get(id).is_some_and(|s| !self.expired(&s, stamp))
     }
 
-    pub(crate) fn agent_of(&self, id: &str, now: Instant) -> Option<String> {
-        self.sessions.get(id).filter(|s| !self.expired(s, now)).map(|s| s.agent.to_string())
+    pub(crate) fn agent_of(&self, id: &str, stamp: u64) -> Option<String> {
+        self.sessions.get(id).filter(|s| !self.expired(s, stamp)).map(|s| s.agent.to_string())
     }
 
     pub(crate) fn remove(&self, id: &str) -> bool {
@@ -139,12 +125,12 @@ impl Sticky {
     }
 
     /// Removes expired sessions; returns how many.
-    pub(crate) fn sweep(&self, now: Instant) -> usize {
+    pub(crate) fn sweep(&self, stamp: u64) -> usize {
         if self.idle.is_none() {
             return 0;
         }
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| !self.expired(s, now));
+        self.sessions.retain(|_, s| !self.expired(s, stamp));
         before.saturating_sub(self.sessions.len())
     }
 

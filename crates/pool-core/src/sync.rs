@@ -7,14 +7,120 @@
 #[cfg(not(agentpool_loom))]
 pub(crate) use std::sync::{
     Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU32, Ordering},
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
 };
 
 #[cfg(agentpool_loom)]
 pub(crate) use loom::sync::{
     Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU32, Ordering},
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
 };
+
+/// A concurrent map with just what the affinity table needs: a `DashMap` normally, a
+/// mutex-guarded `HashMap` under loom (which cannot see inside `DashMap`'s locks).
+pub(crate) struct PinMap<K, V> {
+    #[cfg(not(agentpool_loom))]
+    inner: dashmap::DashMap<K, V, foldhash::fast::RandomState>,
+    #[cfg(agentpool_loom)]
+    inner: Mutex<std::collections::HashMap<K, V>>,
+}
+
+impl<K: Eq + std::hash::Hash, V> PinMap<K, V> {
+    pub(crate) fn new() -> Self {
+        #[cfg(not(agentpool_loom))]
+        {
+            Self { inner: dashmap::DashMap::with_hasher(foldhash::fast::RandomState::default()) }
+        }
+        #[cfg(agentpool_loom)]
+        {
+            Self { inner: Mutex::new(std::collections::HashMap::new()) }
+        }
+    }
+
+    /// Runs `f` on the value of `key`, under the map's read lock.
+    pub(crate) fn read<Q, R>(&self, key: &Q, f: impl FnOnce(&V) -> R) -> Option<R>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        #[cfg(not(agentpool_loom))]
+        {
+            self.inner.get(key).map(|v| f(&v))
+        }
+        #[cfg(agentpool_loom)]
+        {
+            lock(&self.inner).get(key).map(f)
+        }
+    }
+
+    /// Replaces the value of an existing key (true), or inserts a new one if `admit` allows it
+    /// (its answer), atomically with respect to other writers of that key.
+    pub(crate) fn upsert(&self, key: K, value: V, admit: impl FnOnce() -> bool) -> bool {
+        #[cfg(not(agentpool_loom))]
+        {
+            match self.inner.entry(key) {
+                dashmap::Entry::Occupied(mut o) => {
+                    o.insert(value);
+                    true
+                }
+                dashmap::Entry::Vacant(v) => {
+                    let admitted = admit();
+                    if admitted {
+                        v.insert(value);
+                    }
+                    admitted
+                }
+            }
+        }
+        #[cfg(agentpool_loom)]
+        {
+            let mut map = lock(&self.inner);
+            if let Some(slot) = map.get_mut(&key) {
+                *slot = value;
+                return true;
+            }
+            let admitted = admit();
+            if admitted {
+                map.insert(key, value);
+            }
+            admitted
+        }
+    }
+
+    /// Removes `key`; true if it was there.
+    pub(crate) fn remove<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        #[cfg(not(agentpool_loom))]
+        {
+            self.inner.remove(key).is_some()
+        }
+        #[cfg(agentpool_loom)]
+        {
+            lock(&self.inner).remove(key).is_some()
+        }
+    }
+
+    /// Keeps the values for which `keep` is true; returns how many were removed.
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&V) -> bool) -> usize {
+        let mut removed = 0;
+        #[cfg(not(agentpool_loom))]
+        self.inner.retain(|_, v| {
+            let k = keep(v);
+            removed += usize::from(!k);
+            k
+        });
+        #[cfg(agentpool_loom)]
+        lock(&self.inner).retain(|_, v| {
+            let k = keep(v);
+            removed += usize::from(!k);
+            k
+        });
+        removed
+    }
+}
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the data consistent
 /// at each step, so a panic elsewhere must not take the pool down with it.

@@ -193,3 +193,21 @@ async fn cancel_fails_one_of_two_requests_sharing_a_connection_and_tells_the_age
         Err(PoolError::UnknownAgent { agent: "nope".into() })
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn try_reserve_for_takes_the_permit_on_the_pinned_connection() {
+    let agent = agent();
+    let (pool, _c) =
+        common::single(PoolConfig { balancer: pool_core::balance::Strategy::RoundRobin, ..config() }, &agent)
+            .await;
+    pool.send("waf", request("r1")).await.unwrap();
+    let home = agent.events_by_connection().pop().unwrap().0;
+    for i in 0..4 {
+        let r = pool.try_reserve_for("waf", EventKind::RequestBody, &"r1".into()).unwrap();
+        assert_eq!(r.connection(), home, "reservation {i}");
+    }
+    agent.connection_by_label(&home).unwrap().disconnect();
+    tokio::time::sleep(Duration::from_millis(1)).await; // the supervisor takes it out
+    let err = pool.try_reserve_for("waf", EventKind::RequestBody, &"r1".into()).unwrap_err();
+    assert_eq!(err, PoolError::PinLost { agent: "waf".into(), key: "r1".into() });
+}

@@ -193,3 +193,17 @@ async fn sticky_sends_dropped_at_random_points_leave_no_permit_behind() {
     tokio::time::sleep(Duration::from_secs(302)).await;
     assert_eq!(pool.sticky_session_count(), 0, "all expired as documented");
 }
+
+#[tokio::test(start_paused = true)]
+async fn try_reserve_sticky_reserves_on_the_session_connection() {
+    let agent = allow_all();
+    let (pool, _c) = common::single(config(), &agent).await;
+    pool.create_sticky_session("s", "waf").unwrap();
+    let (first, route) = pool.try_reserve_sticky("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
+    assert_eq!(route, StickyRoute::Pinned);
+    let (second, _) = pool.try_reserve_sticky("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
+    assert_eq!(first.connection(), second.connection());
+    assert!(second.send(request("x")).await.unwrap().is_allow());
+    let (_, route) = pool.try_reserve_sticky("none", "waf", pool_api::EventKind::RequestHeaders).unwrap();
+    assert_eq!(route, StickyRoute::NoSession);
+}
