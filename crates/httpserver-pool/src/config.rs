@@ -91,7 +91,9 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// Serve HTTP/2 (ALPN `h2` on TLS). HTTP/1.1 is always served.
     pub http2: bool,
-    /// Serve HTTP/2 over plain TCP with prior knowledge (h2c). Needs `http2`.
+    /// Serve HTTP/2 over plain TCP with prior knowledge (h2c). Needs `http2`. Known gap: with
+    /// `false`, prior-knowledge HTTP/2 is still answered (hyper-util's upgradeable connection
+    /// ignores its HTTP/1-only switch); `http2 = false` does remove `h2` from TLS ALPN.
     pub h2c: bool,
     /// Socket options.
     pub socket: SocketOptions,

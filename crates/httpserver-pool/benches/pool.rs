@@ -1,2 +1,0 @@
-//! Benchmarks (filled in below).
-fn main() {}
