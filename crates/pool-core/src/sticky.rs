@@ -84,7 +84,9 @@ impl Sticky {
         let expired = {
             let session = self.sessions.get(id)?;
             if !self.expired(&session, stamp) {
-                session.last_used.store(stamp, Ordering::Relaxed);
+                if let Some(idle) = self.idle {
+                    crate::affinity::touch(&session.last_used, stamp, idle);
+                }
                 return Some((session.agent.clone(), session.slot.clone(), session.is_healthy()));
             }
             true
