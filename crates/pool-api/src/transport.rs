@@ -10,7 +10,7 @@ use futures_core::Stream;
 use tokio::sync::watch;
 
 use crate::capabilities::{Capabilities, Hello};
-use crate::config::{ConfigAck, ConfigPush};
+use crate::config::{ConfigAck, ConfigPush, ConfigUpdateAnswer, ConfigUpdateRequest};
 use crate::decision::Decision;
 use crate::error::TransportError;
 use crate::event::{CancelReason, CorrelationId, Event};
@@ -132,6 +132,13 @@ pub trait AgentConnection: Send + Sync + 'static {
 
     /// Pushes configuration and resolves with the agent's acknowledgement.
     fn push_config(&self, push: ConfigPush) -> BoxFuture<'static, Result<ConfigAck, TransportError>>;
+
+    /// Resolves with the next configuration update the agent initiates on this connection, or
+    /// `None` once the connection is closed. One caller at a time (the pool's supervisor).
+    fn next_config_update(&self) -> BoxFuture<'static, Option<ConfigUpdateRequest>>;
+
+    /// Sends the proxy's answer to an agent-initiated update.
+    fn answer_config_update(&self, answer: ConfigUpdateAnswer);
 
     /// Tells the agent that no new requests will come on this connection; pending ones go on.
     fn drain(&self);

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pool_api::{
-    CancelReason, Capabilities, Connector, CorrelationId, Decision, Endpoint, Event, EventKind, EventSet,
-    StopReport, TransportError,
+    AgentConnection, CancelReason, Capabilities, ConfigPush, ConfigUpdateAnswer, ConfigUpdateRequest,
+    Connector, CorrelationId, Decision, Endpoint, Event, EventKind, EventSet, StopReport, TransportError,
 };
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until};
@@ -34,6 +34,7 @@ use crate::affinity::{Affinity, Lookup, PinGuard};
 use crate::balance::Balancer;
 use crate::breaker::Admission;
 use crate::config::{AgentSettings, FailureMode, FlowControlMode};
+use crate::config_push::PushState;
 use crate::directory::{AgentView, Agents};
 use crate::endpoint::{BreakerStatus, EndpointState, GATE_EJECTED, GATE_OPEN, GATE_PROBE};
 use crate::error::{PoolError, Unavailable};
@@ -1065,6 +1066,113 @@ impl Agent {
 
     pub(crate) fn health(&self, now: Instant) -> Vec<ConnectionHealth> {
         self.slots().iter().map(|s| s.snapshot(now)).collect()
+    }
+
+    /// Starts one push per endpoint whose connection announces config push; returns their ids.
+    pub(crate) fn push_config(
+        self: &Arc<Self>,
+        kind: &str,
+        version: Option<&str>,
+        payload: &bytes::Bytes,
+    ) -> Vec<u64> {
+        let live = self.live();
+        let mut ids = Vec::new();
+        for ep in &self.endpoints {
+            let supports = live.iter().any(|s| {
+                Arc::ptr_eq(&s.endpoint, ep) && s.capabilities().is_some_and(|c| c.features.config_push)
+            });
+            if !supports {
+                continue;
+            }
+            let push_id = self.shared.ctx.pushes.begin();
+            let push = ConfigPush {
+                push_id,
+                kind: kind.to_owned(),
+                version: version.map(str::to_owned),
+                payload: payload.clone(),
+            };
+            let (agent, ep) = (self.clone(), ep.clone());
+            self.tasks.spawn(async move { agent.run_push(ep, push).await });
+            ids.push(push_id);
+        }
+        ids
+    }
+
+    /// One push: send on a live connection of the endpoint, wait for the ack, retry on
+    /// time-out or lost connection, record the outcome.
+    async fn run_push(&self, endpoint: Arc<EndpointState>, push: ConfigPush) {
+        let cfg = &self.shared.ctx.config.config_push;
+        let pushes = &self.shared.ctx.pushes;
+        let id = push.push_id;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            pushes.set(id, PushState::Pending { attempts });
+            let conn = self
+                .live()
+                .iter()
+                .filter(|s| Arc::ptr_eq(&s.endpoint, &endpoint))
+                .find_map(|s| s.conn.load_full().filter(|l| l.conn.is_open()));
+            let problem = match conn {
+                None => format!("no live connection to {}", endpoint.endpoint),
+                Some(live) => {
+                    let attempt = tokio::time::timeout(cfg.ack_timeout, live.conn.push_config(push.clone()));
+                    tokio::select! {
+                        () = self.stop.cancelled() => {
+                            pushes.set(id, PushState::Failed { error: "the pool shut down".into() });
+                            return;
+                        }
+                        r = attempt => match r {
+                            Ok(Ok(ack)) if ack.accepted => {
+                                pushes.set(id, PushState::Acked);
+                                return;
+                            }
+                            Ok(Ok(ack)) => {
+                                let error = ack.error.unwrap_or_else(|| "rejected without a reason".into());
+                                pushes.set(id, PushState::Rejected { error });
+                                return;
+                            }
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => format!("no acknowledgement within {:?}", cfg.ack_timeout),
+                        },
+                    }
+                }
+            };
+            if attempts > cfg.retries {
+                pushes.set(id, PushState::Failed { error: problem });
+                return;
+            }
+            tracing::debug!(agent = %self.id(), push = id, %problem, "config push attempt failed; retrying");
+            tokio::select! {
+                () = self.stop.cancelled() => {
+                    pushes.set(id, PushState::Failed { error: "the pool shut down".into() });
+                    return;
+                }
+                () = tokio::time::sleep(cfg.retry_interval) => {}
+            }
+        }
+    }
+
+    /// Answers one agent-initiated update with the pool's handler, on a task of the agent.
+    pub(crate) fn answer_update(&self, conn: Arc<dyn AgentConnection>, request: ConfigUpdateRequest) {
+        let handler = self.shared.ctx.update_handler.get();
+        let agent = self.id().to_owned();
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let request_id = request.request_id;
+            let answer = match handler {
+                Some(h) => tokio::select! {
+                    () = stop.cancelled() => return,
+                    answer = h.handle(agent, request) => answer,
+                },
+                None => ConfigUpdateAnswer {
+                    request_id,
+                    accepted: false,
+                    error: Some("no configuration update handler is registered".into()),
+                },
+            };
+            conn.answer_config_update(ConfigUpdateAnswer { request_id, ..answer });
+        });
     }
 
     /// A healthy connected slot, chosen by the balancer (capacity aside): for pinning a

@@ -165,6 +165,8 @@ pub struct PoolConfig {
     pub affinity: AffinityConfig,
     /// Sticky sessions.
     pub sticky: StickyConfig,
+    /// Configuration pushes to agents.
+    pub config_push: crate::config_push::ConfigPushConfig,
     /// How long shutdown waits for in-flight requests before cancelling them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -190,6 +192,7 @@ impl Default for PoolConfig {
             flow_control: FlowControlConfig::default(),
             affinity: AffinityConfig::default(),
             sticky: StickyConfig::default(),
+            config_push: crate::config_push::ConfigPushConfig::default(),
             drain_timeout: Duration::from_secs(30),
             seed: None,
         }
@@ -231,6 +234,9 @@ impl PoolConfig {
         }
         if self.sticky.idle_timeout.is_some_and(|d| d.is_zero()) {
             p.push("sticky.idle_timeout: must be greater than zero (or null for never)".to_owned());
+        }
+        if self.config_push.ack_timeout.is_zero() {
+            p.push("config_push.ack_timeout: must be greater than zero".to_owned());
         }
         if self.affinity.ttl.is_zero() {
             p.push("affinity.ttl: must be greater than zero".to_owned());

@@ -60,6 +60,7 @@ pub mod backoff;
 pub mod balance;
 pub mod breaker;
 mod config;
+mod config_push;
 mod directory;
 mod endpoint;
 mod error;
@@ -81,6 +82,7 @@ pub use config::{
     AffinityConfig, AgentOptions, FailureMode, FlowControlConfig, FlowControlMode, HealthConfig, PoolConfig,
     StickyConfig,
 };
+pub use config_push::{ConfigPushConfig, ConfigUpdateHandler, PushCounts, PushState};
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};
 pub use pool::{AddReport, AgentPool, PoolStats, Reservation};

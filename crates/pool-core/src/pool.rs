@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject, Totals, send_picked};
 use crate::config::PoolConfig;
+use crate::config_push::{ConfigUpdateHandler, PushCounts, PushState, Pushes, UpdateHandlerSlot};
 use crate::directory::{AgentView, Agents, Directory};
 use crate::error::PoolError;
 use crate::service::AgentService;
@@ -50,6 +51,8 @@ pub(crate) struct PoolCtx {
     pub(crate) hello: Hello,
     pub(crate) directory: Directory,
     pub(crate) sticky: Sticky,
+    pub(crate) pushes: Pushes,
+    pub(crate) update_handler: UpdateHandlerSlot,
     admitting: AtomicBool,
     seeds: AtomicU64,
 }
@@ -171,6 +174,8 @@ impl AgentPool {
             hello: Hello::new(config.proxy_id.clone()),
             directory: Directory::new(),
             sticky: Sticky::new(config.sticky.idle_timeout),
+            pushes: Pushes::new(),
+            update_handler: UpdateHandlerSlot::default(),
             config,
             admitting: AtomicBool::new(true),
             seeds: AtomicU64::new(0),
@@ -565,6 +570,67 @@ impl AgentPool {
     /// returns how many.
     pub fn cleanup_expired_sessions(&self) -> usize {
         self.inner.ctx.sticky.sweep(self.now())
+    }
+
+    /// Pushes configuration to every endpoint of `agent` whose connection announces the
+    /// `config_push` feature; returns the push ids (none if no endpoint supports it). Each push
+    /// is sent, acknowledged or rejected by the agent, and retried on ack time-out as
+    /// configured; follow it with [`push_state`](Self::push_state) or
+    /// [`wait_push`](Self::wait_push).
+    pub fn push_config(
+        &self,
+        agent: &str,
+        kind: &str,
+        version: Option<&str>,
+        payload: bytes::Bytes,
+    ) -> Result<Vec<u64>, PoolError> {
+        let a = self.agent(agent)?;
+        a.shared.admitting()?;
+        Ok(a.push_config(kind, version, &payload))
+    }
+
+    /// [`push_config`](Self::push_config) to every agent that supports it; returns
+    /// `(agent, push id)` pairs.
+    pub fn push_config_to_all(
+        &self,
+        kind: &str,
+        version: Option<&str>,
+        payload: bytes::Bytes,
+    ) -> Vec<(String, u64)> {
+        let mut ids = Vec::new();
+        for view in self.directory().load().values() {
+            if view.agent.shared.admitting().is_ok() {
+                let agent = view.agent.id().to_owned();
+                ids.extend(
+                    view.agent.push_config(kind, version, &payload).into_iter().map(|id| (agent.clone(), id)),
+                );
+            }
+        }
+        ids.sort();
+        ids
+    }
+
+    /// Where push `id` is; `None` for an unknown (or long-forgotten) id.
+    pub fn push_state(&self, id: u64) -> Option<PushState> {
+        self.inner.ctx.pushes.state(id)
+    }
+
+    /// Waits until push `id` is acked, rejected or failed, and returns that outcome.
+    pub async fn wait_push(&self, id: u64) -> Option<PushState> {
+        let mut rx = self.inner.ctx.pushes.watch(id)?;
+        let state = rx.wait_for(PushState::is_final).await.ok()?.clone();
+        Some(state)
+    }
+
+    /// Pushes pending, acked, rejected and failed since the pool started.
+    pub fn push_counts(&self) -> PushCounts {
+        self.inner.ctx.pushes.counts()
+    }
+
+    /// Registers the handler of agent-initiated configuration updates (replacing any other);
+    /// `None` removes it, after which such requests are answered "rejected".
+    pub fn set_config_update_handler(&self, handler: Option<Arc<dyn ConfigUpdateHandler>>) {
+        self.inner.ctx.update_handler.set(handler);
     }
 
     /// A [`tower_service::Service`] that sends events to one agent.

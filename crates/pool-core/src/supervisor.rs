@@ -54,7 +54,7 @@ pub(crate) async fn supervise(
                 slot.attach(conn.clone(), Instant::now());
                 agent.republish();
                 tracing::debug!(agent = %agent.id(), connection = conn.label(), "connected");
-                let exit = run_connected(&agent, &slot, &*conn).await;
+                let exit = run_connected(&agent, &slot, &conn).await;
                 slot.detach();
                 agent.republish();
                 match exit {
@@ -115,7 +115,7 @@ async fn connect(
 type Ping =
     std::pin::Pin<Box<tokio::time::Timeout<BoxFuture<'static, Result<std::time::Duration, TransportError>>>>>;
 
-async fn run_connected(agent: &Agent, slot: &Slot, conn: &dyn AgentConnection) -> Exit {
+async fn run_connected(agent: &Agent, slot: &Slot, conn: &Arc<dyn AgentConnection>) -> Exit {
     let ctx = &agent.shared.ctx;
     let mut signals = conn.signals();
     {
@@ -130,6 +130,8 @@ async fn run_connected(agent: &Agent, slot: &Slot, conn: &dyn AgentConnection) -
     let ping_timeout = ctx.config.health.ping_timeout;
     let mut next_ping = (!every.is_zero()).then(|| Instant::now() + every);
     let mut ping: Option<Ping> = None;
+    let mut update = conn.next_config_update();
+    let mut updates_open = true;
     let stop = agent.stop_token();
     loop {
         tokio::select! {
@@ -145,6 +147,16 @@ async fn run_connected(agent: &Agent, slot: &Slot, conn: &dyn AgentConnection) -
                 }
                 slot.apply_signals(&s);
                 agent.shared.wake_waiters();
+            }
+            request = &mut update, if updates_open => {
+                match request {
+                    Some(request) => {
+                        update = conn.next_config_update();
+                        agent.answer_update(conn.clone(), request);
+                    }
+                    // The connection's update stream ended: it is closing.
+                    None => updates_open = false,
+                }
             }
             () = sleep_until(next_ping.unwrap_or_else(Instant::now)), if next_ping.is_some() && ping.is_none() => {
                 ping = Some(Box::pin(timeout(ping_timeout, conn.ping())));

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use pool_api::{
     AgentError, AgentHandler, AgentHealth, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
-    CorrelationId, Decision, Endpoint, Event, EventKind, FlowControl, Hello, PendingConnection,
-    TransportError,
+    ConfigUpdateAnswer, ConfigUpdateKind, CorrelationId, Decision, Endpoint, Event, EventKind, FlowControl,
+    Hello, PendingConnection, TransportError,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -104,6 +104,7 @@ struct Observations {
     closes: Vec<String>,
     pings: Vec<String>,
     config_pushes: Vec<(String, ConfigPush)>,
+    config_answers: Vec<(String, ConfigUpdateAnswer)>,
 }
 
 /// The state shared by an agent's handles, its connections' tasks and its pending connections.
@@ -214,6 +215,10 @@ impl AgentShared {
 
     pub(crate) fn record_ping(&self, label: &str) {
         lock(&self.observations).pings.push(label.to_owned());
+    }
+
+    pub(crate) fn record_config_answer(&self, label: &str, answer: ConfigUpdateAnswer) {
+        lock(&self.observations).config_answers.push((label.to_owned(), answer));
     }
 
     pub(crate) fn record_config_push(&self, label: &str, push: &ConfigPush) {
@@ -552,6 +557,12 @@ impl MemoryAgent {
         lock(&self.shared.observations).pings.clone()
     }
 
+    /// The proxy's answers to agent-initiated configuration updates, with their connection
+    /// labels, in order.
+    pub fn config_answers(&self) -> Vec<(String, ConfigUpdateAnswer)> {
+        lock(&self.shared.observations).config_answers.clone()
+    }
+
     /// Configuration pushes received, with their connection labels, in order.
     pub fn config_pushes(&self) -> Vec<(String, ConfigPush)> {
         lock(&self.shared.observations).config_pushes.clone()
@@ -596,6 +607,13 @@ impl fmt::Debug for ConnectionControl {
 }
 
 impl ConnectionControl {
+    /// The agent asks the proxy for something on its own initiative (a reload, a rule
+    /// update…): returns the request id, or `None` if the connection is closed. The proxy's
+    /// answer shows up in [`MemoryAgent::config_answers`].
+    pub fn request_config_update(&self, kind: ConfigUpdateKind) -> Option<u64> {
+        self.core.request_config_update(kind)
+    }
+
     /// The connection's label, `"{endpoint}#{n}"`.
     pub fn label(&self) -> &str {
         &self.core.label

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use pool_api::{
     AgentConnection, AgentError, AgentHealth, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
-    ConnectionSignals, CorrelationId, Decision, Endpoint, Event, FlowControl, TransportError,
+    ConfigUpdateAnswer, ConfigUpdateKind, ConfigUpdateRequest, ConnectionSignals, CorrelationId, Decision,
+    Endpoint, Event, FlowControl, TransportError,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -50,6 +51,10 @@ pub(crate) struct ConnCore {
     pub(crate) commands: mpsc::WeakUnboundedSender<Command>,
     /// Requests pending on this connection.
     pub(crate) pending: AtomicUsize,
+    /// Agent-initiated configuration updates on their way to the proxy; dropped on close so
+    /// the proxy's receiver ends.
+    updates: Mutex<Option<mpsc::UnboundedSender<ConfigUpdateRequest>>>,
+    next_update_id: AtomicU64,
 }
 
 impl ConnCore {
@@ -71,8 +76,17 @@ impl ConnCore {
             }
             *closed = Some(reason.to_owned());
         }
+        lock(&self.updates).take();
         self.signals.send_modify(|s| s.open = false);
         true
+    }
+
+    /// Sends an agent-initiated configuration update to the proxy; its request id, or `None`
+    /// if the connection is closed.
+    pub(crate) fn request_config_update(&self, kind: ConfigUpdateKind) -> Option<u64> {
+        let request_id = self.next_update_id.fetch_add(1, Ordering::Relaxed);
+        let tx = lock(&self.updates).clone()?;
+        tx.send(ConfigUpdateRequest { request_id, kind }).ok().map(|()| request_id)
     }
 
     /// The connection dies now: pending requests fail with [`TransportError::Closed`].
@@ -115,6 +129,8 @@ pub struct MemoryConnection {
     commands: mpsc::UnboundedSender<Command>,
     capabilities: Capabilities,
     next_stream: AtomicU64,
+    agent: Arc<AgentShared>,
+    updates: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ConfigUpdateRequest>>>,
 }
 
 impl fmt::Debug for MemoryConnection {
@@ -137,6 +153,7 @@ impl MemoryConnection {
         let index = agent.next_index.fetch_add(1, Ordering::SeqCst);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let signals =
             watch::Sender::new(ConnectionSignals { health: agent.health(), ..ConnectionSignals::open() });
         let core = Arc::new(ConnCore {
@@ -146,6 +163,8 @@ impl MemoryConnection {
             closed: Mutex::new(None),
             commands: commands.downgrade(),
             pending: AtomicUsize::new(0),
+            updates: Mutex::new(Some(updates_tx)),
+            next_update_id: AtomicU64::new(0),
         });
         agent.add_connection(Arc::clone(&core));
         let limiter = capabilities.max_concurrency.map(|n| Arc::new(Semaphore::new(n.get() as usize)));
@@ -160,7 +179,14 @@ impl MemoryConnection {
             config_tasks: JoinSet::new(),
         };
         tokio::spawn(task.run(command_rx, done_rx));
-        Arc::new(Self { core, commands, capabilities, next_stream: AtomicU64::new(0) })
+        Arc::new(Self {
+            core,
+            commands,
+            capabilities,
+            next_stream: AtomicU64::new(0),
+            agent: Arc::clone(agent),
+            updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
+        })
     }
 
     /// The `n` of the label: connections opened to this agent before this one.
@@ -303,6 +329,15 @@ impl AgentConnection for MemoryConnection {
         }
         let core = Arc::clone(&self.core);
         Box::pin(async move { ack.await.map_err(|_| core.closed_error()) })
+    }
+
+    fn next_config_update(&self) -> BoxFuture<'static, Option<ConfigUpdateRequest>> {
+        let updates = Arc::clone(&self.updates);
+        Box::pin(async move { updates.lock().await.recv().await })
+    }
+
+    fn answer_config_update(&self, answer: ConfigUpdateAnswer) {
+        self.agent.record_config_answer(&self.core.label, answer);
     }
 
     /// Publishes `draining: true` and tells the agent.

@@ -1,0 +1,194 @@
+//! Configuration exchanged with agents at run time.
+//!
+//! **Pushes** (proxy → agent): [`AgentPool::push_config`](crate::AgentPool::push_config)
+//! sends one push per endpoint of the agent whose connection announces the `config_push`
+//! feature, and returns their ids. Each push runs on its own task: it is sent on a live
+//! connection of that endpoint and waits for the agent's acknowledgement up to the ack
+//! time-out. An accept or a reject (with the agent's message) is final; a time-out or a lost
+//! connection is retried after the retry interval, up to the configured number of retries,
+//! then the push has failed. The outcome is observable as a [`PushState`], polled or awaited.
+//!
+//! **Updates** (agent → proxy): an agent may ask for a reload, report a rule or list change,
+//! a needed restart or a configuration error. Each request goes to the
+//! [`ConfigUpdateHandler`] registered on the pool, and its answer is sent back to the agent
+//! on the connection the request came on. Without a handler the pool answers "rejected".
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use pool_api::{BoxFuture, ConfigUpdateAnswer, ConfigUpdateRequest};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::sync::lock_std as lock;
+
+/// How pushes wait and retry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigPushConfig {
+    /// Time allowed for an agent to acknowledge one attempt.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Attempts after the first, when an ack times out or the connection is lost.
+    pub retries: u32,
+    /// Pause between attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+impl Default for ConfigPushConfig {
+    fn default() -> Self {
+        Self { ack_timeout: Duration::from_secs(10), retries: 3, retry_interval: Duration::from_secs(2) }
+    }
+}
+
+/// Where a push is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushState {
+    /// Not yet answered; `attempts` made so far.
+    Pending {
+        /// Attempts sent so far.
+        attempts: u32,
+    },
+    /// The agent applied it.
+    Acked,
+    /// The agent refused it.
+    Rejected {
+        /// The agent's reason.
+        error: String,
+    },
+    /// No answer after every retry (or the pool shut down).
+    Failed {
+        /// The last problem met.
+        error: String,
+    },
+}
+
+impl PushState {
+    /// True once the push is acked, rejected or failed.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Self::Pending { .. })
+    }
+}
+
+/// Push counts, for stats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushCounts {
+    /// Still waiting for an answer.
+    pub pending: usize,
+    /// Acknowledged.
+    pub acked: u64,
+    /// Rejected by the agent.
+    pub rejected: u64,
+    /// Failed after every retry.
+    pub failed: u64,
+}
+
+/// Finished pushes kept for lookup; older ones are forgotten.
+const KEEP_FINISHED: usize = 1024;
+
+/// Every push of a pool.
+pub(crate) struct Pushes {
+    next_id: AtomicU64,
+    states: DashMap<u64, watch::Sender<PushState>>,
+    finished: Mutex<VecDeque<u64>>,
+    acked: AtomicU64,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Pushes {
+    pub(crate) fn new() -> Self {
+        Self {
+            next_id: AtomicU64::new(1),
+            states: DashMap::new(),
+            finished: Mutex::new(VecDeque::new()),
+            acked: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Registers a new pending push.
+    pub(crate) fn begin(&self) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.states.insert(id, watch::Sender::new(PushState::Pending { attempts: 0 }));
+        id
+    }
+
+    pub(crate) fn set(&self, id: u64, state: PushState) {
+        let finished = state.is_final();
+        match &state {
+            PushState::Acked => self.acked.fetch_add(1, Ordering::Relaxed),
+            PushState::Rejected { .. } => self.rejected.fetch_add(1, Ordering::Relaxed),
+            PushState::Failed { .. } => self.failed.fetch_add(1, Ordering::Relaxed),
+            PushState::Pending { .. } => 0,
+        };
+        if let Some(tx) = self.states.get(&id) {
+            tx.send_replace(state);
+        }
+        if finished {
+            let mut done = lock(&self.finished);
+            done.push_back(id);
+            while done.len() > KEEP_FINISHED {
+                if let Some(old) = done.pop_front() {
+                    self.states.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn state(&self, id: u64) -> Option<PushState> {
+        self.states.get(&id).map(|tx| tx.borrow().clone())
+    }
+
+    pub(crate) fn watch(&self, id: u64) -> Option<watch::Receiver<PushState>> {
+        self.states.get(&id).map(|tx| tx.subscribe())
+    }
+
+    pub(crate) fn counts(&self) -> PushCounts {
+        PushCounts {
+            pending: self.states.iter().filter(|s| !s.borrow().is_final()).count(),
+            acked: self.acked.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Answers agent-initiated configuration updates.
+///
+/// Implemented for any `Fn(String, ConfigUpdateRequest) -> impl Future<Output =
+/// ConfigUpdateAnswer>` (the first argument is the agent's id).
+pub trait ConfigUpdateHandler: Send + Sync + 'static {
+    /// Decides on one request from agent `agent`.
+    fn handle(&self, agent: String, request: ConfigUpdateRequest) -> BoxFuture<'static, ConfigUpdateAnswer>;
+}
+
+impl<F, Fut> ConfigUpdateHandler for F
+where
+    F: Fn(String, ConfigUpdateRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ConfigUpdateAnswer> + Send + 'static,
+{
+    fn handle(&self, agent: String, request: ConfigUpdateRequest) -> BoxFuture<'static, ConfigUpdateAnswer> {
+        Box::pin(self(agent, request))
+    }
+}
+
+/// The pool's registered handler, if any.
+#[derive(Default)]
+pub(crate) struct UpdateHandlerSlot(RwLock<Option<Arc<dyn ConfigUpdateHandler>>>);
+
+impl UpdateHandlerSlot {
+    pub(crate) fn set(&self, handler: Option<Arc<dyn ConfigUpdateHandler>>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = handler;
+    }
+
+    pub(crate) fn get(&self) -> Option<Arc<dyn ConfigUpdateHandler>> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
