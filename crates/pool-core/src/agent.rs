@@ -485,6 +485,8 @@ pub(crate) struct Agent {
     /// Stops the supervisors.
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Reverse-connection slots, by replica id.
+    reverse: Mutex<std::collections::HashMap<String, Arc<Slot>>>,
 }
 
 /// How an agent is to be added.
@@ -703,6 +705,7 @@ impl Agent {
             snapshot: ArcSwap::from_pointee(Vec::new()),
             stop: parent.child_token(),
             tasks: TaskTracker::new(),
+            reverse: Mutex::new(std::collections::HashMap::new()),
             shared,
         });
         let _ = agent.shared.agent.set(Arc::downgrade(&agent));
@@ -1052,7 +1055,7 @@ impl Agent {
             }
         }
         let endpoints = self
-            .endpoints
+            .all_endpoints()
             .iter()
             .map(|ep| EndpointStats {
                 endpoint: ep.endpoint.to_string(),
@@ -1068,6 +1071,83 @@ impl Agent {
         self.slots().iter().map(|s| s.snapshot(now)).collect()
     }
 
+    /// Adds (or replaces) replica `replica`'s reverse connection as a slot of this agent, and
+    /// watches it until it closes.
+    pub(crate) fn attach_reverse(self: &Arc<Self>, replica: &str, conn: Arc<dyn AgentConnection>) {
+        let ctx = &self.shared.ctx;
+        let slot = {
+            let mut reverse = lock(&self.reverse);
+            let slot = reverse
+                .entry(replica.to_owned())
+                .or_insert_with(|| {
+                    let endpoint = Endpoint::from(format!("reverse://{}/{replica}", self.id()));
+                    let ep = Arc::new(EndpointState::new(
+                        endpoint,
+                        &ctx.config.breaker,
+                        ctx.next_seed(),
+                        self.id(),
+                    ));
+                    let cfg = &ctx.config.health;
+                    let slot = Arc::new(Slot::new(
+                        self.shared.clone(),
+                        ep,
+                        self.shared.settings.max_concurrency,
+                        cfg.window,
+                        cfg.buckets,
+                        cfg.latency_decay,
+                    ));
+                    lock(&self.slots).push(slot.clone());
+                    slot
+                })
+                .clone();
+            // The same replica again: its old connection is replaced, in the same slot.
+            if let Some(old) = slot.detach() {
+                old.conn.close();
+            }
+            slot.attach(conn.clone(), Instant::now());
+            slot
+        };
+        self.republish();
+        tracing::info!(agent = %self.id(), replica, connection = conn.label(), "reverse connection registered");
+        let (agent, replica) = (self.clone(), replica.to_owned());
+        self.tasks.spawn(async move { agent.watch_reverse(replica, slot, conn).await });
+    }
+
+    /// Runs a reverse connection like a supervisor does, without reconnecting: when it
+    /// closes, its replica is removed — unless a newer connection of the replica took the slot.
+    async fn watch_reverse(
+        self: Arc<Self>,
+        replica: String,
+        slot: Arc<Slot>,
+        conn: Arc<dyn AgentConnection>,
+    ) {
+        let generation = slot.generation();
+        let exit = supervisor::run_connected(&self, &slot, &conn).await;
+        if matches!(exit, supervisor::Exit::Stopped) {
+            conn.close();
+        }
+        {
+            let mut reverse = lock(&self.reverse);
+            if slot.generation() != generation {
+                return;
+            }
+            slot.detach();
+            if reverse.get(&replica).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                reverse.remove(&replica);
+                lock(&self.slots).retain(|s| !Arc::ptr_eq(s, &slot));
+            }
+        }
+        tracing::info!(agent = %self.id(), replica, "reverse connection closed; replica removed");
+        self.republish();
+    }
+
+    /// Every endpoint: configured ones, then reverse replicas.
+    pub(crate) fn all_endpoints(&self) -> Vec<Arc<EndpointState>> {
+        let mut all = self.endpoints.clone();
+        all.extend(lock(&self.reverse).values().map(|s| s.endpoint.clone()));
+        all
+    }
+
     /// Starts one push per endpoint whose connection announces config push; returns their ids.
     pub(crate) fn push_config(
         self: &Arc<Self>,
@@ -1077,7 +1157,7 @@ impl Agent {
     ) -> Vec<u64> {
         let live = self.live();
         let mut ids = Vec::new();
-        for ep in &self.endpoints {
+        for ep in &self.all_endpoints() {
             let supports = live.iter().any(|s| {
                 Arc::ptr_eq(&s.endpoint, ep) && s.capabilities().is_some_and(|c| c.features.config_push)
             });

@@ -167,6 +167,8 @@ pub struct PoolConfig {
     pub sticky: StickyConfig,
     /// Configuration pushes to agents.
     pub config_push: crate::config_push::ConfigPushConfig,
+    /// Who may connect in reverse.
+    pub reverse: crate::reverse::ReverseConfig,
     /// How long shutdown waits for in-flight requests before cancelling them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -193,6 +195,7 @@ impl Default for PoolConfig {
             affinity: AffinityConfig::default(),
             sticky: StickyConfig::default(),
             config_push: crate::config_push::ConfigPushConfig::default(),
+            reverse: crate::reverse::ReverseConfig::default(),
             drain_timeout: Duration::from_secs(30),
             seed: None,
         }

@@ -117,17 +117,23 @@ impl Pushes {
     pub(crate) fn begin(&self) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.states.insert(id, watch::Sender::new(PushState::Pending { attempts: 0 }));
+        metrics::gauge!("agentpool_config_pushes_pending").increment(1.0);
         id
     }
 
     pub(crate) fn set(&self, id: u64, state: PushState) {
         let finished = state.is_final();
-        match &state {
-            PushState::Acked => self.acked.fetch_add(1, Ordering::Relaxed),
-            PushState::Rejected { .. } => self.rejected.fetch_add(1, Ordering::Relaxed),
-            PushState::Failed { .. } => self.failed.fetch_add(1, Ordering::Relaxed),
-            PushState::Pending { .. } => 0,
+        let outcome = match &state {
+            PushState::Acked => Some((&self.acked, "acked")),
+            PushState::Rejected { .. } => Some((&self.rejected, "rejected")),
+            PushState::Failed { .. } => Some((&self.failed, "failed")),
+            PushState::Pending { .. } => None,
         };
+        if let Some((count, outcome)) = outcome {
+            count.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("agentpool_config_pushes_total", "outcome" => outcome).increment(1);
+            metrics::gauge!("agentpool_config_pushes_pending").decrement(1.0);
+        }
         if let Some(tx) = self.states.get(&id) {
             tx.send_replace(state);
         }

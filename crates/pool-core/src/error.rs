@@ -92,6 +92,14 @@ pub enum PoolError {
         /// The correlation id or session id that was pinned.
         key: String,
     },
+    /// A reverse connection was refused.
+    #[error("reverse connection of agent {agent:?} refused: {reason}")]
+    Unauthorized {
+        /// The agent id it claimed.
+        agent: String,
+        /// Why.
+        reason: &'static str,
+    },
     /// The request did not complete within its time-out (permit wait included).
     #[error("request to agent {agent:?} timed out after {after:?}")]
     Timeout {

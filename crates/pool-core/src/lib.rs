@@ -71,6 +71,7 @@ mod metrics;
 pub mod outlier;
 mod permits;
 mod pool;
+mod reverse;
 mod service;
 mod slot;
 mod sticky;
@@ -85,7 +86,8 @@ pub use config::{
 pub use config_push::{ConfigPushConfig, ConfigUpdateHandler, PushCounts, PushState};
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};
-pub use pool::{AddReport, AgentPool, PoolStats, Reservation};
+pub use pool::{AddReport, AgentPool, PoolStats, Reservation, ReverseRegistration};
+pub use reverse::ReverseConfig;
 pub use service::AgentService;
 pub use slot::ConnectionHealth;
 pub use sticky::StickyRoute;

@@ -17,6 +17,8 @@
 //! | `agentpool_pin_lost_total` | counter | agent (pinned connection died) |
 //! | `agentpool_sticky_repins_total` | counter | agent (a session moved off a dead or unhealthy connection) |
 //! | `agentpool_sticky_sessions` | gauge | — (updated by maintenance) |
+//! | `agentpool_config_pushes_pending` | gauge | — |
+//! | `agentpool_config_pushes_total` | counter | outcome (`acked`, `rejected`, `failed`) |
 //! | `agentpool_in_flight` | gauge | agent |
 //! | `agentpool_request_duration_seconds` | histogram | agent |
 //! | `agentpool_connections` | gauge | agent (connected) |
@@ -104,6 +106,8 @@ pub(crate) fn describe() {
         "Sticky sessions moved off a dead or unhealthy connection."
     );
     describe_gauge!("agentpool_sticky_sessions", "Live sticky sessions.");
+    describe_gauge!("agentpool_config_pushes_pending", "Configuration pushes waiting for an answer.");
+    describe_counter!("agentpool_config_pushes_total", "Configuration pushes finished, by outcome.");
     describe_gauge!("agentpool_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     describe_counter!("agentpool_breaker_trips_total", "Times a circuit breaker opened.");
     describe_gauge!("agentpool_endpoint_ejected", "1 while the endpoint is ejected as an outlier.");

@@ -127,6 +127,30 @@ pub struct PoolStats {
     pub admitting: bool,
 }
 
+/// An established connection an agent opened to the proxy, as a transport's listener hands
+/// it over.
+pub struct ReverseRegistration {
+    /// The agent it belongs to.
+    pub agent_id: String,
+    /// Which instance of the agent (stable across its reconnects).
+    pub replica_id: String,
+    /// The token it presented.
+    pub token: Option<String>,
+    /// The connection, handshake done.
+    pub connection: Arc<dyn pool_api::AgentConnection>,
+}
+
+impl std::fmt::Debug for ReverseRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReverseRegistration")
+            .field("agent_id", &self.agent_id)
+            .field("replica_id", &self.replica_id)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("connection", &self.connection.label())
+            .finish()
+    }
+}
+
 /// A permit on one connection of an agent, taken by [`AgentPool::try_reserve`].
 ///
 /// Sending consumes it; dropping it gives the permit back.
@@ -631,6 +655,53 @@ impl AgentPool {
     /// `None` removes it, after which such requests are answered "rejected".
     pub fn set_config_update_handler(&self, handler: Option<Arc<dyn ConfigUpdateHandler>>) {
         self.inner.ctx.update_handler.set(handler);
+    }
+
+    /// Adds a connection an agent opened to the proxy (accepted and handshaken by a transport's
+    /// listener) to that agent — registering the agent, with the pool's defaults, if it is not
+    /// registered yet. The token is checked in constant time against
+    /// [`ReverseConfig::tokens`](crate::ReverseConfig) and the agent id against the allow-list.
+    /// A replica registering again replaces its earlier connection; a replica whose connection
+    /// closes is removed.
+    pub fn add_reverse_connection(&self, registration: ReverseRegistration) -> Result<(), PoolError> {
+        let ctx = &self.inner.ctx;
+        if !ctx.admitting() {
+            return Err(PoolError::ShuttingDown);
+        }
+        let ReverseRegistration { agent_id, replica_id, token, connection } = registration;
+        if let Some(reason) = ctx.config.reverse.refuse(&agent_id, token.as_deref()) {
+            tracing::warn!(agent = %agent_id, replica = %replica_id, reason, "reverse connection refused");
+            connection.close();
+            return Err(PoolError::Unauthorized { agent: agent_id, reason });
+        }
+        let agent = {
+            let writer = ctx.directory.write();
+            let current = writer.current();
+            match current.get(agent_id.as_str()) {
+                Some(view) => view.agent.clone(),
+                None => {
+                    let spec = AgentSpec::new(agent_id.clone());
+                    let settings = crate::config::AgentSettings::resolve(&ctx.config, &spec.options)
+                        .map_err(|problems| PoolError::InvalidConfig { problems })?;
+                    let (agent, _) = Agent::start(
+                        spec,
+                        settings,
+                        ctx.clone(),
+                        self.inner.connector.clone(),
+                        &self.inner.cancel,
+                    );
+                    let mut next = Agents::clone(&current);
+                    next.insert(
+                        Arc::from(agent_id.as_str()),
+                        AgentView { agent: agent.clone(), live: agent.live() },
+                    );
+                    writer.publish(next);
+                    agent
+                }
+            }
+        };
+        agent.attach_reverse(&replica_id, connection);
+        Ok(())
     }
 
     /// A [`tower_service::Service`] that sends events to one agent.

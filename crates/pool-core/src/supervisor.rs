@@ -18,7 +18,7 @@ use crate::pool::PoolCtx;
 use crate::slot::Slot;
 
 /// Why the connected phase ended.
-enum Exit {
+pub(crate) enum Exit {
     /// The pool or agent is stopping.
     Stopped,
     /// The connection died (or was closed after a failed ping).
@@ -115,7 +115,7 @@ async fn connect(
 type Ping =
     std::pin::Pin<Box<tokio::time::Timeout<BoxFuture<'static, Result<std::time::Duration, TransportError>>>>>;
 
-async fn run_connected(agent: &Agent, slot: &Slot, conn: &Arc<dyn AgentConnection>) -> Exit {
+pub(crate) async fn run_connected(agent: &Agent, slot: &Slot, conn: &Arc<dyn AgentConnection>) -> Exit {
     let ctx = &agent.shared.ctx;
     let mut signals = conn.signals();
     {

@@ -1,0 +1,166 @@
+//! Reverse connections: agents that dial the proxy.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{allow_all, config, request};
+use pool_api::{AgentConnection, Connector, Endpoint, Hello};
+use pool_core::{AgentPool, AgentSpec, PoolConfig, PoolError, ReverseConfig, ReverseRegistration};
+use test_support::{MemoryAgent, MemoryConnector};
+
+fn reverse_config() -> PoolConfig {
+    PoolConfig {
+        reverse: ReverseConfig {
+            tokens: vec!["s3cret".into()],
+            allowed_agents: vec!["waf".into(), "bot".into()],
+        },
+        ..config()
+    }
+}
+
+/// What a transport's listener produces: an established, handshaken connection.
+async fn dial(connector: &MemoryConnector, endpoint: &str) -> Arc<dyn AgentConnection> {
+    let pending = connector.connect(&Endpoint::from(endpoint)).await.unwrap();
+    pending.handshake(Hello::new("proxy")).await.unwrap()
+}
+
+fn registration(
+    agent: &str,
+    replica: &str,
+    token: Option<&str>,
+    connection: Arc<dyn AgentConnection>,
+) -> ReverseRegistration {
+    ReverseRegistration {
+        agent_id: agent.into(),
+        replica_id: replica.into(),
+        token: token.map(Into::into),
+        connection,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reverse_agent_is_registered_and_serves_requests() {
+    let agent = allow_all();
+    let connector = MemoryConnector::new();
+    connector.register("mem://waf-1", &agent);
+    let pool = AgentPool::new(reverse_config(), MemoryConnector::new()).unwrap();
+    pool.add_reverse_connection(registration(
+        "waf",
+        "r1",
+        Some("s3cret"),
+        dial(&connector, "mem://waf-1").await,
+    ))
+    .unwrap();
+    assert!(pool.has_agent("waf"));
+    assert!(pool.send("waf", request("x")).await.unwrap().is_allow());
+    let stats = pool.agent_stats("waf").unwrap();
+    assert_eq!((stats.totals.connections, stats.totals.connected), (1, 1));
+    assert_eq!(stats.endpoints[0].endpoint, "reverse://waf/r1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wrong_missing_or_unlisted_registrations_are_refused_and_closed() {
+    let agent = allow_all();
+    let connector = MemoryConnector::new();
+    connector.register("mem://a", &agent);
+    let pool = AgentPool::new(reverse_config(), MemoryConnector::new()).unwrap();
+    for (id, token, reason) in [
+        ("waf", Some("wrong"), "invalid token"),
+        ("waf", None, "no token presented"),
+        ("intruder", Some("s3cret"), "agent id is not on the allow-list"),
+    ] {
+        let err = pool
+            .add_reverse_connection(registration(id, "r", token, dial(&connector, "mem://a").await))
+            .unwrap_err();
+        assert_eq!(err, PoolError::Unauthorized { agent: id.into(), reason });
+    }
+    assert_eq!(pool.agent_count(), 0);
+    agent.settle().await;
+    assert_eq!(agent.live_connections(), 0, "refused connections are closed");
+
+    let closed = AgentPool::new(config(), MemoryConnector::new()).unwrap();
+    let err =
+        closed.add_reverse_connection(registration("waf", "r", Some("x"), dial(&connector, "mem://a").await));
+    assert!(matches!(err, Err(PoolError::Unauthorized { reason, .. }) if reason.contains("disabled")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_replicas_each_add_a_connection_and_a_closed_one_is_removed() {
+    let (one, two) = (allow_all(), allow_all());
+    let connector = MemoryConnector::new();
+    connector.register("mem://one", &one);
+    connector.register("mem://two", &two);
+    let pool = AgentPool::new(reverse_config(), MemoryConnector::new()).unwrap();
+    pool.add_reverse_connection(registration(
+        "waf",
+        "one",
+        Some("s3cret"),
+        dial(&connector, "mem://one").await,
+    ))
+    .unwrap();
+    pool.add_reverse_connection(registration(
+        "waf",
+        "two",
+        Some("s3cret"),
+        dial(&connector, "mem://two").await,
+    ))
+    .unwrap();
+    for i in 0..20 {
+        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+    }
+    assert!(one.events_received() > 0 && two.events_received() > 0);
+    one.disconnect_all();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let stats = pool.agent_stats("waf").unwrap();
+    assert_eq!((stats.totals.connections, stats.totals.connected), (1, 1), "the closed replica is gone");
+    assert_eq!(stats.endpoints.len(), 1);
+    pool.send("waf", request("after")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_reconnects_ten_times_is_still_one_healthy_entry() {
+    let agent = allow_all();
+    let connector = MemoryConnector::new();
+    connector.register("mem://waf", &agent);
+    let pool = AgentPool::new(reverse_config(), MemoryConnector::new()).unwrap();
+    for round in 0..10 {
+        // Half the time the old connection is already gone, half the time it is still open.
+        if round % 2 == 1 {
+            agent.disconnect_all();
+        }
+        let conn = dial(&connector, "mem://waf").await;
+        pool.add_reverse_connection(registration("waf", "r1", Some("s3cret"), conn)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let stats = pool.agent_stats("waf").unwrap();
+        assert_eq!(
+            (stats.totals.connections, stats.totals.connected, stats.totals.healthy),
+            (1, 1, 1),
+            "round {round}"
+        );
+        assert!(pool.send("waf", request(format!("r{round}"))).await.unwrap().is_allow());
+    }
+    assert_eq!(agent.live_connections(), 1, "every replaced connection was closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reverse_replica_joins_an_agent_that_has_configured_endpoints() {
+    let (fwd, rev) = (allow_all(), allow_all());
+    let connector = MemoryConnector::new();
+    connector.register("mem://fwd", &fwd);
+    connector.register("mem://rev", &rev);
+    let pool =
+        AgentPool::new(PoolConfig { connections_per_endpoint: 2, ..reverse_config() }, connector.clone())
+            .unwrap();
+    pool.add_agent(AgentSpec::new("waf").endpoint("mem://fwd")).await.unwrap();
+    pool.add_reverse_connection(registration(
+        "waf",
+        "extra",
+        Some("s3cret"),
+        dial(&connector, "mem://rev").await,
+    ))
+    .unwrap();
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.connected, 3);
+    let _ = MemoryAgent::new(test_support::AllowAll);
+}
