@@ -9,8 +9,8 @@
 //! [`AgentPool::cleanup_expired_sessions`](crate::AgentPool::cleanup_expired_sessions)); with
 //! no time-out it lives until cleared.
 
+use crate::sync::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;

@@ -175,3 +175,27 @@ async fn a_removed_agent_drains_while_others_keep_serving() {
     let report = removing.await.unwrap().unwrap();
     assert_eq!((report.drained, report.forced), (1, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_agent_hears_drain_first_finishes_its_work_then_hears_shutdown() {
+    let agent = allow_all();
+    agent.set_latency(Duration::from_secs(2));
+    let (pool, _c) = common::single(config(), &agent).await;
+    let inflight = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.send("waf", request("r")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let shutdown = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.shutdown().await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    agent.settle().await;
+    assert_eq!(agent.drains().len(), 4, "every connection was told to drain at once");
+    assert!(agent.closes().is_empty(), "no shutdown while work is in flight");
+    assert_eq!(agent.pending(), 1);
+    assert!(inflight.await.unwrap().unwrap().is_allow(), "the in-flight request was answered");
+    shutdown.await.unwrap();
+    assert_eq!(agent.closes().len(), 4, "shutdown at the end");
+}

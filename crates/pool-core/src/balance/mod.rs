@@ -82,29 +82,24 @@ pub trait Load {
     fn health_score(&self) -> f64;
 }
 
-impl<L: Load + ?Sized> Load for &L {
-    fn in_flight(&self) -> u32 {
-        (**self).in_flight()
-    }
-    fn rtt_estimate_ns(&self) -> u64 {
-        (**self).rtt_estimate_ns()
-    }
-    fn health_score(&self) -> f64 {
-        (**self).health_score()
-    }
+/// Pointers to something with a load have that load.
+macro_rules! forward_load {
+    ($($ptr:ty),*) => {$(
+        impl<L: Load + ?Sized> Load for $ptr {
+            fn in_flight(&self) -> u32 {
+                (**self).in_flight()
+            }
+            fn rtt_estimate_ns(&self) -> u64 {
+                (**self).rtt_estimate_ns()
+            }
+            fn health_score(&self) -> f64 {
+                (**self).health_score()
+            }
+        }
+    )*};
 }
 
-impl<L: Load + ?Sized> Load for Arc<L> {
-    fn in_flight(&self) -> u32 {
-        (**self).in_flight()
-    }
-    fn rtt_estimate_ns(&self) -> u64 {
-        (**self).rtt_estimate_ns()
-    }
-    fn health_score(&self) -> f64 {
-        (**self).health_score()
-    }
-}
+forward_load!(&L, Arc<L>);
 
 /// How a [`Balancer`] chooses. Serialized in kebab-case (`power-of-two-choices`, `peak-ewma`, …).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
