@@ -91,9 +91,11 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// Serve HTTP/2 (ALPN `h2` on TLS). HTTP/1.1 is always served.
     pub http2: bool,
-    /// Serve HTTP/2 over plain TCP with prior knowledge (h2c). Needs `http2`. Known gap: with
-    /// `false`, prior-knowledge HTTP/2 is still answered (hyper-util's upgradeable connection
-    /// ignores its HTTP/1-only switch); `http2 = false` does remove `h2` from TLS ALPN.
+    /// Serve HTTP/2 over plain TCP with prior knowledge (h2c). Needs `http2`; has no effect on
+    /// TLS servers, where HTTP/2 is negotiated with ALPN. With `false` (or `http2 = false`), plain
+    /// connections are served by hyper's HTTP/1 connection only: a client that opens with the
+    /// HTTP/2 preface gets no answer and the connection is closed. HTTP/1 upgrades
+    /// (WebSocket…) work either way; `Upgrade: h2c` is not supported.
     pub h2c: bool,
     /// Socket options.
     pub socket: SocketOptions,

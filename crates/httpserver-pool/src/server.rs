@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pool_api::{Lifecycle, LifecycleError, LifecycleState, StopReport};
@@ -38,6 +39,11 @@ struct Live {
     config: ServerConfig,
     handler: Handler,
     builder: auto::Builder<TokioExecutor>,
+    /// Set when HTTP/2 must not be served on this server's connections (`http2 = false`, or plain
+    /// TCP without `h2c`). hyper-util's upgrade-capable auto connection ignores its HTTP/1-only
+    /// switch and would still answer an HTTP/2 preface, so such connections go to hyper's own
+    /// HTTP/1 connection instead, which closes on a preface without answering.
+    http1: Option<http1::Builder>,
     tls: Option<(TlsMaterial, TlsAcceptor)>,
 }
 
@@ -65,10 +71,14 @@ impl Live {
             .header_read_timeout(config.timeouts.header_read)
             .max_buf_size(config.max_header_size);
         builder.http2().timer(TokioTimer::new()).max_header_list_size(config.max_header_size as u32);
-        if !config.http2 || (tls.is_none() && !config.h2c) {
-            builder = builder.http1_only();
-        }
-        Ok((bind, Live { config, handler, builder, tls }))
+        let http1 = (!config.http2 || (tls.is_none() && !config.h2c)).then(|| {
+            let mut h1 = http1::Builder::new();
+            h1.timer(TokioTimer::new())
+                .header_read_timeout(config.timeouts.header_read)
+                .max_buf_size(config.max_header_size);
+            h1
+        });
+        Ok((bind, Live { config, handler, builder, http1, tls }))
     }
 
     /// Same effective settings: equal configuration and byte-identical TLS material.
@@ -486,7 +496,7 @@ async fn serve_connection(
 async fn serve_http<I>(
     io: I,
     live: &Live,
-    mut shutdown: watch::Receiver<Option<Instant>>,
+    shutdown: watch::Receiver<Option<Instant>>,
     counters: Arc<Counters>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -499,14 +509,38 @@ async fn serve_http<I>(
         activity: activity.clone(),
         request_timeout: live.config.timeouts.request,
     };
-    let conn = live.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
     let idle = live.config.timeouts.idle;
+    match &live.http1 {
+        Some(h1) => {
+            let conn = h1.serve_connection(TokioIo::new(io), service).with_upgrades();
+            drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, idle).await;
+        }
+        None => {
+            let conn = live.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, idle).await;
+        }
+    }
+}
+
+/// Runs one hyper connection to its end: a graceful shutdown on the stop signal or once the
+/// connection has been idle for `idle`. (Both hyper's HTTP/1 and hyper-util's auto connection
+/// go through here; `graceful` is their `graceful_shutdown`.)
+async fn drive<C, E>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    mut shutdown: watch::Receiver<Option<Instant>>,
+    activity: &Activity,
+    idle: Option<Duration>,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
     let mut idle_check = idle.map(|d| Instant::now() + d);
     let mut closing = false;
     if shutdown.borrow_and_update().is_some() {
         closing = true;
-        conn.as_mut().graceful_shutdown();
+        graceful(conn.as_mut());
     }
     loop {
         tokio::select! {
@@ -518,14 +552,14 @@ async fn serve_http<I>(
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
             () = tokio::time::sleep_until(idle_check.unwrap_or_else(Instant::now)), if idle_check.is_some() && !closing => {
                 let limit = idle.unwrap_or_default();
                 match activity.idle_since() {
                     Some(since) if since + limit <= Instant::now() => {
                         closing = true;
-                        conn.as_mut().graceful_shutdown();
+                        graceful(conn.as_mut());
                     }
                     Some(since) => idle_check = Some(since + limit),
                     None => idle_check = Some(Instant::now() + limit),

@@ -42,17 +42,33 @@ async fn headers_above_max_header_size_are_refused() {
 }
 
 #[tokio::test]
-async fn h2c_is_served_when_enabled() {
-    // Known gap: hyper-util's upgradeable auto connection ignores `http1_only`, so h2c=false does
-    // not yet refuse prior-knowledge HTTP/2; only the enabled side is asserted here.
-    for h2c in [true] {
+async fn prior_knowledge_http2_is_served_only_with_h2c() {
+    for h2c in [true, false] {
         let mut cfg = config("h2c", hello("ok"));
         cfg.h2c = h2c;
         let server = Server::new(cfg).unwrap();
         server.start().await.unwrap();
+        let url = format!("http://{}/", server.bind());
         let c: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
-        let res = c.get(format!("http://{}/", server.bind()).parse().unwrap()).await;
-        assert_eq!(res.is_ok(), h2c, "h2c={h2c}: {res:?}");
+        let res = c.get(url.parse().unwrap()).await;
+        match &res {
+            Ok(resp) => assert!(h2c && resp.version() == http::Version::HTTP_2, "h2c={h2c}: {res:?}"),
+            Err(_) => assert!(!h2c, "h2c={h2c}: {res:?}"),
+        }
+        if !h2c {
+            // On the wire: HTTP/1 reads the HTTP/2 preface and closes without answering (an
+            // HTTP/2 server would send its SETTINGS frame).
+            let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
+            tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+                .await
+                .expect("closed by the server")
+                .unwrap();
+            assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+        }
+        // HTTP/1.1 is served either way.
+        assert_eq!(get(&client(), &url).await.unwrap(), (StatusCode::OK, "ok".to_owned()));
         server.stop_within(Duration::ZERO).await.unwrap();
     }
 }
