@@ -93,16 +93,26 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn a_slow_header_is_cut_off_by_the_header_read_timeout() {
-    let mut cfg = config("slowloris", hello("ok"));
-    cfg.timeouts.header_read = Some(Duration::from_millis(200));
-    let server = Server::new(cfg).unwrap();
-    server.start().await.unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("closed by the server");
-    assert!(matches!(read, Ok(_) | Err(_)));
-    server.stop().await.unwrap();
+    for (limit, cut) in [(Duration::from_millis(200), true), (Duration::from_secs(3600), false)] {
+        let mut cfg = config("slowloris", hello("ok"));
+        cfg.timeouts.header_read = Some(limit);
+        let server = Server::new(cfg).unwrap();
+        server.start().await.unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
+        let begin = tokio::time::Instant::now();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let read =
+            tokio::time::timeout(Duration::from_secs(if cut { 10 } else { 1 }), tcp.read(&mut buf)).await;
+        if cut {
+            // Closed without a response, and not before the limit.
+            let read = read.expect("closed by the server");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+            assert!(begin.elapsed() >= Duration::from_millis(150), "{:?}", begin.elapsed());
+        } else {
+            assert!(read.is_err(), "a connection within its header time must stay open: {read:?}");
+            assert_eq!(server.snapshot().counters.active, 1);
+        }
+        server.stop_within(Duration::ZERO).await.unwrap();
+    }
 }
