@@ -64,10 +64,16 @@ fn with_args(mut c: Command, args: &[&str]) -> Command {
 
 fn ci() -> Result<(), String> {
     step("fmt", with_args(cargo(), &["fmt", "--all", "--", "--check"]))?;
-    step("clippy", with_args(cargo(), &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    step("test", with_args(cargo(), &["test", "--workspace", "--all-targets"]))?;
-    step("doc tests", with_args(cargo(), &["test", "--workspace", "--doc"]))?;
-    let mut doc = with_args(cargo(), &["doc", "--workspace", "--no-deps"]);
+    step(
+        "clippy",
+        with_args(
+            cargo(),
+            &["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"],
+        ),
+    )?;
+    step("test", with_args(cargo(), &["test", "--workspace", "--all-targets", "--all-features"]))?;
+    step("doc tests", with_args(cargo(), &["test", "--workspace", "--doc", "--all-features"]))?;
+    let mut doc = with_args(cargo(), &["doc", "--workspace", "--no-deps", "--all-features"]);
     doc.env("RUSTDOCFLAGS", "-D warnings");
     step("docs", doc)?;
     step("bench compile check", with_args(cargo(), &["check", "--workspace", "--benches"]))?;

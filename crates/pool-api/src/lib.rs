@@ -55,6 +55,8 @@
 //!
 //! * `serde` — derives `Serialize`/`Deserialize` for the plain data types that appear in
 //!   configuration and reports (capabilities, health, event kinds, reasons, container states).
+//! * `proto` — the wire schema (`proto/agentpool/v1/agent.proto`) as prost messages in
+//!   [`proto`](crate::proto), with checked conversions; compiled by protox, so no `protoc`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -65,6 +67,8 @@ mod error;
 mod event;
 mod handler;
 mod lifecycle;
+#[cfg(feature = "proto")]
+pub mod proto;
 mod runtime;
 mod signals;
 mod transport;
