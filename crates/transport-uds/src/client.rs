@@ -1,0 +1,611 @@
+//! The proxy side: a [`Connector`] for `unix:` endpoints and the connection it opens.
+//!
+//! Each connection is one task that owns the socket. Requests get a numeric stream id and wait
+//! in a map for the answer with that id, so any number are in flight at once; writes are
+//! batched (`feed` each queued frame, one `flush`). End of stream, a frame that does not
+//! decode, an unknown message or an invalid answer ends the connection: every pending request
+//! fails at once with [`TransportError::Closed`] naming the connection and the reason, and the
+//! connection's signals publish `open: false`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pool_api::proto::{self, agent_frame, proxy_frame};
+use pool_api::{
+    AgentConnection, AgentError, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
+    ConfigUpdateAnswer, ConfigUpdateRequest, ConnectionSignals, Connector, CorrelationId, Decision, Endpoint,
+    Event, Hello, PendingConnection, TransportError,
+};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+
+/// Who the agent at the other end of the socket must be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// The agent process's user id, if it must be one.
+    pub uid: Option<u32>,
+    /// The agent process's group id, if it must be one.
+    pub gid: Option<u32>,
+}
+
+/// Settings of the proxy side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Largest frame read or written.
+    pub max_frame: usize,
+    /// Checked with `SO_PEERCRED` right after connecting; `None`: anyone.
+    pub peer: Option<PeerCredentials>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self { max_frame: DEFAULT_MAX_FRAME, peer: None }
+    }
+}
+
+/// Where a `unix:` endpoint points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketPath {
+    /// A socket file.
+    Path(PathBuf),
+    /// A Linux abstract socket (`unix:@name`).
+    Abstract(String),
+}
+
+impl SocketPath {
+    /// Parses `unix:/path`, `unix:@abstract` or a bare absolute path.
+    pub fn parse(endpoint: &Endpoint) -> Result<Self, TransportError> {
+        let s = endpoint.as_str();
+        let rest = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")).unwrap_or(s);
+        let invalid = |message: &str| TransportError::InvalidEndpoint {
+            endpoint: s.to_owned(),
+            message: message.to_owned(),
+        };
+        if let Some(name) = rest.strip_prefix('@') {
+            if name.is_empty() {
+                return Err(invalid("an abstract socket needs a name after '@'"));
+            }
+            return Ok(Self::Abstract(name.to_owned()));
+        }
+        if !rest.starts_with('/') {
+            return Err(invalid("expected unix:/absolute/path or unix:@abstract-name"));
+        }
+        Ok(Self::Path(PathBuf::from(rest)))
+    }
+
+    async fn connect(&self) -> std::io::Result<UnixStream> {
+        match self {
+            Self::Path(p) => UnixStream::connect(p).await,
+            Self::Abstract(name) => {
+                #[cfg(target_os = "linux")]
+                {
+                    use std::os::linux::net::SocketAddrExt;
+                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+                    let std = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+                    std.set_nonblocking(true)?;
+                    UnixStream::from_std(std)
+                }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    let _ = name;
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::Unsupported,
+                        "abstract sockets are Linux-only",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Opens connections to agents listening on Unix sockets.
+#[derive(Clone, Debug, Default)]
+pub struct UdsConnector {
+    config: Arc<ClientConfig>,
+}
+
+impl UdsConnector {
+    /// A connector with these settings.
+    pub fn new(config: ClientConfig) -> Self {
+        Self { config: Arc::new(config) }
+    }
+}
+
+impl Connector for UdsConnector {
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+    ) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>> {
+        let config = self.config.clone();
+        let endpoint = endpoint.clone();
+        Box::pin(async move {
+            let path = SocketPath::parse(&endpoint)?;
+            let stream = path.connect().await.map_err(|e| TransportError::connect(endpoint.as_str(), &e))?;
+            if let Some(expected) = config.peer {
+                check_peer(&stream, expected, endpoint.as_str())?;
+            }
+            Ok(Box::new(Pending { stream, endpoint, config }) as Box<dyn PendingConnection>)
+        })
+    }
+}
+
+pub(crate) fn check_peer(
+    stream: &UnixStream,
+    expected: PeerCredentials,
+    label: &str,
+) -> Result<(), TransportError> {
+    let cred = stream.peer_cred().map_err(|e| TransportError::Unauthorized {
+        connection: label.to_owned(),
+        message: format!("cannot read peer credentials: {e}"),
+    })?;
+    let refuse = |what: &str, got: u32, want: u32| TransportError::Unauthorized {
+        connection: label.to_owned(),
+        message: format!("peer {what} is {got}, expected {want}"),
+    };
+    if let Some(uid) = expected.uid.filter(|u| *u != cred.uid()) {
+        return Err(refuse("uid", cred.uid(), uid));
+    }
+    if let Some(gid) = expected.gid.filter(|g| *g != cred.gid()) {
+        return Err(refuse("gid", cred.gid(), gid));
+    }
+    Ok(())
+}
+
+/// Counts connections per process, for labels.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(0);
+
+struct Pending {
+    stream: UnixStream,
+    endpoint: Endpoint,
+    config: Arc<ClientConfig>,
+}
+
+type ProxyFramed = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
+
+impl PendingConnection for Pending {
+    fn handshake(
+        self: Box<Self>,
+        hello: Hello,
+    ) -> BoxFuture<'static, Result<Arc<dyn AgentConnection>, TransportError>> {
+        Box::pin(async move {
+            let label = format!("{}#{}", self.endpoint, NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
+            let endpoint = self.endpoint.to_string();
+            let mut framed: ProxyFramed = Framed::new(self.stream, FrameCodec::new(self.config.max_frame));
+            let offered = hello.supported_versions.clone();
+            let frame =
+                proto::ProxyFrame { stream_id: 0, body: Some(proxy_frame::Body::Hello(hello.into())) };
+            let failed = |message: String| TransportError::Handshake { endpoint: endpoint.clone(), message };
+            framed.send(frame).await.map_err(|e| failed(e.to_string()))?;
+            let capabilities = match framed.next().await {
+                Some(Ok(proto::AgentFrame { body: Some(agent_frame::Body::Capabilities(c)), .. })) => {
+                    Capabilities::try_from(c).map_err(|e| failed(e.to_string()))?
+                }
+                Some(Ok(proto::AgentFrame { body: Some(agent_frame::Body::Refused(r)), .. })) => {
+                    return Err(
+                        if !r.supported_versions.is_empty()
+                            && !r.supported_versions.iter().any(|v| offered.contains(v))
+                        {
+                            TransportError::VersionMismatch {
+                                endpoint,
+                                proxy: offered,
+                                agent: r.supported_versions,
+                            }
+                        } else {
+                            failed(format!("refused: {}", r.message))
+                        },
+                    );
+                }
+                Some(Ok(other)) => return Err(failed(format!("expected capabilities, got {other:?}"))),
+                Some(Err(e)) => return Err(failed(e.to_string())),
+                None => return Err(failed("the agent closed the connection".into())),
+            };
+            if !offered.contains(&capabilities.protocol_version) {
+                return Err(TransportError::VersionMismatch {
+                    endpoint,
+                    proxy: offered,
+                    agent: vec![capabilities.protocol_version],
+                });
+            }
+            Ok(UdsConnection::start(framed, capabilities, label) as Arc<dyn AgentConnection>)
+        })
+    }
+}
+
+/// What the handle asks of the connection's task.
+enum Command {
+    Send { stream: u64, event: Event, reply: oneshot::Sender<Result<Decision, TransportError>> },
+    Cancel { correlation_id: CorrelationId, reason: CancelReason },
+    Abandon { stream: u64 },
+    Ping { stream: u64, reply: oneshot::Sender<Duration> },
+    Push { push: ConfigPush, reply: oneshot::Sender<ConfigAck> },
+    Answer(ConfigUpdateAnswer),
+    Drain,
+    Close,
+}
+
+/// State shared by the handle and the task.
+struct Core {
+    label: String,
+    open: AtomicBool,
+    reason: Mutex<Option<String>>,
+    signals: watch::Sender<ConnectionSignals>,
+}
+
+impl Core {
+    fn closed_error(&self) -> TransportError {
+        let reason = self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "the connection's task ended".into());
+        TransportError::Closed { connection: self.label.clone(), reason }
+    }
+
+    fn mark_closed(&self, reason: &str) {
+        if self.open.swap(false, Ordering::AcqRel) {
+            *self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
+            self.signals.send_modify(|s| s.open = false);
+        }
+    }
+}
+
+/// One live connection to an agent over a Unix socket.
+pub struct UdsConnection {
+    core: Arc<Core>,
+    commands: mpsc::UnboundedSender<Command>,
+    capabilities: Capabilities,
+    next_stream: AtomicU64,
+    updates: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ConfigUpdateRequest>>>,
+}
+
+impl std::fmt::Debug for UdsConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdsConnection")
+            .field("label", &self.core.label)
+            .field("open", &self.is_open())
+            .finish()
+    }
+}
+
+impl UdsConnection {
+    fn start(framed: ProxyFramed, capabilities: Capabilities, label: String) -> Arc<Self> {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        let core = Arc::new(Core {
+            label,
+            open: AtomicBool::new(true),
+            reason: Mutex::new(None),
+            signals: watch::Sender::new(ConnectionSignals::open()),
+        });
+        let task = Task {
+            core: core.clone(),
+            framed,
+            pending: HashMap::new(),
+            pings: HashMap::new(),
+            pushes: HashMap::new(),
+            updates: Some(updates_tx),
+        };
+        tokio::spawn(task.run(command_rx));
+        Arc::new(Self {
+            core,
+            commands,
+            capabilities,
+            next_stream: AtomicU64::new(1),
+            updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
+        })
+    }
+
+    fn enqueue(&self, command: Command) -> Result<(), TransportError> {
+        self.commands.send(command).map_err(|_| self.core.closed_error())
+    }
+
+    fn stream(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn ready<T: Send + 'static>(
+    value: Result<T, TransportError>,
+) -> BoxFuture<'static, Result<T, TransportError>> {
+    Box::pin(std::future::ready(value))
+}
+
+/// Tells the task a `send` was dropped before its answer came.
+struct AbandonGuard {
+    commands: mpsc::UnboundedSender<Command>,
+    stream: u64,
+    answered: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.commands.send(Command::Abandon { stream: self.stream });
+        }
+    }
+}
+
+impl AgentConnection for UdsConnection {
+    fn label(&self) -> &str {
+        &self.core.label
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn is_open(&self) -> bool {
+        self.core.open.load(Ordering::Acquire)
+    }
+
+    fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        if !self.is_open() {
+            return ready(Err(self.core.closed_error()));
+        }
+        if !self.capabilities.supports(event.kind()) {
+            return ready(Err(TransportError::Unsupported {
+                connection: self.core.label.clone(),
+                operation: event.kind().as_str(),
+            }));
+        }
+        let stream = self.stream();
+        let (reply, answer) = oneshot::channel();
+        if let Err(e) = self.enqueue(Command::Send { stream, event, reply }) {
+            return ready(Err(e));
+        }
+        let guard = AbandonGuard { commands: self.commands.clone(), stream, answered: false };
+        let core = self.core.clone();
+        Box::pin(async move {
+            // Moved in whole: dropping this future before the answer is what abandons it.
+            let mut guard = guard;
+            let result = answer.await.unwrap_or_else(|_| Err(core.closed_error()));
+            guard.answered = true;
+            result
+        })
+    }
+
+    fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
+        let _ = self.enqueue(Command::Cancel { correlation_id: correlation_id.clone(), reason });
+    }
+
+    fn signals(&self) -> watch::Receiver<ConnectionSignals> {
+        self.core.signals.subscribe()
+    }
+
+    fn ping(&self) -> BoxFuture<'static, Result<Duration, TransportError>> {
+        let (reply, pong) = oneshot::channel();
+        if let Err(e) = self.enqueue(Command::Ping { stream: self.stream(), reply }) {
+            return ready(Err(e));
+        }
+        let core = self.core.clone();
+        Box::pin(async move { pong.await.map_err(|_| core.closed_error()) })
+    }
+
+    fn push_config(&self, push: ConfigPush) -> BoxFuture<'static, Result<ConfigAck, TransportError>> {
+        if !self.capabilities.features.config_push {
+            return ready(Err(TransportError::Unsupported {
+                connection: self.core.label.clone(),
+                operation: "config push",
+            }));
+        }
+        let (reply, ack) = oneshot::channel();
+        if let Err(e) = self.enqueue(Command::Push { push, reply }) {
+            return ready(Err(e));
+        }
+        let core = self.core.clone();
+        Box::pin(async move { ack.await.map_err(|_| core.closed_error()) })
+    }
+
+    fn next_config_update(&self) -> BoxFuture<'static, Option<ConfigUpdateRequest>> {
+        let updates = self.updates.clone();
+        Box::pin(async move { updates.lock().await.recv().await })
+    }
+
+    fn answer_config_update(&self, answer: ConfigUpdateAnswer) {
+        let _ = self.enqueue(Command::Answer(answer));
+    }
+
+    fn drain(&self) {
+        if self.is_open() {
+            self.core.signals.send_modify(|s| s.draining = true);
+            let _ = self.enqueue(Command::Drain);
+        }
+    }
+
+    fn close(&self) {
+        let _ = self.enqueue(Command::Close);
+    }
+}
+
+struct PendingRequest {
+    correlation_id: CorrelationId,
+    reply: oneshot::Sender<Result<Decision, TransportError>>,
+}
+
+/// The task that owns one socket.
+struct Task {
+    core: Arc<Core>,
+    framed: ProxyFramed,
+    pending: HashMap<u64, PendingRequest>,
+    pings: HashMap<u64, (Instant, oneshot::Sender<Duration>)>,
+    pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
+    updates: Option<mpsc::UnboundedSender<ConfigUpdateRequest>>,
+}
+
+/// Why the task stops.
+enum Stop {
+    Closed(String),
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let Stop::Closed(reason) = loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(first) = command else { break Stop::Closed("every handle was dropped".into()) };
+                    // Take everything queued, write it all, flush once.
+                    let mut next = Some(first);
+                    let mut outcome = Ok(());
+                    while let Some(command) = next {
+                        outcome = self.handle(command).await;
+                        if outcome.is_err() {
+                            break;
+                        }
+                        next = commands.try_recv().ok();
+                    }
+                    if let Err(stop) = outcome {
+                        break stop;
+                    }
+                    if let Err(e) = self.framed.flush().await {
+                        break Stop::Closed(format!("write failed: {e}"));
+                    }
+                }
+                frame = self.framed.next() => match frame {
+                    Some(Ok(frame)) => {
+                        if let Err(stop) = self.on_frame(frame) {
+                            break stop;
+                        }
+                    }
+                    Some(Err(FrameError::TooLarge { limit, .. })) => {
+                        break Stop::Closed(format!("the agent sent a frame over the {limit}-byte limit"));
+                    }
+                    Some(Err(e)) => break Stop::Closed(format!("protocol error: {e}")),
+                    None => break Stop::Closed("the agent closed the connection".into()),
+                },
+            }
+        };
+        self.shut(&reason);
+    }
+
+    /// Fails everything at once and publishes the closure.
+    fn shut(&mut self, reason: &str) {
+        tracing::debug!(connection = %self.core.label, reason, "connection closed");
+        self.core.mark_closed(reason);
+        let error = self.core.closed_error();
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+        self.pings.clear();
+        self.pushes.clear();
+        self.updates = None;
+    }
+
+    async fn write(&mut self, stream_id: u64, body: proxy_frame::Body) -> Result<(), Stop> {
+        let frame = proto::ProxyFrame { stream_id, body: Some(body) };
+        self.framed.feed(frame).await.map_err(|e| Stop::Closed(format!("write failed: {e}")))
+    }
+
+    async fn handle(&mut self, command: Command) -> Result<(), Stop> {
+        match command {
+            Command::Send { stream, event, reply } => {
+                let correlation_id = event.correlation_id().clone();
+                self.pending.insert(stream, PendingRequest { correlation_id, reply });
+                self.write(stream, proxy_frame::Body::Event(event.into())).await?;
+            }
+            Command::Cancel { correlation_id, reason } => {
+                let streams: Vec<u64> = self
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.correlation_id == correlation_id)
+                    .map(|(s, _)| *s)
+                    .collect();
+                for stream in streams {
+                    if let Some(p) = self.pending.remove(&stream) {
+                        let _ = p.reply.send(Err(TransportError::Cancelled(reason)));
+                        let cancel = pool_api::Cancel { correlation_id: p.correlation_id, reason };
+                        self.write(stream, proxy_frame::Body::Cancel(cancel.into())).await?;
+                    }
+                }
+            }
+            Command::Abandon { stream } => {
+                if let Some(p) = self.pending.remove(&stream) {
+                    let cancel = pool_api::Cancel {
+                        correlation_id: p.correlation_id,
+                        reason: CancelReason::Abandoned,
+                    };
+                    self.write(stream, proxy_frame::Body::Cancel(cancel.into())).await?;
+                }
+            }
+            Command::Ping { stream, reply } => {
+                self.pings.insert(stream, (Instant::now(), reply));
+                self.write(stream, proxy_frame::Body::Ping(proto::Ping {})).await?;
+            }
+            Command::Push { push, reply } => {
+                let id = push.push_id;
+                self.pushes.insert(id, reply);
+                self.write(id, proxy_frame::Body::ConfigPush(push.into())).await?;
+            }
+            Command::Answer(answer) => {
+                self.write(0, proxy_frame::Body::ConfigUpdateAnswer(answer.into())).await?;
+            }
+            Command::Drain => self.write(0, proxy_frame::Body::Drain(proto::Drain {})).await?,
+            Command::Close => {
+                self.write(0, proxy_frame::Body::Shutdown(proto::Shutdown {})).await?;
+                let _ = self.framed.flush().await;
+                return Err(Stop::Closed("closed by the proxy".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame(&mut self, frame: proto::AgentFrame) -> Result<(), Stop> {
+        use agent_frame::Body;
+        let stream = frame.stream_id;
+        let protocol = |what: String| Stop::Closed(format!("protocol error: {what}"));
+        match frame.body {
+            Some(Body::Decision(d)) => {
+                let decision = Decision::try_from(d).map_err(|e| protocol(e.to_string()))?;
+                // An answer to a request cancelled or abandoned meanwhile is simply late.
+                if let Some(p) = self.pending.remove(&stream) {
+                    let _ = p.reply.send(Ok(decision));
+                }
+            }
+            Some(Body::Error(e)) => {
+                if let Some(p) = self.pending.remove(&stream) {
+                    let _ = p.reply.send(Err(TransportError::Agent(AgentError::new(e.message))));
+                }
+            }
+            Some(Body::Pong(_)) => {
+                if let Some((sent, reply)) = self.pings.remove(&stream) {
+                    let _ = reply.send(sent.elapsed());
+                }
+            }
+            Some(Body::Health(h)) => {
+                let health = pool_api::AgentHealth::try_from(h).map_err(|e| protocol(e.to_string()))?;
+                self.core.signals.send_modify(|s| s.health = health);
+            }
+            Some(Body::FlowControl(f)) => {
+                let signal = pool_api::FlowControl::try_from(f).map_err(|e| protocol(e.to_string()))?;
+                self.core.signals.send_modify(|s| s.flow = s.flow.apply(signal));
+            }
+            Some(Body::ConfigAck(a)) => {
+                if let Some(reply) = self.pushes.remove(&a.push_id) {
+                    let _ = reply.send(a.into());
+                }
+            }
+            Some(Body::ConfigUpdate(u)) => {
+                let request = ConfigUpdateRequest::try_from(u).map_err(|e| protocol(e.to_string()))?;
+                if let Some(updates) = &self.updates {
+                    let _ = updates.send(request);
+                }
+            }
+            Some(Body::Metrics(m)) => {
+                tracing::trace!(connection = %self.core.label, metrics = m.metrics.len(), "agent metrics report");
+            }
+            Some(Body::Capabilities(_) | Body::Refused(_) | Body::Register(_)) => {
+                return Err(protocol("handshake message after the handshake".into()));
+            }
+            None => return Err(protocol("unknown message type".into())),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,347 @@
+//! The agent side: serve an [`AgentHandler`] on a Unix socket.
+//!
+//! Every connection handshakes (under a time-out), then runs one task per request, at most as
+//! many at once as the handler's capabilities advertise. A cancel aborts that request's task.
+//! A frame that cannot be decoded closes the connection with a logged error: the server never
+//! answers a request it could not read, and never answers "allow" for it. Drain stops new work
+//! (new events are answered with an error) while running requests finish. Health, flow-control
+//! and configuration-update messages can be sent at any time through a [`ServerHandle`].
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pool_api::proto::{self, agent_frame, proxy_frame};
+use pool_api::{
+    AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, Event, FlowControl,
+    PROTOCOL_VERSION,
+};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::codec::Framed;
+
+use crate::client::PeerCredentials;
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+
+/// Settings of the agent side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest frame read or written.
+    pub max_frame: usize,
+    /// Permissions of the socket file (e.g. `0o660`); `None` leaves the umask's.
+    pub mode: Option<u32>,
+    /// Checked with `SO_PEERCRED` on every accepted connection; `None`: anyone.
+    pub peer: Option<PeerCredentials>,
+    /// Time a connecting proxy has to send its hello.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_frame: DEFAULT_MAX_FRAME,
+            mode: None,
+            peer: None,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another process is listening on the socket.
+    #[error("{path}: another server is listening there")]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The path exists and is not a socket; it is left alone.
+    #[error("{path}: exists and is not a socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Binding or setting permissions failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Sends agent-initiated messages to every connected proxy.
+#[derive(Clone, Default)]
+pub struct ServerHandle {
+    connections: Arc<Mutex<Vec<mpsc::UnboundedSender<proto::AgentFrame>>>>,
+    next_request: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").field("connections", &self.connection_count()).finish()
+    }
+}
+
+impl ServerHandle {
+    fn broadcast(&self, body: agent_frame::Body) {
+        let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
+        let mut conns = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        conns.retain(|c| c.send(frame.clone()).is_ok());
+    }
+
+    /// Reports the agent's health to every proxy connected.
+    pub fn report_health(&self, health: AgentHealth) {
+        self.broadcast(agent_frame::Body::Health(health.into()));
+    }
+
+    /// Sends a flow-control signal to every proxy connected.
+    pub fn flow_control(&self, signal: FlowControl) {
+        self.broadcast(agent_frame::Body::FlowControl(signal.into()));
+    }
+
+    /// Asks every proxy connected for a configuration update; returns the request id.
+    pub fn request_config_update(&self, kind: ConfigUpdateKind) -> u64 {
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.broadcast(agent_frame::Body::ConfigUpdate(ConfigUpdateRequest { request_id, kind }.into()));
+        request_id
+    }
+
+    /// Proxies connected now.
+    pub fn connection_count(&self) -> usize {
+        let mut conns = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        conns.retain(|c| !c.is_closed());
+        conns.len()
+    }
+}
+
+/// An agent listening on a Unix socket. The socket file is removed when it is dropped.
+#[derive(Debug)]
+pub struct UdsServer {
+    listener: UnixListener,
+    path: PathBuf,
+    config: ServerConfig,
+    handle: ServerHandle,
+}
+
+impl UdsServer {
+    /// Binds `path`. A stale socket file nobody listens on is replaced; a live one, or a path
+    /// that is not a socket, is an error.
+    pub async fn bind(path: impl AsRef<Path>, config: ServerConfig) -> Result<Self, ServeError> {
+        let path = path.as_ref().to_path_buf();
+        let io_err = |source| ServeError::Io { path: path.clone(), source };
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(&path).await {
+                Ok(_) => return Err(ServeError::InUse { path }),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(&path).map_err(io_err)?;
+                }
+                Err(e) => return Err(io_err(e)),
+            },
+            Ok(_) => return Err(ServeError::NotASocket { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(io_err)?;
+        if let Some(mode) = config.mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+        }
+        Ok(Self { listener, path, config, handle: ServerHandle::default() })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle for agent-initiated messages.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves `handler` until `shutdown` resolves; then stops accepting and ends every
+    /// connection (running requests are aborted).
+    pub async fn serve<H: AgentHandler>(self, handler: H, shutdown: impl std::future::Future<Output = ()>) {
+        let handler = Arc::new(handler);
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        if let Some(expected) = self.config.peer
+                            && let Err(e) = crate::client::check_peer(&stream, expected, &self.path.display().to_string())
+                        {
+                            tracing::warn!(error = %e, "connection refused");
+                            continue;
+                        }
+                        let (handler, config, handle) = (handler.clone(), self.config.clone(), self.handle.clone());
+                        connections.spawn(serve_connection(stream, handler, config, handle));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        connections.shutdown().await;
+    }
+}
+
+impl Drop for UdsServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+type AgentFramed = Framed<UnixStream, FrameCodec<proto::ProxyFrame, proto::AgentFrame>>;
+
+fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
+    proto::AgentFrame { stream_id, body: Some(body) }
+}
+
+/// Handshakes, then serves one connection until it ends.
+async fn serve_connection<H: AgentHandler>(
+    stream: UnixStream,
+    handler: Arc<H>,
+    config: ServerConfig,
+    handle: ServerHandle,
+) {
+    let mut framed: AgentFramed = Framed::new(stream, FrameCodec::new(config.max_frame));
+    let hello = match tokio::time::timeout(config.handshake_timeout, framed.next()).await {
+        Ok(Some(Ok(proto::ProxyFrame { body: Some(proxy_frame::Body::Hello(h)), .. }))) => h,
+        Ok(other) => {
+            tracing::warn!(?other, "handshake failed: expected a hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("handshake timed out");
+            return;
+        }
+    };
+    let mut capabilities = handler.capabilities();
+    if !hello.supported_versions.contains(&PROTOCOL_VERSION) {
+        let refused = proto::HandshakeRefused {
+            message: format!("this agent speaks protocol version {PROTOCOL_VERSION}"),
+            supported_versions: vec![PROTOCOL_VERSION],
+        };
+        let _ = framed.send(frame(0, agent_frame::Body::Refused(refused))).await;
+        return;
+    }
+    capabilities.protocol_version = PROTOCOL_VERSION;
+    let limit = capabilities.max_concurrency.map(|n| n.get() as usize).unwrap_or(Semaphore::MAX_PERMITS);
+    if framed.send(frame(0, agent_frame::Body::Capabilities(capabilities.into()))).await.is_err() {
+        return;
+    }
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<proto::AgentFrame>();
+    handle.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(out_tx.clone());
+    let permits = Arc::new(Semaphore::new(limit));
+    let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+    let mut tasks: JoinSet<u64> = JoinSet::new();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            out = out_rx.recv() => {
+                let Some(out) = out else { break };
+                let mut next = Some(out);
+                let mut failed = false;
+                while let Some(f) = next {
+                    if framed.feed(f).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                    next = out_rx.try_recv().ok();
+                }
+                if failed || framed.flush().await.is_err() {
+                    break;
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(stream) = done {
+                    running.remove(&stream);
+                }
+            }
+            incoming = framed.next() => {
+                let frame_in = match incoming {
+                    Some(Ok(f)) => f,
+                    Some(Err(FrameError::TooLarge { limit, .. })) => {
+                        tracing::error!(limit, "oversized frame; closing the connection");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "undecodable frame; closing the connection");
+                        break;
+                    }
+                    None => break,
+                };
+                let stream = frame_in.stream_id;
+                match frame_in.body {
+                    Some(proxy_frame::Body::Event(e)) => {
+                        let event = match Event::try_from(e) {
+                            Ok(event) => event,
+                            Err(err) => {
+                                tracing::error!(error = %err, "invalid event; closing the connection");
+                                break;
+                            }
+                        };
+                        if draining {
+                            let error = proto::AgentError { message: "the agent is draining".into() };
+                            let _ = out_tx.send(frame(stream, agent_frame::Body::Error(error)));
+                            continue;
+                        }
+                        // Bounded by the advertised concurrency: waiting here holds back reading.
+                        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                        let (handler, out) = (handler.clone(), out_tx.clone());
+                        let abort = tasks.spawn(async move {
+                            let _permit = permit;
+                            let body = match handler.on_event(event).await {
+                                Ok(decision) => agent_frame::Body::Decision(decision.into()),
+                                Err(e) => agent_frame::Body::Error(proto::AgentError { message: e.message }),
+                            };
+                            let _ = out.send(frame(stream, body));
+                            stream
+                        });
+                        running.insert(stream, abort);
+                    }
+                    Some(proxy_frame::Body::Cancel(_)) => {
+                        if let Some(task) = running.remove(&stream) {
+                            task.abort();
+                        }
+                    }
+                    Some(proxy_frame::Body::Ping(_)) => {
+                        let _ = out_tx.send(frame(stream, agent_frame::Body::Pong(proto::Pong {})));
+                    }
+                    Some(proxy_frame::Body::ConfigPush(p)) => {
+                        let (handler, out) = (handler.clone(), out_tx.clone());
+                        tokio::spawn(async move {
+                            let ack = handler.on_config(ConfigPush::from(p)).await;
+                            let _ = out.send(frame(stream, agent_frame::Body::ConfigAck(ack.into())));
+                        });
+                    }
+                    Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
+                        tracing::info!(request = a.request_id, accepted = a.accepted, error = ?a.error, "proxy answered a configuration update");
+                    }
+                    Some(proxy_frame::Body::Drain(_)) => draining = true,
+                    Some(proxy_frame::Body::Shutdown(_)) => break,
+                    Some(proxy_frame::Body::Hello(_) | proxy_frame::Body::RegisterResult(_)) | None => {
+                        tracing::error!("unexpected or unknown message; closing the connection");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    tasks.shutdown().await;
+}
