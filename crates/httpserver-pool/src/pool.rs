@@ -139,6 +139,9 @@ pub struct Pool {
     policy: StartPolicy,
     state: watch::Sender<LifecycleState>,
     running_since: Mutex<Option<tokio::time::Instant>>,
+    /// Held for the whole of an [`Pool::apply`], across its awaits (an async lock, made for
+    /// that): applies run one after the other, each planning against the previous one's result.
+    applying: tokio::sync::Mutex<()>,
 }
 
 impl Default for Pool {
@@ -165,6 +168,7 @@ impl Pool {
             policy: StartPolicy::AllOrNothing,
             state: watch::Sender::new(LifecycleState::Stopped),
             running_since: Mutex::new(None),
+            applying: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -387,7 +391,12 @@ impl Pool {
     /// settings are identical are untouched; changed handler, timeouts, limits or TLS are swapped
     /// in place (new connections use them, open ones finish with the old); changed socket
     /// options rebind; new servers are added and, if the pool runs, started.
+    ///
+    /// Concurrent calls are serialised in the order they were made (a fair async lock): each
+    /// waits until the one before it has finished, so the last call's configuration is the one
+    /// left in place.
     pub async fn apply(&self, config: &PoolConfig) -> Result<ApplyReport, Error> {
+        let _one_at_a_time = self.applying.lock().await;
         let completed = self.complete(config)?;
         let mut report = ApplyReport::default();
         let mut wanted: BTreeMap<SocketAddr, ServerConfig> = BTreeMap::new();
@@ -456,6 +465,7 @@ impl Clone for Pool {
             policy: self.policy,
             state: watch::Sender::new(LifecycleState::Stopped),
             running_since: Mutex::new(None),
+            applying: tokio::sync::Mutex::new(()),
         }
     }
 }

@@ -406,3 +406,38 @@ async fn zero_failed_requests_while_the_config_is_applied_every_100ms() {
     assert!(ok > 100, "the load was steady: {ok} requests");
     pool.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn concurrent_applies_run_one_after_the_other() {
+    let pool = Pool::new();
+    pool.start().await.unwrap();
+    for _ in 0..3 {
+        // A server with a request in flight, so an apply that removes it waits for its drain.
+        let old = config("old", sleeper(Duration::from_millis(300)));
+        let old_listen = old.listen.clone();
+        pool.apply(&PoolConfig { servers: vec![old] }).await.unwrap();
+        let old_bind = pool.select_all().servers()[0].bind();
+        let slow = tokio::spawn(async move { get(&client(), &format!("http://{old_bind}/")).await });
+        while pool.monitor()[0].counters.requests == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let listen = free_addr();
+        let a = PoolConfig { servers: vec![ServerConfig::new("x", &listen).with_handler(hello("a"))] };
+        let b = PoolConfig { servers: vec![ServerConfig::new("x", &listen).with_handler(hello("b"))] };
+        // Overlapping, both would plan to add "x" while the first waits for the drain: two servers
+        // for one address, one overwriting the other in the map while it runs.
+        let (ra, rb) = tokio::join!(pool.apply(&a), pool.apply(&b));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!((ra.removed.len(), ra.added.len(), rb.swapped.len()), (1, 1, 1), "{ra:?} {rb:?}");
+        assert_eq!(slow.await.unwrap().unwrap().1, "slept", "the removed server drained");
+        assert_eq!(pool.len(), 1);
+        let (status, body) = get(&client(), &format!("http://{listen}/")).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "b"), "the later apply wins");
+        pool.apply(&PoolConfig::default()).await.unwrap();
+        assert!(pool.is_empty());
+        // Nothing kept running untracked: both addresses are free again.
+        std::net::TcpListener::bind(&listen).expect("no orphaned server holds the address");
+        std::net::TcpListener::bind(&old_listen).unwrap();
+    }
+    pool.stop().await.unwrap();
+}
