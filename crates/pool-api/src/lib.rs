@@ -56,7 +56,7 @@
 //! * `serde` — derives `Serialize`/`Deserialize` for the plain data types that appear in
 //!   configuration and reports (capabilities, health, event kinds, reasons, container states).
 //! * `proto` — the wire schema (`proto/agentpool/v1/agent.proto`) as prost messages in
-//!   [`proto`](crate::proto), with checked conversions; compiled by protox, so no `protoc`.
+//!   [`proto`], with checked conversions; compiled by protox, so no `protoc`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 

@@ -114,6 +114,19 @@ impl BreakerCell {
         self.publish(&m);
     }
 
+    /// A new connection to the endpoint was just established — proof of life — so an open
+    /// breaker need not wait out its reset time: it goes half-open and the next request
+    /// probes. A closed or half-open breaker is unchanged.
+    pub(crate) fn reconnected(&self) {
+        let mut m = lock(&self.machine);
+        if let BreakerState::Open { until } = m.state()
+            && matches!(m.try_acquire(until), Admission::Probe)
+        {
+            m.probe_abandoned();
+        }
+        self.publish(&m);
+    }
+
     pub(crate) fn status(&self, now: Instant) -> BreakerStatus {
         match lock(&self.machine).state() {
             BreakerState::Closed => BreakerStatus::Closed,
@@ -192,6 +205,12 @@ impl EndpointState {
 
     pub(crate) fn probe_abandoned(&self) {
         self.breaker.probe_abandoned();
+    }
+
+    /// See [`BreakerCell::reconnected`].
+    pub(crate) fn reconnected(&self) {
+        self.breaker.reconnected();
+        self.breaker_gauge.set(self.breaker.status(Instant::now()).as_gauge());
     }
 
     pub(crate) fn set_ejected(&self, ejected: bool) {

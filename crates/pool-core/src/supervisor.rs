@@ -52,6 +52,7 @@ pub(crate) async fn supervise(
                 }
                 backoff.reset();
                 slot.attach(conn.clone(), Instant::now());
+                slot.endpoint.reconnected();
                 agent.republish();
                 tracing::debug!(agent = %agent.id(), connection = conn.label(), "connected");
                 let exit = run_connected(&agent, &slot, &conn).await;

@@ -303,3 +303,27 @@ async fn outlier_detection_ejects_a_failing_replica_but_never_all() {
         assert!(n <= 1, "round {round}: {n} ejected");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_makes_an_open_breaker_probe_at_once() {
+    let agent = allow_all();
+    let (pool, _c) = common::single(one_connection(), &agent).await;
+    agent.set_latency(Duration::from_secs(5));
+    let inflight: Vec<_> = (0..5)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    agent.disconnect_all(); // the agent crashes: five failures in a row open the breaker
+    for r in inflight {
+        assert!(r.await.unwrap().is_err());
+    }
+    assert!(matches!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Open { .. }));
+    agent.set_latency(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(150)).await; // the supervisor reconnects
+    assert_eq!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::HalfOpen);
+    pool.send("waf", request("probe")).await.unwrap();
+    assert_eq!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Closed);
+}
