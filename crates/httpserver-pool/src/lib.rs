@@ -63,5 +63,5 @@ pub use server::{ReloadOutcome, Server, ServerSnapshot};
 pub mod filter;
 mod pool;
 
-pub use filter::{Field, Pattern};
+pub use filter::{Field, Glob, Pattern};
 pub use pool::{ApplyReport, Pool, Selection, StartPolicy};

@@ -71,9 +71,7 @@ impl Selection {
 
     /// Narrows the selection further.
     pub fn filter(&self, field: Field, pattern: &Pattern) -> Selection {
-        Selection {
-            servers: self.servers.iter().filter(|s| pattern.is_match(&field.of(s))).cloned().collect(),
-        }
+        Selection { servers: self.servers.iter().filter(|s| s.matches(field, pattern)).cloned().collect() }
     }
 
     /// Starts the selected servers concurrently (disabled and running ones are skipped).
@@ -327,7 +325,7 @@ impl Pool {
     /// The servers whose `field` matches `pattern`.
     pub fn filter(&self, field: Field, pattern: &Pattern) -> Selection {
         let map = read(&self.servers);
-        Selection { servers: map.values().filter(|s| pattern.is_match(&field.of(s))).cloned().collect() }
+        Selection { servers: map.values().filter(|s| s.matches(field, pattern)).cloned().collect() }
     }
 
     /// Every server, as a selection.

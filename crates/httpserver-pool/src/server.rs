@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::accept::AcceptBackoff;
 use crate::counters::{CounterSnapshot, Counters};
 use crate::drain::{Activity, TrackedIo, Tracker};
+use crate::filter::{Field, Pattern};
 use crate::tls::TlsMaterial;
 use crate::{Error, Handler, Problem, ResponseBody, ServerConfig, ShutdownSignal, socket, status};
 
@@ -100,6 +101,8 @@ struct RunHandle {
 
 struct Inner {
     bind: SocketAddr,
+    /// `bind` as text, formatted once for selection by bind address.
+    bind_text: String,
     live: ArcSwap<Live>,
     state: watch::Sender<LifecycleState>,
     run: Mutex<Option<RunHandle>>,
@@ -163,6 +166,7 @@ impl Server {
         Ok(Server {
             inner: Arc::new(Inner {
                 bind,
+                bind_text: bind.to_string(),
                 live: ArcSwap::from_pointee(live),
                 state: watch::Sender::new(LifecycleState::Stopped),
                 run: Mutex::new(None),
@@ -188,6 +192,19 @@ impl Server {
         match &live.config.expose {
             Some(url) => url.clone(),
             None => format!("{}://{}", if live.tls.is_some() { "https" } else { "http" }, self.inner.bind),
+        }
+    }
+
+    /// True when `field` matches `pattern`, without copying the field when it can be borrowed
+    /// (selection runs over every server of a pool).
+    pub(crate) fn matches(&self, field: Field, pattern: &Pattern) -> bool {
+        match field {
+            Field::Name => pattern.is_match(&self.inner.live.load().config.name),
+            Field::Bind => pattern.is_match(&self.inner.bind_text),
+            Field::Expose => match &self.inner.live.load().config.expose {
+                Some(url) => pattern.is_match(url),
+                None => pattern.is_match(&self.expose()),
+            },
         }
     }
 
