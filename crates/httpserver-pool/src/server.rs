@@ -11,10 +11,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -542,42 +545,78 @@ async fn serve_http<I>(
 /// Runs one hyper connection to its end: a graceful shutdown on the stop signal or once the
 /// connection has been idle for `idle`. (Both hyper's HTTP/1 and hyper-util's auto connection
 /// go through here; `graceful` is their `graceful_shutdown`.)
+///
+/// The stop signal and the idle timer are polled only when one of them woke the task, through a
+/// waker of their own, not on every wake-up of the connection: a `select!` over the three would
+/// poll the shared stop channel (a lock) and the timer on every read and write.
 async fn drive<C, E>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
-    mut shutdown: watch::Receiver<Option<Instant>>,
+    shutdown: watch::Receiver<Option<Instant>>,
     activity: &Activity,
     idle: Option<Duration>,
 ) where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
-    let mut idle_check = idle.map(|d| Instant::now() + d);
+    let mut conn = std::pin::pin!(conn);
+    let mut close = std::pin::pin!(close_when(shutdown, activity, idle));
+    let wake = Arc::new(SideWake { fired: AtomicBool::new(true), task: AtomicWaker::new() });
+    let side_waker = Waker::from(wake.clone());
     let mut closing = false;
-    if shutdown.borrow_and_update().is_some() {
-        closing = true;
-        graceful(conn.as_mut());
-    }
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = shutdown.changed(), if !closing => {
+    let result = std::future::poll_fn(|cx| {
+        if !closing {
+            wake.task.register(cx.waker());
+            if wake.fired.swap(false, Ordering::AcqRel)
+                && close.as_mut().poll(&mut Context::from_waker(&side_waker)).is_ready()
+            {
                 closing = true;
                 graceful(conn.as_mut());
             }
-            () = tokio::time::sleep_until(idle_check.unwrap_or_else(Instant::now)), if idle_check.is_some() && !closing => {
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Wakes the connection task on behalf of the stop signal or the idle timer, and says so.
+struct SideWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Resolves when the connection should close gracefully: the server is stopping, or no request
+/// has been in flight for `idle`.
+async fn close_when(
+    mut shutdown: watch::Receiver<Option<Instant>>,
+    activity: &Activity,
+    idle: Option<Duration>,
+) {
+    if shutdown.borrow_and_update().is_some() {
+        return;
+    }
+    let mut idle_check = idle.map(|d| Instant::now() + d);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep_until(idle_check.unwrap_or_else(Instant::now)), if idle_check.is_some() => {
                 let limit = idle.unwrap_or_default();
                 match activity.idle_since() {
-                    Some(since) if since + limit <= Instant::now() => {
-                        closing = true;
-                        graceful(conn.as_mut());
-                    }
+                    Some(since) if since + limit <= Instant::now() => return,
                     Some(since) => idle_check = Some(since + limit),
                     None => idle_check = Some(Instant::now() + limit),
                 }
