@@ -16,7 +16,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every handler answers with.
 pub type ResponseBody = BoxBody<Bytes, BoxError>;
 
-type HandlerFuture = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
 
 /// What a server does with a request. Cloning shares the same function.
 ///

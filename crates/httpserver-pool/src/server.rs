@@ -33,8 +33,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::accept::AcceptBackoff;
 use crate::counters::{CounterSnapshot, Counters};
-use crate::drain::{Activity, TrackedIo, Tracker};
+use crate::drain::{Activity, RequestGuard, TrackedIo, Tracker};
 use crate::filter::{Field, Pattern};
+use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
 use crate::{Error, Handler, Problem, ResponseBody, ServerConfig, ShutdownSignal, socket, status};
 
@@ -638,22 +639,43 @@ struct ConnService {
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+    type Future = Answer;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.counters.request();
         req.extensions_mut().insert(self.signal.clone());
-        let guard = self.activity.begin();
+        let in_flight = self.activity.begin();
         let response = self.handler.call(req);
-        let limit = self.request_timeout;
-        Box::pin(async move {
-            let _in_flight = guard;
-            Ok(match limit {
-                Some(limit) => tokio::time::timeout(limit, response)
-                    .await
-                    .unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE)),
-                None => response.await,
-            })
-        })
+        let response = match self.request_timeout {
+            Some(limit) => Pending::Limited(Box::pin(tokio::time::timeout(limit, response))),
+            None => Pending::Plain(response),
+        };
+        Answer { response, _in_flight: in_flight }
+    }
+}
+
+/// The handler's answer, under the request timeout if there is one, with the request counted as
+/// in flight until it is ready. A named future rather than an `async` block: one allocation
+/// less per request.
+pub(crate) struct Answer {
+    response: Pending,
+    _in_flight: RequestGuard,
+}
+
+enum Pending {
+    Plain(HandlerFuture),
+    Limited(Pin<Box<tokio::time::Timeout<HandlerFuture>>>),
+}
+
+impl Future for Answer {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
+        match &mut self.get_mut().response {
+            Pending::Plain(f) => f.as_mut().poll(cx).map(Ok),
+            Pending::Limited(f) => {
+                f.as_mut().poll(cx).map(|r| Ok(r.unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE))))
+            }
+        }
     }
 }
