@@ -2,7 +2,8 @@
 //!
 //! A [`Pool`] holds [`Server`]s keyed by their canonical bind address (`:80`, `0.0.0.0:80` and
 //! a resolved name are one key: a duplicate is an error, never an overwrite). Each server runs
-//! hyper 1 through hyper-util's HTTP/1 + HTTP/2 builder, optionally behind rustls (mTLS, ALPN),
+//! hyper 1 through hyper-util's HTTP/1 + HTTP/2 builder (hyper's HTTP/1 connection alone when
+//! HTTP/2 is off, or on plain TCP without `h2c`), optionally behind rustls (mTLS, ALPN),
 //! and implements [`pool_api::Lifecycle`]: `start` binds for real and returns once listening
 //! (typed errors: address in use, permission denied, bad TLS); `stop` drains gracefully and
 //! returns as soon as the work is done, or cuts it off at the deadline, with a
