@@ -368,27 +368,33 @@ impl TryFrom<Decision> for api::Decision {
     }
 }
 
+// === plain mirrors ===
+
+/// Structs whose fields match their message's one to one convert both ways, field by field.
+macro_rules! mirror {
+    ($($ty:ident { $($field:ident),* })*) => {$(
+        impl From<api::$ty> for $ty {
+            fn from(v: api::$ty) -> Self {
+                Self { $($field: v.$field),* }
+            }
+        }
+
+        impl From<$ty> for api::$ty {
+            fn from(v: $ty) -> Self {
+                Self { $($field: v.$field),* }
+            }
+        }
+    )*};
+}
+
+mirror! {
+    Hello { proxy_id, proxy_version, supported_versions }
+    ConfigPush { push_id, kind, version, payload }
+    ConfigAck { push_id, accepted, error }
+    ConfigUpdateAnswer { request_id, accepted, error }
+}
+
 // === handshake ===
-
-impl From<api::Hello> for Hello {
-    fn from(h: api::Hello) -> Self {
-        Self {
-            proxy_id: h.proxy_id,
-            proxy_version: h.proxy_version,
-            supported_versions: h.supported_versions,
-        }
-    }
-}
-
-impl From<Hello> for api::Hello {
-    fn from(h: Hello) -> Self {
-        Self {
-            proxy_id: h.proxy_id,
-            proxy_version: h.proxy_version,
-            supported_versions: h.supported_versions,
-        }
-    }
-}
 
 impl From<api::Capabilities> for Capabilities {
     fn from(c: api::Capabilities) -> Self {
@@ -510,42 +516,6 @@ impl TryFrom<FlowControl> for api::FlowControl {
 }
 
 // === configuration ===
-
-impl From<api::ConfigPush> for ConfigPush {
-    fn from(p: api::ConfigPush) -> Self {
-        Self { push_id: p.push_id, kind: p.kind, version: p.version, payload: p.payload }
-    }
-}
-
-impl From<ConfigPush> for api::ConfigPush {
-    fn from(p: ConfigPush) -> Self {
-        Self { push_id: p.push_id, kind: p.kind, version: p.version, payload: p.payload }
-    }
-}
-
-impl From<api::ConfigAck> for ConfigAck {
-    fn from(a: api::ConfigAck) -> Self {
-        Self { push_id: a.push_id, accepted: a.accepted, error: a.error }
-    }
-}
-
-impl From<ConfigAck> for api::ConfigAck {
-    fn from(a: ConfigAck) -> Self {
-        Self { push_id: a.push_id, accepted: a.accepted, error: a.error }
-    }
-}
-
-impl From<api::ConfigUpdateAnswer> for ConfigUpdateAnswer {
-    fn from(a: api::ConfigUpdateAnswer) -> Self {
-        Self { request_id: a.request_id, accepted: a.accepted, error: a.error }
-    }
-}
-
-impl From<ConfigUpdateAnswer> for api::ConfigUpdateAnswer {
-    fn from(a: ConfigUpdateAnswer) -> Self {
-        Self { request_id: a.request_id, accepted: a.accepted, error: a.error }
-    }
-}
 
 impl From<api::ConfigUpdateRequest> for ConfigUpdateRequest {
     fn from(r: api::ConfigUpdateRequest) -> Self {
