@@ -392,13 +392,13 @@ mirror! {
     ConfigPush { push_id, kind, version, payload }
     ConfigAck { push_id, accepted, error }
     ConfigUpdateAnswer { request_id, accepted, error }
+    Features { config_push, config_updates, health_reports, flow_control, cancellation, metrics_reports }
 }
 
 // === handshake ===
 
 impl From<api::Capabilities> for Capabilities {
     fn from(c: api::Capabilities) -> Self {
-        let f = c.features;
         Self {
             agent_id: c.agent_id,
             name: c.name,
@@ -407,14 +407,7 @@ impl From<api::Capabilities> for Capabilities {
             supported_events: u32::from(c.supported_events.bits()),
             max_concurrency: c.max_concurrency.map_or(0, NonZeroU32::get),
             max_body_size: c.max_body_size,
-            features: Some(Features {
-                config_push: f.config_push,
-                config_updates: f.config_updates,
-                health_reports: f.health_reports,
-                flow_control: f.flow_control,
-                cancellation: f.cancellation,
-                metrics_reports: f.metrics_reports,
-            }),
+            features: Some(c.features.into()),
         }
     }
 }
@@ -433,7 +426,6 @@ impl TryFrom<Capabilities> for api::Capabilities {
                     format!("unknown event bits in {:#x}", c.supported_events),
                 )
             })?;
-        let f = c.features.unwrap_or_default();
         Ok(api::Capabilities {
             agent_id: c.agent_id,
             name: c.name,
@@ -442,14 +434,7 @@ impl TryFrom<Capabilities> for api::Capabilities {
             supported_events: api::EventSet::from_bits_truncate(events),
             max_concurrency: NonZeroU32::new(c.max_concurrency),
             max_body_size: c.max_body_size,
-            features: api::Features {
-                config_push: f.config_push,
-                config_updates: f.config_updates,
-                health_reports: f.health_reports,
-                flow_control: f.flow_control,
-                cancellation: f.cancellation,
-                metrics_reports: f.metrics_reports,
-            },
+            features: c.features.map(api::Features::from).unwrap_or_default(),
         })
     }
 }
