@@ -58,6 +58,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "docker")]
+pub mod docker;
+
 mod agent;
 mod connection;
 mod connector;

@@ -1,0 +1,2 @@
+//! The `docker-agent` program (being written).
+fn main() {}
