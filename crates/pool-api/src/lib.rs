@@ -87,5 +87,5 @@ pub use runtime::{
     ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime, ContainerState, ContainerStatus,
     EventFilter, StopOptions,
 };
-pub use signals::{AgentHealth, ConnectionSignals, FlowControl, FlowState, HealthStatus};
+pub use signals::{AgentHealth, AgentMetric, ConnectionSignals, FlowControl, FlowState, HealthStatus};
 pub use transport::{AgentConnection, BoxFuture, BoxStream, Connector, Endpoint, PendingConnection};

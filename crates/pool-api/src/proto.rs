@@ -547,3 +547,25 @@ impl TryFrom<ConfigUpdateRequest> for api::ConfigUpdateRequest {
         Ok(Self { request_id: r.request_id, kind })
     }
 }
+
+// === metrics reports ===
+
+impl From<api::AgentMetric> for Metric {
+    fn from(m: api::AgentMetric) -> Self {
+        Self {
+            name: m.name,
+            value: m.value,
+            labels: m.labels.into_iter().map(|(key, value)| KeyValue { key, value }).collect(),
+        }
+    }
+}
+
+impl From<Metric> for api::AgentMetric {
+    fn from(m: Metric) -> Self {
+        Self {
+            name: m.name,
+            value: m.value,
+            labels: m.labels.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        }
+    }
+}

@@ -100,6 +100,33 @@ impl FlowState {
     }
 }
 
+/// One measurement an agent reports about itself (requests handled, rules loaded, queue depth…),
+/// sent whenever the agent likes; the proxy records it as a gauge.
+#[derive(Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AgentMetric {
+    /// The metric's name, as the agent chose it.
+    pub name: String,
+    /// Its current value.
+    pub value: f64,
+    /// Label pairs that qualify it.
+    pub labels: Vec<(String, String)>,
+}
+
+impl AgentMetric {
+    /// A metric without labels.
+    pub fn new(name: impl Into<String>, value: f64) -> Self {
+        Self { name: name.into(), value, labels: Vec::new() }
+    }
+
+    /// Adds a label.
+    #[must_use]
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+}
+
 /// Everything a connection publishes about its agent, on a watch channel.
 ///
 /// The connection's own task owns the sender; when the connection dies it sets `open` to false

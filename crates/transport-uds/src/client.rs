@@ -81,7 +81,7 @@ impl SocketPath {
         Ok(Self::Path(PathBuf::from(rest)))
     }
 
-    async fn connect(&self) -> std::io::Result<UnixStream> {
+    pub(crate) async fn connect(&self) -> std::io::Result<UnixStream> {
         match self {
             Self::Path(p) => UnixStream::connect(p).await,
             Self::Abstract(name) => {
@@ -168,7 +168,7 @@ struct Pending {
     config: Arc<ClientConfig>,
 }
 
-type ProxyFramed = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
+pub(crate) type ProxyFramed = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
 
 impl PendingConnection for Pending {
     fn handshake(
@@ -231,6 +231,36 @@ enum Command {
     Close,
 }
 
+/// A connection's task that has not started yet.
+pub(crate) struct PreparedTask {
+    task: Task,
+    commands: mpsc::UnboundedReceiver<Command>,
+}
+
+impl PreparedTask {
+    /// Writes and flushes one frame before the task takes over the socket.
+    pub(crate) async fn write_first(&mut self, frame: proto::ProxyFrame) -> Result<(), FrameError> {
+        self.task.framed.send(frame).await
+    }
+
+    /// Ends the connection before it ever ran: anything already queued fails with `reason`.
+    pub(crate) fn abort(mut self, reason: &str) {
+        self.task.shut(reason);
+        self.commands.close();
+        let error = self.task.core.closed_error();
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Send { reply, .. } = command {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+
+    /// Starts the task.
+    pub(crate) fn spawn(self) {
+        tokio::spawn(self.task.run(self.commands));
+    }
+}
+
 /// State shared by the handle and the task.
 struct Core {
     label: String,
@@ -278,6 +308,19 @@ impl std::fmt::Debug for UdsConnection {
 
 impl UdsConnection {
     fn start(framed: ProxyFramed, capabilities: Capabilities, label: String) -> Arc<Self> {
+        let (connection, task) = Self::prepare(framed, capabilities, label);
+        task.spawn();
+        connection
+    }
+
+    /// The connection and its task, not yet running: commands queue up until the task is
+    /// spawned, so a transport can still write its own frames first (a reverse registration's
+    /// answer).
+    pub(crate) fn prepare(
+        framed: ProxyFramed,
+        capabilities: Capabilities,
+        label: String,
+    ) -> (Arc<Self>, PreparedTask) {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let core = Arc::new(Core {
@@ -294,14 +337,14 @@ impl UdsConnection {
             pushes: HashMap::new(),
             updates: Some(updates_tx),
         };
-        tokio::spawn(task.run(command_rx));
-        Arc::new(Self {
+        let connection = Arc::new(Self {
             core,
             commands,
             capabilities,
             next_stream: AtomicU64::new(1),
             updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
-        })
+        });
+        (connection, PreparedTask { task, commands: command_rx })
     }
 
     fn enqueue(&self, command: Command) -> Result<(), TransportError> {
@@ -429,6 +472,27 @@ impl AgentConnection for UdsConnection {
 struct PendingRequest {
     correlation_id: CorrelationId,
     reply: oneshot::Sender<Result<Decision, TransportError>>,
+}
+
+/// Records one metric an agent reported as the gauge `agentpool_agent_metric`, labelled with
+/// the connection, the agent's metric name and the agent's own labels. A value that is not
+/// finite is dropped (it cannot be exported).
+fn record_metric(connection: &str, metric: pool_api::AgentMetric) {
+    if !metric.value.is_finite() || metric.name.is_empty() {
+        tracing::debug!(connection, name = %metric.name, value = metric.value, "agent metric dropped");
+        return;
+    }
+    let mut labels = Vec::with_capacity(metric.labels.len() + 2);
+    labels.push(metrics::Label::new("connection", connection.to_owned()));
+    labels.push(metrics::Label::new("metric", metric.name));
+    labels.extend(
+        metric
+            .labels
+            .into_iter()
+            .filter(|(k, _)| k != "connection" && k != "metric")
+            .map(|(k, v)| metrics::Label::new(k, v)),
+    );
+    metrics::gauge!("agentpool_agent_metric", labels).set(metric.value);
 }
 
 /// The task that owns one socket.
@@ -598,8 +662,10 @@ impl Task {
                     let _ = updates.send(request);
                 }
             }
-            Some(Body::Metrics(m)) => {
-                tracing::trace!(connection = %self.core.label, metrics = m.metrics.len(), "agent metrics report");
+            Some(Body::Metrics(report)) => {
+                for metric in report.metrics {
+                    record_metric(&self.core.label, pool_api::AgentMetric::from(metric));
+                }
             }
             Some(Body::Capabilities(_) | Body::Refused(_) | Body::Register(_)) => {
                 return Err(protocol("handshake message after the handshake".into()));

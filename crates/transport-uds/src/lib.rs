@@ -10,7 +10,12 @@
 
 mod client;
 pub mod codec;
+pub mod reverse;
 mod server;
 
 pub use client::{ClientConfig, PeerCredentials, SocketPath, UdsConnection, UdsConnector};
+pub use reverse::{
+    Reconnect, Registration, ReverseAgent, ReverseAgentConfig, ReverseError, ReverseListener,
+    ReverseListenerConfig,
+};
 pub use server::{ServeError, ServerConfig, ServerHandle, UdsServer};

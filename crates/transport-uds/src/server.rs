@@ -109,6 +109,12 @@ impl ServerHandle {
         self.broadcast(agent_frame::Body::FlowControl(signal.into()));
     }
 
+    /// Sends a metrics report to every proxy connected (recorded there as gauges).
+    pub fn report_metrics(&self, metrics: impl IntoIterator<Item = pool_api::AgentMetric>) {
+        let metrics = metrics.into_iter().map(proto::Metric::from).collect();
+        self.broadcast(agent_frame::Body::Metrics(proto::MetricsReport { metrics }));
+    }
+
     /// Asks every proxy connected for a configuration update; returns the request id.
     pub fn request_config_update(&self, kind: ConfigUpdateKind) -> u64 {
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -138,23 +144,7 @@ impl UdsServer {
     /// that is not a socket, is an error.
     pub async fn bind(path: impl AsRef<Path>, config: ServerConfig) -> Result<Self, ServeError> {
         let path = path.as_ref().to_path_buf();
-        let io_err = |source| ServeError::Io { path: path.clone(), source };
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(&path).await {
-                Ok(_) => return Err(ServeError::InUse { path }),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(&path).map_err(io_err)?;
-                }
-                Err(e) => return Err(io_err(e)),
-            },
-            Ok(_) => return Err(ServeError::NotASocket { path }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(e)),
-        }
-        let listener = UnixListener::bind(&path).map_err(io_err)?;
-        if let Some(mode) = config.mode {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
-        }
+        let listener = bind_socket(&path, config.mode).await?;
         Ok(Self { listener, path, config, handle: ServerHandle::default() })
     }
 
@@ -200,15 +190,38 @@ impl UdsServer {
     }
 }
 
+/// Binds a listening socket at `path`: a stale socket file nobody listens on is replaced; a live
+/// one, or a path that is not a socket, is an error. `mode` sets the file's permissions.
+pub(crate) async fn bind_socket(path: &Path, mode: Option<u32>) -> Result<UnixListener, ServeError> {
+    let io_err = |source| ServeError::Io { path: path.to_path_buf(), source };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
+            Ok(_) => return Err(ServeError::InUse { path: path.to_path_buf() }),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(io_err)?;
+            }
+            Err(e) => return Err(io_err(e)),
+        },
+        Ok(_) => return Err(ServeError::NotASocket { path: path.to_path_buf() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    }
+    Ok(listener)
+}
+
 impl Drop for UdsServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-type AgentFramed = Framed<UnixStream, FrameCodec<proto::ProxyFrame, proto::AgentFrame>>;
+pub(crate) type AgentFramed = Framed<UnixStream, FrameCodec<proto::ProxyFrame, proto::AgentFrame>>;
 
-fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
+pub(crate) fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
     proto::AgentFrame { stream_id, body: Some(body) }
 }
 
@@ -241,10 +254,26 @@ async fn serve_connection<H: AgentHandler>(
         return;
     }
     capabilities.protocol_version = PROTOCOL_VERSION;
-    let limit = capabilities.max_concurrency.map(|n| n.get() as usize).unwrap_or(Semaphore::MAX_PERMITS);
+    let limit = concurrency_limit(&capabilities);
     if framed.send(frame(0, agent_frame::Body::Capabilities(capabilities.into()))).await.is_err() {
         return;
     }
+    run_session(framed, handler, limit, handle).await;
+}
+
+/// How many requests an agent advertising `capabilities` runs at once.
+pub(crate) fn concurrency_limit(capabilities: &pool_api::Capabilities) -> usize {
+    capabilities.max_concurrency.map(|n| n.get() as usize).unwrap_or(Semaphore::MAX_PERMITS)
+}
+
+/// Serves one handshaken connection until it ends: a task per request (at most `limit` at
+/// once), cancels, pings, config pushes, drain, and whatever the [`ServerHandle`] sends.
+pub(crate) async fn run_session<H: AgentHandler>(
+    mut framed: AgentFramed,
+    handler: Arc<H>,
+    limit: usize,
+    handle: ServerHandle,
+) {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<proto::AgentFrame>();
     handle.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(out_tx.clone());
     let permits = Arc::new(Semaphore::new(limit));
