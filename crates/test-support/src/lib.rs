@@ -58,6 +58,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;
 

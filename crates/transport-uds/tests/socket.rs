@@ -1,20 +1,21 @@
-//! The transport over real Unix sockets.
+//! What is particular to Unix sockets: socket files, peer credentials, abstract names, agent
+//! signals and a proxy that sends garbage. The transport-independent checks are in
+//! `conformance.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::SinkExt;
-use http::{Method, StatusCode, Uri};
+use http::{Method, Uri};
 use pool_api::proto::{self, agent_frame};
 use pool_api::*;
-use test_support::{AllowAll, Echo, FnHandler};
+use test_support::AllowAll;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
 use transport_uds::codec::FrameCodec;
-use transport_uds::{ServeError, ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{ClientConfig, PeerCredentials, ServeError, ServerConfig, UdsConnector, UdsServer};
 
 fn request(id: &str) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/x")))
@@ -38,186 +39,6 @@ async fn agent<H: AgentHandler>(
 async fn connect(endpoint: &str) -> Arc<dyn AgentConnection> {
     let pending = UdsConnector::default().connect(&Endpoint::from(endpoint)).await.unwrap();
     pending.handshake(Hello::new("test-proxy")).await.unwrap()
-}
-
-#[tokio::test]
-async fn every_event_kind_round_trips() {
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, _stop) = agent(&dir, "a.sock", Echo).await;
-    let conn = connect(&endpoint).await;
-    assert!(conn.capabilities().supported_events == EventSet::ALL);
-    let events = vec![
-        request("r1"),
-        Event::RequestBody(BodyChunk::new("r1", 0, true, Bytes::from_static(b"body"))),
-        Event::ResponseHeaders(ResponseHeaders {
-            correlation_id: "r1".into(),
-            status: StatusCode::OK,
-            headers: Default::default(),
-        }),
-        Event::ResponseBody(BodyChunk::new("r1", 0, true, Bytes::from_static(b"out"))),
-        Event::RequestComplete(RequestComplete {
-            correlation_id: "r1".into(),
-            status: StatusCode::OK,
-            duration: Duration::from_millis(3),
-            request_bytes: 4,
-            response_bytes: 3,
-        }),
-        Event::WebSocketFrame(WebSocketFrame {
-            correlation_id: "r1".into(),
-            opcode: WebSocketOpcode::Text,
-            client_to_server: true,
-            index: 0,
-            fin: true,
-            payload: Bytes::from_static(b"hi"),
-        }),
-    ];
-    for event in events {
-        let kind = event.kind();
-        let d = conn.send(event).await.unwrap();
-        assert_eq!(d.audit.reason.as_deref(), Some("r1"), "{kind}");
-        assert!(d.audit.tags.iter().any(|t| t == kind.as_str()), "{kind}: {:?}", d.audit.tags);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_concurrent_requests_over_four_connections_each_get_their_own_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, _stop) = agent(&dir, "a.sock", Echo).await;
-    let conns: Vec<_> = futures_util::future::join_all((0..4).map(|_| connect(&endpoint))).await;
-    let tasks: Vec<_> = (0..10_000)
-        .map(|i| {
-            let conn = conns[i % 4].clone();
-            tokio::spawn(async move {
-                let id = format!("req-{i}");
-                let d = conn.send(request(&id)).await.unwrap();
-                assert_eq!(d.audit.reason.as_deref(), Some(id.as_str()), "cross-talk");
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn a_killed_agent_fails_every_pending_request_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let slow = FnHandler::new(|_: &Event| Ok(Decision::allow()));
-    let _ = slow;
-    let handler = SlowAllow(Duration::from_secs(30));
-    let (endpoint, stop) = agent(&dir, "a.sock", handler).await;
-    let conn = connect(&endpoint).await;
-    let pending: Vec<_> = (0..50).map(|i| conn.send(request(&format!("r{i}")))).collect();
-    let sent = tokio::spawn(futures_util::future::join_all(pending));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let killed = tokio::time::Instant::now();
-    drop(stop);
-    for r in sent.await.unwrap() {
-        assert!(matches!(r, Err(TransportError::Closed { .. })), "{r:?}");
-    }
-    assert!(killed.elapsed() < Duration::from_secs(5), "failed at once, not after the handler's 30 s");
-    assert!(!conn.is_open());
-    assert!(!conn.signals().borrow().open);
-}
-
-struct SlowAllow(Duration);
-
-impl AgentHandler for SlowAllow {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new("slow").with_events(EventKind::ALL)
-    }
-
-    async fn on_event(&self, _event: Event) -> Result<Decision, AgentError> {
-        tokio::time::sleep(self.0).await;
-        Ok(Decision::allow())
-    }
-}
-
-#[tokio::test]
-async fn cancel_aborts_one_request_and_leaves_the_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, _stop) = agent(&dir, "a.sock", SlowAllow(Duration::from_millis(300))).await;
-    let conn = connect(&endpoint).await;
-    let keep = tokio::spawn(conn.send(request("keep")));
-    let drop_me = tokio::spawn(conn.send(request("drop")));
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    conn.cancel(&"drop".into(), CancelReason::ClientDisconnected);
-    assert_eq!(drop_me.await.unwrap(), Err(TransportError::Cancelled(CancelReason::ClientDisconnected)));
-    assert!(keep.await.unwrap().unwrap().is_allow());
-}
-
-#[tokio::test]
-async fn an_agent_that_never_handshakes_leaves_the_handshake_pending() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("silent.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let _keep = tokio::spawn(async move {
-        let (_s, _) = listener.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    });
-    let pending =
-        UdsConnector::default().connect(&Endpoint::from(format!("unix:{}", path.display()))).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_millis(200), pending.handshake(Hello::new("p"))).await;
-    assert!(r.is_err(), "bounded by the caller's handshake time-out (pool-core's)");
-}
-
-#[tokio::test]
-async fn a_version_mismatch_is_a_typed_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, _stop) = agent(&dir, "a.sock", AllowAll).await;
-    let pending = UdsConnector::default().connect(&Endpoint::from(endpoint.as_str())).await.unwrap();
-    let hello = Hello { supported_versions: vec![99], ..Hello::new("future-proxy") };
-    let err = pending.handshake(hello).await.err().unwrap();
-    assert!(
-        matches!(err, TransportError::VersionMismatch { ref agent, .. } if agent == &[PROTOCOL_VERSION]),
-        "{err:?}"
-    );
-}
-
-/// A fake agent that handshakes properly, then sends `bytes` raw.
-async fn rogue_agent(dir: &tempfile::TempDir, bytes: Vec<u8>) -> String {
-    let path = dir.path().join("rogue.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut framed =
-            Framed::new(stream, FrameCodec::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
-        let _hello = futures_util::StreamExt::next(&mut framed).await;
-        let caps: proto::Capabilities = Capabilities::new("rogue").with_events(EventKind::ALL).into();
-        framed
-            .send(proto::AgentFrame { stream_id: 0, body: Some(agent_frame::Body::Capabilities(caps)) })
-            .await
-            .unwrap();
-        let _request = futures_util::StreamExt::next(&mut framed).await;
-        let mut stream = framed.into_inner();
-        stream.write_all(&bytes).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    });
-    format!("unix:{}", path.display())
-}
-
-#[tokio::test]
-async fn garbage_oversized_and_unknown_frames_close_the_connection_with_a_typed_error() {
-    let unknown = {
-        // Field 15 of AgentFrame does not exist: prost decodes it as a frame with no body.
-        let mut body = vec![8, 1, 0x7a, 0];
-        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
-        framed.append(&mut body);
-        framed
-    };
-    for (what, bytes) in [
-        ("garbage", vec![0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]),
-        ("oversized", (u32::MAX).to_be_bytes().to_vec()),
-        ("unknown message", unknown),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let endpoint = rogue_agent(&dir, bytes).await;
-        let conn = connect(&endpoint).await;
-        let err = conn.send(request("r")).await.unwrap_err();
-        let TransportError::Closed { reason, .. } = &err else { panic!("{what}: {err:?}") };
-        assert!(reason.contains("protocol error") || reason.contains("limit"), "{what}: {reason}");
-        assert!(!conn.is_open(), "{what}");
-    }
 }
 
 #[tokio::test]
@@ -259,4 +80,102 @@ async fn agent_signals_reach_the_proxy() {
     assert_eq!(update.request_id, id);
     signals.wait_for(|s| s.flow.paused && s.health.status.timeout_multiplier() == 2.0).await.unwrap();
     assert!(conn.ping().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_proxy_sending_garbage_is_disconnected_unanswered_and_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, _stop) = agent(&dir, "a.sock", AllowAll).await;
+    let good = connect(&endpoint).await;
+    let path = endpoint.strip_prefix("unix:").unwrap();
+    for bytes in [
+        vec![0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff], // not a message
+        u32::MAX.to_be_bytes().to_vec(),          // over the limit
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),       // another protocol entirely
+    ] {
+        let mut raw = tokio::net::UnixStream::connect(path).await.unwrap();
+        raw.write_all(&bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer),
+        )
+        .await
+        .expect("the server closes the connection");
+        assert!(read.is_ok());
+        assert!(answer.is_empty(), "nothing is answered to bytes that do not decode: {answer:?}");
+    }
+    assert!(good.send(request("still")).await.unwrap().is_allow());
+}
+
+#[tokio::test]
+async fn peer_credentials_are_checked_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, _stop) = agent(&dir, "a.sock", AllowAll).await;
+    // Our own uid and gid: the peer of a socket pair is this very process.
+    let me = {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        a.peer_cred().unwrap()
+    };
+    let connector = |uid| {
+        UdsConnector::new(ClientConfig {
+            peer: Some(PeerCredentials { uid: Some(uid), gid: None }),
+            ..ClientConfig::default()
+        })
+    };
+    assert!(connector(me.uid()).connect(&Endpoint::from(endpoint.as_str())).await.is_ok());
+    let err = connector(me.uid() + 1).connect(&Endpoint::from(endpoint.as_str())).await.err().unwrap();
+    assert!(matches!(err, TransportError::Unauthorized { .. }), "{err:?}");
+    assert!(err.to_string().contains(&format!("expected {}", me.uid() + 1)), "{err}");
+
+    // The agent refuses a proxy that is not who it expects: the connection is closed unanswered.
+    let path = dir.path().join("strict.sock");
+    let strict = UdsServer::bind(
+        &path,
+        ServerConfig {
+            peer: Some(PeerCredentials { uid: None, gid: Some(me.gid() + 1) }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::spawn(strict.serve(AllowAll, std::future::pending()));
+    let pending =
+        UdsConnector::default().connect(&Endpoint::from(format!("unix:{}", path.display()))).await.unwrap();
+    let err = pending.handshake(Hello::new("p")).await.err().unwrap();
+    assert!(matches!(err, TransportError::Handshake { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn abstract_sockets_and_bad_endpoints() {
+    let name = format!("agentpool-test-{}", std::process::id());
+    let addr = {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()
+    };
+    let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let listener = UnixListener::from_std(std_listener).unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut framed =
+            Framed::new(stream, FrameCodec::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
+        let _hello = futures_util::StreamExt::next(&mut framed).await;
+        let caps: proto::Capabilities = Capabilities::new("abstract").into();
+        framed
+            .send(proto::AgentFrame { stream_id: 0, body: Some(agent_frame::Body::Capabilities(caps)) })
+            .await
+            .unwrap();
+        std::future::pending::<()>().await;
+    });
+    let conn = connect(&format!("unix:@{name}")).await;
+    assert_eq!(conn.capabilities().name, "abstract");
+
+    for bad in ["unix:relative/path", "unix:@", "tcp://127.0.0.1:1"] {
+        let err = UdsConnector::default().connect(&Endpoint::from(bad)).await.err().unwrap();
+        assert!(matches!(err, TransportError::InvalidEndpoint { .. }), "{bad}: {err:?}");
+    }
+    let missing =
+        UdsConnector::default().connect(&Endpoint::from("unix:/nonexistent/agent.sock")).await.err().unwrap();
+    assert!(missing.to_string().contains("/nonexistent/agent.sock"), "{missing}");
 }
