@@ -265,7 +265,8 @@ impl HealthCheck {
                 interval: Some(500_000_000),
                 timeout: Some(1_000_000_000),
                 retries: Some(1),
-                start_period: Some(0),
+                // 0 would inherit the image's 10 s start period; 1 ms is the engine's minimum.
+                start_period: Some(1_000_000),
                 start_interval: None,
             }),
             Self::Custom(config) => Some(config.clone()),
