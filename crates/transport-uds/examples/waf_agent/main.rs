@@ -5,33 +5,10 @@
 //!
 //! Stops on Ctrl-C and removes its socket file.
 
-use http::{HeaderName, HeaderValue, StatusCode};
-use pool_api::{AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, HeaderOp};
+mod waf;
+
 use transport_uds::{ServerConfig, UdsServer};
-
-struct Waf {
-    blocked: Vec<String>,
-}
-
-impl AgentHandler for Waf {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new("example-waf").with_events([EventKind::RequestHeaders]).with_max_concurrency(256)
-    }
-
-    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
-        let Event::RequestHeaders(request) = event else { return Ok(Decision::allow()) };
-        let path = request.uri.path();
-        if let Some(prefix) = self.blocked.iter().find(|p| path.starts_with(p.as_str())) {
-            return Ok(Decision::block(StatusCode::FORBIDDEN)
-                .with_rule(format!("path:{prefix}"))
-                .with_tag("blocked-path"));
-        }
-        Ok(Decision::allow().with_response_header(HeaderOp::Set {
-            name: HeaderName::from_static("x-waf"),
-            value: HeaderValue::from_static("checked"),
-        }))
-    }
-}
+use waf::Waf;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,7 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         UdsServer::bind(&path, ServerConfig { mode: Some(0o660), ..ServerConfig::default() }).await?;
     eprintln!("example WAF agent on unix:{path}, blocking {blocked:?}; Ctrl-C to stop");
     server
-        .serve(Waf { blocked }, async {
+        .serve(Waf::new(blocked), async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;
