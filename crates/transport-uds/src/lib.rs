@@ -1,10 +1,33 @@
 //! The agentpool agent protocol over Unix domain sockets.
 //!
 //! Frames are length-delimited protobuf messages of the one schema in
-//! [`pool_api::proto`]: `ProxyFrame`s from the proxy, `AgentFrame`s from the agent, each
-//! carrying a numeric stream id. The proxy side is [`UdsConnector`], a
-//! [`pool_api::Connector`] that plugs into `pool-core`; the agent side is [`UdsServer`], which
-//! serves any [`pool_api::AgentHandler`].
+//! [`pool_api::proto`] (a 4-byte big-endian length, checked against the frame limit —
+//! 16 MiB by default — before anything is buffered): `ProxyFrame`s from the proxy,
+//! `AgentFrame`s from the agent, each carrying a numeric stream id that answers, cancels and
+//! pongs refer to. Bodies are `Bytes` end to end.
+//!
+//! * **Proxy side:** [`UdsConnector`] is a [`pool_api::Connector`] for `unix:/path` and
+//!   `unix:@abstract` endpoints that plugs into `pool-core`. Connecting optionally checks the
+//!   agent's uid/gid (`SO_PEERCRED`); the handshake sends the proxy's protocol versions and gets
+//!   the agent's capabilities, or a typed [`VersionMismatch`](pool_api::TransportError). Each
+//!   connection is one task with any number of requests in flight; end of stream or a frame
+//!   that does not decode fails every pending request at once with an error naming the
+//!   connection. Health, flow-control and configuration-update messages from the agent are
+//!   published on the connection's signals; metrics reports become `agentpool_agent_metric`
+//!   gauges.
+//! * **Agent side:** [`UdsServer`] serves any [`pool_api::AgentHandler`]: a task per request,
+//!   bounded by the concurrency the agent advertises; a cancel aborts that task; drain refuses
+//!   new work while running requests finish; a frame it cannot decode closes that connection
+//!   unanswered. A [`ServerHandle`] sends health, flow-control, metrics and configuration-update
+//!   messages at any time. The socket file gets the configured mode, a stale one is replaced,
+//!   a live one is refused, and it is removed on shutdown.
+//! * **Reverse connections** ([`reverse`]): an agent that cannot be dialled dials the proxy's
+//!   [`ReverseListener`] and registers; the listener hands the connection to `pool-core`
+//!   (`AgentPool::add_reverse_connection`) and tells the agent whether it was accepted.
+//!   [`ReverseAgent`] is the agent side, reconnecting with back-off.
+//!
+//! The crate passes the transport conformance suite of `test-support` (`tests/conformance.rs`).
+//! `examples/waf_agent` is a small WAF agent (block by path prefix, add a header).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 

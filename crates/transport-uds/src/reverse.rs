@@ -4,14 +4,14 @@
 //! connect to a socket the proxy listens on instead. The agent's first frame is a `Register`
 //! (agent id, replica id, token, capabilities with its protocol version). The proxy's
 //! [`ReverseListener`] reads it under a time-out, checks the version, builds the same
-//! [`UdsConnection`](crate::UdsConnection) a forward connect would, and hands it to a callback
+//! [`UdsConnection`] a forward connect would, and hands it to a callback
 //! — typically `AgentPool::add_reverse_connection`, which checks the token and attaches the
 //! connection to the agent. The callback's verdict goes back as `RegisterResult`; nothing else
 //! is written before it, so the agent never sees an event ahead of its acceptance. From then
 //! on the connection is an ordinary one in both directions.
 //!
 //! The agent side is [`ReverseAgent`]: it dials, registers and serves its handler exactly as
-//! [`UdsServer`](crate::UdsServer) does (a task per request, cancels, drain, health and flow
+//! [`UdsServer`] does (a task per request, cancels, drain, health and flow
 //! reports through its [`ServerHandle`]); when the connection ends it dials again with jittered
 //! exponential back-off. A refusal (bad token, unsupported version) ends it with
 //! [`ReverseError::Refused`]: retrying would not change the answer.
@@ -29,6 +29,8 @@ use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 
+#[cfg(doc)]
+use crate::UdsServer;
 use crate::client::{PeerCredentials, SocketPath, UdsConnection, check_peer};
 use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
 use crate::server::{AgentFramed, ServeError, ServerHandle, bind_socket, concurrency_limit, run_session};

@@ -179,3 +179,28 @@ async fn abstract_sockets_and_bad_endpoints() {
         UdsConnector::default().connect(&Endpoint::from("unix:/nonexistent/agent.sock")).await.err().unwrap();
     assert!(missing.to_string().contains("/nonexistent/agent.sock"), "{missing}");
 }
+
+#[path = "../examples/waf_agent/waf.rs"]
+mod waf;
+
+#[tokio::test]
+async fn the_example_waf_blocks_by_path_and_marks_what_it_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, _stop) =
+        agent(&dir, "waf.sock", waf::Waf::new(vec!["/admin".into(), "/.git".into()])).await;
+    let conn = connect(&endpoint).await;
+    let ask = |id: &str, path: &'static str| {
+        Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static(path)))
+    };
+    let blocked = conn.send(ask("a", "/admin/users")).await.unwrap();
+    assert!(matches!(blocked.action, Action::Block { status, .. } if status == http::StatusCode::FORBIDDEN));
+    assert_eq!(blocked.audit.rule_ids, vec!["path:/admin".to_owned()]);
+    assert!(
+        conn.send(ask("g", "/.git/config")).await.unwrap().audit.tags.contains(&"blocked-path".to_owned())
+    );
+    let allowed = conn.send(ask("b", "/shop")).await.unwrap();
+    assert!(allowed.is_allow());
+    assert!(
+        matches!(&allowed.response_headers[..], [HeaderOp::Set { name, value }] if name == "x-waf" && value == "checked")
+    );
+}
