@@ -194,6 +194,37 @@ proptest! {
     }
 
     #[test]
+    fn metrics_reports_survive_the_wire(
+        metrics in proptest::collection::vec(
+            ("[a-z_]{1,20}", any::<f64>(), proptest::collection::vec(("[a-z]{1,8}", ".{0,12}"), 0..4)),
+            0..8,
+        )
+    ) {
+        let metrics: Vec<AgentMetric> = metrics
+            .into_iter()
+            .map(|(name, value, labels)| AgentMetric { name, value, labels })
+            .collect();
+        let frame = proto::AgentFrame {
+            stream_id: 0,
+            body: Some(proto::agent_frame::Body::Metrics(proto::MetricsReport {
+                metrics: metrics.iter().cloned().map(proto::Metric::from).collect(),
+            })),
+        };
+        let Some(proto::agent_frame::Body::Metrics(report)) =
+            proto::AgentFrame::decode(frame.encode_to_vec().as_slice()).unwrap().body
+        else {
+            panic!("a metrics report decodes as one")
+        };
+        let back: Vec<AgentMetric> = report.metrics.into_iter().map(AgentMetric::from).collect();
+        prop_assert_eq!(back.len(), metrics.len());
+        for (b, m) in back.iter().zip(&metrics) {
+            prop_assert_eq!(&b.name, &m.name);
+            prop_assert_eq!(&b.labels, &m.labels);
+            prop_assert!(b.value == m.value || (b.value.is_nan() && m.value.is_nan()));
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic_the_decoders(data in proptest::collection::vec(any::<u8>(), 0..256)) {
         if let Ok(proto::AgentFrame { body: Some(proto::agent_frame::Body::Decision(d)), .. }) =
             proto::AgentFrame::decode(data.as_slice())
