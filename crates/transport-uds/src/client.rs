@@ -43,11 +43,15 @@ pub struct ClientConfig {
     pub max_frame: usize,
     /// Checked with `SO_PEERCRED` right after connecting; `None`: anyone.
     pub peer: Option<PeerCredentials>,
+    /// Time the agent has to answer the hello; then the handshake fails with
+    /// [`TransportError::Handshake`]. (`pool-core` also bounds the handshake with its own
+    /// `handshake_timeout`; the shorter one wins.)
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { max_frame: DEFAULT_MAX_FRAME, peer: None }
+        Self { max_frame: DEFAULT_MAX_FRAME, peer: None, handshake_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -184,7 +188,11 @@ impl PendingConnection for Pending {
                 proto::ProxyFrame { stream_id: 0, body: Some(proxy_frame::Body::Hello(hello.into())) };
             let failed = |message: String| TransportError::Handshake { endpoint: endpoint.clone(), message };
             framed.send(frame).await.map_err(|e| failed(e.to_string()))?;
-            let capabilities = match framed.next().await {
+            let timeout = self.config.handshake_timeout;
+            let answer = tokio::time::timeout(timeout, framed.next())
+                .await
+                .map_err(|_| failed(format!("no answer to the hello within {timeout:?}")))?;
+            let capabilities = match answer {
                 Some(Ok(proto::AgentFrame { body: Some(agent_frame::Body::Capabilities(c)), .. })) => {
                     Capabilities::try_from(c).map_err(|e| failed(e.to_string()))?
                 }

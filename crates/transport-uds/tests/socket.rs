@@ -204,3 +204,23 @@ async fn the_example_waf_blocks_by_path_and_marks_what_it_allows() {
         matches!(&allowed.response_headers[..], [HeaderOp::Set { name, value }] if name == "x-waf" && value == "checked")
     );
 }
+
+#[tokio::test]
+async fn the_connector_bounds_the_handshake_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (_held, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let connector = UdsConnector::new(ClientConfig {
+        handshake_timeout: Duration::from_millis(100),
+        ..ClientConfig::default()
+    });
+    let pending = connector.connect(&Endpoint::from(format!("unix:{}", path.display()))).await.unwrap();
+    let err = pending.handshake(Hello::new("p")).await.err().unwrap();
+    let TransportError::Handshake { endpoint, message } = &err else { panic!("{err:?}") };
+    assert!(endpoint.ends_with("silent.sock"), "{endpoint}");
+    assert!(message.contains("within 100ms"), "{message}");
+}
