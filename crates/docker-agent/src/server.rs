@@ -1,1 +1,679 @@
-//! (being written)
+//! The agent server: mutual TLS in front of the local Docker socket, with an allow-list.
+//!
+//! [`AgentServer::bind`] listens on TCP, and for every connection:
+//!
+//! 1. completes a TLS 1.2/1.3 handshake that **requires** a client certificate signed by the
+//!    configured CA (a client without one, or with one from another CA, never gets to send a
+//!    request; there is no setting to turn this off);
+//! 2. serves HTTP/1.1 with keep-alive;
+//! 3. answers `GET /agent/info` and `GET /agent/health` itself (any client with a valid
+//!    certificate; the Docker ACL does not apply to them);
+//! 4. checks every other request against the [ACL](crate::acl). A denied request gets
+//!    `403 {"message":"docker-agent: <METHOD> <path> denied: <reason>"}` (the `docker` CLI prints
+//!    the message) and a `warn` log line with the peer address and the client certificate's
+//!    common name;
+//! 5. forwards allowed requests to the Docker engine over its Unix socket through a pooled
+//!    client, with `Host: docker`, hop-by-hop headers removed, both bodies streamed as they come
+//!    (the event stream and chunked replies reach the client frame by frame; request bodies are
+//!    not buffered either).
+//!
+//! **Upgrades.** A request with `Connection: Upgrade` (the `docker` CLI's attach and exec start,
+//! `Upgrade: tcp`) is checked by the ACL like any other; the built-in profiles deny all of them.
+//! If a custom rule allows one, the upgrade is carried out end to end: the engine's
+//! `101 Switching Protocols` is passed back and the two upgraded connections are spliced
+//! together until either side closes.
+//!
+//! **Shutdown** ([`RunningAgent::shutdown`]): the listener closes at once; idle keep-alive
+//! connections are closed; responses still streaming (those without a `Content-Length`, such as
+//! `/events`, followed logs or stats) and upgraded connections are cut at once; requests still
+//! waiting for the engine's answer (a `stop` waiting for the container, for example) and sized
+//! bodies get up to [`AgentConfig::shutdown_grace`] to finish, after which every remaining
+//! connection is closed.
+//!
+//! **Metrics** (through the `metrics` facade): the counter `docker_agent_requests_total` with
+//! the label `outcome` = `allowed`, `denied`, `agent` (the agent's own endpoints) or
+//! `engine_error` (the engine could not be reached), and the counter
+//! `docker_agent_tls_handshake_failures_total`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, UnixStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::{debug, info, warn};
+
+use crate::acl::{Acl, Decision};
+use crate::config::{AgentConfig, ConfigError};
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent's own engine calls (`/_ping`, `/version`) may take.
+const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `Host` header sent to the engine.
+const ENGINE_HOST: &str = "docker";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response body type of the agent.
+type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
+/// Request body type towards the engine.
+type EngineBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Errors from starting the agent server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Starts agent servers; see the [module docs](self).
+#[derive(Debug)]
+pub struct AgentServer;
+
+/// A running agent server. Dropping it stops the listener; call [`Self::shutdown`] for a
+/// graceful stop.
+#[derive(Debug)]
+pub struct RunningAgent {
+    local_addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    /// The address the server listens on (with the real port when the configuration said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops the server gracefully (see the [module docs](self)) and waits until it has stopped.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            warn!(error = %e, "agent server task ended abnormally");
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct State {
+    name: String,
+    acl: Acl,
+    docker: Client<UnixConnector, EngineBody>,
+    cert_not_after: SystemTime,
+    expiry_warning: Duration,
+    /// Cancelled when shutdown starts: connections finish their request in flight and close,
+    /// streaming responses and upgraded connections are cut.
+    stopping: CancellationToken,
+}
+
+struct Peer {
+    addr: SocketAddr,
+    common_name: String,
+}
+
+impl AgentServer {
+    /// Validates `config`, binds the listener and starts serving in the background.
+    pub async fn bind(config: AgentConfig) -> Result<RunningAgent, ServerError> {
+        let tls = config.validated_tls()?;
+        let cert_not_after = crate::certs::not_after(&config.tls.cert_pem)
+            .map_err(|e| ConfigError::Invalid { field: "tls.cert", reason: e.to_string() })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let docker = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(UnixConnector { path: Arc::from(config.docker_socket.as_path()) });
+        let state = Arc::new(State {
+            name: config.name.clone(),
+            acl: Acl::new(&config.acl),
+            docker,
+            cert_not_after,
+            expiry_warning: config.expiry_warning,
+            stopping: CancellationToken::new(),
+        });
+        let cert = CertificateStatus::of(&state, SystemTime::now());
+        if cert.expires_in_secs <= 0 {
+            warn!(not_after = cert.not_after, "the agent's server certificate has expired");
+        } else if cert.expiring {
+            warn!(expires_in_secs = cert.expires_in_secs, "the agent's server certificate expires soon");
+        }
+        info!(
+            name = %config.name,
+            addr = %local_addr,
+            socket = %config.docker_socket.display(),
+            profile = %config.acl.profile,
+            custom_rules = config.acl.rules.len(),
+            "docker-agent listening"
+        );
+        let stop = CancellationToken::new();
+        let task =
+            tokio::spawn(serve(listener, TlsAcceptor::from(tls), state, stop.clone(), config.shutdown_grace));
+        Ok(RunningAgent { local_addr, stop, task: Some(task) })
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, addr) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let state = state.clone();
+                connections.spawn(async move {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            metrics::counter!("docker_agent_tls_handshake_failures_total").increment(1);
+                            info!(peer = %addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics::counter!("docker_agent_tls_handshake_failures_total").increment(1);
+                            info!(peer = %addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let common_name = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|cert| crate::certs::common_name_der(cert))
+                        .unwrap_or_default();
+                    debug!(peer = %addr, client = %common_name, "client connected");
+                    let peer = Arc::new(Peer { addr, common_name });
+                    let stopping = state.stopping.clone();
+                    let service = service_fn(move |req| handle(state.clone(), peer.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .with_upgrades();
+                    let mut conn = std::pin::pin!(conn);
+                    let result = tokio::select! {
+                        result = conn.as_mut() => result,
+                        () = stopping.cancelled() => {
+                            // Finish the request in flight (if any), then close.
+                            conn.as_mut().graceful_shutdown();
+                            conn.as_mut().await
+                        }
+                    };
+                    if let Err(e) = result {
+                        debug!(peer = %addr, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    state.stopping.cancel();
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        info!(grace = ?grace, "shutdown grace period over; closing the remaining connections");
+    }
+    connections.shutdown().await;
+    info!("docker-agent stopped");
+}
+
+async fn handle(
+    state: Arc<State>,
+    peer: Arc<Peer>,
+    req: Request<Incoming>,
+) -> Result<Response<AgentBody>, Infallible> {
+    let path = req.uri().path();
+    if path == "/agent/info" || path == "/agent/health" {
+        metrics::counter!("docker_agent_requests_total", "outcome" => "agent").increment(1);
+        if req.method() != Method::GET {
+            return Ok(json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({ "message": format!("docker-agent: {} {path}: only GET", req.method()) }),
+            ));
+        }
+        return Ok(if path == "/agent/info" { agent_info(&state).await } else { agent_health(&state).await });
+    }
+    match state.acl.check(req.method(), path) {
+        Decision::Deny { reason } => {
+            metrics::counter!("docker_agent_requests_total", "outcome" => "denied").increment(1);
+            warn!(
+                peer = %peer.addr,
+                client = %peer.common_name,
+                method = %req.method(),
+                path = %path,
+                reason = %reason,
+                "request denied"
+            );
+            let message = format!("docker-agent: {} {path} denied: {reason}", req.method());
+            Ok(json(StatusCode::FORBIDDEN, &serde_json::json!({ "message": message })))
+        }
+        Decision::Allow { rule } => {
+            metrics::counter!("docker_agent_requests_total", "outcome" => "allowed").increment(1);
+            debug!(peer = %peer.addr, method = %req.method(), path = %path, rule = %rule, "request allowed");
+            Ok(forward(&state, req).await)
+        }
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<AgentBody> {
+    let body = Full::new(Bytes::from(value.to_string())).map_err(|never| match never {}).boxed_unsync();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn engine_error(error: &dyn std::fmt::Display) -> Response<AgentBody> {
+    metrics::counter!("docker_agent_requests_total", "outcome" => "engine_error").increment(1);
+    json(
+        StatusCode::BAD_GATEWAY,
+        &serde_json::json!({ "message": format!("docker-agent: the Docker engine cannot be reached: {error}") }),
+    )
+}
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [header::HeaderName; 8] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+async fn forward(state: &State, mut req: Request<Incoming>) -> Response<AgentBody> {
+    let upgrade = wants_upgrade(req.headers());
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri =
+        match Uri::builder().scheme("http").authority(ENGINE_HOST).path_and_query(path_and_query).build() {
+            Ok(uri) => uri,
+            Err(e) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({ "message": format!("docker-agent: {e}") }),
+                );
+            }
+        };
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.insert(header::HOST, HeaderValue::from_static(ENGINE_HOST));
+    let engine_req = Request::from_parts(parts, body.boxed_unsync());
+    let mut resp = match state.docker.request(engine_req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            warn!(error = %e, "cannot reach the Docker engine");
+            return engine_error(&ErrorChain(&e));
+        }
+    };
+    if let Some(client_side) = client_side
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let engine_side = hyper::upgrade::on(&mut resp);
+        let cut = state.stopping.clone();
+        tokio::spawn(async move {
+            let (client, engine) = match tokio::try_join!(client_side, engine_side) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(error = %e, "upgrade did not complete");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut engine = TokioIo::new(engine);
+            tokio::select! {
+                () = cut.cancelled() => {}
+                res = tokio::io::copy_bidirectional(&mut client, &mut engine) => {
+                    if let Err(e) = res {
+                        debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                }
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        return Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed_unsync());
+    }
+    let streaming = !resp.headers().contains_key(header::CONTENT_LENGTH);
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let body = if streaming {
+        CutOnShutdown { inner: body, cut: Box::pin(state.stopping.clone().cancelled_owned()) }.boxed_unsync()
+    } else {
+        body.map_err(BoxError::from).boxed_unsync()
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A streaming response body that ends with an error (closing the connection) once shutdown
+/// starts.
+struct CutOnShutdown {
+    inner: Incoming,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("docker-agent is shutting down")]
+struct ShuttingDown;
+
+impl Body for CutOnShutdown {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(ShuttingDown))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Shows an error with its sources (hyper-util's client error alone says little).
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Calls the engine for the agent's own endpoints; returns the body as JSON.
+async fn engine_get(state: &State, path: &str) -> Result<Bytes, String> {
+    let req = Request::builder()
+        .uri(format!("http://{ENGINE_HOST}{path}"))
+        .header(header::HOST, ENGINE_HOST)
+        .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let resp = state.docker.request(req).await.map_err(|e| ErrorChain(&e).to_string())?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if !status.is_success() {
+            return Err(format!("GET {path} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(ENGINE_CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("GET {path} took longer than {ENGINE_CALL_TIMEOUT:?}"))?
+}
+
+async fn agent_info(state: &State) -> Response<AgentBody> {
+    let body = match engine_get(state, "/version").await {
+        Ok(body) => body,
+        Err(e) => return engine_error(&e),
+    };
+    let version: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return engine_error(&format!("GET /version answered invalid JSON: {e}")),
+    };
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "name": state.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "engine_version": version.get("Version"),
+            "api_version": version.get("ApiVersion"),
+            "runtime": "docker",
+        }),
+    )
+}
+
+struct CertificateStatus {
+    not_after: i64,
+    expires_in_secs: i64,
+    expiring: bool,
+}
+
+impl CertificateStatus {
+    fn of(state: &State, now: SystemTime) -> Self {
+        let not_after = unix_secs(state.cert_not_after);
+        let expires_in_secs = not_after - unix_secs(now);
+        let window = i64::try_from(state.expiry_warning.as_secs()).unwrap_or(i64::MAX);
+        Self { not_after, expires_in_secs, expiring: expires_in_secs <= window }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+async fn agent_health(state: &State) -> Response<AgentBody> {
+    let engine = engine_get(state, "/_ping").await;
+    let cert = CertificateStatus::of(state, SystemTime::now());
+    let (status, code) = if engine.is_err() || cert.expires_in_secs <= 0 {
+        ("unhealthy", StatusCode::SERVICE_UNAVAILABLE)
+    } else if cert.expiring {
+        ("degraded", StatusCode::OK)
+    } else {
+        ("healthy", StatusCode::OK)
+    };
+    json(
+        code,
+        &serde_json::json!({
+            "status": status,
+            "engine": { "reachable": engine.is_ok(), "error": engine.err() },
+            "certificate": {
+                "not_after": cert.not_after,
+                "expires_in_secs": cert.expires_in_secs,
+                "expiring": cert.expiring,
+            },
+        }),
+    )
+}
+
+/// Opens a new connection to the engine's Unix socket for the pooled client.
+#[derive(Clone)]
+struct UnixConnector {
+    path: Arc<Path>,
+}
+
+impl tower_service::Service<Uri> for UnixConnector {
+    type Response = UnixIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<UnixIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let path = self.path.clone();
+        Box::pin(async move {
+            let stream = UnixStream::connect(&*path)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", PathBuf::from(&*path).display())))?;
+            Ok(UnixIo(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// A Unix socket connection as hyper I/O.
+struct UnixIo(TokioIo<UnixStream>);
+
+impl Connection for UnixIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UnixIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UnixIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1);
+        assert!(plain.contains_key(header::CONTENT_TYPE));
+        let mut up = h;
+        strip_hop_by_hop(&mut up, true);
+        assert_eq!(up.get(header::UPGRADE).unwrap(), "tcp");
+        assert_eq!(up.get(header::CONNECTION).unwrap(), "Upgrade");
+        assert!(!up.contains_key("x-private"));
+    }
+
+    #[test]
+    fn upgrade_detection_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+        assert!(!wants_upgrade(&h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(wants_upgrade(&h));
+        h.remove(header::UPGRADE);
+        assert!(!wants_upgrade(&h));
+    }
+
+    #[test]
+    fn unix_secs_handles_both_sides_of_the_epoch() {
+        assert_eq!(unix_secs(SystemTime::UNIX_EPOCH + Duration::from_secs(5)), 5);
+        assert_eq!(unix_secs(SystemTime::UNIX_EPOCH - Duration::from_secs(5)), -5);
+    }
+}
