@@ -210,6 +210,16 @@ pub enum ClientError {
         /// The error chain, flattened.
         message: String,
     },
+    /// The TLS handshake with the agent failed: its certificate is not from the configured CA
+    /// or not for [`AGENT_SERVER_NAME`](crate::AGENT_SERVER_NAME), or it refused the client
+    /// certificate. Retrying does not help.
+    #[error("TLS with agent {address} failed: {message}")]
+    Handshake {
+        /// The agent's address.
+        address: String,
+        /// The error chain, flattened.
+        message: String,
+    },
     /// The agent did not answer in time.
     #[error("agent {address} did not answer {path} within {after:?}")]
     Timeout {
@@ -489,7 +499,12 @@ impl AgentClient {
     }
 
     fn unreachable(&self, e: &hyper_util::client::legacy::Error) -> ClientError {
-        ClientError::Unreachable { address: self.inner.address.clone(), message: error_chain(e) }
+        let (address, message) = (self.inner.address.clone(), error_chain(e));
+        if is_tls_error(e) {
+            ClientError::Handshake { address, message }
+        } else {
+            ClientError::Unreachable { address, message }
+        }
     }
 }
 
@@ -508,6 +523,24 @@ impl Inner {
         parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
         self.http.request(Request::from_parts(parts, body)).await
     }
+}
+
+/// True if the error or one of its sources is a TLS (rustls) error, directly or inside an
+/// `io::Error`.
+pub fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// An error and its sources, joined by `: `.
@@ -746,7 +779,7 @@ mod tests {
         let intruder =
             AgentTls { client_cert_pem: foreign.cert_pem, client_key_pem: foreign.key_pem, ..material };
         let err = AgentClient::new(&addr.to_string(), &intruder).unwrap().health().await.unwrap_err();
-        assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+        assert!(matches!(err, ClientError::Handshake { .. }), "{err}");
     }
 
     #[test]
