@@ -344,13 +344,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
+    let upgrade = headers.remove(header::UPGRADE);
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-    if keep_upgrade {
+    if keep_upgrade && let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
+        headers.insert(header::UPGRADE, upgrade);
     }
 }
 
@@ -542,16 +542,22 @@ fn unix_secs(t: SystemTime) -> i64 {
     }
 }
 
-async fn agent_health(state: &State) -> Response<AgentBody> {
-    let engine = engine_get(state, "/_ping").await;
-    let cert = CertificateStatus::of(state, SystemTime::now());
-    let (status, code) = if engine.is_err() || cert.expires_in_secs <= 0 {
+/// unhealthy (503) when the engine is unreachable or the certificate has expired; degraded (200)
+/// when it expires within the warning window; healthy (200) otherwise.
+fn health_status(engine_reachable: bool, cert: &CertificateStatus) -> (&'static str, StatusCode) {
+    if !engine_reachable || cert.expires_in_secs <= 0 {
         ("unhealthy", StatusCode::SERVICE_UNAVAILABLE)
     } else if cert.expiring {
         ("degraded", StatusCode::OK)
     } else {
         ("healthy", StatusCode::OK)
-    };
+    }
+}
+
+async fn agent_health(state: &State) -> Response<AgentBody> {
+    let engine = engine_get(state, "/_ping").await;
+    let cert = CertificateStatus::of(state, SystemTime::now());
+    let (status, code) = health_status(engine.is_ok(), &cert);
     json(
         code,
         &serde_json::json!({
@@ -644,7 +650,7 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private, Upgrade"));
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
@@ -669,6 +675,16 @@ mod tests {
         assert!(wants_upgrade(&h));
         h.remove(header::UPGRADE);
         assert!(!wants_upgrade(&h));
+    }
+
+    #[test]
+    fn health_status_rules() {
+        let cert = |expires_in_secs, expiring| CertificateStatus { not_after: 0, expires_in_secs, expiring };
+        assert_eq!(health_status(true, &cert(100, false)), ("healthy", StatusCode::OK));
+        assert_eq!(health_status(true, &cert(100, true)), ("degraded", StatusCode::OK));
+        assert_eq!(health_status(false, &cert(100, false)), ("unhealthy", StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(health_status(true, &cert(0, true)), ("unhealthy", StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(health_status(true, &cert(-5, true)), ("unhealthy", StatusCode::SERVICE_UNAVAILABLE));
     }
 
     #[test]
