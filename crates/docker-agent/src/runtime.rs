@@ -24,8 +24,11 @@
 //!   `start`, `die`, `stop`, `kill`, `pause`, `unpause` and `health_status`, filtered by the
 //!   given containers (`container=`) and labels (`label=`). Health events arrive as
 //!   `health_status: healthy` and are matched by prefix. Each is mapped to a typed
-//!   [`ContainerEvent`] (exit code of `die`, signal of `kill`). If the engine (or the agent)
-//!   goes away the stream yields one [`RuntimeError::Unreachable`] and ends.
+//!   [`ContainerEvent`] (exit code of `die`, signal of `kill`). The stream covers everything
+//!   from the moment `events` is called (it passes that time as the engine's `since`, so events
+//!   between the call and the stream's first poll are not lost; with a remote engine this
+//!   assumes the two clocks agree). If the engine (or the agent) goes away the stream yields one
+//!   [`RuntimeError::Unreachable`] and ends.
 //!
 //! Errors: 404 → [`RuntimeError::NotFound`]; connection failures and the agent's 502 ("engine
 //! cannot be reached") → [`RuntimeError::Unreachable`]; a client time-out →
@@ -247,7 +250,11 @@ impl DockerRuntime {
         if !filter.labels.is_empty() {
             filters.insert("label", filter.labels.iter().map(String::as_str).collect());
         }
-        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        // The request goes out when the stream is first polled; `since` = now makes the engine
+        // replay what happened in between, so nothing is lost after `events` returns.
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
+        let options = EventsOptionsBuilder::default().since(&since).filters(&filters).build();
         Box::pin(event_stream(&self.docker, options))
     }
 }
