@@ -405,6 +405,24 @@ mod tests {
     }
 
     #[test]
+    fn the_module_docs_example_parses() {
+        let source = include_str!("config.rs");
+        let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+        let end = start + source[start..].find("//! ```\n").unwrap();
+        let text: String = source[start..end]
+            .lines()
+            .map(|l| l.strip_prefix("//!").unwrap_or(l).strip_prefix(' ').unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file = AgentConfigFile::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(file.name, "edge-1");
+        assert_eq!(file.acl.profile, Profile::Lifecycle);
+        assert_eq!(file.expiry_warning, DEFAULT_EXPIRY_WARNING);
+        assert_eq!(file.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(file.docker_socket, Path::new(DEFAULT_DOCKER_SOCKET));
+    }
+
+    #[test]
     fn file_errors_say_where() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");

@@ -1,6 +1,63 @@
 //! Reach remote Docker engines through a small agent, safely.
 //!
 //! (crate docs being written)
+//!
+//! # The agent
+//!
+//! `docker-agent serve` runs next to a Docker engine and offers its API on a TCP port, guarded
+//! in two layers:
+//!
+//! 1. **Mutual TLS** ([`server`], [`certs`]): the client must present a certificate signed by the
+//!    deployment's CA; there is no switch to turn this off. Every agent's server certificate
+//!    carries the fixed name [`AGENT_SERVER_NAME`] (plus the hosts it was issued for), so a
+//!    client can check one name whatever address it dials. The agent holds the CA
+//!    *certificate* and its own key pair, never the CA key.
+//! 2. **An allow-list** ([`acl`]): deny by default; built-in `read-only` and `lifecycle`
+//!    profiles plus custom `METHOD /pattern` rules. Paths that would change under
+//!    normalisation (`..`, `//`, `%2f`, …) are denied, never repaired. The ACL looks at the
+//!    method and the path only, not at query strings or bodies: a custom rule that allows, say,
+//!    `POST /containers/create` hands out everything that endpoint can do (privileged
+//!    containers, bind mounts of the host's files).
+//!
+//! Allowed requests are forwarded to the engine's Unix socket and streamed both ways; the agent
+//! answers `GET /agent/info` and `GET /agent/health` itself. Configuration: [`config`] (a TOML
+//! file, or [`AgentConfig`] in memory).
+//!
+//! Setting one up with the program:
+//!
+//! ```text
+//! docker-agent certs ca --out ca/
+//! docker-agent certs agent --ca ca/ --host 192.0.2.10 --out edge-1/
+//! # copy edge-1/{ca.pem,cert.pem,key.pem} and an agent.toml to the Docker host, then:
+//! docker-agent serve --config agent.toml --profile lifecycle
+//! # from the controller, with the client bundle:
+//! DOCKER_HOST=tcp://192.0.2.10:2376 DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH=edge-1/client docker ps
+//! ```
+//!
+//! The same in process (as the tests do):
+//!
+//! ```
+//! use std::time::Duration;
+//! use docker_agent::{AgentConfig, AgentServer, CertificateAuthority, Profile, TlsMaterial};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let day = Duration::from_secs(86_400);
+//! let ca = CertificateAuthority::generate("example CA", 365 * day)?;
+//! let server = ca.issue_server(&["127.0.0.1".to_owned()], 90 * day)?;
+//! let tls = TlsMaterial {
+//!     ca_cert_pem: ca.cert_pem().to_owned(),
+//!     cert_pem: server.cert_pem,
+//!     key_pem: server.key_pem,
+//! };
+//! let mut config = AgentConfig::new("edge-1", "127.0.0.1:0".parse()?, tls);
+//! config.acl.profile = Profile::Lifecycle;
+//! let agent = AgentServer::bind(config).await?;
+//! println!("agent on {}", agent.local_addr());
+//! agent.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod acl;
 pub mod certs;
