@@ -528,19 +528,18 @@ impl Inner {
 /// True if the error or one of its sources is a TLS (rustls) error, directly or inside an
 /// `io::Error`.
 pub fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if e.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return true;
-        }
-        current = e.source();
+    if error.is::<rustls::Error>() {
+        return true;
     }
-    false
+    // `io::Error::source` skips the error it wraps (hyper-rustls wraps tokio-rustls' io::Error,
+    // which wraps the rustls error), so look inside explicitly.
+    if let Some(io) = error.downcast_ref::<std::io::Error>()
+        && let Some(inner) = io.get_ref()
+        && is_tls_error(inner)
+    {
+        return true;
+    }
+    error.source().is_some_and(is_tls_error)
 }
 
 /// An error and its sources, joined by `: `.
