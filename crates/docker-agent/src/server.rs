@@ -54,7 +54,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
@@ -66,6 +66,8 @@ use crate::config::{AgentConfig, ConfigError};
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent's own engine calls (`/_ping`, `/version`) may take.
 const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `Host` header sent to the engine.
@@ -216,7 +218,13 @@ async fn serve(
                 let acceptor = acceptor.clone();
                 let state = state.clone();
                 connections.spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let handshake = tokio::select! {
+                        handshake = handshake => handshake,
+                        // Shutting down: a connection still in its handshake has no request yet.
+                        () = state.stopping.cancelled() => return,
+                    };
+                    let tls = match handshake {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             metrics::counter!("docker_agent_tls_handshake_failures_total").increment(1);
@@ -242,6 +250,8 @@ async fn serve(
                     let service = service_fn(move |req| handle(state.clone(), peer.clone(), req));
                     let conn = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(TokioIo::new(tls), service)
                         .with_upgrades();
                     let mut conn = std::pin::pin!(conn);
