@@ -45,7 +45,7 @@ fn missing(message: &'static str, field: &'static str) -> ProtoError {
 fn headers_to(map: &HeaderMap) -> Vec<Header> {
     map.iter()
         .map(|(n, v)| Header {
-            name: n.as_str().to_owned(),
+            name: bytes::Bytes::copy_from_slice(n.as_str().as_bytes()),
             value: bytes::Bytes::copy_from_slice(v.as_bytes()),
         })
         .collect()
@@ -54,7 +54,7 @@ fn headers_to(map: &HeaderMap) -> Vec<Header> {
 fn headers_from(message: &'static str, headers: Vec<Header>) -> Result<HeaderMap, ProtoError> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for h in headers {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| bad(message, "headers.name", e))?;
+        let name = HeaderName::from_bytes(&h.name).map_err(|e| bad(message, "headers.name", e))?;
         let value = HeaderValue::from_maybe_shared(h.value).map_err(|e| bad(message, "headers.value", e))?;
         map.append(name, value);
     }
@@ -265,14 +265,14 @@ fn op_to(op: &api::HeaderOp) -> HeaderOp {
     };
     HeaderOp {
         kind: kind.into(),
-        name: name.as_str().to_owned(),
+        name: bytes::Bytes::copy_from_slice(name.as_str().as_bytes()),
         value: value.map(|v| bytes::Bytes::copy_from_slice(v.as_bytes())).unwrap_or_default(),
     }
 }
 
 fn op_from(op: HeaderOp) -> Result<api::HeaderOp, ProtoError> {
     const M: &str = "HeaderOp";
-    let name = HeaderName::from_bytes(op.name.as_bytes()).map_err(|e| bad(M, "name", e))?;
+    let name = HeaderName::from_bytes(&op.name).map_err(|e| bad(M, "name", e))?;
     let value = || HeaderValue::from_maybe_shared(op.value.clone()).map_err(|e| bad(M, "value", e));
     Ok(match header_op::Kind::try_from(op.kind).map_err(|e| bad(M, "kind", e))? {
         header_op::Kind::Set => api::HeaderOp::Set { name, value: value()? },

@@ -17,6 +17,8 @@
 //!   ratio pool/raw (median of the per-pair ratios). Target: ≥ 0.8 at c = 64.
 //!
 //! `CARGO_TARGET_DIR=target/bench cargo bench -p transport-uds --bench roundtrip`
+//! (`ROUNDTRIP_REPORT=0` skips the timing loop, for profiling one benchmark with
+//! `--profile-time`).
 // Benches measure wall-clock time on purpose.
 #![allow(clippy::disallowed_types)]
 
@@ -55,10 +57,12 @@ fn runtime(name: &str) -> Runtime {
         .unwrap()
 }
 
-/// A request as a proxy would send it: a browser-like GET with its usual headers.
-fn event(i: u64) -> Event {
+/// A request as a proxy would send it: a browser-like GET with its usual headers. Built once;
+/// each request clones it with its own correlation id, as a proxy hands over the request it
+/// already holds.
+fn template() -> RequestHeaders {
     let mut request = RequestHeaders::new(
-        format!("req-{i:012}"),
+        "req-000000000000",
         Method::GET,
         Uri::from_static("/products/42?ref=home&utm_source=newsletter"),
     );
@@ -74,6 +78,14 @@ fn event(i: u64) -> Event {
         request.headers.insert(name, HeaderValue::from_static(value));
     }
     request.client_addr = Some(([203, 0, 113, 7], 51_234).into());
+    request
+}
+
+static TEMPLATE: std::sync::LazyLock<RequestHeaders> = std::sync::LazyLock::new(template);
+
+fn event(i: u64) -> Event {
+    let mut request = TEMPLATE.clone();
+    request.correlation_id = format!("req-{i:012}").into();
     Event::RequestHeaders(request)
 }
 
@@ -386,7 +398,10 @@ fn roundtrip(c: &mut Criterion) {
     }
     group.finish();
 
-    report(&pool_side.pool, &raw_side.conns, &client_rt);
+    // `ROUNDTRIP_REPORT=0` skips the report, e.g. to profile one criterion benchmark alone.
+    if std::env::var("ROUNDTRIP_REPORT").map_or(true, |v| v != "0") {
+        report(&pool_side.pool, &raw_side.conns, &client_rt);
+    }
     client_rt.block_on(pool_side.pool.shutdown());
 }
 

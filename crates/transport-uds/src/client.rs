@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+use crate::codec::{DEFAULT_MAX_FRAME, EventFrame, FrameCodec, FrameError};
 
 /// Who the agent at the other end of the socket must be.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -524,6 +524,13 @@ impl Task {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(first) = command else { break Stop::Closed("every handle was dropped".into()) };
+                    // With other requests in flight, more sends are likely runnable right now
+                    // (woken by the answers just read): let them queue up first, so one flush
+                    // carries them all instead of one write per request. A lone request is
+                    // written at once.
+                    if !self.pending.is_empty() {
+                        tokio::task::yield_now().await;
+                    }
                     // Take everything queued, write it all, flush once.
                     let mut next = Some(first);
                     let mut outcome = Ok(());
@@ -537,7 +544,7 @@ impl Task {
                     if let Err(stop) = outcome {
                         break stop;
                     }
-                    if let Err(e) = self.framed.flush().await {
+                    if let Err(e) = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await {
                         break Stop::Closed(format!("write failed: {e}"));
                     }
                 }
@@ -581,7 +588,8 @@ impl Task {
             Command::Send { stream, event, reply } => {
                 let correlation_id = event.correlation_id().clone();
                 self.pending.insert(stream, PendingRequest { correlation_id, reply });
-                self.write(stream, proxy_frame::Body::Event(event.into())).await?;
+                let frame = EventFrame { stream_id: stream, event };
+                self.framed.feed(frame).await.map_err(|e| Stop::Closed(format!("write failed: {e}")))?;
             }
             Command::Cancel { correlation_id, reason } => {
                 let streams: Vec<u64> = self
@@ -622,7 +630,7 @@ impl Task {
             Command::Drain => self.write(0, proxy_frame::Body::Drain(proto::Drain {})).await?,
             Command::Close => {
                 self.write(0, proxy_frame::Body::Shutdown(proto::Shutdown {})).await?;
-                let _ = self.framed.flush().await;
+                let _ = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await;
                 return Err(Stop::Closed("closed by the proxy".into()));
             }
         }

@@ -7,8 +7,10 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
+use pool_api::proto;
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 /// The default largest frame: 16 MiB.
@@ -78,13 +80,191 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let size = item.encoded_len();
+        let size = self.header(item.encoded_len(), dst)?;
+        item.encode(dst).expect("capacity reserved");
+        let _ = size;
+        Ok(())
+    }
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// Checks `size` against the limit, reserves room and writes the frame's length.
+    fn header(&self, size: usize, dst: &mut BytesMut) -> Result<usize, FrameError> {
         if size > self.limit {
             return Err(FrameError::TooLarge { size: Some(size), limit: self.limit });
         }
-        let mut body = BytesMut::with_capacity(size);
-        item.encode(&mut body).expect("capacity reserved");
-        self.inner.encode(Bytes::from(body), dst).map_err(FrameError::Io)
+        dst.reserve(4 + size);
+        dst.put_u32(u32::try_from(size).expect("the limit fits in the 4-byte length"));
+        Ok(size)
+    }
+}
+
+/// An event to send, as the proxy's connection task holds it: encoded straight from the
+/// `pool-api` types into the write buffer, byte for byte what `ProxyFrame { stream_id, body:
+/// Event(event.into()) }` would encode to, without building that message first (which costs
+/// an allocation or two per header).
+#[derive(Debug)]
+pub struct EventFrame {
+    /// The request's stream id.
+    pub stream_id: u64,
+    /// The event.
+    pub event: pool_api::Event,
+}
+
+impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: EventFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match &item.event {
+            pool_api::Event::RequestHeaders(h) => {
+                let uri = h.uri.to_string();
+                let addr = h.client_addr.map(|a| a.to_string()).unwrap_or_default();
+                let fields = RequestFields { h, uri: &uri, addr: &addr };
+                let event = fields.len();
+                let size = self.header(frame_len(item.stream_id, EVENT_REQUEST_HEADERS, event), dst)?;
+                let start = dst.len();
+                frame_prefix(item.stream_id, EVENT_REQUEST_HEADERS, event, dst);
+                fields.write(dst);
+                debug_assert_eq!(dst.len() - start, size);
+                Ok(())
+            }
+            pool_api::Event::ResponseHeaders(h) => {
+                let fields = ResponseFields { h };
+                let event = fields.len();
+                let size = self.header(frame_len(item.stream_id, EVENT_RESPONSE_HEADERS, event), dst)?;
+                let start = dst.len();
+                frame_prefix(item.stream_id, EVENT_RESPONSE_HEADERS, event, dst);
+                fields.write(dst);
+                debug_assert_eq!(dst.len() - start, size);
+                Ok(())
+            }
+            _ => {
+                let frame = proto::ProxyFrame {
+                    stream_id: item.stream_id,
+                    body: Some(proto::proxy_frame::Body::Event(item.event.into())),
+                };
+                Encoder::<proto::ProxyFrame>::encode(self, frame, dst)
+            }
+        }
+    }
+}
+
+// Field numbers of the schema (agent.proto) that the direct encoder writes.
+const FRAME_STREAM_ID: u32 = 1;
+const FRAME_EVENT: u32 = 3;
+const EVENT_REQUEST_HEADERS: u32 = 1;
+const EVENT_RESPONSE_HEADERS: u32 = 3;
+
+/// Size of a length-delimited field (key, length, bytes); proto3 leaves empty ones out.
+fn ld_len(tag: u32, len: usize) -> usize {
+    if len == 0 { 0 } else { key_len(tag) + encoded_len_varint(len as u64) + len }
+}
+
+/// Size of an embedded message field, written even when empty (a oneof member or a repeated
+/// element).
+fn msg_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+fn put_ld(tag: u32, data: &[u8], dst: &mut BytesMut) {
+    if !data.is_empty() {
+        put_msg_header(tag, data.len(), dst);
+        dst.put_slice(data);
+    }
+}
+
+fn put_msg_header(tag: u32, len: usize, dst: &mut BytesMut) {
+    encode_key(tag, WireType::LengthDelimited, dst);
+    encode_varint(len as u64, dst);
+}
+
+fn frame_len(stream_id: u64, kind: u32, event_fields: usize) -> usize {
+    let stream = if stream_id == 0 { 0 } else { key_len(FRAME_STREAM_ID) + encoded_len_varint(stream_id) };
+    stream + msg_len(FRAME_EVENT, msg_len(kind, event_fields))
+}
+
+fn frame_prefix(stream_id: u64, kind: u32, event_fields: usize, dst: &mut BytesMut) {
+    if stream_id != 0 {
+        encode_key(FRAME_STREAM_ID, WireType::Varint, dst);
+        encode_varint(stream_id, dst);
+    }
+    put_msg_header(FRAME_EVENT, msg_len(kind, event_fields), dst);
+    put_msg_header(kind, event_fields, dst);
+}
+
+fn header_fields_len(name: &[u8], value: &[u8]) -> usize {
+    ld_len(1, name.len()) + ld_len(2, value.len())
+}
+
+fn headers_len(tag: u32, map: &http::HeaderMap) -> usize {
+    map.iter().map(|(n, v)| msg_len(tag, header_fields_len(n.as_str().as_bytes(), v.as_bytes()))).sum()
+}
+
+fn put_headers(tag: u32, map: &http::HeaderMap, dst: &mut BytesMut) {
+    for (name, value) in map {
+        let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+        put_msg_header(tag, header_fields_len(name, value), dst);
+        put_ld(1, name, dst);
+        put_ld(2, value, dst);
+    }
+}
+
+/// `RequestHeaders`: correlation_id = 1, method = 2, uri = 3, headers = 4, client_addr = 5,
+/// metadata = 6.
+struct RequestFields<'a> {
+    h: &'a pool_api::RequestHeaders,
+    uri: &'a str,
+    addr: &'a str,
+}
+
+impl RequestFields<'_> {
+    fn len(&self) -> usize {
+        let metadata: usize =
+            self.h.metadata.iter().map(|(k, v)| msg_len(6, ld_len(1, k.len()) + ld_len(2, v.len()))).sum();
+        ld_len(1, self.h.correlation_id.as_str().len())
+            + ld_len(2, self.h.method.as_str().len())
+            + ld_len(3, self.uri.len())
+            + headers_len(4, &self.h.headers)
+            + ld_len(5, self.addr.len())
+            + metadata
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        put_ld(1, self.h.correlation_id.as_str().as_bytes(), dst);
+        put_ld(2, self.h.method.as_str().as_bytes(), dst);
+        put_ld(3, self.uri.as_bytes(), dst);
+        put_headers(4, &self.h.headers, dst);
+        put_ld(5, self.addr.as_bytes(), dst);
+        for (k, v) in &self.h.metadata {
+            put_msg_header(6, ld_len(1, k.len()) + ld_len(2, v.len()), dst);
+            put_ld(1, k.as_bytes(), dst);
+            put_ld(2, v.as_bytes(), dst);
+        }
+    }
+}
+
+/// `ResponseHeaders`: correlation_id = 1, status = 2, headers = 3.
+struct ResponseFields<'a> {
+    h: &'a pool_api::ResponseHeaders,
+}
+
+impl ResponseFields<'_> {
+    fn status(&self) -> u64 {
+        u64::from(self.h.status.as_u16())
+    }
+
+    fn len(&self) -> usize {
+        ld_len(1, self.h.correlation_id.as_str().len())
+            + key_len(2)
+            + encoded_len_varint(self.status())
+            + headers_len(3, &self.h.headers)
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        put_ld(1, self.h.correlation_id.as_str().as_bytes(), dst);
+        encode_key(2, WireType::Varint, dst);
+        encode_varint(self.status(), dst);
+        put_headers(3, &self.h.headers, dst);
     }
 }
 
@@ -158,5 +338,86 @@ mod tests {
             while let Ok(Some(_)) = agent.decode(&mut buf) {}
             proptest::prop_assert!(buf.capacity() <= 512 + 256);
         }
+    }
+
+    fn header_map() -> impl proptest::strategy::Strategy<Value = http::HeaderMap> {
+        use proptest::prelude::*;
+        let name =
+            prop_oneof![Just("host".to_owned()), Just("content-type".to_owned()), "x-[a-z0-9-]{0,20}",];
+        let value = proptest::collection::vec(prop_oneof![32u8..127, 128u8..=255], 0..40);
+        proptest::collection::vec((name, value), 0..12).prop_map(|pairs| {
+            let mut map = http::HeaderMap::new();
+            for (n, v) in pairs {
+                map.append(
+                    http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(&v).unwrap(),
+                );
+            }
+            map
+        })
+    }
+
+    fn header_event() -> impl proptest::strategy::Strategy<Value = pool_api::Event> {
+        use proptest::prelude::*;
+        let request = (
+            "[a-z0-9-]{0,24}",
+            prop_oneof![Just("GET"), Just("POST"), Just("PURGE")],
+            prop_oneof![Just("/"), Just("/a/b?c=d"), Just("https://h.test:8443/x?y"), Just("*")],
+            header_map(),
+            proptest::option::of(any::<(u8, u8, u16)>()),
+            proptest::collection::btree_map("[a-z]{0,6}", ".{0,10}", 0..4),
+        )
+            .prop_map(|(id, method, uri, headers, addr, metadata)| {
+                let mut h = pool_api::RequestHeaders::new(
+                    id,
+                    http::Method::from_bytes(method.as_bytes()).unwrap(),
+                    uri.parse().unwrap(),
+                );
+                h.headers = headers;
+                h.client_addr = addr.map(|(a, b, port)| std::net::SocketAddr::from(([10, a, b, 1], port)));
+                h.metadata = metadata;
+                pool_api::Event::RequestHeaders(h)
+            });
+        let response = ("[a-z0-9]{0,12}", 100u16..600, header_map()).prop_map(|(id, status, headers)| {
+            pool_api::Event::ResponseHeaders(pool_api::ResponseHeaders {
+                correlation_id: id.into(),
+                status: http::StatusCode::from_u16(status).unwrap(),
+                headers,
+            })
+        });
+        prop_oneof![request, response]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn direct_event_encoding_is_byte_for_byte_the_schema_encoding(
+            event in header_event(),
+            stream_id in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::prelude::any::<u64>()],
+        ) {
+            let mut codec: FrameCodec<AgentFrame, ProxyFrame> = FrameCodec::new(1 << 20);
+            let mut direct = BytesMut::new();
+            codec.encode(EventFrame { stream_id, event: event.clone() }, &mut direct).unwrap();
+            let mut reference = BytesMut::new();
+            let frame = ProxyFrame { stream_id, body: Some(proxy_frame::Body::Event(event.clone().into())) };
+            codec.encode(frame, &mut reference).unwrap();
+            proptest::prop_assert_eq!(&direct[..], &reference[..]);
+            // And the agent reads back the same event.
+            let mut agent: FrameCodec<ProxyFrame, AgentFrame> = FrameCodec::new(1 << 20);
+            let decoded = agent.decode(&mut direct).unwrap().unwrap();
+            let Some(proxy_frame::Body::Event(e)) = decoded.body else { panic!("not an event") };
+            proptest::prop_assert_eq!(pool_api::Event::try_from(e).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn a_direct_event_over_the_limit_is_not_written() {
+        let mut codec: FrameCodec<AgentFrame, ProxyFrame> = FrameCodec::new(64);
+        let mut h = pool_api::RequestHeaders::new("r", http::Method::GET, http::Uri::from_static("/"));
+        h.headers.insert("x-big", http::HeaderValue::from_bytes(&[b'a'; 100]).unwrap());
+        let mut buf = BytesMut::new();
+        let err =
+            codec.encode(EventFrame { stream_id: 1, event: pool_api::Event::RequestHeaders(h) }, &mut buf);
+        assert!(matches!(err, Err(FrameError::TooLarge { size: Some(s), limit: 64 }) if s > 64), "{err:?}");
+        assert!(buf.is_empty(), "nothing half-written");
     }
 }

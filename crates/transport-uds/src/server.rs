@@ -284,6 +284,11 @@ pub(crate) async fn run_session<H: AgentHandler>(
         tokio::select! {
             out = out_rx.recv() => {
                 let Some(out) = out else { break };
+                // Other requests still running may finish in this same scheduler round: let
+                // them, so one flush carries all their answers.
+                if permits.available_permits() + 1 < limit {
+                    tokio::task::yield_now().await;
+                }
                 let mut next = Some(out);
                 let mut failed = false;
                 while let Some(f) = next {
