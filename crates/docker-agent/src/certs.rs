@@ -3,7 +3,7 @@
 //! One private certificate authority per deployment signs two kinds of leaf certificates:
 //!
 //! * a **server certificate** for each agent. Its subject alternative names always contain
-//!   [`AGENT_SERVER_NAME`](crate::AGENT_SERVER_NAME) (the one name clients check, whatever address
+//!   [`AGENT_SERVER_NAME`] (the one name clients check, whatever address
 //!   they dial) plus every host given at issue time: IP addresses become IP SANs, everything else
 //!   must be a valid DNS name. Extended key usage: `serverAuth`.
 //! * a **client certificate** for each controller (the pool side, or the `docker` CLI). Its common
