@@ -447,3 +447,59 @@ async fn an_upgrade_allowed_by_a_custom_rule_is_carried_through() {
     let _ = io.shutdown().await;
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_request_body_is_streamed_to_the_engine() {
+    let Some(engine) = docker::engine().await else { return };
+    let pki = Pki::new(DAY);
+    let acl = AclConfig {
+        profile: Profile::Lifecycle,
+        rules: vec!["POST /containers/{id}/update".parse().unwrap()],
+    };
+    let agent = start_agent(&pki, "/var/run/docker.sock", acl, DAY).await;
+    let container = TestContainer::builder("agent-tls-body").create(&engine).await.unwrap();
+
+    let tcp = TcpStream::connect(agent.local_addr()).await.unwrap();
+    let tls = TlsConnector::from(pki.good_client())
+        .connect(ServerName::try_from(AGENT_SERVER_NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(driver);
+    // A body of unknown length (sent chunked), written in two parts with a pause between.
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(2);
+    let body = http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    }));
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/containers/{}/update", container.id()))
+        .header("host", "agent")
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let response = tokio::spawn(conn.send_request(req));
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"{\"RestartPolicy\":")))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(
+        b"{\"Name\":\"on-failure\",\"MaximumRetryCount\":3}}",
+    ))))
+    .await
+    .unwrap();
+    drop(tx);
+    let resp = response.await.unwrap().unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let policy = engine
+        .inspect_container(container.id(), None)
+        .await
+        .unwrap()
+        .host_config
+        .unwrap()
+        .restart_policy
+        .unwrap();
+    assert_eq!(policy.maximum_retry_count, Some(3));
+    agent.shutdown().await;
+}
