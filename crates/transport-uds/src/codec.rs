@@ -61,6 +61,16 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match self.next_frame(src)? {
+            None => Ok(None),
+            Some(frame) => Ok(Some(In::decode(frame)?)),
+        }
+    }
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// The next whole frame's body, if one has arrived.
+    fn next_frame(&mut self, src: &mut BytesMut) -> Result<Option<bytes::Bytes>, FrameError> {
         // The length codec is stateful (it consumes a frame's length before its body
         // arrives), so the size check is its alone: it refuses an oversized announcement
         // before reserving anything.
@@ -69,10 +79,7 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
                 e.get_ref().is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>());
             if too_big { FrameError::TooLarge { size: None, limit: self.limit } } else { FrameError::Io(e) }
         })?;
-        match frame {
-            None => Ok(None),
-            Some(frame) => Ok(Some(In::decode(frame.freeze())?)),
-        }
+        Ok(frame.map(BytesMut::freeze))
     }
 }
 
@@ -149,6 +156,164 @@ impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
     }
 }
 
+/// A frame the agent side reads: a request-headers event decoded straight from the frame's
+/// bytes into the `pool-api` type (header values and the URI share the read buffer), or any
+/// other message as the schema decodes it.
+#[derive(Debug)]
+pub enum Inbound {
+    /// An event, already converted; an invalid one carries why.
+    Event {
+        /// The request's stream id.
+        stream_id: u64,
+        /// The event, or what is wrong with it.
+        event: Result<pool_api::Event, pool_api::proto::ProtoError>,
+    },
+    /// Any other frame.
+    Frame(proto::ProxyFrame),
+}
+
+impl<Out> Decoder for FrameCodec<Inbound, Out> {
+    type Item = Inbound;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
+        let Some(frame) = self.next_frame(src)? else { return Ok(None) };
+        if let Some((stream_id, event)) = direct::request_headers(frame.clone()) {
+            return Ok(Some(Inbound::Event { stream_id, event }));
+        }
+        let frame = proto::ProxyFrame::decode(frame)?;
+        Ok(Some(match frame {
+            proto::ProxyFrame { stream_id, body: Some(proto::proxy_frame::Body::Event(e)) } => {
+                Inbound::Event { stream_id, event: pool_api::Event::try_from(e) }
+            }
+            other => Inbound::Frame(other),
+        }))
+    }
+}
+
+/// Decoding a `RequestHeaders` event without building the schema's message first. Only the
+/// canonical encoding (what the encoder above and prost write: known fields, right wire
+/// types, one event) takes this path; anything else returns `None` and is decoded by prost,
+/// so both paths always agree.
+mod direct {
+    use bytes::{Buf, Bytes};
+    use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+    use pool_api::proto::ProtoError;
+    use prost::encoding::{WireType, decode_key, decode_varint};
+
+    const M: &str = "RequestHeaders";
+
+    fn bad(field: &'static str, problem: impl ToString) -> ProtoError {
+        ProtoError { message: M, field, problem: problem.to_string() }
+    }
+
+    /// The next field: its tag and, for a length-delimited one, its bytes.
+    fn field(buf: &mut Bytes) -> Option<(u32, WireType, Option<Bytes>, u64)> {
+        let (tag, wire) = decode_key(buf).ok()?;
+        match wire {
+            WireType::Varint => Some((tag, wire, None, decode_varint(buf).ok()?)),
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
+                if len > buf.remaining() {
+                    return None;
+                }
+                Some((tag, wire, Some(buf.split_to(len)), 0))
+            }
+            _ => None,
+        }
+    }
+
+    fn utf8(bytes: Bytes) -> Option<String> {
+        String::from_utf8(bytes.into()).ok()
+    }
+
+    /// `ProxyFrame { stream_id = 1, event = 3 { request_headers = 1 { … } } }`.
+    pub(super) fn request_headers(mut frame: Bytes) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
+        let (mut stream_id, mut event) = (0, None);
+        while frame.has_remaining() {
+            match field(&mut frame)? {
+                (1, WireType::Varint, None, v) => stream_id = v,
+                (3, WireType::LengthDelimited, Some(b), _) if event.is_none() => event = Some(b),
+                _ => return None,
+            }
+        }
+        let mut event = event?;
+        let (1, WireType::LengthDelimited, Some(fields), _) = field(&mut event)? else { return None };
+        if event.has_remaining() {
+            return None;
+        }
+        Some((stream_id, parse(fields)?))
+    }
+
+    /// Collects the fields (`None`: not canonical), then converts them as `TryFrom` does.
+    fn parse(mut buf: Bytes) -> Option<Result<pool_api::Event, ProtoError>> {
+        let (mut id, mut method, mut uri, mut addr) =
+            (Bytes::new(), Bytes::new(), Bytes::new(), Bytes::new());
+        let mut headers: Vec<(Bytes, Bytes)> = Vec::new();
+        let mut metadata = pool_api::Metadata::new();
+        while buf.has_remaining() {
+            let (tag, WireType::LengthDelimited, Some(b), _) = field(&mut buf)? else { return None };
+            match tag {
+                1 => id = b,
+                2 => method = b,
+                3 => uri = b,
+                4 | 6 => {
+                    let mut pair = b;
+                    let (mut first, mut second) = (Bytes::new(), Bytes::new());
+                    while pair.has_remaining() {
+                        match field(&mut pair)? {
+                            (1, WireType::LengthDelimited, Some(v), _) => first = v,
+                            (2, WireType::LengthDelimited, Some(v), _) => second = v,
+                            _ => return None,
+                        }
+                    }
+                    if tag == 4 {
+                        headers.push((first, second));
+                    } else {
+                        metadata.insert(utf8(first)?, utf8(second)?);
+                    }
+                }
+                5 => addr = b,
+                _ => return None,
+            }
+        }
+        // prost would refuse non-UTF-8 in these string fields: leave that to it.
+        let id = utf8(id)?;
+        std::str::from_utf8(&method).ok()?;
+        std::str::from_utf8(&uri).ok()?;
+        let addr = utf8(addr)?;
+        Some(convert(id, &method, uri, headers, &addr, metadata))
+    }
+
+    fn convert(
+        id: String,
+        method: &[u8],
+        uri: Bytes,
+        headers: Vec<(Bytes, Bytes)>,
+        addr: &str,
+        metadata: pool_api::Metadata,
+    ) -> Result<pool_api::Event, ProtoError> {
+        let client_addr =
+            if addr.is_empty() { None } else { Some(addr.parse().map_err(|e| bad("client_addr", e))?) };
+        let method = Method::from_bytes(method).map_err(|e| bad("method", e))?;
+        let uri = Uri::from_maybe_shared(uri).map_err(|e| bad("uri", e))?;
+        let mut map = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(&name).map_err(|e| bad("headers.name", e))?;
+            let value = HeaderValue::from_maybe_shared(value).map_err(|e| bad("headers.value", e))?;
+            map.append(name, value);
+        }
+        Ok(pool_api::Event::RequestHeaders(pool_api::RequestHeaders {
+            correlation_id: id.into(),
+            method,
+            uri,
+            headers: map,
+            client_addr,
+            metadata,
+        }))
+    }
+}
+
 // Field numbers of the schema (agent.proto) that the direct encoder writes.
 const FRAME_STREAM_ID: u32 = 1;
 const FRAME_EVENT: u32 = 3;
@@ -174,8 +339,13 @@ fn put_ld(tag: u32, data: &[u8], dst: &mut BytesMut) {
 }
 
 fn put_msg_header(tag: u32, len: usize, dst: &mut BytesMut) {
-    encode_key(tag, WireType::LengthDelimited, dst);
-    encode_varint(len as u64, dst);
+    // Key and length go through a stack buffer: one copy into `dst` instead of one per byte.
+    let mut scratch = [0u8; 20];
+    let mut free = &mut scratch[..];
+    encode_key(tag, WireType::LengthDelimited, &mut free);
+    encode_varint(len as u64, &mut free);
+    let used = 20 - free.len();
+    dst.put_slice(&scratch[..used]);
 }
 
 fn frame_len(stream_id: u64, kind: u32, event_fields: usize) -> usize {
@@ -419,5 +589,88 @@ mod tests {
             codec.encode(EventFrame { stream_id: 1, event: pool_api::Event::RequestHeaders(h) }, &mut buf);
         assert!(matches!(err, Err(FrameError::TooLarge { size: Some(s), limit: 64 }) if s > 64), "{err:?}");
         assert!(buf.is_empty(), "nothing half-written");
+    }
+
+    /// What the agent side would get by decoding with prost and converting.
+    fn reference(frame: bytes::Bytes) -> Option<(u64, Result<pool_api::Event, pool_api::proto::ProtoError>)> {
+        match ProxyFrame::decode(frame).ok()? {
+            ProxyFrame { stream_id, body: Some(proxy_frame::Body::Event(e)) } => {
+                Some((stream_id, pool_api::Event::try_from(e)))
+            }
+            _ => None,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_direct_decoder_agrees_with_the_schema_on_valid_events(
+            event in header_event(),
+            stream_id in proptest::prelude::any::<u64>(),
+        ) {
+            let mut proxy: FrameCodec<AgentFrame, ProxyFrame> = FrameCodec::new(1 << 20);
+            let mut buf = BytesMut::new();
+            proxy.encode(EventFrame { stream_id, event: event.clone() }, &mut buf).unwrap();
+            let body = bytes::Bytes::copy_from_slice(&buf[4..]);
+            let direct = direct::request_headers(body.clone());
+            if matches!(event, pool_api::Event::RequestHeaders(_)) {
+                proptest::prop_assert!(direct.is_some(), "canonical request headers take the direct path");
+            }
+            if let Some(direct) = direct {
+                proptest::prop_assert_eq!(Some(direct), reference(body));
+            }
+            let mut agent: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(1 << 20);
+            let Some(Inbound::Event { stream_id: id, event: Ok(back) }) = agent.decode(&mut buf).unwrap() else {
+                panic!("an event")
+            };
+            proptest::prop_assert_eq!(id, stream_id);
+            proptest::prop_assert_eq!(back, event);
+        }
+
+        #[test]
+        fn the_direct_decoder_agrees_with_the_schema_on_any_bytes(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let body = bytes::Bytes::from(data);
+            if let Some(direct) = direct::request_headers(body.clone()) {
+                let reference = reference(body);
+                let same = match (&direct, &reference) {
+                    ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
+                    ((a, Err(_)), Some((b, Err(_)))) => a == b,
+                    _ => false,
+                };
+                proptest::prop_assert!(same, "direct {:?} vs prost {:?}", direct, reference);
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_canonical_frames_decode_alike_both_ways() {
+        // Flip each byte of a real frame in turn: the direct path either declines or agrees.
+        let mut h = pool_api::RequestHeaders::new("r-1", http::Method::GET, http::Uri::from_static("/a?b"));
+        h.headers.insert("x-k", http::HeaderValue::from_static("v"));
+        h.metadata.insert("route".into(), "api".into());
+        h.client_addr = Some(([10, 0, 0, 1], 80).into());
+        let mut proxy: FrameCodec<AgentFrame, ProxyFrame> = FrameCodec::new(1 << 20);
+        let mut buf = BytesMut::new();
+        proxy
+            .encode(EventFrame { stream_id: 7, event: pool_api::Event::RequestHeaders(h) }, &mut buf)
+            .unwrap();
+        let body = buf.split_off(4);
+        for i in 0..body.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut mutated = body.clone();
+                mutated[i] ^= flip;
+                let mutated = mutated.freeze();
+                if let Some(direct) = direct::request_headers(mutated.clone()) {
+                    let reference = reference(mutated);
+                    let same = match (&direct, &reference) {
+                        ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
+                        ((a, Err(_)), Some((b, Err(_)))) => a == b,
+                        _ => false,
+                    };
+                    assert!(same, "byte {i} ^ {flip:#x}: direct {direct:?} vs prost {reference:?}");
+                }
+            }
+        }
     }
 }

@@ -32,7 +32,7 @@ use tokio_util::codec::Framed;
 #[cfg(doc)]
 use crate::UdsServer;
 use crate::client::{PeerCredentials, SocketPath, UdsConnection, check_peer};
-use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound};
 use crate::server::{AgentFramed, ServeError, ServerHandle, bind_socket, concurrency_limit, run_session};
 
 /// Settings of the proxy's listener for reverse connections.
@@ -422,7 +422,10 @@ impl ReverseAgent {
             return Ok(Attempt::Failed(format!("sending the registration: {e}")));
         }
         let result = match tokio::time::timeout(config.register_timeout, framed.next()).await {
-            Ok(Some(Ok(proto::ProxyFrame { body: Some(proxy_frame::Body::RegisterResult(r)), .. }))) => r,
+            Ok(Some(Ok(Inbound::Frame(proto::ProxyFrame {
+                body: Some(proxy_frame::Body::RegisterResult(r)),
+                ..
+            })))) => r,
             Ok(Some(Ok(_))) => return Ok(Attempt::Failed("expected the registration's answer".into())),
             Ok(Some(Err(FrameError::TooLarge { limit, .. }))) => {
                 return Ok(Attempt::Failed(format!("the proxy sent a frame over the {limit}-byte limit")));

@@ -27,7 +27,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::codec::Framed;
 
 use crate::client::PeerCredentials;
-use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound};
 
 /// Settings of the agent side.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,7 +219,13 @@ impl Drop for UdsServer {
     }
 }
 
-pub(crate) type AgentFramed = Framed<UnixStream, FrameCodec<proto::ProxyFrame, proto::AgentFrame>>;
+pub(crate) type AgentFramed = Framed<UnixStream, FrameCodec<Inbound, proto::AgentFrame>>;
+
+/// A frame read by the session: an event (converted, or why it is invalid) or anything else.
+enum Incoming {
+    Event(Result<Event, pool_api::proto::ProtoError>),
+    Other(Option<proxy_frame::Body>),
+}
 
 pub(crate) fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
     proto::AgentFrame { stream_id, body: Some(body) }
@@ -234,7 +240,9 @@ async fn serve_connection<H: AgentHandler>(
 ) {
     let mut framed: AgentFramed = Framed::new(stream, FrameCodec::new(config.max_frame));
     let hello = match tokio::time::timeout(config.handshake_timeout, framed.next()).await {
-        Ok(Some(Ok(proto::ProxyFrame { body: Some(proxy_frame::Body::Hello(h)), .. }))) => h,
+        Ok(Some(Ok(Inbound::Frame(proto::ProxyFrame {
+            body: Some(proxy_frame::Body::Hello(h)), ..
+        })))) => h,
         Ok(other) => {
             tracing::warn!(?other, "handshake failed: expected a hello");
             return;
@@ -320,10 +328,17 @@ pub(crate) async fn run_session<H: AgentHandler>(
                     }
                     None => break,
                 };
-                let stream = frame_in.stream_id;
-                match frame_in.body {
-                    Some(proxy_frame::Body::Event(e)) => {
-                        let event = match Event::try_from(e) {
+                let (stream, body) = match frame_in {
+                    Inbound::Event { stream_id, event } => (stream_id, Incoming::Event(event)),
+                    Inbound::Frame(f) => match f.body {
+                        Some(proxy_frame::Body::Event(e)) => (f.stream_id, Incoming::Event(Event::try_from(e))),
+                        other => (f.stream_id, Incoming::Other(other)),
+                    },
+                };
+                let body = match body {
+                    Incoming::Other(body) => body,
+                    Incoming::Event(event) => {
+                        let event = match event {
                             Ok(event) => event,
                             Err(err) => {
                                 tracing::error!(error = %err, "invalid event; closing the connection");
@@ -348,7 +363,10 @@ pub(crate) async fn run_session<H: AgentHandler>(
                             stream
                         });
                         running.insert(stream, abort);
+                        continue;
                     }
+                };
+                match body {
                     Some(proxy_frame::Body::Cancel(_)) => {
                         if let Some(task) = running.remove(&stream) {
                             task.abort();
@@ -369,7 +387,12 @@ pub(crate) async fn run_session<H: AgentHandler>(
                     }
                     Some(proxy_frame::Body::Drain(_)) => draining = true,
                     Some(proxy_frame::Body::Shutdown(_)) => break,
-                    Some(proxy_frame::Body::Hello(_) | proxy_frame::Body::RegisterResult(_)) | None => {
+                    Some(
+                        proxy_frame::Body::Hello(_)
+                        | proxy_frame::Body::RegisterResult(_)
+                        | proxy_frame::Body::Event(_),
+                    )
+                    | None => {
                         tracing::error!("unexpected or unknown message; closing the connection");
                         break;
                     }
