@@ -377,17 +377,24 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     let container = TestContainer::builder("agent-tls-stop").init(false).create(&engine).await.unwrap();
     let mut conn = connect(agent.local_addr(), pki.good_client()).await.unwrap();
     let path = format!("/containers/{}/stop?t=2", container.id());
+    // Watch the engine for the SIGTERM that `stop` sends: then the request is surely in flight.
+    let filters =
+        std::collections::HashMap::from([("container", vec![container.id()]), ("event", vec!["kill"])]);
+    let options = bollard::query_parameters::EventsOptionsBuilder::default().filters(&filters).build();
+    let mut kills = engine.events(Some(options));
     let stop = tokio::spawn(async move { send(&mut conn, Method::POST, &path).await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(20), futures_util::StreamExt::next(&mut kills))
+        .await
+        .expect("the engine starts stopping the container")
+        .expect("an event")
+        .expect("a kill event");
     let started = tokio::time::Instant::now();
     agent.shutdown().await;
+    let took = started.elapsed();
+    // Shutdown waited for the answer (about two seconds away when it began).
+    assert!(took >= Duration::from_millis(1000), "shutdown did not wait: {took:?}");
     let status = stop.await.unwrap().expect("the stop request completes");
     assert_eq!(status, StatusCode::NO_CONTENT);
-    assert!(
-        started.elapsed() >= Duration::from_millis(500),
-        "shutdown did not wait: {:?}",
-        started.elapsed()
-    );
     let inspect = engine.inspect_container(container.id(), None).await.unwrap();
     assert_eq!(inspect.state.unwrap().running, Some(false));
 }
@@ -403,7 +410,7 @@ async fn an_upgrade_allowed_by_a_custom_rule_is_carried_through() {
         .create(&engine)
         .await
         .unwrap();
-    let attach = format!("/containers/{}/attach?stream=1&stdout=1", container.id());
+    let attach = format!("/containers/{}/attach?stream=1&stdout=1&logs=1", container.id());
 
     // The built-in profile denies attach.
     let agent = start_agent(&pki, "/var/run/docker.sock", lifecycle(), DAY).await;
