@@ -9,8 +9,9 @@
 //! docker-agent serve --config agent.toml [--listen ..] [--docker-socket ..] [--name ..] [--profile ..]
 //! ```
 //!
-//! Logs go to stderr, filtered by `RUST_LOG` (default `info`). SIGINT and SIGTERM shut the server
-//! down gracefully.
+//! `serve` prints `listening on <address>` on stdout once it accepts connections (useful with
+//! port 0). Logs go to stderr, filtered by `RUST_LOG` (default `info`). SIGINT and SIGTERM shut
+//! the server down gracefully.
 
 use std::fs::OpenOptions;
 use std::io::Write;
