@@ -8,7 +8,7 @@
 //! - presents the client certificate and key from [`AgentTls`],
 //! - speaks HTTPS only, HTTP/1.1 (no ALPN offered), with the ring crypto provider,
 //! - checks the server certificate against the fixed name
-//!   [`AGENT_SERVER_NAME`](crate::AGENT_SERVER_NAME), whatever address it dials,
+//!   [`AGENT_SERVER_NAME`], whatever address it dials,
 //!
 //! and every request it sends goes to the agent's `host:port`, whatever authority its URI
 //! names. [`AgentClient::docker`] wraps the same pooled client in a bollard [`Docker`] through
@@ -146,12 +146,12 @@ impl AgentTls {
         let key = PrivateKeyDer::from_pem_slice(self.client_key_pem.as_bytes())
             .map_err(|e| ClientError::Pem { what: "client key", message: e.to_string() })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Ok(rustls::ClientConfig::builder_with_provider(provider)
+        rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(ClientError::Tls)?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(ClientError::Tls)?)
+            .map_err(ClientError::Tls)
     }
 }
 
@@ -211,7 +211,7 @@ pub enum ClientError {
         message: String,
     },
     /// The TLS handshake with the agent failed: its certificate is not from the configured CA
-    /// or not for [`AGENT_SERVER_NAME`](crate::AGENT_SERVER_NAME), or it refused the client
+    /// or not for [`AGENT_SERVER_NAME`], or it refused the client
     /// certificate. Retrying does not help.
     #[error("TLS with agent {address} failed: {message}")]
     Handshake {

@@ -59,6 +59,38 @@
 //! # }
 //! ```
 
+//! # The controller side
+//!
+//! - [`host`]: a Docker host parsed once into [`DockerHost`] (`unix://`, `tcp://`, `https://`,
+//!   `agent://`), with typed errors for everything else.
+//! - [`client`]: [`AgentClient`], one pooled mutual-TLS HTTP client per agent (trusting only the
+//!   deployment's CA, checking [`AGENT_SERVER_NAME`] whatever address it dials), a bollard
+//!   `Docker` over it, and the agent's `/agent/info` and `/agent/health`;
+//!   [`connect_local`] for engines reached without an agent.
+//! - [`pool`]: [`AgentPool`], the agents by address, Docker host and name, each watched by a
+//!   monitor task (health checks, back-off while unhealthy, stats and gauges). An agent that is
+//!   down when added is registered as unhealthy and recovers by itself; configuration errors
+//!   (TLS, ACL, an engine API older than required, duplicate names) are refused at once.
+//! - [`runtime`]: [`DockerRuntime`], `pool_api::ContainerRuntime` over any bollard `Docker`
+//!   (local or through an agent): status, start, stop, kill, pause, unpause and typed events;
+//!   plus Swarm service status and scaling.
+//!
+//! ```no_run
+//! use docker_agent::{AgentEndpoint, AgentPool, AgentTls, DockerRuntime, PoolConfig};
+//! use pool_api::ContainerRuntime;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = AgentPool::new(PoolConfig::default());
+//! let tls = AgentTls::from_dir("certs/edge-1")?;
+//! pool.add(AgentEndpoint::new("edge-1", "192.0.2.10:2376", tls)).await?;
+//! let agent = pool.get_by_docker_host("agent://192.0.2.10:2376")?.expect("added");
+//! let runtime = DockerRuntime::new(agent.docker());
+//! let status = runtime.status("web").await?;
+//! println!("web is {:?} and {:?}", status.state, status.health);
+//! # Ok(())
+//! # }
+//! ```
+
 pub mod acl;
 pub mod certs;
 pub mod client;
@@ -70,7 +102,15 @@ pub mod server;
 
 pub use acl::{Acl, AclConfig, Decision, DenyReason, Profile, Rule};
 pub use certs::{CertError, CertificateAuthority, IssuedCert};
+pub use client::{
+    AgentClient, AgentHealth, AgentHealthStatus, AgentInfo, AgentTls, ClientError, connect_local,
+};
 pub use config::{AgentConfig, AgentConfigFile, ConfigError, TlsMaterial};
+pub use host::{DockerHost, DockerHostError};
+pub use pool::{
+    AddError, Agent, AgentEndpoint, AgentHealthState, AgentPool, AgentStatus, PoolConfig, PoolStats,
+};
+pub use runtime::{DockerRuntime, ServiceStatus};
 pub use server::{AgentServer, RunningAgent, ServerError};
 
 /// The DNS name every agent's server certificate carries and every client checks, whatever

@@ -632,7 +632,7 @@ fn client_error(e: ClientError) -> ProbeError {
 /// Checks an agent: health always; info and the engine's API version when `full`.
 async fn probe(client: &AgentClient, config: &PoolConfig, full: bool) -> Result<Probe, ProbeError> {
     let address = client.address();
-    let report = client.health().await.map_err(|e| client_error(e))?;
+    let report = client.health().await.map_err(client_error)?;
     let health = match report.status {
         AgentHealthStatus::Healthy => AgentHealthState::Healthy,
         AgentHealthStatus::Degraded => AgentHealthState::Degraded,
@@ -651,7 +651,7 @@ async fn probe(client: &AgentClient, config: &PoolConfig, full: bool) -> Result<
     if !full {
         return Ok(Probe { health, info: None, api_version: None });
     }
-    let info = client.info().await.map_err(|e| client_error(e))?;
+    let info = client.info().await.map_err(client_error)?;
     let docker = client.docker_with_timeout(config.request_timeout);
     let version = match docker.version().await {
         Ok(version) => version,
