@@ -769,7 +769,7 @@ mod tests {
         let stranger = AgentTls { ca_cert_pem: other.cert_pem().to_owned(), ..material.clone() };
         let err = AgentClient::new(&addr.to_string(), &stranger).unwrap().health().await.unwrap_err();
         assert!(
-            matches!(&err, ClientError::Unreachable { message, .. } if message.contains("certificate")),
+            matches!(&err, ClientError::Handshake { message, .. } if message.contains("certificate")),
             "{err}"
         );
 
