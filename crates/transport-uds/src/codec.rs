@@ -156,6 +156,233 @@ impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
     }
 }
 
+/// What the agent side writes: a decision, encoded straight from the `pool-api` type (byte
+/// for byte what `AgentFrame { stream_id, body: Decision(decision.into()) }` encodes to), or
+/// any other message.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// The answer to request `stream_id`.
+    Decision {
+        /// The request's stream id.
+        stream_id: u64,
+        /// The agent's decision.
+        decision: pool_api::Decision,
+    },
+    /// Any other frame.
+    Frame(proto::AgentFrame),
+}
+
+impl<In> Encoder<Outbound> for FrameCodec<In, proto::AgentFrame> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Outbound, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match item {
+            Outbound::Frame(frame) => Encoder::<proto::AgentFrame>::encode(self, frame, dst),
+            Outbound::Decision { stream_id, decision } => {
+                let fields = decision::len(&decision);
+                let stream =
+                    if stream_id == 0 { 0 } else { key_len(FRAME_STREAM_ID) + encoded_len_varint(stream_id) };
+                let size = self.header(stream + msg_len(AGENT_FRAME_DECISION, fields), dst)?;
+                let start = dst.len();
+                if stream_id != 0 {
+                    encode_key(FRAME_STREAM_ID, WireType::Varint, dst);
+                    encode_varint(stream_id, dst);
+                }
+                put_msg_header(AGENT_FRAME_DECISION, fields, dst);
+                decision::write(&decision, dst);
+                debug_assert_eq!(dst.len() - start, size);
+                Ok(())
+            }
+        }
+    }
+}
+
+const AGENT_FRAME_DECISION: u32 = 4;
+
+/// The `Decision` message, field by field (see agent.proto). Repeated elements and oneof
+/// members are written even when empty; plain scalars and strings are left out when they hold
+/// their default; `optional` fields are written when present.
+mod decision {
+    use bytes::{BufMut, BytesMut};
+    use http::HeaderMap;
+    use pool_api::{Action, BodyMutation, Decision, HeaderOp};
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+    use super::{headers_len, ld_len, msg_len, put_headers, put_ld, put_msg_header};
+
+    fn varint_len(tag: u32, v: u64) -> usize {
+        if v == 0 { 0 } else { key_len(tag) + encoded_len_varint(v) }
+    }
+
+    fn put_varint(tag: u32, v: u64, dst: &mut BytesMut) {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, dst);
+            encode_varint(v, dst);
+        }
+    }
+
+    fn kv_len<'a>(tag: u32, pairs: impl Iterator<Item = (&'a String, &'a String)>) -> usize {
+        pairs.map(|(k, v)| msg_len(tag, ld_len(1, k.len()) + ld_len(2, v.len()))).sum()
+    }
+
+    fn put_kv<'a>(tag: u32, pairs: impl Iterator<Item = (&'a String, &'a String)>, dst: &mut BytesMut) {
+        for (k, v) in pairs {
+            put_msg_header(tag, ld_len(1, k.len()) + ld_len(2, v.len()), dst);
+            put_ld(1, k.as_bytes(), dst);
+            put_ld(2, v.as_bytes(), dst);
+        }
+    }
+
+    fn op_parts(op: &HeaderOp) -> (u64, &[u8], &[u8]) {
+        match op {
+            HeaderOp::Set { name, value } => (0, name.as_str().as_bytes(), value.as_bytes()),
+            HeaderOp::Add { name, value } => (1, name.as_str().as_bytes(), value.as_bytes()),
+            HeaderOp::Remove { name } => (2, name.as_str().as_bytes(), &[]),
+        }
+    }
+
+    fn op_fields(op: &HeaderOp) -> usize {
+        let (kind, name, value) = op_parts(op);
+        varint_len(1, kind) + ld_len(2, name.len()) + ld_len(3, value.len())
+    }
+
+    fn ops_len(tag: u32, ops: &[HeaderOp]) -> usize {
+        ops.iter().map(|op| msg_len(tag, op_fields(op))).sum()
+    }
+
+    fn put_ops(tag: u32, ops: &[HeaderOp], dst: &mut BytesMut) {
+        for op in ops {
+            put_msg_header(tag, op_fields(op), dst);
+            let (kind, name, value) = op_parts(op);
+            put_varint(1, kind, dst);
+            put_ld(2, name, dst);
+            put_ld(3, value, dst);
+        }
+    }
+
+    fn block_fields(status: u16, headers: &HeaderMap, body: &[u8]) -> usize {
+        varint_len(1, u64::from(status)) + headers_len(2, headers) + ld_len(3, body.len())
+    }
+
+    fn action_len(action: &Action) -> usize {
+        match action {
+            Action::Allow => msg_len(1, 0),
+            Action::Block { status, headers, body } => {
+                msg_len(2, block_fields(status.as_u16(), headers, body))
+            }
+            Action::Redirect { location, status } => {
+                msg_len(3, ld_len(1, location.len()) + varint_len(2, u64::from(status.as_u16())))
+            }
+            Action::Challenge { kind, params } => {
+                msg_len(4, ld_len(1, kind.len()) + kv_len(2, params.iter()))
+            }
+        }
+    }
+
+    fn put_action(action: &Action, dst: &mut BytesMut) {
+        match action {
+            Action::Allow => put_msg_header(1, 0, dst),
+            Action::Block { status, headers, body } => {
+                put_msg_header(2, block_fields(status.as_u16(), headers, body), dst);
+                put_varint(1, u64::from(status.as_u16()), dst);
+                put_headers(2, headers, dst);
+                put_ld(3, body, dst);
+            }
+            Action::Redirect { location, status } => {
+                put_msg_header(3, ld_len(1, location.len()) + varint_len(2, u64::from(status.as_u16())), dst);
+                put_ld(1, location.as_bytes(), dst);
+                put_varint(2, u64::from(status.as_u16()), dst);
+            }
+            Action::Challenge { kind, params } => {
+                put_msg_header(4, ld_len(1, kind.len()) + kv_len(2, params.iter()), dst);
+                put_ld(1, kind.as_bytes(), dst);
+                put_kv(2, params.iter(), dst);
+            }
+        }
+    }
+
+    fn body_fields(body: &BodyMutation) -> usize {
+        match body {
+            BodyMutation::Replace { chunk_index, data } => {
+                varint_len(1, u64::from(*chunk_index)) + msg_len(2, data.len())
+            }
+            BodyMutation::Drop { chunk_index } => varint_len(1, u64::from(*chunk_index)) + key_len(3) + 1,
+        }
+    }
+
+    fn put_body(body: &BodyMutation, dst: &mut BytesMut) {
+        put_msg_header(7, body_fields(body), dst);
+        match body {
+            BodyMutation::Replace { chunk_index, data } => {
+                put_varint(1, u64::from(*chunk_index), dst);
+                put_msg_header(2, data.len(), dst);
+                dst.put_slice(data);
+            }
+            BodyMutation::Drop { chunk_index } => {
+                put_varint(1, u64::from(*chunk_index), dst);
+                encode_key(3, WireType::Varint, dst);
+                encode_varint(1, dst);
+            }
+        }
+    }
+
+    fn audit_fields(d: &Decision) -> usize {
+        let a = &d.audit;
+        a.rule_ids.iter().map(|r| msg_len(1, r.len())).sum::<usize>()
+            + a.tags.iter().map(|t| msg_len(2, t.len())).sum::<usize>()
+            + a.reason.as_ref().map_or(0, |r| msg_len(3, r.len()))
+            + a.confidence.map_or(0, |_| key_len(4) + 4)
+            + kv_len(5, a.custom.iter())
+    }
+
+    fn put_audit(d: &Decision, dst: &mut BytesMut) {
+        let a = &d.audit;
+        put_msg_header(9, audit_fields(d), dst);
+        for r in &a.rule_ids {
+            put_msg_header(1, r.len(), dst);
+            dst.put_slice(r.as_bytes());
+        }
+        for t in &a.tags {
+            put_msg_header(2, t.len(), dst);
+            dst.put_slice(t.as_bytes());
+        }
+        if let Some(r) = &a.reason {
+            put_msg_header(3, r.len(), dst);
+            dst.put_slice(r.as_bytes());
+        }
+        if let Some(c) = a.confidence {
+            encode_key(4, WireType::ThirtyTwoBit, dst);
+            dst.put_f32_le(c);
+        }
+        put_kv(5, a.custom.iter(), dst);
+    }
+
+    /// Size of the `Decision` message's fields.
+    pub(super) fn len(d: &Decision) -> usize {
+        action_len(&d.action)
+            + ops_len(5, &d.request_headers)
+            + ops_len(6, &d.response_headers)
+            + d.body.as_ref().map_or(0, |b| msg_len(7, body_fields(b)))
+            + if d.needs_more { key_len(8) + 1 } else { 0 }
+            + msg_len(9, audit_fields(d))
+    }
+
+    /// Writes the `Decision` message's fields.
+    pub(super) fn write(d: &Decision, dst: &mut BytesMut) {
+        put_action(&d.action, dst);
+        put_ops(5, &d.request_headers, dst);
+        put_ops(6, &d.response_headers, dst);
+        if let Some(b) = &d.body {
+            put_body(b, dst);
+        }
+        if d.needs_more {
+            encode_key(8, WireType::Varint, dst);
+            encode_varint(1, dst);
+        }
+        put_audit(d, dst);
+    }
+}
+
 /// A frame the agent side reads: a request-headers event decoded straight from the frame's
 /// bytes into the `pool-api` type (header values and the URI share the read buffer), or any
 /// other message as the schema decodes it.
@@ -249,7 +476,7 @@ mod direct {
     fn parse(mut buf: Bytes) -> Option<Result<pool_api::Event, ProtoError>> {
         let (mut id, mut method, mut uri, mut addr) =
             (Bytes::new(), Bytes::new(), Bytes::new(), Bytes::new());
-        let mut headers: Vec<(Bytes, Bytes)> = Vec::new();
+        let mut headers: Vec<(Bytes, Bytes)> = Vec::with_capacity(16);
         let mut metadata = pool_api::Metadata::new();
         while buf.has_remaining() {
             let (tag, WireType::LengthDelimited, Some(b), _) = field(&mut buf)? else { return None };
@@ -278,15 +505,15 @@ mod direct {
             }
         }
         // prost would refuse non-UTF-8 in these string fields: leave that to it.
-        let id = utf8(id)?;
+        let id = std::str::from_utf8(&id).ok()?;
         std::str::from_utf8(&method).ok()?;
         std::str::from_utf8(&uri).ok()?;
-        let addr = utf8(addr)?;
-        Some(convert(id, &method, uri, headers, &addr, metadata))
+        let addr = std::str::from_utf8(&addr).ok()?;
+        Some(convert(id, &method, uri, headers, addr, metadata))
     }
 
     fn convert(
-        id: String,
+        id: &str,
         method: &[u8],
         uri: Bytes,
         headers: Vec<(Bytes, Bytes)>,
@@ -671,6 +898,89 @@ mod tests {
                     assert!(same, "byte {i} ^ {flip:#x}: direct {direct:?} vs prost {reference:?}");
                 }
             }
+        }
+    }
+
+    fn decision() -> impl proptest::strategy::Strategy<Value = pool_api::Decision> {
+        use pool_api::{Action, BodyMutation, Decision, HeaderOp};
+        use proptest::prelude::*;
+        let status = prop_oneof![Just(200u16), Just(302), Just(403), Just(503)];
+        let text = || ".{0,12}";
+        let action = prop_oneof![
+            Just(Action::Allow),
+            (status.clone(), header_map(), proptest::collection::vec(any::<u8>(), 0..20)).prop_map(
+                |(s, headers, body)| Action::Block {
+                    status: http::StatusCode::from_u16(s).unwrap(),
+                    headers,
+                    body: body.into(),
+                }
+            ),
+            (text(), status.clone()).prop_map(|(location, s)| Action::Redirect {
+                location,
+                status: http::StatusCode::from_u16(s).unwrap()
+            }),
+            (text(), proptest::collection::btree_map(text(), text(), 0..3))
+                .prop_map(|(kind, params)| Action::Challenge { kind, params }),
+        ];
+        let op =
+            ("x-[a-z]{0,6}", proptest::collection::vec(32u8..127, 0..10), 0..3u8).prop_map(|(n, v, k)| {
+                let name = http::HeaderName::from_bytes(n.as_bytes()).unwrap();
+                let value = http::HeaderValue::from_bytes(&v).unwrap();
+                match k {
+                    0 => HeaderOp::Set { name, value },
+                    1 => HeaderOp::Add { name, value },
+                    _ => HeaderOp::Remove { name },
+                }
+            });
+        let body = proptest::option::of(prop_oneof![
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..8))
+                .prop_map(|(chunk_index, d)| BodyMutation::Replace { chunk_index, data: d.into() }),
+            any::<u32>().prop_map(|chunk_index| BodyMutation::Drop { chunk_index }),
+        ]);
+        let audit = (
+            proptest::collection::vec(text(), 0..3),
+            proptest::collection::vec(text(), 0..3),
+            proptest::option::of(text()),
+            proptest::option::of(any::<f32>()),
+            proptest::collection::btree_map(text(), text(), 0..3),
+        );
+        (
+            action,
+            proptest::collection::vec(op.clone(), 0..3),
+            proptest::collection::vec(op, 0..3),
+            body,
+            any::<bool>(),
+            audit,
+        )
+            .prop_map(|(action, request_headers, response_headers, body, needs_more, audit)| {
+                let (rule_ids, tags, reason, confidence, custom) = audit;
+                Decision {
+                    action,
+                    request_headers,
+                    response_headers,
+                    body,
+                    needs_more,
+                    audit: pool_api::Audit { rule_ids, tags, reason, confidence, custom },
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn direct_decision_encoding_is_byte_for_byte_the_schema_encoding(
+            decision in decision(),
+            stream_id in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::prelude::any::<u64>()],
+        ) {
+            let mut codec: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(1 << 20);
+            let mut direct = BytesMut::new();
+            codec.encode(Outbound::Decision { stream_id, decision: decision.clone() }, &mut direct).unwrap();
+            let mut reference = BytesMut::new();
+            let frame = AgentFrame {
+                stream_id,
+                body: Some(pool_api::proto::agent_frame::Body::Decision(decision.into())),
+            };
+            Encoder::<AgentFrame>::encode(&mut codec, frame, &mut reference).unwrap();
+            proptest::prop_assert_eq!(&direct[..], &reference[..]);
         }
     }
 }

@@ -27,7 +27,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::codec::Framed;
 
 use crate::client::PeerCredentials;
-use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound, Outbound};
 
 /// Settings of the agent side.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub enum ServeError {
 /// Sends agent-initiated messages to every connected proxy.
 #[derive(Clone, Default)]
 pub struct ServerHandle {
-    connections: Arc<Mutex<Vec<mpsc::UnboundedSender<proto::AgentFrame>>>>,
+    connections: Arc<Mutex<Vec<mpsc::UnboundedSender<Outbound>>>>,
     next_request: Arc<AtomicU64>,
 }
 
@@ -96,7 +96,7 @@ impl ServerHandle {
     fn broadcast(&self, body: agent_frame::Body) {
         let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
         let mut conns = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        conns.retain(|c| c.send(frame.clone()).is_ok());
+        conns.retain(|c| c.send(Outbound::Frame(frame.clone())).is_ok());
     }
 
     /// Reports the agent's health to every proxy connected.
@@ -282,7 +282,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
     limit: usize,
     handle: ServerHandle,
 ) {
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<proto::AgentFrame>();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     handle.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(out_tx.clone());
     let permits = Arc::new(Semaphore::new(limit));
     let mut running: HashMap<u64, AbortHandle> = HashMap::new();
@@ -306,7 +306,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
                     }
                     next = out_rx.try_recv().ok();
                 }
-                if failed || framed.flush().await.is_err() {
+                if failed || SinkExt::<Outbound>::flush(&mut framed).await.is_err() {
                     break;
                 }
             }
@@ -347,7 +347,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         };
                         if draining {
                             let error = proto::AgentError { message: "the agent is draining".into() };
-                            let _ = out_tx.send(frame(stream, agent_frame::Body::Error(error)));
+                            let _ = out_tx.send(Outbound::Frame(frame(stream, agent_frame::Body::Error(error))));
                             continue;
                         }
                         // Bounded by the advertised concurrency: waiting here holds back reading.
@@ -355,11 +355,14 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         let (handler, out) = (handler.clone(), out_tx.clone());
                         let abort = tasks.spawn(async move {
                             let _permit = permit;
-                            let body = match handler.on_event(event).await {
-                                Ok(decision) => agent_frame::Body::Decision(decision.into()),
-                                Err(e) => agent_frame::Body::Error(proto::AgentError { message: e.message }),
+                            let answer = match handler.on_event(event).await {
+                                Ok(decision) => Outbound::Decision { stream_id: stream, decision },
+                                Err(e) => Outbound::Frame(frame(
+                                    stream,
+                                    agent_frame::Body::Error(proto::AgentError { message: e.message }),
+                                )),
                             };
-                            let _ = out.send(frame(stream, body));
+                            let _ = out.send(answer);
                             stream
                         });
                         running.insert(stream, abort);
@@ -373,13 +376,13 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         }
                     }
                     Some(proxy_frame::Body::Ping(_)) => {
-                        let _ = out_tx.send(frame(stream, agent_frame::Body::Pong(proto::Pong {})));
+                        let _ = out_tx.send(Outbound::Frame(frame(stream, agent_frame::Body::Pong(proto::Pong {}))));
                     }
                     Some(proxy_frame::Body::ConfigPush(p)) => {
                         let (handler, out) = (handler.clone(), out_tx.clone());
                         tokio::spawn(async move {
                             let ack = handler.on_config(ConfigPush::from(p)).await;
-                            let _ = out.send(frame(stream, agent_frame::Body::ConfigAck(ack.into())));
+                            let _ = out.send(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack.into()))));
                         });
                     }
                     Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
