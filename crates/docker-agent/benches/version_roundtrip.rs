@@ -8,7 +8,9 @@
 //!
 //! Criterion measures each; afterwards the bench runs its own interleaved rounds and prints the
 //! three medians and the ratios (targets: pooled ≤ 1.3 × direct; pooled ≥ 3 × faster than
-//! `connect_with_ssl`). Without a Docker engine it prints a skip message and exits 0.
+//! `connect_with_ssl`), then the same medians for `_ping`, which isolates the transport's cost
+//! from the engine's own work on `/version`. Without a Docker engine it prints a skip message
+//! and exits 0.
 //!
 //! Run: `cargo bench -p docker-agent --bench version_roundtrip`.
 
@@ -123,6 +125,25 @@ fn main() {
     println!(
         "  connect_with_ssl / pooled = {:.2} (target >= 3)",
         ssl_median.as_secs_f64() / pooled_median.as_secs_f64()
+    );
+    // The same for `_ping`, which the engine answers without work of its own: what is left is
+    // the transport's cost (TLS handshakes, connection reuse, the agent's proxying).
+    let mut pings: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        for (i, (_, docker)) in clients.iter().enumerate() {
+            let start = Instant::now();
+            runtime.block_on(docker.ping()).unwrap();
+            pings[i].push(start.elapsed());
+        }
+    }
+    let [pooled_ping, direct_ping, ssl_ping] = pings.map(median);
+    println!(
+        "_ping medians (transport cost): agent_pooled {pooled_ping:.1?}, unix_direct {direct_ping:.1?}, agent_connect_with_ssl {ssl_ping:.1?}"
+    );
+    println!(
+        "  _ping: pooled / direct = {:.2}, connect_with_ssl / pooled = {:.2}",
+        pooled_ping.as_secs_f64() / direct_ping.as_secs_f64(),
+        ssl_ping.as_secs_f64() / pooled_ping.as_secs_f64()
     );
     criterion.final_summary();
     runtime.block_on(agent.shutdown());
