@@ -1,6 +1,12 @@
 //! Reach remote Docker engines through a small agent, safely.
 //!
-//! (crate docs being written)
+//! Two halves. **The agent** (the `docker-agent` program, or [`AgentServer`] in process) sits
+//! beside a Docker engine and serves its API over mutual TLS through a deny-by-default
+//! allow-list. **The controller side** is what a proxy links: a typed [`DockerHost`], one
+//! pooled mTLS client per agent with a bollard `Docker` over it, an [`AgentPool`] that watches
+//! every agent's health, and [`DockerRuntime`], the `pool_api::ContainerRuntime` that
+//! `idlewatch` drives (containers, plus Swarm service scaling). Certificates for both come from
+//! [`certs`] (`docker-agent certs …`): the CA key stays with the controller.
 //!
 //! # The agent
 //!
@@ -58,7 +64,7 @@
 //! # Ok(())
 //! # }
 //! ```
-
+//!
 //! # The controller side
 //!
 //! - [`host`]: a Docker host parsed once into [`DockerHost`] (`unix://`, `tcp://`, `https://`,
