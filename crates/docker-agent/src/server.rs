@@ -64,6 +64,24 @@ use tracing::{debug, info, warn};
 use crate::acl::{Acl, Decision};
 use crate::config::{AgentConfig, ConfigError};
 
+/// How long a refused client's leftover bytes are read before its connection is closed.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// Closes a connection whose handshake failed so that the client learns why. rustls has already
+/// written its alert; but with TLS 1.3 a client sends its first request before the server has
+/// checked its certificate, and closing a socket with unread bytes makes the kernel send a
+/// reset, which can overtake the alert. So: stop writing, read and drop what the client sent
+/// until it closes too (or a short time passes), then close.
+async fn close_politely(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
@@ -218,7 +236,7 @@ async fn serve(
                 let acceptor = acceptor.clone();
                 let state = state.clone();
                 connections.spawn(async move {
-                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible());
                     let handshake = tokio::select! {
                         handshake = handshake => handshake,
                         // Shutting down: a connection still in its handshake has no request yet.
@@ -226,9 +244,10 @@ async fn serve(
                     };
                     let tls = match handshake {
                         Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
+                        Ok(Err((e, tcp))) => {
                             metrics::counter!("docker_agent_tls_handshake_failures_total").increment(1);
                             info!(peer = %addr, error = %e, "TLS handshake failed");
+                            close_politely(tcp).await;
                             return;
                         }
                         Err(_) => {

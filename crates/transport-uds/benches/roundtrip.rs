@@ -398,8 +398,10 @@ fn roundtrip(c: &mut Criterion) {
     }
     group.finish();
 
-    // `ROUNDTRIP_REPORT=0` skips the report, e.g. to profile one criterion benchmark alone.
-    if std::env::var("ROUNDTRIP_REPORT").map_or(true, |v| v != "0") {
+    // `ROUNDTRIP_REPORT=0` skips the report, e.g. to profile one criterion benchmark alone; so
+    // does a test-mode run (`cargo test --benches`, without `--bench`).
+    let benching = std::env::args().any(|a| a == "--bench");
+    if benching && std::env::var("ROUNDTRIP_REPORT").map_or(true, |v| v != "0") {
         report(&pool_side.pool, &raw_side.conns, &client_rt);
     }
     client_rt.block_on(pool_side.pool.shutdown());
