@@ -56,6 +56,9 @@ use serde::{Deserialize, Serialize};
 use crate::AGENT_SERVER_NAME;
 use crate::host::DockerHost;
 
+/// How long `AgentClient::refusal` waits for an agent's alert after a handshake.
+const REFUSAL_WAIT: Duration = Duration::from_millis(500);
+
 /// How long dialling an agent may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a call to `/agent/info` or `/agent/health` may take, by default.
@@ -327,6 +330,7 @@ struct Inner {
     authority: Authority,
     http: HttpClient,
     request_timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl fmt::Debug for AgentClient {
@@ -369,8 +373,9 @@ impl AgentClient {
         http.set_keepalive(Some(Duration::from_secs(60)));
         let server_name = ServerName::try_from(AGENT_SERVER_NAME)
             .map_err(|e| ClientError::Pem { what: "server name", message: e.to_string() })?;
+        let tls_config = tls.client_config()?;
         let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls.client_config()?)
+            .with_tls_config(tls_config.clone())
             .https_only()
             .with_server_name_resolver(FixedServerNameResolver::new(server_name))
             .enable_http1()
@@ -380,7 +385,14 @@ impl AgentClient {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .build(connector);
-        Ok(Self { inner: Arc::new(Inner { address: address.to_owned(), authority, http, request_timeout }) })
+        let inner = Inner {
+            address: address.to_owned(),
+            authority,
+            http,
+            request_timeout,
+            tls: Arc::new(tls_config),
+        };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// A client for an `agent://host:port` Docker host.
@@ -463,7 +475,18 @@ impl AgentClient {
                 .header(http::header::ACCEPT, "application/json")
                 .body(bollard::body_full(Bytes::new()))
                 .expect("a GET with a static path is a valid request");
-            let response = self.inner.send(request).await.map_err(|e| self.unreachable(&e))?;
+            let response = match self.inner.send(request).await {
+                Ok(response) => response,
+                Err(e) => {
+                    let error = self.unreachable(&e);
+                    if let ClientError::Unreachable { address, .. } = &error
+                        && let Some(message) = self.refusal().await
+                    {
+                        return Err(ClientError::Handshake { address: address.clone(), message });
+                    }
+                    return Err(error);
+                }
+            };
             let status = response.status();
             let body = http_body_util::Limited::new(response.into_body(), MAX_AGENT_BODY)
                 .collect()
@@ -496,6 +519,28 @@ impl AgentClient {
     fn status_error(&self, path: &'static str, status: StatusCode, body: &[u8]) -> ClientError {
         let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
         ClientError::Status { address: self.inner.address.clone(), path, status, body: text }
+    }
+
+    /// After a request failed without a TLS error: does the agent refuse this client? With
+    /// TLS 1.3 a server checks the client's certificate only after the client considers the
+    /// handshake done, so a pooled connection can die of the refusal before the request is
+    /// written, and hyper reports a cancelled request instead. A fresh handshake followed by a
+    /// short read receives the agent's alert if there is one.
+    async fn refusal(&self) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let connect = tokio::net::TcpStream::connect(self.inner.address.as_str());
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect).await.ok()?.ok()?;
+        let name = ServerName::try_from(AGENT_SERVER_NAME).ok()?;
+        let connector = tokio_rustls::TlsConnector::from(self.inner.tls.clone());
+        let mut tls = match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await.ok()? {
+            Ok(tls) => tls,
+            Err(e) => return is_tls_error(&e).then(|| error_chain(&e)),
+        };
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(REFUSAL_WAIT, tls.read(&mut byte)).await {
+            Ok(Err(e)) if is_tls_error(&e) => Some(error_chain(&e)),
+            _ => None,
+        }
     }
 
     fn unreachable(&self, e: &hyper_util::client::legacy::Error) -> ClientError {
