@@ -10,7 +10,7 @@ use std::marker::PhantomData;
 use bytes::{BufMut, BytesMut};
 use pool_api::proto;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use prost::encoding::{WireType, encoded_len_varint, key_len};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 /// The default largest frame: 16 MiB.
@@ -94,7 +94,53 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
     }
 }
 
+/// Writes a frame whose size is known in advance into room already made in the buffer: plain
+/// stores for keys and varints, one copy per string or bytes field.
+pub(crate) struct Writer<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf[self.pos] = (v as u8) | 0x80;
+            self.pos += 1;
+            v >>= 7;
+        }
+        self.buf[self.pos] = v as u8;
+        self.pos += 1;
+    }
+
+    fn key(&mut self, tag: u32, wire_type: WireType) {
+        self.varint(u64::from(tag << 3 | wire_type as u32));
+    }
+
+    fn bytes(&mut self, data: &[u8]) {
+        self.buf[self.pos..self.pos + data.len()].copy_from_slice(data);
+        self.pos += data.len();
+    }
+
+    fn f32_le(&mut self, v: f32) {
+        self.bytes(&v.to_le_bytes());
+    }
+
+    /// Checks that exactly the announced size was written.
+    fn finish(self) {
+        debug_assert_eq!(self.pos, self.buf.len(), "the frame's size was computed wrongly");
+    }
+}
+
 impl<In, Out> FrameCodec<In, Out> {
+    /// Checks `size` against the limit, writes the frame's length and returns a writer over
+    /// `size` bytes made for the body.
+    fn frame<'a>(&self, size: usize, dst: &'a mut BytesMut) -> Result<Writer<'a>, FrameError> {
+        self.header(size, dst)?;
+        let start = dst.len();
+        dst.resize(start + size, 0);
+        Ok(Writer { buf: &mut dst[start..], pos: 0 })
+    }
+
     /// Checks `size` against the limit, reserves room and writes the frame's length.
     fn header(&self, size: usize, dst: &mut BytesMut) -> Result<usize, FrameError> {
         if size > self.limit {
@@ -128,21 +174,19 @@ impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
                 let addr = h.client_addr.map(|a| a.to_string()).unwrap_or_default();
                 let fields = RequestFields { h, uri: &uri, addr: &addr };
                 let event = fields.len();
-                let size = self.header(frame_len(item.stream_id, EVENT_REQUEST_HEADERS, event), dst)?;
-                let start = dst.len();
-                frame_prefix(item.stream_id, EVENT_REQUEST_HEADERS, event, dst);
-                fields.write(dst);
-                debug_assert_eq!(dst.len() - start, size);
+                let mut dst = self.frame(frame_len(item.stream_id, EVENT_REQUEST_HEADERS, event), dst)?;
+                frame_prefix(item.stream_id, EVENT_REQUEST_HEADERS, event, &mut dst);
+                fields.write(&mut dst);
+                dst.finish();
                 Ok(())
             }
             pool_api::Event::ResponseHeaders(h) => {
                 let fields = ResponseFields { h };
                 let event = fields.len();
-                let size = self.header(frame_len(item.stream_id, EVENT_RESPONSE_HEADERS, event), dst)?;
-                let start = dst.len();
-                frame_prefix(item.stream_id, EVENT_RESPONSE_HEADERS, event, dst);
-                fields.write(dst);
-                debug_assert_eq!(dst.len() - start, size);
+                let mut dst = self.frame(frame_len(item.stream_id, EVENT_RESPONSE_HEADERS, event), dst)?;
+                frame_prefix(item.stream_id, EVENT_RESPONSE_HEADERS, event, &mut dst);
+                fields.write(&mut dst);
+                dst.finish();
                 Ok(())
             }
             _ => {
@@ -172,6 +216,19 @@ pub enum Outbound {
     Frame(proto::AgentFrame),
 }
 
+impl Outbound {
+    /// The request this answers (a decision or an error), if it is an answer.
+    pub fn answers(&self) -> Option<u64> {
+        match self {
+            Self::Decision { stream_id, .. } => Some(*stream_id),
+            Self::Frame(proto::AgentFrame { stream_id, body: Some(proto::agent_frame::Body::Error(_)) }) => {
+                Some(*stream_id)
+            }
+            Self::Frame(_) => None,
+        }
+    }
+}
+
 impl<In> Encoder<Outbound> for FrameCodec<In, proto::AgentFrame> {
     type Error = FrameError;
 
@@ -182,15 +239,14 @@ impl<In> Encoder<Outbound> for FrameCodec<In, proto::AgentFrame> {
                 let fields = decision::len(&decision);
                 let stream =
                     if stream_id == 0 { 0 } else { key_len(FRAME_STREAM_ID) + encoded_len_varint(stream_id) };
-                let size = self.header(stream + msg_len(AGENT_FRAME_DECISION, fields), dst)?;
-                let start = dst.len();
+                let mut dst = self.frame(stream + msg_len(AGENT_FRAME_DECISION, fields), dst)?;
                 if stream_id != 0 {
-                    encode_key(FRAME_STREAM_ID, WireType::Varint, dst);
-                    encode_varint(stream_id, dst);
+                    dst.key(FRAME_STREAM_ID, WireType::Varint);
+                    dst.varint(stream_id);
                 }
-                put_msg_header(AGENT_FRAME_DECISION, fields, dst);
-                decision::write(&decision, dst);
-                debug_assert_eq!(dst.len() - start, size);
+                put_msg_header(AGENT_FRAME_DECISION, fields, &mut dst);
+                decision::write(&decision, &mut dst);
+                dst.finish();
                 Ok(())
             }
         }
@@ -203,21 +259,20 @@ const AGENT_FRAME_DECISION: u32 = 4;
 /// members are written even when empty; plain scalars and strings are left out when they hold
 /// their default; `optional` fields are written when present.
 mod decision {
-    use bytes::{BufMut, BytesMut};
     use http::HeaderMap;
     use pool_api::{Action, BodyMutation, Decision, HeaderOp};
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    use prost::encoding::{WireType, encoded_len_varint, key_len};
 
-    use super::{headers_len, ld_len, msg_len, put_headers, put_ld, put_msg_header};
+    use super::{Writer, headers_len, ld_len, msg_len, put_headers, put_ld, put_msg_header};
 
     fn varint_len(tag: u32, v: u64) -> usize {
         if v == 0 { 0 } else { key_len(tag) + encoded_len_varint(v) }
     }
 
-    fn put_varint(tag: u32, v: u64, dst: &mut BytesMut) {
+    fn put_varint(tag: u32, v: u64, dst: &mut Writer<'_>) {
         if v != 0 {
-            encode_key(tag, WireType::Varint, dst);
-            encode_varint(v, dst);
+            dst.key(tag, WireType::Varint);
+            dst.varint(v);
         }
     }
 
@@ -225,7 +280,7 @@ mod decision {
         pairs.map(|(k, v)| msg_len(tag, ld_len(1, k.len()) + ld_len(2, v.len()))).sum()
     }
 
-    fn put_kv<'a>(tag: u32, pairs: impl Iterator<Item = (&'a String, &'a String)>, dst: &mut BytesMut) {
+    fn put_kv<'a>(tag: u32, pairs: impl Iterator<Item = (&'a String, &'a String)>, dst: &mut Writer<'_>) {
         for (k, v) in pairs {
             put_msg_header(tag, ld_len(1, k.len()) + ld_len(2, v.len()), dst);
             put_ld(1, k.as_bytes(), dst);
@@ -250,7 +305,7 @@ mod decision {
         ops.iter().map(|op| msg_len(tag, op_fields(op))).sum()
     }
 
-    fn put_ops(tag: u32, ops: &[HeaderOp], dst: &mut BytesMut) {
+    fn put_ops(tag: u32, ops: &[HeaderOp], dst: &mut Writer<'_>) {
         for op in ops {
             put_msg_header(tag, op_fields(op), dst);
             let (kind, name, value) = op_parts(op);
@@ -279,7 +334,7 @@ mod decision {
         }
     }
 
-    fn put_action(action: &Action, dst: &mut BytesMut) {
+    fn put_action(action: &Action, dst: &mut Writer<'_>) {
         match action {
             Action::Allow => put_msg_header(1, 0, dst),
             Action::Block { status, headers, body } => {
@@ -310,18 +365,18 @@ mod decision {
         }
     }
 
-    fn put_body(body: &BodyMutation, dst: &mut BytesMut) {
+    fn put_body(body: &BodyMutation, dst: &mut Writer<'_>) {
         put_msg_header(7, body_fields(body), dst);
         match body {
             BodyMutation::Replace { chunk_index, data } => {
                 put_varint(1, u64::from(*chunk_index), dst);
                 put_msg_header(2, data.len(), dst);
-                dst.put_slice(data);
+                dst.bytes(data);
             }
             BodyMutation::Drop { chunk_index } => {
                 put_varint(1, u64::from(*chunk_index), dst);
-                encode_key(3, WireType::Varint, dst);
-                encode_varint(1, dst);
+                dst.key(3, WireType::Varint);
+                dst.varint(1);
             }
         }
     }
@@ -335,24 +390,24 @@ mod decision {
             + kv_len(5, a.custom.iter())
     }
 
-    fn put_audit(d: &Decision, dst: &mut BytesMut) {
+    fn put_audit(d: &Decision, dst: &mut Writer<'_>) {
         let a = &d.audit;
         put_msg_header(9, audit_fields(d), dst);
         for r in &a.rule_ids {
             put_msg_header(1, r.len(), dst);
-            dst.put_slice(r.as_bytes());
+            dst.bytes(r.as_bytes());
         }
         for t in &a.tags {
             put_msg_header(2, t.len(), dst);
-            dst.put_slice(t.as_bytes());
+            dst.bytes(t.as_bytes());
         }
         if let Some(r) = &a.reason {
             put_msg_header(3, r.len(), dst);
-            dst.put_slice(r.as_bytes());
+            dst.bytes(r.as_bytes());
         }
         if let Some(c) = a.confidence {
-            encode_key(4, WireType::ThirtyTwoBit, dst);
-            dst.put_f32_le(c);
+            dst.key(4, WireType::ThirtyTwoBit);
+            dst.f32_le(c);
         }
         put_kv(5, a.custom.iter(), dst);
     }
@@ -368,7 +423,7 @@ mod decision {
     }
 
     /// Writes the `Decision` message's fields.
-    pub(super) fn write(d: &Decision, dst: &mut BytesMut) {
+    pub(super) fn write(d: &Decision, dst: &mut Writer<'_>) {
         put_action(&d.action, dst);
         put_ops(5, &d.request_headers, dst);
         put_ops(6, &d.response_headers, dst);
@@ -376,8 +431,8 @@ mod decision {
             put_body(b, dst);
         }
         if d.needs_more {
-            encode_key(8, WireType::Varint, dst);
-            encode_varint(1, dst);
+            dst.key(8, WireType::Varint);
+            dst.varint(1);
         }
         put_audit(d, dst);
     }
@@ -558,21 +613,16 @@ fn msg_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
-fn put_ld(tag: u32, data: &[u8], dst: &mut BytesMut) {
+fn put_ld(tag: u32, data: &[u8], dst: &mut Writer<'_>) {
     if !data.is_empty() {
         put_msg_header(tag, data.len(), dst);
-        dst.put_slice(data);
+        dst.bytes(data);
     }
 }
 
-fn put_msg_header(tag: u32, len: usize, dst: &mut BytesMut) {
-    // Key and length go through a stack buffer: one copy into `dst` instead of one per byte.
-    let mut scratch = [0u8; 20];
-    let mut free = &mut scratch[..];
-    encode_key(tag, WireType::LengthDelimited, &mut free);
-    encode_varint(len as u64, &mut free);
-    let used = 20 - free.len();
-    dst.put_slice(&scratch[..used]);
+fn put_msg_header(tag: u32, len: usize, dst: &mut Writer<'_>) {
+    dst.key(tag, WireType::LengthDelimited);
+    dst.varint(len as u64);
 }
 
 fn frame_len(stream_id: u64, kind: u32, event_fields: usize) -> usize {
@@ -580,10 +630,10 @@ fn frame_len(stream_id: u64, kind: u32, event_fields: usize) -> usize {
     stream + msg_len(FRAME_EVENT, msg_len(kind, event_fields))
 }
 
-fn frame_prefix(stream_id: u64, kind: u32, event_fields: usize, dst: &mut BytesMut) {
+fn frame_prefix(stream_id: u64, kind: u32, event_fields: usize, dst: &mut Writer<'_>) {
     if stream_id != 0 {
-        encode_key(FRAME_STREAM_ID, WireType::Varint, dst);
-        encode_varint(stream_id, dst);
+        dst.key(FRAME_STREAM_ID, WireType::Varint);
+        dst.varint(stream_id);
     }
     put_msg_header(FRAME_EVENT, msg_len(kind, event_fields), dst);
     put_msg_header(kind, event_fields, dst);
@@ -597,7 +647,7 @@ fn headers_len(tag: u32, map: &http::HeaderMap) -> usize {
     map.iter().map(|(n, v)| msg_len(tag, header_fields_len(n.as_str().as_bytes(), v.as_bytes()))).sum()
 }
 
-fn put_headers(tag: u32, map: &http::HeaderMap, dst: &mut BytesMut) {
+fn put_headers(tag: u32, map: &http::HeaderMap, dst: &mut Writer<'_>) {
     for (name, value) in map {
         let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
         put_msg_header(tag, header_fields_len(name, value), dst);
@@ -626,7 +676,7 @@ impl RequestFields<'_> {
             + metadata
     }
 
-    fn write(&self, dst: &mut BytesMut) {
+    fn write(&self, dst: &mut Writer<'_>) {
         put_ld(1, self.h.correlation_id.as_str().as_bytes(), dst);
         put_ld(2, self.h.method.as_str().as_bytes(), dst);
         put_ld(3, self.uri.as_bytes(), dst);
@@ -657,10 +707,10 @@ impl ResponseFields<'_> {
             + headers_len(3, &self.h.headers)
     }
 
-    fn write(&self, dst: &mut BytesMut) {
+    fn write(&self, dst: &mut Writer<'_>) {
         put_ld(1, self.h.correlation_id.as_str().as_bytes(), dst);
-        encode_key(2, WireType::Varint, dst);
-        encode_varint(self.status(), dst);
+        dst.key(2, WireType::Varint);
+        dst.varint(self.status());
         put_headers(3, &self.h.headers, dst);
     }
 }

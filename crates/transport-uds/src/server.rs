@@ -285,8 +285,9 @@ pub(crate) async fn run_session<H: AgentHandler>(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     handle.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(out_tx.clone());
     let permits = Arc::new(Semaphore::new(limit));
+    // Requests whose handler is running, by stream id: a cancel aborts the task; the answer
+    // (or the panic guard's error) removes the entry.
     let mut running: HashMap<u64, AbortHandle> = HashMap::new();
-    let mut tasks: JoinSet<u64> = JoinSet::new();
     let mut draining = false;
     loop {
         tokio::select! {
@@ -300,6 +301,9 @@ pub(crate) async fn run_session<H: AgentHandler>(
                 let mut next = Some(out);
                 let mut failed = false;
                 while let Some(f) = next {
+                    if let Some(stream) = f.answers() {
+                        running.remove(&stream);
+                    }
                     if framed.feed(f).await.is_err() {
                         failed = true;
                         break;
@@ -308,11 +312,6 @@ pub(crate) async fn run_session<H: AgentHandler>(
                 }
                 if failed || SinkExt::<Outbound>::flush(&mut framed).await.is_err() {
                     break;
-                }
-            }
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(stream) = done {
-                    running.remove(&stream);
                 }
             }
             incoming = framed.next() => {
@@ -353,8 +352,9 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         // Bounded by the advertised concurrency: waiting here holds back reading.
                         let Ok(permit) = permits.clone().acquire_owned().await else { break };
                         let (handler, out) = (handler.clone(), out_tx.clone());
-                        let abort = tasks.spawn(async move {
+                        let task = tokio::spawn(async move {
                             let _permit = permit;
+                            let mut guard = PanicGuard { out: Some(out), stream };
                             let answer = match handler.on_event(event).await {
                                 Ok(decision) => Outbound::Decision { stream_id: stream, decision },
                                 Err(e) => Outbound::Frame(frame(
@@ -362,10 +362,11 @@ pub(crate) async fn run_session<H: AgentHandler>(
                                     agent_frame::Body::Error(proto::AgentError { message: e.message }),
                                 )),
                             };
-                            let _ = out.send(answer);
-                            stream
+                            if let Some(out) = guard.out.take() {
+                                let _ = out.send(answer);
+                            }
                         });
-                        running.insert(stream, abort);
+                        running.insert(stream, task.abort_handle());
                         continue;
                     }
                 };
@@ -403,5 +404,25 @@ pub(crate) async fn run_session<H: AgentHandler>(
             }
         }
     }
-    tasks.shutdown().await;
+    for (_, task) in running.drain() {
+        task.abort();
+    }
+}
+
+/// Answers a request whose handler panicked with an error, so the proxy does not wait for its
+/// time-out. (A cancelled request's task is dropped without a panic and answers nothing.)
+struct PanicGuard {
+    out: Option<mpsc::UnboundedSender<Outbound>>,
+    stream: u64,
+}
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if let Some(out) = self.out.take()
+            && std::thread::panicking()
+        {
+            let error = proto::AgentError { message: "the agent's handler panicked".into() };
+            let _ = out.send(Outbound::Frame(frame(self.stream, agent_frame::Body::Error(error))));
+        }
+    }
 }

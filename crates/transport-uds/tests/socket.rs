@@ -224,3 +224,31 @@ async fn the_connector_bounds_the_handshake_itself() {
     assert!(endpoint.ends_with("silent.sock"), "{endpoint}");
     assert!(message.contains("within 100ms"), "{message}");
 }
+
+struct Panics;
+
+impl AgentHandler for Panics {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("panics").with_events(EventKind::ALL)
+    }
+
+    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
+        if event.correlation_id().as_str() == "boom" {
+            panic!("handler bug");
+        }
+        Ok(Decision::allow())
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_an_error_and_the_connection_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, _stop) = agent(&dir, "a.sock", Panics).await;
+    let conn = connect(&endpoint).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.send(request("boom")))
+        .await
+        .expect("answered, not left to the proxy's time-out")
+        .unwrap_err();
+    assert!(matches!(&err, TransportError::Agent(e) if e.message.contains("panicked")), "{err:?}");
+    assert!(conn.send(request("fine")).await.unwrap().is_allow());
+}
