@@ -16,7 +16,8 @@
 //!   published on the connection's signals; metrics reports become `agentpool_agent_metric`
 //!   gauges.
 //! * **Agent side:** [`UdsServer`] serves any [`pool_api::AgentHandler`]: a task per request,
-//!   bounded by the concurrency the agent advertises; a cancel aborts that task; drain refuses
+//!   bounded by the concurrency the agent advertises; a cancel aborts that task; a handler that
+//!   panics answers that request with an error (the connection keeps serving); drain refuses
 //!   new work while running requests finish; a frame it cannot decode closes that connection
 //!   unanswered. A [`ServerHandle`] sends health, flow-control, metrics and configuration-update
 //!   messages at any time. The socket file gets the configured mode, a stale one is replaced,
