@@ -260,3 +260,74 @@ async fn an_agent_down_at_add_is_registered_unhealthy_and_recovers() {
     assert_eq!(agent_entry.info().map(|i| i.name), Some("late-agent".to_owned()));
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauges_count_agents_and_the_unhealthy_ones() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let Some(_engine) = docker::engine().await else { return };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The only test in this binary that installs a recorder; its pool name keeps its series apart.
+    recorder.install().unwrap();
+
+    let pki = pki();
+    let up = agent(&pki, "gauged", any_port(), Profile::ReadOnly).await;
+    // Holds its port and hangs up on everyone: unreachable as far as the pool can tell.
+    let hang_up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = hang_up.local_addr().unwrap();
+    let _hanging_up = tokio::spawn(async move {
+        while let Ok((stream, _)) = hang_up.accept().await {
+            drop(stream);
+        }
+    });
+    let pool = AgentPool::new(PoolConfig { name: "gauges".into(), ..fast_checks() });
+    assert!(
+        pool.add(AgentEndpoint::new("up", up.local_addr().to_string(), pki.client.clone())).await.unwrap()
+    );
+    assert!(pool.add(AgentEndpoint::new("down", down.to_string(), pki.client.clone())).await.unwrap());
+
+    // A snapshot drains what it reads (gauges read as 0 afterwards), so wait for the state
+    // through the pool's own stats, then read once.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while pool.stats().unhealthy != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the down agent is never seen unhealthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let read = || -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let labels = key.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
+                (key.key().name().to_owned(), labels, value)
+            })
+            .collect()
+    };
+    let ours = |all: &[(String, Vec<(String, String)>, DebugValue)], name: &str| {
+        all.iter().find(|(n, labels, _)| n == name && labels.iter().any(|(_, v)| v == "gauges")).map(
+            |(_, _, v)| match v {
+                DebugValue::Gauge(g) => g.into_inner(),
+                DebugValue::Counter(c) => *c as f64,
+                DebugValue::Histogram(h) => h.len() as f64,
+            },
+        )
+    };
+    let first = read();
+    assert_eq!(ours(&first, "docker_agent_pool_agents"), Some(2.0), "{first:?}");
+    assert_eq!(ours(&first, "docker_agent_pool_agents_unhealthy"), Some(1.0));
+    // The monitor's failed checks are counted (snapshots hand out counter increments since the
+    // last one, so add them up).
+    let mut failures = ours(&first, "docker_agent_pool_health_check_failures_total").unwrap_or(0.0);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while failures == 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no failed health check was counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        failures += ours(&read(), "docker_agent_pool_health_check_failures_total").unwrap_or(0.0);
+    }
+    // A removal republishes them.
+    assert!(pool.remove(&up.local_addr().to_string()).is_some());
+    let second = read();
+    assert_eq!(ours(&second, "docker_agent_pool_agents"), Some(1.0), "{second:?}");
+    pool.remove_all();
+}
