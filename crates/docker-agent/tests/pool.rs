@@ -261,6 +261,9 @@ async fn an_agent_down_at_add_is_registered_unhealthy_and_recovers() {
     running.shutdown().await;
 }
 
+/// A recorded series: name, labels, value.
+type Series = (String, Vec<(String, String)>, metrics_util::debugging::DebugValue);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gauges_count_agents_and_the_unhealthy_ones() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
@@ -293,7 +296,7 @@ async fn gauges_count_agents_and_the_unhealthy_ones() {
         assert!(tokio::time::Instant::now() < deadline, "the down agent is never seen unhealthy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let read = || -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+    let read = || -> Vec<Series> {
         snapshotter
             .snapshot()
             .into_vec()
@@ -304,7 +307,7 @@ async fn gauges_count_agents_and_the_unhealthy_ones() {
             })
             .collect()
     };
-    let ours = |all: &[(String, Vec<(String, String)>, DebugValue)], name: &str| {
+    let ours = |all: &[Series], name: &str| {
         all.iter().find(|(n, labels, _)| n == name && labels.iter().any(|(_, v)| v == "gauges")).map(
             |(_, _, v)| match v {
                 DebugValue::Gauge(g) => g.into_inner(),
