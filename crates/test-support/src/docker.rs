@@ -119,13 +119,19 @@ pub fn ci_requires_engine() -> bool {
 /// Connects to the local engine and pings it.
 ///
 /// Returns `None` (after printing `skipping: no Docker engine (…)` to stderr) when no engine
-/// answers, so a test can `let Some(docker) = engine().await else { return };`.
+/// answers, or when the static busybox the test image needs is missing, so a test can
+/// `let Some(docker) = engine().await else { return };`.
 ///
 /// # Panics
 ///
-/// When no engine answers and [`ci_requires_engine`] is true.
+/// When no engine answers (or busybox is missing) and [`ci_requires_engine`] is true.
 pub async fn engine() -> Option<Docker> {
     let reason = match Docker::connect_with_socket_defaults() {
+        // The test image is built around the host's static busybox: without it there is
+        // nothing to run.
+        Ok(_) if !std::path::Path::new(BUSYBOX_PATH).exists() => {
+            format!("no static busybox at {BUSYBOX_PATH} (apt-get install busybox-static)")
+        }
         Ok(docker) => match tokio::time::timeout(Duration::from_secs(10), docker.ping()).await {
             Ok(Ok(_)) => return Some(docker),
             Ok(Err(e)) => format!("ping failed: {e}"),
