@@ -251,7 +251,12 @@ fn requests(c: &mut Criterion) {
     }
     group.finish();
 
-    latency_report(&rt, pool_addr, bare_addr);
+    // Only under `cargo bench` (criterion's test mode passes no `--bench`), and not when
+    // `REQUESTS_REPORT=0` (to profile one criterion benchmark alone with `--profile-time`).
+    let benching = std::env::args().any(|a| a == "--bench");
+    if benching && std::env::var("REQUESTS_REPORT").map_or(true, |v| v != "0") {
+        latency_report(&rt, pool_addr, bare_addr);
+    }
     let report = rt.block_on(server.stop_within(Duration::from_secs(1))).unwrap();
     assert_eq!(report.forced, 0);
 }
