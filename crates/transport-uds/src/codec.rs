@@ -87,9 +87,8 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let size = self.header(item.encoded_len(), dst)?;
+        self.header(item.encoded_len(), dst)?;
         item.encode(dst).expect("capacity reserved");
-        let _ = size;
         Ok(())
     }
 }
@@ -142,13 +141,13 @@ impl<In, Out> FrameCodec<In, Out> {
     }
 
     /// Checks `size` against the limit, reserves room and writes the frame's length.
-    fn header(&self, size: usize, dst: &mut BytesMut) -> Result<usize, FrameError> {
+    fn header(&self, size: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
         if size > self.limit {
             return Err(FrameError::TooLarge { size: Some(size), limit: self.limit });
         }
         dst.reserve(4 + size);
         dst.put_u32(u32::try_from(size).expect("the limit fits in the 4-byte length"));
-        Ok(size)
+        Ok(())
     }
 }
 

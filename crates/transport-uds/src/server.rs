@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::{
-    AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, Event, FlowControl,
+    AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, FlowControl,
     PROTOCOL_VERSION,
 };
 use tokio::net::{UnixListener, UnixStream};
@@ -221,12 +221,6 @@ impl Drop for UdsServer {
 
 pub(crate) type AgentFramed = Framed<UnixStream, FrameCodec<Inbound, proto::AgentFrame>>;
 
-/// A frame read by the session: an event (converted, or why it is invalid) or anything else.
-enum Incoming {
-    Event(Result<Event, pool_api::proto::ProtoError>),
-    Other(Option<proxy_frame::Body>),
-}
-
 pub(crate) fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
     proto::AgentFrame { stream_id, body: Some(body) }
 }
@@ -327,16 +321,10 @@ pub(crate) async fn run_session<H: AgentHandler>(
                     }
                     None => break,
                 };
+                // The codec hands every event over as `Inbound::Event`, already converted.
                 let (stream, body) = match frame_in {
-                    Inbound::Event { stream_id, event } => (stream_id, Incoming::Event(event)),
-                    Inbound::Frame(f) => match f.body {
-                        Some(proxy_frame::Body::Event(e)) => (f.stream_id, Incoming::Event(Event::try_from(e))),
-                        other => (f.stream_id, Incoming::Other(other)),
-                    },
-                };
-                let body = match body {
-                    Incoming::Other(body) => body,
-                    Incoming::Event(event) => {
+                    Inbound::Frame(f) => (f.stream_id, f.body),
+                    Inbound::Event { stream_id: stream, event } => {
                         let event = match event {
                             Ok(event) => event,
                             Err(err) => {
