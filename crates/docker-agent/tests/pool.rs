@@ -3,41 +3,18 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::{Pki, client_of};
 use docker_agent::acl::{AclConfig, Profile};
 use docker_agent::certs::CertificateAuthority;
 use docker_agent::client::AgentTls;
-use docker_agent::config::{AgentConfig, TlsMaterial};
+use docker_agent::config::AgentConfig;
 use docker_agent::pool::{AddError, AgentEndpoint, AgentHealthState, AgentPool, PoolConfig};
 use docker_agent::server::{AgentServer, RunningAgent};
 use test_support::docker;
 
-const DAY: Duration = Duration::from_secs(86_400);
+mod common;
+
 const DEADLINE: Duration = Duration::from_secs(30);
-
-struct Pki {
-    ca: CertificateAuthority,
-    server: TlsMaterial,
-    client: AgentTls,
-}
-
-fn pki() -> Pki {
-    let ca = CertificateAuthority::generate("pool test CA", DAY).unwrap();
-    let server = ca.issue_server(&["127.0.0.1".to_owned()], DAY).unwrap();
-    let client = ca.issue_client("controller", DAY).unwrap();
-    Pki {
-        server: TlsMaterial {
-            ca_cert_pem: ca.cert_pem().to_owned(),
-            cert_pem: server.cert_pem,
-            key_pem: server.key_pem,
-        },
-        client: AgentTls {
-            ca_cert_pem: ca.cert_pem().to_owned(),
-            client_cert_pem: client.cert_pem,
-            client_key_pem: client.key_pem,
-        },
-        ca,
-    }
-}
 
 async fn agent(pki: &Pki, name: &str, listen: SocketAddr, profile: Profile) -> RunningAgent {
     let mut config = AgentConfig::new(name, listen, pki.server.clone());
@@ -67,7 +44,7 @@ fn fast_checks() -> PoolConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_lookup_duplicates_and_removal() {
     let Some(_engine) = docker::engine().await else { return };
-    let pki = pki();
+    let pki = common::pki("pool test CA");
     let one = agent(&pki, "agent-one", any_port(), Profile::ReadOnly).await;
     let two = agent(&pki, "agent-two", any_port(), Profile::Lifecycle).await;
     let (addr_one, addr_two) = (one.local_addr().to_string(), two.local_addr().to_string());
@@ -141,18 +118,19 @@ async fn add_lookup_duplicates_and_removal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_errors_are_refused_at_add() {
     let Some(_engine) = docker::engine().await else { return };
-    let pki = pki();
+    let pki = common::pki("pool test CA");
     let running = agent(&pki, "strict", any_port(), Profile::ReadOnly).await;
     let address = running.local_addr().to_string();
     let pool = AgentPool::new(fast_checks());
 
     // A controller trusting another CA (and holding a client certificate from it).
-    let stranger = pki_client_of(&CertificateAuthority::generate("other CA", DAY).unwrap());
+    let stranger = client_of(&CertificateAuthority::generate("other CA", common::DAY).unwrap(), "someone");
     let err = pool.add(AgentEndpoint::new("a", address.clone(), stranger)).await.unwrap_err();
     assert!(matches!(err, AddError::Tls { .. }), "{err}");
 
     // A client certificate the agent does not accept (the right CA to check the server).
-    let mut foreign = pki_client_of(&CertificateAuthority::generate("foreign CA", DAY).unwrap());
+    let mut foreign =
+        client_of(&CertificateAuthority::generate("foreign CA", common::DAY).unwrap(), "someone");
     foreign.ca_cert_pem = pki.ca.cert_pem().to_owned();
     let err = pool.add(AgentEndpoint::new("a", address.clone(), foreign)).await.unwrap_err();
     assert!(matches!(err, AddError::Tls { .. }), "{err}");
@@ -189,15 +167,6 @@ async fn configuration_errors_are_refused_at_add() {
     assert_eq!(pool.count(), 0);
 }
 
-fn pki_client_of(ca: &CertificateAuthority) -> AgentTls {
-    let client = ca.issue_client("someone", DAY).unwrap();
-    AgentTls {
-        ca_cert_pem: ca.cert_pem().to_owned(),
-        client_cert_pem: client.cert_pem,
-        client_key_pem: client.key_pem,
-    }
-}
-
 async fn wait_health(pool: &AgentPool, name: &str, want: AgentHealthState) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
@@ -216,7 +185,7 @@ async fn wait_health(pool: &AgentPool, name: &str, want: AgentHealthState) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_turns_unhealthy_and_back_when_restarted() {
     let Some(_engine) = docker::engine().await else { return };
-    let pki = pki();
+    let pki = common::pki("pool test CA");
     let running = agent(&pki, "flaky", any_port(), Profile::ReadOnly).await;
     let listen = running.local_addr();
     let pool = AgentPool::new(fast_checks());
@@ -246,7 +215,7 @@ async fn a_killed_agent_turns_unhealthy_and_back_when_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_down_at_add_is_registered_unhealthy_and_recovers() {
     let Some(_engine) = docker::engine().await else { return };
-    let pki = pki();
+    let pki = common::pki("pool test CA");
     // Reserve a port, then free it: nothing listens there yet.
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let pool = AgentPool::new(fast_checks());
@@ -273,7 +242,7 @@ async fn gauges_count_agents_and_the_unhealthy_ones() {
     // The only test in this binary that installs a recorder; its pool name keeps its series apart.
     recorder.install().unwrap();
 
-    let pki = pki();
+    let pki = common::pki("pool test CA");
     let up = agent(&pki, "gauged", any_port(), Profile::ReadOnly).await;
     // Holds its port and hangs up on everyone: unreachable as far as the pool can tell.
     let hang_up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

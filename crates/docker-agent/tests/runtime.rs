@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use bollard::models::HealthStatusEnum;
+use common::Pki;
 use test_support::docker::{self, HealthCheck, TestContainer};
+
+mod common;
 
 /// Polls `inspect` until the container's health is `want` or the deadline passes.
 async fn wait_health(engine: &bollard::Docker, name: &str, want: HealthStatusEnum, within: Duration) {
@@ -64,9 +67,8 @@ async fn harness_builds_the_image_and_containers_become_healthy_and_are_removed(
 use std::time::SystemTime;
 
 use docker_agent::acl::{AclConfig, Profile};
-use docker_agent::certs::CertificateAuthority;
-use docker_agent::client::{AgentClient, AgentTls};
-use docker_agent::config::{AgentConfig, TlsMaterial};
+use docker_agent::client::AgentClient;
+use docker_agent::config::AgentConfig;
 use docker_agent::runtime::DockerRuntime;
 use docker_agent::server::{AgentServer, RunningAgent};
 use futures_util::StreamExt;
@@ -75,32 +77,7 @@ use pool_api::{
     EventFilter, RuntimeError, StopOptions,
 };
 
-const DAY: Duration = Duration::from_secs(86_400);
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A CA, the agent's server material and the controller's client material.
-struct Pki {
-    server: TlsMaterial,
-    client: AgentTls,
-}
-
-fn pki() -> Pki {
-    let ca = CertificateAuthority::generate("runtime test CA", DAY).unwrap();
-    let server = ca.issue_server(&["127.0.0.1".to_owned()], DAY).unwrap();
-    let client = ca.issue_client("controller", DAY).unwrap();
-    Pki {
-        server: TlsMaterial {
-            ca_cert_pem: ca.cert_pem().to_owned(),
-            cert_pem: server.cert_pem,
-            key_pem: server.key_pem,
-        },
-        client: AgentTls {
-            ca_cert_pem: ca.cert_pem().to_owned(),
-            client_cert_pem: client.cert_pem,
-            client_key_pem: client.key_pem,
-        },
-    }
-}
 
 /// An in-process agent on a free port with the lifecycle profile.
 async fn agent(pki: &Pki) -> RunningAgent {
@@ -326,7 +303,7 @@ async fn unreachable_engine_is_typed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_through_a_real_agent() {
     let Some(engine) = docker::engine().await else { return };
-    let pki = pki();
+    let pki = common::pki("runtime test CA");
     let agent = agent(&pki).await;
     let client = AgentClient::new(&agent.local_addr().to_string(), &pki.client).unwrap();
     let runtime = DockerRuntime::new(client.docker());
