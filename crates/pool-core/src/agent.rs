@@ -300,7 +300,7 @@ impl AgentShared {
         let kind = event.kind();
         // A permit taken without looking at affinity (a reservation, a tower service) must
         // still go where the request is pinned.
-        if !guard.pinned && kind != EventKind::RequestHeaders && self.affinity.len() > 0 {
+        if !guard.is_pinned() && kind != EventKind::RequestHeaders && self.affinity.len() > 0 {
             match self.affinity.lookup(event.correlation_id().as_str(), self.ctx.clock.stamp(start)) {
                 Lookup::Hit(slot) if !Arc::ptr_eq(&slot, &guard.slot) => {
                     drop(guard);
@@ -324,7 +324,7 @@ impl AgentShared {
         let live = loop {
             match guard.slot.conn.load_full() {
                 Some(live) if live.conn.is_open() => break live,
-                _ if guard.pinned => {
+                _ if guard.is_pinned() => {
                     guard.slot.mark_disconnected();
                     self.metrics.pin_lost.increment(1);
                     self.affinity.remove(event.correlation_id().as_str());

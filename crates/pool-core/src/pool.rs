@@ -393,6 +393,26 @@ impl AgentPool {
     /// [`PoolError::Unavailable`] when nothing can take it — also when every usable
     /// connection is full — regardless of the failure mode.
     pub fn try_reserve(&self, agent: &str, kind: EventKind) -> Result<Reservation, PoolError> {
+        // The hot path hands back a bare `Option<InFlight>` (two words, returned in registers);
+        // anything else — including why it failed — is the cold path's business.
+        let fast = self.directory().with(|agents| {
+            let view = agents.get(agent)?;
+            if view.agent.shared.closed().is_some() {
+                return None;
+            }
+            view.agent.try_reserve_from(&view.live, Some(kind)).ok()
+        });
+        match fast {
+            Some(guard) => Ok(Reservation::new(guard)),
+            None => self.try_reserve_slow(agent, kind),
+        }
+    }
+
+    /// [`try_reserve`](Self::try_reserve) after its fast attempt failed: one more attempt that
+    /// keeps the reason, so the error says why.
+    #[cold]
+    #[inline(never)]
+    fn try_reserve_slow(&self, agent: &str, kind: EventKind) -> Result<Reservation, PoolError> {
         let pick = self.directory().with(|agents| {
             agents.get(agent).map_or(Pick::Unknown, |view| match view.agent.shared.closed() {
                 Some(closed) => Pick::Closed(closed),

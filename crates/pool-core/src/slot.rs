@@ -379,35 +379,49 @@ impl Load for Slot {
 }
 
 /// A request's hold on a slot: one permit, given back on drop however the request ends.
+///
+/// Two words (the slot and a byte of flags), so that `Option<InFlight>` is a scalar pair
+/// and comes back from the pick path in registers: a wider guard is returned through memory
+/// and its byte-wise stores stall the wide load that reads it back.
 pub(crate) struct InFlight {
     pub(crate) slot: Arc<Slot>,
-    probe: bool,
-    settled: bool,
-    /// Taken on the slot a request is pinned to (affinity or sticky session).
-    pub(crate) pinned: bool,
+    flags: u8,
 }
+
+/// The permit was taken for the half-open breaker's probe.
+const PROBE: u8 = 1;
+/// The probe's result was recorded.
+const SETTLED: u8 = 2;
+/// Taken on the slot a request is pinned to (affinity or sticky session).
+const PINNED: u8 = 4;
 
 impl InFlight {
     /// Wraps a permit already taken on `slot`.
+    #[inline]
     pub(crate) fn new(slot: Arc<Slot>, probe: bool) -> Self {
         slot.agent.metrics.in_flight.increment(1.0);
-        Self { slot, probe, settled: false, pinned: false }
+        Self { slot, flags: if probe { PROBE } else { 0 } }
     }
 
     /// A permit on the slot a request is pinned to.
     pub(crate) fn pinned(slot: Arc<Slot>) -> Self {
         let mut g = Self::new(slot, false);
-        g.pinned = true;
+        g.flags |= PINNED;
         g
     }
 
+    /// Whether the permit was taken on a pinned slot.
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.flags & PINNED != 0
+    }
+
     pub(crate) fn is_probe(&self) -> bool {
-        self.probe
+        self.flags & PROBE != 0
     }
 
     /// Marks the result recorded, so dropping does not report an abandoned probe.
     pub(crate) fn settle(&mut self) {
-        self.settled = true;
+        self.flags |= SETTLED;
     }
 }
 
@@ -416,7 +430,7 @@ impl Drop for InFlight {
         let slot = &self.slot;
         slot.permits.release();
         slot.agent.metrics.in_flight.decrement(1.0);
-        if self.probe && !self.settled {
+        if self.flags & (PROBE | SETTLED) == PROBE {
             slot.endpoint.probe_abandoned();
         }
         slot.agent.permit_released();
