@@ -1,13 +1,15 @@
 //! Affinity and sticky-session lookups on the send path. Each is measured as the pick with the
 //! lookup (`try_reserve_for` of a pinned request's body, `try_reserve_sticky` of a session)
 //! next to the same pick without it (`try_reserve`), so the difference is the lookup; one
-//! thread, and two threads on the same agent.
+//! thread, and two threads on the same agent. Each thread looks up a request and a session
+//! of its own, as two requests in flight on two threads do.
 //!
 //! `cargo bench -p pool-core --bench lookup`
 // Benches measure wall-clock time on purpose.
 #![allow(clippy::disallowed_types)]
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,17 @@ fn setup(rt: &tokio::runtime::Runtime) -> AgentPool {
         }
         pool
     })
+}
+
+/// Hands each new thread a different one of the pinned requests and sessions.
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(4242);
+
+thread_local! {
+    /// This thread's request id and session id.
+    static KEYS: (CorrelationId, String) = {
+        let i = NEXT_KEY.fetch_add(1, Ordering::Relaxed) % 10_000;
+        (format!("req-{i}").into(), format!("session-{i}"))
+    };
 }
 
 /// A named operation to time.
@@ -67,13 +80,14 @@ fn lookups(c: &mut Criterion) {
             black_box(p.try_reserve(black_box("waf"), EventKind::RequestHeaders).unwrap());
         }),
         ("pick + affinity lookup", |p| {
-            thread_local!(static ID: CorrelationId = "req-4242".into());
-            ID.with(|id| black_box(p.try_reserve_for(black_box("waf"), EventKind::RequestBody, id).unwrap()));
+            KEYS.with(|(id, _)| {
+                black_box(p.try_reserve_for(black_box("waf"), EventKind::RequestBody, id).unwrap())
+            });
         }),
         ("pick + sticky lookup", |p| {
-            black_box(
-                p.try_reserve_sticky(black_box("session-4242"), "waf", EventKind::RequestHeaders).unwrap(),
-            );
+            KEYS.with(|(_, session)| {
+                black_box(p.try_reserve_sticky(black_box(session), "waf", EventKind::RequestHeaders).unwrap())
+            });
         }),
     ];
     for threads in [1usize, 2] {

@@ -1,7 +1,8 @@
 //! Correlation affinity: every event of one request goes to the connection that received its
 //! headers, because that is where the agent keeps the request's state.
 //!
-//! An entry is made when a request's headers are answered, and lives until the request's
+//! An entry is made when a request's headers are sent on a connection whose agent takes some
+//! later event kind (a headers-only agent needs none), and lives until the request's
 //! `RequestComplete` has been sent, the caller drops the headers' send before it finishes,
 //! the entry sits idle for the TTL (swept by maintenance), or it is cleared by hand. Over the
 //! cap no entry is made — the request's later events are balanced normally — and the
@@ -31,7 +32,8 @@ impl PinTarget for Slot {
     }
 
     fn is_connected(&self) -> bool {
-        Slot::is_connected(self)
+        // The flag, not the connection cell: one plain load on the lookup path.
+        self.flags() & crate::slot::DISCONNECTED == 0
     }
 }
 
@@ -72,6 +74,11 @@ impl<T: PinTarget> Affinity<T> {
 
     /// Pins `id` to `slot`. False if the table is full (the caller counts the rejection).
     pub(crate) fn pin(&self, id: &CorrelationId, slot: &Arc<T>, stamp: u64) -> bool {
+        // A full table turns new keys away without taking a shard's write lock or touching
+        // the shared count; replacing a key it holds is still allowed.
+        if self.len.load(Ordering::Relaxed) >= self.cap && !self.pins.contains(id.as_str()) {
+            return false;
+        }
         let pin = Pin { slot: slot.clone(), generation: slot.generation(), last_used: AtomicU64::new(stamp) };
         // A new key counts itself in first and backs out over the cap; a replaced key keeps
         // its count.
@@ -85,9 +92,20 @@ impl<T: PinTarget> Affinity<T> {
         })
     }
 
-    /// Finds the pin of `id`, touching it.
+    /// Finds the pin of `id`, touching it; a lost pin is removed.
     #[inline]
     pub(crate) fn lookup(&self, id: &str, stamp: u64) -> Lookup<T> {
+        let found = self.peek(id, stamp);
+        if let Lookup::Lost = found {
+            self.remove(id);
+        }
+        found
+    }
+
+    /// [`lookup`](Self::lookup) without removing a lost pin: a read only, for fast paths that
+    /// leave anything but a hit or a miss to a slower path that looks again.
+    #[inline]
+    pub(crate) fn peek(&self, id: &str, stamp: u64) -> Lookup<T> {
         let found = self.pins.read(id, |pin| {
             if pin.slot.generation() == pin.generation && pin.slot.is_connected() {
                 touch(&pin.last_used, stamp, self.ttl);
@@ -99,10 +117,7 @@ impl<T: PinTarget> Affinity<T> {
         match found {
             None => Lookup::Miss,
             Some(Some(slot)) => Lookup::Hit(slot),
-            Some(None) => {
-                self.remove(id);
-                Lookup::Lost
-            }
+            Some(None) => Lookup::Lost,
         }
     }
 

@@ -80,6 +80,10 @@ impl Closed {
     }
 }
 
+/// Event kinds that follow a request's headers and go where its headers went: body chunks,
+/// response headers and body, completion, WebSocket frames.
+const FOLLOW_UPS: u8 = EventSet::ALL.bits() & !(1 << EventKind::RequestHeaders as u8);
+
 /// The outcome of a pick inside the directory snapshot: small, so the hot path moves little.
 pub(crate) enum Pick {
     /// A permit on a connection.
@@ -366,8 +370,9 @@ impl AgentShared {
         self.metrics.requests.increment(1);
 
         // Headers pin the request to this connection before they go out, so events sent
-        // concurrently find the pin; the guard removes it if this send does not succeed.
-        let pin = if kind == EventKind::RequestHeaders {
+        // concurrently find the pin; the guard removes it if this send does not succeed. A
+        // connection that takes no later event of a request (a headers-only agent) needs no pin.
+        let pin = if kind == EventKind::RequestHeaders && slot.supports(FOLLOW_UPS) {
             if self.affinity.pin(&correlation_id, &slot, self.ctx.clock.stamp(start)) {
                 Some(PinGuard::new(&self.affinity, correlation_id.clone()))
             } else {
@@ -899,6 +904,34 @@ impl Agent {
     #[inline]
     pub(crate) fn pick(view: &AgentView, kind: EventKind, id: &CorrelationId, stamp: u64) -> Pick {
         view.agent.pick_in(&view.live, kind, id, stamp)
+    }
+
+    /// [`pick_in`](Self::pick_in)'s fast path: a permit on the request's pinned connection or
+    /// on the balancer's choice, or `None` for everything else (closed, lost pin, no permit),
+    /// which the caller hands to `pick_in` to learn what to do. Returns two words, in
+    /// registers, where `Pick` would go through memory.
+    #[inline]
+    pub(crate) fn try_pick(
+        &self,
+        live: &[Arc<Slot>],
+        kind: EventKind,
+        id: &CorrelationId,
+        stamp: u64,
+    ) -> Option<InFlight> {
+        if self.shared.closed().is_some() {
+            return None;
+        }
+        if kind != EventKind::RequestHeaders && self.shared.affinity.len() > 0 {
+            match self.shared.affinity.peek(id.as_str(), stamp) {
+                Lookup::Hit(slot) => {
+                    return (slot.flags() & PAUSED == 0 && slot.permits.try_acquire())
+                        .then(|| InFlight::pinned(slot));
+                }
+                Lookup::Lost => return None,
+                Lookup::Miss => {}
+            }
+        }
+        self.try_reserve_from(live, Some(kind)).ok()
     }
 
     /// Picks for one event: its pinned connection if the request has one, else the balancer's.

@@ -442,6 +442,27 @@ impl AgentPool {
         correlation_id: &CorrelationId,
     ) -> Result<Reservation, PoolError> {
         let stamp = self.inner.ctx.clock.coarse();
+        let fast = self.directory().with(|agents| {
+            let view = agents.get(agent)?;
+            view.agent.try_pick(&view.live, kind, correlation_id, stamp)
+        });
+        if let Some(guard) = fast {
+            return Ok(Reservation::new(guard));
+        }
+        self.try_reserve_for_slow(agent, kind, correlation_id, stamp)
+    }
+
+    /// [`try_reserve_for`](Self::try_reserve_for) after its fast attempt failed: one more
+    /// attempt that keeps the reason, so the error says why.
+    #[cold]
+    #[inline(never)]
+    fn try_reserve_for_slow(
+        &self,
+        agent: &str,
+        kind: EventKind,
+        correlation_id: &CorrelationId,
+        stamp: u64,
+    ) -> Result<Reservation, PoolError> {
         let pick = self.directory().with(|agents| {
             agents.get(agent).map_or(Pick::Unknown, |view| Agent::pick(view, kind, correlation_id, stamp))
         });
@@ -520,9 +541,12 @@ impl AgentPool {
         event: Event,
     ) -> Result<(Decision, StickyRoute), PoolError> {
         let start = Instant::now();
-        let Some((a, slot, route)) =
-            self.sticky_route(session_id, agent, self.inner.ctx.clock.stamp(start))?
-        else {
+        let stamp = self.inner.ctx.clock.stamp(start);
+        if let Some(guard) = self.inner.ctx.sticky.try_reserve(session_id, agent, stamp) {
+            let shared = guard.slot.agent.clone();
+            return Ok((shared.dispatch(guard, event, start).await?, StickyRoute::Pinned));
+        }
+        let Some((a, slot, route)) = self.sticky_route(session_id, agent, stamp)? else {
             return Ok((self.send(agent, event).await?, StickyRoute::NoSession));
         };
         let deadline = start + a.shared.settings.request_timeout;
@@ -544,8 +568,25 @@ impl AgentPool {
         agent: &str,
         kind: EventKind,
     ) -> Result<(Reservation, StickyRoute), PoolError> {
-        let Some((a, slot, route)) = self.sticky_route(session_id, agent, self.inner.ctx.clock.coarse())?
-        else {
+        let stamp = self.inner.ctx.clock.coarse();
+        if let Some(guard) = self.inner.ctx.sticky.try_reserve(session_id, agent, stamp) {
+            return Ok((Reservation::new(guard), StickyRoute::Pinned));
+        }
+        self.try_reserve_sticky_slow(session_id, agent, kind, stamp)
+    }
+
+    /// [`try_reserve_sticky`](Self::try_reserve_sticky) after its fast attempt failed: the
+    /// full route (re-pinning if it must), with the reason if nothing can be taken.
+    #[cold]
+    #[inline(never)]
+    fn try_reserve_sticky_slow(
+        &self,
+        session_id: &str,
+        agent: &str,
+        kind: EventKind,
+        stamp: u64,
+    ) -> Result<(Reservation, StickyRoute), PoolError> {
+        let Some((a, slot, route)) = self.sticky_route(session_id, agent, stamp)? else {
             return Ok((self.try_reserve(agent, kind)?, StickyRoute::NoSession));
         };
         if slot.flags() & crate::slot::PAUSED != 0 {

@@ -28,7 +28,8 @@ pub(crate) const PAUSED: u32 = 1;
 pub(crate) const DRAINING: u32 = 1 << 1;
 /// The agent reports itself unhealthy.
 pub(crate) const AGENT_UNHEALTHY: u32 = 1 << 2;
-/// The connection was found closed at send time; its supervisor has not detached it yet.
+/// No usable connection: found closed at send time (its supervisor has not detached it yet),
+/// or detached. Cleared when the supervisor attaches the replacement.
 pub(crate) const DISCONNECTED: u32 = 1 << 3;
 /// Success rate below the unhealthy threshold: used only when nothing better is available.
 pub(crate) const SOFT_UNHEALTHY: u32 = 1 << 8;
@@ -231,7 +232,11 @@ impl Slot {
     /// Empties the slot after its connection died.
     pub(crate) fn detach(&self) -> Option<Arc<Live>> {
         self.events.store(0, Ordering::Relaxed);
-        if self.flags.fetch_and(!PAUSED, Ordering::Relaxed) & PAUSED != 0 {
+        let before = self
+            .flags
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some((f & !PAUSED) | DISCONNECTED))
+            .unwrap_or_else(|f| f);
+        if before & PAUSED != 0 {
             self.agent.metrics.paused.decrement(1.0);
         }
         lock(&self.health).connected_since = None;

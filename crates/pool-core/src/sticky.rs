@@ -16,8 +16,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::endpoint::{GATE_EJECTED, GATE_OPEN};
-use crate::health::HealthState;
-use crate::slot::{HARD, Slot};
+use crate::slot::{HARD, InFlight, Live, PAUSED, SOFT_UNHEALTHY, Slot};
 
 /// How a sticky send was routed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,18 +39,30 @@ pub(crate) struct Session {
     pub(crate) agent: Arc<str>,
     pub(crate) slot: Arc<Slot>,
     pub(crate) generation: u64,
+    /// The connection the session was pinned to, so that the health check can ask the
+    /// transport whether it is still open without loading the slot's connection cell.
+    live: Option<Arc<Live>>,
     last_used: AtomicU64,
 }
 
 impl Session {
-    /// True while the pinned connection is the same one and fit for traffic.
+    fn new(agent: Arc<str>, slot: Arc<Slot>, stamp: u64) -> Self {
+        // The connection before the generation: if an attach runs in between, the generation
+        // is the newer one and the check fails — a spurious re-pin, never a stale hit.
+        let live = slot.conn.load_full();
+        Self { agent, generation: slot.generation(), live, slot, last_used: AtomicU64::new(stamp) }
+    }
+
+    /// True while the pinned connection is the same one and fit for traffic: connected, not
+    /// paused or draining, breaker closed, not ejected, success rate not unhealthy. Reads
+    /// only atomics (`SOFT_UNHEALTHY` mirrors the unhealthy health state).
+    #[inline]
     pub(crate) fn is_healthy(&self) -> bool {
         let s = &self.slot;
         s.generation() == self.generation
-            && s.is_open()
-            && s.flags() & HARD == 0
+            && self.live.as_ref().is_some_and(|live| live.conn.is_open())
+            && s.flags() & (HARD | SOFT_UNHEALTHY) == 0
             && s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
-            && s.health_state() != HealthState::Unhealthy
     }
 }
 
@@ -73,8 +84,7 @@ impl Sticky {
     }
 
     pub(crate) fn insert(&self, id: &str, agent: Arc<str>, slot: Arc<Slot>, stamp: u64) {
-        let session =
-            Session { agent, generation: slot.generation(), slot, last_used: AtomicU64::new(stamp) };
+        let session = Session::new(agent, slot, stamp);
         self.sessions.insert(Arc::from(id), session);
     }
 
@@ -97,12 +107,32 @@ impl Sticky {
         None
     }
 
+    /// The sticky fast path: a permit on the pinned connection of a live, healthy session of
+    /// `agent` (touching it). `None` for everything else — no such session, another agent's,
+    /// expired, unhealthy, agent closed, paused, full — which the slow path sorts out.
+    #[inline]
+    pub(crate) fn try_reserve(&self, id: &str, agent: &str, stamp: u64) -> Option<InFlight> {
+        let session = self.sessions.get(id)?;
+        if &*session.agent != agent
+            || self.expired(&session, stamp)
+            || !session.is_healthy()
+            || session.slot.agent.closed().is_some()
+            || session.slot.flags() & PAUSED != 0
+            || !session.slot.permits.try_acquire()
+        {
+            return None;
+        }
+        if let Some(idle) = self.idle {
+            crate::affinity::touch(&session.last_used, stamp, idle);
+        }
+        Some(InFlight::pinned(session.slot.clone()))
+    }
+
     /// Re-pins a session to `slot`, unless it was cleared meanwhile.
     pub(crate) fn repin(&self, id: &str, slot: Arc<Slot>, stamp: u64) {
         if let Some(mut session) = self.sessions.get_mut(id) {
-            session.generation = slot.generation();
-            session.slot = slot;
-            session.last_used.store(stamp, Ordering::Relaxed);
+            let agent = session.agent.clone();
+            *session = Session::new(agent, slot, stamp);
         }
     }
 

@@ -53,6 +53,15 @@ impl<K: Eq + std::hash::Hash, V> PinMap<K, V> {
         }
     }
 
+    /// True if `key` has a value.
+    pub(crate) fn contains<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        self.read(key, |_| ()).is_some()
+    }
+
     /// Replaces the value of an existing key (true), or inserts a new one if `admit` allows it
     /// (its answer), atomically with respect to other writers of that key.
     pub(crate) fn upsert(&self, key: K, value: V, admit: impl FnOnce() -> bool) -> bool {

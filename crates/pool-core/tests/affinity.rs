@@ -145,6 +145,29 @@ async fn over_the_cap_requests_are_balanced_and_counted() {
     assert_eq!(pool.affinity_count(), 2);
     // Unpinned requests still work, balanced per event.
     pool.send("waf", req_body("r4", 0, true)).await.unwrap();
+    // A full table still re-pins a request it holds when its headers are sent again: its
+    // body follows the second headers.
+    for _ in 0..8 {
+        pool.send("waf", request("r0")).await.unwrap();
+        let (headers_on, ..) = agent.events_by_connection().pop().unwrap();
+        pool.send("waf", req_body("r0", 0, true)).await.unwrap();
+        let (body_on, ..) = agent.events_by_connection().pop().unwrap();
+        assert_eq!(body_on, headers_on);
+    }
+    assert_eq!(pool.affinity_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_takes_only_headers_gets_no_pins() {
+    let agent = MemoryAgent::new(AllowAll);
+    agent.set_capabilities(Capabilities::new("waf").with_events([EventKind::RequestHeaders]));
+    let (pool, _c) = common::single(config(), &agent).await;
+    for i in 0..20 {
+        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+    }
+    assert_eq!(pool.affinity_count(), 0, "no later event can reach it, so nothing to pin");
+    let err = pool.send("waf", req_body("r0", 0, true)).await.unwrap_err();
+    assert!(matches!(err, PoolError::UnsupportedEvent { kind: EventKind::RequestBody, .. }), "{err:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -45,8 +45,8 @@ pub(crate) struct ConnCore {
     pub(crate) label: String,
     pub(crate) index: u64,
     signals: watch::Sender<ConnectionSignals>,
-    /// Why the connection closed, once it has.
-    closed: Mutex<Option<String>>,
+    /// Why the connection closed, once it has (set once: `is_open` is one atomic load).
+    closed: std::sync::OnceLock<String>,
     /// Does not keep the task alive: it ends when every proxy-side sender is gone.
     pub(crate) commands: mpsc::WeakUnboundedSender<Command>,
     /// Requests pending on this connection.
@@ -59,22 +59,18 @@ pub(crate) struct ConnCore {
 
 impl ConnCore {
     pub(crate) fn is_open(&self) -> bool {
-        lock(&self.closed).is_none()
+        self.closed.get().is_none()
     }
 
     fn closed_error(&self) -> TransportError {
-        let reason = lock(&self.closed).clone().unwrap_or_else(|| "the connection's task ended".to_owned());
+        let reason = self.closed.get().cloned().unwrap_or_else(|| "the connection's task ended".to_owned());
         TransportError::Closed { connection: self.label.clone(), reason }
     }
 
     /// Marks the connection closed and publishes `open: false`. Returns false if it already was.
     fn mark_closed(&self, reason: &str) -> bool {
-        {
-            let mut closed = lock(&self.closed);
-            if closed.is_some() {
-                return false;
-            }
-            *closed = Some(reason.to_owned());
+        if self.closed.set(reason.to_owned()).is_err() {
+            return false;
         }
         lock(&self.updates).take();
         self.signals.send_modify(|s| s.open = false);
@@ -160,7 +156,7 @@ impl MemoryConnection {
             label: format!("{endpoint}#{index}"),
             index,
             signals,
-            closed: Mutex::new(None),
+            closed: std::sync::OnceLock::new(),
             commands: commands.downgrade(),
             pending: AtomicUsize::new(0),
             updates: Mutex::new(Some(updates_tx)),
