@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use crate::codec::{DEFAULT_MAX_FRAME, EventFrame, FrameCodec, FrameError};
+use crate::codec::{DEFAULT_MAX_FRAME, EventFrame, FrameCodec, FrameError, FromAgent};
+use crate::streams::StreamMap;
 
 /// Who the agent at the other end of the socket must be.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,6 +174,9 @@ struct Pending {
 }
 
 pub(crate) type ProxyFramed = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
+
+/// The connection after the handshake: decisions are decoded straight into `pool-api` values.
+type ConnectionFramed = Framed<UnixStream, FrameCodec<FromAgent, proto::ProxyFrame>>;
 
 impl PendingConnection for Pending {
     fn handshake(
@@ -337,10 +341,13 @@ impl UdsConnection {
             reason: Mutex::new(None),
             signals: watch::Sender::new(ConnectionSignals::open()),
         });
+        let mut framed = framed.map_codec(FrameCodec::retype);
+        // Writes are flushed once per batch: don't flush in the middle of one.
+        framed.set_backpressure_boundary(WRITE_BATCH);
         let task = Task {
             core: core.clone(),
             framed,
-            pending: HashMap::new(),
+            pending: StreamMap::default(),
             pings: HashMap::new(),
             pushes: HashMap::new(),
             updates: Some(updates_tx),
@@ -503,11 +510,14 @@ fn record_metric(connection: &str, metric: pool_api::AgentMetric) {
     metrics::gauge!("agentpool_agent_metric", labels).set(metric.value);
 }
 
+/// Bytes of queued frames past which a batch is written before more are encoded.
+const WRITE_BATCH: usize = 64 * 1024;
+
 /// The task that owns one socket.
 struct Task {
     core: Arc<Core>,
-    framed: ProxyFramed,
-    pending: HashMap<u64, PendingRequest>,
+    framed: ConnectionFramed,
+    pending: StreamMap<PendingRequest>,
     pings: HashMap<u64, (Instant, oneshot::Sender<Duration>)>,
     pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
     updates: Option<mpsc::UnboundedSender<ConfigUpdateRequest>>,
@@ -549,7 +559,13 @@ impl Task {
                     }
                 }
                 frame = self.framed.next() => match frame {
-                    Some(Ok(frame)) => {
+                    Some(Ok(FromAgent::Decision { stream_id, decision })) => {
+                        // An answer to a request cancelled or abandoned meanwhile is simply late.
+                        if let Some(p) = self.pending.remove(&stream_id) {
+                            let _ = p.reply.send(Ok(decision));
+                        }
+                    }
+                    Some(Ok(FromAgent::Frame(frame))) => {
                         if let Err(stop) = self.on_frame(frame) {
                             break stop;
                         }

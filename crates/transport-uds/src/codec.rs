@@ -169,9 +169,9 @@ impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
     fn encode(&mut self, item: EventFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
         match &item.event {
             pool_api::Event::RequestHeaders(h) => {
-                let uri = h.uri.to_string();
-                let addr = h.client_addr.map(|a| a.to_string()).unwrap_or_default();
-                let fields = RequestFields { h, uri: &uri, addr: &addr };
+                let uri = UriText::new(&h.uri);
+                let addr = AddrText::new(h.client_addr);
+                let fields = RequestFields { h, uri: &uri, addr: addr.as_str() };
                 let event = fields.len();
                 let mut dst = self.frame(frame_len(item.stream_id, EVENT_REQUEST_HEADERS, event), dst)?;
                 frame_prefix(item.stream_id, EVENT_REQUEST_HEADERS, event, &mut dst);
@@ -459,7 +459,7 @@ impl<Out> Decoder for FrameCodec<Inbound, Out> {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
         let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, event)) = direct::request_headers(frame.clone()) {
+        if let Some((stream_id, event)) = direct::request_headers(&frame) {
             return Ok(Some(Inbound::Event { stream_id, event }));
         }
         let frame = proto::ProxyFrame::decode(frame)?;
@@ -472,15 +472,54 @@ impl<Out> Decoder for FrameCodec<Inbound, Out> {
     }
 }
 
-/// Decoding a `RequestHeaders` event without building the schema's message first. Only the
-/// canonical encoding (what the encoder above and prost write: known fields, right wire
-/// types, one event) takes this path; anything else returns `None` and is decoded by prost,
-/// so both paths always agree.
+/// A frame the proxy side reads: a decision decoded straight from the frame's bytes into the
+/// `pool-api` type (header values and bodies share the read buffer), or any other message as
+/// the schema decodes it (a decision that does not take the direct path stays a frame, to be
+/// converted like any other).
+#[derive(Debug)]
+pub enum FromAgent {
+    /// The decision answering request `stream_id`.
+    Decision {
+        /// The request's stream id.
+        stream_id: u64,
+        /// The agent's decision.
+        decision: pool_api::Decision,
+    },
+    /// Any other frame.
+    Frame(proto::AgentFrame),
+}
+
+impl<Out> Decoder for FrameCodec<FromAgent, Out> {
+    type Item = FromAgent;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, FrameError> {
+        let Some(frame) = self.next_frame(src)? else { return Ok(None) };
+        if let Some((stream_id, decision)) = direct::decision(&frame) {
+            return Ok(Some(FromAgent::Decision { stream_id, decision }));
+        }
+        Ok(Some(FromAgent::Frame(proto::AgentFrame::decode(frame)?)))
+    }
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// The same codec (and its state: a frame's length may already be read) decoding `Other`.
+    pub(crate) fn retype<Other>(self) -> FrameCodec<Other, Out> {
+        FrameCodec { inner: self.inner, limit: self.limit, _types: PhantomData }
+    }
+}
+
+/// Decoding the two hot messages — a `RequestHeaders` event on the agent side, a `Decision`
+/// on the proxy side — without building the schema's messages first. The frame is walked as
+/// a byte slice; only what the `pool-api` value keeps (the URI, header values, bodies) becomes
+/// a `Bytes` sharing the read buffer. Only the canonical encoding (what the encoders above
+/// and prost write: known fields, right wire types, each message field once) takes this path;
+/// anything else returns `None` and is decoded by prost, so both paths always agree.
 mod direct {
-    use bytes::{Buf, Bytes};
-    use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
     use pool_api::proto::ProtoError;
-    use prost::encoding::{WireType, decode_key, decode_varint};
+    use pool_api::{Action, Audit, Decision, HeaderOp};
 
     const M: &str = "RequestHeaders";
 
@@ -488,110 +527,306 @@ mod direct {
         ProtoError { message: M, field, problem: problem.to_string() }
     }
 
-    /// The next field: its tag and, for a length-delimited one, its bytes.
-    fn field(buf: &mut Bytes) -> Option<(u32, WireType, Option<Bytes>, u64)> {
-        let (tag, wire) = decode_key(buf).ok()?;
-        match wire {
-            WireType::Varint => Some((tag, wire, None, decode_varint(buf).ok()?)),
-            WireType::LengthDelimited => {
-                let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
-                if len > buf.remaining() {
+    /// One field of a message.
+    enum Field<'a> {
+        Varint(u32, u64),
+        Bytes(u32, &'a [u8]),
+        Fixed32(u32, [u8; 4]),
+    }
+
+    /// A varint, as prost reads it: at most ten bytes, the tenth no more than 1.
+    #[inline(always)]
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let (&first, rest) = buf.split_first()?;
+        if first < 0x80 {
+            *buf = rest;
+            return Some(u64::from(first));
+        }
+        long_varint(buf)
+    }
+
+    #[inline(never)]
+    fn long_varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &b) in buf.iter().take(10).enumerate() {
+            if i == 9 && b > 1 {
+                return None;
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                *buf = &buf[i + 1..];
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// The next field (`None`: not something the direct path reads, or not a valid key:
+    /// prost's `decode_key` refuses keys past `u32::MAX` and tag 0).
+    #[inline]
+    fn field<'a>(buf: &mut &'a [u8]) -> Option<Field<'a>> {
+        let key = u32::try_from(varint(buf)?).ok()?;
+        let tag = key >> 3;
+        if tag == 0 {
+            return None;
+        }
+        match key & 7 {
+            0 => Some(Field::Varint(tag, varint(buf)?)),
+            2 => {
+                let len = usize::try_from(varint(buf)?).ok()?;
+                if len > buf.len() {
                     return None;
                 }
-                Some((tag, wire, Some(buf.split_to(len)), 0))
+                let (data, rest) = buf.split_at(len);
+                *buf = rest;
+                Some(Field::Bytes(tag, data))
+            }
+            5 => {
+                let (data, rest) = buf.split_first_chunk::<4>()?;
+                *buf = rest;
+                Some(Field::Fixed32(tag, *data))
             }
             _ => None,
         }
     }
 
-    fn utf8(bytes: Bytes) -> Option<String> {
-        String::from_utf8(bytes.into()).ok()
+    fn utf8(bytes: &[u8]) -> Option<&str> {
+        std::str::from_utf8(bytes).ok()
     }
 
-    /// `ProxyFrame { stream_id = 1, event = 3 { request_headers = 1 { … } } }`.
-    pub(super) fn request_headers(mut frame: Bytes) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
-        let (mut stream_id, mut event) = (0, None);
-        while frame.has_remaining() {
-            match field(&mut frame)? {
-                (1, WireType::Varint, None, v) => stream_id = v,
-                (3, WireType::LengthDelimited, Some(b), _) if event.is_none() => event = Some(b),
+    /// The body of the frame's one message field `body_tag`, and the stream id
+    /// (`ProxyFrame` and `AgentFrame` both carry `stream_id = 1`).
+    fn frame_body(frame: &[u8], body_tag: u32) -> Option<(u64, &[u8])> {
+        let mut buf = frame;
+        let (mut stream_id, mut body) = (0, None);
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Varint(1, v) => stream_id = v,
+                Field::Bytes(tag, b) if tag == body_tag && body.is_none() => body = Some(b),
                 _ => return None,
             }
         }
-        let mut event = event?;
-        let (1, WireType::LengthDelimited, Some(fields), _) = field(&mut event)? else { return None };
-        if event.has_remaining() {
-            return None;
-        }
-        Some((stream_id, parse(fields)?))
+        Some((stream_id, body?))
     }
 
-    /// Collects the fields (`None`: not canonical), then converts them as `TryFrom` does.
-    fn parse(mut buf: Bytes) -> Option<Result<pool_api::Event, ProtoError>> {
-        let (mut id, mut method, mut uri, mut addr) =
-            (Bytes::new(), Bytes::new(), Bytes::new(), Bytes::new());
-        let mut headers: Vec<(Bytes, Bytes)> = Vec::with_capacity(16);
+    /// `ProxyFrame { stream_id = 1, event = 3 { request_headers = 1 { … } } }`.
+    pub(super) fn request_headers(frame: &Bytes) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
+        let (stream_id, mut event) = frame_body(frame, 3)?;
+        let Field::Bytes(1, fields) = field(&mut event)? else { return None };
+        if !event.is_empty() {
+            return None;
+        }
+        Some((stream_id, parse(frame, fields)?))
+    }
+
+    /// The fields of a `Header` or `KeyValue` pair (`name`/`key` = 1, `value` = 2).
+    fn pair(mut buf: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (mut first, mut second): (&[u8], &[u8]) = (&[], &[]);
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Bytes(1, v) => first = v,
+                Field::Bytes(2, v) => second = v,
+                _ => return None,
+            }
+        }
+        Some((first, second))
+    }
+
+    /// Checks the fields (`None`: not canonical) and converts them as `TryFrom` does, in one
+    /// pass after counting the headers (so the map is made at its size once). Errors are
+    /// reported in `TryFrom`'s order: address, method, URI, then the first bad header.
+    fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<pool_api::Event, ProtoError>> {
+        let mut headers = 0;
+        let mut buf = fields;
+        while !buf.is_empty() {
+            let Field::Bytes(tag, _) = field(&mut buf)? else { return None };
+            headers += usize::from(tag == 4);
+        }
+        let (mut id, mut method, mut uri, mut addr): (&[u8], &[u8], &[u8], &[u8]) = (&[], &[], &[], &[]);
+        let mut map = HeaderMap::with_capacity(headers);
+        let mut header_error = None;
         let mut metadata = pool_api::Metadata::new();
-        while buf.has_remaining() {
-            let (tag, WireType::LengthDelimited, Some(b), _) = field(&mut buf)? else { return None };
+        let mut buf = fields;
+        while let Some(Field::Bytes(tag, b)) = field(&mut buf) {
             match tag {
                 1 => id = b,
                 2 => method = b,
                 3 => uri = b,
-                4 | 6 => {
-                    let mut pair = b;
-                    let (mut first, mut second) = (Bytes::new(), Bytes::new());
-                    while pair.has_remaining() {
-                        match field(&mut pair)? {
-                            (1, WireType::LengthDelimited, Some(v), _) => first = v,
-                            (2, WireType::LengthDelimited, Some(v), _) => second = v,
-                            _ => return None,
+                4 => {
+                    let (name, value) = pair(b)?;
+                    if header_error.is_none() {
+                        match header(frame, name, value) {
+                            Ok((name, value)) => {
+                                map.append(name, value);
+                            }
+                            Err(e) => header_error = Some(e),
                         }
-                    }
-                    if tag == 4 {
-                        headers.push((first, second));
-                    } else {
-                        metadata.insert(utf8(first)?, utf8(second)?);
                     }
                 }
                 5 => addr = b,
+                6 => {
+                    let (key, value) = pair(b)?;
+                    metadata.insert(utf8(key)?.to_owned(), utf8(value)?.to_owned());
+                }
                 _ => return None,
             }
         }
         // prost would refuse non-UTF-8 in these string fields: leave that to it.
-        let id = std::str::from_utf8(&id).ok()?;
-        std::str::from_utf8(&method).ok()?;
-        std::str::from_utf8(&uri).ok()?;
-        let addr = std::str::from_utf8(&addr).ok()?;
-        Some(convert(id, &method, uri, headers, addr, metadata))
+        let id = utf8(id)?;
+        utf8(method)?;
+        utf8(uri)?;
+        let addr = utf8(addr)?;
+        Some(convert(frame, id, method, uri, map, header_error, addr, metadata))
     }
 
+    fn header(frame: &Bytes, name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), ProtoError> {
+        let name = HeaderName::from_bytes(name).map_err(|e| bad("headers.name", e))?;
+        let value =
+            HeaderValue::from_maybe_shared(frame.slice_ref(value)).map_err(|e| bad("headers.value", e))?;
+        Ok((name, value))
+    }
+
+    /// Builds the event from fields checked by [`parse`].
+    #[allow(clippy::too_many_arguments)]
     fn convert(
+        frame: &Bytes,
         id: &str,
         method: &[u8],
-        uri: Bytes,
-        headers: Vec<(Bytes, Bytes)>,
+        uri: &[u8],
+        headers: HeaderMap,
+        header_error: Option<ProtoError>,
         addr: &str,
         metadata: pool_api::Metadata,
     ) -> Result<pool_api::Event, ProtoError> {
         let client_addr =
             if addr.is_empty() { None } else { Some(addr.parse().map_err(|e| bad("client_addr", e))?) };
         let method = Method::from_bytes(method).map_err(|e| bad("method", e))?;
-        let uri = Uri::from_maybe_shared(uri).map_err(|e| bad("uri", e))?;
-        let mut map = HeaderMap::with_capacity(headers.len());
-        for (name, value) in headers {
-            let name = HeaderName::from_bytes(&name).map_err(|e| bad("headers.name", e))?;
-            let value = HeaderValue::from_maybe_shared(value).map_err(|e| bad("headers.value", e))?;
-            map.append(name, value);
+        let uri = Uri::from_maybe_shared(frame.slice_ref(uri)).map_err(|e| bad("uri", e))?;
+        if let Some(e) = header_error {
+            return Err(e);
         }
         Ok(pool_api::Event::RequestHeaders(pool_api::RequestHeaders {
             correlation_id: id.into(),
             method,
             uri,
-            headers: map,
+            headers,
             client_addr,
             metadata,
         }))
+    }
+
+    /// `AgentFrame { stream_id = 1, decision = 4 { … } }`. Decisions with a challenge or a
+    /// body mutation, and anything that would be an error, take the prost path.
+    pub(super) fn decision(frame: &Bytes) -> Option<(u64, Decision)> {
+        let (stream_id, mut buf) = frame_body(frame, 4)?;
+        let mut action = None;
+        let (mut request_headers, mut response_headers) = (Vec::new(), Vec::new());
+        let (mut needs_more, mut audit) = (false, None);
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Bytes(1, b) if action.is_none() && b.is_empty() => action = Some(Action::Allow),
+                Field::Bytes(2, b) if action.is_none() => action = Some(block(frame, b)?),
+                Field::Bytes(3, b) if action.is_none() => action = Some(redirect(b)?),
+                Field::Bytes(5, b) => request_headers.push(op(frame, b)?),
+                Field::Bytes(6, b) => response_headers.push(op(frame, b)?),
+                Field::Varint(8, v) => needs_more = v != 0,
+                Field::Bytes(9, b) if audit.is_none() => audit = Some(audit_of(b)?),
+                _ => return None,
+            }
+        }
+        let decision = Decision {
+            action: action?,
+            request_headers,
+            response_headers,
+            body: None,
+            needs_more,
+            audit: audit.unwrap_or_default(),
+        };
+        Some((stream_id, decision))
+    }
+
+    /// A `uint32` status that converts (anything else is the prost path's error to report).
+    fn status(v: u64) -> Option<StatusCode> {
+        StatusCode::from_u16(u16::try_from(v).ok()?).ok()
+    }
+
+    fn block(frame: &Bytes, mut buf: &[u8]) -> Option<Action> {
+        let (mut code, mut body, mut count) = (0, &[][..], 0);
+        let fields = buf;
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Varint(1, v) => code = v,
+                Field::Bytes(2, b) => {
+                    pair(b)?;
+                    count += 1;
+                }
+                Field::Bytes(3, b) => body = b,
+                _ => return None,
+            }
+        }
+        let status = status(code)?;
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut buf = fields;
+        while let Some(f) = field(&mut buf) {
+            if let Field::Bytes(2, b) = f {
+                let (name, value) = pair(b)?;
+                let name = HeaderName::from_bytes(name).ok()?;
+                headers.append(name, HeaderValue::from_maybe_shared(frame.slice_ref(value)).ok()?);
+            }
+        }
+        Some(Action::Block { status, headers, body: frame.slice_ref(body) })
+    }
+
+    fn redirect(mut buf: &[u8]) -> Option<Action> {
+        let (mut location, mut code) = (&[][..], 0);
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Bytes(1, b) => location = b,
+                Field::Varint(2, v) => code = v,
+                _ => return None,
+            }
+        }
+        Some(Action::Redirect { location: utf8(location)?.to_owned(), status: status(code)? })
+    }
+
+    /// `HeaderOp { kind = 1, name = 2, value = 3 }`.
+    fn op(frame: &Bytes, mut buf: &[u8]) -> Option<HeaderOp> {
+        let (mut kind, mut name, mut value) = (0, &[][..], &[][..]);
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Varint(1, v) => kind = v,
+                Field::Bytes(2, b) => name = b,
+                Field::Bytes(3, b) => value = b,
+                _ => return None,
+            }
+        }
+        let name = HeaderName::from_bytes(name).ok()?;
+        let value = || HeaderValue::from_maybe_shared(frame.slice_ref(value)).ok();
+        Some(match kind {
+            0 => HeaderOp::Set { name, value: value()? },
+            1 => HeaderOp::Add { name, value: value()? },
+            2 => HeaderOp::Remove { name },
+            _ => return None,
+        })
+    }
+
+    /// `Audit { rule_ids = 1, tags = 2, reason = 3, confidence = 4, custom = 5 }`.
+    fn audit_of(mut buf: &[u8]) -> Option<Audit> {
+        let mut audit = Audit::default();
+        while !buf.is_empty() {
+            match field(&mut buf)? {
+                Field::Bytes(1, b) => audit.rule_ids.push(utf8(b)?.to_owned()),
+                Field::Bytes(2, b) => audit.tags.push(utf8(b)?.to_owned()),
+                Field::Bytes(3, b) => audit.reason = Some(utf8(b)?.to_owned()),
+                Field::Fixed32(4, b) => audit.confidence = Some(f32::from_le_bytes(b)),
+                Field::Bytes(5, b) => {
+                    let (key, value) = pair(b)?;
+                    audit.custom.insert(utf8(key)?.to_owned(), utf8(value)?.to_owned());
+                }
+                _ => return None,
+            }
+        }
+        Some(audit)
     }
 }
 
@@ -655,11 +890,108 @@ fn put_headers(tag: u32, map: &http::HeaderMap, dst: &mut Writer<'_>) {
     }
 }
 
+/// A URI's text as its `Display` writes it (scheme `://` authority path `?` query), kept as
+/// the borrowed pieces instead of a formatted `String`.
+struct UriText<'a> {
+    parts: [&'a str; 6],
+    len: usize,
+}
+
+impl<'a> UriText<'a> {
+    fn new(uri: &'a http::Uri) -> Self {
+        let (scheme, sep) = match uri.scheme_str() {
+            Some(s) => (s, "://"),
+            None => ("", ""),
+        };
+        let authority = uri.authority().map_or("", http::uri::Authority::as_str);
+        let (mark, query) = match uri.query() {
+            Some(q) => ("?", q),
+            None => ("", ""),
+        };
+        let parts = [scheme, sep, authority, uri.path(), mark, query];
+        Self { parts, len: parts.iter().map(|p| p.len()).sum() }
+    }
+
+    fn write(&self, dst: &mut Writer<'_>) {
+        for part in self.parts {
+            dst.bytes(part.as_bytes());
+        }
+    }
+}
+
+/// A client address's text as its `Display` writes it, formatted on the stack.
+struct AddrText {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl AddrText {
+    fn new(addr: Option<std::net::SocketAddr>) -> Self {
+        let mut text = Self { buf: [0; 96], len: 0 };
+        match addr {
+            None => {}
+            Some(std::net::SocketAddr::V4(a)) => {
+                for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    text.decimal(u32::from(octet));
+                }
+                text.push(b':');
+                text.decimal(u32::from(a.port()));
+            }
+            Some(a @ std::net::SocketAddr::V6(_)) => {
+                use std::fmt::Write;
+                // The longest IPv6 socket address text (with a scope id) is 58 bytes.
+                write!(text, "{a}").expect("an IPv6 socket address fits in 96 bytes");
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.buf[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn decimal(&mut self, mut v: u32) {
+        let mut digits = [0u8; 10];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for &d in &digits[start..] {
+            self.push(d);
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("formatted as ASCII")
+    }
+}
+
+impl std::fmt::Write for AddrText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// `RequestHeaders`: correlation_id = 1, method = 2, uri = 3, headers = 4, client_addr = 5,
 /// metadata = 6.
 struct RequestFields<'a> {
     h: &'a pool_api::RequestHeaders,
-    uri: &'a str,
+    uri: &'a UriText<'a>,
     addr: &'a str,
 }
 
@@ -669,7 +1001,7 @@ impl RequestFields<'_> {
             self.h.metadata.iter().map(|(k, v)| msg_len(6, ld_len(1, k.len()) + ld_len(2, v.len()))).sum();
         ld_len(1, self.h.correlation_id.as_str().len())
             + ld_len(2, self.h.method.as_str().len())
-            + ld_len(3, self.uri.len())
+            + ld_len(3, self.uri.len)
             + headers_len(4, &self.h.headers)
             + ld_len(5, self.addr.len())
             + metadata
@@ -678,7 +1010,10 @@ impl RequestFields<'_> {
     fn write(&self, dst: &mut Writer<'_>) {
         put_ld(1, self.h.correlation_id.as_str().as_bytes(), dst);
         put_ld(2, self.h.method.as_str().as_bytes(), dst);
-        put_ld(3, self.uri.as_bytes(), dst);
+        if self.uri.len > 0 {
+            put_msg_header(3, self.uri.len, dst);
+            self.uri.write(dst);
+        }
         put_headers(4, &self.h.headers, dst);
         put_ld(5, self.addr.as_bytes(), dst);
         for (k, v) in &self.h.metadata {
@@ -810,7 +1145,7 @@ mod tests {
             prop_oneof![Just("GET"), Just("POST"), Just("PURGE")],
             prop_oneof![Just("/"), Just("/a/b?c=d"), Just("https://h.test:8443/x?y"), Just("*")],
             header_map(),
-            proptest::option::of(any::<(u8, u8, u16)>()),
+            proptest::option::of(any::<(u8, u8, u16, bool, u32)>()),
             proptest::collection::btree_map("[a-z]{0,6}", ".{0,10}", 0..4),
         )
             .prop_map(|(id, method, uri, headers, addr, metadata)| {
@@ -820,7 +1155,15 @@ mod tests {
                     uri.parse().unwrap(),
                 );
                 h.headers = headers;
-                h.client_addr = addr.map(|(a, b, port)| std::net::SocketAddr::from(([10, a, b, 1], port)));
+                h.client_addr = addr.map(|(a, b, port, v6, scope)| {
+                    if v6 {
+                        let ip =
+                            std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, u16::from(a), 0, u16::from(b), port);
+                        std::net::SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
+                    } else {
+                        std::net::SocketAddr::from(([a, b, 0, 1], port))
+                    }
+                });
                 h.metadata = metadata;
                 pool_api::Event::RequestHeaders(h)
             });
@@ -887,7 +1230,7 @@ mod tests {
             let mut buf = BytesMut::new();
             proxy.encode(EventFrame { stream_id, event: event.clone() }, &mut buf).unwrap();
             let body = bytes::Bytes::copy_from_slice(&buf[4..]);
-            let direct = direct::request_headers(body.clone());
+            let direct = direct::request_headers(&body);
             if matches!(event, pool_api::Event::RequestHeaders(_)) {
                 proptest::prop_assert!(direct.is_some(), "canonical request headers take the direct path");
             }
@@ -907,7 +1250,7 @@ mod tests {
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
         ) {
             let body = bytes::Bytes::from(data);
-            if let Some(direct) = direct::request_headers(body.clone()) {
+            if let Some(direct) = direct::request_headers(&body) {
                 let reference = reference(body);
                 let same = match (&direct, &reference) {
                     ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -937,7 +1280,7 @@ mod tests {
                 let mut mutated = body.clone();
                 mutated[i] ^= flip;
                 let mutated = mutated.freeze();
-                if let Some(direct) = direct::request_headers(mutated.clone()) {
+                if let Some(direct) = direct::request_headers(&mutated) {
                     let reference = reference(mutated);
                     let same = match (&direct, &reference) {
                         ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -1030,6 +1373,117 @@ mod tests {
             };
             Encoder::<AgentFrame>::encode(&mut codec, frame, &mut reference).unwrap();
             proptest::prop_assert_eq!(&direct[..], &reference[..]);
+        }
+    }
+
+    /// What the proxy side would get by decoding with prost and converting, as text (a NaN
+    /// confidence is not equal to itself).
+    fn reference_decision(frame: bytes::Bytes) -> Option<(u64, Result<String, ()>)> {
+        match AgentFrame::decode(frame).ok()? {
+            AgentFrame { stream_id, body: Some(pool_api::proto::agent_frame::Body::Decision(d)) } => {
+                Some((stream_id, pool_api::Decision::try_from(d).map(|d| format!("{d:?}")).map_err(|_| ())))
+            }
+            _ => None,
+        }
+    }
+
+    fn direct_decision_agrees(body: bytes::Bytes) -> Result<(), String> {
+        if let Some((stream_id, decision)) = direct::decision(&body) {
+            let reference = reference_decision(body);
+            if reference != Some((stream_id, Ok(format!("{decision:?}")))) {
+                return Err(format!("direct {decision:?} vs prost {reference:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every decision but a challenge or a body mutation takes the direct path.
+    fn canonical_decision_kinds_take_the_direct_path(d: &pool_api::Decision) -> bool {
+        !matches!(d.action, pool_api::Action::Challenge { .. }) && d.body.is_none()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_direct_decision_decoder_agrees_with_the_schema_on_valid_decisions(
+            decision in decision(),
+            stream_id in proptest::prelude::any::<u64>(),
+        ) {
+            let mut agent: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(1 << 20);
+            let mut buf = BytesMut::new();
+            agent.encode(Outbound::Decision { stream_id, decision: decision.clone() }, &mut buf).unwrap();
+            let body = bytes::Bytes::copy_from_slice(&buf[4..]);
+            if canonical_decision_kinds_take_the_direct_path(&decision) {
+                proptest::prop_assert!(direct::decision(&body).is_some(), "{:?} takes the direct path", decision);
+            }
+            direct_decision_agrees(body).map_err(proptest::test_runner::TestCaseError::fail)?;
+            // The proxy's codec reads it back, whichever path it takes.
+            let mut proxy: FrameCodec<FromAgent, ProxyFrame> = FrameCodec::new(1 << 20);
+            let back = match proxy.decode(&mut buf).unwrap().unwrap() {
+                FromAgent::Decision { stream_id: id, decision } => {
+                    proptest::prop_assert_eq!(id, stream_id);
+                    decision
+                }
+                FromAgent::Frame(AgentFrame { stream_id: id, body: Some(pool_api::proto::agent_frame::Body::Decision(d)) }) => {
+                    proptest::prop_assert_eq!(id, stream_id);
+                    pool_api::Decision::try_from(d).unwrap()
+                }
+                other => panic!("not a decision: {other:?}"),
+            };
+            proptest::prop_assert_eq!(format!("{back:?}"), format!("{decision:?}"));
+        }
+
+        #[test]
+        fn the_direct_decision_decoder_agrees_with_the_schema_on_any_bytes(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            direct_decision_agrees(bytes::Bytes::from(data)).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn mutated_decision_frames_decode_alike_both_ways() {
+        use pool_api::{Action, Decision, HeaderOp};
+        let mut block_headers = http::HeaderMap::new();
+        block_headers.insert("x-b", http::HeaderValue::from_static("1"));
+        let decisions = [
+            Decision::allow().with_response_header(HeaderOp::Set {
+                name: http::HeaderName::from_static("x-waf"),
+                value: http::HeaderValue::from_static("checked"),
+            }),
+            Decision {
+                action: Action::Block {
+                    status: http::StatusCode::FORBIDDEN,
+                    headers: block_headers,
+                    body: bytes::Bytes::from_static(b"no"),
+                },
+                request_headers: vec![HeaderOp::Remove { name: http::HeaderName::from_static("x-r") }],
+                needs_more: true,
+                ..Decision::allow()
+            }
+            .with_rule("r-1")
+            .with_tag("t"),
+            Decision {
+                action: Action::Redirect { location: "/l".into(), status: http::StatusCode::FOUND },
+                ..Decision::allow()
+            },
+        ];
+        for decision in decisions {
+            let mut agent: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(1 << 20);
+            let mut buf = BytesMut::new();
+            agent
+                .encode(Outbound::Decision { stream_id: 300, decision: decision.clone() }, &mut buf)
+                .unwrap();
+            let body = buf.split_off(4);
+            assert!(direct::decision(&body.clone().freeze()).is_some(), "{decision:?}");
+            for i in 0..body.len() {
+                for flip in [0x01u8, 0x80, 0xff] {
+                    let mut mutated = body.clone();
+                    mutated[i] ^= flip;
+                    if let Err(e) = direct_decision_agrees(mutated.freeze()) {
+                        panic!("byte {i} ^ {flip:#x}: {e}");
+                    }
+                }
+            }
         }
     }
 }

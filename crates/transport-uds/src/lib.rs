@@ -36,6 +36,7 @@ mod client;
 pub mod codec;
 pub mod reverse;
 mod server;
+mod streams;
 
 pub use client::{ClientConfig, PeerCredentials, SocketPath, UdsConnection, UdsConnector};
 pub use reverse::{

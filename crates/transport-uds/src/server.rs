@@ -7,7 +7,6 @@
 //! (new events are answered with an error) while running requests finish. Health, flow-control
 //! and configuration-update messages can be sent at any time through a [`ServerHandle`].
 
-use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -28,6 +27,7 @@ use tokio_util::codec::Framed;
 
 use crate::client::PeerCredentials;
 use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound, Outbound};
+use crate::streams::StreamMap;
 
 /// Settings of the agent side.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,7 +281,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
     let permits = Arc::new(Semaphore::new(limit));
     // Requests whose handler is running, by stream id: a cancel aborts the task; the answer
     // (or the panic guard's error) removes the entry.
-    let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+    let mut running: StreamMap<AbortHandle> = StreamMap::default();
     let mut draining = false;
     loop {
         tokio::select! {
