@@ -1,11 +1,14 @@
 //! The proxy side: a [`Connector`] for `unix:` endpoints and the connection it opens.
 //!
 //! Each connection is one task that owns the socket. Requests get a numeric stream id and wait
-//! in a map for the answer with that id, so any number are in flight at once; writes are
-//! batched (`feed` each queued frame, one `flush`). End of stream, a frame that does not
-//! decode, an unknown message or an invalid answer ends the connection: every pending request
-//! fails at once with [`TransportError::Closed`] naming the connection and the reason, and the
-//! connection's signals publish `open: false`.
+//! in a map for the answer with that id, so any number are in flight at once. The caller
+//! encodes its own frame into the connection's write buffer and registers its request in the
+//! same critical section (no channel, no copy of the event); the task is woken only when the
+//! buffer goes from empty to not empty, and writes everything queued with one write. The task
+//! reads answers and hands each straight to its waiting request. End of stream, a frame that
+//! does not decode, an unknown message or an invalid answer ends the connection: every pending
+//! request fails at once with [`TransportError::Closed`] naming the connection and the reason,
+//! and the connection's signals publish `open: false`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::{
@@ -21,11 +25,11 @@ use pool_api::{
     Event, Hello, PendingConnection, TransportError,
 };
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use crate::codec::{DEFAULT_MAX_FRAME, EventFrame, FrameCodec, FrameError, FromAgent};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, FromAgent};
 use crate::streams::StreamMap;
 
 /// Who the agent at the other end of the socket must be.
@@ -231,22 +235,9 @@ impl PendingConnection for Pending {
     }
 }
 
-/// What the handle asks of the connection's task.
-enum Command {
-    Send { stream: u64, event: Event, reply: oneshot::Sender<Result<Decision, TransportError>> },
-    Cancel { correlation_id: CorrelationId, reason: CancelReason },
-    Abandon { stream: u64 },
-    Ping { stream: u64, reply: oneshot::Sender<Duration> },
-    Push { push: ConfigPush, reply: oneshot::Sender<ConfigAck> },
-    Answer(ConfigUpdateAnswer),
-    Drain,
-    Close,
-}
-
 /// A connection's task that has not started yet.
 pub(crate) struct PreparedTask {
     task: Task,
-    commands: mpsc::UnboundedReceiver<Command>,
 }
 
 impl PreparedTask {
@@ -258,27 +249,63 @@ impl PreparedTask {
     /// Ends the connection before it ever ran: anything already queued fails with `reason`.
     pub(crate) fn abort(mut self, reason: &str) {
         self.task.shut(reason);
-        self.commands.close();
-        let error = self.task.core.closed_error();
-        while let Ok(command) = self.commands.try_recv() {
-            if let Command::Send { reply, .. } = command {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
     }
 
     /// Starts the task.
     pub(crate) fn spawn(self) {
-        tokio::spawn(self.task.run(self.commands));
+        tokio::spawn(self.task.run());
     }
 }
 
-/// State shared by the handle and the task.
+/// State shared by the handle, the requests in flight and the task.
 struct Core {
     label: String,
     open: AtomicBool,
     reason: Mutex<Option<String>>,
     signals: watch::Sender<ConnectionSignals>,
+    out: Mutex<Outgoing>,
+    /// Signalled when [`Outgoing`] gets something for the task to do while it had nothing.
+    ready: Notify,
+}
+
+/// What the handle and the task share under one lock: frames to write, encoded by whoever
+/// produces them in the order they are produced, and whatever waits for an answer. A request
+/// is registered in the same critical section that queues its frame, so its answer always
+/// finds it.
+struct Outgoing {
+    codec: FrameCodec<FromAgent, proto::ProxyFrame>,
+    buf: BytesMut,
+    pending: StreamMap<PendingRequest>,
+    pings: StreamMap<(Instant, oneshot::Sender<Duration>)>,
+    pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
+    /// Why the task must stop before writing anything more (a frame that could not be
+    /// encoded, a close asked for), if it must.
+    stop: Option<String>,
+    /// The handle was dropped: the task ends once nothing waits for an answer.
+    orphaned: bool,
+    /// The task has been woken and has not looked yet.
+    signalled: bool,
+    /// The task has ended: nothing more is queued.
+    closed: bool,
+}
+
+impl Outgoing {
+    /// True if the task has something to do: frames to write, a reason to stop, or nothing
+    /// left to wait for after the handle was dropped.
+    fn has_work(&self) -> bool {
+        !self.buf.is_empty() || self.stop.is_some() || (self.orphaned && self.pending.is_empty())
+    }
+
+    /// Queues `message` as a frame; a message over the frame limit ends the connection.
+    fn write(&mut self, message: &impl prost::Message) {
+        if let Err(e) = self.codec.encode_message(message, &mut self.buf) {
+            self.stop.get_or_insert(format!("write failed: {e}"));
+        }
+    }
+
+    fn frame(&mut self, stream_id: u64, body: proxy_frame::Body) {
+        self.write(&proto::ProxyFrame { stream_id, body: Some(body) });
+    }
 }
 
 impl Core {
@@ -298,12 +325,32 @@ impl Core {
             self.signals.send_modify(|s| s.open = false);
         }
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outgoing> {
+        self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the shared state unless the task has ended (then returns `None`), and
+    /// wakes the task if it now has something to do and has not been woken for it yet.
+    fn with<T>(&self, f: impl FnOnce(&mut Outgoing) -> T) -> Option<T> {
+        let mut out = self.lock();
+        if out.closed {
+            return None;
+        }
+        let result = f(&mut out);
+        let wake = !out.signalled && out.has_work();
+        out.signalled |= wake;
+        drop(out);
+        if wake {
+            self.ready.notify_one();
+        }
+        Some(result)
+    }
 }
 
 /// One live connection to an agent over a Unix socket.
 pub struct UdsConnection {
     core: Arc<Core>,
-    commands: mpsc::UnboundedSender<Command>,
     capabilities: Capabilities,
     next_stream: AtomicU64,
     updates: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ConfigUpdateRequest>>>,
@@ -318,6 +365,12 @@ impl std::fmt::Debug for UdsConnection {
     }
 }
 
+impl Drop for UdsConnection {
+    fn drop(&mut self) {
+        self.core.with(|out| out.orphaned = true);
+    }
+}
+
 impl UdsConnection {
     fn start(framed: ProxyFramed, capabilities: Capabilities, label: String) -> Arc<Self> {
         let (connection, task) = Self::prepare(framed, capabilities, label);
@@ -325,7 +378,7 @@ impl UdsConnection {
         connection
     }
 
-    /// The connection and its task, not yet running: commands queue up until the task is
+    /// The connection and its task, not yet running: requests queue up until the task is
     /// spawned, so a transport can still write its own frames first (a reverse registration's
     /// answer).
     pub(crate) fn prepare(
@@ -333,37 +386,42 @@ impl UdsConnection {
         capabilities: Capabilities,
         label: String,
     ) -> (Arc<Self>, PreparedTask) {
-        let (commands, command_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        let mut framed = framed.map_codec(FrameCodec::retype);
+        let codec = FrameCodec::new(framed.codec().limit());
+        // Writes are flushed once per batch: don't flush in the middle of one.
+        framed.set_backpressure_boundary(WRITE_BATCH);
         let core = Arc::new(Core {
             label,
             open: AtomicBool::new(true),
             reason: Mutex::new(None),
             signals: watch::Sender::new(ConnectionSignals::open()),
+            out: Mutex::new(Outgoing {
+                codec,
+                buf: BytesMut::new(),
+                pending: StreamMap::default(),
+                pings: StreamMap::default(),
+                pushes: HashMap::new(),
+                stop: None,
+                orphaned: false,
+                signalled: false,
+                closed: false,
+            }),
+            ready: Notify::new(),
         });
-        let mut framed = framed.map_codec(FrameCodec::retype);
-        // Writes are flushed once per batch: don't flush in the middle of one.
-        framed.set_backpressure_boundary(WRITE_BATCH);
-        let task = Task {
-            core: core.clone(),
-            framed,
-            pending: StreamMap::default(),
-            pings: HashMap::new(),
-            pushes: HashMap::new(),
-            updates: Some(updates_tx),
-        };
+        let task = Task { core: core.clone(), framed, updates: Some(updates_tx) };
         let connection = Arc::new(Self {
             core,
-            commands,
             capabilities,
             next_stream: AtomicU64::new(1),
             updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
         });
-        (connection, PreparedTask { task, commands: command_rx })
+        (connection, PreparedTask { task })
     }
 
-    fn enqueue(&self, command: Command) -> Result<(), TransportError> {
-        self.commands.send(command).map_err(|_| self.core.closed_error())
+    /// Runs `f` on the shared state, or fails with the connection's closing error.
+    fn with<T>(&self, f: impl FnOnce(&mut Outgoing) -> T) -> Result<T, TransportError> {
+        self.core.with(f).ok_or_else(|| self.core.closed_error())
     }
 
     fn stream(&self) -> u64 {
@@ -377,9 +435,9 @@ fn ready<T: Send + 'static>(
     Box::pin(std::future::ready(value))
 }
 
-/// Tells the task a `send` was dropped before its answer came.
+/// Tells the agent a `send` was dropped before its answer came.
 struct AbandonGuard {
-    commands: mpsc::UnboundedSender<Command>,
+    core: Arc<Core>,
     stream: u64,
     answered: bool,
 }
@@ -387,7 +445,16 @@ struct AbandonGuard {
 impl Drop for AbandonGuard {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self.commands.send(Command::Abandon { stream: self.stream });
+            let stream = self.stream;
+            self.core.with(|out| {
+                if let Some(p) = out.pending.remove(&stream) {
+                    let cancel = pool_api::Cancel {
+                        correlation_id: p.correlation_id,
+                        reason: CancelReason::Abandoned,
+                    };
+                    out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                }
+            });
         }
     }
 }
@@ -417,22 +484,44 @@ impl AgentConnection for UdsConnection {
         }
         let stream = self.stream();
         let (reply, answer) = oneshot::channel();
-        if let Err(e) = self.enqueue(Command::Send { stream, event, reply }) {
+        let queued = self.with(|out| {
+            if let Err(e) = out.codec.encode_event(stream, &event, &mut out.buf) {
+                // As a failed write: the connection ends and this request fails with it.
+                out.stop.get_or_insert(format!("write failed: {e}"));
+            }
+            let correlation_id = event.correlation_id().clone();
+            out.pending.insert(stream, PendingRequest { correlation_id, reply });
+        });
+        drop(event);
+        if let Err(e) = queued {
             return ready(Err(e));
         }
-        let guard = AbandonGuard { commands: self.commands.clone(), stream, answered: false };
-        let core = self.core.clone();
+        let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
         Box::pin(async move {
             // Moved in whole: dropping this future before the answer is what abandons it.
             let mut guard = guard;
-            let result = answer.await.unwrap_or_else(|_| Err(core.closed_error()));
+            let result = answer.await.unwrap_or_else(|_| Err(guard.core.closed_error()));
             guard.answered = true;
             result
         })
     }
 
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
-        let _ = self.enqueue(Command::Cancel { correlation_id: correlation_id.clone(), reason });
+        let _ = self.with(|out| {
+            let streams: Vec<u64> = out
+                .pending
+                .iter()
+                .filter(|(_, p)| p.correlation_id == *correlation_id)
+                .map(|(s, _)| *s)
+                .collect();
+            for stream in streams {
+                if let Some(p) = out.pending.remove(&stream) {
+                    let _ = p.reply.send(Err(TransportError::Cancelled(reason)));
+                    let cancel = pool_api::Cancel { correlation_id: p.correlation_id, reason };
+                    out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                }
+            }
+        });
     }
 
     fn signals(&self) -> watch::Receiver<ConnectionSignals> {
@@ -441,7 +530,11 @@ impl AgentConnection for UdsConnection {
 
     fn ping(&self) -> BoxFuture<'static, Result<Duration, TransportError>> {
         let (reply, pong) = oneshot::channel();
-        if let Err(e) = self.enqueue(Command::Ping { stream: self.stream(), reply }) {
+        let stream = self.stream();
+        if let Err(e) = self.with(|out| {
+            out.pings.insert(stream, (Instant::now(), reply));
+            out.frame(stream, proxy_frame::Body::Ping(proto::Ping {}));
+        }) {
             return ready(Err(e));
         }
         let core = self.core.clone();
@@ -456,7 +549,11 @@ impl AgentConnection for UdsConnection {
             }));
         }
         let (reply, ack) = oneshot::channel();
-        if let Err(e) = self.enqueue(Command::Push { push, reply }) {
+        if let Err(e) = self.with(|out| {
+            let id = push.push_id;
+            out.pushes.insert(id, reply);
+            out.frame(id, proxy_frame::Body::ConfigPush(push.into()));
+        }) {
             return ready(Err(e));
         }
         let core = self.core.clone();
@@ -469,18 +566,21 @@ impl AgentConnection for UdsConnection {
     }
 
     fn answer_config_update(&self, answer: ConfigUpdateAnswer) {
-        let _ = self.enqueue(Command::Answer(answer));
+        let _ = self.with(|out| out.frame(0, proxy_frame::Body::ConfigUpdateAnswer(answer.into())));
     }
 
     fn drain(&self) {
         if self.is_open() {
             self.core.signals.send_modify(|s| s.draining = true);
-            let _ = self.enqueue(Command::Drain);
+            let _ = self.with(|out| out.frame(0, proxy_frame::Body::Drain(proto::Drain {})));
         }
     }
 
     fn close(&self) {
-        let _ = self.enqueue(Command::Close);
+        let _ = self.with(|out| {
+            out.frame(0, proxy_frame::Body::Shutdown(proto::Shutdown {}));
+            out.stop.get_or_insert_with(|| "closed by the proxy".into());
+        });
     }
 }
 
@@ -517,9 +617,6 @@ const WRITE_BATCH: usize = 64 * 1024;
 struct Task {
     core: Arc<Core>,
     framed: ConnectionFramed,
-    pending: StreamMap<PendingRequest>,
-    pings: HashMap<u64, (Instant, oneshot::Sender<Duration>)>,
-    pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
     updates: Option<mpsc::UnboundedSender<ConfigUpdateRequest>>,
 }
 
@@ -529,40 +626,57 @@ enum Stop {
 }
 
 impl Task {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    async fn run(mut self) {
+        let core = self.core.clone();
+        let ready = core.ready.notified();
+        tokio::pin!(ready);
         let Stop::Closed(reason) = loop {
             tokio::select! {
-                command = commands.recv() => {
-                    let Some(first) = command else { break Stop::Closed("every handle was dropped".into()) };
+                () = &mut ready => {
+                    ready.set(core.ready.notified());
                     // With other requests in flight, more sends are likely runnable right now
-                    // (woken by the answers just read): let them queue up first, so one flush
+                    // (woken by the answers just read): let them queue up first, so one write
                     // carries them all instead of one write per request. A lone request is
                     // written at once.
-                    if !self.pending.is_empty() {
+                    if !core.lock().pending.is_empty() {
                         tokio::task::yield_now().await;
                     }
-                    // Take everything queued, write it all, flush once.
-                    let mut next = Some(first);
-                    let mut outcome = Ok(());
-                    while let Some(command) = next {
-                        outcome = self.handle(command).await;
-                        if outcome.is_err() {
-                            break;
+                    let (stop, orphaned) = {
+                        let mut out = core.lock();
+                        let write = self.framed.write_buffer_mut();
+                        if write.is_empty() {
+                            std::mem::swap(write, &mut out.buf);
+                        } else {
+                            write.extend_from_slice(&out.buf);
+                            out.buf.clear();
                         }
-                        next = commands.try_recv().ok();
+                        out.signalled = false;
+                        (out.stop.take(), out.orphaned && out.pending.is_empty())
+                    };
+                    let flushed = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await;
+                    if let Some(reason) = stop {
+                        break Stop::Closed(reason);
                     }
-                    if let Err(stop) = outcome {
-                        break stop;
-                    }
-                    if let Err(e) = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await {
+                    if let Err(e) = flushed {
                         break Stop::Closed(format!("write failed: {e}"));
+                    }
+                    if orphaned {
+                        break Stop::Closed("every handle was dropped".into());
                     }
                 }
                 frame = self.framed.next() => match frame {
                     Some(Ok(FromAgent::Decision { stream_id, decision })) => {
                         // An answer to a request cancelled or abandoned meanwhile is simply late.
-                        if let Some(p) = self.pending.remove(&stream_id) {
+                        let (waiting, orphaned) = {
+                            let mut out = core.lock();
+                            let waiting = out.pending.remove(&stream_id);
+                            (waiting, out.orphaned && out.pending.is_empty())
+                        };
+                        if let Some(p) = waiting {
                             let _ = p.reply.send(Ok(decision));
+                        }
+                        if orphaned {
+                            break Stop::Closed("every handle was dropped".into());
                         }
                     }
                     Some(Ok(FromAgent::Frame(frame))) => {
@@ -586,71 +700,21 @@ impl Task {
         tracing::debug!(connection = %self.core.label, reason, "connection closed");
         self.core.mark_closed(reason);
         let error = self.core.closed_error();
-        for (_, p) in self.pending.drain() {
+        let (pending, pings, pushes) = {
+            let mut out = self.core.lock();
+            out.closed = true;
+            out.buf = BytesMut::new();
+            (
+                std::mem::take(&mut out.pending),
+                std::mem::take(&mut out.pings),
+                std::mem::take(&mut out.pushes),
+            )
+        };
+        for (_, p) in pending {
             let _ = p.reply.send(Err(error.clone()));
         }
-        self.pings.clear();
-        self.pushes.clear();
+        drop((pings, pushes));
         self.updates = None;
-    }
-
-    async fn write(&mut self, stream_id: u64, body: proxy_frame::Body) -> Result<(), Stop> {
-        let frame = proto::ProxyFrame { stream_id, body: Some(body) };
-        self.framed.feed(frame).await.map_err(|e| Stop::Closed(format!("write failed: {e}")))
-    }
-
-    async fn handle(&mut self, command: Command) -> Result<(), Stop> {
-        match command {
-            Command::Send { stream, event, reply } => {
-                let correlation_id = event.correlation_id().clone();
-                self.pending.insert(stream, PendingRequest { correlation_id, reply });
-                let frame = EventFrame { stream_id: stream, event };
-                self.framed.feed(frame).await.map_err(|e| Stop::Closed(format!("write failed: {e}")))?;
-            }
-            Command::Cancel { correlation_id, reason } => {
-                let streams: Vec<u64> = self
-                    .pending
-                    .iter()
-                    .filter(|(_, p)| p.correlation_id == correlation_id)
-                    .map(|(s, _)| *s)
-                    .collect();
-                for stream in streams {
-                    if let Some(p) = self.pending.remove(&stream) {
-                        let _ = p.reply.send(Err(TransportError::Cancelled(reason)));
-                        let cancel = pool_api::Cancel { correlation_id: p.correlation_id, reason };
-                        self.write(stream, proxy_frame::Body::Cancel(cancel.into())).await?;
-                    }
-                }
-            }
-            Command::Abandon { stream } => {
-                if let Some(p) = self.pending.remove(&stream) {
-                    let cancel = pool_api::Cancel {
-                        correlation_id: p.correlation_id,
-                        reason: CancelReason::Abandoned,
-                    };
-                    self.write(stream, proxy_frame::Body::Cancel(cancel.into())).await?;
-                }
-            }
-            Command::Ping { stream, reply } => {
-                self.pings.insert(stream, (Instant::now(), reply));
-                self.write(stream, proxy_frame::Body::Ping(proto::Ping {})).await?;
-            }
-            Command::Push { push, reply } => {
-                let id = push.push_id;
-                self.pushes.insert(id, reply);
-                self.write(id, proxy_frame::Body::ConfigPush(push.into())).await?;
-            }
-            Command::Answer(answer) => {
-                self.write(0, proxy_frame::Body::ConfigUpdateAnswer(answer.into())).await?;
-            }
-            Command::Drain => self.write(0, proxy_frame::Body::Drain(proto::Drain {})).await?,
-            Command::Close => {
-                self.write(0, proxy_frame::Body::Shutdown(proto::Shutdown {})).await?;
-                let _ = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await;
-                return Err(Stop::Closed("closed by the proxy".into()));
-            }
-        }
-        Ok(())
     }
 
     fn on_frame(&mut self, frame: proto::AgentFrame) -> Result<(), Stop> {
@@ -661,17 +725,20 @@ impl Task {
             Some(Body::Decision(d)) => {
                 let decision = Decision::try_from(d).map_err(|e| protocol(e.to_string()))?;
                 // An answer to a request cancelled or abandoned meanwhile is simply late.
-                if let Some(p) = self.pending.remove(&stream) {
+                let waiting = self.core.lock().pending.remove(&stream);
+                if let Some(p) = waiting {
                     let _ = p.reply.send(Ok(decision));
                 }
             }
             Some(Body::Error(e)) => {
-                if let Some(p) = self.pending.remove(&stream) {
+                let waiting = self.core.lock().pending.remove(&stream);
+                if let Some(p) = waiting {
                     let _ = p.reply.send(Err(TransportError::Agent(AgentError::new(e.message))));
                 }
             }
             Some(Body::Pong(_)) => {
-                if let Some((sent, reply)) = self.pings.remove(&stream) {
+                let waiting = self.core.lock().pings.remove(&stream);
+                if let Some((sent, reply)) = waiting {
                     let _ = reply.send(sent.elapsed());
                 }
             }
@@ -684,7 +751,8 @@ impl Task {
                 self.core.signals.send_modify(|s| s.flow = s.flow.apply(signal));
             }
             Some(Body::ConfigAck(a)) => {
-                if let Some(reply) = self.pushes.remove(&a.push_id) {
+                let waiting = self.core.lock().pushes.remove(&a.push_id);
+                if let Some(reply) = waiting {
                     let _ = reply.send(a.into());
                 }
             }

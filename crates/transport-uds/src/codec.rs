@@ -41,6 +41,7 @@ pub enum FrameError {
 pub struct FrameCodec<In, Out> {
     inner: LengthDelimitedCodec,
     limit: usize,
+    names: direct::Names,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -52,7 +53,7 @@ impl<In, Out> FrameCodec<In, Out> {
             .length_field_length(4)
             .max_frame_length(limit)
             .new_codec();
-        Self { inner, limit, _types: PhantomData }
+        Self { inner, limit, names: direct::Names::default(), _types: PhantomData }
     }
 }
 
@@ -87,9 +88,7 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        self.header(item.encoded_len(), dst)?;
-        item.encode(dst).expect("capacity reserved");
-        Ok(())
+        self.encode_message(&item, dst)
     }
 }
 
@@ -167,14 +166,38 @@ impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
     type Error = FrameError;
 
     fn encode(&mut self, item: EventFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
-        match &item.event {
+        match item.event {
+            e @ (pool_api::Event::RequestHeaders(_) | pool_api::Event::ResponseHeaders(_)) => {
+                self.encode_event(item.stream_id, &e, dst)
+            }
+            other => {
+                let frame = proto::ProxyFrame {
+                    stream_id: item.stream_id,
+                    body: Some(proto::proxy_frame::Body::Event(other.into())),
+                };
+                Encoder::<proto::ProxyFrame>::encode(self, frame, dst)
+            }
+        }
+    }
+}
+
+impl<In> FrameCodec<In, proto::ProxyFrame> {
+    /// Encodes request `stream_id`'s event from a borrowed value, byte for byte what
+    /// [`EventFrame`] encodes to (events other than headers are converted from a clone).
+    pub fn encode_event(
+        &self,
+        stream_id: u64,
+        event: &pool_api::Event,
+        dst: &mut BytesMut,
+    ) -> Result<(), FrameError> {
+        match event {
             pool_api::Event::RequestHeaders(h) => {
                 let uri = UriText::new(&h.uri);
                 let addr = AddrText::new(h.client_addr);
                 let fields = RequestFields { h, uri: &uri, addr: addr.as_str() };
                 let event = fields.len();
-                let mut dst = self.frame(frame_len(item.stream_id, EVENT_REQUEST_HEADERS, event), dst)?;
-                frame_prefix(item.stream_id, EVENT_REQUEST_HEADERS, event, &mut dst);
+                let mut dst = self.frame(frame_len(stream_id, EVENT_REQUEST_HEADERS, event), dst)?;
+                frame_prefix(stream_id, EVENT_REQUEST_HEADERS, event, &mut dst);
                 fields.write(&mut dst);
                 dst.finish();
                 Ok(())
@@ -182,20 +205,29 @@ impl<In> Encoder<EventFrame> for FrameCodec<In, proto::ProxyFrame> {
             pool_api::Event::ResponseHeaders(h) => {
                 let fields = ResponseFields { h };
                 let event = fields.len();
-                let mut dst = self.frame(frame_len(item.stream_id, EVENT_RESPONSE_HEADERS, event), dst)?;
-                frame_prefix(item.stream_id, EVENT_RESPONSE_HEADERS, event, &mut dst);
+                let mut dst = self.frame(frame_len(stream_id, EVENT_RESPONSE_HEADERS, event), dst)?;
+                frame_prefix(stream_id, EVENT_RESPONSE_HEADERS, event, &mut dst);
                 fields.write(&mut dst);
                 dst.finish();
                 Ok(())
             }
-            _ => {
+            other => {
                 let frame = proto::ProxyFrame {
-                    stream_id: item.stream_id,
-                    body: Some(proto::proxy_frame::Body::Event(item.event.into())),
+                    stream_id,
+                    body: Some(proto::proxy_frame::Body::Event(other.clone().into())),
                 };
-                Encoder::<proto::ProxyFrame>::encode(self, frame, dst)
+                self.encode_message(&frame, dst)
             }
         }
+    }
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// Encodes any message of the schema as one frame.
+    pub fn encode_message(&self, message: &impl Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.header(message.encoded_len(), dst)?;
+        message.encode(dst).expect("capacity reserved");
+        Ok(())
     }
 }
 
@@ -234,21 +266,32 @@ impl<In> Encoder<Outbound> for FrameCodec<In, proto::AgentFrame> {
     fn encode(&mut self, item: Outbound, dst: &mut BytesMut) -> Result<(), FrameError> {
         match item {
             Outbound::Frame(frame) => Encoder::<proto::AgentFrame>::encode(self, frame, dst),
-            Outbound::Decision { stream_id, decision } => {
-                let fields = decision::len(&decision);
-                let stream =
-                    if stream_id == 0 { 0 } else { key_len(FRAME_STREAM_ID) + encoded_len_varint(stream_id) };
-                let mut dst = self.frame(stream + msg_len(AGENT_FRAME_DECISION, fields), dst)?;
-                if stream_id != 0 {
-                    dst.key(FRAME_STREAM_ID, WireType::Varint);
-                    dst.varint(stream_id);
-                }
-                put_msg_header(AGENT_FRAME_DECISION, fields, &mut dst);
-                decision::write(&decision, &mut dst);
-                dst.finish();
-                Ok(())
-            }
+            Outbound::Decision { stream_id, decision } => self.encode_decision(stream_id, &decision, dst),
         }
+    }
+}
+
+impl<In> FrameCodec<In, proto::AgentFrame> {
+    /// Encodes the answer to request `stream_id` from a borrowed decision, byte for byte what
+    /// `Outbound::Decision` encodes to.
+    pub fn encode_decision(
+        &self,
+        stream_id: u64,
+        decision: &pool_api::Decision,
+        dst: &mut BytesMut,
+    ) -> Result<(), FrameError> {
+        let fields = decision::len(decision);
+        let stream =
+            if stream_id == 0 { 0 } else { key_len(FRAME_STREAM_ID) + encoded_len_varint(stream_id) };
+        let mut dst = self.frame(stream + msg_len(AGENT_FRAME_DECISION, fields), dst)?;
+        if stream_id != 0 {
+            dst.key(FRAME_STREAM_ID, WireType::Varint);
+            dst.varint(stream_id);
+        }
+        put_msg_header(AGENT_FRAME_DECISION, fields, &mut dst);
+        decision::write(decision, &mut dst);
+        dst.finish();
+        Ok(())
     }
 }
 
@@ -459,7 +502,7 @@ impl<Out> Decoder for FrameCodec<Inbound, Out> {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
         let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, event)) = direct::request_headers(&frame) {
+        if let Some((stream_id, event)) = direct::request_headers(&frame, &mut self.names) {
             return Ok(Some(Inbound::Event { stream_id, event }));
         }
         let frame = proto::ProxyFrame::decode(frame)?;
@@ -495,7 +538,7 @@ impl<Out> Decoder for FrameCodec<FromAgent, Out> {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, FrameError> {
         let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, decision)) = direct::decision(&frame) {
+        if let Some((stream_id, decision)) = direct::decision(&frame, &mut self.names) {
             return Ok(Some(FromAgent::Decision { stream_id, decision }));
         }
         Ok(Some(FromAgent::Frame(proto::AgentFrame::decode(frame)?)))
@@ -503,9 +546,14 @@ impl<Out> Decoder for FrameCodec<FromAgent, Out> {
 }
 
 impl<In, Out> FrameCodec<In, Out> {
+    /// The largest frame read or written.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// The same codec (and its state: a frame's length may already be read) decoding `Other`.
     pub(crate) fn retype<Other>(self) -> FrameCodec<Other, Out> {
-        FrameCodec { inner: self.inner, limit: self.limit, _types: PhantomData }
+        FrameCodec { inner: self.inner, limit: self.limit, names: self.names, _types: PhantomData }
     }
 }
 
@@ -525,6 +573,42 @@ mod direct {
 
     fn bad(field: &'static str, problem: impl ToString) -> ProtoError {
         ProtoError { message: M, field, problem: problem.to_string() }
+    }
+
+    /// Header names decoded lately, so a name seen before costs a comparison and a clone (for
+    /// a custom name, a reference count) instead of a parse and, for a custom name, an
+    /// allocation. Direct-mapped: a name has one slot, picked from its length and a few of
+    /// its bytes; a collision only means parsing again.
+    #[derive(Debug, Default)]
+    pub(crate) struct Names {
+        slots: Vec<Option<HeaderName>>,
+    }
+
+    const NAME_SLOTS: usize = 64;
+
+    impl Names {
+        pub(crate) fn get(&mut self, bytes: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+            let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+                return HeaderName::from_bytes(bytes);
+            };
+            if self.slots.is_empty() {
+                self.slots.resize(NAME_SLOTS, None);
+            }
+            let mix = bytes.len()
+                ^ usize::from(first) << 2
+                ^ usize::from(bytes[bytes.len() / 2]) << 4
+                ^ usize::from(bytes[bytes.len() - 2.min(bytes.len())]) << 6
+                ^ usize::from(last) << 8;
+            let slot = &mut self.slots[mix.wrapping_mul(0x9e37_79b9) >> 8 & (NAME_SLOTS - 1)];
+            if let Some(name) = slot
+                && name.as_str().as_bytes() == bytes
+            {
+                return Ok(name.clone());
+            }
+            let name = HeaderName::from_bytes(bytes)?;
+            *slot = Some(name.clone());
+            Ok(name)
+        }
     }
 
     /// One field of a message.
@@ -563,7 +647,7 @@ mod direct {
 
     /// The next field (`None`: not something the direct path reads, or not a valid key:
     /// prost's `decode_key` refuses keys past `u32::MAX` and tag 0).
-    #[inline]
+    #[inline(always)]
     fn field<'a>(buf: &mut &'a [u8]) -> Option<Field<'a>> {
         let key = u32::try_from(varint(buf)?).ok()?;
         let tag = key >> 3;
@@ -610,13 +694,16 @@ mod direct {
     }
 
     /// `ProxyFrame { stream_id = 1, event = 3 { request_headers = 1 { … } } }`.
-    pub(super) fn request_headers(frame: &Bytes) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
+    pub(crate) fn request_headers(
+        frame: &Bytes,
+        names: &mut Names,
+    ) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
         let (stream_id, mut event) = frame_body(frame, 3)?;
         let Field::Bytes(1, fields) = field(&mut event)? else { return None };
         if !event.is_empty() {
             return None;
         }
-        Some((stream_id, parse(frame, fields)?))
+        Some((stream_id, parse(frame, fields, names)?))
     }
 
     /// The fields of a `Header` or `KeyValue` pair (`name`/`key` = 1, `value` = 2).
@@ -635,7 +722,7 @@ mod direct {
     /// Checks the fields (`None`: not canonical) and converts them as `TryFrom` does, in one
     /// pass after counting the headers (so the map is made at its size once). Errors are
     /// reported in `TryFrom`'s order: address, method, URI, then the first bad header.
-    fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<pool_api::Event, ProtoError>> {
+    fn parse(frame: &Bytes, fields: &[u8], names: &mut Names) -> Option<Result<pool_api::Event, ProtoError>> {
         let mut headers = 0;
         let mut buf = fields;
         while !buf.is_empty() {
@@ -655,7 +742,7 @@ mod direct {
                 4 => {
                     let (name, value) = pair(b)?;
                     if header_error.is_none() {
-                        match header(frame, name, value) {
+                        match header(frame, names, name, value) {
                             Ok((name, value)) => {
                                 map.append(name, value);
                             }
@@ -679,8 +766,13 @@ mod direct {
         Some(convert(frame, id, method, uri, map, header_error, addr, metadata))
     }
 
-    fn header(frame: &Bytes, name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), ProtoError> {
-        let name = HeaderName::from_bytes(name).map_err(|e| bad("headers.name", e))?;
+    fn header(
+        frame: &Bytes,
+        names: &mut Names,
+        name: &[u8],
+        value: &[u8],
+    ) -> Result<(HeaderName, HeaderValue), ProtoError> {
+        let name = names.get(name).map_err(|e| bad("headers.name", e))?;
         let value =
             HeaderValue::from_maybe_shared(frame.slice_ref(value)).map_err(|e| bad("headers.value", e))?;
         Ok((name, value))
@@ -717,7 +809,7 @@ mod direct {
 
     /// `AgentFrame { stream_id = 1, decision = 4 { … } }`. Decisions with a challenge or a
     /// body mutation, and anything that would be an error, take the prost path.
-    pub(super) fn decision(frame: &Bytes) -> Option<(u64, Decision)> {
+    pub(crate) fn decision(frame: &Bytes, names: &mut Names) -> Option<(u64, Decision)> {
         let (stream_id, mut buf) = frame_body(frame, 4)?;
         let mut action = None;
         let (mut request_headers, mut response_headers) = (Vec::new(), Vec::new());
@@ -725,10 +817,10 @@ mod direct {
         while !buf.is_empty() {
             match field(&mut buf)? {
                 Field::Bytes(1, b) if action.is_none() && b.is_empty() => action = Some(Action::Allow),
-                Field::Bytes(2, b) if action.is_none() => action = Some(block(frame, b)?),
+                Field::Bytes(2, b) if action.is_none() => action = Some(block(frame, b, names)?),
                 Field::Bytes(3, b) if action.is_none() => action = Some(redirect(b)?),
-                Field::Bytes(5, b) => request_headers.push(op(frame, b)?),
-                Field::Bytes(6, b) => response_headers.push(op(frame, b)?),
+                Field::Bytes(5, b) => request_headers.push(op(frame, b, names)?),
+                Field::Bytes(6, b) => response_headers.push(op(frame, b, names)?),
                 Field::Varint(8, v) => needs_more = v != 0,
                 Field::Bytes(9, b) if audit.is_none() => audit = Some(audit_of(b)?),
                 _ => return None,
@@ -750,7 +842,7 @@ mod direct {
         StatusCode::from_u16(u16::try_from(v).ok()?).ok()
     }
 
-    fn block(frame: &Bytes, mut buf: &[u8]) -> Option<Action> {
+    fn block(frame: &Bytes, mut buf: &[u8], names: &mut Names) -> Option<Action> {
         let (mut code, mut body, mut count) = (0, &[][..], 0);
         let fields = buf;
         while !buf.is_empty() {
@@ -770,7 +862,7 @@ mod direct {
         while let Some(f) = field(&mut buf) {
             if let Field::Bytes(2, b) = f {
                 let (name, value) = pair(b)?;
-                let name = HeaderName::from_bytes(name).ok()?;
+                let name = names.get(name).ok()?;
                 headers.append(name, HeaderValue::from_maybe_shared(frame.slice_ref(value)).ok()?);
             }
         }
@@ -790,7 +882,7 @@ mod direct {
     }
 
     /// `HeaderOp { kind = 1, name = 2, value = 3 }`.
-    fn op(frame: &Bytes, mut buf: &[u8]) -> Option<HeaderOp> {
+    fn op(frame: &Bytes, mut buf: &[u8], names: &mut Names) -> Option<HeaderOp> {
         let (mut kind, mut name, mut value) = (0, &[][..], &[][..]);
         while !buf.is_empty() {
             match field(&mut buf)? {
@@ -800,7 +892,7 @@ mod direct {
                 _ => return None,
             }
         }
-        let name = HeaderName::from_bytes(name).ok()?;
+        let name = names.get(name).ok()?;
         let value = || HeaderValue::from_maybe_shared(frame.slice_ref(value)).ok();
         Some(match kind {
             0 => HeaderOp::Set { name, value: value()? },
@@ -1230,7 +1322,7 @@ mod tests {
             let mut buf = BytesMut::new();
             proxy.encode(EventFrame { stream_id, event: event.clone() }, &mut buf).unwrap();
             let body = bytes::Bytes::copy_from_slice(&buf[4..]);
-            let direct = direct::request_headers(&body);
+            let direct = direct::request_headers(&body, &mut direct::Names::default());
             if matches!(event, pool_api::Event::RequestHeaders(_)) {
                 proptest::prop_assert!(direct.is_some(), "canonical request headers take the direct path");
             }
@@ -1250,7 +1342,7 @@ mod tests {
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
         ) {
             let body = bytes::Bytes::from(data);
-            if let Some(direct) = direct::request_headers(&body) {
+            if let Some(direct) = direct::request_headers(&body, &mut direct::Names::default()) {
                 let reference = reference(body);
                 let same = match (&direct, &reference) {
                     ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -1280,7 +1372,7 @@ mod tests {
                 let mut mutated = body.clone();
                 mutated[i] ^= flip;
                 let mutated = mutated.freeze();
-                if let Some(direct) = direct::request_headers(&mutated) {
+                if let Some(direct) = direct::request_headers(&mutated, &mut direct::Names::default()) {
                     let reference = reference(mutated);
                     let same = match (&direct, &reference) {
                         ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -1388,7 +1480,7 @@ mod tests {
     }
 
     fn direct_decision_agrees(body: bytes::Bytes) -> Result<(), String> {
-        if let Some((stream_id, decision)) = direct::decision(&body) {
+        if let Some((stream_id, decision)) = direct::decision(&body, &mut direct::Names::default()) {
             let reference = reference_decision(body);
             if reference != Some((stream_id, Ok(format!("{decision:?}")))) {
                 return Err(format!("direct {decision:?} vs prost {reference:?}"));
@@ -1413,7 +1505,7 @@ mod tests {
             agent.encode(Outbound::Decision { stream_id, decision: decision.clone() }, &mut buf).unwrap();
             let body = bytes::Bytes::copy_from_slice(&buf[4..]);
             if canonical_decision_kinds_take_the_direct_path(&decision) {
-                proptest::prop_assert!(direct::decision(&body).is_some(), "{:?} takes the direct path", decision);
+                proptest::prop_assert!(direct::decision(&body, &mut direct::Names::default()).is_some(), "{:?} takes the direct path", decision);
             }
             direct_decision_agrees(body).map_err(proptest::test_runner::TestCaseError::fail)?;
             // The proxy's codec reads it back, whichever path it takes.
@@ -1474,7 +1566,10 @@ mod tests {
                 .encode(Outbound::Decision { stream_id: 300, decision: decision.clone() }, &mut buf)
                 .unwrap();
             let body = buf.split_off(4);
-            assert!(direct::decision(&body.clone().freeze()).is_some(), "{decision:?}");
+            assert!(
+                direct::decision(&body.clone().freeze(), &mut direct::Names::default()).is_some(),
+                "{decision:?}"
+            );
             for i in 0..body.len() {
                 for flip in [0x01u8, 0x80, 0xff] {
                     let mut mutated = body.clone();

@@ -6,6 +6,10 @@
 //! answers a request it could not read, and never answers "allow" for it. Drain stops new work
 //! (new events are answered with an error) while running requests finish. Health, flow-control
 //! and configuration-update messages can be sent at any time through a [`ServerHandle`].
+//!
+//! Request tasks encode their answers straight into their connection's write buffer; the
+//! connection's task is woken when the buffer goes from empty to not empty and writes
+//! everything queued at once.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -14,16 +18,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::{
-    AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, FlowControl,
+    AgentError, AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, FlowControl,
     PROTOCOL_VERSION,
 };
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::{AbortHandle, JoinSet};
-use tokio_util::codec::Framed;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::codec::{Encoder, Framed};
 
 use crate::client::PeerCredentials;
 use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound, Outbound};
@@ -82,7 +87,7 @@ pub enum ServeError {
 /// Sends agent-initiated messages to every connected proxy.
 #[derive(Clone, Default)]
 pub struct ServerHandle {
-    connections: Arc<Mutex<Vec<mpsc::UnboundedSender<Outbound>>>>,
+    connections: Arc<Mutex<Vec<Arc<Out>>>>,
     next_request: Arc<AtomicU64>,
 }
 
@@ -96,7 +101,7 @@ impl ServerHandle {
     fn broadcast(&self, body: agent_frame::Body) {
         let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
         let mut conns = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        conns.retain(|c| c.send(Outbound::Frame(frame.clone())).is_ok());
+        conns.retain(|c| c.push(Outbound::Frame(frame.clone())));
     }
 
     /// Reports the agent's health to every proxy connected.
@@ -268,6 +273,102 @@ pub(crate) fn concurrency_limit(capabilities: &pool_api::Capabilities) -> usize 
     capabilities.max_concurrency.map(|n| n.get() as usize).unwrap_or(Semaphore::MAX_PERMITS)
 }
 
+/// What one connection writes, shared by its session, its request tasks and the
+/// [`ServerHandle`]: whoever produces a frame encodes it straight into one buffer, in the
+/// order frames are produced, and the session writes the buffer out (one write for
+/// everything queued since the last one).
+pub(crate) struct Out {
+    state: Mutex<OutState>,
+    /// Signalled when the buffer goes from empty to not empty.
+    ready: Notify,
+}
+
+struct OutState {
+    codec: FrameCodec<Inbound, proto::AgentFrame>,
+    buf: BytesMut,
+    /// Requests whose answers are in `buf`.
+    answered: Vec<u64>,
+    /// Why a frame could not be encoded (over the frame limit): it ends the connection, as
+    /// a failed write does.
+    failed: Option<FrameError>,
+    /// The session has ended: nothing more is queued.
+    closed: bool,
+}
+
+impl Out {
+    fn new(max_frame: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(OutState {
+                codec: FrameCodec::new(max_frame),
+                buf: BytesMut::new(),
+                answered: Vec::new(),
+                failed: None,
+                closed: false,
+            }),
+            ready: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `encode`'s frame, which answers `answers` if it is an answer; false once the
+    /// connection has ended.
+    fn queue(
+        &self,
+        answers: Option<u64>,
+        encode: impl FnOnce(&mut FrameCodec<Inbound, proto::AgentFrame>, &mut BytesMut) -> Result<(), FrameError>,
+    ) -> bool {
+        let mut state = self.lock();
+        if state.closed {
+            return false;
+        }
+        let was_empty = state.buf.is_empty() && state.answered.is_empty() && state.failed.is_none();
+        let OutState { codec, buf, .. } = &mut *state;
+        match encode(codec, buf) {
+            Ok(()) => state.answered.extend(answers),
+            Err(e) => {
+                state.failed.get_or_insert(e);
+            }
+        }
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Queues a frame; false once the connection has ended.
+    fn push(&self, frame: Outbound) -> bool {
+        let answers = frame.answers();
+        self.queue(answers, |codec, buf| codec.encode(frame, buf))
+    }
+
+    /// Queues the answer to request `stream`.
+    fn answer(&self, stream: u64, answer: &Result<pool_api::Decision, AgentError>) {
+        match answer {
+            Ok(decision) => {
+                self.queue(Some(stream), |codec, buf| codec.encode_decision(stream, decision, buf));
+            }
+            Err(e) => {
+                let error = proto::AgentError { message: e.message.clone() };
+                self.push(Outbound::Frame(frame(stream, agent_frame::Body::Error(error))));
+            }
+        }
+    }
+
+    fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.buf = BytesMut::new();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
 /// Serves one handshaken connection until it ends: a task per request (at most `limit` at
 /// once), cancels, pings, config pushes, drain, and whatever the [`ServerHandle`] sends.
 pub(crate) async fn run_session<H: AgentHandler>(
@@ -276,35 +377,44 @@ pub(crate) async fn run_session<H: AgentHandler>(
     limit: usize,
     handle: ServerHandle,
 ) {
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    handle.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(out_tx.clone());
+    let out = Out::new(framed.codec().limit());
+    handle.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(out.clone());
     let permits = Arc::new(Semaphore::new(limit));
-    // Requests whose handler is running, by stream id: a cancel aborts the task; the answer
-    // (or the panic guard's error) removes the entry.
-    let mut running: StreamMap<AbortHandle> = StreamMap::default();
+    // Requests whose handler is running, by stream id: a cancel aborts the task; its answer
+    // (or the panic guard's error) being queued removes the entry.
+    let mut running: StreamMap<JoinHandle<()>> = StreamMap::default();
+    let mut answered = Vec::new();
     let mut draining = false;
+    let ready = out.ready.notified();
+    tokio::pin!(ready);
     loop {
         tokio::select! {
-            out = out_rx.recv() => {
-                let Some(out) = out else { break };
+            () = &mut ready => {
+                ready.set(out.ready.notified());
                 // Other requests still running may finish in this same scheduler round: let
-                // them, so one flush carries all their answers.
+                // them, so one write carries all their answers.
                 if permits.available_permits() + 1 < limit {
                     tokio::task::yield_now().await;
                 }
-                let mut next = Some(out);
-                let mut failed = false;
-                while let Some(f) = next {
-                    if let Some(stream) = f.answers() {
-                        running.remove(&stream);
+                let failed = {
+                    let mut state = out.lock();
+                    if framed.write_buffer().is_empty() {
+                        std::mem::swap(framed.write_buffer_mut(), &mut state.buf);
+                    } else {
+                        framed.write_buffer_mut().extend_from_slice(&state.buf);
+                        state.buf.clear();
                     }
-                    if framed.feed(f).await.is_err() {
-                        failed = true;
-                        break;
-                    }
-                    next = out_rx.try_recv().ok();
+                    std::mem::swap(&mut answered, &mut state.answered);
+                    state.failed.take()
+                };
+                for stream in answered.drain(..) {
+                    running.remove(&stream);
                 }
-                if failed || SinkExt::<Outbound>::flush(&mut framed).await.is_err() {
+                if let Some(e) = failed {
+                    tracing::error!(error = %e, "an answer could not be written; closing the connection");
+                    break;
+                }
+                if SinkExt::<Outbound>::flush(&mut framed).await.is_err() {
                     break;
                 }
             }
@@ -334,27 +444,27 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         };
                         if draining {
                             let error = proto::AgentError { message: "the agent is draining".into() };
-                            let _ = out_tx.send(Outbound::Frame(frame(stream, agent_frame::Body::Error(error))));
+                            out.push(Outbound::Frame(frame(stream, agent_frame::Body::Error(error))));
                             continue;
                         }
                         // Bounded by the advertised concurrency: waiting here holds back reading.
-                        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                        let (handler, out) = (handler.clone(), out_tx.clone());
+                        let permit = match permits.clone().try_acquire_owned() {
+                            Ok(permit) => permit,
+                            Err(_) => match permits.clone().acquire_owned().await {
+                                Ok(permit) => permit,
+                                Err(_) => break,
+                            },
+                        };
+                        let (handler, out) = (handler.clone(), out.clone());
                         let task = tokio::spawn(async move {
                             let _permit = permit;
                             let mut guard = PanicGuard { out: Some(out), stream };
-                            let answer = match handler.on_event(event).await {
-                                Ok(decision) => Outbound::Decision { stream_id: stream, decision },
-                                Err(e) => Outbound::Frame(frame(
-                                    stream,
-                                    agent_frame::Body::Error(proto::AgentError { message: e.message }),
-                                )),
-                            };
+                            let answer = handler.on_event(event).await;
                             if let Some(out) = guard.out.take() {
-                                let _ = out.send(answer);
+                                out.answer(stream, &answer);
                             }
                         });
-                        running.insert(stream, task.abort_handle());
+                        running.insert(stream, task);
                         continue;
                     }
                 };
@@ -365,13 +475,13 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         }
                     }
                     Some(proxy_frame::Body::Ping(_)) => {
-                        let _ = out_tx.send(Outbound::Frame(frame(stream, agent_frame::Body::Pong(proto::Pong {}))));
+                        out.push(Outbound::Frame(frame(stream, agent_frame::Body::Pong(proto::Pong {}))));
                     }
                     Some(proxy_frame::Body::ConfigPush(p)) => {
-                        let (handler, out) = (handler.clone(), out_tx.clone());
+                        let (handler, out) = (handler.clone(), out.clone());
                         tokio::spawn(async move {
                             let ack = handler.on_config(ConfigPush::from(p)).await;
-                            let _ = out.send(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack.into()))));
+                            out.push(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack.into()))));
                         });
                     }
                     Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
@@ -392,6 +502,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
             }
         }
     }
+    out.close();
     for (_, task) in running.drain() {
         task.abort();
     }
@@ -400,7 +511,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
 /// Answers a request whose handler panicked with an error, so the proxy does not wait for its
 /// time-out. (A cancelled request's task is dropped without a panic and answers nothing.)
 struct PanicGuard {
-    out: Option<mpsc::UnboundedSender<Outbound>>,
+    out: Option<Arc<Out>>,
     stream: u64,
 }
 
@@ -410,7 +521,7 @@ impl Drop for PanicGuard {
             && std::thread::panicking()
         {
             let error = proto::AgentError { message: "the agent's handler panicked".into() };
-            let _ = out.send(Outbound::Frame(frame(self.stream, agent_frame::Body::Error(error))));
+            out.push(Outbound::Frame(frame(self.stream, agent_frame::Body::Error(error))));
         }
     }
 }

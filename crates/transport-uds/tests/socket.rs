@@ -252,3 +252,72 @@ async fn a_panicking_handler_answers_an_error_and_the_connection_keeps_serving()
     assert!(matches!(&err, TransportError::Agent(e) if e.message.contains("panicked")), "{err:?}");
     assert!(conn.send(request("fine")).await.unwrap().is_allow());
 }
+
+/// Holds every request until it is dropped, counting the requests started and dropped.
+#[derive(Clone, Default)]
+struct Holds {
+    started: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct CountsDrop(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for CountsDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl AgentHandler for Holds {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("holds").with_events(EventKind::ALL)
+    }
+
+    async fn on_event(&self, _event: Event) -> Result<Decision, AgentError> {
+        let _counted = CountsDrop(self.dropped.clone());
+        self.started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::future::pending::<()>().await;
+        Ok(Decision::allow())
+    }
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_request_is_abandoned_on_the_agent_and_a_dropped_connection_closes() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let holds = Holds::default();
+    let path = dir.path().join("h.sock");
+    let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+    let handle = server.handle();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server.serve(holds.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let conn = connect(&format!("unix:{}", path.display())).await;
+    assert_eq!(handle.connection_count(), 1);
+
+    // A request whose future is dropped: the agent's task for it is aborted.
+    let held = tokio::spawn(conn.send(request("held")));
+    eventually("the handler starts", || holds.started.load(SeqCst) == 1).await;
+    held.abort();
+    eventually("the abandoned handler is dropped", || holds.dropped.load(SeqCst) == 1).await;
+
+    // Another one left in flight while the handle goes away: the connection stays until it
+    // is answered or abandoned, then closes.
+    let kept = tokio::spawn(conn.send(request("kept")));
+    eventually("the second handler starts", || holds.started.load(SeqCst) == 2).await;
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(handle.connection_count(), 1, "a request still waits on it");
+    kept.abort();
+    eventually("the second handler is dropped", || holds.dropped.load(SeqCst) == 2).await;
+    eventually("the connection closes", || handle.connection_count() == 0).await;
+}
