@@ -1581,4 +1581,57 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn one_codec_decodes_a_stream_of_events_and_decisions_alike(
+            events in proptest::collection::vec(header_event(), 1..12),
+            decisions in proptest::collection::vec(decision(), 1..12),
+        ) {
+            // The codecs remember header names across frames: a name met before must decode
+            // the same, whatever else passed through in between.
+            let mut proxy: FrameCodec<FromAgent, ProxyFrame> = FrameCodec::new(1 << 20);
+            let mut agent: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(1 << 20);
+            let mut wire = BytesMut::new();
+            for (i, event) in events.iter().enumerate() {
+                proxy.encode(EventFrame { stream_id: i as u64, event: event.clone() }, &mut wire).unwrap();
+            }
+            for event in &events {
+                let Some(Inbound::Event { event: Ok(back), .. }) = agent.decode(&mut wire).unwrap() else {
+                    panic!("an event")
+                };
+                proptest::prop_assert_eq!(&back, event);
+            }
+            for (i, decision) in decisions.iter().enumerate() {
+                agent.encode(Outbound::Decision { stream_id: i as u64, decision: decision.clone() }, &mut wire).unwrap();
+            }
+            for decision in &decisions {
+                let back = match proxy.decode(&mut wire).unwrap().unwrap() {
+                    FromAgent::Decision { decision, .. } => decision,
+                    FromAgent::Frame(AgentFrame { body: Some(pool_api::proto::agent_frame::Body::Decision(d)), .. }) => {
+                        pool_api::Decision::try_from(d).unwrap()
+                    }
+                    other => panic!("not a decision: {other:?}"),
+                };
+                proptest::prop_assert_eq!(format!("{back:?}"), format!("{decision:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn remembered_header_names_are_exact() {
+        let mut names = direct::Names::default();
+        // Names sharing a length and their first, middle and last bytes, and a name in
+        // capitals (parsed to lower case, so remembered under its canonical spelling).
+        for _ in 0..3 {
+            for name in
+                ["x-aaaa-b", "x-abba-b", "x-zzzz-b", "X-Up", "sec-fetch-site", "sec-fetch-mode", "host"]
+            {
+                let got = names.get(name.as_bytes()).unwrap();
+                assert_eq!(got, http::HeaderName::from_bytes(name.as_bytes()).unwrap());
+            }
+        }
+        assert!(names.get(b"bad name").is_err());
+        assert!(names.get(b"").is_err());
+    }
 }
