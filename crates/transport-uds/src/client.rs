@@ -276,6 +276,8 @@ struct Outgoing {
     codec: FrameCodec<FromAgent, proto::ProxyFrame>,
     buf: BytesMut,
     pending: StreamMap<PendingRequest>,
+    /// Requests whose frames are in `buf` (the others in `pending` are on the wire).
+    queued: usize,
     pings: StreamMap<(Instant, oneshot::Sender<Duration>)>,
     pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
     /// Why the task must stop before writing anything more (a frame that could not be
@@ -400,6 +402,7 @@ impl UdsConnection {
                 codec,
                 buf: BytesMut::new(),
                 pending: StreamMap::default(),
+                queued: 0,
                 pings: StreamMap::default(),
                 pushes: HashMap::new(),
                 stop: None,
@@ -491,6 +494,7 @@ impl AgentConnection for UdsConnection {
             }
             let correlation_id = event.correlation_id().clone();
             out.pending.insert(stream, PendingRequest { correlation_id, reply });
+            out.queued += 1;
         });
         drop(event);
         if let Err(e) = queued {
@@ -634,11 +638,15 @@ impl Task {
             tokio::select! {
                 () = &mut ready => {
                     ready.set(core.ready.notified());
-                    // With other requests in flight, more sends are likely runnable right now
+                    // With other requests on the wire, more sends are likely runnable right now
                     // (woken by the answers just read): let them queue up first, so one write
                     // carries them all instead of one write per request. A lone request is
                     // written at once.
-                    if !core.lock().pending.is_empty() {
+                    let in_flight = {
+                        let out = core.lock();
+                        out.pending.len() > out.queued
+                    };
+                    if in_flight {
                         tokio::task::yield_now().await;
                     }
                     let (stop, orphaned) = {
@@ -651,6 +659,7 @@ impl Task {
                             out.buf.clear();
                         }
                         out.signalled = false;
+                        out.queued = 0;
                         (out.stop.take(), out.orphaned && out.pending.is_empty())
                     };
                     let flushed = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await;
