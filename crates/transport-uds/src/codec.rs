@@ -41,7 +41,6 @@ pub enum FrameError {
 pub struct FrameCodec<In, Out> {
     inner: LengthDelimitedCodec,
     limit: usize,
-    names: direct::Names,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -53,7 +52,7 @@ impl<In, Out> FrameCodec<In, Out> {
             .length_field_length(4)
             .max_frame_length(limit)
             .new_codec();
-        Self { inner, limit, names: direct::Names::default(), _types: PhantomData }
+        Self { inner, limit, _types: PhantomData }
     }
 }
 
@@ -502,7 +501,7 @@ impl<Out> Decoder for FrameCodec<Inbound, Out> {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
         let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, event)) = direct::request_headers(&frame, &mut self.names) {
+        if let Some((stream_id, event)) = direct::request_headers(&frame) {
             return Ok(Some(Inbound::Event { stream_id, event }));
         }
         let frame = proto::ProxyFrame::decode(frame)?;
@@ -538,7 +537,7 @@ impl<Out> Decoder for FrameCodec<FromAgent, Out> {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, FrameError> {
         let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, decision)) = direct::decision(&frame, &mut self.names) {
+        if let Some((stream_id, decision)) = direct::decision(&frame) {
             return Ok(Some(FromAgent::Decision { stream_id, decision }));
         }
         Ok(Some(FromAgent::Frame(proto::AgentFrame::decode(frame)?)))
@@ -553,7 +552,7 @@ impl<In, Out> FrameCodec<In, Out> {
 
     /// The same codec (and its state: a frame's length may already be read) decoding `Other`.
     pub(crate) fn retype<Other>(self) -> FrameCodec<Other, Out> {
-        FrameCodec { inner: self.inner, limit: self.limit, names: self.names, _types: PhantomData }
+        FrameCodec { inner: self.inner, limit: self.limit, _types: PhantomData }
     }
 }
 
@@ -573,42 +572,6 @@ mod direct {
 
     fn bad(field: &'static str, problem: impl ToString) -> ProtoError {
         ProtoError { message: M, field, problem: problem.to_string() }
-    }
-
-    /// Header names decoded lately, so a name seen before costs a comparison and a clone (for
-    /// a custom name, a reference count) instead of a parse and, for a custom name, an
-    /// allocation. Direct-mapped: a name has one slot, picked from its length and a few of
-    /// its bytes; a collision only means parsing again.
-    #[derive(Debug, Default)]
-    pub(crate) struct Names {
-        slots: Vec<Option<HeaderName>>,
-    }
-
-    const NAME_SLOTS: usize = 64;
-
-    impl Names {
-        pub(crate) fn get(&mut self, bytes: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-            let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
-                return HeaderName::from_bytes(bytes);
-            };
-            if self.slots.is_empty() {
-                self.slots.resize(NAME_SLOTS, None);
-            }
-            let mix = bytes.len()
-                ^ usize::from(first) << 2
-                ^ usize::from(bytes[bytes.len() / 2]) << 4
-                ^ usize::from(bytes[bytes.len() - 2.min(bytes.len())]) << 6
-                ^ usize::from(last) << 8;
-            let slot = &mut self.slots[mix.wrapping_mul(0x9e37_79b9) >> 8 & (NAME_SLOTS - 1)];
-            if let Some(name) = slot
-                && name.as_str().as_bytes() == bytes
-            {
-                return Ok(name.clone());
-            }
-            let name = HeaderName::from_bytes(bytes)?;
-            *slot = Some(name.clone());
-            Ok(name)
-        }
     }
 
     /// One field of a message.
@@ -694,19 +657,17 @@ mod direct {
     }
 
     /// `ProxyFrame { stream_id = 1, event = 3 { request_headers = 1 { … } } }`.
-    pub(crate) fn request_headers(
-        frame: &Bytes,
-        names: &mut Names,
-    ) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
+    pub(crate) fn request_headers(frame: &Bytes) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
         let (stream_id, mut event) = frame_body(frame, 3)?;
         let Field::Bytes(1, fields) = field(&mut event)? else { return None };
         if !event.is_empty() {
             return None;
         }
-        Some((stream_id, parse(frame, fields, names)?))
+        Some((stream_id, parse(frame, fields)?))
     }
 
     /// The fields of a `Header` or `KeyValue` pair (`name`/`key` = 1, `value` = 2).
+    #[inline(always)]
     fn pair(mut buf: &[u8]) -> Option<(&[u8], &[u8])> {
         let (mut first, mut second): (&[u8], &[u8]) = (&[], &[]);
         while !buf.is_empty() {
@@ -722,7 +683,7 @@ mod direct {
     /// Checks the fields (`None`: not canonical) and converts them as `TryFrom` does, in one
     /// pass after counting the headers (so the map is made at its size once). Errors are
     /// reported in `TryFrom`'s order: address, method, URI, then the first bad header.
-    fn parse(frame: &Bytes, fields: &[u8], names: &mut Names) -> Option<Result<pool_api::Event, ProtoError>> {
+    fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<pool_api::Event, ProtoError>> {
         let mut headers = 0;
         let mut buf = fields;
         while !buf.is_empty() {
@@ -742,7 +703,7 @@ mod direct {
                 4 => {
                     let (name, value) = pair(b)?;
                     if header_error.is_none() {
-                        match header(frame, names, name, value) {
+                        match header(frame, name, value) {
                             Ok((name, value)) => {
                                 map.append(name, value);
                             }
@@ -760,19 +721,16 @@ mod direct {
         }
         // prost would refuse non-UTF-8 in these string fields: leave that to it.
         let id = utf8(id)?;
-        utf8(method)?;
-        utf8(uri)?;
+        if !method.is_ascii() || !uri.is_ascii() {
+            utf8(method)?;
+            utf8(uri)?;
+        }
         let addr = utf8(addr)?;
         Some(convert(frame, id, method, uri, map, header_error, addr, metadata))
     }
 
-    fn header(
-        frame: &Bytes,
-        names: &mut Names,
-        name: &[u8],
-        value: &[u8],
-    ) -> Result<(HeaderName, HeaderValue), ProtoError> {
-        let name = names.get(name).map_err(|e| bad("headers.name", e))?;
+    fn header(frame: &Bytes, name: &[u8], value: &[u8]) -> Result<(HeaderName, HeaderValue), ProtoError> {
+        let name = HeaderName::from_bytes(name).map_err(|e| bad("headers.name", e))?;
         let value =
             HeaderValue::from_maybe_shared(frame.slice_ref(value)).map_err(|e| bad("headers.value", e))?;
         Ok((name, value))
@@ -809,7 +767,7 @@ mod direct {
 
     /// `AgentFrame { stream_id = 1, decision = 4 { … } }`. Decisions with a challenge or a
     /// body mutation, and anything that would be an error, take the prost path.
-    pub(crate) fn decision(frame: &Bytes, names: &mut Names) -> Option<(u64, Decision)> {
+    pub(crate) fn decision(frame: &Bytes) -> Option<(u64, Decision)> {
         let (stream_id, mut buf) = frame_body(frame, 4)?;
         let mut action = None;
         let (mut request_headers, mut response_headers) = (Vec::new(), Vec::new());
@@ -817,10 +775,10 @@ mod direct {
         while !buf.is_empty() {
             match field(&mut buf)? {
                 Field::Bytes(1, b) if action.is_none() && b.is_empty() => action = Some(Action::Allow),
-                Field::Bytes(2, b) if action.is_none() => action = Some(block(frame, b, names)?),
+                Field::Bytes(2, b) if action.is_none() => action = Some(block(frame, b)?),
                 Field::Bytes(3, b) if action.is_none() => action = Some(redirect(b)?),
-                Field::Bytes(5, b) => request_headers.push(op(frame, b, names)?),
-                Field::Bytes(6, b) => response_headers.push(op(frame, b, names)?),
+                Field::Bytes(5, b) => request_headers.push(op(frame, b)?),
+                Field::Bytes(6, b) => response_headers.push(op(frame, b)?),
                 Field::Varint(8, v) => needs_more = v != 0,
                 Field::Bytes(9, b) if audit.is_none() => audit = Some(audit_of(b)?),
                 _ => return None,
@@ -842,7 +800,7 @@ mod direct {
         StatusCode::from_u16(u16::try_from(v).ok()?).ok()
     }
 
-    fn block(frame: &Bytes, mut buf: &[u8], names: &mut Names) -> Option<Action> {
+    fn block(frame: &Bytes, mut buf: &[u8]) -> Option<Action> {
         let (mut code, mut body, mut count) = (0, &[][..], 0);
         let fields = buf;
         while !buf.is_empty() {
@@ -862,7 +820,7 @@ mod direct {
         while let Some(f) = field(&mut buf) {
             if let Field::Bytes(2, b) = f {
                 let (name, value) = pair(b)?;
-                let name = names.get(name).ok()?;
+                let name = HeaderName::from_bytes(name).ok()?;
                 headers.append(name, HeaderValue::from_maybe_shared(frame.slice_ref(value)).ok()?);
             }
         }
@@ -882,7 +840,7 @@ mod direct {
     }
 
     /// `HeaderOp { kind = 1, name = 2, value = 3 }`.
-    fn op(frame: &Bytes, mut buf: &[u8], names: &mut Names) -> Option<HeaderOp> {
+    fn op(frame: &Bytes, mut buf: &[u8]) -> Option<HeaderOp> {
         let (mut kind, mut name, mut value) = (0, &[][..], &[][..]);
         while !buf.is_empty() {
             match field(&mut buf)? {
@@ -892,7 +850,7 @@ mod direct {
                 _ => return None,
             }
         }
-        let name = names.get(name).ok()?;
+        let name = HeaderName::from_bytes(name).ok()?;
         let value = || HeaderValue::from_maybe_shared(frame.slice_ref(value)).ok();
         Some(match kind {
             0 => HeaderOp::Set { name, value: value()? },
@@ -1322,7 +1280,7 @@ mod tests {
             let mut buf = BytesMut::new();
             proxy.encode(EventFrame { stream_id, event: event.clone() }, &mut buf).unwrap();
             let body = bytes::Bytes::copy_from_slice(&buf[4..]);
-            let direct = direct::request_headers(&body, &mut direct::Names::default());
+            let direct = direct::request_headers(&body);
             if matches!(event, pool_api::Event::RequestHeaders(_)) {
                 proptest::prop_assert!(direct.is_some(), "canonical request headers take the direct path");
             }
@@ -1342,7 +1300,7 @@ mod tests {
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
         ) {
             let body = bytes::Bytes::from(data);
-            if let Some(direct) = direct::request_headers(&body, &mut direct::Names::default()) {
+            if let Some(direct) = direct::request_headers(&body) {
                 let reference = reference(body);
                 let same = match (&direct, &reference) {
                     ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -1372,7 +1330,7 @@ mod tests {
                 let mut mutated = body.clone();
                 mutated[i] ^= flip;
                 let mutated = mutated.freeze();
-                if let Some(direct) = direct::request_headers(&mutated, &mut direct::Names::default()) {
+                if let Some(direct) = direct::request_headers(&mutated) {
                     let reference = reference(mutated);
                     let same = match (&direct, &reference) {
                         ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -1480,7 +1438,7 @@ mod tests {
     }
 
     fn direct_decision_agrees(body: bytes::Bytes) -> Result<(), String> {
-        if let Some((stream_id, decision)) = direct::decision(&body, &mut direct::Names::default()) {
+        if let Some((stream_id, decision)) = direct::decision(&body) {
             let reference = reference_decision(body);
             if reference != Some((stream_id, Ok(format!("{decision:?}")))) {
                 return Err(format!("direct {decision:?} vs prost {reference:?}"));
@@ -1505,7 +1463,7 @@ mod tests {
             agent.encode(Outbound::Decision { stream_id, decision: decision.clone() }, &mut buf).unwrap();
             let body = bytes::Bytes::copy_from_slice(&buf[4..]);
             if canonical_decision_kinds_take_the_direct_path(&decision) {
-                proptest::prop_assert!(direct::decision(&body, &mut direct::Names::default()).is_some(), "{:?} takes the direct path", decision);
+                proptest::prop_assert!(direct::decision(&body).is_some(), "{:?} takes the direct path", decision);
             }
             direct_decision_agrees(body).map_err(proptest::test_runner::TestCaseError::fail)?;
             // The proxy's codec reads it back, whichever path it takes.
@@ -1566,10 +1524,7 @@ mod tests {
                 .encode(Outbound::Decision { stream_id: 300, decision: decision.clone() }, &mut buf)
                 .unwrap();
             let body = buf.split_off(4);
-            assert!(
-                direct::decision(&body.clone().freeze(), &mut direct::Names::default()).is_some(),
-                "{decision:?}"
-            );
+            assert!(direct::decision(&body.clone().freeze()).is_some(), "{decision:?}");
             for i in 0..body.len() {
                 for flip in [0x01u8, 0x80, 0xff] {
                     let mut mutated = body.clone();
@@ -1588,8 +1543,7 @@ mod tests {
             events in proptest::collection::vec(header_event(), 1..12),
             decisions in proptest::collection::vec(decision(), 1..12),
         ) {
-            // The codecs remember header names across frames: a name met before must decode
-            // the same, whatever else passed through in between.
+            // One codec per side decodes every frame of a connection, whatever passed before.
             let mut proxy: FrameCodec<FromAgent, ProxyFrame> = FrameCodec::new(1 << 20);
             let mut agent: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(1 << 20);
             let mut wire = BytesMut::new();
@@ -1616,22 +1570,5 @@ mod tests {
                 proptest::prop_assert_eq!(format!("{back:?}"), format!("{decision:?}"));
             }
         }
-    }
-
-    #[test]
-    fn remembered_header_names_are_exact() {
-        let mut names = direct::Names::default();
-        // Names sharing a length and their first, middle and last bytes, and a name in
-        // capitals (parsed to lower case, so remembered under its canonical spelling).
-        for _ in 0..3 {
-            for name in
-                ["x-aaaa-b", "x-abba-b", "x-zzzz-b", "X-Up", "sec-fetch-site", "sec-fetch-mode", "host"]
-            {
-                let got = names.get(name.as_bytes()).unwrap();
-                assert_eq!(got, http::HeaderName::from_bytes(name.as_bytes()).unwrap());
-            }
-        }
-        assert!(names.get(b"bad name").is_err());
-        assert!(names.get(b"").is_err());
     }
 }
