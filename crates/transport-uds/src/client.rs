@@ -264,7 +264,8 @@ struct Core {
     reason: Mutex<Option<String>>,
     signals: watch::Sender<ConnectionSignals>,
     out: Mutex<Outgoing>,
-    /// Signalled when [`Outgoing`] gets something for the task to do while it had nothing.
+    /// Signalled when [`Outgoing`] has work for the task that the task has not been told
+    /// about yet.
     ready: Notify,
 }
 
@@ -389,10 +390,8 @@ impl UdsConnection {
         label: String,
     ) -> (Arc<Self>, PreparedTask) {
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
-        let mut framed = framed.map_codec(FrameCodec::retype);
+        let framed = framed.map_codec(FrameCodec::retype);
         let codec = FrameCodec::new(framed.codec().limit());
-        // Writes are flushed once per batch: don't flush in the middle of one.
-        framed.set_backpressure_boundary(WRITE_BATCH);
         let core = Arc::new(Core {
             label,
             open: AtomicBool::new(true),
@@ -613,9 +612,6 @@ fn record_metric(connection: &str, metric: pool_api::AgentMetric) {
     );
     metrics::gauge!("agentpool_agent_metric", labels).set(metric.value);
 }
-
-/// Bytes of queued frames past which a batch is written before more are encoded.
-const WRITE_BATCH: usize = 64 * 1024;
 
 /// The task that owns one socket.
 struct Task {
