@@ -12,19 +12,34 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
-use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::counters::Counters;
 
+/// The kill switch of one socket, with the waker of the last task that found it unreadable.
+///
+/// The waker sits behind a lock rather than in an `AtomicWaker`: registering happens on every
+/// read that would block, killing once per stop, so [`TrackedIo`] keeps a copy of the waker it
+/// stored and takes the lock only when the reading task changes (a read that blocks then costs
+/// no atomic read-modify-write at all), and a kill wakes the stored waker without taking it.
 #[derive(Debug, Default)]
 struct Kill {
     killed: AtomicBool,
-    waker: AtomicWaker,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Kill {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 /// Counts the open connections of one run of a server.
@@ -72,7 +87,7 @@ impl Tracker {
         self.kills.lock().unwrap_or_else(PoisonError::into_inner).insert(id, kill.clone());
         self.active.fetch_add(1, Ordering::AcqRel);
         self.counters.connection_opened();
-        TrackedIo { inner, kill, _guard: ConnGuard { tracker: self.clone(), id } }
+        TrackedIo { inner, kill, registered: None, _guard: ConnGuard { tracker: self.clone(), id } }
     }
 
     pub(crate) fn active(&self) -> usize {
@@ -98,8 +113,7 @@ impl Tracker {
         let kills: Vec<Arc<Kill>> =
             self.kills.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
         for kill in kills {
-            kill.killed.store(true, Ordering::Release);
-            kill.waker.wake();
+            kill.kill();
         }
         forced
     }
@@ -110,12 +124,20 @@ impl Tracker {
 pub(crate) struct TrackedIo<T> {
     inner: T,
     kill: Arc<Kill>,
+    /// The waker last stored in `kill`, to skip storing the same one again.
+    registered: Option<Waker>,
     _guard: ConnGuard,
 }
 
 impl<T> TrackedIo<T> {
-    fn check(&self, cx: &mut Context<'_>) -> Result<(), io::Error> {
-        self.kill.waker.register(cx.waker());
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        // Stored before `killed` is read: a kill either stores `killed` before our read (we see
+        // it) or takes the lock after we stored the waker (it wakes this task).
+        if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            *self.kill.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+            self.registered = Some(waker);
+        }
         if self.kill.killed.load(Ordering::Acquire) {
             Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server stop deadline reached"))
         } else {

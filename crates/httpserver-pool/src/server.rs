@@ -17,7 +17,6 @@ use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::task::AtomicWaker;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -562,13 +561,23 @@ async fn drive<C, E>(
 {
     let mut conn = std::pin::pin!(conn);
     let mut close = std::pin::pin!(close_when(shutdown, activity, idle));
-    let wake = Arc::new(SideWake { fired: AtomicBool::new(true), task: AtomicWaker::new() });
+    let wake = Arc::new(SideWake { fired: AtomicBool::new(true), task: Mutex::new(None) });
     let side_waker = Waker::from(wake.clone());
+    // The task waker last stored in `wake`: storing again is skipped while it is the same, so a
+    // poll with nothing from the side costs no atomic read-modify-write.
+    let mut registered: Option<Waker> = None;
     let mut closing = false;
     let result = std::future::poll_fn(|cx| {
         if !closing {
-            wake.task.register(cx.waker());
-            if wake.fired.swap(false, Ordering::AcqRel)
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                let waker = cx.waker().clone();
+                *lock(&wake.task) = Some(waker.clone());
+                registered = Some(waker);
+            }
+            // The waker is stored before `fired` is read: a side wake-up either set `fired`
+            // before the read, or takes the lock after the store and wakes this task.
+            if wake.fired.load(Ordering::Acquire)
+                && wake.fired.swap(false, Ordering::AcqRel)
                 && close.as_mut().poll(&mut Context::from_waker(&side_waker)).is_ready()
             {
                 closing = true;
@@ -584,9 +593,12 @@ async fn drive<C, E>(
 }
 
 /// Wakes the connection task on behalf of the stop signal or the idle timer, and says so.
+///
+/// The task's waker sits behind a lock, not in an `AtomicWaker`: the connection stores it only
+/// when it changes (see [`drive`]), and side wake-ups are rare (a stop, an idle check).
 struct SideWake {
     fired: AtomicBool,
-    task: AtomicWaker,
+    task: Mutex<Option<Waker>>,
 }
 
 impl Wake for SideWake {
@@ -596,7 +608,10 @@ impl Wake for SideWake {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.fired.store(true, Ordering::Release);
-        self.task.wake();
+        let task = lock(&self.task).clone();
+        if let Some(task) = task {
+            task.wake();
+        }
     }
 }
 

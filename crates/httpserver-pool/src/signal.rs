@@ -1,5 +1,7 @@
 //! The shutdown signal handlers find in request extensions.
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -9,14 +11,19 @@ use tokio::time::Instant;
 /// Long-lived responses (server-sent events, WebSockets after an upgrade) should watch it and end
 /// themselves: the server waits for them until the stop deadline, then closes their sockets.
 /// Upgraded connections count in the drain for as long as the upgraded I/O object is alive.
+///
+/// Cloning is one reference-count increment: each connection makes one signal and every
+/// request on it gets a clone.
 #[derive(Clone, Debug)]
 pub struct ShutdownSignal {
-    rx: watch::Receiver<Option<Instant>>,
+    // Shared per connection, so that the per-request clone touches neither the server's stop
+    // channel (two counts shared by every connection) nor another connection's cache line.
+    rx: Arc<watch::Receiver<Option<Instant>>>,
 }
 
 impl ShutdownSignal {
     pub(crate) fn new(rx: watch::Receiver<Option<Instant>>) -> Self {
-        ShutdownSignal { rx }
+        ShutdownSignal { rx: Arc::new(rx) }
     }
 
     /// True once the stop began.
@@ -32,7 +39,7 @@ impl ShutdownSignal {
     /// Completes when the stop begins (at once if it already has), giving the deadline.
     /// If the server is dropped without a stop, this completes at the drop with no deadline.
     pub async fn triggered(&self) -> Option<Instant> {
-        let mut rx = self.rx.clone();
+        let mut rx = watch::Receiver::clone(&self.rx);
         match rx.wait_for(Option::is_some).await {
             Ok(deadline) => *deadline,
             Err(_) => None,
