@@ -17,7 +17,7 @@ use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -660,11 +660,28 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         self.counters.request();
         req.extensions_mut().insert(self.signal.clone());
         let in_flight = self.activity.begin();
+        let eager = req.version() < Version::HTTP_2;
         let response = self.handler.call(req);
-        let response = match self.request_timeout {
+        let mut response = match self.request_timeout {
             Some(limit) => Pending::Limited(Box::pin(tokio::time::timeout(limit, response))),
             None => Pending::Plain(response),
         };
+        if eager {
+            // HTTP/1: the handler's first poll, here rather than when hyper first polls the answer.
+            // hyper reads ahead on the connection between the two (to notice a client that goes
+            // away), and that read needs room in its read buffer, which the request head still
+            // points into until the handler lets go of it: polled later, a handler that drops
+            // the head at once still holds it then, and hyper allocates a new 8 KiB buffer for
+            // every request. (HTTP/2 handlers run in a task of their own; polling them here
+            // would run their first step on the connection's task instead, so they are left
+            // alone.) The waker of this poll is a no-op: hyper polls the answer right after,
+            // with the connection's waker, and a pending handler registers that one then.
+            if let std::task::Poll::Ready(resp) =
+                Pin::new(&mut response).poll(&mut Context::from_waker(Waker::noop()))
+            {
+                response = Pending::Ready(Some(resp));
+            }
+        }
         Answer { response, _in_flight: in_flight }
     }
 }
@@ -680,17 +697,30 @@ pub(crate) struct Answer {
 enum Pending {
     Plain(HandlerFuture),
     Limited(Pin<Box<tokio::time::Timeout<HandlerFuture>>>),
+    /// Answered on the first poll, in `ConnService::call`.
+    Ready(Option<Response<ResponseBody>>),
+}
+
+impl Future for Pending {
+    type Output = Response<ResponseBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            Pending::Plain(f) => f.as_mut().poll(cx),
+            Pending::Limited(f) => {
+                f.as_mut().poll(cx).map(|r| r.unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE)))
+            }
+            Pending::Ready(resp) => {
+                std::task::Poll::Ready(resp.take().expect("answer polled after it was ready"))
+            }
+        }
+    }
 }
 
 impl Future for Answer {
     type Output = Result<Response<ResponseBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
-        match &mut self.get_mut().response {
-            Pending::Plain(f) => f.as_mut().poll(cx).map(Ok),
-            Pending::Limited(f) => {
-                f.as_mut().poll(cx).map(|r| Ok(r.unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE))))
-            }
-        }
+        Pin::new(&mut self.get_mut().response).poll(cx).map(Ok)
     }
 }
