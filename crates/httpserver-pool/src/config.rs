@@ -20,9 +20,13 @@ pub const MIN_HEADER_SIZE: usize = 8192;
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// Time allowed to receive a request's headers (HTTP/1) and to finish the TLS handshake.
+    /// On HTTP/1 it counts from when the connection begins to wait for a request (when it opens,
+    /// or when the previous response has been sent), so a keep-alive connection that stays silent
+    /// this long is closed too, as hyper does.
     #[serde(with = "humantime_serde")]
     pub header_read: Option<Duration>,
-    /// A connection with no request in flight for this long is closed gracefully.
+    /// A connection with no request in flight for this long is closed gracefully. A request is
+    /// in flight until its response body has been sent.
     #[serde(with = "humantime_serde")]
     pub idle: Option<Duration>,
     /// A handler that has not answered after this long is dropped and the client gets 503.

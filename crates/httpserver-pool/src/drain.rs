@@ -198,7 +198,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     }
 }
 
-/// Requests in flight on one connection, and since when it has been idle (for the idle timeout).
+/// Requests in flight on one connection, and since when it has been idle (for the idle timeout
+/// and, on HTTP/1, the header read timeout). A request is in flight from the handler's call until
+/// its response body has been sent in full or dropped.
 #[derive(Debug)]
 pub(crate) struct Activity {
     base: Instant,

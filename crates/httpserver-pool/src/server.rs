@@ -1,5 +1,11 @@
 //! One HTTP server: bind, accept loop, connections, graceful stop, in-place reload.
 //!
+//! Each connection runs under [`drive`], which also keeps its idle timeout and, on connections
+//! served by hyper's HTTP/1 connection, its header read timeout, with one timer per connection
+//! set from when the last request ended (a request is in flight until its response body has
+//! been sent). hyper's own header read timer would cost an allocation and a timer-wheel insertion
+//! and removal per request; it is used only on connections that may speak HTTP/2.
+//!
 //! The settings a connection needs (handler, HTTP builder with its timeouts and limits, TLS
 //! acceptor) live in one [`ArcSwap`] snapshot, loaded once per accepted connection: a reload
 //! swaps the snapshot, new connections get it, open ones keep theirs. The accept loop owns the
@@ -13,10 +19,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -36,7 +43,7 @@ use crate::drain::{Activity, RequestGuard, TrackedIo, Tracker};
 use crate::filter::{Field, Pattern};
 use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
-use crate::{Error, Handler, Problem, ResponseBody, ServerConfig, ShutdownSignal, socket, status};
+use crate::{BoxError, Error, Handler, Problem, ResponseBody, ServerConfig, ShutdownSignal, socket, status};
 
 /// What a connection needs, swapped as a whole on reload.
 struct Live {
@@ -77,9 +84,10 @@ impl Live {
         builder.http2().timer(TokioTimer::new()).max_header_list_size(config.max_header_size as u32);
         let http1 = (!config.http2 || (tls.is_none() && !config.h2c)).then(|| {
             let mut h1 = http1::Builder::new();
-            h1.timer(TokioTimer::new())
-                .header_read_timeout(config.timeouts.header_read)
-                .max_buf_size(config.max_header_size);
+            // The header read timeout of these connections is kept by `drive`, which times the
+            // connection's idle spells anyway, rather than by hyper, whose timer costs an
+            // allocation and a timer-wheel insertion and removal on every request.
+            h1.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(config.max_header_size);
             h1
         });
         Ok((bind, Live { config, handler, builder, http1, tls }))
@@ -529,38 +537,57 @@ async fn serve_http<I>(
         activity: activity.clone(),
         request_timeout: live.config.timeouts.request,
     };
-    let idle = live.config.timeouts.idle;
+    let timeouts = &live.config.timeouts;
     match &live.http1 {
         Some(h1) => {
             let conn = h1.serve_connection(TokioIo::new(io), service).with_upgrades();
-            drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, idle).await;
+            let limits = Limits { idle: timeouts.idle, header_read: timeouts.header_read };
+            drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, limits).await;
         }
         None => {
+            // hyper keeps the header read timeout of HTTP/1 on these connections (see `Live`):
+            // the same connection may turn out to speak HTTP/2, where it does not apply.
             let conn = live.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, idle).await;
+            let limits = Limits { idle: timeouts.idle, header_read: None };
+            drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, limits).await;
         }
     }
 }
 
+/// The time limits `drive` keeps on a connection's idle spells (no request in flight).
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Idle this long: graceful shutdown.
+    idle: Option<Duration>,
+    /// Idle this long: closed at once. On HTTP/1 this is the header read timeout, as hyper keeps
+    /// it: the time to receive a request head counts from when the connection began to wait
+    /// for it (when it opened, or when the previous response was sent), so a connection that
+    /// stays silent that long is closed too, like one that sends a head too slowly.
+    header_read: Option<Duration>,
+}
+
 /// Runs one hyper connection to its end: a graceful shutdown on the stop signal or once the
-/// connection has been idle for `idle`. (Both hyper's HTTP/1 and hyper-util's auto connection
-/// go through here; `graceful` is their `graceful_shutdown`.)
+/// connection has been idle for `limits.idle`, and closed at once when it has been idle for
+/// `limits.header_read`. (Both hyper's HTTP/1 and hyper-util's auto connection go through here;
+/// `graceful` is their `graceful_shutdown`.)
 ///
-/// The stop signal and the idle timer are polled only when one of them woke the task, through a
+/// The stop signal and the timers are polled only when one of them woke the task, through a
 /// waker of their own, not on every wake-up of the connection: a `select!` over the three would
-/// poll the shared stop channel (a lock) and the timer on every read and write.
+/// poll the shared stop channel (a lock) and the timer on every read and write. The connection
+/// is polled first, so a request head that arrived by the header deadline is still served.
 async fn drive<C, E>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
     shutdown: watch::Receiver<Option<Instant>>,
     activity: &Activity,
-    idle: Option<Duration>,
+    limits: Limits,
 ) where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
-    let mut close = std::pin::pin!(close_when(shutdown, activity, idle));
+    let close_gracefully = AtomicBool::new(false);
+    let mut side = std::pin::pin!(watch_side(shutdown, activity, limits, &close_gracefully));
     let wake = Arc::new(SideWake { fired: AtomicBool::new(true), task: Mutex::new(None) });
     let side_waker = Waker::from(wake.clone());
     // The task waker last stored in `wake`: storing again is skipped while it is the same, so a
@@ -568,31 +595,37 @@ async fn drive<C, E>(
     let mut registered: Option<Waker> = None;
     let mut closing = false;
     let result = std::future::poll_fn(|cx| {
-        if !closing {
-            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                let waker = cx.waker().clone();
-                *lock(&wake.task) = Some(waker.clone());
-                registered = Some(waker);
+        if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(result));
+        }
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            *lock(&wake.task) = Some(waker.clone());
+            registered = Some(waker);
+        }
+        // The waker is stored before `fired` is read: a side wake-up either set `fired` before
+        // the read, or takes the lock after the store and wakes this task.
+        if wake.fired.load(Ordering::Acquire) && wake.fired.swap(false, Ordering::AcqRel) {
+            if side.as_mut().poll(&mut Context::from_waker(&side_waker)).is_ready() {
+                return Poll::Ready(None);
             }
-            // The waker is stored before `fired` is read: a side wake-up either set `fired`
-            // before the read, or takes the lock after the store and wakes this task.
-            if wake.fired.load(Ordering::Acquire)
-                && wake.fired.swap(false, Ordering::AcqRel)
-                && close.as_mut().poll(&mut Context::from_waker(&side_waker)).is_ready()
-            {
+            if !closing && close_gracefully.load(Ordering::Relaxed) {
                 closing = true;
                 graceful(conn.as_mut());
+                return conn.as_mut().poll(cx).map(Some);
             }
         }
-        conn.as_mut().poll(cx)
+        Poll::Pending
     })
     .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
+    match result {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+        None => tracing::debug!("no request head within the header read timeout: connection closed"),
     }
 }
 
-/// Wakes the connection task on behalf of the stop signal or the idle timer, and says so.
+/// Wakes the connection task on behalf of the stop signal or the timers, and says so.
 ///
 /// The task's waker sits behind a lock, not in an `AtomicWaker`: the connection stores it only
 /// when it changes (see [`drive`]), and side wake-ups are rare (a stop, an idle check).
@@ -615,34 +648,57 @@ impl Wake for SideWake {
     }
 }
 
-/// Resolves when the connection should close gracefully: the server is stopping, or no request
-/// has been in flight for `idle`.
-async fn close_when(
+/// Watches the stop signal and the connection's idle spells. Sets `close_gracefully` once the
+/// server is stopping or no request has been in flight for `limits.idle`; resolves when no
+/// request has been in flight for `limits.header_read` (the connection is then closed at once).
+///
+/// One timer per connection, not one per request: a request ending records the time (see
+/// [`Activity`]), and the timer, when it fires, is set again from the last such time.
+async fn watch_side(
     mut shutdown: watch::Receiver<Option<Instant>>,
     activity: &Activity,
-    idle: Option<Duration>,
+    limits: Limits,
+    close_gracefully: &AtomicBool,
 ) {
-    if shutdown.borrow_and_update().is_some() {
-        return;
+    let mut stopping = shutdown.borrow_and_update().is_some();
+    if stopping {
+        close_gracefully.store(true, Ordering::Relaxed);
     }
-    let mut idle_check = idle.map(|d| Instant::now() + d);
     loop {
+        // Once the connection is closing gracefully, only the header deadline is left.
+        let idle = limits.idle.filter(|_| !close_gracefully.load(Ordering::Relaxed));
+        let limit = match (idle, limits.header_read) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let check = limit.map(|limit| match activity.idle_since() {
+            Some(since) => since + limit,
+            None => Instant::now() + limit,
+        });
         tokio::select! {
-            _ = shutdown.changed() => return,
-            () = tokio::time::sleep_until(idle_check.unwrap_or_else(Instant::now)), if idle_check.is_some() => {
-                let limit = idle.unwrap_or_default();
-                match activity.idle_since() {
-                    Some(since) if since + limit <= Instant::now() => return,
-                    Some(since) => idle_check = Some(since + limit),
-                    None => idle_check = Some(Instant::now() + limit),
+            _ = shutdown.changed(), if !stopping => {
+                // A new deadline, or every handle of the server dropped: stopping either way.
+                stopping = true;
+                close_gracefully.store(true, Ordering::Relaxed);
+            }
+            () = tokio::time::sleep_until(check.unwrap_or_else(Instant::now)), if check.is_some() => {
+                if let Some(since) = activity.idle_since() {
+                    let now = Instant::now();
+                    if limits.header_read.is_some_and(|limit| since + limit <= now) {
+                        return;
+                    }
+                    if idle.is_some_and(|limit| since + limit <= now) {
+                        close_gracefully.store(true, Ordering::Relaxed);
+                    }
                 }
             }
+            else => std::future::pending::<()>().await,
         }
     }
 }
 
 /// The per-connection hyper service: counts the request, hands the handler the shutdown signal,
-/// applies the request timeout.
+/// applies the request timeout, and counts the request in flight until its response is sent.
 struct ConnService {
     handler: Handler,
     signal: ShutdownSignal,
@@ -652,7 +708,7 @@ struct ConnService {
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<ResponseBody>;
+    type Response = Response<TrackedBody>;
     type Error = Infallible;
     type Future = Answer;
 
@@ -676,22 +732,20 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             // would run their first step on the connection's task instead, so they are left
             // alone.) The waker of this poll is a no-op: hyper polls the answer right after,
             // with the connection's waker, and a pending handler registers that one then.
-            if let std::task::Poll::Ready(resp) =
-                Pin::new(&mut response).poll(&mut Context::from_waker(Waker::noop()))
-            {
+            if let Poll::Ready(resp) = Pin::new(&mut response).poll(&mut Context::from_waker(Waker::noop())) {
                 response = Pending::Ready(Some(resp));
             }
         }
-        Answer { response, _in_flight: in_flight }
+        Answer { response, in_flight: Some(in_flight) }
     }
 }
 
-/// The handler's answer, under the request timeout if there is one, with the request counted as
-/// in flight until it is ready. A named future rather than an `async` block: one allocation
-/// less per request.
+/// The handler's answer, under the request timeout if there is one. A named future rather than
+/// an `async` block: one allocation less per request.
 pub(crate) struct Answer {
     response: Pending,
-    _in_flight: RequestGuard,
+    /// Handed to the response body when the answer is ready.
+    in_flight: Option<RequestGuard>,
 }
 
 enum Pending {
@@ -704,23 +758,56 @@ enum Pending {
 impl Future for Pending {
     type Output = Response<ResponseBody>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             Pending::Plain(f) => f.as_mut().poll(cx),
             Pending::Limited(f) => {
                 f.as_mut().poll(cx).map(|r| r.unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE)))
             }
-            Pending::Ready(resp) => {
-                std::task::Poll::Ready(resp.take().expect("answer polled after it was ready"))
-            }
+            Pending::Ready(resp) => Poll::Ready(resp.take().expect("answer polled after it was ready")),
         }
     }
 }
 
 impl Future for Answer {
-    type Output = Result<Response<ResponseBody>, Infallible>;
+    type Output = Result<Response<TrackedBody>, Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> std::task::Poll<Self::Output> {
-        Pin::new(&mut self.get_mut().response).poll(cx).map(Ok)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let response = std::task::ready!(Pin::new(&mut this.response).poll(cx));
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _in_flight: in_flight })))
+    }
+}
+
+/// A response body that keeps its request in flight until it has been sent in full, or dropped:
+/// a connection streaming a long response is not idle.
+pub(crate) struct TrackedBody {
+    body: ResponseBody,
+    _in_flight: Option<RequestGuard>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this._in_flight = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }

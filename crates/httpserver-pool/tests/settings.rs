@@ -116,3 +116,64 @@ async fn a_slow_header_is_cut_off_by_the_header_read_timeout() {
         server.stop_within(Duration::ZERO).await.unwrap();
     }
 }
+
+/// The header read timeout counts from when a connection begins to wait for a request head: a
+/// keep-alive connection that stays silent that long after a response is closed, as one that
+/// never sends anything is.
+#[tokio::test]
+async fn a_silent_keep_alive_connection_is_closed_by_the_header_read_timeout() {
+    let mut cfg = config("silent", hello("ok"));
+    cfg.timeouts.header_read = Some(Duration::from_millis(300));
+    cfg.timeouts.idle = None;
+    let server = Server::new(cfg).unwrap();
+    server.start().await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let begin = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.expect("closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(begin.elapsed() >= Duration::from_millis(250), "{:?}", begin.elapsed());
+    let mut silent = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await.expect("closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    server.stop_within(Duration::ZERO).await.unwrap();
+}
+
+/// A response that takes longer to send than the header read and idle timeouts is neither cut
+/// off nor followed by a closed connection: the request is in flight until its body is sent.
+#[tokio::test]
+async fn a_long_response_outlasts_the_header_read_and_idle_timeouts() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, StreamBody};
+    let slow = httpserver_pool::Handler::from_fn(|_req| async {
+        let chunks = futures_util::stream::iter(0..6).then(|i| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, httpserver_pool::BoxError>(hyper::body::Frame::data(Bytes::from(format!("{i}"))))
+        });
+        http::Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+    });
+    let mut cfg = config("slow", slow);
+    cfg.timeouts.header_read = Some(Duration::from_millis(250));
+    cfg.timeouts.idle = Some(Duration::from_millis(250));
+    let server = Server::new(cfg).unwrap();
+    server.start().await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
+    for _ in 0..2 {
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        // Chunked: the response ends with the last, empty chunk.
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(!text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    }
+    server.stop_within(Duration::ZERO).await.unwrap();
+}
