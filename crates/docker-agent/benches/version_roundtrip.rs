@@ -61,7 +61,7 @@ fn main() {
         client_key_pem: client.key_pem.clone(),
     };
     let mut config = AgentConfig::new("bench", "127.0.0.1:0".parse().unwrap(), material);
-    config.acl = AclConfig { profile: Profile::ReadOnly, rules: Vec::new() };
+    config.acl = AclConfig::profile(Profile::ReadOnly);
     config.expiry_warning = Duration::from_secs(3600);
     let agent = runtime.block_on(AgentServer::bind(config)).expect("agent binds");
     let address = agent.local_addr();

@@ -19,11 +19,16 @@
 //!    client can check one name whatever address it dials. The agent holds the CA
 //!    *certificate* and its own key pair, never the CA key.
 //! 2. **An allow-list** ([`acl`]): deny by default; built-in `read-only` and `lifecycle`
-//!    profiles plus custom `METHOD /pattern` rules. Paths that would change under
-//!    normalisation (`..`, `//`, `%2f`, …) are denied, never repaired. The ACL looks at the
-//!    method and the path only, not at query strings or bodies: a custom rule that allows, say,
-//!    `POST /containers/create` hands out everything that endpoint can do (privileged
-//!    containers, bind mounts of the host's files).
+//!    profiles plus custom rules. Paths that would change under normalisation (`..`, `//`,
+//!    `%2f`, …) are denied, never repaired; API versions older than
+//!    [`acl::MIN_API_VERSION`] (whose request bodies configure what later versions refuse to)
+//!    are never forwarded. A rule names a method and a path pattern **and** what the request may
+//!    carry: which query parameters, whether a body (none, any, or a service spec that changes
+//!    the replica count only), whether an upgrade. The `lifecycle` profile can start, stop,
+//!    kill, restart, pause and unpause existing containers and scale services, and configure
+//!    nothing. A plain custom rule (`"POST /containers/create"`) admits any query and body: it
+//!    hands out everything that endpoint can do (privileged containers, bind mounts of the
+//!    host's files). Environment values in inspect answers are redacted by default.
 //!
 //! Allowed requests are forwarded to the engine's Unix socket and streamed both ways; the agent
 //! answers `GET /agent/info` and `GET /agent/health` itself. Configuration: [`config`] (a TOML
@@ -106,7 +111,7 @@ pub mod pool;
 pub mod runtime;
 pub mod server;
 
-pub use acl::{Acl, AclConfig, Decision, DenyReason, Profile, Rule};
+pub use acl::{Acl, AclConfig, AclDecision, BodyPolicy, DenyReason, Profile, Rule};
 pub use certs::{CertError, CertificateAuthority, IssuedCert};
 pub use client::{
     AgentClient, AgentHealth, AgentHealthStatus, AgentInfo, AgentTls, ClientError, connect_local,

@@ -42,6 +42,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -49,19 +50,22 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
-use crate::acl::{Acl, Decision};
+use crate::acl::{
+    Acl, AclDecision, BodyPolicy, DenyReason, RequestHead, Rule, normalise, redact_env, scale_spec,
+};
 use crate::config::{AgentConfig, ConfigError};
 
 /// How long a refused client's leftover bytes are read before its connection is closed.
@@ -88,6 +92,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent's own engine calls (`/_ping`, `/version`) may take.
 const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request body the agent reads itself (an empty one it
+/// checks, a scale spec).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest service spec a scale request may send.
+const SCALE_BODY_LIMIT: usize = 1 << 20;
+/// The largest answer the agent reads whole (to redact it, or for its own calls).
+const REDACTED_BODY_LIMIT: usize = 64 << 20;
 /// The `Host` header sent to the engine.
 const ENGINE_HOST: &str = "docker";
 
@@ -315,26 +326,165 @@ async fn handle(
         }
         return Ok(if path == "/agent/info" { agent_info(&state).await } else { agent_health(&state).await });
     }
-    match state.acl.check(req.method(), path) {
-        Decision::Deny { reason } => {
-            metrics::counter!("docker_agent_requests_total", "outcome" => "denied").increment(1);
-            warn!(
-                peer = %peer.addr,
-                client = %peer.common_name,
-                method = %req.method(),
-                path = %path,
-                reason = %reason,
-                "request denied"
-            );
-            let message = format!("docker-agent: {} {path} denied: {reason}", req.method());
-            Ok(json(StatusCode::FORBIDDEN, &serde_json::json!({ "message": message })))
+    let rule = match state.acl.check_request(RequestHead::of(&req)) {
+        AclDecision::Deny { reason } => return Ok(denied(&peer, req.method(), path, &reason)),
+        AclDecision::Allow { rule } => rule,
+    };
+    let redact = state.acl.redacts(req.method(), path);
+    Ok(match rule.body() {
+        BodyPolicy::Any => {
+            let aborted = Arc::new(AtomicBool::new(false));
+            let req = req.map(|body| WatchedBody { inner: body, aborted: aborted.clone() }.boxed_unsync());
+            allowed(&peer, &req, &rule);
+            forward(&state, req, redact, Some(&aborted)).await
         }
-        Decision::Allow { rule } => {
-            metrics::counter!("docker_agent_requests_total", "outcome" => "allowed").increment(1);
-            debug!(peer = %peer.addr, method = %req.method(), path = %path, rule = %rule, "request allowed");
-            Ok(forward(&state, req).await)
+        BodyPolicy::Empty => {
+            let (parts, body) = req.into_parts();
+            match read_body(body, 0).await {
+                Ok(_) => {
+                    let req = Request::from_parts(parts, empty_body());
+                    allowed(&peer, &req, &rule);
+                    forward(&state, req, redact, None).await
+                }
+                Err(BodyError::TooLarge) => denied(
+                    &peer,
+                    &parts.method,
+                    parts.uri.path(),
+                    &DenyReason::Body { rule: rule.to_string() },
+                ),
+                Err(e) => client_error(&peer, &parts.method, parts.uri.path(), &e),
+            }
         }
+        BodyPolicy::ServiceScale => scale(&state, &peer, req, &rule).await,
+    })
+}
+
+/// Logs and counts a denied request and answers `403` with the reason.
+fn denied(peer: &Peer, method: &Method, path: &str, reason: &DenyReason) -> Response<AgentBody> {
+    metrics::counter!("docker_agent_requests_total", "outcome" => "denied").increment(1);
+    warn!(
+        peer = %peer.addr,
+        client = %peer.common_name,
+        method = %method,
+        path = %path,
+        reason = %reason,
+        "request denied"
+    );
+    let message = format!("docker-agent: {method} {path} denied: {reason}");
+    json(StatusCode::FORBIDDEN, &serde_json::json!({ "message": message }))
+}
+
+fn allowed<B>(peer: &Peer, req: &Request<B>, rule: &Rule) {
+    metrics::counter!("docker_agent_requests_total", "outcome" => "allowed").increment(1);
+    debug!(peer = %peer.addr, method = %req.method(), path = %req.uri().path(), rule = %rule, "request allowed");
+}
+
+/// A request whose body the client did not deliver (aborted, too slow): the client's fault,
+/// not the engine's.
+fn client_error(peer: &Peer, method: &Method, path: &str, error: &BodyError) -> Response<AgentBody> {
+    metrics::counter!("docker_agent_requests_total", "outcome" => "client_error").increment(1);
+    info!(peer = %peer.addr, client = %peer.common_name, method = %method, path = %path, error = %error, "request body not received");
+    let status = match error {
+        BodyError::TimedOut => StatusCode::REQUEST_TIMEOUT,
+        BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        BodyError::Aborted(_) => StatusCode::BAD_REQUEST,
+    };
+    json(status, &serde_json::json!({ "message": format!("docker-agent: {method} {path}: {error}") }))
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the request body is larger than allowed")]
+    TooLarge,
+    #[error("the request body did not arrive within {BODY_READ_TIMEOUT:?}")]
+    TimedOut,
+    #[error("the request body was aborted: {0}")]
+    Aborted(hyper::Error),
+}
+
+/// Reads a request body of at most `limit` bytes, within [`BODY_READ_TIMEOUT`].
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let read = async {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(BodyError::Aborted)?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read).await.map_err(|_| BodyError::TimedOut)?
+}
+
+fn empty_body() -> EngineBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// `POST /services/{id}/update` under [`BodyPolicy::ServiceScale`]: the current spec with the
+/// client's replica count, or a denial naming what else the body would change.
+async fn scale(state: &State, peer: &Peer, req: Request<Incoming>, rule: &Rule) -> Response<AgentBody> {
+    let (parts, body) = req.into_parts();
+    let (method, path) = (&parts.method, parts.uri.path());
+    let not_a_scale = |detail: String| denied(peer, method, path, &DenyReason::NotAScale { detail });
+    let body = match read_body(body, SCALE_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => return client_error(peer, method, path, &e),
+    };
+    let requested: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return not_a_scale(format!("the body is not JSON: {e}")),
+    };
+    let normalised = match normalise(path) {
+        Ok(p) => p,
+        Err(reason) => return denied(peer, method, path, &reason),
+    };
+    // The rule's pattern decides where the service id is: the `{…}` segment.
+    let Some(id) = rule_param(rule, &normalised.segments) else {
+        return not_a_scale(format!("rule `{}` names no service", rule.pattern()));
+    };
+    let version = normalised.version.as_ref().map_or(String::new(), |v| format!("/v{v}"));
+    let inspect_path = format!("{version}/services/{}", utf8_percent_encode(id, NON_ALPHANUMERIC));
+    let (status, inspect) = match engine_call(state, Method::GET, &inspect_path, Bytes::new()).await {
+        Ok(answer) => answer,
+        Err(e) => return engine_error(&e),
+    };
+    if !status.is_success() {
+        // Not found, or the engine refused: pass its answer on.
+        return raw_json(status, inspect);
     }
+    let current = match serde_json::from_slice::<serde_json::Value>(&inspect) {
+        Ok(mut v) => v.get_mut("Spec").map(serde_json::Value::take).unwrap_or_default(),
+        Err(e) => return engine_error(&format!("GET {inspect_path} answered invalid JSON: {e}")),
+    };
+    let spec = match scale_spec(&requested, &current) {
+        Ok(spec) => spec,
+        Err(reason) => return denied(peer, method, path, &reason),
+    };
+    let body = Bytes::from(spec.to_string());
+    let mut parts = parts;
+    parts.headers.remove("x-registry-auth");
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let req = Request::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed_unsync());
+    allowed(peer, &req, rule);
+    forward(state, req, false, None).await
+}
+
+/// The request segment under the rule's (first) `{param}`.
+fn rule_param<'a>(rule: &Rule, segments: &'a [String]) -> Option<&'a str> {
+    let pattern = rule.pattern().split_once(' ')?.1;
+    pattern
+        .trim_start_matches('/')
+        .split('/')
+        .zip(segments)
+        .find(|(p, _)| p.starts_with('{'))
+        .map(|(_, s)| s.as_str())
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<AgentBody> {
@@ -393,7 +543,12 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-async fn forward(state: &State, mut req: Request<Incoming>) -> Response<AgentBody> {
+async fn forward(
+    state: &State,
+    mut req: Request<EngineBody>,
+    redact: bool,
+    client_body_aborted: Option<&AtomicBool>,
+) -> Response<AgentBody> {
     let upgrade = wants_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -411,11 +566,23 @@ async fn forward(state: &State, mut req: Request<Incoming>) -> Response<AgentBod
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.insert(header::HOST, HeaderValue::from_static(ENGINE_HOST));
-    let engine_req = Request::from_parts(parts, body.boxed_unsync());
+    if redact {
+        // The answer is rewritten: it must arrive as plain JSON.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+    let engine_req = Request::from_parts(parts, body);
     let mut resp = match state.docker.request(engine_req).await {
         Ok(resp) => resp,
+        Err(e) if client_body_aborted.is_some_and(|a| a.load(Ordering::Acquire)) => {
+            metrics::counter!("docker_agent_requests_total", "outcome" => "client_error").increment(1);
+            info!(error = %ErrorChain(&e), "the client aborted its request body");
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "message": "docker-agent: the request body was aborted" }),
+            );
+        }
         Err(e) => {
-            warn!(error = %e, "cannot reach the Docker engine");
+            warn!(error = %ErrorChain(&e), "cannot reach the Docker engine");
             return engine_error(&ErrorChain(&e));
         }
     };
@@ -447,6 +614,9 @@ async fn forward(state: &State, mut req: Request<Incoming>) -> Response<AgentBod
         strip_hop_by_hop(&mut parts.headers, true);
         return Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed_unsync());
     }
+    if redact {
+        return redacted(resp).await;
+    }
     let streaming = !resp.headers().contains_key(header::CONTENT_LENGTH);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
@@ -456,6 +626,97 @@ async fn forward(state: &State, mut req: Request<Incoming>) -> Response<AgentBod
         body.map_err(BoxError::from).boxed_unsync()
     };
     Response::from_parts(parts, body)
+}
+
+/// The engine's JSON answer with every environment value replaced (see
+/// [`crate::acl::redact_env`]).
+async fn redacted(resp: Response<Incoming>) -> Response<AgentBody> {
+    let (mut parts, body) = resp.into_parts();
+    let body = match Limited::new(body, REDACTED_BODY_LIMIT).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return engine_error(&format!("cannot read the answer to redact it: {e}")),
+    };
+    let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(mut value) => {
+            if redact_env(&mut value) == 0 {
+                body
+            } else {
+                Bytes::from(value.to_string())
+            }
+        }
+        // Not JSON (an empty `304`, say): nothing to redact in it.
+        Err(_) if !parts.status.is_success() || body.is_empty() => body,
+        Err(e) => return engine_error(&format!("the answer is not JSON and cannot be redacted: {e}")),
+    };
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed_unsync())
+}
+
+/// A client's request body on its way to the engine; remembers whether the client broke it off,
+/// so a failed engine call is not blamed on the engine.
+struct WatchedBody {
+    inner: Incoming,
+    aborted: Arc<AtomicBool>,
+}
+
+impl Body for WatchedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.aborted.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One call to the engine by the agent itself; the status and the whole body.
+async fn engine_call(
+    state: &State,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<(StatusCode, Bytes), String> {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{ENGINE_HOST}{path}"))
+        .header(header::HOST, ENGINE_HOST)
+        .body(Full::new(body).map_err(|never| match never {}).boxed_unsync())
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let resp = state.docker.request(req).await.map_err(|e| ErrorChain(&e).to_string())?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), REDACTED_BODY_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(ENGINE_CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("{path} took longer than {ENGINE_CALL_TIMEOUT:?}"))?
+}
+
+fn raw_json(status: StatusCode, body: Bytes) -> Response<AgentBody> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// A streaming response body that ends with an error (closing the connection) once shutdown
@@ -509,23 +770,11 @@ impl std::fmt::Display for ErrorChain<'_> {
 
 /// Calls the engine for the agent's own endpoints; returns the body as JSON.
 async fn engine_get(state: &State, path: &str) -> Result<Bytes, String> {
-    let req = Request::builder()
-        .uri(format!("http://{ENGINE_HOST}{path}"))
-        .header(header::HOST, ENGINE_HOST)
-        .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
-        .map_err(|e| e.to_string())?;
-    let call = async {
-        let resp = state.docker.request(req).await.map_err(|e| ErrorChain(&e).to_string())?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        if !status.is_success() {
-            return Err(format!("GET {path} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
-        }
-        Ok(body)
-    };
-    tokio::time::timeout(ENGINE_CALL_TIMEOUT, call)
-        .await
-        .map_err(|_| format!("GET {path} took longer than {ENGINE_CALL_TIMEOUT:?}"))?
+    let (status, body) = engine_call(state, Method::GET, path, Bytes::new()).await?;
+    if !status.is_success() {
+        return Err(format!("GET {path} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
+    }
+    Ok(body)
 }
 
 async fn agent_info(state: &State) -> Response<AgentBody> {

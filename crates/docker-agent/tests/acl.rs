@@ -63,8 +63,10 @@ async fn decisions_on_the_wire_and_their_counters() {
     let mut config = AgentConfig::new("acl", "127.0.0.1:0".parse().unwrap(), tls);
     config.docker_socket = "/nonexistent/acl-test.sock".into();
     // read-only plus one custom rule.
-    config.acl =
-        AclConfig { profile: Profile::ReadOnly, rules: vec!["GET /containers/{id}/logs".parse().unwrap()] };
+    config.acl = AclConfig {
+        rules: vec!["GET /containers/{id}/logs".parse().unwrap()],
+        ..AclConfig::profile(Profile::ReadOnly)
+    };
     let agent = AgentServer::bind(config).await.unwrap();
 
     let mut roots = rustls::RootCertStore::empty();

@@ -93,7 +93,7 @@ async fn the_docker_cli_works_through_the_agent_under_the_lifecycle_profile() {
         key_pem: server.key_pem,
     };
     let mut config = AgentConfig::new("cli-agent", "127.0.0.1:0".parse().unwrap(), tls);
-    config.acl = AclConfig { profile: Profile::Lifecycle, rules: Vec::new() };
+    config.acl = AclConfig::profile(Profile::Lifecycle);
     let agent = AgentServer::bind(config).await.unwrap();
     let addr = agent.local_addr();
     let dir = bundle.path();
@@ -130,6 +130,22 @@ async fn the_docker_cli_works_through_the_agent_under_the_lifecycle_profile() {
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(stderr.contains("docker-agent: POST /v1.41/containers/create denied: not allowed"), "{stderr}");
+
+    // docker cp and docker build are denied too.
+    let out = run_docker(addr, dir, &["cp", &format!("{}:/www/index.html", container.name()), "-"]).await;
+    assert!(!out.status.success(), "docker cp went through: {}", text(&out.stdout));
+    let context = tempfile::tempdir().unwrap();
+    write(&context.path().join("Dockerfile"), "FROM scratch\nCOPY Dockerfile /\n");
+    let out = run_docker(addr, dir, &["build", "-q", &context.path().display().to_string()]).await;
+    assert!(!out.status.success(), "docker build went through: {}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("docker-agent:") || stderr.contains("403"), "{stderr}");
+
+    // docker inspect works, with the environment values redacted.
+    let out = run_docker(addr, dir, &["inspect", "--format", "{{json .Config.Env}}", container.name()]).await;
+    assert!(out.status.success(), "docker inspect failed: {}", text(&out.stderr));
+    let env: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!env.is_empty() && env.iter().all(|v| v.ends_with("=<redacted>")), "{env:?}");
 
     // docker events streams the stop event while it happens (`--since` covers a late connect).
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 1;

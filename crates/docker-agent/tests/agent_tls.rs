@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use docker_agent::AGENT_SERVER_NAME;
-use docker_agent::acl::{AclConfig, Profile};
+use docker_agent::acl::{AclConfig, Profile, Rule};
 use docker_agent::certs::{CertificateAuthority, IssuedCert};
 use docker_agent::config::{AgentConfig, TlsMaterial};
 use docker_agent::server::{AgentServer, RunningAgent, ServerError};
@@ -93,7 +93,7 @@ async fn start_agent(pki: &Pki, socket: &str, acl: AclConfig, expiry_warning: Du
 }
 
 fn lifecycle() -> AclConfig {
-    AclConfig { profile: Profile::Lifecycle, rules: Vec::new() }
+    AclConfig::profile(Profile::Lifecycle)
 }
 
 /// One mTLS HTTP/1.1 connection to the agent (server name: the fixed agent name).
@@ -418,9 +418,10 @@ async fn an_upgrade_allowed_by_a_custom_rule_is_carried_through() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     agent.shutdown().await;
 
+    // A plain rule does not allow the upgrade; the rule must say so.
     let acl = AclConfig {
-        profile: Profile::Lifecycle,
-        rules: vec!["POST /containers/{id}/attach".parse().unwrap()],
+        rules: vec!["POST /containers/{id}/attach".parse::<Rule>().unwrap().with_upgrade(true)],
+        ..AclConfig::profile(Profile::Lifecycle)
     };
     let agent = start_agent(&pki, "/var/run/docker.sock", acl, DAY).await;
     let mut conn = connect(agent.local_addr(), pki.good_client()).await.unwrap();
@@ -460,8 +461,8 @@ async fn a_chunked_request_body_is_streamed_to_the_engine() {
     let Some(engine) = docker::engine().await else { return };
     let pki = Pki::new(DAY);
     let acl = AclConfig {
-        profile: Profile::Lifecycle,
         rules: vec!["POST /containers/{id}/update".parse().unwrap()],
+        ..AclConfig::profile(Profile::Lifecycle)
     };
     let agent = start_agent(&pki, "/var/run/docker.sock", acl, DAY).await;
     let container = TestContainer::builder("agent-tls-body").create(&engine).await.unwrap();

@@ -18,7 +18,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn agent(pki: &Pki, name: &str, listen: SocketAddr, profile: Profile) -> RunningAgent {
     let mut config = AgentConfig::new(name, listen, pki.server.clone());
-    config.acl = AclConfig { profile, rules: Vec::new() };
+    config.acl = AclConfig::profile(profile);
     config.shutdown_grace = Duration::from_secs(1);
     // The certificates live a day; only warn in the last hour (otherwise: degraded).
     config.expiry_warning = Duration::from_secs(3600);

@@ -82,7 +82,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// An in-process agent on a free port with the lifecycle profile.
 async fn agent(pki: &Pki) -> RunningAgent {
     let mut config = AgentConfig::new("runtime-test", "127.0.0.1:0".parse().unwrap(), pki.server.clone());
-    config.acl = AclConfig { profile: Profile::Lifecycle, rules: Vec::new() };
+    config.acl = AclConfig::profile(Profile::Lifecycle);
     config.shutdown_grace = Duration::from_secs(2);
     AgentServer::bind(config).await.expect("agent binds")
 }

@@ -288,6 +288,7 @@ pub struct TestContainerBuilder {
     init: bool,
     health: HealthCheck,
     command: Option<Vec<String>>,
+    env: Vec<String>,
     start: bool,
     stop_timeout: Duration,
 }
@@ -318,6 +319,12 @@ impl TestContainerBuilder {
         self
     }
 
+    /// Adds an environment variable (`KEY=VALUE`).
+    pub fn env(mut self, var: impl Into<String>) -> Self {
+        self.env.push(var.into());
+        self
+    }
+
     /// Whether to start the container after creating it (default `true`).
     pub fn start(mut self, start: bool) -> Self {
         self.start = start;
@@ -343,6 +350,7 @@ impl TestContainerBuilder {
             labels: Some(labels),
             entrypoint: self.command.clone(),
             cmd: self.command.as_ref().map(|_| Vec::new()),
+            env: (!self.env.is_empty()).then_some(self.env),
             healthcheck: self.health.config(),
             stop_timeout: Some(self.stop_timeout.as_secs().max(1) as i64),
             host_config: Some(HostConfig { init: Some(self.init), ..Default::default() }),
@@ -375,6 +383,7 @@ impl TestContainer {
             init: true,
             health: HealthCheck::Image,
             command: None,
+            env: Vec::new(),
             start: true,
             stop_timeout: Duration::from_secs(1),
         }
