@@ -72,12 +72,15 @@ pub enum TransportError {
         /// What was wrong.
         message: String,
     },
-    /// A message exceeded the size limit; it was refused before anything was allocated for it.
+    /// An outgoing message would exceed the connection's frame limit. It was refused before any
+    /// of it was written, so only the request (or push) that carried it fails; the connection
+    /// and everything else on it go on. (A peer announcing an oversized frame breaks the
+    /// framing instead, and ends the connection with [`Closed`](Self::Closed).)
     #[error("message of {size} bytes on {connection} exceeds the {limit}-byte limit")]
     MessageTooLarge {
         /// The connection's label.
         connection: String,
-        /// The announced size.
+        /// The size the message would have had on the wire, in bytes.
         size: u64,
         /// The limit.
         limit: u64,
@@ -113,8 +116,9 @@ impl TransportError {
     }
 
     /// True for errors that end the connection (as opposed to one request).
+    /// [`MessageTooLarge`](Self::MessageTooLarge) is not one of them: it fails one request.
     pub fn is_connection_fatal(&self) -> bool {
-        matches!(self, Self::Closed { .. } | Self::Protocol { .. } | Self::MessageTooLarge { .. })
+        matches!(self, Self::Closed { .. } | Self::Protocol { .. })
     }
 }
 

@@ -141,12 +141,40 @@ pub enum PoolError {
 
 impl PoolError {
     /// True if the failure says something about the agent's health (it counts against its
-    /// health score and circuit breaker); false for caller mistakes and pool state.
+    /// health score and circuit breaker); false for caller mistakes and pool state. An event
+    /// too large for the transport's frame limit is the caller's: it does not count.
     pub fn is_agent_failure(&self) -> bool {
         match self {
             Self::Timeout { .. } => true,
-            Self::Transport { source, .. } => !matches!(source, TransportError::Cancelled(_)),
+            Self::Transport { source, .. } => {
+                !matches!(source, TransportError::Cancelled(_) | TransportError::MessageTooLarge { .. })
+            }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(source: TransportError) -> PoolError {
+        PoolError::Transport { agent: "waf".into(), connection: "unix:/run/waf.sock#0".into(), source }
+    }
+
+    #[test]
+    fn an_event_over_the_frame_limit_does_not_count_against_the_agent() {
+        let too_large = transport(TransportError::MessageTooLarge {
+            connection: "unix:/run/waf.sock#0".into(),
+            size: 70_000,
+            limit: 65_536,
+        });
+        assert!(!too_large.is_agent_failure());
+        let closed = transport(TransportError::Closed {
+            connection: "unix:/run/waf.sock#0".into(),
+            reason: "the agent closed the connection".into(),
+        });
+        assert!(closed.is_agent_failure());
+        assert!(!transport(TransportError::Cancelled(pool_api::CancelReason::Timeout)).is_agent_failure());
     }
 }

@@ -8,7 +8,10 @@
 //! reads answers and hands each straight to its waiting request. End of stream, a frame that
 //! does not decode, an unknown message or an invalid answer ends the connection: every pending
 //! request fails at once with [`TransportError::Closed`] naming the connection and the reason,
-//! and the connection's signals publish `open: false`.
+//! and the connection's signals publish `open: false`. An event (or configuration push) that
+//! would encode to a frame over the limit is different: its size is checked before anything is
+//! written, so it fails alone with [`TransportError::MessageTooLarge`] and the connection and
+//! the other requests on it carry on.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -299,7 +302,8 @@ impl Outgoing {
         !self.buf.is_empty() || self.stop.is_some() || (self.orphaned && self.pending.is_empty())
     }
 
-    /// Queues `message` as a frame; a message over the frame limit ends the connection.
+    /// Queues a small control message (cancel, ping, drain…) as a frame; one over the frame
+    /// limit ends the connection, as it cannot be sent and nothing waits to be told.
     fn write(&mut self, message: &impl prost::Message) {
         if let Err(e) = self.codec.encode_message(message, &mut self.buf) {
             self.stop.get_or_insert(format!("write failed: {e}"));
@@ -320,6 +324,15 @@ impl Core {
             .clone()
             .unwrap_or_else(|| "the connection's task ended".into());
         TransportError::Closed { connection: self.label.clone(), reason }
+    }
+
+    /// The error of one outgoing message over the frame limit: it fails alone.
+    fn too_large(&self, size: usize, limit: usize) -> TransportError {
+        TransportError::MessageTooLarge {
+            connection: self.label.clone(),
+            size: size as u64,
+            limit: limit as u64,
+        }
     }
 
     fn mark_closed(&self, reason: &str) {
@@ -486,18 +499,30 @@ impl AgentConnection for UdsConnection {
         }
         let stream = self.stream();
         let (reply, answer) = oneshot::channel();
-        let queued = self.with(|out| {
-            if let Err(e) = out.codec.encode_event(stream, &event, &mut out.buf) {
+        let queued = self.with(|out| match out.codec.encode_event(stream, &event, &mut out.buf) {
+            Ok(()) => {
+                let correlation_id = event.correlation_id().clone();
+                out.pending.insert(stream, PendingRequest { correlation_id, reply });
+                out.queued += 1;
+                Ok(())
+            }
+            // The size is checked before a byte of the frame is written, so nothing of it is
+            // in the buffer: only this request fails, the connection and the requests on it
+            // go on.
+            Err(FrameError::TooLarge { size: Some(size), limit }) => Err(self.core.too_large(size, limit)),
+            Err(e) => {
                 // As a failed write: the connection ends and this request fails with it.
                 out.stop.get_or_insert(format!("write failed: {e}"));
+                let correlation_id = event.correlation_id().clone();
+                out.pending.insert(stream, PendingRequest { correlation_id, reply });
+                out.queued += 1;
+                Ok(())
             }
-            let correlation_id = event.correlation_id().clone();
-            out.pending.insert(stream, PendingRequest { correlation_id, reply });
-            out.queued += 1;
         });
         drop(event);
-        if let Err(e) = queued {
-            return ready(Err(e));
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => return ready(Err(e)),
         }
         let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
         Box::pin(async move {
@@ -552,12 +577,24 @@ impl AgentConnection for UdsConnection {
             }));
         }
         let (reply, ack) = oneshot::channel();
-        if let Err(e) = self.with(|out| {
-            let id = push.push_id;
-            out.pushes.insert(id, reply);
-            out.frame(id, proxy_frame::Body::ConfigPush(push.into()));
-        }) {
-            return ready(Err(e));
+        let id = push.push_id;
+        let frame =
+            proto::ProxyFrame { stream_id: id, body: Some(proxy_frame::Body::ConfigPush(push.into())) };
+        // A payload over the frame limit fails this push alone, like an oversized event.
+        let queued = self.with(|out| match out.codec.encode_message(&frame, &mut out.buf) {
+            Ok(()) => {
+                out.pushes.insert(id, reply);
+                Ok(())
+            }
+            Err(FrameError::TooLarge { size: Some(size), limit }) => Err(self.core.too_large(size, limit)),
+            Err(e) => {
+                out.stop.get_or_insert(format!("write failed: {e}"));
+                Ok(())
+            }
+        });
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => return ready(Err(e)),
         }
         let core = self.core.clone();
         Box::pin(async move { ack.await.map_err(|_| core.closed_error()) })

@@ -12,7 +12,9 @@
 //!   the agent's capabilities, or a typed [`VersionMismatch`](pool_api::TransportError). Each
 //!   connection is one task with any number of requests in flight; end of stream or a frame
 //!   that does not decode fails every pending request at once with an error naming the
-//!   connection. Health, flow-control and configuration-update messages from the agent are
+//!   connection. An event that would encode over the frame limit fails alone, with
+//!   [`MessageTooLarge`](pool_api::TransportError::MessageTooLarge) naming its size and the
+//!   limit; the connection and its other requests are untouched. Health, flow-control and configuration-update messages from the agent are
 //!   published on the connection's signals; metrics reports become `agentpool_agent_metric`
 //!   gauges.
 //! * **Agent side:** [`UdsServer`] serves any [`pool_api::AgentHandler`]: a task per request,

@@ -321,3 +321,54 @@ async fn a_dropped_request_is_abandoned_on_the_agent_and_a_dropped_connection_cl
     eventually("the second handler is dropped", || holds.dropped.load(SeqCst) == 2).await;
     eventually("the connection closes", || handle.connection_count() == 0).await;
 }
+
+/// Holds every event until the test adds permits to its gate, then answers it with its
+/// correlation id as the reason.
+struct Gated(Arc<tokio::sync::Semaphore>);
+
+impl AgentHandler for Gated {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("gated").with_events(EventKind::ALL)
+    }
+
+    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
+        let _permit = self.0.acquire().await.map_err(|_| AgentError::new("the gate was closed"))?;
+        Ok(Decision::allow().with_reason(event.correlation_id().as_str()))
+    }
+}
+
+#[tokio::test]
+async fn an_event_over_the_frame_limit_fails_only_its_own_request() {
+    const LIMIT: usize = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (endpoint, _stop) = agent(&dir, "a.sock", Gated(gate.clone())).await;
+    let connector = UdsConnector::new(ClientConfig { max_frame: LIMIT, ..ClientConfig::default() });
+    let pending = connector.connect(&Endpoint::from(endpoint.as_str())).await.unwrap();
+    let conn = pending.handshake(Hello::new("test-proxy")).await.unwrap();
+
+    // Three requests wait for the agent's answer while the oversized one is sent.
+    let waiting: Vec<_> = (0..3).map(|i| conn.send(request(&format!("r{i}")))).collect();
+    let body = bytes::Bytes::from(vec![7u8; LIMIT + 1]);
+    let oversized = Event::RequestBody(BodyChunk::new("big", 0, true, body));
+    let err = conn.send(oversized).await.unwrap_err();
+    let TransportError::MessageTooLarge { connection, size, limit } = &err else {
+        panic!("expected MessageTooLarge, got {err:?}");
+    };
+    assert_eq!(connection, conn.label());
+    assert!(*size > LIMIT as u64, "the size is the encoded frame's: {size}");
+    assert_eq!(*limit, LIMIT as u64);
+    let text = err.to_string();
+    assert!(text.contains(&size.to_string()) && text.contains(&LIMIT.to_string()), "{text}");
+    assert!(!err.is_connection_fatal());
+    assert!(conn.is_open(), "the connection outlives one oversized event");
+
+    gate.add_permits(16);
+    for (i, answer) in waiting.into_iter().enumerate() {
+        let decision = answer.await.expect("a request sent before the oversized one is answered");
+        assert_eq!(decision.audit.reason, Some(format!("r{i}")));
+    }
+    let after = conn.send(request("after")).await.expect("the connection still takes new requests");
+    assert_eq!(after.audit.reason.as_deref(), Some("after"));
+    assert!(conn.signals().borrow().open);
+}
