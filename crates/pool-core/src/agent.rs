@@ -187,13 +187,14 @@ impl AgentShared {
         }
     }
 
-    /// Why nothing is admitted, if so; small, for the hot path.
+    /// Why nothing is admitted, if so; small, for the hot path. A pool shutting down removes
+    /// every agent, and says so before the agent does.
     #[inline]
     pub(crate) fn closed(&self) -> Option<Closed> {
-        if self.removed.load(Ordering::Acquire) {
-            Some(Closed::Agent)
-        } else if !self.ctx.admitting() {
+        if !self.ctx.admitting() {
             Some(Closed::Pool)
+        } else if self.removed.load(Ordering::Acquire) {
+            Some(Closed::Agent)
         } else {
             None
         }

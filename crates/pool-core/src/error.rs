@@ -54,7 +54,9 @@ pub enum PoolError {
         /// One line per problem, each naming the field.
         problems: Vec<String>,
     },
-    /// The pool is shutting down and admits nothing new.
+    /// The pool is shutting down, or has shut down, and admits nothing new. Once
+    /// [`AgentPool::shutdown`](crate::AgentPool::shutdown) has begun, every send, reservation,
+    /// session, cancel, push and lookup answers this, whatever agent id it names.
     #[error("the pool is shutting down")]
     ShuttingDown,
     /// The pool was built outside a tokio runtime.

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, AgentSpec, AgentStats, Pick, Reject, Totals, send_picked};
+use crate::agent::{Agent, AgentSpec, AgentStats, Closed, Pick, Reject, Totals, send_picked};
 use crate::config::PoolConfig;
 use crate::config_push::{ConfigUpdateHandler, PushCounts, PushState, Pushes, UpdateHandlerSlot};
 use crate::directory::{AgentView, Agents, Directory};
@@ -268,7 +268,7 @@ impl AgentPool {
             let writer = self.inner.ctx.directory.write();
             let current = writer.current();
             let Some(view) = current.get(id) else {
-                return Err(PoolError::UnknownAgent { agent: id.to_owned() });
+                return Err(self.unknown(id));
             };
             let agent = view.agent.clone();
             let mut next = Agents::clone(&current);
@@ -289,6 +289,23 @@ impl AgentPool {
             current.values().map(|v| v.agent.clone()).collect()
         };
         drain_all(agents, Instant::now() + self.inner.ctx.config.drain_timeout).await
+    }
+
+    /// The error for an agent id the directory does not hold: after shutdown began the
+    /// directory is emptied, and the truth is that the pool admits nothing, whatever the name.
+    #[cold]
+    fn unknown(&self, id: &str) -> PoolError {
+        if self.inner.ctx.admitting() {
+            PoolError::UnknownAgent { agent: id.to_owned() }
+        } else {
+            PoolError::ShuttingDown
+        }
+    }
+
+    /// [`unknown`](Self::unknown) as a pick.
+    #[cold]
+    fn unknown_pick(&self) -> Pick {
+        if self.inner.ctx.admitting() { Pick::Unknown } else { Pick::Closed(Closed::Pool) }
     }
 
     /// A precise clock stamp of now.
@@ -318,9 +335,7 @@ impl AgentPool {
     }
 
     fn agent(&self, id: &str) -> Result<Arc<Agent>, PoolError> {
-        self.directory()
-            .with(|a| a.get(id).map(|v| v.agent.clone()))
-            .ok_or_else(|| PoolError::UnknownAgent { agent: id.to_owned() })
+        self.directory().with(|a| a.get(id).map(|v| v.agent.clone())).ok_or_else(|| self.unknown(id))
     }
 
     /// Statistics of one agent.
@@ -381,9 +396,10 @@ impl AgentPool {
         // The fast path picks inside the directory snapshot; only a miss clones the agent.
         let stamp = self.inner.ctx.clock.stamp(start);
         let pick = self.directory().with(|agents| {
-            agents
-                .get(agent)
-                .map_or(Pick::Unknown, |view| Agent::pick(view, event.kind(), event.correlation_id(), stamp))
+            agents.get(agent).map_or_else(
+                || self.unknown_pick(),
+                |view| Agent::pick(view, event.kind(), event.correlation_id(), stamp),
+            )
         });
         send_picked(pick, agent, event, start).await
     }
@@ -424,7 +440,7 @@ impl AgentPool {
         });
         match pick {
             Pick::Reserved(guard) => Ok(Reservation::new(guard)),
-            Pick::Unknown => Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
+            Pick::Unknown => Err(self.unknown(agent)),
             Pick::Closed(closed) => Err(closed.error(agent)),
             Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
             Pick::Pinned(..) | Pick::PinLost => unreachable!("no affinity without a correlation id"),
@@ -468,7 +484,7 @@ impl AgentPool {
         });
         match pick {
             Pick::Reserved(guard) => Ok(Reservation::new(guard)),
-            Pick::Unknown => Err(PoolError::UnknownAgent { agent: agent.to_owned() }),
+            Pick::Unknown => Err(self.unknown(agent)),
             Pick::Closed(closed) => Err(closed.error(agent)),
             Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
             Pick::Pinned(..) => Err(PoolError::Unavailable {
@@ -772,7 +788,8 @@ impl AgentPool {
 
     /// Shuts the pool down: stop admitting, drain every agent in parallel (returning as soon as
     /// nothing is in flight, or at the drain time-out), cancel what is left, close every
-    /// connection, stop the background tasks.
+    /// connection, stop the background tasks. From the moment it is called, requests are
+    /// answered [`PoolError::ShuttingDown`].
     pub async fn shutdown(&self) -> StopReport {
         self.inner.ctx.admitting.store(false, Ordering::Release);
         let report = self.remove_all().await;

@@ -107,10 +107,7 @@ async fn shutdown_returns_as_soon_as_in_flight_requests_finish() {
     assert_eq!(agent.drains().len(), 4);
     assert_eq!(agent.closes().len(), 4);
     assert_eq!(agent.live_connections(), 0);
-    assert_eq!(
-        pool.send("waf", request("late")).await.unwrap_err(),
-        PoolError::UnknownAgent { agent: "waf".into() }
-    );
+    assert_eq!(pool.send("waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
     assert!(!pool.is_admitting());
     let err = pool.add_agent(AgentSpec::new("new").endpoint("mem://waf")).await.unwrap_err();
     assert_eq!(err, PoolError::ShuttingDown);
@@ -198,4 +195,41 @@ async fn the_agent_hears_drain_first_finishes_its_work_then_hears_shutdown() {
     assert!(inflight.await.unwrap().unwrap().is_allow(), "the in-flight request was answered");
     shutdown.await.unwrap();
     assert_eq!(agent.closes().len(), 4, "shutdown at the end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_shutdown_every_entry_point_says_the_pool_is_shutting_down() {
+    use pool_api::{CorrelationId, EventKind};
+    use tower_service::Service;
+
+    let agent = allow_all();
+    let (pool, _c) = common::single(config(), &agent).await;
+    pool.create_sticky_session("ws", "waf").unwrap();
+    // A service made before the shutdown outlives the agent's registration.
+    let mut service = pool.service("waf").unwrap();
+    pool.shutdown().await;
+
+    let id = CorrelationId::from("late");
+    assert_eq!(pool.send("waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(pool.try_reserve("waf", EventKind::RequestHeaders).unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(
+        pool.try_reserve_for("waf", EventKind::RequestBody, &id).unwrap_err(),
+        PoolError::ShuttingDown
+    );
+    assert_eq!(pool.send_sticky("ws", "waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(pool.create_sticky_session("ws2", "waf").unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(
+        pool.cancel("waf", &id, CancelReason::ClientDisconnected).unwrap_err(),
+        PoolError::ShuttingDown
+    );
+    assert_eq!(
+        pool.push_config("waf", "rules", None, bytes::Bytes::new()).unwrap_err(),
+        PoolError::ShuttingDown
+    );
+    assert_eq!(pool.service("waf").unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(pool.remove_agent("waf").await.unwrap_err(), PoolError::ShuttingDown);
+    let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+    assert_eq!(ready.unwrap_err(), PoolError::ShuttingDown);
+    // Names that were never registered say the same: after shutdown, no name is known.
+    assert_eq!(pool.send("never", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
 }
