@@ -42,7 +42,7 @@ use crate::health::HealthState;
 use crate::metrics::AgentMetrics;
 use crate::outlier::{IntervalCounts, OutlierDetector, Verdict};
 use crate::pool::PoolCtx;
-use crate::slot::{ConnectionHealth, DISCONNECTED, HARD, InFlight, PAUSED, Slot};
+use crate::slot::{ConnectionHealth, DISCONNECTED, Finished, HARD, InFlight, PAUSED, Slot};
 use crate::supervisor;
 use crate::sync::lock_std as lock;
 
@@ -405,7 +405,7 @@ impl AgentShared {
                 if let Some(pin) = pin {
                     pin.keep();
                 }
-                slot.record(now, true, elapsed, None, false, thresholds);
+                slot.record(live.generation, now, elapsed, Finished::Succeeded, thresholds);
                 slot.endpoint.record(now, true, probe);
                 self.metrics.latency.record(elapsed.as_secs_f64());
                 guard.settle();
@@ -421,7 +421,7 @@ impl AgentShared {
                     source,
                 };
                 if err.is_agent_failure() {
-                    slot.record(now, false, elapsed, Some(&err), false, thresholds);
+                    slot.record(live.generation, now, elapsed, Finished::Failed(&err), thresholds);
                     slot.endpoint.record(now, false, probe);
                     self.metrics.failures.increment(1);
                     self.metrics.latency.record(elapsed.as_secs_f64());
@@ -432,7 +432,7 @@ impl AgentShared {
             Outcome::TimedOut => {
                 live.conn.cancel(&correlation_id, CancelReason::Timeout);
                 let err = PoolError::Timeout { agent: self.id.to_string(), after: timeout };
-                slot.record(now, false, elapsed, Some(&err), true, thresholds);
+                slot.record(live.generation, now, elapsed, Finished::TimedOut(&err), thresholds);
                 slot.endpoint.record(now, false, probe);
                 self.metrics.failures.increment(1);
                 self.metrics.timeouts.increment(1);

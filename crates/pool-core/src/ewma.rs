@@ -68,6 +68,12 @@ impl PeakEwma {
         self.estimate_ns()
     }
 
+    /// Forgets the estimate, as a freshly made estimator would (the decay stays).
+    pub fn reset(&mut self) {
+        self.estimate_ns = 0.0;
+        self.last = None;
+    }
+
     /// The current estimate in nanoseconds, rounded; 0 means no estimate yet.
     pub fn estimate_ns(&self) -> u64 {
         // `as` saturates, so absurd RTTs cannot wrap.
@@ -122,6 +128,18 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_reset_estimator_behaves_like_a_new_one() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(ms(100));
+        e.observe(t0, ms(900));
+        e.reset();
+        assert_eq!(e.estimate_ns(), 0);
+        assert_eq!(e.decay(), ms(100));
+        // The first sample after a reset is the estimate, not a decay from the old peak.
+        assert_eq!(e.observe(t0 + ms(1), ms(2)), 2 * MS);
     }
 
     #[test]

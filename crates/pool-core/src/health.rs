@@ -157,6 +157,13 @@ impl HealthWindow {
         bucket_epoch <= now_epoch && now_epoch - bucket_epoch < self.ring.len() as u64
     }
 
+    /// Forgets every result recorded, as a freshly made window would (its length and buckets
+    /// stay). Allocates nothing.
+    pub fn clear(&mut self) {
+        self.origin = None;
+        self.ring.fill(Bucket::default());
+    }
+
     /// Records one result observed at `now`.
     pub fn record(&mut self, now: Instant, success: bool) {
         let origin = *self.origin.get_or_insert(now);
@@ -207,6 +214,23 @@ mod tests {
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    #[test]
+    fn a_cleared_window_forgets_everything_and_starts_again() {
+        let t0 = Instant::now();
+        let mut w = HealthWindow::new(secs(10), 10);
+        for i in 0..20 {
+            w.record(t0 + Duration::from_millis(i * 100), false);
+        }
+        w.clear();
+        assert_eq!(w.counts(t0 + secs(2)), (0, 0));
+        assert_eq!(w.success_rate(t0 + secs(2)), None);
+        // Its buckets start from the first result after the clear.
+        w.record(t0 + secs(3), true);
+        assert_eq!(w.counts(t0 + secs(3)), (1, 0));
+        assert_eq!(w.counts(t0 + secs(12)), (1, 0), "still within 10 s of that result");
+        assert_eq!(w.counts(t0 + secs(14)), (0, 0));
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! A slot outlives the connections it holds: when a connection dies its supervisor replaces
 //! it in the same slot, so the slot's in-flight count stays exact across reconnects (requests
 //! of the dead connection fail at once and give their permits back here).
+//!
+//! Its health does not carry over: each connection starts with an empty success-rate window
+//! and no latency estimate, and a result of an earlier connection that arrives after the
+//! replacement (a request failing as its connection is closed) counts in the slot's lifetime
+//! totals only. The connection that died had its own window; the endpoint's circuit breaker is
+//! what remembers that the agent went away.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -35,9 +41,23 @@ pub(crate) const DISCONNECTED: u32 = 1 << 3;
 pub(crate) const SOFT_UNHEALTHY: u32 = 1 << 8;
 pub(crate) const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY | DISCONNECTED;
 
+/// How a request ended, for [`Slot::record`].
+#[derive(Clone, Copy)]
+pub(crate) enum Finished<'a> {
+    /// The agent answered.
+    Succeeded,
+    /// It failed with this error.
+    Failed(&'a dyn std::fmt::Display),
+    /// It timed out, with this error.
+    TimedOut(&'a dyn std::fmt::Display),
+}
+
 /// The connection currently in a slot.
 pub(crate) struct Live {
     pub(crate) conn: Arc<dyn AgentConnection>,
+    /// The slot's generation when this connection was attached: the results recorded for it
+    /// belong in the health window only while the slot still holds it.
+    pub(crate) generation: u64,
 }
 
 /// What a slot learned from its requests.
@@ -208,13 +228,23 @@ impl Slot {
         *lock(&self.label) = Arc::from(conn.label());
         *lock(&self.caps) = Some(caps);
         *lock(&self.reported) = HealthStatus::Healthy;
-        {
+        let generation = {
+            // A new connection is judged on its own results. The generation moves under the
+            // same lock, so a late result of the previous connection either lands before the
+            // reset (and is forgotten with it) or sees the new generation (and is kept out).
             let mut h = lock(&self.health);
+            h.window.clear();
+            h.ewma.reset();
+            h.state = HealthState::Healthy;
+            h.last_latency = None;
             h.connects += 1;
             h.connected_since = Some(now);
-        }
-        self.generation.fetch_add(1, Ordering::Release);
-        self.conn.store(Some(Arc::new(Live { conn })));
+            self.rtt_ns.store(0, Ordering::Relaxed);
+            self.score_bits.store(1f32.to_bits(), Ordering::Relaxed);
+            self.flags.fetch_and(!SOFT_UNHEALTHY, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release) + 1
+        };
+        self.conn.store(Some(Arc::new(Live { conn, generation })));
     }
 
     /// Which connection the slot holds (or last held): bumped on every attach.
@@ -267,34 +297,42 @@ impl Slot {
         *lock(&self.reported) = s.health.status;
     }
 
-    /// Records one finished request.
+    /// Records one finished request, sent on the connection of `generation`. A result of a
+    /// connection the slot no longer holds counts in the lifetime totals (and as the last
+    /// error) only: the current connection's window and latency estimate are its own.
     pub(crate) fn record(
         &self,
+        generation: u64,
         now: Instant,
-        success: bool,
         latency: Duration,
-        error: Option<&dyn std::fmt::Display>,
-        timed_out: bool,
+        outcome: Finished<'_>,
         thresholds: &HealthThresholds,
     ) {
         let mut h = lock(&self.health);
-        h.window.record(now, success);
         h.requests += 1;
-        if success {
-            let est = h.ewma.observe(now, latency);
-            h.last_latency = Some(latency);
-            self.rtt_ns.store(est, Ordering::Relaxed);
-        } else {
-            h.failures += 1;
-            if timed_out {
-                h.timeouts += 1;
-                // A time-out is a latency of at least the time-out: let the estimate know.
-                let est = h.ewma.observe(now, latency);
-                self.rtt_ns.store(est, Ordering::Relaxed);
-            }
-            if let Some(e) = error {
+        let (success, timed_out) = match outcome {
+            Finished::Succeeded => (true, false),
+            Finished::Failed(e) | Finished::TimedOut(e) => {
+                h.failures += 1;
                 h.last_error = Some((now, e.to_string()));
+                let timed_out = matches!(outcome, Finished::TimedOut(_));
+                if timed_out {
+                    h.timeouts += 1;
+                }
+                (false, timed_out)
             }
+        };
+        if generation != self.generation.load(Ordering::Acquire) {
+            return;
+        }
+        h.window.record(now, success);
+        // A time-out is a latency of at least the time-out: the estimate hears of it too.
+        if success || timed_out {
+            let est = h.ewma.observe(now, latency);
+            self.rtt_ns.store(est, Ordering::Relaxed);
+        }
+        if success {
+            h.last_latency = Some(latency);
         }
         self.reclassify(&mut h, now, thresholds);
     }

@@ -327,3 +327,39 @@ async fn a_reconnect_makes_an_open_breaker_probe_at_once() {
     pool.send("waf", request("probe")).await.unwrap();
     assert_eq!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reconnected_connection_starts_with_a_fresh_health_window() {
+    let agent = allow_all();
+    let (pool, _c) = common::single(one_connection(), &agent).await;
+    agent.set_latency(Duration::from_secs(5));
+    let inflight: Vec<_> = (0..12)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    agent.disconnect_all(); // the agent crashes: its connection's twelve requests fail
+    for r in inflight {
+        assert!(r.await.unwrap().is_err());
+    }
+    let before = &pool.health("waf").unwrap()[0];
+    assert_eq!(before.state, HealthState::Unhealthy, "the dead connection failed everything");
+    assert_eq!(before.connects, 1);
+
+    agent.set_latency(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(150)).await; // the supervisor reconnects
+    let fresh = &pool.health("waf").unwrap()[0];
+    assert_eq!(fresh.connects, 2);
+    assert_eq!(fresh.state, HealthState::Healthy);
+    assert_eq!(fresh.success_rate, None, "nothing is known about the new connection yet");
+
+    // Its first result is judged on its own, not with the dead connection's failures.
+    pool.send("waf", request("first")).await.unwrap();
+    let after = &pool.health("waf").unwrap()[0];
+    assert_eq!(after.state, HealthState::Healthy);
+    assert_eq!(after.success_rate, Some(1.0));
+    assert_eq!((after.requests, after.failures), (13, 12), "lifetime counts are kept");
+    assert_eq!(pool.agent_stats("waf").unwrap().totals.healthy, 1);
+}

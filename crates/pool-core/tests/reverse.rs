@@ -164,3 +164,40 @@ async fn a_reverse_replica_joins_an_agent_that_has_configured_endpoints() {
     assert_eq!(pool.agent_stats("waf").unwrap().totals.connected, 3);
     let _ = MemoryAgent::new(test_support::AllowAll);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_reverse_connection_does_not_inherit_the_old_ones_failures() {
+    use pool_core::health::HealthState;
+
+    let agent = allow_all();
+    let connector = MemoryConnector::new();
+    connector.register("mem://waf-1", &agent);
+    // The breaker is not what this is about: the failures must not open it.
+    let mut cfg = reverse_config();
+    cfg.breaker.failure_threshold = 1000;
+    let pool = AgentPool::new(cfg, MemoryConnector::new()).unwrap();
+    let first = dial(&connector, "mem://waf-1").await;
+    pool.add_reverse_connection(registration("waf", "r1", Some("s3cret"), first)).unwrap();
+    agent.set_latency(Duration::from_secs(5));
+    let inflight: Vec<_> = (0..12)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // The replica registers again: its old connection is closed and its twelve requests fail,
+    // after the new connection has taken the slot.
+    agent.set_latency(Duration::ZERO);
+    let second = dial(&connector, "mem://waf-1").await;
+    pool.add_reverse_connection(registration("waf", "r1", Some("s3cret"), second)).unwrap();
+    for r in inflight {
+        assert!(r.await.unwrap().is_err());
+    }
+    pool.send("waf", request("on-the-new-one")).await.unwrap();
+    let h = &pool.health("waf").unwrap()[0];
+    assert_eq!(h.connects, 2);
+    assert_eq!(h.state, HealthState::Healthy, "{h:?}");
+    assert_eq!(h.success_rate, Some(1.0), "the old connection's failures are not the new one's");
+    assert_eq!((h.requests, h.failures), (13, 12), "lifetime counts are kept");
+}
