@@ -16,7 +16,7 @@
 //!    breaker; the permit is returned when the [`InFlight`] guard drops — which also happens
 //!    if the caller drops the future at any await point.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,6 +151,10 @@ pub(crate) struct AgentShared {
     /// Correlation affinity: which connection each in-progress request is pinned to.
     pub(crate) affinity: Affinity,
     removed: AtomicBool,
+    /// Requests refused because no connection could take them (see [`Totals`]).
+    unavailable_rejected: AtomicU64,
+    /// Requests let through by fail-open because no connection could take them.
+    fail_open: AtomicU64,
     capacity: Notify,
     waiters: AtomicUsize,
     watching_idle: AtomicBool,
@@ -202,16 +206,26 @@ impl AgentShared {
 
     /// Answers for an agent that cannot take a request, by its failure mode.
     pub(crate) fn unavailable(&self, reason: Unavailable) -> Result<Decision, PoolError> {
-        self.metrics.unavailable.increment(1);
         match self.settings.failure_mode {
-            FailureMode::Closed => Err(PoolError::Unavailable { agent: self.id.to_string(), reason }),
+            FailureMode::Closed => Err(self.refuse_unavailable(reason)),
             FailureMode::Open => {
+                self.metrics.unavailable.increment(1);
                 self.metrics.fail_open.increment(1);
+                self.fail_open.fetch_add(1, Ordering::Relaxed);
                 Ok(Decision::allow()
                     .with_tag("agentpool:fail-open")
                     .with_reason(format!("agent {} skipped: {reason}", self.id)))
             }
         }
+    }
+
+    /// Counts a request refused because no connection could take it, and says so.
+    #[cold]
+    pub(crate) fn refuse_unavailable(&self, reason: Unavailable) -> PoolError {
+        self.metrics.unavailable.increment(1);
+        self.metrics.unavailable_rejected.increment(1);
+        self.unavailable_rejected.fetch_add(1, Ordering::Relaxed);
+        PoolError::Unavailable { agent: self.id.to_string(), reason }
     }
 
     fn reject(&self, reject: Reject, kind: Option<EventKind>) -> Result<Decision, PoolError> {
@@ -613,6 +627,18 @@ pub struct Totals {
     pub paused: usize,
     /// Requests pinned to a connection by correlation affinity.
     pub affinity: usize,
+    /// Requests refused with [`PoolError::Unavailable`] because no connection could take them
+    /// (none up, every breaker open, every instance draining or unhealthy, the agent being
+    /// removed), by a send whose agent fails closed, a reservation, or a sticky session that
+    /// found no healthy connection to move to. Metric: `agentpool_unavailable_rejected_total`.
+    /// Not counted: [`Unavailable::NoCapacity`] (a reservation that found every usable
+    /// connection busy).
+    pub unavailable_rejected: u64,
+    /// Requests answered allow without reaching the agent, because no connection could take
+    /// them and the agent fails open (the decision is tagged `agentpool:fail-open`). Metric:
+    /// `agentpool_fail_open_total`. `agentpool_unavailable_total` counts this and
+    /// [`unavailable_rejected`](Self::unavailable_rejected) together.
+    pub fail_open: u64,
 }
 
 impl Totals {
@@ -633,6 +659,8 @@ impl std::ops::AddAssign for Totals {
         self.timeouts += o.timeouts;
         self.paused += o.paused;
         self.affinity += o.affinity;
+        self.unavailable_rejected += o.unavailable_rejected;
+        self.fail_open += o.fail_open;
     }
 }
 
@@ -677,6 +705,8 @@ impl Agent {
             agent: std::sync::OnceLock::new(),
             affinity: Affinity::new(cfg.affinity.max_entries, cfg.affinity.ttl),
             removed: AtomicBool::new(false),
+            unavailable_rejected: AtomicU64::new(0),
+            fail_open: AtomicU64::new(0),
             capacity: Notify::new(),
             waiters: AtomicUsize::new(0),
             watching_idle: AtomicBool::new(false),
@@ -1066,8 +1096,13 @@ impl Agent {
 
     pub(crate) fn stats(&self, now: Instant) -> AgentStats {
         let slots = self.slots();
-        let mut t =
-            Totals { connections: slots.len(), affinity: self.shared.affinity.len(), ..Totals::default() };
+        let mut t = Totals {
+            connections: slots.len(),
+            affinity: self.shared.affinity.len(),
+            unavailable_rejected: self.shared.unavailable_rejected.load(Ordering::Relaxed),
+            fail_open: self.shared.fail_open.load(Ordering::Relaxed),
+            ..Totals::default()
+        };
         let mut capabilities = None;
         for slot in &slots {
             let (r, f, to) = slot.totals();

@@ -8,8 +8,9 @@
 //! | `agentpool_requests_total` | counter | agent |
 //! | `agentpool_request_failures_total` | counter | agent |
 //! | `agentpool_request_timeouts_total` | counter | agent |
-//! | `agentpool_unavailable_total` | counter | agent (no connection could take a request) |
-//! | `agentpool_fail_open_total` | counter | agent (answered allow because unavailable) |
+//! | `agentpool_unavailable_total` | counter | agent (no connection could take a request: the two below together) |
+//! | `agentpool_unavailable_rejected_total` | counter | agent (of those, refused with `PoolError::Unavailable`) |
+//! | `agentpool_fail_open_total` | counter | agent (of those, answered allow by fail-open) |
 //! | `agentpool_flow_control_total` | counter | agent, outcome (`rejected`, `fail_open`, `waited`, `timed_out`) |
 //! | `agentpool_paused_connections` | gauge | agent |
 //! | `agentpool_affinity_entries` | gauge | agent (updated by maintenance) |
@@ -35,6 +36,7 @@ pub(crate) struct AgentMetrics {
     pub(crate) failures: Counter,
     pub(crate) timeouts: Counter,
     pub(crate) unavailable: Counter,
+    pub(crate) unavailable_rejected: Counter,
     pub(crate) fail_open: Counter,
     pub(crate) in_flight: Gauge,
     pub(crate) latency: Histogram,
@@ -61,6 +63,7 @@ impl AgentMetrics {
             failures: metrics::counter!("agentpool_request_failures_total", &l),
             timeouts: metrics::counter!("agentpool_request_timeouts_total", &l),
             unavailable: metrics::counter!("agentpool_unavailable_total", &l),
+            unavailable_rejected: metrics::counter!("agentpool_unavailable_rejected_total", &l),
             fail_open: metrics::counter!("agentpool_fail_open_total", &l),
             in_flight: metrics::gauge!("agentpool_in_flight", &l),
             latency: metrics::histogram!("agentpool_request_duration_seconds", &l),
@@ -87,6 +90,10 @@ pub(crate) fn describe() {
     describe_counter!("agentpool_request_failures_total", "Requests that failed (errors and time-outs).");
     describe_counter!("agentpool_request_timeouts_total", "Requests that timed out.");
     describe_counter!("agentpool_unavailable_total", "Requests no connection could take.");
+    describe_counter!(
+        "agentpool_unavailable_rejected_total",
+        "Requests refused because no connection could take them."
+    );
     describe_counter!(
         "agentpool_fail_open_total",
         "Requests answered allow because the agent was unavailable."

@@ -442,7 +442,7 @@ impl AgentPool {
             Pick::Reserved(guard) => Ok(Reservation::new(guard)),
             Pick::Unknown => Err(self.unknown(agent)),
             Pick::Closed(closed) => Err(closed.error(agent)),
-            Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
+            Pick::Miss(a, reject) => Err(Self::reject_error(&a, kind, reject)),
             Pick::Pinned(..) | Pick::PinLost => unreachable!("no affinity without a correlation id"),
         }
     }
@@ -486,7 +486,7 @@ impl AgentPool {
             Pick::Reserved(guard) => Ok(Reservation::new(guard)),
             Pick::Unknown => Err(self.unknown(agent)),
             Pick::Closed(closed) => Err(closed.error(agent)),
-            Pick::Miss(_, reject) => Err(Self::reject_error(agent, kind, reject)),
+            Pick::Miss(a, reject) => Err(Self::reject_error(&a, kind, reject)),
             Pick::Pinned(..) => Err(PoolError::Unavailable {
                 agent: agent.to_owned(),
                 reason: crate::error::Unavailable::NoCapacity,
@@ -498,15 +498,15 @@ impl AgentPool {
     }
 
     #[cold]
-    fn reject_error(agent: &str, kind: EventKind, reject: Reject) -> PoolError {
+    fn reject_error(agent: &Agent, kind: EventKind, reject: Reject) -> PoolError {
+        let id = agent.id();
         match reject {
-            Reject::Unsupported => PoolError::UnsupportedEvent { agent: agent.to_owned(), kind },
-            Reject::Full => PoolError::Unavailable {
-                agent: agent.to_owned(),
-                reason: crate::error::Unavailable::NoCapacity,
-            },
-            Reject::Paused => PoolError::FlowControlPaused { agent: agent.to_owned() },
-            Reject::Unavailable(reason) => PoolError::Unavailable { agent: agent.to_owned(), reason },
+            Reject::Unsupported => PoolError::UnsupportedEvent { agent: id.to_owned(), kind },
+            Reject::Full => {
+                PoolError::Unavailable { agent: id.to_owned(), reason: crate::error::Unavailable::NoCapacity }
+            }
+            Reject::Paused => PoolError::FlowControlPaused { agent: id.to_owned() },
+            Reject::Unavailable(reason) => agent.shared.refuse_unavailable(reason),
         }
     }
 
@@ -634,7 +634,7 @@ impl AgentPool {
             return Ok(Some((a, pinned, StickyRoute::Pinned)));
         }
         let Some(fresh) = a.healthy_slot() else {
-            return Err(PoolError::Unavailable { agent: agent.to_owned(), reason: a.unavailable_reason() });
+            return Err(a.shared.refuse_unavailable(a.unavailable_reason()));
         };
         sticky.repin(session_id, fresh.clone(), stamp);
         a.shared.metrics.sticky_repins.increment(1);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::{allow_all, config, request};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::{CompositeKey, MetricKind};
-use pool_core::PoolConfig;
+use pool_core::{AgentOptions, AgentSpec, FailureMode, PoolConfig};
 
 fn value<'a>(
     snapshot: &'a [(CompositeKey, DebugValue)],
@@ -33,7 +33,7 @@ async fn requests_failures_timeouts_latency_connections_and_breakers_are_recorde
 
     let agent = allow_all();
     let cfg = PoolConfig { connections_per_endpoint: 2, request_timeout: Duration::from_secs(1), ..config() };
-    let (pool, _c) = common::single(cfg, &agent).await;
+    let (pool, connector) = common::single(cfg, &agent).await;
     for i in 0..10 {
         pool.send("waf", request(format!("ok{i}"))).await.unwrap();
     }
@@ -43,6 +43,20 @@ async fn requests_failures_timeouts_latency_connections_and_breakers_are_recorde
     }
     agent.set_silent(true);
     let _ = pool.send("waf", request("slow")).await;
+
+    // Two agents nothing can reach: one fails closed, one fails open.
+    let down = allow_all();
+    down.refuse_connections(true);
+    connector.register("mem://down", &down);
+    let open = AgentOptions { failure_mode: Some(FailureMode::Open), ..AgentOptions::default() };
+    pool.add_agent(AgentSpec::new("closed-down").endpoint("mem://down")).await.unwrap();
+    pool.add_agent(AgentSpec::new("open-down").endpoint("mem://down").options(open)).await.unwrap();
+    for i in 0..2 {
+        assert!(pool.send("closed-down", request(format!("c{i}"))).await.is_err());
+    }
+    for i in 0..3 {
+        assert!(pool.send("open-down", request(format!("o{i}"))).await.unwrap().is_allow());
+    }
     tokio::time::sleep(Duration::from_secs(2)).await; // a maintenance tick updates gauges
 
     let snap: Vec<(CompositeKey, DebugValue)> =
@@ -62,4 +76,17 @@ async fn requests_failures_timeouts_latency_connections_and_breakers_are_recorde
         panic!("no latency histogram")
     };
     assert_eq!(latencies.len(), 12, "answers (successes and agent errors) are timed");
+
+    let count = |name, agent| match value(&snap, MetricKind::Counter, name, agent) {
+        Some(DebugValue::Counter(n)) => *n,
+        None => 0,
+        Some(other) => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(count("agentpool_unavailable_total", "closed-down"), 2);
+    assert_eq!(count("agentpool_unavailable_rejected_total", "closed-down"), 2);
+    assert_eq!(count("agentpool_fail_open_total", "closed-down"), 0);
+    assert_eq!(count("agentpool_unavailable_total", "open-down"), 3);
+    assert_eq!(count("agentpool_unavailable_rejected_total", "open-down"), 0);
+    assert_eq!(count("agentpool_fail_open_total", "open-down"), 3);
+    assert_eq!(count("agentpool_unavailable_rejected_total", "waf"), 0);
 }

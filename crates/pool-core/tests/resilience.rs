@@ -363,3 +363,47 @@ async fn a_reconnected_connection_starts_with_a_fresh_health_window() {
     assert_eq!((after.requests, after.failures), (13, 12), "lifetime counts are kept");
     assert_eq!(pool.agent_stats("waf").unwrap().totals.healthy, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_no_connection_could_take_are_counted_as_refused_or_let_through() {
+    use pool_api::EventKind;
+
+    let down = allow_all();
+    down.refuse_connections(true);
+    let up = allow_all();
+    let connector = MemoryConnector::new();
+    connector.register("mem://down", &down);
+    connector.register("mem://up", &up);
+    let pool = AgentPool::new(one_connection(), connector).unwrap();
+    let open = AgentOptions { failure_mode: Some(FailureMode::Open), ..AgentOptions::default() };
+    pool.add_agent(AgentSpec::new("strict").endpoint("mem://down")).await.unwrap();
+    pool.add_agent(AgentSpec::new("lenient").endpoint("mem://down").options(open)).await.unwrap();
+    pool.add_agent(AgentSpec::new("ws").endpoint("mem://up")).await.unwrap();
+
+    let no_connection = PoolError::Unavailable { agent: "strict".into(), reason: Unavailable::NoConnections };
+    for i in 0..3 {
+        assert_eq!(pool.send("strict", request(format!("s{i}"))).await.unwrap_err(), no_connection);
+    }
+    assert_eq!(pool.try_reserve("strict", EventKind::RequestHeaders).unwrap_err(), no_connection);
+    for i in 0..2 {
+        let d = pool.send("lenient", request(format!("l{i}"))).await.unwrap();
+        assert!(d.audit.tags.iter().any(|t| t == "agentpool:fail-open"));
+    }
+    // A reservation does not wait and does not fail open: it is refused.
+    assert!(pool.try_reserve("lenient", EventKind::RequestHeaders).is_err());
+
+    // A sticky session whose only connection died, with nowhere healthy to move to.
+    pool.create_sticky_session("s", "ws").unwrap();
+    up.refuse_connections(true);
+    up.disconnect_all();
+    let err = pool.send_sticky("s", "ws", request("w")).await.unwrap_err();
+    assert!(matches!(err, PoolError::Unavailable { .. }), "{err:?}");
+
+    let totals = |id| pool.agent_stats(id).unwrap().totals;
+    assert_eq!((totals("strict").unavailable_rejected, totals("strict").fail_open), (4, 0));
+    assert_eq!((totals("lenient").unavailable_rejected, totals("lenient").fail_open), (1, 2));
+    assert_eq!((totals("ws").unavailable_rejected, totals("ws").fail_open), (1, 0));
+    let all = pool.stats().totals;
+    assert_eq!((all.unavailable_rejected, all.fail_open), (6, 2));
+    assert_eq!(all.requests, 0, "none of them reached an agent");
+}
