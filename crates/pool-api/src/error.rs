@@ -20,8 +20,10 @@ pub enum TransportError {
         /// What went wrong.
         message: String,
     },
-    /// The endpoint was malformed or names a scheme this transport does not serve.
-    #[error("invalid endpoint {endpoint}: {message}")]
+    /// The endpoint was malformed or names a scheme this transport does not serve (see
+    /// [`Connector::validate_endpoint`](crate::Connector::validate_endpoint)). The endpoint is
+    /// quoted in the message, so an empty or space-padded one shows as such.
+    #[error("invalid endpoint {endpoint:?}: {message}")]
     InvalidEndpoint {
         /// The endpoint given.
         endpoint: String,

@@ -73,7 +73,23 @@ impl From<String> for Endpoint {
 /// Connecting is split from the handshake so the caller can bound each with its own time-out:
 /// [`connect`](Connector::connect) only establishes the byte stream, and
 /// [`PendingConnection::handshake`] exchanges [`Hello`] and [`Capabilities`].
+///
+/// Before it registers an agent, the pool asks [`validate_endpoint`](Connector::validate_endpoint)
+/// about each of its endpoints, so that an address no connector understands is refused at
+/// once rather than dialled, failed and retried for as long as the pool runs.
 pub trait Connector: Send + Sync + 'static {
+    /// Checks, without any I/O, that `endpoint` is written the way this connector needs: a
+    /// scheme it serves and a well-formed address after it.
+    ///
+    /// Fails with [`TransportError::InvalidEndpoint`] naming the endpoint and what is wrong
+    /// with it. Passing says nothing about reachability: an agent may still be down, which
+    /// [`connect`](Connector::connect) reports. The two must agree: an endpoint refused here is
+    /// refused by `connect` with the same error.
+    ///
+    /// There is deliberately no default: a connector that really accepts any string says so
+    /// in its own implementation.
+    fn validate_endpoint(&self, endpoint: &Endpoint) -> Result<(), TransportError>;
+
     /// Establishes a stream to `endpoint`. No protocol message is exchanged yet.
     fn connect(
         &self,

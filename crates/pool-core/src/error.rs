@@ -54,6 +54,18 @@ pub enum PoolError {
         /// One line per problem, each naming the field.
         problems: Vec<String>,
     },
+    /// An endpoint of the agent is not one its connector can dial: malformed, or of a scheme
+    /// the connector does not serve. Found by
+    /// [`Connector::validate_endpoint`](pool_api::Connector::validate_endpoint) when the agent
+    /// is added, before anything is registered or dialled.
+    #[error("agent {agent:?}: {source}")]
+    InvalidEndpoint {
+        /// The agent.
+        agent: String,
+        /// The connector's verdict, naming the endpoint and what is wrong with it.
+        #[source]
+        source: TransportError,
+    },
     /// The pool is shutting down, or has shut down, and admits nothing new. Once
     /// [`AgentPool::shutdown`](crate::AgentPool::shutdown) has begun, every send, reservation,
     /// session, cancel, push and lookup answers this, whatever agent id it names.

@@ -226,6 +226,11 @@ impl AgentPool {
 
     /// Registers an agent and opens its connections.
     ///
+    /// Every endpoint is first checked by the connector that will dial it (the agent's own, or
+    /// the pool's) with [`Connector::validate_endpoint`]: a malformed endpoint, or one of a
+    /// scheme the connector does not serve, fails with [`PoolError::InvalidEndpoint`] and
+    /// nothing is registered or dialled.
+    ///
     /// Returns once every slot's first connection attempt has finished (each bounded by the
     /// connect and handshake time-outs). An agent that cannot be reached is still registered
     /// — unhealthy, with [`AddReport::connected`] 0 — and its supervisors keep retrying.
@@ -235,6 +240,12 @@ impl AgentPool {
             return Err(PoolError::ShuttingDown);
         }
         let settings = spec.validate(ctx)?;
+        let connector = spec.connector.as_ref().unwrap_or(&self.inner.connector);
+        for endpoint in &spec.endpoints {
+            connector
+                .validate_endpoint(endpoint)
+                .map_err(|source| PoolError::InvalidEndpoint { agent: spec.id.clone(), source })?;
+        }
         let id: Arc<str> = Arc::from(spec.id.as_str());
         let firsts = {
             let writer = ctx.directory.write();

@@ -157,3 +157,42 @@ async fn dropping_the_last_pool_handle_stops_every_connection() {
     assert_eq!(agent.live_connections(), 0);
     let _ = TransportError::Cancelled(pool_api::CancelReason::Manual);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_mistyped_endpoint_is_refused_at_add_agent_before_anything_is_registered() {
+    let agent = allow_all();
+    // A transport that serves `unix:` only, like the UDS one.
+    let connector = MemoryConnector::new().with_schemes(["unix"]);
+    connector.register("unix:/run/waf.sock", &agent);
+    let fail_open =
+        AgentOptions { failure_mode: Some(pool_core::FailureMode::Open), ..AgentOptions::default() };
+    let pool = AgentPool::new(config(), connector.clone()).unwrap();
+    for typo in ["uds:/run/waf.sock", "mem://", "waf"] {
+        let spec = AgentSpec::new("waf").endpoints(["unix:/run/waf.sock", typo]).options(fail_open.clone());
+        let err = pool.add_agent(spec).await.unwrap_err();
+        let PoolError::InvalidEndpoint { agent: id, source } = &err else { panic!("{typo}: {err:?}") };
+        assert_eq!(id, "waf");
+        assert!(
+            matches!(source, TransportError::InvalidEndpoint { endpoint, .. } if endpoint == typo),
+            "{source:?}"
+        );
+        assert!(err.to_string().contains(&format!("{typo:?}")), "the error names the endpoint: {err}");
+        assert!(!pool.has_agent("waf"), "nothing is registered");
+        // With fail-open, a registered typo would have let every request through.
+        assert_eq!(
+            pool.send("waf", request("r")).await.unwrap_err(),
+            PoolError::UnknownAgent { agent: "waf".into() }
+        );
+    }
+    assert_eq!(agent.connect_attempts(), 0, "not even the good endpoint was dialled");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(agent.connect_attempts(), 0, "and nothing retries in the background");
+
+    // The agent's own connector, when it has one, is the one asked.
+    let own = MemoryConnector::new();
+    own.register("mem://waf", &agent);
+    let spec = AgentSpec::new("own").endpoint("mem://waf").connector(std::sync::Arc::new(own));
+    assert_eq!(pool.add_agent(spec).await.unwrap().connected, 4);
+    let report = pool.add_agent(AgentSpec::new("waf").endpoint("unix:/run/waf.sock")).await.unwrap();
+    assert_eq!(report.connected, 4);
+}

@@ -12,21 +12,29 @@ use crate::lock;
 
 /// A [`Connector`] to [`MemoryAgent`]s: a registry of endpoints, each served by one agent.
 ///
-/// Cloning gives another handle to the same registry. Any string is an endpoint (`"mem://waf"`,
-/// `"unix:/run/waf.sock"`…), so a test can use the addresses the code under test expects.
-/// Connecting to an endpoint no agent is registered under fails with
+/// Cloning gives another handle to the same registry. An endpoint is any address of the form
+/// `scheme:rest` (`"mem://waf"`, `"unix:/run/waf.sock"`…), so a test can use the addresses the
+/// code under test expects; [`with_schemes`](MemoryConnector::with_schemes) narrows the schemes
+/// it serves, as a real transport's would be. What it refuses is listed at
+/// [`validate_endpoint`](MemoryConnector::validate_endpoint).
+/// Connecting to a well-formed endpoint no agent is registered under fails with
 /// [`TransportError::Connect`] of kind [`ConnectionRefused`](std::io::ErrorKind::ConnectionRefused),
 /// like a socket nobody listens on.
 #[derive(Clone, Default)]
 pub struct MemoryConnector {
     agents: Arc<Mutex<HashMap<Endpoint, MemoryAgent>>>,
+    /// The schemes served; `None`: every scheme.
+    schemes: Option<Arc<[String]>>,
 }
 
 impl fmt::Debug for MemoryConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut endpoints: Vec<Endpoint> = lock(&self.agents).keys().cloned().collect();
         endpoints.sort();
-        f.debug_struct("MemoryConnector").field("endpoints", &endpoints).finish()
+        f.debug_struct("MemoryConnector")
+            .field("endpoints", &endpoints)
+            .field("schemes", &self.schemes)
+            .finish()
     }
 }
 
@@ -34,6 +42,15 @@ impl MemoryConnector {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serves only endpoints of these schemes (compared exactly, without the `:`), like a
+    /// transport that understands `unix:` and nothing else. The registry is shared with the
+    /// connector this was made from.
+    #[must_use]
+    pub fn with_schemes<S: Into<String>>(mut self, schemes: impl IntoIterator<Item = S>) -> Self {
+        self.schemes = Some(schemes.into_iter().map(Into::into).collect());
+        self
     }
 
     /// Serves `endpoint` with `agent`, replacing any agent registered there. One agent may serve
@@ -55,12 +72,47 @@ impl MemoryConnector {
 }
 
 impl Connector for MemoryConnector {
-    /// Looks the endpoint up when the future is polled, then connects per the agent's script
-    /// (refused, never completing, or at once).
+    /// Accepts `scheme:rest` where the scheme is a letter followed by letters, digits, `+`, `-`
+    /// or `.` (and one [`with_schemes`](MemoryConnector::with_schemes) allows, if set) and
+    /// `rest` — after an optional `//` — is not empty; nothing in the endpoint may be
+    /// whitespace or a control character. Whether an agent is registered there does not
+    /// matter: that is for [`connect`](Connector::connect) to find out.
+    fn validate_endpoint(&self, endpoint: &Endpoint) -> Result<(), TransportError> {
+        let s = endpoint.as_str();
+        let invalid = |message: String| TransportError::InvalidEndpoint { endpoint: s.to_owned(), message };
+        if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(format!("contains {c:?}")));
+        }
+        let Some((scheme, rest)) = s.split_once(':') else {
+            return Err(invalid("expected scheme:address, such as mem://waf".to_owned()));
+        };
+        let mut chars = scheme.chars();
+        let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !well_formed {
+            return Err(invalid(format!("{scheme:?} is not a scheme")));
+        }
+        if let Some(schemes) = &self.schemes
+            && !schemes.iter().any(|served| served == scheme)
+        {
+            return Err(invalid(format!("unknown scheme {scheme:?}: this connector serves {schemes:?}")));
+        }
+        if rest.strip_prefix("//").unwrap_or(rest).is_empty() {
+            return Err(invalid(format!("nothing follows the scheme {scheme:?}")));
+        }
+        Ok(())
+    }
+
+    /// Refuses an endpoint [`validate_endpoint`](Connector::validate_endpoint) refuses, with
+    /// the same error; otherwise looks it up when the future is polled, then connects per the
+    /// agent's script (refused, never completing, or at once).
     fn connect(
         &self,
         endpoint: &Endpoint,
     ) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>> {
+        if let Err(e) = self.validate_endpoint(endpoint) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         let agents = Arc::clone(&self.agents);
         let endpoint = endpoint.clone();
         Box::pin(async move {

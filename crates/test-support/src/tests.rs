@@ -563,6 +563,55 @@ async fn config_push_uses_the_handler_and_the_capabilities() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn malformed_endpoints_are_refused_without_dialling() {
+    let agent = MemoryAgent::new(AllowAll);
+    let connector = serve(&agent);
+    for good in ["mem://agent", "mem://nobody", "unix:/run/waf.sock", "grpc+tls://10.0.0.5:50051"] {
+        assert_eq!(connector.validate_endpoint(&Endpoint::from(good)), Ok(()), "{good}");
+    }
+    for (bad, why) in [
+        ("waf", "expected scheme:address"),
+        ("", "expected scheme:address"),
+        ("mem://", "nothing follows the scheme \"mem\""),
+        ("mem:", "nothing follows the scheme"),
+        ("://waf", "\"\" is not a scheme"),
+        ("1mem://waf", "\"1mem\" is not a scheme"),
+        ("mem://w af", "contains ' '"),
+        (" mem://waf", "contains ' '"),
+        ("mem://waf\n", "contains '\\n'"),
+    ] {
+        let endpoint = Endpoint::from(bad);
+        let err = connector.validate_endpoint(&endpoint).unwrap_err();
+        let TransportError::InvalidEndpoint { endpoint: named, message } = &err else {
+            panic!("{bad:?}: {err:?}");
+        };
+        assert_eq!(named, bad);
+        assert!(message.contains(why), "{bad:?}: {message}");
+        assert_eq!(connector.connect(&endpoint).await.err(), Some(err), "connect agrees on {bad:?}");
+    }
+    assert_eq!(agent.connect_attempts(), 0, "nothing reached the agent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connector_limited_to_some_schemes_refuses_the_others() {
+    let agent = MemoryAgent::new(AllowAll);
+    let connector = MemoryConnector::new().with_schemes(["unix"]);
+    connector.register("unix:/run/waf.sock", &agent);
+    connector.register("uds:/run/waf.sock", &agent);
+    assert_eq!(connector.validate_endpoint(&Endpoint::from("unix:/run/waf.sock")), Ok(()));
+    let typo = Endpoint::from("uds:/run/waf.sock");
+    let err = connector.validate_endpoint(&typo).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid endpoint \"uds:/run/waf.sock\": unknown scheme \"uds\": this connector serves [\"unix\"]"
+    );
+    assert_eq!(connector.connect(&typo).await.err(), Some(err), "even with an agent registered there");
+    let pending = connector.connect(&Endpoint::from("unix:/run/waf.sock")).await.unwrap();
+    assert!(pending.handshake(Hello::new("p")).await.is_ok());
+    assert_eq!(agent.connect_attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn labels_count_connections_per_agent() {
     let agent = MemoryAgent::new(AllowAll);
     let connector = serve(&agent);

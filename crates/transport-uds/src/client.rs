@@ -63,6 +63,10 @@ impl Default for ClientConfig {
     }
 }
 
+/// The longest socket path or abstract name a Unix socket address holds: `sun_path` is 108
+/// bytes, one of which is the path's terminating (or the abstract name's leading) NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Where a `unix:` endpoint points.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocketPath {
@@ -73,22 +77,63 @@ pub enum SocketPath {
 }
 
 impl SocketPath {
-    /// Parses `unix:/path`, `unix:@abstract` or a bare absolute path.
+    /// Parses an endpoint in one of the forms this transport serves:
+    ///
+    /// * `unix:/absolute/path` (also `unix:///absolute/path`, the URL spelling);
+    /// * `unix:@name`, a Linux abstract socket;
+    /// * `/absolute/path`, without a scheme.
+    ///
+    /// Anything else is a [`TransportError::InvalidEndpoint`] saying what is wrong: another
+    /// scheme (`uds:`, `tcp://`…), a relative or empty path, a path naming a directory
+    /// (trailing `/`), a NUL byte, or a path or name longer than [`MAX_SOCKET_PATH`] bytes.
     pub fn parse(endpoint: &Endpoint) -> Result<Self, TransportError> {
         let s = endpoint.as_str();
-        let rest = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")).unwrap_or(s);
-        let invalid = |message: &str| TransportError::InvalidEndpoint {
-            endpoint: s.to_owned(),
-            message: message.to_owned(),
+        let invalid = |message: String| TransportError::InvalidEndpoint { endpoint: s.to_owned(), message };
+        let rest = match s.strip_prefix("unix:") {
+            Some(rest) => rest.strip_prefix("//").unwrap_or(rest),
+            None if s.starts_with('/') => s,
+            None => {
+                return Err(invalid(match scheme_of(s) {
+                    Some(scheme) => format!(
+                        "unknown scheme {scheme:?}: this transport serves unix:/absolute/path, \
+                         unix:@abstract-name and /absolute/path"
+                    ),
+                    None => "expected unix:/absolute/path, unix:@abstract-name or /absolute/path".to_owned(),
+                }));
+            }
         };
         if let Some(name) = rest.strip_prefix('@') {
             if name.is_empty() {
-                return Err(invalid("an abstract socket needs a name after '@'"));
+                return Err(invalid("an abstract socket needs a name after '@'".to_owned()));
+            }
+            if name.len() > MAX_SOCKET_PATH {
+                return Err(invalid(format!(
+                    "the abstract name is {} bytes; a Unix socket address holds at most {MAX_SOCKET_PATH}",
+                    name.len()
+                )));
+            }
+            if !cfg!(target_os = "linux") {
+                return Err(invalid("abstract sockets are Linux-only".to_owned()));
             }
             return Ok(Self::Abstract(name.to_owned()));
         }
+        if rest.is_empty() {
+            return Err(invalid("the socket path is empty".to_owned()));
+        }
         if !rest.starts_with('/') {
-            return Err(invalid("expected unix:/absolute/path or unix:@abstract-name"));
+            return Err(invalid(format!("{rest:?} is a relative path; a socket path must be absolute")));
+        }
+        if rest.contains('\0') {
+            return Err(invalid("the socket path contains a NUL byte".to_owned()));
+        }
+        if rest.ends_with('/') {
+            return Err(invalid(format!("{rest:?} names a directory, not a socket file")));
+        }
+        if rest.len() > MAX_SOCKET_PATH {
+            return Err(invalid(format!(
+                "the socket path is {} bytes; a Unix socket address holds at most {MAX_SOCKET_PATH}",
+                rest.len()
+            )));
         }
         Ok(Self::Path(PathBuf::from(rest)))
     }
@@ -118,7 +163,8 @@ impl SocketPath {
     }
 }
 
-/// Opens connections to agents listening on Unix sockets.
+/// Opens connections to agents listening on Unix sockets, at the endpoints
+/// [`SocketPath::parse`] accepts.
 #[derive(Clone, Debug, Default)]
 pub struct UdsConnector {
     config: Arc<ClientConfig>,
@@ -131,7 +177,22 @@ impl UdsConnector {
     }
 }
 
+/// The scheme an address starts with (`uds` of `uds:/run/waf.sock`), if it has one.
+fn scheme_of(s: &str) -> Option<&str> {
+    let (scheme, _) = s.split_once(':')?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic() && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .then_some(scheme)
+}
+
 impl Connector for UdsConnector {
+    /// Accepts exactly what [`SocketPath::parse`] accepts: `unix:/absolute/path`,
+    /// `unix:///absolute/path`, `unix:@abstract-name` and `/absolute/path`.
+    fn validate_endpoint(&self, endpoint: &Endpoint) -> Result<(), TransportError> {
+        SocketPath::parse(endpoint).map(drop)
+    }
+
     fn connect(
         &self,
         endpoint: &Endpoint,

@@ -6,8 +6,11 @@
 //! `AgentFrame`s from the agent, each carrying a numeric stream id that answers, cancels and
 //! pongs refer to. Bodies are `Bytes` end to end.
 //!
-//! * **Proxy side:** [`UdsConnector`] is a [`pool_api::Connector`] for `unix:/path` and
-//!   `unix:@abstract` endpoints that plugs into `pool-core`. Connecting optionally checks the
+//! * **Proxy side:** [`UdsConnector`] is a [`pool_api::Connector`] for `unix:/absolute/path`
+//!   (or `unix:///absolute/path`, or a bare `/absolute/path`) and `unix:@abstract` endpoints
+//!   that plugs into `pool-core`. Any other form — another scheme, a relative or empty path —
+//!   is refused by [`validate_endpoint`](pool_api::Connector::validate_endpoint) with a typed
+//!   error, so `pool-core` turns it away when the agent is added. Connecting optionally checks the
 //!   agent's uid/gid (`SO_PEERCRED`); the handshake sends the proxy's protocol versions and gets
 //!   the agent's capabilities, or a typed [`VersionMismatch`](pool_api::TransportError). Each
 //!   connection is one task with any number of requests in flight; end of stream or a frame
@@ -40,7 +43,7 @@ pub mod reverse;
 mod server;
 mod streams;
 
-pub use client::{ClientConfig, PeerCredentials, SocketPath, UdsConnection, UdsConnector};
+pub use client::{ClientConfig, MAX_SOCKET_PATH, PeerCredentials, SocketPath, UdsConnection, UdsConnector};
 pub use reverse::{
     Reconnect, Registration, ReverseAgent, ReverseAgentConfig, ReverseError, ReverseListener,
     ReverseListenerConfig,

@@ -15,7 +15,9 @@ use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
 use transport_uds::codec::FrameCodec;
-use transport_uds::{ClientConfig, PeerCredentials, ServeError, ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{
+    ClientConfig, MAX_SOCKET_PATH, PeerCredentials, ServeError, ServerConfig, UdsConnector, UdsServer,
+};
 
 fn request(id: &str) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/x")))
@@ -371,4 +373,37 @@ async fn an_event_over_the_frame_limit_fails_only_its_own_request() {
     let after = conn.send(request("after")).await.expect("the connection still takes new requests");
     assert_eq!(after.audit.reason.as_deref(), Some("after"));
     assert!(conn.signals().borrow().open);
+}
+
+#[tokio::test]
+async fn endpoints_are_validated_as_documented_and_connect_agrees() {
+    let connector = UdsConnector::default();
+    for good in ["unix:/run/waf.sock", "unix:///run/waf.sock", "/run/waf.sock", "unix:@waf"] {
+        assert_eq!(connector.validate_endpoint(&Endpoint::from(good)), Ok(()), "{good}");
+    }
+    let long = format!("unix:/{}", "a".repeat(MAX_SOCKET_PATH));
+    for (bad, why) in [
+        ("uds:/run/waf.sock", "unknown scheme \"uds\""),
+        ("tcp://127.0.0.1:1", "unknown scheme \"tcp\""),
+        ("unix:relative.sock", "\"relative.sock\" is a relative path"),
+        ("unix://run/waf.sock", "\"run/waf.sock\" is a relative path"),
+        ("relative.sock", "expected unix:/absolute/path"),
+        ("unix:", "the socket path is empty"),
+        ("", "expected unix:/absolute/path"),
+        ("unix:@", "needs a name after '@'"),
+        ("unix:/run/", "names a directory"),
+        ("unix:/run/a\0b.sock", "NUL byte"),
+        (long.as_str(), "at most 107"),
+    ] {
+        let endpoint = Endpoint::from(bad);
+        let err = connector.validate_endpoint(&endpoint).unwrap_err();
+        let TransportError::InvalidEndpoint { endpoint: named, message } = &err else {
+            panic!("{bad:?}: {err:?}");
+        };
+        assert_eq!(named, bad);
+        assert!(message.contains(why), "{bad:?}: {message}");
+        assert!(err.to_string().contains(&format!("{bad:?}")), "the error names the endpoint: {err}");
+        // Connecting refuses it the same way, without dialling.
+        assert_eq!(connector.connect(&endpoint).await.err(), Some(err), "{bad:?}");
+    }
 }
