@@ -11,8 +11,11 @@
 //!
 //! The pool adds group start/stop/restart (concurrent, failures aggregated, all-or-nothing or
 //! best-effort), selection by name, bind or public URL with a glob or regex ([`Pattern`]),
-//! walk, merge, independent clone, health and counters ([`Pool::monitor`]), and
-//! [`Pool::apply`]: a new [`PoolConfig`] while running, swapping settings in place.
+//! walk, merge, health and counters ([`Pool::monitor`]), and [`Pool::apply`]: a new
+//! [`PoolConfig`] while running, swapping settings in place. A `Pool`, like a `Server`, is a
+//! handle: its clones share one pool (stopping a clone stops the pool's servers), while
+//! [`Pool::duplicate`] builds a separate pool of new, stopped servers from the same
+//! configurations.
 //!
 //! Modules: `addr` (address parsing), `config` (serde config, validation), `tls`, `server`
 //! (accept loop, connections), `drain` (connection accounting), `accept` (accept-error policy),

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -129,17 +130,48 @@ async fn stop_all(servers: &[Server]) -> Result<StopReport, Error> {
 }
 
 /// Many servers, one lifecycle. See the crate documentation for an example.
-#[derive(Debug)]
+///
+/// `Pool` is a handle: [`Clone`] gives another handle to the same pool (one `Arc` increment), as
+/// with [`Server`]. Everything done through any clone — storing, removing, selecting, applying,
+/// starting, stopping, setting defaults or the start policy — acts on the one set of servers,
+/// and every clone sees the same lifecycle state. To get a separate pool with its own, stopped
+/// servers built from the same configurations, use [`Pool::duplicate`].
+#[derive(Clone, Debug)]
 pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
     servers: RwLock<BTreeMap<SocketAddr, Server>>,
     default_handler: RwLock<Option<Handler>>,
     default_tls: RwLock<Option<TlsConfig>>,
-    policy: StartPolicy,
+    /// `true` for [`StartPolicy::BestEffort`].
+    best_effort: AtomicBool,
     state: watch::Sender<LifecycleState>,
     running_since: Mutex<Option<tokio::time::Instant>>,
     /// Held for the whole of an [`Pool::apply`], across its awaits (an async lock, made for
     /// that): applies run one after the other, each planning against the previous one's result.
     applying: tokio::sync::Mutex<()>,
+}
+
+impl PoolInner {
+    fn new(
+        servers: BTreeMap<SocketAddr, Server>,
+        default_handler: Option<Handler>,
+        default_tls: Option<TlsConfig>,
+        policy: StartPolicy,
+    ) -> PoolInner {
+        PoolInner {
+            servers: RwLock::new(servers),
+            default_handler: RwLock::new(default_handler),
+            default_tls: RwLock::new(default_tls),
+            best_effort: AtomicBool::new(policy == StartPolicy::BestEffort),
+            state: watch::Sender::new(LifecycleState::Stopped),
+            running_since: Mutex::new(None),
+            applying: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 impl Default for Pool {
@@ -159,15 +191,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl Pool {
     /// An empty pool with the all-or-nothing start policy.
     pub fn new() -> Pool {
-        Pool {
-            servers: RwLock::new(BTreeMap::new()),
-            default_handler: RwLock::new(None),
-            default_tls: RwLock::new(None),
-            policy: StartPolicy::AllOrNothing,
-            state: watch::Sender::new(LifecycleState::Stopped),
-            running_since: Mutex::new(None),
-            applying: tokio::sync::Mutex::new(()),
-        }
+        Pool { inner: Arc::new(PoolInner::new(BTreeMap::new(), None, None, StartPolicy::AllOrNothing)) }
     }
 
     /// Builds a pool from configurations; every problem of every server is reported at once.
@@ -177,28 +201,61 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Sets the policy used by [`Lifecycle::start`] and [`Lifecycle::restart`].
-    pub fn with_start_policy(mut self, policy: StartPolicy) -> Pool {
-        self.policy = policy;
+    /// Sets the policy used by [`Lifecycle::start`] and [`Lifecycle::restart`]. The policy
+    /// belongs to the pool, so every clone of this handle uses it too.
+    pub fn with_start_policy(self, policy: StartPolicy) -> Pool {
+        self.set_start_policy(policy);
         self
+    }
+
+    /// Sets the policy used by [`Lifecycle::start`] and [`Lifecycle::restart`] from here on, for
+    /// every clone of this handle.
+    pub fn set_start_policy(&self, policy: StartPolicy) {
+        self.inner.best_effort.store(policy == StartPolicy::BestEffort, Ordering::Relaxed);
+    }
+
+    /// The policy used by [`Lifecycle::start`] and [`Lifecycle::restart`].
+    pub fn start_policy(&self) -> StartPolicy {
+        if self.inner.best_effort.load(Ordering::Relaxed) {
+            StartPolicy::BestEffort
+        } else {
+            StartPolicy::AllOrNothing
+        }
+    }
+
+    /// A separate pool: every server is a new, stopped server built from the same configuration
+    /// (its own counters, not listening), with the same default handler, default TLS and start
+    /// policy. Changes to either pool are not seen by the other. Starting both would make their
+    /// servers compete for the same addresses; the copy is meant to be changed (e.g. with
+    /// [`Pool::apply`]) or started once the original has stopped.
+    pub fn duplicate(&self) -> Pool {
+        let servers = read(&self.inner.servers).iter().map(|(b, s)| (*b, s.duplicate())).collect();
+        Pool {
+            inner: Arc::new(PoolInner::new(
+                servers,
+                read(&self.inner.default_handler).clone(),
+                read(&self.inner.default_tls).clone(),
+                self.start_policy(),
+            )),
+        }
     }
 
     /// The handler given to configurations stored later without one.
     pub fn set_default_handler(&self, handler: Handler) {
-        *write(&self.default_handler) = Some(handler);
+        *write(&self.inner.default_handler) = Some(handler);
     }
 
     /// The TLS settings given to configurations stored later without TLS.
     pub fn set_default_tls(&self, tls: TlsConfig) {
-        *write(&self.default_tls) = Some(tls);
+        *write(&self.inner.default_tls) = Some(tls);
     }
 
     fn with_defaults(&self, mut config: ServerConfig) -> ServerConfig {
         if config.handler.is_none() {
-            config.handler = read(&self.default_handler).clone();
+            config.handler = read(&self.inner.default_handler).clone();
         }
         if config.tls.is_none() {
-            config.tls = read(&self.default_tls).clone();
+            config.tls = read(&self.inner.default_tls).clone();
         }
         config
     }
@@ -222,7 +279,7 @@ impl Pool {
     fn insert_configs(&self, config: &PoolConfig) -> Result<(), Error> {
         let completed = self.complete(config)?;
         let servers = completed.servers.into_iter().map(Server::new).collect::<Result<Vec<_>, _>>()?;
-        let mut map = write(&self.servers);
+        let mut map = write(&self.inner.servers);
         if let Some(s) = servers.iter().find(|s| map.contains_key(&s.bind())) {
             return Err(Error::DuplicateBind {
                 bind: s.bind(),
@@ -238,7 +295,7 @@ impl Pool {
 
     /// Adds a server. Another server on the same canonical address is an error.
     pub fn store(&self, server: Server) -> Result<(), Error> {
-        let mut map = write(&self.servers);
+        let mut map = write(&self.inner.servers);
         if let Some(existing) = map.get(&server.bind()) {
             return Err(Error::DuplicateBind {
                 bind: server.bind(),
@@ -263,22 +320,22 @@ impl Pool {
 
     /// The server on `bind`, if any.
     pub fn load(&self, bind: impl ToBind) -> Option<Server> {
-        read(&self.servers).get(&bind.to_bind()?).cloned()
+        read(&self.inner.servers).get(&bind.to_bind()?).cloned()
     }
 
     /// True when a server listens (or would listen) on `bind`.
     pub fn has(&self, bind: impl ToBind) -> bool {
-        bind.to_bind().is_some_and(|b| read(&self.servers).contains_key(&b))
+        bind.to_bind().is_some_and(|b| read(&self.inner.servers).contains_key(&b))
     }
 
     /// The number of servers.
     pub fn len(&self) -> usize {
-        read(&self.servers).len()
+        read(&self.inner.servers).len()
     }
 
     /// True when the pool holds no server.
     pub fn is_empty(&self) -> bool {
-        read(&self.servers).is_empty()
+        read(&self.inner.servers).is_empty()
     }
 
     /// Removes the server on `bind` and stops it gracefully. `None` if there was none.
@@ -289,17 +346,17 @@ impl Pool {
 
     /// Removes the server on `bind` and hands it over as it is (a running server keeps running).
     pub fn load_and_delete(&self, bind: impl ToBind) -> Option<Server> {
-        write(&self.servers).remove(&bind.to_bind()?)
+        write(&self.inner.servers).remove(&bind.to_bind()?)
     }
 
     /// Removes every server and stops them concurrently.
     pub async fn clean(&self) -> Result<StopReport, Error> {
-        let servers: Vec<Server> = std::mem::take(&mut *write(&self.servers)).into_values().collect();
+        let servers: Vec<Server> = std::mem::take(&mut *write(&self.inner.servers)).into_values().collect();
         stop_all(&servers).await
     }
 
     fn handles(&self) -> Vec<Server> {
-        read(&self.servers).values().cloned().collect()
+        read(&self.inner.servers).values().cloned().collect()
     }
 
     /// Calls `f` on each server in bind-address order until it breaks. The pool is not locked
@@ -324,7 +381,7 @@ impl Pool {
 
     /// The servers whose `field` matches `pattern`.
     pub fn filter(&self, field: Field, pattern: &Pattern) -> Selection {
-        let map = read(&self.servers);
+        let map = read(&self.inner.servers);
         Selection { servers: map.values().filter(|s| s.matches(field, pattern)).cloned().collect() }
     }
 
@@ -339,13 +396,21 @@ impl Pool {
     }
 
     /// Moves every server of `other` into this pool. If any address is present in both, nothing
-    /// moves and the conflicts are listed.
+    /// moves and the conflicts are listed. Merging a pool with itself or with one of its clones
+    /// changes nothing. The servers keep running or stay stopped as they were.
     pub fn merge(&self, other: &Pool) -> Result<(), Error> {
-        if std::ptr::eq(self, other) {
+        if Arc::ptr_eq(&self.inner, &other.inner) {
             return Ok(());
         }
-        let mut mine = write(&self.servers);
-        let mut theirs = write(&other.servers);
+        // Both maps are locked in one global order (by address of the shared state), so two
+        // merges in opposite directions cannot each hold one lock and wait for the other.
+        let (mut mine, mut theirs) = if Arc::as_ptr(&self.inner) < Arc::as_ptr(&other.inner) {
+            let mine = write(&self.inner.servers);
+            (mine, write(&other.inner.servers))
+        } else {
+            let theirs = write(&other.inner.servers);
+            (write(&self.inner.servers), theirs)
+        };
         let binds: Vec<SocketAddr> = theirs.keys().filter(|b| mine.contains_key(b)).copied().collect();
         if !binds.is_empty() {
             return Err(Error::MergeConflict { binds });
@@ -356,30 +421,30 @@ impl Pool {
 
     /// Health and counters of every server, from lifecycle state: no I/O, no task.
     pub fn monitor(&self) -> Vec<ServerSnapshot> {
-        read(&self.servers).values().map(Server::snapshot).collect()
+        read(&self.inner.servers).values().map(Server::snapshot).collect()
     }
 
     /// Starts every enabled server concurrently with `policy`.
     pub async fn start_with(&self, policy: StartPolicy) -> Result<(), Error> {
-        self.state.send_replace(LifecycleState::Starting);
+        self.inner.state.send_replace(LifecycleState::Starting);
         let result = start_all(&self.handles(), policy).await;
         let any = self.handles().iter().any(Server::is_running);
         if any || result.is_ok() {
-            *self.running_since.lock().unwrap_or_else(PoisonError::into_inner) =
+            *self.inner.running_since.lock().unwrap_or_else(PoisonError::into_inner) =
                 Some(tokio::time::Instant::now());
-            self.state.send_replace(LifecycleState::Running);
+            self.inner.state.send_replace(LifecycleState::Running);
         } else if let Err(e) = &result {
-            self.state.send_replace(LifecycleState::Failed(e.to_string()));
+            self.inner.state.send_replace(LifecycleState::Failed(e.to_string()));
         }
         result
     }
 
     /// Stops every server concurrently; the report sums the drains.
     pub async fn stop_all(&self) -> Result<StopReport, Error> {
-        self.state.send_replace(LifecycleState::Stopping);
+        self.inner.state.send_replace(LifecycleState::Stopping);
         let result = stop_all(&self.handles()).await;
-        *self.running_since.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        self.state.send_replace(LifecycleState::Stopped);
+        *self.inner.running_since.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.inner.state.send_replace(LifecycleState::Stopped);
         result
     }
 
@@ -394,7 +459,7 @@ impl Pool {
     /// waits until the one before it has finished, so the last call's configuration is the one
     /// left in place.
     pub async fn apply(&self, config: &PoolConfig) -> Result<ApplyReport, Error> {
-        let _one_at_a_time = self.applying.lock().await;
+        let _one_at_a_time = self.inner.applying.lock().await;
         let completed = self.complete(config)?;
         let mut report = ApplyReport::default();
         let mut wanted: BTreeMap<SocketAddr, ServerConfig> = BTreeMap::new();
@@ -402,9 +467,9 @@ impl Pool {
             let bind = crate::addr::canonical(&c.listen)?;
             wanted.insert(bind, c);
         }
-        let running = *self.state.borrow() == LifecycleState::Running;
+        let running = *self.inner.state.borrow() == LifecycleState::Running;
         let (removed, kept, added) = {
-            let mut map = write(&self.servers);
+            let mut map = write(&self.inner.servers);
             let gone: Vec<SocketAddr> = map.keys().filter(|b| !wanted.contains_key(b)).copied().collect();
             let removed: Vec<Server> = gone.iter().filter_map(|b| map.remove(b)).collect();
             let kept: Vec<(Server, ServerConfig)> =
@@ -433,7 +498,7 @@ impl Pool {
             }
         }
         {
-            let mut map = write(&self.servers);
+            let mut map = write(&self.inner.servers);
             for s in &new_servers {
                 report.added.push(s.bind());
                 map.insert(s.bind(), s.clone());
@@ -452,22 +517,6 @@ impl Pool {
     }
 }
 
-impl Clone for Pool {
-    /// An independent pool: every server is a new, stopped server with the same configuration
-    /// (starting both pools would compete for the same addresses).
-    fn clone(&self) -> Pool {
-        Pool {
-            servers: RwLock::new(read(&self.servers).iter().map(|(b, s)| (*b, s.duplicate())).collect()),
-            default_handler: RwLock::new(read(&self.default_handler).clone()),
-            default_tls: RwLock::new(read(&self.default_tls).clone()),
-            policy: self.policy,
-            state: watch::Sender::new(LifecycleState::Stopped),
-            running_since: Mutex::new(None),
-            applying: tokio::sync::Mutex::new(()),
-        }
-    }
-}
-
 fn as_lifecycle(e: Error) -> LifecycleError {
     match e {
         Error::Stop { .. } => LifecycleError::Stop { name: "pool".into(), message: e.to_string() },
@@ -479,7 +528,7 @@ impl Lifecycle for Pool {
     /// Starts every enabled server concurrently with the pool's [`StartPolicy`]; the message
     /// names every failure. Running servers are left alone.
     async fn start(&self) -> Result<(), LifecycleError> {
-        self.start_with(self.policy).await.map_err(as_lifecycle)
+        self.start_with(self.start_policy()).await.map_err(as_lifecycle)
     }
 
     /// Stops every server concurrently.
@@ -489,7 +538,7 @@ impl Lifecycle for Pool {
 
     /// True when at least one server runs.
     fn is_running(&self) -> bool {
-        read(&self.servers).values().any(Server::is_running)
+        read(&self.inner.servers).values().any(Server::is_running)
     }
 
     /// Time since the last successful group start, while a server runs.
@@ -497,11 +546,11 @@ impl Lifecycle for Pool {
         if !self.is_running() {
             return None;
         }
-        self.running_since.lock().unwrap_or_else(PoisonError::into_inner).map(|t| t.elapsed())
+        self.inner.running_since.lock().unwrap_or_else(PoisonError::into_inner).map(|t| t.elapsed())
     }
 
     /// The pool's own state: changed by group start and stop.
     fn state(&self) -> watch::Receiver<LifecycleState> {
-        self.state.subscribe()
+        self.inner.state.subscribe()
     }
 }

@@ -1,4 +1,4 @@
-//! The pool: storage, selection, group lifecycle, merge, clone, apply — with real servers.
+//! The pool: storage, selection, group lifecycle, merge, duplicate, apply — with real servers.
 
 mod support;
 
@@ -210,13 +210,13 @@ async fn stopping_many_servers_runs_concurrently() {
 }
 
 #[tokio::test]
-async fn clone_gives_independent_servers_and_merge_is_all_or_nothing() {
+async fn duplicate_gives_independent_servers_and_merge_is_all_or_nothing() {
     let pool = Pool::new();
     let a = pool.store_config(config("a", hello("a"))).unwrap();
-    let copy = pool.clone();
+    let copy = pool.duplicate();
     let a2 = copy.load(a.bind()).unwrap();
     a.start().await.unwrap();
-    assert!(!a2.is_running(), "the clone's server is another server");
+    assert!(!a2.is_running(), "the duplicate's server is another server");
     a.stop().await.unwrap();
 
     let other = Pool::new();
