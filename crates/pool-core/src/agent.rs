@@ -42,12 +42,25 @@ use crate::health::HealthState;
 use crate::metrics::AgentMetrics;
 use crate::outlier::{IntervalCounts, OutlierDetector, Verdict};
 use crate::pool::PoolCtx;
-use crate::slot::{ConnectionHealth, DISCONNECTED, Finished, HARD, InFlight, PAUSED, Slot};
+use crate::slot::{ConnectionHealth, DISCONNECTED, Finished, HARD, InFlight, Live, PAUSED, Slot};
+use crate::sticky::StickyRoute;
 use crate::supervisor;
 use crate::sync::lock_std as lock;
 
 /// Attempts at a pick when racing threads take the chosen permit first.
 const MAX_RACES: usize = 4;
+
+/// Re-pins one sticky send may make when the connections it is moved to keep dying.
+pub(crate) const MAX_REPINS: usize = 4;
+
+/// Where a sticky send starts: a permit already held on the session's connection, or that
+/// connection's slot, to wait on.
+pub(crate) enum StickyStart {
+    /// A permit taken on the pinned connection.
+    Held(InFlight),
+    /// The pinned connection's slot, all of whose permits were taken.
+    Wait(Arc<Slot>),
+}
 
 /// Why no permit could be taken right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +282,26 @@ impl AgentShared {
         deadline: Instant,
     ) -> Result<InFlight, Result<Decision, PoolError>> {
         let generation = slot.generation();
+        match self.wait_on_slot(slot, generation, deadline).await? {
+            Some(guard) => Ok(guard),
+            None => {
+                self.metrics.pin_lost.increment(1);
+                self.affinity.remove(key.as_str());
+                Err(Err(PoolError::PinLost { agent: self.id.to_string(), key: key.to_string() }))
+            }
+        }
+    }
+
+    /// Waits for a permit on `slot` while it holds the connection of `generation`, applying the
+    /// flow-control mode if that connection is paused. `Ok(None)`: the slot lost that
+    /// connection meanwhile. `Err` is the request's answer: a time-out, shutdown, or the
+    /// flow-control mode's verdict.
+    async fn wait_on_slot(
+        &self,
+        slot: Arc<Slot>,
+        generation: u64,
+        deadline: Instant,
+    ) -> Result<Option<InFlight>, Result<Decision, PoolError>> {
         let resume_by = deadline.min(Instant::now() + self.ctx.config.flow_control.wait);
         let _waiter = Waiter::new(self);
         let mut waited_for_resume = false;
@@ -277,9 +310,7 @@ impl AgentShared {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if slot.generation() != generation || !slot.is_connected() {
-                self.metrics.pin_lost.increment(1);
-                self.affinity.remove(key.as_str());
-                return Err(Err(PoolError::PinLost { agent: self.id.to_string(), key: key.to_string() }));
+                return Ok(None);
             }
             let paused = slot.flags() & PAUSED != 0;
             if paused && !waited_for_resume {
@@ -290,7 +321,7 @@ impl AgentShared {
                 waited_for_resume = true;
             }
             if !paused && slot.permits.try_acquire() {
-                return Ok(InFlight::pinned(slot));
+                return Ok(Some(InFlight::pinned(slot)));
             }
             let until = if paused { resume_by } else { deadline };
             tokio::select! {
@@ -306,6 +337,90 @@ impl AgentShared {
                 () = self.abort.cancelled() => return Err(Err(PoolError::ShuttingDown)),
             }
         }
+    }
+
+    /// Sends `event` through sticky session `session`, on its pinned connection: `start` holds
+    /// a permit there or names the slot to wait on, and `generation` is the connection the
+    /// session is pinned to.
+    ///
+    /// Nothing of a sticky session lives on its connection but the session itself, so when
+    /// that connection is found dead before the event goes out — or dies while this waits for
+    /// a permit on it — the session is re-pinned to a healthy connection and the event is sent
+    /// there, still within the request's time-out; the route says so. Only when connections
+    /// keep dying under it ([`MAX_REPINS`] times in one send) does it give up with
+    /// [`PoolError::PinLost`].
+    pub(crate) async fn dispatch_sticky(
+        &self,
+        session: &str,
+        start: StickyStart,
+        mut generation: u64,
+        event: Event,
+        started: Instant,
+        mut route: StickyRoute,
+    ) -> Result<(Decision, StickyRoute), PoolError> {
+        let deadline = started + self.settings.request_timeout;
+        let mut at = start;
+        let mut moves = 0;
+        let (guard, live) = loop {
+            // The connection given up, if this turn finds it dead: its label, for the route.
+            let lost = match at {
+                StickyStart::Held(guard) => {
+                    let current = guard.slot.conn.load_full();
+                    match current {
+                        Some(live) if live.generation == generation && live.conn.is_open() => {
+                            break (guard, live);
+                        }
+                        // Found closed before its supervisor took it out: out of picking at once.
+                        Some(ref live) if live.generation == generation => {
+                            guard.slot.mark_disconnected();
+                            live.conn.label().to_owned()
+                        }
+                        _ => guard.slot.label().to_string(),
+                    }
+                }
+                StickyStart::Wait(target) => {
+                    match self.wait_on_slot(target.clone(), generation, deadline).await {
+                        Ok(Some(guard)) => {
+                            at = StickyStart::Held(guard);
+                            continue;
+                        }
+                        Ok(None) => target.label().to_string(),
+                        Err(answer) => return answer.map(|d| (d, route)),
+                    }
+                }
+            };
+            moves += 1;
+            if moves > MAX_REPINS {
+                self.metrics.pin_lost.increment(1);
+                return Err(PoolError::PinLost { agent: self.id.to_string(), key: session.to_owned() });
+            }
+            let fresh = self.repin_session(session)?;
+            generation = fresh.generation();
+            let to = fresh.label().to_string();
+            route = match route {
+                // Moved twice in one send: from is still the connection the caller last knew.
+                StickyRoute::Repinned { from, .. } => StickyRoute::Repinned { from, to },
+                _ => StickyRoute::Repinned { from: lost, to },
+            };
+            at = StickyStart::Wait(fresh);
+        };
+        self.send_on(guard, live, event, started).await.map(|d| (d, route))
+    }
+
+    /// Moves sticky session `session` to a healthy connection of this agent and returns its
+    /// slot; fails if the agent admits nothing or has no healthy connection.
+    #[cold]
+    fn repin_session(&self, session: &str) -> Result<Arc<Slot>, PoolError> {
+        self.admitting()?;
+        let Some(agent) = self.agent.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(Closed::Agent.error(&self.id));
+        };
+        let Some(fresh) = agent.healthy_slot() else {
+            return Err(self.refuse_unavailable(agent.unavailable_reason()));
+        };
+        self.ctx.sticky.repin(session, fresh.clone(), self.ctx.clock.stamp(Instant::now()));
+        self.metrics.sticky_repins.increment(1);
+        Ok(fresh)
     }
 
     /// Sends `event` on the reserved connection and records the outcome. The single send
@@ -364,6 +479,19 @@ impl AgentShared {
                 }
             }
         };
+        self.send_on(guard, live, event, start).await
+    }
+
+    /// Sends `event` on `live`, the open connection of the slot `guard` holds a permit on, and
+    /// records the outcome: the part of the send path after the connection is chosen.
+    async fn send_on(
+        &self,
+        mut guard: InFlight,
+        live: Arc<Live>,
+        event: Event,
+        start: Instant,
+    ) -> Result<Decision, PoolError> {
+        let kind = event.kind();
         let slot = Arc::clone(&guard.slot);
         if !slot.supports(1 << kind as u8) {
             return Err(PoolError::UnsupportedEvent { agent: self.id.to_string(), kind });

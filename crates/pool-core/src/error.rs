@@ -97,8 +97,10 @@ pub enum PoolError {
         /// Why.
         reason: pool_api::CancelReason,
     },
-    /// The request's pinned connection (correlation affinity or sticky session) died; the
-    /// agent's state for it is gone, so it is not moved elsewhere.
+    /// The connection a request is pinned to by correlation affinity died; the agent's state
+    /// for the request is gone with it, so the request is not moved elsewhere. (A sticky
+    /// session is moved to a healthy connection instead; a sticky send fails with this only
+    /// if the connections it is moved to keep dying, four times in one send.)
     #[error("agent {agent:?}: the connection pinned for {key:?} was lost")]
     PinLost {
         /// The agent.

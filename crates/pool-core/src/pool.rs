@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, AgentSpec, AgentStats, Closed, Pick, Reject, Totals, send_picked};
+use crate::agent::{Agent, AgentSpec, AgentStats, Closed, Pick, Reject, StickyStart, Totals, send_picked};
 use crate::config::PoolConfig;
 use crate::config_push::{ConfigUpdateHandler, PushCounts, PushState, Pushes, UpdateHandlerSlot};
 use crate::directory::{AgentView, Agents, Directory};
@@ -559,8 +559,11 @@ impl AgentPool {
 
     /// Sends `event` to `agent` through sticky session `session_id`, returning the decision and
     /// how it was routed. A session whose pinned connection died or turned unhealthy is
-    /// re-pinned to a healthy one ([`StickyRoute::Repinned`]); without a live session of that
-    /// id for that agent the event is balanced like any other ([`StickyRoute::NoSession`]).
+    /// re-pinned to a healthy one ([`StickyRoute::Repinned`]) — also when the connection dies
+    /// between the moment this send chose it and the moment the event would have gone out, or
+    /// while this send waits for a permit on it; the event then goes to the new connection.
+    /// Without a live session of that id for that agent the event is balanced like any other
+    /// ([`StickyRoute::NoSession`]).
     pub async fn send_sticky(
         &self,
         session_id: &str,
@@ -571,18 +574,18 @@ impl AgentPool {
         let stamp = self.inner.ctx.clock.stamp(start);
         if let Some(guard) = self.inner.ctx.sticky.try_reserve(session_id, agent, stamp) {
             let shared = guard.slot.agent.clone();
-            return Ok((shared.dispatch(guard, event, start).await?, StickyRoute::Pinned));
+            // Read at once after the session was found on it: the connection it is pinned to.
+            let generation = guard.slot.generation();
+            let held = StickyStart::Held(guard);
+            return shared
+                .dispatch_sticky(session_id, held, generation, event, start, StickyRoute::Pinned)
+                .await;
         }
         let Some((a, slot, route)) = self.sticky_route(session_id, agent, stamp)? else {
             return Ok((self.send(agent, event).await?, StickyRoute::NoSession));
         };
-        let deadline = start + a.shared.settings.request_timeout;
-        let guard = match a.shared.reserve_pinned(slot, event.correlation_id(), deadline).await {
-            Ok(guard) => guard,
-            Err(answer) => return answer.map(|d| (d, route)),
-        };
-        let decision = a.shared.dispatch(guard, event, start).await?;
-        Ok((decision, route))
+        let generation = slot.generation();
+        a.shared.dispatch_sticky(session_id, StickyStart::Wait(slot), generation, event, start, route).await
     }
 
     /// Takes a permit on sticky session `session_id`'s connection without waiting (re-pinning
@@ -853,4 +856,54 @@ async fn drain_all(agents: Vec<Arc<Agent>>, deadline: Instant) -> StopReport {
     }
     total.elapsed = started.elapsed();
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+    use pool_api::RequestHeaders;
+    use test_support::{AllowAll, MemoryAgent, MemoryConnector};
+
+    use super::*;
+
+    fn request(id: &str) -> Event {
+        Event::RequestHeaders(RequestHeaders::new(id, Method::GET, http::Uri::from_static("/")))
+    }
+
+    /// The race of a multi-threaded runtime, made deterministic: the sticky fast path has
+    /// taken its permit on the pinned connection, and the connection dies before the event
+    /// goes out.
+    #[tokio::test(start_paused = true)]
+    async fn a_sticky_send_whose_connection_dies_after_the_pick_is_repinned_with_its_event() {
+        let agent = MemoryAgent::new(AllowAll);
+        let connector = MemoryConnector::new();
+        connector.register("mem://waf", &agent);
+        let pool = AgentPool::new(PoolConfig { seed: Some(7), ..PoolConfig::default() }, connector).unwrap();
+        pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf")).await.unwrap();
+        pool.create_sticky_session("ws", "waf").unwrap();
+
+        let ctx = &pool.inner.ctx;
+        let guard = ctx.sticky.try_reserve("ws", "waf", ctx.clock.stamp(Instant::now())).unwrap();
+        let generation = guard.slot.generation();
+        let home = guard.slot.label().to_string();
+        agent.connection_by_label(&home).unwrap().disconnect();
+
+        let shared = guard.slot.agent.clone();
+        let held = StickyStart::Held(guard);
+        let (decision, route) = shared
+            .dispatch_sticky("ws", held, generation, request("m1"), Instant::now(), StickyRoute::Pinned)
+            .await
+            .expect("re-pinned, not PinLost");
+        assert!(decision.is_allow());
+        let StickyRoute::Repinned { from, to } = route else { panic!("{route:?}") };
+        assert_eq!(from, home);
+        assert_ne!(to, home);
+        let seen = agent.events_by_connection();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!((seen[0].0.as_str(), seen[0].1.as_str()), (to.as_str(), "m1"), "the event was not lost");
+        let (_, route) = pool.send_sticky("ws", "waf", request("m2")).await.unwrap();
+        assert_eq!(route, StickyRoute::Pinned);
+        assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
+        assert_eq!(pool.stats().totals.in_flight, 0);
+    }
 }

@@ -4,7 +4,10 @@
 //! A session is created on a healthy connection. Each send through it first checks that the
 //! pinned connection is still the same one and still healthy (connected, not paused, not
 //! draining, breaker closed, success rate not unhealthy); if not, the session is re-pinned to
-//! a healthy connection and the caller is told ([`StickyRoute::Repinned`]). A session unused
+//! a healthy connection and the caller is told ([`StickyRoute::Repinned`]). The same happens
+//! when the connection dies after that check — while the send waits for a permit on it, or
+//! between the pick and the moment the event would go out: the event, not yet sent, goes to
+//! the new connection. A session unused
 //! for the idle time-out expires (swept by maintenance, or by
 //! [`AgentPool::cleanup_expired_sessions`](crate::AgentPool::cleanup_expired_sessions)); with
 //! no time-out it lives until cleared.

@@ -207,3 +207,42 @@ async fn try_reserve_sticky_reserves_on_the_session_connection() {
     let (_, route) = pool.try_reserve_sticky("none", "waf", pool_api::EventKind::RequestHeaders).unwrap();
     assert_eq!(route, StickyRoute::NoSession);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sticky_send_waiting_on_its_connection_when_it_dies_is_repinned_and_delivered() {
+    let agent = allow_all();
+    agent.set_latency(Duration::from_secs(1));
+    // One request at a time per connection: the second send waits for the first's permit.
+    let cfg = PoolConfig { max_concurrency_per_connection: 1, ..config() };
+    let (pool, _c) = common::single(cfg, &agent).await;
+    pool.create_sticky_session("ws", "waf").unwrap();
+    let send = |id: &'static str| {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.send_sticky("ws", "waf", request(id)).await })
+    };
+    let first = send("first");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let second = send("second");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let (home, _, _) = agent.events_by_connection().pop().unwrap();
+    assert_eq!(agent.events_received(), 1, "the second send waits for the pinned connection");
+
+    agent.connection_by_label(&home).unwrap().disconnect();
+    assert!(first.await.unwrap().is_err(), "the request on the dead connection fails with it");
+    let (decision, route) = second.await.unwrap().expect("the waiting send is moved, not failed");
+    assert!(decision.is_allow());
+    let StickyRoute::Repinned { from, to } = route else { panic!("{route:?}") };
+    assert_eq!(from, home);
+    assert_ne!(to, home);
+    let delivered: Vec<_> = agent
+        .events_by_connection()
+        .into_iter()
+        .filter(|(_, id, _)| id.as_str() == "second")
+        .map(|(label, ..)| label)
+        .collect();
+    assert_eq!(delivered, std::slice::from_ref(&to), "the event reached the new connection, once");
+    let (_, route) = pool.send_sticky("ws", "waf", request("third")).await.unwrap();
+    assert_eq!(route, StickyRoute::Pinned, "the session stays on its new connection");
+    assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
+    assert_eq!(pool.stats().totals.in_flight, 0);
+}
