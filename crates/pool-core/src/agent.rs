@@ -168,6 +168,10 @@ pub(crate) struct AgentShared {
     unavailable_rejected: AtomicU64,
     /// Requests let through by fail-open because no connection could take them.
     fail_open: AtomicU64,
+    /// Requests refused because every usable connection was paused (flow control).
+    flow_rejected: AtomicU64,
+    /// Requests let through because every usable connection was paused (flow control).
+    flow_fail_open: AtomicU64,
     capacity: Notify,
     waiters: AtomicUsize,
     watching_idle: AtomicBool,
@@ -241,6 +245,20 @@ impl AgentShared {
         PoolError::Unavailable { agent: self.id.to_string(), reason }
     }
 
+    /// Counts a request refused because every usable connection was paused by the agent's
+    /// flow control — at once (`timed_out` false) or after a wait for a resume ran out — and
+    /// says so.
+    #[cold]
+    pub(crate) fn refuse_paused(&self, timed_out: bool) -> PoolError {
+        if timed_out {
+            self.metrics.flow_timed_out.increment(1);
+        } else {
+            self.metrics.flow_rejected.increment(1);
+        }
+        self.flow_rejected.fetch_add(1, Ordering::Relaxed);
+        PoolError::FlowControlPaused { agent: self.id.to_string() }
+    }
+
     fn reject(&self, reject: Reject, kind: Option<EventKind>) -> Result<Decision, PoolError> {
         match reject {
             Reject::Unsupported => Err(PoolError::UnsupportedEvent {
@@ -248,10 +266,7 @@ impl AgentShared {
                 kind: kind.unwrap_or(EventKind::RequestHeaders),
             }),
             Reject::Unavailable(reason) => self.unavailable(reason),
-            Reject::Paused => self.paused().unwrap_or_else(|| {
-                self.metrics.flow_timed_out.increment(1);
-                Err(PoolError::FlowControlPaused { agent: self.id.to_string() })
-            }),
+            Reject::Paused => self.paused().unwrap_or_else(|| Err(self.refuse_paused(true))),
             Reject::Full => unreachable!("a full agent is waited for, not rejected"),
         }
     }
@@ -259,12 +274,10 @@ impl AgentShared {
     /// The answer to a paused agent by its flow-control mode, or `None` to wait for a resume.
     fn paused(&self) -> Option<Result<Decision, PoolError>> {
         match self.settings.flow_control {
-            FlowControlMode::FailClosed => {
-                self.metrics.flow_rejected.increment(1);
-                Some(Err(PoolError::FlowControlPaused { agent: self.id.to_string() }))
-            }
+            FlowControlMode::FailClosed => Some(Err(self.refuse_paused(false))),
             FlowControlMode::FailOpen => {
                 self.metrics.flow_fail_open.increment(1);
+                self.flow_fail_open.fetch_add(1, Ordering::Relaxed);
                 Some(Ok(Decision::allow()
                     .with_tag("agentpool:flow-control-open")
                     .with_reason(format!("agent {} skipped: paused by flow control", self.id))))
@@ -767,6 +780,16 @@ pub struct Totals {
     /// `agentpool_fail_open_total`. `agentpool_unavailable_total` counts this and
     /// [`unavailable_rejected`](Self::unavailable_rejected) together.
     pub fail_open: u64,
+    /// Requests refused with [`PoolError::FlowControlPaused`] because every connection that
+    /// could take them was paused by the agent's flow control: at once (mode fail-closed, or a
+    /// reservation), or after a wait for a resume ran out (mode wait-and-retry). Metric:
+    /// `agentpool_flow_control_total` with outcome `rejected` or `timed_out`.
+    pub flow_control_rejected: u64,
+    /// Requests answered allow without reaching the agent because every connection that could
+    /// take them was paused and the flow-control mode fails open (the decision is tagged
+    /// `agentpool:flow-control-open`). Metric: `agentpool_flow_control_total` with outcome
+    /// `fail_open`.
+    pub flow_control_fail_open: u64,
 }
 
 impl Totals {
@@ -789,6 +812,8 @@ impl std::ops::AddAssign for Totals {
         self.affinity += o.affinity;
         self.unavailable_rejected += o.unavailable_rejected;
         self.fail_open += o.fail_open;
+        self.flow_control_rejected += o.flow_control_rejected;
+        self.flow_control_fail_open += o.flow_control_fail_open;
     }
 }
 
@@ -835,6 +860,8 @@ impl Agent {
             removed: AtomicBool::new(false),
             unavailable_rejected: AtomicU64::new(0),
             fail_open: AtomicU64::new(0),
+            flow_rejected: AtomicU64::new(0),
+            flow_fail_open: AtomicU64::new(0),
             capacity: Notify::new(),
             waiters: AtomicUsize::new(0),
             watching_idle: AtomicBool::new(false),
@@ -1229,6 +1256,8 @@ impl Agent {
             affinity: self.shared.affinity.len(),
             unavailable_rejected: self.shared.unavailable_rejected.load(Ordering::Relaxed),
             fail_open: self.shared.fail_open.load(Ordering::Relaxed),
+            flow_control_rejected: self.shared.flow_rejected.load(Ordering::Relaxed),
+            flow_control_fail_open: self.shared.flow_fail_open.load(Ordering::Relaxed),
             ..Totals::default()
         };
         let mut capabilities = None;

@@ -11,7 +11,7 @@
 //! | `agentpool_unavailable_total` | counter | agent (no connection could take a request: the two below together) |
 //! | `agentpool_unavailable_rejected_total` | counter | agent (of those, refused with `PoolError::Unavailable`) |
 //! | `agentpool_fail_open_total` | counter | agent (of those, answered allow by fail-open) |
-//! | `agentpool_flow_control_total` | counter | agent, outcome (`rejected`, `fail_open`, `waited`, `timed_out`) |
+//! | `agentpool_flow_control_total` | counter | agent, outcome (`rejected`, `fail_open`, `waited`, `timed_out`: met a paused agent and was refused at once, let through, waited for a resume, refused after the wait) |
 //! | `agentpool_paused_connections` | gauge | agent |
 //! | `agentpool_affinity_entries` | gauge | agent (updated by maintenance) |
 //! | `agentpool_affinity_rejected_total` | counter | agent (over the cap, not pinned) |

@@ -516,7 +516,7 @@ impl AgentPool {
             Reject::Full => {
                 PoolError::Unavailable { agent: id.to_owned(), reason: crate::error::Unavailable::NoCapacity }
             }
-            Reject::Paused => PoolError::FlowControlPaused { agent: id.to_owned() },
+            Reject::Paused => agent.shared.refuse_paused(false),
             Reject::Unavailable(reason) => agent.shared.refuse_unavailable(reason),
         }
     }
@@ -620,7 +620,7 @@ impl AgentPool {
             return Ok((self.try_reserve(agent, kind)?, StickyRoute::NoSession));
         };
         if slot.flags() & crate::slot::PAUSED != 0 {
-            return Err(PoolError::FlowControlPaused { agent: agent.to_owned() });
+            return Err(a.shared.refuse_paused(false));
         }
         if !slot.permits.try_acquire() {
             let reason = crate::error::Unavailable::NoCapacity;

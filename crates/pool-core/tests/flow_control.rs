@@ -126,3 +126,41 @@ async fn resume_and_capacity_signals_reach_the_pool_without_polling() {
     assert_eq!(pool.stats().totals.paused, 0);
     assert!(pool.send("waf", request("r")).await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_a_paused_agent_refuses_or_lets_through_are_counted() {
+    let agent = allow_all();
+    let connector = MemoryConnector::new();
+    connector.register("mem://waf", &agent);
+    let pool = AgentPool::new(with_mode(FlowControlMode::FailClosed), connector).unwrap();
+    let mode = |m| AgentOptions { flow_control: Some(m), ..AgentOptions::default() };
+    pool.add_agent(AgentSpec::new("closed").endpoint("mem://waf")).await.unwrap();
+    let open = AgentSpec::new("open").endpoint("mem://waf").options(mode(FlowControlMode::FailOpen));
+    pool.add_agent(open).await.unwrap();
+    let wait = AgentSpec::new("wait").endpoint("mem://waf").options(mode(FlowControlMode::WaitAndRetry));
+    pool.add_agent(wait).await.unwrap();
+    agent.pause_all();
+    agent.settle().await;
+
+    for i in 0..2 {
+        assert!(pool.send("closed", request(format!("c{i}"))).await.is_err());
+    }
+    assert!(pool.try_reserve("closed", EventKind::RequestHeaders).is_err());
+    for i in 0..3 {
+        assert!(pool.send("open", request(format!("o{i}"))).await.unwrap().is_allow());
+    }
+    let err = pool.send("wait", request("w")).await.unwrap_err(); // the 500 ms wait runs out
+    assert_eq!(err, PoolError::FlowControlPaused { agent: "wait".into() });
+
+    let counts = |id| {
+        let t = pool.agent_stats(id).unwrap().totals;
+        (t.flow_control_rejected, t.flow_control_fail_open)
+    };
+    assert_eq!(counts("closed"), (3, 0));
+    assert_eq!(counts("open"), (0, 3));
+    assert_eq!(counts("wait"), (1, 0));
+    let all = pool.stats().totals;
+    assert_eq!((all.flow_control_rejected, all.flow_control_fail_open), (4, 3));
+    assert_eq!((all.unavailable_rejected, all.fail_open), (0, 0), "paused is not unavailable");
+    assert_eq!(agent.events_received(), 0);
+}
