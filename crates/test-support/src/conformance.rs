@@ -18,7 +18,9 @@
 //!   handshake time-out is what ends it); a protocol version mismatch is
 //!   [`TransportError::VersionMismatch`];
 //! * broken frames from an agent (garbage, oversized, truncated, unknown message) end that
-//!   connection with a typed error, answer nothing wrongly, and leave other connections alone.
+//!   connection with a typed error, answer nothing wrongly, and leave other connections alone;
+//! * the endpoints the harness serves at pass [`Connector::validate_endpoint`], malformed ones
+//!   fail it with [`TransportError::InvalidEndpoint`] naming them, and `connect` agrees.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -402,6 +404,30 @@ pub async fn version_mismatch_is_typed<H: Harness>(harness: &H) {
     assert!(agent_versions.contains(&pool_api::PROTOCOL_VERSION), "{agent_versions:?}");
 }
 
+/// Endpoints malformed for any transport: empty, without a scheme or a leading `/`, with
+/// spaces where a scheme would be.
+pub const MALFORMED_ENDPOINTS: [&str; 3] = ["", "agent.sock", "no such scheme://agent"];
+
+/// The endpoint an agent is served at passes [`Connector::validate_endpoint`]; each of
+/// [`MALFORMED_ENDPOINTS`] fails it with [`TransportError::InvalidEndpoint`] naming the
+/// endpoint, and `connect` refuses it with the same error.
+pub async fn endpoints_are_validated_before_dialling<H: Harness>(harness: &H) {
+    let agent = harness.serve(crate::Echo).await;
+    let connector = harness.connector();
+    assert_eq!(connector.validate_endpoint(&agent.endpoint), Ok(()), "{}", agent.endpoint);
+    for bad in MALFORMED_ENDPOINTS {
+        let endpoint = Endpoint::from(bad);
+        let err = connector.validate_endpoint(&endpoint).expect_err(bad);
+        let TransportError::InvalidEndpoint { endpoint: named, message } = &err else {
+            panic!("{bad:?}: {err:?}")
+        };
+        assert_eq!(named, bad);
+        assert!(!message.is_empty(), "{bad:?}: the error says what is wrong");
+        let refused = connector.connect(&endpoint).await.map(|_| ()).unwrap_err();
+        assert_eq!(refused, err, "{bad:?}: connect agrees");
+    }
+}
+
 /// An agent breaking the protocol fails the request on that connection with
 /// [`TransportError::Closed`] (never an answer), closes that connection only, and leaves a
 /// connection to a healthy agent serving.
@@ -463,6 +489,11 @@ macro_rules! conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn conformance_a_version_mismatch_is_typed() {
             $crate::conformance::version_mismatch_is_typed(&$harness).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_endpoints_are_validated_before_dialling() {
+            $crate::conformance::endpoints_are_validated_before_dialling(&$harness).await;
         }
     };
 }
