@@ -49,6 +49,62 @@ impl Default for Timeouts {
     }
 }
 
+/// Caps on what clients may hold of one server: connections (in all, and per client address)
+/// and HTTP/2 streams, with HTTP/2 keep-alive to find dead peers. Every cap has a safe default;
+/// see [`ServerConfig`] for the whole list of limits (time-outs and header size included).
+///
+/// A connection accepted beyond a connection cap is closed at once with a TCP reset, before
+/// any byte is read from it: it is neither queued nor left hanging, and the connections already
+/// open are not disturbed. Such refusals are counted
+/// ([`CounterSnapshot::refused`](crate::CounterSnapshot::refused)). Once the open connections
+/// close (idle ones do on their own, see [`Timeouts`]), new ones are accepted again.
+///
+/// | field | meaning | default |
+/// |---|---|---|
+/// | `max_connections` | connections open at once on the server, upgraded ones included | 10 000 |
+/// | `max_connections_per_ip` | the same, per client address (IPv6: per /64 prefix) | none |
+/// | `http2_max_concurrent_streams` | streams one HTTP/2 connection may have open at once | 100 |
+/// | `http2_keep_alive_interval` | how often an HTTP/2 connection is pinged | 30 s |
+/// | `http2_keep_alive_timeout` | how long a ping may go unanswered before the connection is closed | 20 s |
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// The most connections the server keeps open at once, upgraded ones (WebSockets…)
+    /// included; `None` for no cap (the process's file-descriptor limit still applies). Default
+    /// 10 000.
+    pub max_connections: Option<usize>,
+    /// The most connections one client address may keep open at once; `None` (the default) for
+    /// no per-client cap. IPv4 clients are counted per address (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address), IPv6 clients per /64 prefix, the block one subscriber
+    /// usually holds. Off by default because clients behind one proxy or NAT share an address;
+    /// set it on servers that clients reach directly.
+    pub max_connections_per_ip: Option<usize>,
+    /// The most streams (requests) one HTTP/2 connection may have open at once, announced to
+    /// the client in its SETTINGS. A stream opened beyond it is refused with `REFUSED_STREAM`
+    /// (which clients may safely retry); the connection's other streams proceed. Default 100.
+    pub http2_max_concurrent_streams: u32,
+    /// The interval between HTTP/2 keep-alive pings on each connection; `None` sends none.
+    /// Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Option<Duration>,
+    /// How long an HTTP/2 keep-alive ping may go unanswered before the connection is closed
+    /// (a dead or stalled peer). Default 20 s.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: Some(10_000),
+            max_connections_per_ip: None,
+            http2_max_concurrent_streams: 100,
+            http2_keep_alive_interval: Some(Duration::from_secs(30)),
+            http2_keep_alive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 /// Options of the listening socket and of accepted connections.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -90,8 +146,10 @@ pub struct ServerConfig {
     pub tls_mandatory: bool,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Connection and HTTP/2 stream caps, HTTP/2 keep-alive.
+    pub limits: Limits,
     /// The largest request head accepted, in bytes (at least [`MIN_HEADER_SIZE`]); bigger heads
-    /// get 431 on HTTP/1 and a stream reset on HTTP/2.
+    /// get 431 on HTTP/1 and a stream reset on HTTP/2. Default 64 KiB.
     pub max_header_size: usize,
     /// Serve HTTP/2 (ALPN `h2` on TLS). HTTP/1.1 is always served.
     pub http2: bool,
@@ -118,6 +176,7 @@ impl Default for ServerConfig {
             tls: None,
             tls_mandatory: false,
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
             max_header_size: 64 * 1024,
             http2: true,
             h2c: false,
@@ -143,6 +202,7 @@ impl PartialEq for ServerConfig {
             && self.tls == other.tls
             && self.tls_mandatory == other.tls_mandatory
             && self.timeouts == other.timeouts
+            && self.limits == other.limits
             && self.max_header_size == other.max_header_size
             && self.http2 == other.http2
             && self.h2c == other.h2c
@@ -237,6 +297,27 @@ impl ServerConfig {
             if value == Some(Duration::ZERO) {
                 problem(field, "must be positive (leave it out to disable it)".into());
             }
+        }
+        let l = &self.limits;
+        for (field, value) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+        ] {
+            if value == Some(0) {
+                problem(field, "must be positive (leave it out for no cap)".into());
+            }
+        }
+        if l.http2_max_concurrent_streams == 0 {
+            problem("limits.http2_max_concurrent_streams", "must be positive".into());
+        }
+        if l.http2_keep_alive_interval == Some(Duration::ZERO) {
+            problem(
+                "limits.http2_keep_alive_interval",
+                "must be positive (leave it out to send no pings)".into(),
+            );
+        }
+        if l.http2_keep_alive_timeout.is_zero() {
+            problem("limits.http2_keep_alive_timeout", "must be positive".into());
         }
         if self.socket.backlog == 0 {
             problem("socket.backlog", "must be positive".into());

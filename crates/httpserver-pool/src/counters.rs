@@ -27,6 +27,9 @@ pub struct CounterSnapshot {
     pub forced: u64,
     /// Failed `accept` calls.
     pub accept_errors: u64,
+    /// Connections closed at once because they were over a connection cap
+    /// ([`Limits`](crate::Limits)). They are not counted in `accepted`.
+    pub refused: u64,
 }
 
 /// Stripes of the request count; threads beyond this many share stripes (still correct).
@@ -61,12 +64,14 @@ pub(crate) struct Counters {
     drained: AtomicU64,
     forced: AtomicU64,
     accept_errors: AtomicU64,
+    refused: AtomicU64,
     m_accepted: Counter,
     m_active: Gauge,
     m_requests: Counter,
     m_drained: Counter,
     m_forced: Counter,
     m_accept_errors: Counter,
+    m_refused: Counter,
 }
 
 impl Counters {
@@ -79,12 +84,14 @@ impl Counters {
             drained: AtomicU64::new(0),
             forced: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             m_accepted: metrics::counter!("httpserver_pool_connections_accepted_total", &labels),
             m_active: metrics::gauge!("httpserver_pool_connections_active", &labels),
             m_requests: metrics::counter!("httpserver_pool_requests_total", &labels),
             m_drained: metrics::counter!("httpserver_pool_connections_drained_total", &labels),
             m_forced: metrics::counter!("httpserver_pool_connections_forced_total", &labels),
             m_accept_errors: metrics::counter!("httpserver_pool_accept_errors_total", &labels),
+            m_refused: metrics::counter!("httpserver_pool_connections_refused_total", &labels),
         }
     }
 
@@ -117,6 +124,11 @@ impl Counters {
         self.m_accept_errors.increment(1);
     }
 
+    pub(crate) fn refused(&self) {
+        self.refused.fetch_add(1, Relaxed);
+        self.m_refused.increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> CounterSnapshot {
         CounterSnapshot {
             accepted: self.accepted.load(Relaxed),
@@ -125,6 +137,7 @@ impl Counters {
             drained: self.drained.load(Relaxed),
             forced: self.forced.load(Relaxed),
             accept_errors: self.accept_errors.load(Relaxed),
+            refused: self.refused.load(Relaxed),
         }
     }
 }

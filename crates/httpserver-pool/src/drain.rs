@@ -6,9 +6,15 @@
 //! upgraded connections (WebSockets…) too, without handler cooperation. At the deadline every
 //! remaining socket is "killed": its next read or write fails, and a task parked on a read is
 //! woken to see it, which closes connections the accept loop does not own (upgraded ones).
+//!
+//! The tracker also keeps the connection caps ([`Limits`](crate::Limits)): it counts open
+//! connections in all and per client (address, or /64 prefix for IPv6) and refuses to track a
+//! socket over either cap. The per-client counts sit in the same map lock as the kill switches,
+//! taken once when a connection opens and once when it closes, never per request.
 
 use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,20 +54,69 @@ pub(crate) struct Tracker {
     active: AtomicUsize,
     zero: Notify,
     next_id: AtomicU64,
-    kills: Mutex<HashMap<u64, Arc<Kill>>>,
+    conns: Mutex<Conns>,
     counters: Arc<Counters>,
 }
 
-/// Decrements the count when the connection's socket is dropped.
+/// The open connections' kill switches, and how many each client holds.
+#[derive(Debug, Default)]
+struct Conns {
+    kills: HashMap<u64, Arc<Kill>>,
+    per_client: HashMap<Client, usize>,
+}
+
+/// What one client is counted as for `max_connections_per_ip`: its IPv4 address (IPv4-mapped
+/// IPv6 addresses included), or the /64 prefix of its IPv6 address, the block one subscriber
+/// usually gets (counting single IPv6 addresses would let one host take a cap's worth of
+/// connections per address it picks from its block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Client(IpAddr);
+
+impl Client {
+    pub(crate) fn of(ip: IpAddr) -> Client {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => Client(IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1)))),
+            v4 => Client(v4),
+        }
+    }
+}
+
+/// The caps a new connection is checked against (from the server's [`Limits`](crate::Limits)).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caps {
+    pub(crate) total: Option<usize>,
+    pub(crate) per_client: Option<usize>,
+}
+
+/// Why a connection was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The server holds `max_connections` already.
+    Total,
+    /// This client holds `max_connections_per_ip` already.
+    PerClient,
+}
+
+/// Decrements the counts when the connection's socket is dropped.
 #[derive(Debug)]
 struct ConnGuard {
     tracker: Arc<Tracker>,
     id: u64,
+    client: Client,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.tracker.kills.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        {
+            let mut conns = self.tracker.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            conns.kills.remove(&self.id);
+            if let Some(n) = conns.per_client.get_mut(&self.client) {
+                *n -= 1;
+                if *n == 0 {
+                    conns.per_client.remove(&self.client);
+                }
+            }
+        }
         self.tracker.counters.connection_closed();
         if self.tracker.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.tracker.zero.notify_waiters();
@@ -75,19 +130,50 @@ impl Tracker {
             active: AtomicUsize::new(0),
             zero: Notify::new(),
             next_id: AtomicU64::new(0),
-            kills: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Conns::default()),
             counters,
         })
     }
 
-    /// Starts counting a socket.
-    pub(crate) fn track<T>(self: &Arc<Self>, inner: T) -> TrackedIo<T> {
+    /// Starts counting a socket from `client`, unless that would go over `caps`: then the socket
+    /// is handed back with the reason, and counted as refused.
+    ///
+    /// Only the accept loop opens connections, so the count checked here can only go down
+    /// before the connection is added.
+    pub(crate) fn track<T>(
+        self: &Arc<Self>,
+        inner: T,
+        client: Client,
+        caps: Caps,
+    ) -> Result<TrackedIo<T>, (T, Refused)> {
+        if caps.total.is_some_and(|max| self.active() >= max) {
+            self.counters.refused();
+            return Err((inner, Refused::Total));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kill = Arc::new(Kill::default());
-        self.kills.lock().unwrap_or_else(PoisonError::into_inner).insert(id, kill.clone());
+        {
+            let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            let held = conns.per_client.entry(client).or_insert(0);
+            if caps.per_client.is_some_and(|max| *held >= max) {
+                if *held == 0 {
+                    conns.per_client.remove(&client);
+                }
+                drop(conns);
+                self.counters.refused();
+                return Err((inner, Refused::PerClient));
+            }
+            *held += 1;
+            conns.kills.insert(id, kill.clone());
+        }
         self.active.fetch_add(1, Ordering::AcqRel);
         self.counters.connection_opened();
-        TrackedIo { inner, kill, registered: None, _guard: ConnGuard { tracker: self.clone(), id } }
+        Ok(TrackedIo {
+            inner,
+            kill,
+            registered: None,
+            _guard: ConnGuard { tracker: self.clone(), id, client },
+        })
     }
 
     pub(crate) fn active(&self) -> usize {
@@ -111,7 +197,7 @@ impl Tracker {
         }
         let forced = self.active() as u64;
         let kills: Vec<Arc<Kill>> =
-            self.kills.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+            self.conns.lock().unwrap_or_else(PoisonError::into_inner).kills.values().cloned().collect();
         for kill in kills {
             kill.kill();
         }
@@ -130,6 +216,11 @@ pub(crate) struct TrackedIo<T> {
 }
 
 impl<T> TrackedIo<T> {
+    /// The socket inside.
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
         // Stored before `killed` is read: a kill either stores `killed` before our read (we see
         // it) or takes the lock after we stored the waker (it wakes this task).
@@ -206,6 +297,8 @@ pub(crate) struct Activity {
     base: Instant,
     in_flight: AtomicUsize,
     idle_since_nanos: AtomicU64,
+    /// Set when the first request begins.
+    begun: AtomicBool,
 }
 
 /// Marks one request in flight until dropped.
@@ -225,12 +318,22 @@ impl Activity {
             base: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_nanos: AtomicU64::new(0),
+            begun: AtomicBool::new(false),
         })
     }
 
     pub(crate) fn begin(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        // A plain load first: the store happens once per connection, not per request.
+        if !self.begun.load(Ordering::Relaxed) {
+            self.begun.store(true, Ordering::Relaxed);
+        }
         RequestGuard(self.clone())
+    }
+
+    /// True once a request has begun on the connection.
+    pub(crate) fn has_begun(&self) -> bool {
+        self.begun.load(Ordering::Relaxed)
     }
 
     /// `None` while a request is in flight.
@@ -239,5 +342,44 @@ impl Activity {
             return None;
         }
         Some(self.base + std::time::Duration::from_nanos(self.idle_since_nanos.load(Ordering::Relaxed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker() -> Arc<Tracker> {
+        Tracker::new(Arc::new(Counters::new("t", "127.0.0.1:1".parse().unwrap())))
+    }
+
+    fn ip(s: &str) -> Client {
+        Client::of(s.parse().unwrap())
+    }
+
+    #[test]
+    fn clients_are_ipv4_addresses_or_ipv6_slash_64_prefixes() {
+        assert_eq!(ip("::ffff:192.0.2.1"), ip("192.0.2.1"), "a mapped IPv4 address is that address");
+        assert_ne!(ip("192.0.2.1"), ip("192.0.2.2"));
+        assert_eq!(ip("2001:db8:1:2:aaaa::1"), ip("2001:db8:1:2:bbbb::2"), "one /64");
+        assert_ne!(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn caps_refuse_over_the_limit_and_free_up_when_a_connection_closes() {
+        let t = tracker();
+        let caps = Caps { total: Some(3), per_client: Some(2) };
+        let (a, b) = (ip("2001:db8::1"), ip("2001:db8::2"));
+        let first = t.track((), a, caps).unwrap();
+        let _second = t.track((), b, caps).unwrap();
+        assert_eq!(t.track((), a, caps).err().map(|e| e.1), Some(Refused::PerClient), "same /64");
+        let other = t.track((), ip("192.0.2.1"), caps).unwrap();
+        assert_eq!(t.track((), ip("192.0.2.9"), caps).err().map(|e| e.1), Some(Refused::Total));
+        drop(other);
+        drop(first);
+        let _again = t.track((), a, caps).unwrap();
+        assert_eq!(t.active(), 2);
+        assert_eq!(t.counters.snapshot().refused, 2);
+        assert_eq!(t.conns.lock().unwrap().per_client.len(), 1, "counts of clients gone are removed");
     }
 }

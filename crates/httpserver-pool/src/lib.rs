@@ -51,7 +51,7 @@ mod handler;
 mod signal;
 mod tls;
 
-pub use config::{MIN_HEADER_SIZE, PoolConfig, ServerConfig, SocketOptions, Timeouts};
+pub use config::{Limits, MIN_HEADER_SIZE, PoolConfig, ServerConfig, SocketOptions, Timeouts};
 pub use error::{Error, Problem, ServerFailure};
 pub use handler::{BoxError, Handler, ResponseBody, full, status};
 pub use signal::ShutdownSignal;

@@ -39,7 +39,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::accept::AcceptBackoff;
 use crate::counters::{CounterSnapshot, Counters};
-use crate::drain::{Activity, RequestGuard, TrackedIo, Tracker};
+use crate::drain::{Activity, Caps, Client, RequestGuard, TrackedIo, Tracker};
 use crate::filter::{Field, Pattern};
 use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
@@ -81,7 +81,14 @@ impl Live {
             .timer(TokioTimer::new())
             .header_read_timeout(config.timeouts.header_read)
             .max_buf_size(config.max_header_size);
-        builder.http2().timer(TokioTimer::new()).max_header_list_size(config.max_header_size as u32);
+        let limits = &config.limits;
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(config.max_header_size as u32)
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .keep_alive_interval(limits.http2_keep_alive_interval)
+            .keep_alive_timeout(limits.http2_keep_alive_timeout);
         let http1 = (!config.http2 || (tls.is_none() && !config.h2c)).then(|| {
             let mut h1 = http1::Builder::new();
             // The header read timeout of these connections is kept by `drive`, which times the
@@ -451,16 +458,25 @@ async fn accept_loop(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     backoff.reset();
                     let Some(inner) = server.upgrade() else { break Instant::now() };
                     let live = inner.live.load_full();
                     drop(inner);
-                    if let Err(e) = socket::configure_stream(&stream, &live.config.socket) {
-                        tracing::debug!(error = %e, "socket options on an accepted connection");
+                    let limits = &live.config.limits;
+                    let caps = Caps { total: limits.max_connections, per_client: limits.max_connections_per_ip };
+                    match tracker.track(stream, Client::of(peer.ip()), caps) {
+                        Ok(io) => {
+                            if let Err(e) = socket::configure_stream(io.get_ref(), &live.config.socket) {
+                                tracing::debug!(error = %e, "socket options on an accepted connection");
+                            }
+                            conns.spawn(serve_connection(io, live, shutdown.clone(), counters.clone()));
+                        }
+                        Err((stream, why)) => {
+                            tracing::debug!(%peer, ?why, "connection over a cap: reset");
+                            socket::reset(stream);
+                        }
                     }
-                    let io = tracker.track(stream);
-                    conns.spawn(serve_connection(io, live, shutdown.clone(), counters.clone()));
                     while conns.try_join_next().is_some() {}
                 }
                 Err(e) => {
@@ -541,14 +557,19 @@ async fn serve_http<I>(
     match &live.http1 {
         Some(h1) => {
             let conn = h1.serve_connection(TokioIo::new(io), service).with_upgrades();
-            let limits = Limits { idle: timeouts.idle, header_read: timeouts.header_read };
+            let limits =
+                Limits { idle: timeouts.idle, header_read: timeouts.header_read, first_request: None };
             drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, limits).await;
         }
         None => {
             // hyper keeps the header read timeout of HTTP/1 on these connections (see `Live`):
-            // the same connection may turn out to speak HTTP/2, where it does not apply.
+            // the same connection may turn out to speak HTTP/2, where it does not apply. Until
+            // the first request arrives, whatever the protocol, `drive` keeps it: a connection
+            // that asks for nothing (no preface, or a preface and no stream) does not hold its
+            // place until the idle timeout.
             let conn = live.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            let limits = Limits { idle: timeouts.idle, header_read: None };
+            let limits =
+                Limits { idle: timeouts.idle, header_read: None, first_request: timeouts.header_read };
             drive(conn, |c| c.graceful_shutdown(), shutdown, &activity, limits).await;
         }
     }
@@ -564,6 +585,9 @@ struct Limits {
     /// for it (when it opened, or when the previous response was sent), so a connection that
     /// stays silent that long is closed too, like one that sends a head too slowly.
     header_read: Option<Duration>,
+    /// Like `header_read`, but only until the connection's first request arrives (connections
+    /// that may speak HTTP/2, where hyper keeps the HTTP/1 header read timeout itself).
+    first_request: Option<Duration>,
 }
 
 /// Runs one hyper connection to its end: a graceful shutdown on the stop signal or once the
@@ -621,7 +645,7 @@ async fn drive<C, E>(
     match result {
         Some(Ok(())) => {}
         Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
-        None => tracing::debug!("no request head within the header read timeout: connection closed"),
+        None => tracing::debug!("header read or idle timeout: connection closed"),
     }
 }
 
@@ -649,8 +673,11 @@ impl Wake for SideWake {
 }
 
 /// Watches the stop signal and the connection's idle spells. Sets `close_gracefully` once the
-/// server is stopping or no request has been in flight for `limits.idle`; resolves when no
-/// request has been in flight for `limits.header_read` (the connection is then closed at once).
+/// server is stopping or no request has been in flight for `limits.idle`; resolves (the
+/// connection is then closed at once) when no request has been in flight for
+/// `limits.header_read` (or `limits.first_request` before the first request), or for twice
+/// `limits.idle` once the idle timeout began a graceful close: HTTP/2's graceful close waits for
+/// the client to answer a ping, and a client that never does must not keep its connection.
 ///
 /// One timer per connection, not one per request: a request ending records the time (see
 /// [`Activity`]), and the timer, when it fires, is set again from the last such time.
@@ -664,10 +691,19 @@ async fn watch_side(
     if stopping {
         close_gracefully.store(true, Ordering::Relaxed);
     }
+    // Set when the idle timeout began the graceful close.
+    let mut idle_closing = false;
     loop {
-        // Once the connection is closing gracefully, only the header deadline is left.
-        let idle = limits.idle.filter(|_| !close_gracefully.load(Ordering::Relaxed));
-        let limit = match (idle, limits.header_read) {
+        // Once the connection is closing gracefully because the server stops, only the header
+        // deadline is left (and the stop's own deadline); once it is because it was idle, the
+        // graceful close gets as long again as the idle timeout.
+        let idle = match limits.idle {
+            Some(limit) if idle_closing => Some(limit * 2),
+            Some(limit) if !close_gracefully.load(Ordering::Relaxed) => Some(limit),
+            _ => None,
+        };
+        let header_read = limits.header_read.or(limits.first_request.filter(|_| !activity.has_begun()));
+        let limit = match (idle, header_read) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -684,10 +720,17 @@ async fn watch_side(
             () = tokio::time::sleep_until(check.unwrap_or_else(Instant::now)), if check.is_some() => {
                 if let Some(since) = activity.idle_since() {
                     let now = Instant::now();
-                    if limits.header_read.is_some_and(|limit| since + limit <= now) {
+                    // Read again: a first request may have begun and ended since.
+                    let header_read =
+                        limits.header_read.or(limits.first_request.filter(|_| !activity.has_begun()));
+                    if header_read.is_some_and(|limit| since + limit <= now) {
                         return;
                     }
                     if idle.is_some_and(|limit| since + limit <= now) {
+                        if idle_closing {
+                            return;
+                        }
+                        idle_closing = true;
                         close_gracefully.store(true, Ordering::Relaxed);
                     }
                 }

@@ -24,6 +24,15 @@ pub(crate) fn configure_stream(stream: &tokio::net::TcpStream, opts: &SocketOpti
     stream.set_nodelay(opts.nodelay)
 }
 
+/// Closes a connection with a TCP reset (`SO_LINGER` 0): the client learns at once that it was
+/// refused, and no TIME_WAIT is left behind on the server for it.
+pub(crate) fn reset(stream: tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER on a refused connection");
+    }
+    drop(stream);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
