@@ -256,6 +256,13 @@ pub fn not_after(cert_pem: &str) -> Result<SystemTime, CertError> {
     Ok(to_system_time(cert.validity().not_after.to_datetime()))
 }
 
+/// The SHA-256 fingerprint of the first certificate in `cert_pem`, as
+/// [`RevocationList`](crate::revocation::RevocationList) files take it (`AB:CD:…`).
+pub fn fingerprint_pem(cert_pem: &str) -> Result<String, CertError> {
+    let der = first_certificate_der("certificate", cert_pem)?;
+    Ok(crate::revocation::fingerprint_hex(&crate::revocation::fingerprint(&der)))
+}
+
 /// The subject common name of a DER-encoded certificate, if it has one (the agent names peers by it in logs).
 pub fn common_name_der(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

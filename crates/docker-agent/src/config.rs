@@ -14,10 +14,24 @@
 //! cert = "cert.pem"                        # this agent's server certificate
 //! key = "key.pem"                          # and its key
 //!
+//! revoked = "revoked.txt"                 # optional: SHA-256 fingerprints of refused client certificates
+//!
 //! [acl]
 //! profile = "lifecycle"                    # read-only (default), lifecycle or none
 //! rules = ["GET /containers/{id}/logs"]    # added to the profile's rules
+//! redact_env = true                        # the default
+//!
+//! [limits]                                 # every field optional; the defaults shown
+//! max_connections = 512                    # open client connections, all clients together
+//! max_connections_per_ip = 64              # open client connections from one IP address
+//! max_requests_per_client = 64             # requests in flight (held event streams included) per client certificate
+//! handshake_timeout = "5s"                 # to complete the TLS handshake
+//! header_read_timeout = "30s"              # to send a request's headers; also how long an idle keep-alive connection stays
+//! body_read_timeout = "30s"                # longest pause within a request body
+//! engine_idle_timeout = "30s"              # idle connections to the engine are closed after this
 //! ```
+//!
+//! `listen` may be left out of the file when `docker-agent serve --listen` gives it.
 //!
 //! Client certificates are always required; there is no setting to turn that off.
 
@@ -33,6 +47,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
 use crate::acl::AclConfig;
+pub use crate::revocation::RevocationList;
 
 /// The default Docker socket.
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
@@ -40,6 +55,89 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
 /// The default shutdown grace period (10 s).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What the agent's server lets clients hold, and for how long. Every field has a safe default
+/// ([`AgentLimits::default`]); in TOML the `[limits]` table, durations in humantime (`"5s"`).
+///
+/// A connection over [`max_connections`](Self::max_connections) or
+/// [`max_connections_per_ip`](Self::max_connections_per_ip) is closed as soon as it is accepted
+/// (before any TLS work), so a flood of silent connections from one address cannot use up the
+/// agent's file descriptors or lock out other clients; it is counted in
+/// `docker_agent_connections_refused_total{reason="global"|"per_ip"}`. A request over
+/// [`max_requests_per_client`](Self::max_requests_per_client) is answered `429` and counted as
+/// `docker_agent_requests_total{outcome="limited"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentLimits {
+    /// Open client connections, all clients together (default 512).
+    pub max_connections: usize,
+    /// Open client connections from one IP address (default 64).
+    pub max_connections_per_ip: usize,
+    /// Requests in flight per client certificate, streaming answers (`/events`, followed logs)
+    /// included until they end (default 64).
+    pub max_requests_per_client: usize,
+    /// How long a client may take to complete the TLS handshake (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How long a client may take to send a request's headers, counted from the moment the
+    /// connection waits for a request: an idle keep-alive connection is closed after it too
+    /// (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The longest pause allowed within a request body; a body that stalls longer ends the
+    /// request with `408` (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Idle connections to the engine's socket are closed after this (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub engine_idle_timeout: Duration,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_connections_per_ip: 64,
+            max_requests_per_client: 64,
+            handshake_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            engine_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AgentLimits {
+    /// Every problem, each with its field.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut problems = Vec::new();
+        let mut invalid =
+            |field, reason: &str| problems.push(ConfigError::Invalid { field, reason: reason.into() });
+        for (field, value) in [
+            ("limits.max_connections", self.max_connections),
+            ("limits.max_connections_per_ip", self.max_connections_per_ip),
+            ("limits.max_requests_per_client", self.max_requests_per_client),
+        ] {
+            if value == 0 {
+                invalid(field, "must be at least 1");
+            }
+        }
+        if self.max_connections_per_ip > self.max_connections {
+            invalid("limits.max_connections_per_ip", "must not exceed limits.max_connections");
+        }
+        for (field, value) in [
+            ("limits.handshake_timeout", self.handshake_timeout),
+            ("limits.header_read_timeout", self.header_read_timeout),
+            ("limits.body_read_timeout", self.body_read_timeout),
+            ("limits.engine_idle_timeout", self.engine_idle_timeout),
+        ] {
+            if value.is_zero() {
+                invalid(field, "must be longer than zero");
+            }
+        }
+        problems
+    }
+}
 
 /// Errors in loading or checking the configuration. Each names the field or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +206,18 @@ impl std::fmt::Debug for TlsMaterial {
 
 impl TlsMaterial {
     /// Builds the rustls server configuration: TLS 1.2 and 1.3 with the ring provider, ALPN
-    /// `http/1.1`, and a client certificate signed by the CA **required** on every connection.
+    /// `http/1.1`, and a client certificate **required** on every connection: signed by the CA
+    /// directly (no intermediates), with the `clientAuth` extended key usage, not itself a CA.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, ConfigError> {
+        self.server_config_with(Arc::new(arc_swap::ArcSwap::from_pointee(RevocationList::default())))
+    }
+
+    /// [`Self::server_config`] refusing the client certificates `revoked` lists when they
+    /// connect (the list may be swapped while the configuration is in use).
+    pub(crate) fn server_config_with(
+        &self,
+        revoked: Arc<arc_swap::ArcSwap<RevocationList>>,
+    ) -> Result<Arc<ServerConfig>, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
         let mut roots = rustls::RootCertStore::empty();
@@ -131,7 +239,10 @@ impl TlsMaterial {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| invalid("tls", e.to_string()))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(crate::revocation::ClientPolicyVerifier {
+                inner: verifier,
+                revoked,
+            }))
             .with_single_cert(chain, key)
             .map_err(|e| invalid("tls.key", format!("does not fit the certificate in `tls.cert`: {e}")))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -166,6 +277,10 @@ pub struct AgentConfig {
     pub expiry_warning: Duration,
     /// How long in-flight (non-streaming) requests may take to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Connection, request and time limits.
+    pub limits: AgentLimits,
+    /// Client certificates refused even though the CA signed them.
+    pub revoked: RevocationList,
 }
 
 impl AgentConfig {
@@ -180,16 +295,21 @@ impl AgentConfig {
             acl: AclConfig::default(),
             expiry_warning: DEFAULT_EXPIRY_WARNING,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            limits: AgentLimits::default(),
+            revoked: RevocationList::default(),
         }
     }
 
     /// Checks every field; the error names the first one at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validated_tls().map(|_| ())
+        self.validated_tls(Arc::new(arc_swap::ArcSwap::from_pointee(self.revoked.clone()))).map(|_| ())
     }
 
     /// [`Self::validate`], returning the TLS configuration it built on the way.
-    pub(crate) fn validated_tls(&self) -> Result<Arc<ServerConfig>, ConfigError> {
+    pub(crate) fn validated_tls(
+        &self,
+        revoked: Arc<arc_swap::ArcSwap<RevocationList>>,
+    ) -> Result<Arc<ServerConfig>, ConfigError> {
         let invalid = |field, reason: &str| ConfigError::Invalid { field, reason: reason.to_owned() };
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty"));
@@ -200,13 +320,16 @@ impl AgentConfig {
         if self.docker_socket.as_os_str().is_empty() {
             return Err(invalid("docker_socket", "must not be empty"));
         }
+        if let Some(problem) = self.limits.problems().into_iter().next() {
+            return Err(problem);
+        }
         if self.tls.ca_cert_pem.contains("PRIVATE KEY") {
             return Err(invalid(
                 "tls.ca_cert",
                 "contains a private key; give the agent the CA certificate only",
             ));
         }
-        let config = self.tls.server_config()?;
+        let config = self.tls.server_config_with(revoked)?;
         crate::certs::not_after(&self.tls.cert_pem)
             .map_err(|e| ConfigError::Invalid { field: "tls.cert", reason: e.to_string() })?;
         Ok(config)
@@ -223,6 +346,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// The agent's private key.
     pub key: PathBuf,
+    /// A file of refused client certificate fingerprints ([`RevocationList`]); re-read on
+    /// `SIGHUP` by `docker-agent serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<PathBuf>,
 }
 
 /// The configuration file (TOML); see the [module docs](self) for an example.
@@ -231,8 +358,9 @@ pub struct TlsFiles {
 pub struct AgentConfigFile {
     /// See [`AgentConfig::name`].
     pub name: String,
-    /// See [`AgentConfig::listen`].
-    pub listen: SocketAddr,
+    /// See [`AgentConfig::listen`]; may be left out when given on the command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
     /// See [`AgentConfig::docker_socket`].
     #[serde(default = "default_socket")]
     pub docker_socket: PathBuf,
@@ -247,6 +375,9 @@ pub struct AgentConfigFile {
     /// See [`AgentConfig::shutdown_grace`] (humantime, e.g. `10s`).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// See [`AgentConfig::limits`].
+    #[serde(default)]
+    pub limits: AgentLimits,
 }
 
 fn default_socket() -> PathBuf {
@@ -270,7 +401,10 @@ impl AgentConfigFile {
         let mut file = Self::parse(&text)
             .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })?;
         if let Some(dir) = path.parent() {
-            for p in [&mut file.tls.ca_cert, &mut file.tls.cert, &mut file.tls.key] {
+            for p in [&mut file.tls.ca_cert, &mut file.tls.cert, &mut file.tls.key]
+                .into_iter()
+                .chain(file.tls.revoked.as_mut())
+            {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }
@@ -298,14 +432,26 @@ impl AgentConfigFile {
             cert_pem: read("tls.cert", &self.tls.cert)?,
             key_pem: read("tls.key", &self.tls.key)?,
         };
+        let Some(listen) = self.listen else {
+            return Err(ConfigError::Invalid {
+                field: "listen",
+                reason: "not set: give `listen` in the file or `--listen` on the command line".into(),
+            });
+        };
+        let revoked = match &self.tls.revoked {
+            Some(path) => RevocationList::load(path)?,
+            None => RevocationList::default(),
+        };
         let config = AgentConfig {
             name: self.name,
-            listen: self.listen,
+            listen,
             docker_socket: self.docker_socket,
             tls,
             acl: self.acl,
             expiry_warning: self.expiry_warning,
             shutdown_grace: self.shutdown_grace,
+            limits: self.limits,
+            revoked,
         };
         config.validate()?;
         Ok(config)

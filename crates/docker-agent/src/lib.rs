@@ -107,7 +107,9 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod host;
+mod limits;
 pub mod pool;
+pub mod revocation;
 pub mod runtime;
 pub mod server;
 

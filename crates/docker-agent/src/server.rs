@@ -38,7 +38,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -66,7 +67,9 @@ use tracing::{debug, info, warn};
 use crate::acl::{
     Acl, AclDecision, BodyPolicy, DenyReason, RequestHead, Rule, normalise, redact_env, scale_spec,
 };
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::{AgentConfig, AgentLimits, ConfigError};
+use crate::limits::{KeyedGuard, KeyedLimit, Limit};
+use crate::revocation::{Fingerprint, RevocationList, fingerprint};
 
 /// How long a refused client's leftover bytes are read before its connection is closed.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
@@ -86,19 +89,15 @@ async fn close_politely(mut tcp: tokio::net::TcpStream) {
     .await;
 }
 
-/// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent's own engine calls (`/_ping`, `/version`) may take.
 const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client may take to send a request body the agent reads itself (an empty one it
-/// checks, a scale spec).
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The largest service spec a scale request may send.
 const SCALE_BODY_LIMIT: usize = 1 << 20;
 /// The largest answer the agent reads whole (to redact it, or for its own calls).
 const REDACTED_BODY_LIMIT: usize = 64 << 20;
+/// Idle connections kept to the engine.
+const ENGINE_MAX_IDLE: usize = 32;
 /// The `Host` header sent to the engine.
 const ENGINE_HOST: &str = "docker";
 
@@ -106,7 +105,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Response body type of the agent.
 type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Request body type towards the engine.
-type EngineBody = UnsyncBoxBody<Bytes, hyper::Error>;
+type EngineBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Errors from starting the agent server.
 #[derive(Debug, thiserror::Error)]
@@ -137,12 +136,27 @@ pub struct RunningAgent {
     local_addr: SocketAddr,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
+    revoked: Arc<ArcSwap<RevocationList>>,
+    connections: Arc<Limit>,
 }
 
 impl RunningAgent {
     /// The address the server listens on (with the real port when the configuration said 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Replaces the list of refused client certificates. New handshakes with a listed
+    /// certificate fail; requests on connections already open with one are answered `403` and
+    /// their connection is closed.
+    pub fn set_revoked(&self, revoked: RevocationList) {
+        info!(revoked = revoked.len(), "revocation list replaced");
+        self.revoked.store(Arc::new(revoked));
+    }
+
+    /// Client connections open now (handshakes in progress included).
+    pub fn open_connections(&self) -> usize {
+        self.connections.current()
     }
 
     /// Stops the server gracefully (see the [module docs](self)) and waits until it has stopped.
@@ -171,17 +185,24 @@ struct State {
     /// Cancelled when shutdown starts: connections finish their request in flight and close,
     /// streaming responses and upgraded connections are cut.
     stopping: CancellationToken,
+    limits: AgentLimits,
+    revoked: Arc<ArcSwap<RevocationList>>,
+    connections: Arc<Limit>,
+    per_ip: Arc<KeyedLimit<IpAddr>>,
+    per_client: Arc<KeyedLimit<Fingerprint>>,
 }
 
 struct Peer {
     addr: SocketAddr,
     common_name: String,
+    fingerprint: Fingerprint,
 }
 
 impl AgentServer {
     /// Validates `config`, binds the listener and starts serving in the background.
     pub async fn bind(config: AgentConfig) -> Result<RunningAgent, ServerError> {
-        let tls = config.validated_tls()?;
+        let revoked = Arc::new(ArcSwap::from_pointee(config.revoked.clone()));
+        let tls = config.validated_tls(revoked.clone())?;
         let cert_not_after = crate::certs::not_after(&config.tls.cert_pem)
             .map_err(|e| ConfigError::Invalid { field: "tls.cert", reason: e.to_string() })?;
         let listener = TcpListener::bind(config.listen)
@@ -189,8 +210,12 @@ impl AgentServer {
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let local_addr =
             listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        // Without a timer hyper-util ignores the idle time-out and idle engine connections stay
+        // open for ever.
         let docker = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.limits.engine_idle_timeout)
+            .pool_max_idle_per_host(ENGINE_MAX_IDLE)
             .build(UnixConnector { path: Arc::from(config.docker_socket.as_path()) });
         let state = Arc::new(State {
             name: config.name.clone(),
@@ -199,6 +224,11 @@ impl AgentServer {
             cert_not_after,
             expiry_warning: config.expiry_warning,
             stopping: CancellationToken::new(),
+            limits: config.limits,
+            revoked: revoked.clone(),
+            connections: Limit::new(config.limits.max_connections),
+            per_ip: KeyedLimit::new(config.limits.max_connections_per_ip),
+            per_client: KeyedLimit::new(config.limits.max_requests_per_client),
         });
         let cert = CertificateStatus::of(&state, SystemTime::now());
         if cert.expires_in_secs <= 0 {
@@ -215,9 +245,10 @@ impl AgentServer {
             "docker-agent listening"
         );
         let stop = CancellationToken::new();
+        let connections = state.connections.clone();
         let task =
             tokio::spawn(serve(listener, TlsAcceptor::from(tls), state, stop.clone(), config.shutdown_grace));
-        Ok(RunningAgent { local_addr, stop, task: Some(task) })
+        Ok(RunningAgent { local_addr, stop, task: Some(task), revoked, connections })
     }
 }
 
@@ -243,11 +274,24 @@ async fn serve(
                         continue;
                     }
                 };
+                // Over a limit: closed at once, before any TLS work, so a flood costs one accept.
+                let Some(global) = state.connections.try_acquire() else {
+                    metrics::counter!("docker_agent_connections_refused_total", "reason" => "global").increment(1);
+                    debug!(peer = %addr, "connection refused: limits.max_connections reached");
+                    continue;
+                };
+                let Some(per_ip) = state.per_ip.try_acquire(addr.ip()) else {
+                    metrics::counter!("docker_agent_connections_refused_total", "reason" => "per_ip").increment(1);
+                    debug!(peer = %addr, "connection refused: limits.max_connections_per_ip reached");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let state = state.clone();
                 connections.spawn(async move {
-                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible());
+                    let _held = (global, per_ip);
+                    let handshake =
+                        tokio::time::timeout(state.limits.handshake_timeout, acceptor.accept(tcp).into_fallible());
                     let handshake = tokio::select! {
                         handshake = handshake => handshake,
                         // Shutting down: a connection still in its handshake has no request yet.
@@ -267,21 +311,20 @@ async fn serve(
                             return;
                         }
                     };
-                    let common_name = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(|cert| crate::certs::common_name_der(cert))
-                        .unwrap_or_default();
+                    let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+                    let common_name =
+                        leaf.and_then(|cert| crate::certs::common_name_der(cert)).unwrap_or_default();
+                    // The verifier required a certificate; an empty one never matches a real one.
+                    let fingerprint = leaf.map_or([0; 32], |cert| fingerprint(cert));
                     debug!(peer = %addr, client = %common_name, "client connected");
-                    let peer = Arc::new(Peer { addr, common_name });
+                    let peer = Arc::new(Peer { addr, common_name, fingerprint });
                     let stopping = state.stopping.clone();
+                    let header_read_timeout = state.limits.header_read_timeout;
                     let service = service_fn(move |req| handle(state.clone(), peer.clone(), req));
                     let conn = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
                         .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .header_read_timeout(header_read_timeout)
                         .serve_connection(TokioIo::new(tls), service)
                         .with_upgrades();
                     let mut conn = std::pin::pin!(conn);
@@ -326,37 +369,91 @@ async fn handle(
         }
         return Ok(if path == "/agent/info" { agent_info(&state).await } else { agent_health(&state).await });
     }
+    if state.revoked.load().contains(&peer.fingerprint) {
+        metrics::counter!("docker_agent_requests_total", "outcome" => "denied").increment(1);
+        warn!(peer = %peer.addr, client = %peer.common_name, "request on a connection whose certificate was revoked");
+        let mut resp = json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({ "message": "docker-agent: the client certificate has been revoked" }),
+        );
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
+    let Some(permit) = state.per_client.try_acquire(peer.fingerprint) else {
+        metrics::counter!("docker_agent_requests_total", "outcome" => "limited").increment(1);
+        warn!(peer = %peer.addr, client = %peer.common_name, "request refused: limits.max_requests_per_client reached");
+        let message = format!(
+            "docker-agent: this client certificate already has {} requests in flight (limits.max_requests_per_client)",
+            state.limits.max_requests_per_client
+        );
+        return Ok(json(StatusCode::TOO_MANY_REQUESTS, &serde_json::json!({ "message": message })));
+    };
+    let resp = route(&state, &peer, req).await;
+    // The permit lives as long as the answer's body: a held event stream counts until it ends.
+    Ok(resp.map(|body| Held { inner: body, _permit: permit }.boxed_unsync()))
+}
+
+/// A response body holding a per-client permit until it is dropped.
+struct Held<B> {
+    inner: B,
+    _permit: KeyedGuard<Fingerprint>,
+}
+
+impl<B: Body + Unpin> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An admitted request: the ACL, then the rule's body policy.
+async fn route(state: &State, peer: &Peer, req: Request<Incoming>) -> Response<AgentBody> {
+    let path = req.uri().path();
     let rule = match state.acl.check_request(RequestHead::of(&req)) {
-        AclDecision::Deny { reason } => return Ok(denied(&peer, req.method(), path, &reason)),
+        AclDecision::Deny { reason } => return denied(peer, req.method(), path, &reason),
         AclDecision::Allow { rule } => rule,
     };
     let redact = state.acl.redacts(req.method(), path);
-    Ok(match rule.body() {
+    match rule.body() {
         BodyPolicy::Any => {
             let aborted = Arc::new(AtomicBool::new(false));
-            let req = req.map(|body| WatchedBody { inner: body, aborted: aborted.clone() }.boxed_unsync());
-            allowed(&peer, &req, &rule);
-            forward(&state, req, redact, Some(&aborted)).await
+            let timeout = state.limits.body_read_timeout;
+            let req = req.map(|body| WatchedBody::new(body, timeout, aborted.clone()).boxed_unsync());
+            allowed(peer, &req, &rule);
+            forward(state, req, redact, Some(&aborted)).await
         }
         BodyPolicy::Empty => {
             let (parts, body) = req.into_parts();
-            match read_body(body, 0).await {
+            match read_body(body, 0, state.limits.body_read_timeout).await {
                 Ok(_) => {
                     let req = Request::from_parts(parts, empty_body());
-                    allowed(&peer, &req, &rule);
-                    forward(&state, req, redact, None).await
+                    allowed(peer, &req, &rule);
+                    forward(state, req, redact, None).await
                 }
                 Err(BodyError::TooLarge) => denied(
-                    &peer,
+                    peer,
                     &parts.method,
                     parts.uri.path(),
                     &DenyReason::Body { rule: rule.to_string() },
                 ),
-                Err(e) => client_error(&peer, &parts.method, parts.uri.path(), &e),
+                Err(e) => client_error(peer, &parts.method, parts.uri.path(), &e),
             }
         }
-        BodyPolicy::ServiceScale => scale(&state, &peer, req, &rule).await,
-    })
+        BodyPolicy::ServiceScale => scale(state, peer, req, &rule).await,
+    }
 }
 
 /// Logs and counts a denied request and answers `403` with the reason.
@@ -385,7 +482,7 @@ fn client_error(peer: &Peer, method: &Method, path: &str, error: &BodyError) -> 
     metrics::counter!("docker_agent_requests_total", "outcome" => "client_error").increment(1);
     info!(peer = %peer.addr, client = %peer.common_name, method = %method, path = %path, error = %error, "request body not received");
     let status = match error {
-        BodyError::TimedOut => StatusCode::REQUEST_TIMEOUT,
+        BodyError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
         BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         BodyError::Aborted(_) => StatusCode::BAD_REQUEST,
     };
@@ -397,28 +494,26 @@ fn client_error(peer: &Peer, method: &Method, path: &str, error: &BodyError) -> 
 enum BodyError {
     #[error("the request body is larger than allowed")]
     TooLarge,
-    #[error("the request body did not arrive within {BODY_READ_TIMEOUT:?}")]
-    TimedOut,
+    #[error("the request body stalled for longer than {0:?} (limits.body_read_timeout)")]
+    TimedOut(Duration),
     #[error("the request body was aborted: {0}")]
     Aborted(hyper::Error),
 }
 
-/// Reads a request body of at most `limit` bytes, within [`BODY_READ_TIMEOUT`].
-async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    let read = async {
-        let mut buf = bytes::BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(BodyError::Aborted)?;
-            if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > limit {
-                    return Err(BodyError::TooLarge);
-                }
-                buf.extend_from_slice(&data);
+/// Reads a request body of at most `limit` bytes, each part within `pause` of the last.
+async fn read_body(mut body: Incoming, limit: usize, pause: Duration) -> Result<Bytes, BodyError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame =
+            tokio::time::timeout(pause, body.frame()).await.map_err(|_| BodyError::TimedOut(pause))?;
+        let Some(frame) = frame else { return Ok(buf.freeze()) };
+        if let Ok(data) = frame.map_err(BodyError::Aborted)?.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(BodyError::TooLarge);
             }
+            buf.extend_from_slice(&data);
         }
-        Ok(buf.freeze())
-    };
-    tokio::time::timeout(BODY_READ_TIMEOUT, read).await.map_err(|_| BodyError::TimedOut)?
+    }
 }
 
 fn empty_body() -> EngineBody {
@@ -431,7 +526,7 @@ async fn scale(state: &State, peer: &Peer, req: Request<Incoming>, rule: &Rule) 
     let (parts, body) = req.into_parts();
     let (method, path) = (&parts.method, parts.uri.path());
     let not_a_scale = |detail: String| denied(peer, method, path, &DenyReason::NotAScale { detail });
-    let body = match read_body(body, SCALE_BODY_LIMIT).await {
+    let body = match read_body(body, SCALE_BODY_LIMIT, state.limits.body_read_timeout).await {
         Ok(body) => body,
         Err(e) => return client_error(peer, method, path, &e),
     };
@@ -575,11 +670,9 @@ async fn forward(
         Ok(resp) => resp,
         Err(e) if client_body_aborted.is_some_and(|a| a.load(Ordering::Acquire)) => {
             metrics::counter!("docker_agent_requests_total", "outcome" => "client_error").increment(1);
-            info!(error = %ErrorChain(&e), "the client aborted its request body");
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({ "message": "docker-agent: the request body was aborted" }),
-            );
+            info!(error = %ErrorChain(&e), "the client's request body broke off or stalled");
+            let message = format!("docker-agent: the request body did not arrive: {}", ErrorChain(&e));
+            return json(StatusCode::BAD_REQUEST, &serde_json::json!({ "message": message }));
         }
         Err(e) => {
             warn!(error = %ErrorChain(&e), "cannot reach the Docker engine");
@@ -653,26 +746,49 @@ async fn redacted(resp: Response<Incoming>) -> Response<AgentBody> {
     Response::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed_unsync())
 }
 
-/// A client's request body on its way to the engine; remembers whether the client broke it off,
-/// so a failed engine call is not blamed on the engine.
+/// A client's request body on its way to the engine. It ends with an error when the client
+/// pauses longer than `limits.body_read_timeout`, and remembers whether the client broke it off
+/// (or stalled), so a failed engine call is not blamed on the engine.
 struct WatchedBody {
     inner: Incoming,
+    pause: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
     aborted: Arc<AtomicBool>,
+}
+
+impl WatchedBody {
+    fn new(inner: Incoming, pause: Duration, aborted: Arc<AtomicBool>) -> Self {
+        Self { inner, pause, deadline: Box::pin(tokio::time::sleep(pause)), aborted }
+    }
 }
 
 impl Body for WatchedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.aborted.store(true, Ordering::Release);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + self.pause;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.aborted.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    self.aborted.store(true, Ordering::Release);
+                    return Poll::Ready(Some(Err(BodyError::TimedOut(self.pause).into())));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -197,6 +197,16 @@ async fn agent_get(
     method: Method,
     path: &str,
 ) -> (StatusCode, serde_json::Value) {
+    try_agent_get(addr, dir, method, path).await.unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// [`agent_get`], with the connection's failure (a refused certificate, say) as an error.
+async fn try_agent_get(
+    addr: SocketAddr,
+    dir: &Path,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, serde_json::Value), Box<dyn std::error::Error + Send + Sync>> {
     let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(&read("ca.pem")).unwrap()).unwrap();
@@ -210,12 +220,11 @@ async fn agent_get(
                 PrivateKeyDer::from_pem_slice(&read("key.pem")).unwrap(),
             )
             .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(AGENT_SERVER_NAME).unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        .await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
@@ -223,10 +232,10 @@ async fn agent_get(
         .header("host", "agent")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
+    let resp = send.send_request(req).await?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)))
 }
 
 fn mode(path: &Path) -> u32 {
@@ -291,8 +300,61 @@ async fn the_program_makes_certificates_and_serves_with_overrides() {
     ])
     .await;
     assert!(ok, "{err}");
+    let client_dir = work.path().join("controller");
+    let (ok, out, err) = run(vec![
+        "certs".into(),
+        "client".into(),
+        "--ca".into(),
+        s(&ca_dir),
+        "--name".into(),
+        "controller".into(),
+        "--out".into(),
+        s(&client_dir),
+        "--lifetime".into(),
+        "10days".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let client_pem = std::fs::read_to_string(client_dir.join("cert.pem")).unwrap();
+    let fingerprint = docker_agent::certs::fingerprint_pem(&client_pem).unwrap();
+    assert!(out.contains(&fingerprint), "{out}");
+    let (ok, out, err) =
+        run(vec!["certs".into(), "fingerprint".into(), s(&client_dir.join("cert.pem"))]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), fingerprint);
+    // The agent's bundle is the agent's alone: no client key or certificate in it.
+    let mut names: Vec<String> = std::fs::read_dir(&agent_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ca.pem", "cert.pem", "key.pem"]);
+    let agent_cert = std::fs::read_to_string(agent_dir.join("cert.pem")).unwrap();
+    assert_ne!(agent_cert, client_pem);
+
+    // --force replaces a file but never writes through a planted link.
+    let planted = work.path().join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    let victim = work.path().join("victim");
+    write(&victim, "precious");
+    std::os::unix::fs::symlink(&victim, planted.join("key.pem")).unwrap();
+    let (ok, _, err) = run(vec![
+        "certs".into(),
+        "agent".into(),
+        "--ca".into(),
+        s(&ca_dir),
+        "--out".into(),
+        s(&planted),
+        "--force".into(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(std::fs::symlink_metadata(planted.join("key.pem")).unwrap().file_type().is_symlink());
+
     let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
-    for dir in [agent_dir.clone(), agent_dir.join("client")] {
+    for dir in [agent_dir.clone(), client_dir.clone()] {
         // The CA certificate only, never its key.
         assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca_pem);
         assert!(!dir.join("ca-key.pem").exists());
@@ -306,10 +368,13 @@ async fn the_program_makes_certificates_and_serves_with_overrides() {
     // serve: the file says read-only and another name and socket; flags and environment override.
     let engine = docker::engine().await;
     let socket = if engine.is_some() { "/var/run/docker.sock" } else { "/nonexistent/docker.sock" };
+    // No `listen` in the file: the flag gives it.
+    write(&agent_dir.join("revoked.txt"), "# nothing revoked yet\n");
     write(
         &agent_dir.join("agent.toml"),
-        "name = \"from-file\"\nlisten = \"127.0.0.1:1\"\ndocker_socket = \"/nonexistent/file.sock\"\n\
-         shutdown_grace = \"2s\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[acl]\nprofile = \"read-only\"\n",
+        "name = \"from-file\"\ndocker_socket = \"/nonexistent/file.sock\"\n\
+         shutdown_grace = \"2s\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+         revoked = \"revoked.txt\"\n[acl]\nprofile = \"read-only\"\n",
     );
     let mut child = Command::new(exe)
         .args([
@@ -337,8 +402,6 @@ async fn the_program_makes_certificates_and_serves_with_overrides() {
     let first = first.expect("serve prints its address");
     let addr: SocketAddr =
         first.strip_prefix("listening on ").unwrap_or_else(|| panic!("{first}")).parse().unwrap();
-    let client_dir = agent_dir.join("client");
-
     let (status, health) = agent_get(addr, &client_dir, Method::GET, "/agent/health").await;
     if engine.is_some() {
         assert_eq!(status, StatusCode::OK, "{health}");
@@ -359,6 +422,25 @@ async fn the_program_makes_certificates_and_serves_with_overrides() {
     }
     let (status, _) = agent_get(addr, &client_dir, Method::POST, "/containers/create").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Revoking the client: its fingerprint in the file, SIGHUP, and it is refused.
+    write(&agent_dir.join("revoked.txt"), &format!("# the controller's bundle leaked\n{fingerprint}\n"));
+    let pid = child.id().expect("running").to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().await.unwrap().success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_agent_get(addr, &client_dir, Method::GET, "/_ping").await {
+            Err(_) => break,
+            Ok((status, body)) if status == StatusCode::FORBIDDEN => {
+                assert!(body["message"].as_str().unwrap_or("").contains("revoked"), "{body}");
+                break;
+            }
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "the revoked client is still served");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 
     // SIGTERM: a clean, quick exit.
     let pid = child.id().expect("running").to_string();

@@ -2,6 +2,8 @@
 //! the controller's client material.
 #![allow(dead_code)]
 
+pub mod engine;
+
 use std::time::Duration;
 
 use docker_agent::certs::CertificateAuthority;
