@@ -30,7 +30,6 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
 use httpserver_pool::{Handler, ResponseBody, Server, ServerConfig, full};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -42,8 +41,9 @@ const CONCURRENCY: [usize; 2] = [1, 64];
 const ROUNDS: usize = 12;
 const ROUND: Duration = Duration::from_secs(1);
 
-/// The service both servers run.
-async fn hello(req: Request<Incoming>) -> Response<ResponseBody> {
+/// The service both servers run (the pool hands it a `RequestBody`, the bare server hyper's
+/// `Incoming`).
+async fn hello<B>(req: Request<B>) -> Response<ResponseBody> {
     drop(req);
     Response::new(full("hello, world"))
 }

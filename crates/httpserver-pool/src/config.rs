@@ -15,25 +15,48 @@ use crate::{Error, Handler, Problem};
 /// The smallest header buffer hyper accepts (`max_buf_size` panics below it).
 pub const MIN_HEADER_SIZE: usize = 8192;
 
-/// Timeouts of one server. `None` disables a timeout.
+/// Timeouts of one server. `None` disables a timeout; durations read as humantime text
+/// (`"30s"`, `"2m"`, `"1s 500ms"`); zero is refused by validation (leave a timeout out, or set
+/// it to `null`, to disable it).
+///
+/// | field | meaning | default |
+/// |---|---|---|
+/// | `header_read` | TLS handshake, and each HTTP/1 request head; the first request on a connection that may speak HTTP/2 | 30 s |
+/// | `idle` | no request in flight: graceful close | 120 s |
+/// | `body_read` | the handler waits for request body data that does not come | 30 s |
+/// | `request` | the handler has not answered: 503 | none |
+/// | `shutdown` | drain deadline of a stop | 30 s |
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// Time allowed to receive a request's headers (HTTP/1) and to finish the TLS handshake.
     /// On HTTP/1 it counts from when the connection begins to wait for a request (when it opens,
     /// or when the previous response has been sent), so a keep-alive connection that stays silent
-    /// this long is closed too, as hyper does.
+    /// this long is closed too, as hyper does; bytes trickling in do not restart it (slowloris).
+    /// On a connection that may speak HTTP/2 (TLS with `http2`, or `h2c`), the first request,
+    /// whatever its protocol, must also arrive within it: a client that connects and asks for
+    /// nothing is closed, not kept until the idle timeout. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub header_read: Option<Duration>,
-    /// A connection with no request in flight for this long is closed gracefully. A request is
-    /// in flight until its response body has been sent.
+    /// A connection with no request in flight for this long is closed gracefully (HTTP/1: at
+    /// once; HTTP/2: GOAWAY, and closed at once if the client has not completed the close when
+    /// as long again has passed). A request is in flight until its response body has been sent.
+    /// Default 120 s.
     #[serde(with = "humantime_serde")]
     pub idle: Option<Duration>,
+    /// The longest a handler waits for the next piece of a request body that the client has not
+    /// sent yet; then the body yields [`RequestBodyError::TimedOut`](crate::RequestBodyError)
+    /// (see [`RequestBody`](crate::RequestBody)). Each piece that arrives restarts the clock,
+    /// so a large upload at a steady pace is never cut; a slow or stalled one (a "slow POST")
+    /// is. A handler that reads no body is not affected. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub body_read: Option<Duration>,
     /// A handler that has not answered after this long is dropped and the client gets 503.
+    /// Default none (long polls are the handler's business).
     #[serde(with = "humantime_serde")]
     pub request: Option<Duration>,
     /// The drain deadline of [`Lifecycle::stop`](pool_api::Lifecycle::stop): work still running
-    /// then is cut off.
+    /// then is cut off. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
 }
@@ -43,6 +66,7 @@ impl Default for Timeouts {
         Timeouts {
             header_read: Some(Duration::from_secs(30)),
             idle: Some(Duration::from_secs(120)),
+            body_read: Some(Duration::from_secs(30)),
             request: None,
             shutdown: Duration::from_secs(30),
         }
@@ -128,6 +152,27 @@ impl Default for SocketOptions {
 }
 
 /// One server.
+///
+/// # Limits
+///
+/// Every server runs with limits against clients that hold resources without using them or
+/// send more than they should; each has a safe default and can be changed here:
+///
+/// | where | limit | default |
+/// |---|---|---|
+/// | [`limits`](Limits) `.max_connections` | connections open at once; more are reset | 10 000 |
+/// | [`limits`](Limits) `.max_connections_per_ip` | the same per client address (IPv6: /64) | none |
+/// | [`limits`](Limits) `.http2_max_concurrent_streams` | streams per HTTP/2 connection; more are refused | 100 |
+/// | [`limits`](Limits) `.http2_keep_alive_interval` / `_timeout` | HTTP/2 pings; an unanswered one closes the connection | 30 s / 20 s |
+/// | [`timeouts`](Timeouts) `.header_read` | request head (HTTP/1), TLS handshake, first request | 30 s |
+/// | [`timeouts`](Timeouts) `.idle` | keep-alive connection with nothing in flight | 120 s |
+/// | [`timeouts`](Timeouts) `.body_read` | wait for request body data | 30 s |
+/// | [`timeouts`](Timeouts) `.request` | handler answer (503 after) | none |
+/// | `max_header_size` | request head size (431 on HTTP/1, stream reset on HTTP/2) | 64 KiB |
+///
+/// A reload ([`Server::reload`](crate::Server::reload), [`Pool::apply`](crate::Pool::apply))
+/// applies new limits to connections accepted from then on; the caps count every open
+/// connection, those accepted before the reload included.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -292,6 +337,7 @@ impl ServerConfig {
         for (field, value) in [
             ("timeouts.header_read", t.header_read),
             ("timeouts.idle", t.idle),
+            ("timeouts.body_read", t.body_read),
             ("timeouts.request", t.request),
         ] {
             if value == Some(Duration::ZERO) {

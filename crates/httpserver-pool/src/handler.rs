@@ -8,7 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+
+use crate::RequestBody;
 
 /// The error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -23,7 +24,7 @@ pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Response<ResponseBod
 /// Build one from an async function ([`Handler::from_fn`]) or from a tower / hyper-style
 /// [`tower_service::Service`] ([`Handler::from_service`]).
 #[derive(Clone)]
-pub struct Handler(Arc<dyn Fn(Request<Incoming>) -> HandlerFuture + Send + Sync>);
+pub struct Handler(Arc<dyn Fn(Request<RequestBody>) -> HandlerFuture + Send + Sync>);
 
 impl fmt::Debug for Handler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,7 +36,7 @@ impl Handler {
     /// A handler from an async function.
     pub fn from_fn<F, Fut>(f: F) -> Self
     where
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        F: Fn(Request<RequestBody>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
     {
         Handler(Arc::new(move |req| Box::pin(f(req))))
@@ -45,7 +46,11 @@ impl Handler {
     /// contract), driven to readiness, then called; a service error answers 500.
     pub fn from_service<S, B>(service: S) -> Self
     where
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S: tower_service::Service<Request<RequestBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
         S::Error: fmt::Display + Send,
         B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
@@ -75,7 +80,7 @@ impl Handler {
         Handler::from_fn(move |_| async move { status(code) })
     }
 
-    pub(crate) fn call(&self, req: Request<Incoming>) -> HandlerFuture {
+    pub(crate) fn call(&self, req: Request<RequestBody>) -> HandlerFuture {
         (self.0)(req)
     }
 

@@ -7,7 +7,12 @@
 //! and implements [`pool_api::Lifecycle`]: `start` binds for real and returns once listening
 //! (typed errors: address in use, permission denied, bad TLS); `stop` drains gracefully and
 //! returns as soon as the work is done, or cuts it off at the deadline, with a
-//! [`StopReport`](pool_api::StopReport). Handlers find a [`ShutdownSignal`] in request extensions.
+//! [`StopReport`](pool_api::StopReport). Handlers receive `Request<`[`RequestBody`]`>` (hyper's
+//! body under the body read timeout) and find a [`ShutdownSignal`] in request extensions.
+//!
+//! Every server runs under limits with safe defaults — connection caps in all and per client
+//! address, header, body and idle time-outs, HTTP/2 stream cap and keep-alive, header size —
+//! listed in [`ServerConfig`]'s documentation.
 //!
 //! The pool adds group start/stop/restart (concurrent, failures aggregated, all-or-nothing or
 //! best-effort), selection by name, bind or public URL with a glob or regex ([`Pattern`]),
@@ -18,7 +23,8 @@
 //! configurations.
 //!
 //! Modules: `addr` (address parsing), `config` (serde config, validation), `tls`, `server`
-//! (accept loop, connections), `drain` (connection accounting), `accept` (accept-error policy),
+//! (accept loop, connections), `drain` (connection accounting and caps), `body` (the request
+//! body under its timeout), `accept` (accept-error policy),
 //! `filter`, `pool`, `counters` (metrics facade + snapshots).
 //!
 //! ```
@@ -45,12 +51,14 @@
 #![warn(missing_docs)]
 
 pub mod addr;
+mod body;
 mod config;
 mod error;
 mod handler;
 mod signal;
 mod tls;
 
+pub use body::{RequestBody, RequestBodyError};
 pub use config::{Limits, MIN_HEADER_SIZE, PoolConfig, ServerConfig, SocketOptions, Timeouts};
 pub use error::{Error, Problem, ServerFailure};
 pub use handler::{BoxError, Handler, ResponseBody, full, status};

@@ -43,7 +43,10 @@ use crate::drain::{Activity, Caps, Client, RequestGuard, TrackedIo, Tracker};
 use crate::filter::{Field, Pattern};
 use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
-use crate::{BoxError, Error, Handler, Problem, ResponseBody, ServerConfig, ShutdownSignal, socket, status};
+use crate::{
+    BoxError, Error, Handler, Problem, RequestBody, ResponseBody, ServerConfig, ShutdownSignal, socket,
+    status,
+};
 
 /// What a connection needs, swapped as a whole on reload.
 struct Live {
@@ -552,6 +555,7 @@ async fn serve_http<I>(
         counters,
         activity: activity.clone(),
         request_timeout: live.config.timeouts.request,
+        body_read: live.config.timeouts.body_read,
     };
     let timeouts = &live.config.timeouts;
     match &live.http1 {
@@ -748,6 +752,7 @@ struct ConnService {
     counters: Arc<Counters>,
     activity: Arc<Activity>,
     request_timeout: Option<Duration>,
+    body_read: Option<Duration>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -755,8 +760,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Error = Infallible;
     type Future = Answer;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.counters.request();
+        let mut req = req.map(|body| RequestBody::new(body, self.body_read));
         req.extensions_mut().insert(self.signal.clone());
         let in_flight = self.activity.begin();
         let eager = req.version() < Version::HTTP_2;

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use httpserver_pool::{Error, Limits, Server, ServerConfig};
+use httpserver_pool::{Error, Limits, RequestBodyError, Server, ServerConfig, Timeouts};
 use pool_api::Lifecycle;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,6 +174,55 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() 
     let text = String::from_utf8_lossy(&rest);
     assert!(text.starts_with("HTTP/1.1 200"), "answered first: {text}");
     assert_eq!(server.snapshot().counters.requests, 1);
+    server.stop_within(Duration::ZERO).await.unwrap();
+}
+
+/// Reads the whole request body: "got N" when it all came, 408 with the error when the body
+/// read timeout cut it, 500 on any other error.
+fn body_reader() -> httpserver_pool::Handler {
+    use http_body_util::BodyExt;
+    httpserver_pool::Handler::from_fn(|req: http::Request<httpserver_pool::RequestBody>| async move {
+        let (status, text) = match req.into_body().collect().await {
+            Ok(body) => (StatusCode::OK, format!("got {}", body.to_bytes().len())),
+            Err(e @ RequestBodyError::TimedOut { .. }) => (StatusCode::REQUEST_TIMEOUT, e.to_string()),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let mut resp = http::Response::new(httpserver_pool::full(text));
+        *resp.status_mut() = status;
+        resp
+    })
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_by_the_body_read_timeout() {
+    let mut cfg = config("slow-post", body_reader());
+    cfg.timeouts.body_read = Some(Duration::from_millis(300));
+    let server = started(cfg).await;
+    let mut tcp = TcpStream::connect(server.bind()).await.unwrap();
+    // Ten bytes of a thousand, then nothing.
+    tcp.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789").await.unwrap();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut tcp, "a stalled upload").await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("timeouts.body_read"), "the error names the setting: {answer}");
+    server.stop_within(Duration::ZERO).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_sent_at_a_steady_pace_outlasts_the_body_read_timeout() {
+    // Fifteen bytes 100 ms apart: longer in all than the 1 s limit, each wait far shorter.
+    let mut cfg = config("steady-post", body_reader());
+    cfg.timeouts.body_read = Some(Duration::from_secs(1));
+    let server = started(cfg).await;
+    let mut tcp = TcpStream::connect(server.bind()).await.unwrap();
+    tcp.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 15\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tcp.write_all(b"x").await.unwrap();
+    }
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut tcp, "a steady upload").await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("got 15"), "{answer}");
     server.stop_within(Duration::ZERO).await.unwrap();
 }
 
@@ -405,6 +454,35 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
     server.stop_within(Duration::ZERO).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_stalled_http2_request_body_is_cut_by_the_body_read_timeout() {
+    let mut cfg = h2c_config("slow-h2-post", body_reader());
+    cfg.timeouts.body_read = Some(Duration::from_millis(300));
+    let server = started(cfg).await;
+    let (mut tcp, _) = h2_open(server.bind()).await;
+    // A POST whose body never ends: headers without END_STREAM, one DATA frame, then nothing.
+    let post = [0x83, 0x86, 0x84, 0x41, 0x01, b'x'];
+    tcp.write_all(&frame(HEADERS, 0x4, 1, &post)).await.unwrap();
+    tcp.write_all(&frame(DATA, 0, 1, b"0123456789")).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let f = read_frame(&mut tcp).await.expect("connection open");
+            if f.kind == DATA && f.stream == 1 {
+                answer.extend_from_slice(&f.payload);
+                if f.flags & 0x1 != 0 {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("an answer to the stalled stream by the deadline");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("timeouts.body_read"), "{text}");
+    server.stop_within(Duration::ZERO).await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -432,7 +510,15 @@ fn limits_have_safe_defaults_read_humantime_and_are_validated() {
         serde_json::from_value::<ServerConfig>(serde_json::json!({ "limits": { "max_conns": 1 } })).is_err()
     );
 
+    assert_eq!(Timeouts::default().body_read, Some(Duration::from_secs(30)));
+    let cfg: ServerConfig = serde_json::from_value(serde_json::json!({
+        "name": "s", "listen": "127.0.0.1:0", "timeouts": { "body_read": "2m" }
+    }))
+    .unwrap();
+    assert_eq!(cfg.timeouts.body_read, Some(Duration::from_secs(120)));
+
     let mut bad = ServerConfig::new("bad", "127.0.0.1:0");
+    bad.timeouts.body_read = Some(Duration::ZERO);
     bad.limits = Limits {
         max_connections: Some(0),
         max_connections_per_ip: Some(0),
@@ -443,6 +529,7 @@ fn limits_have_safe_defaults_read_humantime_and_are_validated() {
     let Err(Error::Invalid { problems }) = bad.validate() else { panic!("zero limits accepted") };
     let fields: Vec<&str> = problems.iter().map(|p| p.field).collect();
     for f in [
+        "timeouts.body_read",
         "limits.max_connections",
         "limits.max_connections_per_ip",
         "limits.http2_max_concurrent_streams",

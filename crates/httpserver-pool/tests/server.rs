@@ -126,7 +126,7 @@ async fn a_request_still_running_at_the_deadline_is_forced_and_reported() {
 }
 
 fn sse_handler() -> Handler {
-    Handler::from_fn(|req: Request<hyper::body::Incoming>| async move {
+    Handler::from_fn(|req: Request<httpserver_pool::RequestBody>| async move {
         let signal = req.extensions().get::<ShutdownSignal>().cloned().expect("signal in extensions");
         let events = stream::unfold((signal, 0u32), |(signal, n)| async move {
             if n > 0 {
@@ -162,7 +162,7 @@ async fn an_sse_stream_is_ended_by_the_shutdown_signal() {
 
 /// Answers 101 and echoes on the upgraded connection; `cooperative` handlers end at shutdown.
 fn upgrade_handler(cooperative: bool) -> Handler {
-    Handler::from_fn(move |mut req: Request<hyper::body::Incoming>| async move {
+    Handler::from_fn(move |mut req: Request<httpserver_pool::RequestBody>| async move {
         let signal = req.extensions().get::<ShutdownSignal>().cloned().unwrap();
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
