@@ -423,7 +423,21 @@ impl AgentClient {
         let transport = move |request: BollardRequest| {
             let inner = Arc::clone(&inner);
             async move {
-                inner.send(request).await.map_err(|e| bollard::errors::Error::HyperLegacyError { err: e })
+                // hyper-util's error alone reads "client error (Connect)": say which agent, where,
+                // and the whole cause.
+                inner.send(request).await.map_err(|e| {
+                    let kind = if e.is_connect() {
+                        std::io::ErrorKind::ConnectionRefused
+                    } else {
+                        std::io::ErrorKind::Other
+                    };
+                    bollard::errors::Error::IOError {
+                        err: std::io::Error::new(
+                            kind,
+                            format!("docker-agent at {}: {}", inner.address, error_chain(&e)),
+                        ),
+                    }
+                })
             }
         };
         Docker::connect_with_custom_transport(
@@ -731,8 +745,17 @@ mod tests {
             matches!(&err, ClientError::Unreachable { address, .. } if address.ends_with(&port.to_string())),
             "{err}"
         );
+        // Through bollard, the error names the agent's address and the cause.
         let err = client.docker().ping().await.unwrap_err();
-        assert!(matches!(err, bollard::errors::Error::HyperLegacyError { .. }), "{err:?}");
+        match &err {
+            bollard::errors::Error::IOError { err: io } => {
+                assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+                let text = io.to_string();
+                assert!(text.contains(&format!("docker-agent at 127.0.0.1:{port}")), "{text}");
+                assert!(text.contains("Connection refused"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A minimal mTLS HTTP/1.1 server (not the agent) answering every request with a health

@@ -464,6 +464,18 @@ mod tests {
     use crate::acl::Profile;
     use crate::certs::CertificateAuthority;
 
+    #[test]
+    fn the_sample_file_in_the_repository_parses_with_the_defaults_it_shows() {
+        let sample = include_str!("../agent.toml");
+        let file = AgentConfigFile::parse(sample).expect("agent.toml parses");
+        assert_eq!(file.listen, Some("0.0.0.0:2376".parse().unwrap()));
+        assert_eq!(file.limits, AgentLimits::default());
+        assert_eq!(file.acl, AclConfig::default());
+        assert_eq!(file.expiry_warning, DEFAULT_EXPIRY_WARNING);
+        assert_eq!(file.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(file.docker_socket, PathBuf::from(DEFAULT_DOCKER_SOCKET));
+    }
+
     const DAY: Duration = Duration::from_secs(86_400);
 
     fn material() -> TlsMaterial {

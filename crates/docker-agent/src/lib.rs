@@ -118,10 +118,11 @@ pub use certs::{CertError, CertificateAuthority, IssuedCert};
 pub use client::{
     AgentClient, AgentHealth, AgentHealthStatus, AgentInfo, AgentTls, ClientError, connect_local,
 };
-pub use config::{AgentConfig, AgentConfigFile, ConfigError, TlsMaterial};
+pub use config::{AgentConfig, AgentConfigFile, AgentLimits, ConfigError, TlsMaterial};
 pub use host::{DockerHost, DockerHostError};
 pub use pool::{
-    AddError, Agent, AgentEndpoint, AgentHealthState, AgentPool, AgentStatus, PoolConfig, PoolStats,
+    AddError, Agent, AgentEndpoint, AgentHealthState, AgentPool, AgentStatus, AgentUnavailable, PoolConfig,
+    PoolStats,
 };
 pub use runtime::{DockerRuntime, ServiceStatus};
 pub use server::{AgentServer, RunningAgent, ServerError};

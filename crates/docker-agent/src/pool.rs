@@ -238,6 +238,20 @@ pub struct AgentStatus {
     pub api_version: Option<String>,
 }
 
+/// An agent the pool's monitor finds unhealthy; see [`Agent::ready_docker`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("docker agent {name:?} at {address} is unhealthy (since {}): {reason}", humantime_serde::re::humantime::format_rfc3339_seconds(*since))]
+pub struct AgentUnavailable {
+    /// The agent's name.
+    pub name: String,
+    /// Its address, `host:port`.
+    pub address: String,
+    /// When it last changed health.
+    pub since: SystemTime,
+    /// The last health check's error.
+    pub reason: String,
+}
+
 /// One agent of a pool; get it with [`AgentPool::get`] and friends.
 pub struct Agent {
     name: String,
@@ -278,9 +292,26 @@ impl Agent {
         &self.client
     }
 
-    /// A bollard client going through this agent (shares the pooled connections).
+    /// A bollard client going through this agent (shares the pooled connections), whatever
+    /// the agent's health; see [`ready_docker`](Self::ready_docker) for one that checks first.
     pub fn docker(&self) -> bollard::Docker {
         self.client.docker()
+    }
+
+    /// A bollard client through this agent, or — when the monitor last found the agent
+    /// unhealthy — an error naming the agent, its address, since when and why, instead of a
+    /// client whose calls would fail with a connection error.
+    pub fn ready_docker(&self) -> Result<bollard::Docker, AgentUnavailable> {
+        let status = self.status.borrow();
+        if status.health.is_usable() {
+            return Ok(self.client.docker());
+        }
+        Err(AgentUnavailable {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            since: status.since,
+            reason: status.last_error.clone().unwrap_or_else(|| "no successful health check yet".to_owned()),
+        })
     }
 
     /// The current state.

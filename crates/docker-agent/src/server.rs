@@ -2,9 +2,14 @@
 //!
 //! [`AgentServer::bind`] listens on TCP, and for every connection:
 //!
-//! 1. completes a TLS 1.2/1.3 handshake that **requires** a client certificate signed by the
-//!    configured CA (a client without one, or with one from another CA, never gets to send a
-//!    request; there is no setting to turn this off);
+//! 0. refuses it at once, before any TLS work, when [`AgentLimits::max_connections`] or
+//!    [`AgentLimits::max_connections_per_ip`] is reached (see [`AgentLimits`] for every limit
+//!    and time-out);
+//! 1. completes a TLS 1.2/1.3 handshake, within [`AgentLimits::handshake_timeout`], that
+//!    **requires** a client certificate signed directly by the configured CA, with the
+//!    `clientAuth` usage and not revoked (a client without one, or with one from another CA,
+//!    never gets to send a request; there is no setting to turn this off). A certificate
+//!    revoked later ([`RunningAgent::set_revoked`]) is refused on its next request;
 //! 2. serves HTTP/1.1 with keep-alive;
 //! 3. answers `GET /agent/info` and `GET /agent/health` itself (any client with a valid
 //!    certificate; the Docker ACL does not apply to them);
@@ -31,9 +36,12 @@
 //! connection is closed.
 //!
 //! **Metrics** (through the `metrics` facade): the counter `docker_agent_requests_total` with
-//! the label `outcome` = `allowed`, `denied`, `agent` (the agent's own endpoints) or
-//! `engine_error` (the engine could not be reached), and the counter
-//! `docker_agent_tls_handshake_failures_total`.
+//! the label `outcome` = `allowed`, `denied`, `agent` (the agent's own endpoints),
+//! `engine_error` (the engine could not be reached), `client_error` (the client broke off or
+//! stalled its request body: not the engine's fault) or `limited`
+//! ([`AgentLimits::max_requests_per_client`]); the counter
+//! `docker_agent_connections_refused_total` with `reason` = `global` or `per_ip`; and the
+//! counter `docker_agent_tls_handshake_failures_total`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -358,6 +366,16 @@ async fn handle(
     peer: Arc<Peer>,
     req: Request<Incoming>,
 ) -> Result<Response<AgentBody>, Infallible> {
+    if state.revoked.load().contains(&peer.fingerprint) {
+        metrics::counter!("docker_agent_requests_total", "outcome" => "denied").increment(1);
+        warn!(peer = %peer.addr, client = %peer.common_name, "request on a connection whose certificate was revoked");
+        let mut resp = json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({ "message": "docker-agent: the client certificate has been revoked" }),
+        );
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let path = req.uri().path();
     if path == "/agent/info" || path == "/agent/health" {
         metrics::counter!("docker_agent_requests_total", "outcome" => "agent").increment(1);
@@ -368,16 +386,6 @@ async fn handle(
             ));
         }
         return Ok(if path == "/agent/info" { agent_info(&state).await } else { agent_health(&state).await });
-    }
-    if state.revoked.load().contains(&peer.fingerprint) {
-        metrics::counter!("docker_agent_requests_total", "outcome" => "denied").increment(1);
-        warn!(peer = %peer.addr, client = %peer.common_name, "request on a connection whose certificate was revoked");
-        let mut resp = json(
-            StatusCode::FORBIDDEN,
-            &serde_json::json!({ "message": "docker-agent: the client certificate has been revoked" }),
-        );
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
     }
     let Some(permit) = state.per_client.try_acquire(peer.fingerprint) else {
         metrics::counter!("docker_agent_requests_total", "outcome" => "limited").increment(1);

@@ -11,6 +11,7 @@ use docker_agent::AGENT_SERVER_NAME;
 use docker_agent::acl::{AclConfig, Profile, Rule};
 use docker_agent::certs::{CertificateAuthority, IssuedCert};
 use docker_agent::config::{AgentConfig, TlsMaterial};
+use docker_agent::revocation::{RevocationList, fingerprint};
 use docker_agent::server::{AgentServer, RunningAgent, ServerError};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -509,5 +510,61 @@ async fn a_chunked_request_body_is_streamed_to_the_engine() {
         .restart_policy
         .unwrap();
     assert_eq!(policy.maximum_retry_count, Some(3));
+    agent.shutdown().await;
+}
+
+/// A leaf signed by `ca` with the given extended key usages (none: no extension at all).
+fn leaf_with_usages(ca: &CertificateAuthority, usages: Vec<rcgen::ExtendedKeyUsagePurpose>) -> IssuedCert {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(ca.key_pem()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(ca.cert_pem(), ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "odd-client");
+    params.extended_key_usages = usages;
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    IssuedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_after: std::time::SystemTime::now() + DAY,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_must_be_client_leaves_of_the_ca_and_not_revoked() {
+    let pki = Pki::new(DAY);
+    let agent = start_agent(&pki, NO_ENGINE, lifecycle(), DAY).await;
+    let addr = agent.local_addr();
+    let ping = |tls| call(addr, tls, Method::GET, "/agent/health");
+
+    // The agent's own server certificate (serverAuth) is no client certificate.
+    assert!(ping(pki.client_config(Some(&pki.server), false)).await.is_err());
+    // A leaf without any extended key usage: webpki alone would take it; the agent does not.
+    let bare = leaf_with_usages(&pki.ca, Vec::new());
+    assert!(ping(pki.client_config(Some(&bare), false)).await.is_err());
+    assert!(ping(pki.client_config(Some(&bare), true)).await.is_err());
+    // With clientAuth it is fine.
+    let good = leaf_with_usages(&pki.ca, vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]);
+    assert_eq!(ping(pki.client_config(Some(&good), false)).await.unwrap().0, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Revocation: an open connection's next request is refused, and so is a new handshake;
+    // other clients are untouched.
+    let mut open = connect(addr, pki.good_client()).await.unwrap();
+    assert_eq!(
+        send(&mut open, Method::GET, "/agent/health").await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let der = CertificateDer::from_pem_slice(pki.client.cert_pem.as_bytes()).unwrap();
+    agent.set_revoked(RevocationList::new([fingerprint(&der)]));
+    let resp = send(&mut open, Method::GET, "/agent/health").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("revoked"));
+    assert!(ping(pki.good_client()).await.is_err(), "a revoked certificate completed a new request");
+    assert!(ping(pki.client_config(Some(&pki.client), true)).await.is_err());
+    assert_eq!(ping(pki.client_config(Some(&good), false)).await.unwrap().0, StatusCode::SERVICE_UNAVAILABLE);
+    // Lifting the revocation lets it back in.
+    agent.set_revoked(RevocationList::default());
+    assert_eq!(ping(pki.good_client()).await.unwrap().0, StatusCode::SERVICE_UNAVAILABLE);
     agent.shutdown().await;
 }

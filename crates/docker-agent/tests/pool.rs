@@ -200,6 +200,15 @@ async fn a_killed_agent_turns_unhealthy_and_back_when_restarted() {
     assert_eq!(pool.stats().unhealthy, 1);
     assert!(changes.has_changed().unwrap(), "subscribers see the change");
     changes.mark_unchanged();
+    // The pool says so instead of handing out a client that cannot connect…
+    let entry = pool.get_by_name("flaky").unwrap();
+    let down = entry.ready_docker().expect_err("an unhealthy agent's client is withheld");
+    let text = down.to_string();
+    assert!(text.contains("\"flaky\"") && text.contains(&listen.to_string()), "{text}");
+    // …and a call through the client anyway names the agent's address and the cause.
+    let err = entry.docker().ping().await.expect_err("nothing listens").to_string();
+    assert!(err.contains(&listen.to_string()) && err.contains("docker-agent at"), "{err}");
+    assert!(!err.ends_with("client error (Connect)"), "{err}");
 
     // Back on the same port: found healthy again by the back-off retries.
     let restarted = agent(&pki, "flaky", listen, Profile::ReadOnly).await;
@@ -209,6 +218,8 @@ async fn a_killed_agent_turns_unhealthy_and_back_when_restarted() {
     assert!(status.api_version.is_some(), "version re-checked on recovery");
     assert_eq!(pool.stats().unhealthy, 0);
     pool.get_by_name("flaky").unwrap().docker().ping().await.expect("Docker through the agent again");
+    let ready = pool.get_by_name("flaky").unwrap().ready_docker().expect("healthy again");
+    ready.ping().await.expect("the checked client works");
     restarted.shutdown().await;
 }
 
