@@ -56,8 +56,9 @@ use serde::{Deserialize, Serialize};
 use crate::AGENT_SERVER_NAME;
 use crate::host::DockerHost;
 
-/// How long `AgentClient::refusal` waits for an agent's alert after a handshake.
-const REFUSAL_WAIT: Duration = Duration::from_millis(500);
+/// How long `AgentClient::refusal` waits for an agent's answer or alert after a handshake (it
+/// ends as soon as either arrives).
+const REFUSAL_WAIT: Duration = Duration::from_secs(10);
 
 /// How long dialling an agent may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,7 +75,7 @@ pub const POOL_MAX_IDLE: usize = 32;
 const MAX_AGENT_BODY: usize = 64 * 1024;
 
 /// The request body bollard sends (its own alias is crate-private): a full buffer or a stream.
-pub type RequestBody = http_body_util::Either<
+pub type AgentRequestBody = http_body_util::Either<
     http_body_util::Full<Bytes>,
     http_body_util::StreamBody<
         std::pin::Pin<
@@ -83,7 +84,7 @@ pub type RequestBody = http_body_util::Either<
     >,
 >;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, AgentRequestBody>;
 
 /// The controller's TLS material for one agent, in memory (PEM).
 #[derive(Clone, PartialEq, Eq)]
@@ -310,7 +311,7 @@ pub struct CertificateHealth {
 /// What `GET /agent/health` reports (with HTTP 200 when healthy or degraded, 503 when
 /// unhealthy; [`AgentClient::health`] accepts both).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentHealth {
+pub struct DockerAgentHealth {
     /// Overall status.
     pub status: AgentHealthStatus,
     /// The engine.
@@ -469,12 +470,12 @@ impl AgentClient {
 
     /// `GET /agent/health`. A 503 carrying a health report is returned as that report (status
     /// [`AgentHealthStatus::Unhealthy`]), not as an error.
-    pub async fn health(&self) -> Result<AgentHealth, ClientError> {
+    pub async fn health(&self) -> Result<DockerAgentHealth, ClientError> {
         let (status, body) = self.get_json("/agent/health").await?;
         if status != StatusCode::OK && status != StatusCode::SERVICE_UNAVAILABLE {
             return Err(self.status_error("/agent/health", status, &body));
         }
-        match self.decode::<AgentHealth>("/agent/health", &body) {
+        match self.decode::<DockerAgentHealth>("/agent/health", &body) {
             Ok(report) => Ok(report),
             Err(_) if status != StatusCode::OK => Err(self.status_error("/agent/health", status, &body)),
             Err(e) => Err(e),
@@ -550,6 +551,14 @@ impl AgentClient {
             Ok(tls) => tls,
             Err(e) => return is_tls_error(&e).then(|| error_chain(&e)),
         };
+        // Ask for something the agent answers at once when it accepts us: then the read below
+        // ends with the answer (accepted) or the alert (refused), as soon as either arrives,
+        // however busy the machine is.
+        use tokio::io::AsyncWriteExt;
+        let probe = b"HEAD /_ping HTTP/1.1\r\nhost: docker-agent\r\nconnection: close\r\n\r\n";
+        if let Err(e) = tls.write_all(probe).await {
+            return is_tls_error(&e).then(|| error_chain(&e));
+        }
         let mut byte = [0u8; 1];
         match tokio::time::timeout(REFUSAL_WAIT, tls.read(&mut byte)).await {
             Ok(Err(e)) if is_tls_error(&e) => Some(error_chain(&e)),
@@ -651,7 +660,7 @@ pub fn connect_local(host: &DockerHost, cert_dir: Option<&Path>) -> Result<Docke
         }
         DockerHost::Agent(_) => Err(ClientError::UnsupportedHost {
             host: host.to_string(),
-            message: "agent:// hosts are reached through AgentClient or AgentPool",
+            message: "agent:// hosts are reached through AgentClient or DockerAgentPool",
         }),
     }
 }
@@ -853,7 +862,7 @@ mod tests {
     fn health_json_shape() {
         let json = r#"{"status":"degraded","engine":{"reachable":true,"error":null},
             "certificate":{"not_after":1700000000,"expires_in_secs":3600,"expiring":true}}"#;
-        let health: AgentHealth = serde_json::from_str(json).unwrap();
+        let health: DockerAgentHealth = serde_json::from_str(json).unwrap();
         assert_eq!(health.status, AgentHealthStatus::Degraded);
         assert!(health.engine.reachable && health.certificate.expiring);
         let info: AgentInfo = serde_json::from_str(

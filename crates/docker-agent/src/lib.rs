@@ -3,7 +3,7 @@
 //! Two halves. **The agent** (the `docker-agent` program, or [`AgentServer`] in process) sits
 //! beside a Docker engine and serves its API over mutual TLS through a deny-by-default
 //! allow-list. **The controller side** is what a proxy links: a typed [`DockerHost`], one
-//! pooled mTLS client per agent with a bollard `Docker` over it, an [`AgentPool`] that watches
+//! pooled mTLS client per agent with a bollard `Docker` over it, an [`DockerAgentPool`] that watches
 //! every agent's health, and [`DockerRuntime`], the `pool_api::ContainerRuntime` that
 //! `idlewatch` drives (containers, plus Swarm service scaling). Certificates for both come from
 //! [`certs`] (`docker-agent certs …`): the CA key stays with the controller.
@@ -78,7 +78,7 @@
 //!   deployment's CA, checking [`AGENT_SERVER_NAME`] whatever address it dials), a bollard
 //!   `Docker` over it, and the agent's `/agent/info` and `/agent/health`;
 //!   [`connect_local`] for engines reached without an agent.
-//! - [`pool`]: [`AgentPool`], the agents by address, Docker host and name, each watched by a
+//! - [`pool`]: [`DockerAgentPool`], the agents by address, Docker host and name, each watched by a
 //!   monitor task (health checks, back-off while unhealthy, stats and gauges). An agent that is
 //!   down when added is registered as unhealthy and recovers by itself; configuration errors
 //!   (TLS, ACL, an engine API older than required, duplicate names) are refused at once.
@@ -87,11 +87,11 @@
 //!   plus Swarm service status and scaling.
 //!
 //! ```no_run
-//! use docker_agent::{AgentEndpoint, AgentPool, AgentTls, DockerRuntime, PoolConfig};
+//! use docker_agent::{AgentEndpoint, DockerAgentPool, AgentTls, DockerRuntime, DockerAgentPoolConfig};
 //! use pool_api::ContainerRuntime;
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = AgentPool::new(PoolConfig::default());
+//! let pool = DockerAgentPool::new(DockerAgentPoolConfig::default());
 //! let tls = AgentTls::from_dir("certs/edge-1")?;
 //! pool.add(AgentEndpoint::new("edge-1", "192.0.2.10:2376", tls)).await?;
 //! let agent = pool.get_by_docker_host("agent://192.0.2.10:2376")?.expect("added");
@@ -116,16 +116,16 @@ pub mod server;
 pub use acl::{Acl, AclConfig, AclDecision, BodyPolicy, DenyReason, Profile, Rule};
 pub use certs::{CertError, CertificateAuthority, IssuedCert};
 pub use client::{
-    AgentClient, AgentHealth, AgentHealthStatus, AgentInfo, AgentTls, ClientError, connect_local,
+    AgentClient, AgentHealthStatus, AgentInfo, AgentTls, ClientError, DockerAgentHealth, connect_local,
 };
 pub use config::{AgentConfig, AgentConfigFile, AgentLimits, ConfigError, TlsMaterial};
 pub use host::{DockerHost, DockerHostError};
 pub use pool::{
-    AddError, Agent, AgentEndpoint, AgentHealthState, AgentPool, AgentStatus, AgentUnavailable, PoolConfig,
-    PoolStats,
+    AddError, Agent, AgentEndpoint, AgentHealthState, AgentStatus, AgentUnavailable, DockerAgentPool,
+    DockerAgentPoolConfig, DockerAgentPoolStats,
 };
 pub use runtime::{DockerRuntime, ServiceStatus};
-pub use server::{AgentServer, RunningAgent, ServerError};
+pub use server::{AgentServer, RunningDockerAgent, ServerError};
 
 /// The DNS name every agent's server certificate carries and every client checks, whatever
 /// address it dials: one certificate name, any agent address.

@@ -1,14 +1,14 @@
 //! The controller's pool of docker-agents: lookup by address, Docker host or name, and health
 //! monitoring with back-off.
 //!
-//! An [`AgentPool`] keeps one [`Agent`] per address (`host:port`). Each agent has a name (unique
-//! in the pool: a second index maps names to addresses, so [`AgentPool::get_by_name`] is a
+//! An [`DockerAgentPool`] keeps one [`Agent`] per address (`host:port`). Each agent has a name (unique
+//! in the pool: a second index maps names to addresses, so [`DockerAgentPool::get_by_name`] is a
 //! lookup, not a scan), its pooled mTLS [`AgentClient`], the [`AgentInfo`] it last reported and
 //! its health. Every operation is safe to call concurrently (`DashMap` inside).
 //!
 //! # Adding an agent
 //!
-//! [`AgentPool::add`] validates the name and address, builds the client (bad PEM is an error),
+//! [`DockerAgentPool::add`] validates the name and address, builds the client (bad PEM is an error),
 //! and probes the agent: `GET /agent/info`, `GET /agent/health` and the engine's `version`
 //! through the agent. Then:
 //!
@@ -16,11 +16,11 @@
 //! |---|---|---|
 //! | address already in the pool | `Ok(false)` | the existing one is kept, untouched |
 //! | name used by another address | `Err(DuplicateName)` | not added |
-//! | answers, engine API ≥ [`PoolConfig::min_api_version`] | `Ok(true)` | healthy (or degraded: certificate expiring) |
+//! | answers, engine API ≥ [`DockerAgentPoolConfig::min_api_version`] | `Ok(true)` | healthy (or degraded: certificate expiring) |
 //! | engine API older than the minimum | `Err(ApiTooOld)` | not added |
 //! | TLS refused (wrong CA, certificate rejected) | `Err(Tls)` | not added: a configuration error never heals by retrying |
 //! | Docker API access denied (403 from the agent's ACL) | `Err(Denied)` | not added |
-//! | unreachable, time-out, engine down behind the agent | `Ok(true)`, or `Err(Unreachable)` if [`PoolConfig::require_reachable`] | unhealthy, retried by its monitor |
+//! | unreachable, time-out, engine down behind the agent | `Ok(true)`, or `Err(Unreachable)` if [`DockerAgentPoolConfig::require_reachable`] | unhealthy, retried by its monitor |
 //!
 //! Registering an unreachable agent is the default because a controller starting up must not
 //! fail (or depend on start order) because one machine is rebooting: the agent is listed as
@@ -29,29 +29,29 @@
 //!
 //! # Monitoring
 //!
-//! Each agent has one monitor task. Every [`PoolConfig::check_interval`] it calls
-//! `GET /agent/health`; after [`PoolConfig::unhealthy_after`] consecutive failures (a transport
+//! Each agent has one monitor task. Every [`DockerAgentPoolConfig::check_interval`] it calls
+//! `GET /agent/health`; after [`DockerAgentPoolConfig::unhealthy_after`] consecutive failures (a transport
 //! error, a time-out, or a report saying `unhealthy`) the agent is marked unhealthy, and the
 //! task then retries with exponential back-off and jitter (`backon`, from
-//! [`PoolConfig::backoff_min`] up to [`PoolConfig::backoff_max`]) until the agent answers
+//! [`DockerAgentPoolConfig::backoff_min`] up to [`DockerAgentPoolConfig::backoff_max`]) until the agent answers
 //! again. Before an unhealthy agent is marked healthy again its info and engine API version are
 //! fetched anew (the engine may have been replaced). The pooled client reconnects by itself:
 //! dead connections are dropped and the next request dials again.
 //!
-//! The task of an agent stops when the agent is removed ([`AgentPool::remove`],
-//! [`AgentPool::remove_all`]) or the pool is dropped; no task outlives its entry.
+//! The task of an agent stops when the agent is removed ([`DockerAgentPool::remove`],
+//! [`DockerAgentPool::remove_all`]) or the pool is dropped; no task outlives its entry.
 //!
 //! State is visible per agent ([`Agent::status`], [`Agent::subscribe`] for changes), for the
-//! whole pool ([`AgentPool::stats`]) and as gauges through the `metrics` facade:
+//! whole pool ([`DockerAgentPool::stats`]) and as gauges through the `metrics` facade:
 //! `docker_agent_pool_agents` and `docker_agent_pool_agents_unhealthy` (label `pool`), plus the
 //! counter `docker_agent_pool_health_check_failures_total` (labels `pool`, `agent`).
 //!
 //! ```no_run
 //! use docker_agent::client::AgentTls;
-//! use docker_agent::pool::{AgentEndpoint, AgentPool, PoolConfig};
+//! use docker_agent::pool::{AgentEndpoint, DockerAgentPool, DockerAgentPoolConfig};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = AgentPool::new(PoolConfig::default());
+//! let pool = DockerAgentPool::new(DockerAgentPoolConfig::default());
 //! let tls = AgentTls::from_dir("/etc/agentpool/agents/node-1")?;
 //! pool.add(AgentEndpoint::new("node-1", "10.0.0.7:8890", tls)).await?;
 //! let agent = pool.get_by_docker_host("agent://10.0.0.7:8890")?.expect("added above");
@@ -78,12 +78,12 @@ use crate::host::{DockerHost, DockerHostError};
 
 /// How the pool checks its agents.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolConfig {
+pub struct DockerAgentPoolConfig {
     /// The pool's name: the `pool` label of its metrics.
     pub name: String,
     /// Time between two health checks of a healthy agent (default 10 s).
     pub check_interval: Duration,
-    /// Time-out of one check and of each call made by [`AgentPool::add`] (default 5 s).
+    /// Time-out of one check and of each call made by [`DockerAgentPool::add`] (default 5 s).
     pub request_timeout: Duration,
     /// Consecutive failed checks after which an agent is unhealthy (default 2, at least 1).
     pub unhealthy_after: u32,
@@ -98,7 +98,7 @@ pub struct PoolConfig {
     pub require_reachable: bool,
 }
 
-impl Default for PoolConfig {
+impl Default for DockerAgentPoolConfig {
     fn default() -> Self {
         Self {
             name: "default".to_owned(),
@@ -131,7 +131,7 @@ impl AgentEndpoint {
     }
 }
 
-/// Why [`AgentPool::add`] refused an agent.
+/// Why [`DockerAgentPool::add`] refused an agent.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AddError {
@@ -191,7 +191,7 @@ pub enum AddError {
         /// The agent's message.
         message: String,
     },
-    /// The agent could not be reached and [`PoolConfig::require_reachable`] is set.
+    /// The agent could not be reached and [`DockerAgentPoolConfig::require_reachable`] is set.
     #[error("agent {address} unreachable: {message}")]
     Unreachable {
         /// The agent's address.
@@ -252,7 +252,7 @@ pub struct AgentUnavailable {
     pub reason: String,
 }
 
-/// One agent of a pool; get it with [`AgentPool::get`] and friends.
+/// One agent of a pool; get it with [`DockerAgentPool::get`] and friends.
 pub struct Agent {
     name: String,
     address: String,
@@ -341,7 +341,7 @@ impl Agent {
     }
 }
 
-/// A snapshot of one agent for [`PoolStats`].
+/// A snapshot of one agent for [`DockerAgentPoolStats`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentSnapshot {
     /// Name.
@@ -354,7 +354,7 @@ pub struct AgentSnapshot {
 
 /// The pool at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolStats {
+pub struct DockerAgentPoolStats {
     /// Agents in the pool.
     pub total: usize,
     /// Healthy ones.
@@ -369,12 +369,12 @@ pub struct PoolStats {
 
 /// A concurrent pool of agents; see the [module docs](self). Cheap to clone (shared).
 #[derive(Clone)]
-pub struct AgentPool {
+pub struct DockerAgentPool {
     inner: Arc<PoolInner>,
 }
 
 struct PoolInner {
-    config: PoolConfig,
+    config: DockerAgentPoolConfig,
     by_address: DashMap<String, Arc<Agent>>,
     by_name: DashMap<String, String>,
 }
@@ -387,18 +387,18 @@ impl Drop for PoolInner {
     }
 }
 
-impl fmt::Debug for AgentPool {
+impl fmt::Debug for DockerAgentPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AgentPool")
+        f.debug_struct("DockerAgentPool")
             .field("name", &self.inner.config.name)
             .field("agents", &self.inner.by_address.len())
             .finish_non_exhaustive()
     }
 }
 
-impl Default for AgentPool {
+impl Default for DockerAgentPool {
     fn default() -> Self {
-        Self::new(PoolConfig::default())
+        Self::new(DockerAgentPoolConfig::default())
     }
 }
 
@@ -426,10 +426,10 @@ impl ProbeError {
     }
 }
 
-impl AgentPool {
+impl DockerAgentPool {
     /// An empty pool.
-    pub fn new(config: PoolConfig) -> Self {
-        let config = PoolConfig { unhealthy_after: config.unhealthy_after.max(1), ..config };
+    pub fn new(config: DockerAgentPoolConfig) -> Self {
+        let config = DockerAgentPoolConfig { unhealthy_after: config.unhealthy_after.max(1), ..config };
         let pool = Self {
             inner: Arc::new(PoolInner { config, by_address: DashMap::new(), by_name: DashMap::new() }),
         };
@@ -438,7 +438,7 @@ impl AgentPool {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &PoolConfig {
+    pub fn config(&self) -> &DockerAgentPoolConfig {
         &self.inner.config
     }
 
@@ -590,14 +590,14 @@ impl AgentPool {
     }
 
     /// Counts per health state and a snapshot of every agent.
-    pub fn stats(&self) -> PoolStats {
+    pub fn stats(&self) -> DockerAgentPoolStats {
         let agents: Vec<AgentSnapshot> = self
             .list()
             .into_iter()
             .map(|a| AgentSnapshot { name: a.name.clone(), address: a.address.clone(), status: a.status() })
             .collect();
         let count = |state| agents.iter().filter(|a| a.status.health == state).count();
-        PoolStats {
+        DockerAgentPoolStats {
             total: agents.len(),
             healthy: count(AgentHealthState::Healthy),
             degraded: count(AgentHealthState::Degraded),
@@ -661,7 +661,11 @@ fn client_error(e: ClientError) -> ProbeError {
 }
 
 /// Checks an agent: health always; info and the engine's API version when `full`.
-async fn probe(client: &AgentClient, config: &PoolConfig, full: bool) -> Result<Probe, ProbeError> {
+async fn probe(
+    client: &AgentClient,
+    config: &DockerAgentPoolConfig,
+    full: bool,
+) -> Result<Probe, ProbeError> {
     let address = client.address();
     let report = client.health().await.map_err(client_error)?;
     let health = match report.status {
@@ -903,17 +907,18 @@ mod tests {
     async fn unreachable_agents_are_registered_unhealthy_or_refused_when_required() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let address = format!("127.0.0.1:{port}");
-        let config = PoolConfig {
+        let config = DockerAgentPoolConfig {
             check_interval: Duration::from_secs(3600),
             backoff_min: Duration::from_secs(3600),
             ..Default::default()
         };
-        let strict = AgentPool::new(PoolConfig { require_reachable: true, ..config.clone() });
+        let strict =
+            DockerAgentPool::new(DockerAgentPoolConfig { require_reachable: true, ..config.clone() });
         let err = strict.add(AgentEndpoint::new("down", address.clone(), test_tls())).await.unwrap_err();
         assert!(matches!(&err, AddError::Unreachable { address: a, .. } if *a == address), "{err}");
         assert_eq!(strict.count(), 0);
 
-        let pool = AgentPool::new(config);
+        let pool = DockerAgentPool::new(config);
         assert!(pool.add(AgentEndpoint::new("down", address.clone(), test_tls())).await.unwrap());
         let agent = pool.get(&address).unwrap();
         let status = agent.status();

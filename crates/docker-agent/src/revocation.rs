@@ -6,7 +6,7 @@
 //! certificates (the hash of the certificate's DER bytes, as `openssl x509 -fingerprint
 //! -sha256` and `docker-agent certs fingerprint` print it). A listed certificate is refused at
 //! the TLS handshake, and — because the list can be replaced while the agent runs
-//! ([`RunningAgent::set_revoked`](crate::server::RunningAgent::set_revoked), `SIGHUP` for the
+//! ([`RunningDockerAgent::set_revoked`](crate::server::RunningDockerAgent::set_revoked), `SIGHUP` for the
 //! program) — every request on a connection opened before is checked again and refused with
 //! `403` once its certificate is listed.
 //!

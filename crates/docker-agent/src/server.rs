@@ -9,7 +9,7 @@
 //!    **requires** a client certificate signed directly by the configured CA, with the
 //!    `clientAuth` usage and not revoked (a client without one, or with one from another CA,
 //!    never gets to send a request; there is no setting to turn this off). A certificate
-//!    revoked later ([`RunningAgent::set_revoked`]) is refused on its next request;
+//!    revoked later ([`RunningDockerAgent::set_revoked`]) is refused on its next request;
 //! 2. serves HTTP/1.1 with keep-alive;
 //! 3. answers `GET /agent/info` and `GET /agent/health` itself (any client with a valid
 //!    certificate; the Docker ACL does not apply to them);
@@ -28,7 +28,7 @@
 //! `101 Switching Protocols` is passed back and the two upgraded connections are spliced
 //! together until either side closes.
 //!
-//! **Shutdown** ([`RunningAgent::shutdown`]): the listener closes at once; idle keep-alive
+//! **Shutdown** ([`RunningDockerAgent::shutdown`]): the listener closes at once; idle keep-alive
 //! connections are closed; responses still streaming (those without a `Content-Length`, such as
 //! `/events`, followed logs or stats) and upgraded connections are cut at once; requests still
 //! waiting for the engine's answer (a `stop` waiting for the container, for example) and sized
@@ -140,7 +140,7 @@ pub struct AgentServer;
 /// A running agent server. Dropping it stops the listener; call [`Self::shutdown`] for a
 /// graceful stop.
 #[derive(Debug)]
-pub struct RunningAgent {
+pub struct RunningDockerAgent {
     local_addr: SocketAddr,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -148,7 +148,7 @@ pub struct RunningAgent {
     connections: Arc<Limit>,
 }
 
-impl RunningAgent {
+impl RunningDockerAgent {
     /// The address the server listens on (with the real port when the configuration said 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -178,7 +178,7 @@ impl RunningAgent {
     }
 }
 
-impl Drop for RunningAgent {
+impl Drop for RunningDockerAgent {
     fn drop(&mut self) {
         self.stop.cancel();
     }
@@ -208,7 +208,7 @@ struct Peer {
 
 impl AgentServer {
     /// Validates `config`, binds the listener and starts serving in the background.
-    pub async fn bind(config: AgentConfig) -> Result<RunningAgent, ServerError> {
+    pub async fn bind(config: AgentConfig) -> Result<RunningDockerAgent, ServerError> {
         let revoked = Arc::new(ArcSwap::from_pointee(config.revoked.clone()));
         let tls = config.validated_tls(revoked.clone())?;
         let cert_not_after = crate::certs::not_after(&config.tls.cert_pem)
@@ -256,7 +256,7 @@ impl AgentServer {
         let connections = state.connections.clone();
         let task =
             tokio::spawn(serve(listener, TlsAcceptor::from(tls), state, stop.clone(), config.shutdown_grace));
-        Ok(RunningAgent { local_addr, stop, task: Some(task), revoked, connections })
+        Ok(RunningDockerAgent { local_addr, stop, task: Some(task), revoked, connections })
     }
 }
 

@@ -12,7 +12,7 @@ use docker_agent::acl::{AclConfig, Profile, Rule};
 use docker_agent::certs::{CertificateAuthority, IssuedCert};
 use docker_agent::config::{AgentConfig, TlsMaterial};
 use docker_agent::revocation::{RevocationList, fingerprint};
-use docker_agent::server::{AgentServer, RunningAgent, ServerError};
+use docker_agent::server::{AgentServer, RunningDockerAgent, ServerError};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Incoming};
@@ -84,7 +84,12 @@ impl Pki {
     }
 }
 
-async fn start_agent(pki: &Pki, socket: &str, acl: AclConfig, expiry_warning: Duration) -> RunningAgent {
+async fn start_agent(
+    pki: &Pki,
+    socket: &str,
+    acl: AclConfig,
+    expiry_warning: Duration,
+) -> RunningDockerAgent {
     let mut config = AgentConfig::new("test-agent", "127.0.0.1:0".parse().unwrap(), pki.material());
     config.docker_socket = socket.into();
     config.acl = acl;

@@ -15,7 +15,7 @@ use docker_agent::acl::{AclConfig, Profile};
 use docker_agent::client::AgentClient;
 use docker_agent::config::AgentConfig;
 use docker_agent::runtime::DockerRuntime;
-use docker_agent::server::{AgentServer, RunningAgent};
+use docker_agent::server::{AgentServer, RunningDockerAgent};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -25,7 +25,7 @@ use test_support::docker::{self, SwarmGuard, TestContainer, TestService};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn start_agent(pki: &common::Pki, profile: Profile) -> RunningAgent {
+async fn start_agent(pki: &common::Pki, profile: Profile) -> RunningDockerAgent {
     let mut config = AgentConfig::new("lifecycle-acl", "127.0.0.1:0".parse().unwrap(), pki.server.clone());
     config.acl = AclConfig::profile(profile);
     config.shutdown_grace = Duration::from_secs(2);

@@ -17,7 +17,7 @@ use docker_agent::AGENT_SERVER_NAME;
 use docker_agent::acl::{AclConfig, Profile};
 use docker_agent::client::AgentTls;
 use docker_agent::config::{AgentConfig, AgentLimits};
-use docker_agent::server::{AgentServer, RunningAgent};
+use docker_agent::server::{AgentServer, RunningDockerAgent};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -31,7 +31,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Generous bound for anything that should happen "soon": never a speed assertion.
 const SOON: Duration = Duration::from_secs(15);
 
-async fn start_agent(pki: &common::Pki, engine: &Path, limits: AgentLimits, acl: AclConfig) -> RunningAgent {
+async fn start_agent(
+    pki: &common::Pki,
+    engine: &Path,
+    limits: AgentLimits,
+    acl: AclConfig,
+) -> RunningDockerAgent {
     let mut config = AgentConfig::new("limits", "127.0.0.1:0".parse().unwrap(), pki.server.clone());
     config.docker_socket = engine.to_owned();
     config.acl = acl;

@@ -1,4 +1,4 @@
-//! `AgentPool` against real in-process agents over mTLS, in front of the real engine.
+//! `DockerAgentPool` against real in-process agents over mTLS, in front of the real engine.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,15 +8,15 @@ use docker_agent::acl::{AclConfig, Profile};
 use docker_agent::certs::CertificateAuthority;
 use docker_agent::client::AgentTls;
 use docker_agent::config::AgentConfig;
-use docker_agent::pool::{AddError, AgentEndpoint, AgentHealthState, AgentPool, PoolConfig};
-use docker_agent::server::{AgentServer, RunningAgent};
+use docker_agent::pool::{AddError, AgentEndpoint, AgentHealthState, DockerAgentPool, DockerAgentPoolConfig};
+use docker_agent::server::{AgentServer, RunningDockerAgent};
 use test_support::docker;
 
 mod common;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-async fn agent(pki: &Pki, name: &str, listen: SocketAddr, profile: Profile) -> RunningAgent {
+async fn agent(pki: &Pki, name: &str, listen: SocketAddr, profile: Profile) -> RunningDockerAgent {
     let mut config = AgentConfig::new(name, listen, pki.server.clone());
     config.acl = AclConfig::profile(profile);
     config.shutdown_grace = Duration::from_secs(1);
@@ -29,15 +29,15 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-fn fast_checks() -> PoolConfig {
-    PoolConfig {
+fn fast_checks() -> DockerAgentPoolConfig {
+    DockerAgentPoolConfig {
         name: "pool-test".into(),
         check_interval: Duration::from_millis(200),
         request_timeout: Duration::from_secs(2),
         unhealthy_after: 1,
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_millis(500),
-        ..PoolConfig::default()
+        ..DockerAgentPoolConfig::default()
     }
 }
 
@@ -48,7 +48,10 @@ async fn add_lookup_duplicates_and_removal() {
     let one = agent(&pki, "agent-one", any_port(), Profile::ReadOnly).await;
     let two = agent(&pki, "agent-two", any_port(), Profile::Lifecycle).await;
     let (addr_one, addr_two) = (one.local_addr().to_string(), two.local_addr().to_string());
-    let pool = AgentPool::new(PoolConfig { check_interval: Duration::from_secs(3600), ..fast_checks() });
+    let pool = DockerAgentPool::new(DockerAgentPoolConfig {
+        check_interval: Duration::from_secs(3600),
+        ..fast_checks()
+    });
 
     assert!(pool.add(AgentEndpoint::new("one", addr_one.clone(), pki.client.clone())).await.unwrap());
     assert!(
@@ -121,7 +124,7 @@ async fn configuration_errors_are_refused_at_add() {
     let pki = common::pki("pool test CA");
     let running = agent(&pki, "strict", any_port(), Profile::ReadOnly).await;
     let address = running.local_addr().to_string();
-    let pool = AgentPool::new(fast_checks());
+    let pool = DockerAgentPool::new(fast_checks());
 
     // A controller trusting another CA (and holding a client certificate from it).
     let stranger = client_of(&CertificateAuthority::generate("other CA", common::DAY).unwrap(), "someone");
@@ -136,7 +139,8 @@ async fn configuration_errors_are_refused_at_add() {
     assert!(matches!(err, AddError::Tls { .. }), "{err}");
 
     // An engine older than required.
-    let demanding = AgentPool::new(PoolConfig { min_api_version: (1, 999), ..fast_checks() });
+    let demanding =
+        DockerAgentPool::new(DockerAgentPoolConfig { min_api_version: (1, 999), ..fast_checks() });
     let err = demanding.add(AgentEndpoint::new("a", address.clone(), pki.client.clone())).await.unwrap_err();
     assert!(matches!(&err, AddError::ApiTooOld { minimum: (1, 999), .. }), "{err}");
     assert!(err.to_string().contains("older than the minimum 1.999"), "{err}");
@@ -167,7 +171,7 @@ async fn configuration_errors_are_refused_at_add() {
     assert_eq!(pool.count(), 0);
 }
 
-async fn wait_health(pool: &AgentPool, name: &str, want: AgentHealthState) {
+async fn wait_health(pool: &DockerAgentPool, name: &str, want: AgentHealthState) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let status = pool.get_by_name(name).expect("in the pool").status();
@@ -188,7 +192,7 @@ async fn a_killed_agent_turns_unhealthy_and_back_when_restarted() {
     let pki = common::pki("pool test CA");
     let running = agent(&pki, "flaky", any_port(), Profile::ReadOnly).await;
     let listen = running.local_addr();
-    let pool = AgentPool::new(fast_checks());
+    let pool = DockerAgentPool::new(fast_checks());
     assert!(pool.add(AgentEndpoint::new("flaky", listen.to_string(), pki.client.clone())).await.unwrap());
     assert_eq!(pool.get_by_name("flaky").unwrap().status().health, AgentHealthState::Healthy);
     let mut changes = pool.get_by_name("flaky").unwrap().subscribe();
@@ -229,7 +233,7 @@ async fn an_agent_down_at_add_is_registered_unhealthy_and_recovers() {
     let pki = common::pki("pool test CA");
     // Reserve a port, then free it: nothing listens there yet.
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let pool = AgentPool::new(fast_checks());
+    let pool = DockerAgentPool::new(fast_checks());
     assert!(pool.add(AgentEndpoint::new("late", listen.to_string(), pki.client.clone())).await.unwrap());
     let agent_entry = pool.get_by_name("late").unwrap();
     assert_eq!(agent_entry.status().health, AgentHealthState::Unhealthy);
@@ -263,7 +267,7 @@ async fn gauges_count_agents_and_the_unhealthy_ones() {
             drop(stream);
         }
     });
-    let pool = AgentPool::new(PoolConfig { name: "gauges".into(), ..fast_checks() });
+    let pool = DockerAgentPool::new(DockerAgentPoolConfig { name: "gauges".into(), ..fast_checks() });
     assert!(
         pool.add(AgentEndpoint::new("up", up.local_addr().to_string(), pki.client.clone())).await.unwrap()
     );

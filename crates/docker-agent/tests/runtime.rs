@@ -70,7 +70,7 @@ use docker_agent::acl::{AclConfig, Profile};
 use docker_agent::client::AgentClient;
 use docker_agent::config::AgentConfig;
 use docker_agent::runtime::DockerRuntime;
-use docker_agent::server::{AgentServer, RunningAgent};
+use docker_agent::server::{AgentServer, RunningDockerAgent};
 use futures_util::StreamExt;
 use pool_api::{
     BoxStream, ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime, ContainerState,
@@ -80,7 +80,7 @@ use pool_api::{
 const WAIT: Duration = Duration::from_secs(30);
 
 /// An in-process agent on a free port with the lifecycle profile.
-async fn agent(pki: &Pki) -> RunningAgent {
+async fn agent(pki: &Pki) -> RunningDockerAgent {
     let mut config = AgentConfig::new("runtime-test", "127.0.0.1:0".parse().unwrap(), pki.server.clone());
     config.acl = AclConfig::profile(Profile::Lifecycle);
     config.shutdown_grace = Duration::from_secs(2);
