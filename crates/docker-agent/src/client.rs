@@ -665,7 +665,8 @@ pub fn connect_local(host: &DockerHost, cert_dir: Option<&Path>) -> Result<Docke
     }
 }
 
-#[cfg(test)]
+// The tests make their certificates with the agent side's CA tooling.
+#[cfg(all(test, feature = "agent"))]
 mod tests {
     use std::time::Duration;
 

@@ -8,6 +8,17 @@
 //! `idlewatch` drives (containers, plus Swarm service scaling). Certificates for both come from
 //! [`certs`] (`docker-agent certs …`): the CA key stays with the controller.
 //!
+//! # Features
+//!
+//! | Feature | Default | What it adds |
+//! |---|---|---|
+//! | `agent` | yes | [`server`], [`acl`], [`config`] (TOML), [`revocation`], [`certs`] (rcgen) |
+//! | `controller` | yes | [`client`], [`pool`], [`runtime`], [`host`]; bollard (re-exported as [`bollard`]) |
+//! | `cli` | no | the `docker-agent` program (clap, tracing-subscriber); implies `agent` |
+//!
+//! A proxy that only reaches agents takes `default-features = false, features = ["controller"]`
+//! and links neither the server, TOML, rcgen nor the command line.
+//!
 //! # The agent
 //!
 //! `docker-agent serve` runs next to a Docker engine and offers its API on a TCP port, guarded
@@ -34,15 +45,17 @@
 //! answers `GET /agent/info` and `GET /agent/health` itself. Configuration: [`config`] (a TOML
 //! file, or [`AgentConfig`] in memory).
 //!
-//! Setting one up with the program:
+//! Setting one up with the program (built with the `cli` feature:
+//! `cargo install --path crates/docker-agent --features cli`):
 //!
 //! ```text
 //! docker-agent certs ca --out ca/
 //! docker-agent certs agent --ca ca/ --host 192.0.2.10 --out edge-1/
+//! docker-agent certs client --ca ca/ --name controller --out controller/
 //! # copy edge-1/{ca.pem,cert.pem,key.pem} and an agent.toml to the Docker host, then:
 //! docker-agent serve --config agent.toml --profile lifecycle
-//! # from the controller, with the client bundle:
-//! DOCKER_HOST=tcp://192.0.2.10:2376 DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH=edge-1/client docker ps
+//! # from the controller, with its client bundle:
+//! DOCKER_HOST=tcp://192.0.2.10:2376 DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH=controller docker ps
 //! ```
 //!
 //! The same in process (as the tests do):
@@ -102,29 +115,51 @@
 //! # }
 //! ```
 
+#[cfg(feature = "agent")]
 pub mod acl;
+#[cfg(feature = "agent")]
 pub mod certs;
+#[cfg(feature = "controller")]
 pub mod client;
+#[cfg(feature = "agent")]
 pub mod config;
+#[cfg(feature = "controller")]
 pub mod host;
+#[cfg(feature = "agent")]
 mod limits;
+#[cfg(feature = "controller")]
 pub mod pool;
+#[cfg(feature = "agent")]
 pub mod revocation;
+#[cfg(feature = "controller")]
 pub mod runtime;
+#[cfg(feature = "agent")]
 pub mod server;
 
+/// bollard, re-exported: the controller side hands out its `Docker` and error types.
+#[cfg(feature = "controller")]
+pub use bollard;
+
+#[cfg(feature = "agent")]
 pub use acl::{Acl, AclConfig, AclDecision, BodyPolicy, DenyReason, Profile, Rule};
+#[cfg(feature = "agent")]
 pub use certs::{CertError, CertificateAuthority, IssuedCert};
+#[cfg(feature = "controller")]
 pub use client::{
     AgentClient, AgentHealthStatus, AgentInfo, AgentTls, ClientError, DockerAgentHealth, connect_local,
 };
+#[cfg(feature = "agent")]
 pub use config::{AgentConfig, AgentConfigFile, AgentLimits, ConfigError, TlsMaterial};
+#[cfg(feature = "controller")]
 pub use host::{DockerHost, DockerHostError};
+#[cfg(feature = "controller")]
 pub use pool::{
     AddError, Agent, AgentEndpoint, AgentHealthState, AgentStatus, AgentUnavailable, DockerAgentPool,
     DockerAgentPoolConfig, DockerAgentPoolStats,
 };
+#[cfg(feature = "controller")]
 pub use runtime::{DockerRuntime, ServiceStatus};
+#[cfg(feature = "agent")]
 pub use server::{AgentServer, RunningDockerAgent, ServerError};
 
 /// The DNS name every agent's server certificate carries and every client checks, whatever

@@ -821,7 +821,8 @@ async fn monitor(agent: Weak<Agent>, pool: Weak<PoolInner>) {
     }
 }
 
-#[cfg(test)]
+// The tests make their certificates with the agent side's CA tooling.
+#[cfg(all(test, feature = "agent"))]
 mod tests {
     use super::*;
 
