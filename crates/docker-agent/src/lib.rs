@@ -115,6 +115,9 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
 #[cfg(feature = "agent")]
 pub mod acl;
 #[cfg(feature = "agent")]

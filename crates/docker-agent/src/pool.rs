@@ -648,7 +648,7 @@ fn canonical_address(address: &str) -> Result<String, DockerHostError> {
 }
 
 /// `"1.41"` → `(1, 41)`.
-pub fn parse_api_version(version: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_api_version(version: &str) -> Option<(u32, u32)> {
     let (major, minor) = version.trim().split_once('.')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
