@@ -130,6 +130,25 @@ async fn the_per_address_cap_refuses_one_client_and_serves_another() {
 }
 
 #[tokio::test]
+async fn a_reload_moves_the_connection_cap_for_new_connections() {
+    let mut cfg = config("reloaded", hello("ok"));
+    cfg.limits.max_connections = Some(1);
+    let server = started(cfg.clone()).await;
+    let _held = TcpStream::connect(server.bind()).await.unwrap();
+    wait_until("the first connection to be accepted", || server.snapshot().counters.active == 1).await;
+    assert!(raw_get(server.bind(), None).await.is_empty(), "over the cap of one");
+
+    cfg.limits.max_connections = Some(2);
+    assert_eq!(server.reload(cfg).await.unwrap(), httpserver_pool::ReloadOutcome::Swapped);
+    let answer = raw_get(server.bind(), None).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the held connection counts, the new cap admits one more: {answer:?}"
+    );
+    server.stop_within(Duration::ZERO).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_trickled_header_is_cut_at_the_header_read_timeout() {
     // Plain HTTP/1 (kept by the server) and h2c (HTTP/1 kept by hyper), one byte every 50 ms:
     // arriving bytes do not restart the clock.
