@@ -1,4 +1,4 @@
-//! Latency estimates: a peak-sensitive, time-decayed EWMA for balancing, and a plain EWMA for means.
+//! The latency estimate the balancers use: a peak-sensitive, time-decayed EWMA.
 //!
 //! # Peak-EWMA
 //!
@@ -18,11 +18,6 @@
 //!
 //! Source: Finagle's `PeakEwma` load metric, as adopted by linkerd and tower
 //! (`tower::load::PeakEwma`).
-//!
-//! # Plain EWMA
-//!
-//! [`Ewma`] is the textbook per-sample exponentially weighted moving average with a fixed `alpha`,
-//! for reporting mean latency, where a symmetric response to spikes is wanted.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -83,40 +78,6 @@ impl PeakEwma {
     /// The configured decay.
     pub fn decay(&self) -> Duration {
         self.decay
-    }
-}
-
-/// A per-sample exponentially weighted moving average of durations.
-///
-/// Each sample moves the mean by `alpha × (sample − mean)`; the first sample becomes the mean.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Ewma {
-    alpha: f64,
-    mean_ns: Option<f64>,
-}
-
-impl Ewma {
-    /// An average with smoothing factor `alpha`, clamped to `[0, 1]` (NaN counts as 1): larger
-    /// means faster-moving. `alpha = 2 / (N + 1)` roughly averages the last `N` samples.
-    pub fn new(alpha: f64) -> Self {
-        let alpha = if alpha.is_nan() { 1.0 } else { alpha.clamp(0.0, 1.0) };
-        Self { alpha, mean_ns: None }
-    }
-
-    /// Folds in one sample and returns the new mean.
-    pub fn observe(&mut self, sample: Duration) -> Duration {
-        let x = sample.as_nanos() as f64;
-        let mean = match self.mean_ns {
-            None => x,
-            Some(m) => m + self.alpha * (x - m),
-        };
-        self.mean_ns = Some(mean);
-        Duration::from_nanos(mean.round() as u64)
-    }
-
-    /// The current mean; `None` before the first sample.
-    pub fn mean(&self) -> Option<Duration> {
-        self.mean_ns.map(|m| Duration::from_nanos(m.round() as u64))
     }
 }
 
@@ -225,30 +186,5 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         let got = e.observe(Instant::now(), ms(0));
         assert!(got.abs_diff((100.0 * MS as f64 * (-1.0f64).exp()) as u64) < 2);
-    }
-
-    #[test]
-    fn ewma_first_sample_becomes_the_mean() {
-        let mut e = Ewma::new(0.5);
-        assert_eq!(e.mean(), None);
-        assert_eq!(e.observe(ms(10)), ms(10));
-    }
-
-    #[test]
-    fn ewma_moves_alpha_of_the_way_toward_each_sample() {
-        let mut e = Ewma::new(0.25);
-        e.observe(ms(100));
-        assert_eq!(e.observe(ms(200)), ms(125));
-        assert_eq!(e.mean(), Some(ms(125)));
-    }
-
-    #[test]
-    fn ewma_alpha_is_clamped() {
-        let mut e = Ewma::new(7.0);
-        e.observe(ms(100));
-        assert_eq!(e.observe(ms(1)), ms(1));
-        let mut e = Ewma::new(f64::NAN);
-        e.observe(ms(100));
-        assert_eq!(e.observe(ms(1)), ms(1));
     }
 }
