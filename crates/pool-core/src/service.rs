@@ -17,25 +17,42 @@ type Reserving = Pin<Box<dyn Future<Output = Result<InFlight, Result<Decision, P
 /// Sends events to one agent as a [`tower_service::Service`].
 ///
 /// `poll_ready` reserves a permit on the connection the balancer picks, so readiness means
-/// capacity: it is pending while every usable connection is full (and wakes when a permit is
-/// released), and fails with [`PoolError::Unavailable`] when nothing can take a request
-/// (every breaker open, nothing connected…) and the agent fails closed. That error is
-/// transient: polling again later may succeed. With a fail-open agent, readiness succeeds and
-/// the call answers allow. `call` then sends on the reserved connection — the same send path
-/// as [`AgentPool::send`](crate::AgentPool::send). Calling without a successful `poll_ready`
+/// capacity: it is pending while every usable connection is full, and wakes when a permit is
+/// released. `call` then sends on the reserved connection — the same send path as
+/// [`AgentPool::send`](crate::AgentPool::send). Calling without a successful `poll_ready`
 /// sends with a fresh pick.
+///
+/// Tower's contract is that an error from `poll_ready` means the service has failed for good
+/// and its caller must discard it (a balancer drops it, a buffer closes). So `poll_ready` fails
+/// only when this service can never send again: the pool is shutting down
+/// ([`PoolError::ShuttingDown`]) or the agent has been removed ([`PoolError::Unavailable`] with
+/// [`Unavailable::Removed`](crate::Unavailable::Removed)). Anything that concerns one request
+/// only — no connection can take it now (every breaker open, nothing connected, every
+/// connection paused by flow control), the wait for a permit outlasted the request time-out,
+/// or a fail-open agent's "allow" — makes the service ready instead, and the next `call`
+/// answers with it without sending, exactly as `AgentPool::send` would have answered. The
+/// `poll_ready` after that reserves afresh, so the same service recovers with the agent.
 ///
 /// A clone starts without a reservation; dropping the service gives any reservation back.
 pub struct AgentService {
     agent: Arc<Agent>,
-    reserved: Option<InFlight>,
-    fail_open: Option<Decision>,
+    /// What the last successful `poll_ready` prepared for the next `call`.
+    ready: Option<Ready>,
     reserving: Option<Reserving>,
+}
+
+/// What a successful `poll_ready` leaves for `call`.
+enum Ready {
+    /// A permit on a connection: `call` sends there.
+    Reserved(InFlight),
+    /// The request's answer, found without sending: an error that concerns this request only,
+    /// or a fail-open "allow".
+    Answer(Result<Decision, PoolError>),
 }
 
 impl AgentService {
     pub(crate) fn new(agent: Arc<Agent>) -> Self {
-        Self { agent, reserved: None, fail_open: None, reserving: None }
+        Self { agent, ready: None, reserving: None }
     }
 }
 
@@ -49,7 +66,7 @@ impl std::fmt::Debug for AgentService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentService")
             .field("agent", &self.agent.id())
-            .field("reserved", &self.reserved.is_some())
+            .field("reserved", &matches!(self.ready, Some(Ready::Reserved(_))))
             .finish()
     }
 }
@@ -60,42 +77,39 @@ impl tower_service::Service<Event> for AgentService {
     type Future = BoxFuture<'static, Result<Decision, PoolError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PoolError>> {
-        if self.reserved.is_some() || self.fail_open.is_some() {
+        if self.ready.is_some() {
             return Poll::Ready(Ok(()));
         }
-        if self.reserving.is_none() {
+        if let Some(closed) = self.agent.shared.closed() {
+            self.reserving = None;
+            return Poll::Ready(Err(closed.error(self.agent.id())));
+        }
+        let reserving = self.reserving.get_or_insert_with(|| {
             let agent = self.agent.clone();
-            self.reserving = Some(Box::pin(async move {
+            Box::pin(async move {
                 let deadline = Instant::now() + agent.shared.settings.request_timeout;
                 agent.reserve(None, deadline).await
-            }));
+            })
+        });
+        let Poll::Ready(reserved) = reserving.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        self.reserving = None;
+        // Whatever the reservation says, a closed pool or agent is the one permanent failure.
+        if let Some(closed) = self.agent.shared.closed() {
+            return Poll::Ready(Err(closed.error(self.agent.id())));
         }
-        let reserving = self.reserving.as_mut().expect("set above");
-        match reserving.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(r) => {
-                self.reserving = None;
-                match r {
-                    Ok(guard) => {
-                        self.reserved = Some(guard);
-                        Poll::Ready(Ok(()))
-                    }
-                    Err(Ok(decision)) => {
-                        self.fail_open = Some(decision);
-                        Poll::Ready(Ok(()))
-                    }
-                    Err(Err(e)) => Poll::Ready(Err(e)),
-                }
-            }
-        }
+        self.ready = Some(match reserved {
+            Ok(guard) => Ready::Reserved(guard),
+            Err(answer) => Ready::Answer(answer),
+        });
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
-        if let Some(decision) = self.fail_open.take() {
-            return Box::pin(std::future::ready(Ok(decision)));
-        }
-        match self.reserved.take() {
-            Some(guard) => {
+        match self.ready.take() {
+            Some(Ready::Answer(answer)) => Box::pin(std::future::ready(answer)),
+            Some(Ready::Reserved(guard)) => {
                 let shared = guard.slot.agent.clone();
                 let start = Instant::now();
                 Box::pin(async move { shared.dispatch(guard, event, start).await })
