@@ -46,8 +46,8 @@ enum Ready {
     /// A permit on a connection: `call` sends there.
     Reserved(InFlight),
     /// The request's answer, found without sending: an error that concerns this request only,
-    /// or a fail-open "allow".
-    Answer(Result<Decision, PoolError>),
+    /// or a fail-open "allow". Boxed: rare, and far larger than a permit.
+    Answer(Box<Result<Decision, PoolError>>),
 }
 
 impl AgentService {
@@ -101,14 +101,14 @@ impl tower_service::Service<Event> for AgentService {
         }
         self.ready = Some(match reserved {
             Ok(guard) => Ready::Reserved(guard),
-            Err(answer) => Ready::Answer(answer),
+            Err(answer) => Ready::Answer(Box::new(answer)),
         });
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
         match self.ready.take() {
-            Some(Ready::Answer(answer)) => Box::pin(std::future::ready(answer)),
+            Some(Ready::Answer(answer)) => Box::pin(std::future::ready(*answer)),
             Some(Ready::Reserved(guard)) => {
                 let shared = guard.slot.agent.clone();
                 let start = Instant::now();
