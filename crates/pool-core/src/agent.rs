@@ -867,10 +867,13 @@ impl Agent {
             watching_idle: AtomicBool::new(false),
             idle: Notify::new(),
         });
+        let (stop, tasks) = (parent.child_token(), TaskTracker::new());
         let endpoints: Vec<Arc<EndpointState>> = spec
             .endpoints
             .iter()
-            .map(|e| Arc::new(EndpointState::new(e.clone(), &cfg.breaker, ctx.next_seed(), &id)))
+            .map(|e| {
+                Arc::new(EndpointState::new(e.clone(), &cfg.breaker, ctx.next_seed(), &id, &stop, &tasks))
+            })
             .collect();
         let slots: Vec<Arc<Slot>> = endpoints
             .iter()
@@ -894,8 +897,8 @@ impl Agent {
             endpoints,
             slots: Mutex::new(slots.clone()),
             snapshot: ArcSwap::from_pointee(Vec::new()),
-            stop: parent.child_token(),
-            tasks: TaskTracker::new(),
+            stop,
+            tasks,
             reverse: Mutex::new(std::collections::HashMap::new()),
             shared,
         });
@@ -1312,6 +1315,8 @@ impl Agent {
                         &ctx.config.breaker,
                         ctx.next_seed(),
                         self.id(),
+                        &self.stop,
+                        &self.tasks,
                     ));
                     let cfg = &ctx.config.health;
                     let slot = Arc::new(Slot::new(

@@ -9,6 +9,10 @@
 //! Under concurrency, a success that races a failure on the fast path may skip resetting the
 //! consecutive-failure count; concurrent results have no meaningful order, so the count can
 //! only be pessimistic by the number of such races, never optimistic.
+//!
+//! An open breaker needs a timer to become half-open (nothing else looks at it while its gate
+//! is shut). That timer runs on its agent's task tracker and stops with the agent's stop token,
+//! so removing the agent or shutting the pool down ends it rather than leaving it asleep.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +20,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge};
 use pool_api::Endpoint;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
 use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, lock};
@@ -168,10 +174,21 @@ pub(crate) struct EndpointState {
     breaker_gauge: Gauge,
     trips: Counter,
     ejected_gauge: Gauge,
+    /// The agent's stop token and task tracker, for the breaker's wake-up timer.
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl EndpointState {
-    pub(crate) fn new(endpoint: Endpoint, cfg: &BreakerConfig, seed: Option<u64>, agent: &str) -> Self {
+    /// An endpoint of agent `agent`, whose background work runs on `tasks` until `stop`.
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        cfg: &BreakerConfig,
+        seed: Option<u64>,
+        agent: &str,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Self {
         let machine = match seed {
             Some(s) => CircuitBreaker::seeded(cfg.clone(), s),
             None => CircuitBreaker::new(cfg.clone()),
@@ -183,6 +200,8 @@ impl EndpointState {
             trips: metrics::counter!("agentpool_breaker_trips_total", &labels),
             ejected_gauge: metrics::gauge!("agentpool_endpoint_ejected", &labels),
             endpoint,
+            stop: stop.clone(),
+            tasks: tasks.clone(),
         }
     }
 
@@ -224,13 +243,54 @@ impl EndpointState {
 
     fn schedule_wake(self: &Arc<Self>, until: Instant) {
         let this = Arc::downgrade(self);
-        tokio::spawn(async move {
-            tokio::time::sleep_until(until).await;
-            if let Some(ep) = this.upgrade() {
-                ep.breaker.wake(Instant::now());
-                ep.breaker_gauge.set(ep.breaker.status(Instant::now()).as_gauge());
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep_until(until) => {
+                    if let Some(ep) = this.upgrade() {
+                        ep.breaker.wake(Instant::now());
+                        ep.breaker_gauge.set(ep.breaker.status(Instant::now()).as_gauge());
+                    }
+                }
             }
         });
+    }
+}
+
+#[cfg(all(test, not(agentpool_loom)))]
+mod tests {
+    use super::*;
+
+    fn endpoint(stop: &CancellationToken, tasks: &TaskTracker) -> Arc<EndpointState> {
+        let cfg = BreakerConfig { failure_threshold: 1, jitter: false, ..BreakerConfig::default() };
+        Arc::new(EndpointState::new(Endpoint::from("mem://a"), &cfg, None, "waf", stop, tasks))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breakers_wake_up_runs_on_the_agents_tracker_and_ends_at_stop() {
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let ep = endpoint(&stop, &tasks);
+        ep.record(Instant::now(), false, false);
+        assert_eq!(tasks.len(), 1, "the wake-up is the agent's task");
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        assert!(
+            matches!(ep.breaker.status(Instant::now()), BreakerStatus::Open { .. }),
+            "it ended because of the stop, without moving the breaker"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_goes_half_open_when_its_wake_up_fires() {
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let ep = endpoint(&stop, &tasks);
+        ep.record(Instant::now(), false, false);
+        tasks.close();
+        tasks.wait().await;
+        assert_eq!(ep.breaker.status(Instant::now()), BreakerStatus::HalfOpen);
+        assert_ne!(ep.gate() & GATE_PROBE, 0);
     }
 }
 

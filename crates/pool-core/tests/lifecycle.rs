@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{allow_all, config, request};
 use pool_api::{CancelReason, TransportError};
-use pool_core::{AgentOptions, AgentPool, AgentSpec, PoolConfig, PoolError};
+use pool_core::{AgentOptions, AgentPool, AgentSpec, BreakerStatus, PoolConfig, PoolError};
 use test_support::MemoryConnector;
 use tokio::time::Instant;
 
@@ -232,4 +232,19 @@ async fn after_shutdown_every_entry_point_says_the_pool_is_shutting_down() {
     assert_eq!(ready.unwrap_err(), PoolError::ShuttingDown);
     // Names that were never registered say the same: after shutdown, no name is known.
     assert_eq!(pool.send("never", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
+}
+
+/// An open breaker schedules its move to half-open on a task of its agent: shutdown stops it
+/// with the rest, instead of leaving it asleep until the reset time.
+#[tokio::test(start_paused = true)]
+async fn shutdown_leaves_no_task_behind_not_even_an_open_breakers_wake_up() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let agent = allow_all();
+    let (pool, _c) = common::single(PoolConfig { connections_per_endpoint: 1, ..config() }, &agent).await;
+    common::fail_requests(&pool, &agent, 5).await;
+    assert!(matches!(pool.agent_stats("waf").unwrap().endpoints[0].breaker, BreakerStatus::Open { .. }));
+    pool.shutdown().await;
+    drop(pool);
+    agent.settle().await;
+    assert_eq!(metrics.num_alive_tasks(), 0, "tasks still alive after shutdown");
 }
