@@ -34,6 +34,9 @@ mod tests {
         (buckets.iter().filter(|&&n| n > 0).count(), buckets.iter().copied().max().unwrap_or(0))
     }
 
+    /// A name, and the `i`-th id of that pattern.
+    type IdPattern = (&'static str, fn(u64) -> u64);
+
     /// Fixed seeds, so that the test gives the same answer on every run: a spread of
     /// per-process and per-map seeds (splitmix64 of a counter).
     fn seeds() -> impl Iterator<Item = u64> {
@@ -54,7 +57,7 @@ mod tests {
         // with a standard deviation of about 10, and rarely more than 8 in one; 550 is ten
         // deviations below. The fast variant falls under both bounds for some of these
         // seeds, with consecutive ids.
-        let patterns: [(&str, fn(u64) -> u64); 3] =
+        let patterns: [IdPattern; 3] =
             [("consecutive", |i| i + 1), ("shifted", |i| i << 32), ("strided", |i| i * 1024)];
         for (shared_i, shared) in seeds().take(16).enumerate() {
             let shared = SharedSeed::from_u64(shared);
