@@ -1,20 +1,30 @@
 //! Frames: a 4-byte big-endian length, then one protobuf message.
 //!
 //! The length is checked against the limit before a single byte of the body is buffered, so a
-//! peer announcing a huge frame costs nothing; a frame that does not decode is an error for the
-//! whole connection (its framing can no longer be trusted). Decoding goes from `Bytes`, so
+//! peer announcing a huge frame costs nothing; room for a frame within the limit is reserved
+//! as its bytes arrive (at most [`RESERVE_AHEAD`] beyond them), so a peer announcing a large
+//! frame and sending little of it costs little. A frame that does not decode is an error for
+//! the whole connection (its framing can no longer be trusted). Decoding goes from `Bytes`, so
 //! `bytes` fields (bodies, payloads) share the read buffer instead of being copied.
 
 use std::marker::PhantomData;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use pool_api::proto;
 use prost::Message;
 use prost::encoding::{WireType, encoded_len_varint, key_len};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// The default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Room reserved for the rest of a frame that has not fully arrived, beyond the bytes already
+/// read: 64 KiB. A frame that size or smaller gets its whole room at once; a larger one grows
+/// its buffer as its bytes arrive.
+pub const RESERVE_AHEAD: usize = 64 * 1024;
+
+/// Bytes of a frame's length.
+const HEAD: usize = 4;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +32,7 @@ pub enum FrameError {
     /// A frame larger than the limit: announced by the peer, or about to be written.
     #[error("frame of {} exceeds the {limit}-byte limit", size.map_or("unknown size".to_owned(), |s| format!("{s} bytes")))]
     TooLarge {
-        /// The frame's size, when known (an encoded message; the peer's announcement is
-        /// refused by the length codec before it is exposed).
+        /// The frame's size: the length the peer announced, or the encoded message's size.
         size: Option<usize>,
         /// The limit.
         limit: usize,
@@ -39,7 +48,6 @@ pub enum FrameError {
 /// Encodes `Out` messages and decodes `In` messages as length-delimited frames.
 #[derive(Debug)]
 pub struct FrameCodec<In, Out> {
-    inner: LengthDelimitedCodec,
     limit: usize,
     _types: PhantomData<fn(Out) -> In>,
 }
@@ -47,12 +55,7 @@ pub struct FrameCodec<In, Out> {
 impl<In, Out> FrameCodec<In, Out> {
     /// A codec refusing frames larger than `limit` bytes.
     pub fn new(limit: usize) -> Self {
-        let inner = LengthDelimitedCodec::builder()
-            .big_endian()
-            .length_field_length(4)
-            .max_frame_length(limit)
-            .new_codec();
-        Self { inner, limit, _types: PhantomData }
+        Self { limit, _types: PhantomData }
     }
 }
 
@@ -69,17 +72,21 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
 }
 
 impl<In, Out> FrameCodec<In, Out> {
-    /// The next whole frame's body, if one has arrived.
+    /// The next whole frame's body, if one has arrived. The length stays in `src` until the
+    /// whole frame has, so the codec keeps no state between calls.
     fn next_frame(&mut self, src: &mut BytesMut) -> Result<Option<bytes::Bytes>, FrameError> {
-        // The length codec is stateful (it consumes a frame's length before its body
-        // arrives), so the size check is its alone: it refuses an oversized announcement
-        // before reserving anything.
-        let frame = self.inner.decode(src).map_err(|e| {
-            let too_big =
-                e.get_ref().is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>());
-            if too_big { FrameError::TooLarge { size: None, limit: self.limit } } else { FrameError::Io(e) }
-        })?;
-        Ok(frame.map(BytesMut::freeze))
+        let Some(head) = src.first_chunk::<HEAD>() else { return Ok(None) };
+        let size = u32::from_be_bytes(*head) as usize;
+        if size > self.limit {
+            return Err(FrameError::TooLarge { size: Some(size), limit: self.limit });
+        }
+        let missing = (HEAD + size).saturating_sub(src.len());
+        if missing > 0 {
+            src.reserve(missing.min(RESERVE_AHEAD));
+            return Ok(None);
+        }
+        src.advance(HEAD);
+        Ok(Some(src.split_to(size).freeze()))
     }
 }
 
@@ -550,9 +557,9 @@ impl<In, Out> FrameCodec<In, Out> {
         self.limit
     }
 
-    /// The same codec (and its state: a frame's length may already be read) decoding `Other`.
+    /// The same codec decoding `Other`.
     pub(crate) fn retype<Other>(self) -> FrameCodec<Other, Out> {
-        FrameCodec { inner: self.inner, limit: self.limit, _types: PhantomData }
+        FrameCodec { limit: self.limit, _types: PhantomData }
     }
 }
 
@@ -1120,8 +1127,46 @@ mod tests {
         let mut agent: FrameCodec<ProxyFrame, AgentFrame> = FrameCodec::new(1024);
         let mut buf = BytesMut::from(&u32::to_be_bytes(1 << 30)[..]);
         let err = agent.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { size: None, limit: 1024 }), "{err}");
+        assert!(matches!(err, FrameError::TooLarge { size: Some(0x4000_0000), limit: 1024 }), "{err}");
         assert!(buf.capacity() < 1 << 20, "nothing was allocated for the announced body");
+    }
+
+    #[test]
+    fn a_large_announced_frame_gets_room_only_as_its_bytes_arrive() {
+        const SIZE: usize = 8 << 20;
+        let mut agent: FrameCodec<ProxyFrame, AgentFrame> = FrameCodec::new(SIZE);
+        let frame = ProxyFrame {
+            stream_id: 1,
+            body: Some(proxy_frame::Body::ConfigPush(pool_api::proto::ConfigPush {
+                push_id: 1,
+                kind: "rules".into(),
+                version: None,
+                payload: vec![7u8; SIZE - 64].into(),
+            })),
+        };
+        let mut wire = BytesMut::new();
+        let mut proxy: FrameCodec<AgentFrame, ProxyFrame> = FrameCodec::new(SIZE);
+        proxy.encode(frame.clone(), &mut wire).unwrap();
+        assert!(wire.len() > 4 << 20, "the frame is large: {}", wire.len());
+
+        // The length and a few bytes: room for the next RESERVE_AHEAD bytes, not for 8 MiB.
+        let mut buf = BytesMut::from(&wire[..100]);
+        assert_eq!(agent.decode(&mut buf).unwrap(), None);
+        assert!(buf.capacity() <= 100 + RESERVE_AHEAD, "reserved {} bytes", buf.capacity());
+
+        // The rest, as a socket hands it over: the buffer grows with it and the frame decodes.
+        let mut fed = 100;
+        while fed < wire.len() {
+            let step = (wire.len() - fed).min(buf.capacity() - buf.len()).max(1);
+            buf.extend_from_slice(&wire[fed..fed + step]);
+            fed += step;
+            assert!(buf.capacity() <= 2 * fed + RESERVE_AHEAD, "{} reserved for {fed} bytes", buf.capacity());
+            if fed < wire.len() {
+                assert_eq!(agent.decode(&mut buf).unwrap(), None);
+            }
+        }
+        assert_eq!(agent.decode(&mut buf).unwrap(), Some(frame));
+        assert!(buf.is_empty());
     }
 
     #[test]
