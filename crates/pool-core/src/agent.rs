@@ -16,7 +16,7 @@
 //!    breaker; the permit is returned when the [`InFlight`] guard drops — which also happens
 //!    if the caller drops the future at any await point.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ use crate::slot::{ConnectionHealth, DISCONNECTED, Finished, HARD, InFlight, Live
 use crate::sticky::StickyRoute;
 use crate::supervisor;
 use crate::sync::lock_std as lock;
+use crate::waiters::Waiters;
 
 /// Attempts at a pick when racing threads take the chosen permit first.
 const MAX_RACES: usize = 4;
@@ -172,23 +173,27 @@ pub(crate) struct AgentShared {
     flow_rejected: AtomicU64,
     /// Requests let through because every usable connection was paused (flow control).
     flow_fail_open: AtomicU64,
+    /// Notified when a permit is released or capacity appears, for `waiters`.
     capacity: Notify,
-    waiters: AtomicUsize,
-    watching_idle: AtomicBool,
+    /// Requests waiting on `capacity`.
+    waiters: Waiters,
+    /// Notified when a permit is released, for `idle_watchers`.
     idle: Notify,
+    /// A drain waiting on `idle` for in-flight requests to finish.
+    idle_watchers: Waiters,
 }
 
 impl AgentShared {
     /// Called after every permit release.
     #[inline]
     pub(crate) fn permit_released(&self) {
-        // SeqCst pairs with the fence in the waiters: see `Permits::release`. One permit freed,
-        // one waiter woken: no herd. A woken waiter that has gone away passes it on (tokio's
+        // The protocol that makes this safe is in `crate::waiters`. One permit freed, one
+        // waiter woken: no herd. A woken waiter that has gone away passes it on (tokio's
         // `Notified` forwards an unconsumed `notify_one`).
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if self.waiters.after_release() {
             self.capacity.notify_one();
         }
-        if self.watching_idle.load(Ordering::SeqCst) {
+        if self.idle_watchers.after_release() {
             self.idle.notify_waiters();
         }
     }
@@ -196,7 +201,7 @@ impl AgentShared {
     /// Wakes permit waiters after capacity appeared some other way (a new connection, a
     /// resume).
     pub(crate) fn wake_waiters(&self) {
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if self.waiters.any() {
             self.capacity.notify_waiters();
         }
     }
@@ -316,7 +321,7 @@ impl AgentShared {
         deadline: Instant,
     ) -> Result<Option<InFlight>, Result<Decision, PoolError>> {
         let resume_by = deadline.min(Instant::now() + self.ctx.config.flow_control.wait);
-        let _waiter = Waiter::new(self);
+        let _waiter = self.waiters.register();
         let mut waited_for_resume = false;
         loop {
             let notified = self.capacity.notified();
@@ -612,23 +617,6 @@ impl AgentShared {
     }
 }
 
-/// Counts a permit waiter for as long as it lives.
-struct Waiter<'a>(&'a AgentShared);
-
-impl<'a> Waiter<'a> {
-    fn new(shared: &'a AgentShared) -> Self {
-        shared.waiters.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        Self(shared)
-    }
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Per-interval bookkeeping of outlier detection.
 struct Outliers {
     detector: OutlierDetector,
@@ -863,9 +851,9 @@ impl Agent {
             flow_rejected: AtomicU64::new(0),
             flow_fail_open: AtomicU64::new(0),
             capacity: Notify::new(),
-            waiters: AtomicUsize::new(0),
-            watching_idle: AtomicBool::new(false),
+            waiters: Waiters::new(),
             idle: Notify::new(),
+            idle_watchers: Waiters::new(),
         });
         let (stop, tasks) = (parent.child_token(), TaskTracker::new());
         let endpoints: Vec<Arc<EndpointState>> = spec
@@ -1051,7 +1039,7 @@ impl Agent {
         // Waiting for a resume is bounded by the flow-control wait; for a permit, by the
         // request's deadline only.
         let resume_by = deadline.min(Instant::now() + self.shared.ctx.config.flow_control.wait);
-        let _waiter = Waiter::new(&self.shared);
+        let _waiter = self.shared.waiters.register();
         loop {
             let notified = self.shared.capacity.notified();
             tokio::pin!(notified);
@@ -1167,12 +1155,11 @@ impl Agent {
 
     /// Waits until nothing is in flight or `deadline` passes; true if idle.
     async fn wait_idle(&self, deadline: Instant) -> bool {
-        self.shared.watching_idle.store(true, Ordering::SeqCst);
+        let _watcher = self.shared.idle_watchers.register();
         loop {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            fence(Ordering::SeqCst);
             if self.in_flight() == 0 {
                 return true;
             }

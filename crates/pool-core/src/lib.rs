@@ -77,6 +77,7 @@ mod slot;
 mod sticky;
 mod supervisor;
 mod sync;
+mod waiters;
 
 pub use agent::{AgentSpec, AgentStats, EndpointStats, Totals};
 pub use config::{

@@ -47,7 +47,8 @@ impl Permits {
     /// Gives a permit back. Must pair with a successful [`try_acquire`](Self::try_acquire).
     ///
     /// Sequentially consistent so that a waiter who registered before re-checking for room
-    /// is either seen by the releaser (and woken) or sees the freed permit itself.
+    /// is either seen by the releaser (and woken) or sees the freed permit itself: the protocol
+    /// in `crate::waiters`.
     #[inline]
     pub(crate) fn release(&self) {
         let before = self.in_flight.fetch_sub(1, Ordering::SeqCst);

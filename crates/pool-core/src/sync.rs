@@ -1,4 +1,5 @@
-//! The synchronisation primitives of the small concurrent cores (permits, breaker cell).
+//! The synchronisation primitives of the small concurrent cores (permits, permit waiters,
+//! breaker cell, affinity table).
 //!
 //! Normally these are `std`'s. Built with `RUSTFLAGS="--cfg agentpool_loom"` they are loom's,
 //! so `cargo xtask race` can model-check those cores exhaustively. A crate-specific cfg is used
@@ -7,14 +8,27 @@
 #[cfg(not(agentpool_loom))]
 pub(crate) use std::sync::{
     Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
 };
 
 #[cfg(agentpool_loom)]
 pub(crate) use loom::sync::{
     Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
 };
+
+/// Marks a `SeqCst` read-modify-write followed by a `SeqCst` access to another location,
+/// where correctness rests on both being in the single total order of `SeqCst` operations.
+///
+/// Normally the language guarantees that order and this is nothing at all. Loom models `SeqCst`
+/// accesses as acquire/release only, but does model `SeqCst` fences, so under loom this is a
+/// fence: the model then sees the ordering the real program has. Used where a fence in the
+/// real program would cost the send path (see `crate::waiters`).
+#[inline(always)]
+pub(crate) fn seq_cst_pair() {
+    #[cfg(agentpool_loom)]
+    fence(Ordering::SeqCst);
+}
 
 /// A concurrent map with just what the affinity table needs: a `DashMap` normally, a
 /// mutex-guarded `HashMap` under loom (which cannot see inside `DashMap`'s locks).
