@@ -617,10 +617,62 @@ impl AgentShared {
     }
 }
 
-/// Per-interval bookkeeping of outlier detection.
+/// Outlier detection over an agent's replicas: its configured endpoints and, as they come and
+/// go, its reverse-connected replicas. Host `i` of the detector is `hosts[i]`.
 struct Outliers {
     detector: OutlierDetector,
-    last_totals: Vec<(u64, u64)>,
+    hosts: Vec<OutlierHost>,
+}
+
+/// One replica as outlier detection sees it.
+struct OutlierHost {
+    endpoint: Arc<EndpointState>,
+    /// Requests and failures of its slots when the last interval ended.
+    last_totals: (u64, u64),
+}
+
+impl Outliers {
+    fn new(cfg: crate::outlier::OutlierConfig, endpoints: &[Arc<EndpointState>]) -> Self {
+        Self {
+            detector: OutlierDetector::new(cfg, endpoints.len()),
+            hosts: endpoints
+                .iter()
+                .map(|ep| OutlierHost { endpoint: ep.clone(), last_totals: (0, 0) })
+                .collect(),
+        }
+    }
+
+    /// Covers a replica that has just joined, with no requests yet.
+    fn add(&mut self, agent: &str, endpoint: Arc<EndpointState>) {
+        self.hosts.push(OutlierHost { endpoint, last_totals: (0, 0) });
+        let changes = self.detector.resize(self.hosts.len());
+        self.apply(agent, changes);
+    }
+
+    /// Forgets a replica that has left. If it was the last one in rotation, the ejected replica
+    /// due back first returns at once rather than at the next interval.
+    fn remove(&mut self, agent: &str, endpoint: &Arc<EndpointState>) {
+        let Some(i) = self.hosts.iter().position(|h| Arc::ptr_eq(&h.endpoint, endpoint)) else {
+            return;
+        };
+        let gone = self.hosts.remove(i);
+        if gone.endpoint.is_ejected() {
+            // Leaves its ejection gauge at 0, not stuck at 1.
+            gone.endpoint.set_ejected(false);
+        }
+        let changes = self.detector.remove(i);
+        self.apply(agent, changes);
+    }
+
+    /// Mirrors the detector's verdicts into the endpoints' gates.
+    fn apply(&self, agent: &str, changes: Vec<(usize, Verdict)>) {
+        for (host, verdict) in changes {
+            let ejected = verdict == Verdict::Ejected;
+            let endpoint = &self.hosts[host].endpoint;
+            tracing::warn!(agent, endpoint = %endpoint.endpoint, ejected, "outlier detection");
+            endpoint.set_ejected(ejected);
+        }
+    }
 }
 
 /// A registered agent.
@@ -878,10 +930,10 @@ impl Agent {
                 })
             })
             .collect();
-        let detector = OutlierDetector::new(cfg.outlier.clone(), endpoints.len());
+        let outliers = Outliers::new(cfg.outlier.clone(), &endpoints);
         let agent = Arc::new(Agent {
             balancer,
-            outliers: Mutex::new(Outliers { detector, last_totals: vec![(0, 0); endpoints.len()] }),
+            outliers: Mutex::new(outliers),
             endpoints,
             slots: Mutex::new(slots.clone()),
             snapshot: ArcSwap::from_pointee(Vec::new()),
@@ -1213,30 +1265,30 @@ impl Agent {
         self.shared.metrics.healthy.set(f64::from(healthy));
     }
 
-    /// One outlier-detection interval over the endpoints.
+    /// One outlier-detection interval over the agent's replicas, configured and reverse.
     pub(crate) fn evaluate_outliers(&self, now: Instant) {
-        if self.endpoints.len() < 2 {
-            return;
-        }
         let slots = self.slots();
         let mut o = lock(&self.outliers);
-        let mut counts = Vec::with_capacity(self.endpoints.len());
-        for (i, ep) in self.endpoints.iter().enumerate() {
-            let (requests, failures) = slots
-                .iter()
-                .filter(|s| Arc::ptr_eq(&s.endpoint, ep))
-                .map(|s| s.totals())
-                .fold((0, 0), |(r, f), (r2, f2, _)| (r + r2, f + f2));
-            let (last_r, last_f) = o.last_totals[i];
-            o.last_totals[i] = (requests, failures);
-            let failed = failures - last_f;
-            counts.push(IntervalCounts { successes: (requests - last_r) - failed, failures: failed });
+        if o.hosts.len() < 2 {
+            return;
         }
-        for (host, verdict) in o.detector.evaluate(now, &counts) {
-            let ejected = verdict == Verdict::Ejected;
-            tracing::warn!(agent = %self.id(), endpoint = %self.endpoints[host].endpoint, ejected, "outlier detection");
-            self.endpoints[host].set_ejected(ejected);
-        }
+        let counts: Vec<IntervalCounts> = o
+            .hosts
+            .iter_mut()
+            .map(|host| {
+                let (requests, failures) = slots
+                    .iter()
+                    .filter(|s| Arc::ptr_eq(&s.endpoint, &host.endpoint))
+                    .map(|s| s.totals())
+                    .fold((0, 0), |(r, f), (r2, f2, _)| (r + r2, f + f2));
+                let (last_r, last_f) = std::mem::replace(&mut host.last_totals, (requests, failures));
+                // Saturating: a replica that joined after `slots` was read shows no slot yet.
+                let (requests, failures) = (requests.saturating_sub(last_r), failures.saturating_sub(last_f));
+                IntervalCounts { successes: requests.saturating_sub(failures), failures }
+            })
+            .collect();
+        let changes = o.detector.evaluate(now, &counts);
+        o.apply(self.id(), changes);
     }
 
     pub(crate) fn stats(&self, now: Instant) -> AgentStats {
@@ -1315,6 +1367,7 @@ impl Agent {
                         cfg.latency_decay,
                     ));
                     lock(&self.slots).push(slot.clone());
+                    lock(&self.outliers).add(self.id(), slot.endpoint.clone());
                     slot
                 })
                 .clone();
@@ -1353,6 +1406,7 @@ impl Agent {
             if reverse.get(&replica).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
                 reverse.remove(&replica);
                 lock(&self.slots).retain(|s| !Arc::ptr_eq(s, &slot));
+                lock(&self.outliers).remove(self.id(), &slot.endpoint);
             }
         }
         tracing::info!(agent = %self.id(), replica, "reverse connection closed; replica removed");

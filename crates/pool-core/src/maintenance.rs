@@ -3,7 +3,8 @@
 //! Every health bucket (window / buckets, 1 s by default) it re-reads each connection's
 //! success-rate window — so a connection that was unhealthy and has since seen no traffic
 //! recovers as its bad buckets expire — and updates the healthy-connection gauges. Every
-//! outlier interval it runs outlier detection on each agent with several endpoints.
+//! outlier interval it runs outlier detection on each agent with several replicas (configured
+//! endpoints and reverse-connected replicas alike).
 //! Connection pings run in each connection's own supervisor, not here, so one slow agent
 //! never delays another.
 

@@ -33,8 +33,9 @@
 //! Envoy ejects at most `max_ejection_percent` (10 %) of the hosts, rounded down, but always
 //! allows one. This pool additionally **never ejects every host**: the cap is
 //! `min(max(⌊hosts × pct / 100⌋, 1), hosts − 1)`, so a single host is never ejected and a
-//! degraded agent keeps serving from its least bad replica. [`OutlierDetector::resize`] restores
-//! the invariant when removing hosts would leave only ejected ones.
+//! degraded agent keeps serving from its least bad replica. [`OutlierDetector::resize`] and
+//! [`OutlierDetector::remove`] restore the invariant when removing hosts would leave only
+//! ejected ones.
 //!
 //! Not implemented from Envoy: the `enforcing_*` percentages (ejection is always enforced) and
 //! consecutive-failure ejection (the breaker's job). `success_rate_stdev_factor` is a plain
@@ -204,6 +205,24 @@ impl OutlierDetector {
     /// host un-ejected (the one whose ejection would end first); usually empty.
     pub fn resize(&mut self, hosts: usize) -> Vec<(usize, Verdict)> {
         self.hosts.resize(hosts, Host::default());
+        self.keep_one_in_rotation()
+    }
+
+    /// Stops tracking `host`; the hosts after it move down by one place, with their state. Returns,
+    /// in the new numbering, the host returned to rotation if only ejected ones were left (the one
+    /// whose ejection would end first); usually empty. An unknown host changes nothing.
+    pub fn remove(&mut self, host: usize) -> Vec<(usize, Verdict)> {
+        if host >= self.hosts.len() {
+            return Vec::new();
+        }
+        self.hosts.remove(host);
+        self.keep_one_in_rotation()
+    }
+
+    /// Restores the invariant after hosts were removed: if every host is ejected, the one due
+    /// back first returns now.
+    fn keep_one_in_rotation(&mut self) -> Vec<(usize, Verdict)> {
+        let hosts = self.hosts.len();
         if hosts == 0 || self.ejected_count() < hosts {
             return Vec::new();
         }
@@ -563,6 +582,39 @@ mod tests {
     }
 
     #[test]
+    fn remove_shifts_the_later_hosts_down_with_their_state() {
+        let t0 = Instant::now();
+        let mut d = OutlierDetector::new(failure_percentage_only(), 6);
+        d.evaluate(t0, &[c(50, 0), c(50, 0), c(50, 0), c(50, 0), c(0, 50), c(50, 0)]);
+        let until = d.ejected_until(4);
+        assert!(d.remove(1).is_empty());
+        assert_eq!((d.hosts(), d.ejected_count()), (5, 1));
+        assert!(d.is_ejected(3) && !d.is_ejected(4));
+        assert_eq!((d.ejected_until(3), d.multiplier(3)), (until, 1));
+        assert!(d.remove(9).is_empty(), "an unknown host changes nothing");
+        assert_eq!(d.hosts(), 5);
+        assert!(d.remove(3).is_empty());
+        assert_eq!(d.ejected_count(), 0);
+    }
+
+    #[test]
+    fn removing_the_last_host_in_rotation_returns_the_one_due_back_first() {
+        let t0 = Instant::now();
+        let cfg = OutlierConfig {
+            failure_percentage_minimum_hosts: 1,
+            max_ejection_percent: 100,
+            ..failure_percentage_only()
+        };
+        let mut d = OutlierDetector::new(cfg, 3);
+        d.evaluate(t0, &[c(0, 50), c(50, 0), c(50, 0)]);
+        // Host 2 is ejected later, so it is due back later.
+        d.evaluate(t0 + secs(10), &[c(0, 0), c(50, 0), c(0, 50)]);
+        assert!(d.is_ejected(0) && !d.is_ejected(1) && d.is_ejected(2));
+        assert_eq!(d.remove(1), [(0, Verdict::Returned)]);
+        assert!(!d.is_ejected(0) && d.is_ejected(1));
+    }
+
+    #[test]
     fn default_config_is_valid_and_validate_reports_every_problem() {
         assert!(OutlierConfig::default().validate().is_empty());
         let bad = OutlierConfig {
@@ -580,6 +632,7 @@ mod tests {
     enum Op {
         Evaluate { advance_s: u64, counts: Vec<(u64, u64)> },
         Resize(usize),
+        Remove(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -587,6 +640,7 @@ mod tests {
             4 => (0u64..60, proptest::collection::vec((0u64..20, 0u64..20), 0..10))
                 .prop_map(|(advance_s, counts)| Op::Evaluate { advance_s, counts }),
             1 => (0usize..10).prop_map(Op::Resize),
+            1 => (0usize..10).prop_map(Op::Remove),
         ]
     }
 
@@ -619,7 +673,7 @@ mod tests {
             let mut now = Instant::now();
             let mut d = OutlierDetector::new(cfg.clone(), hosts);
             for op in ops {
-                let before: Vec<bool> = (0..d.hosts()).map(|i| d.is_ejected(i)).collect();
+                let mut before: Vec<bool> = (0..d.hosts()).map(|i| d.is_ejected(i)).collect();
                 let changes = match op {
                     Op::Evaluate { advance_s, counts } => {
                         now += secs(advance_s);
@@ -627,6 +681,12 @@ mod tests {
                         d.evaluate(now, &counts)
                     }
                     Op::Resize(n) => d.resize(n),
+                    Op::Remove(h) => {
+                        if h < before.len() {
+                            before.remove(h);
+                        }
+                        d.remove(h)
+                    }
                 };
                 let n = d.hosts();
                 if n <= 1 {

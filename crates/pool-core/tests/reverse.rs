@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{allow_all, config, request};
 use pool_api::{AgentConnection, Connector, Endpoint, Hello};
+use pool_core::outlier::OutlierConfig;
 use pool_core::{AgentPool, AgentSpec, PoolConfig, PoolError, ReverseConfig, ReverseRegistration};
 use test_support::{MemoryAgent, MemoryConnector};
 
@@ -200,4 +201,108 @@ async fn a_replaced_reverse_connection_does_not_inherit_the_old_ones_failures() 
     assert_eq!(h.state, HealthState::Healthy, "{h:?}");
     assert_eq!(h.success_rate, Some(1.0), "the old connection's failures are not the new one's");
     assert_eq!((h.requests, h.failures), (13, 12), "lifetime counts are kept");
+}
+
+/// Outlier detection with three or more replicas judged by failure percentage alone, and
+/// nothing else in the way: no breaker trips, and health never steers traffic off a replica.
+fn outlier_config(minimum_hosts: u32) -> PoolConfig {
+    let mut cfg = PoolConfig { connections_per_endpoint: 1, ..reverse_config() };
+    cfg.breaker.failure_threshold = 1_000_000;
+    cfg.health.thresholds.min_requests = u32::MAX;
+    cfg.outlier = OutlierConfig {
+        interval: Duration::from_secs(10),
+        success_rate_minimum_hosts: u32::MAX,
+        failure_percentage_minimum_hosts: minimum_hosts,
+        failure_percentage_request_volume: 10,
+        ..OutlierConfig::default()
+    };
+    cfg
+}
+
+fn ejected(pool: &AgentPool) -> Vec<String> {
+    let stats = pool.agent_stats("waf").unwrap();
+    stats.endpoints.into_iter().filter(|e| e.ejected).map(|e| e.endpoint).collect()
+}
+
+async fn spread(pool: &AgentPool, prefix: &str, n: usize) {
+    for i in 0..n {
+        let _ = pool.send("waf", request(format!("{prefix}{i}"))).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_reverse_replica_is_ejected_like_a_forward_one() {
+    let (one, two, rev) = (allow_all(), allow_all(), allow_all());
+    let connector = MemoryConnector::new();
+    connector.register("mem://one", &one);
+    connector.register("mem://two", &two);
+    connector.register("mem://rev", &rev);
+    let pool = AgentPool::new(outlier_config(3), connector.clone()).unwrap();
+    pool.add_agent(AgentSpec::new("waf").endpoints(["mem://one", "mem://two"])).await.unwrap();
+    let conn = dial(&connector, "mem://rev").await;
+    pool.add_reverse_connection(registration("waf", "r1", Some("s3cret"), conn)).unwrap();
+    rev.set_failure_rate(1.0);
+
+    spread(&pool, "a", 90).await;
+    assert!(rev.events_received() >= 10, "the reverse replica had its volume");
+    tokio::time::sleep(Duration::from_millis(10_001)).await;
+    assert_eq!(ejected(&pool), ["reverse://waf/r1"]);
+
+    let before = rev.events_received();
+    spread(&pool, "b", 30).await;
+    assert_eq!(rev.events_received(), before, "an ejected reverse replica gets nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_leaves_is_dropped_from_outlier_detection_and_the_others_keep_their_state() {
+    let (fwd, r1, r2) = (allow_all(), allow_all(), allow_all());
+    let connector = MemoryConnector::new();
+    connector.register("mem://fwd", &fwd);
+    connector.register("mem://r1", &r1);
+    connector.register("mem://r2", &r2);
+    let pool = AgentPool::new(outlier_config(3), connector.clone()).unwrap();
+    pool.add_agent(AgentSpec::new("waf").endpoint("mem://fwd")).await.unwrap();
+    for replica in ["r1", "r2"] {
+        let conn = dial(&connector, &format!("mem://{replica}")).await;
+        pool.add_reverse_connection(registration("waf", replica, Some("s3cret"), conn)).unwrap();
+    }
+    r2.set_failure_rate(1.0);
+    spread(&pool, "a", 90).await;
+    tokio::time::sleep(Duration::from_millis(10_001)).await;
+    assert_eq!(ejected(&pool), ["reverse://waf/r2"]);
+
+    // r1, ahead of r2 among the detector's hosts, leaves: r2 stays ejected, and is still due
+    // back after its 30 s ejection like any host.
+    r1.disconnect_all();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(pool.agent_stats("waf").unwrap().endpoints.len(), 2);
+    assert_eq!(ejected(&pool), ["reverse://waf/r2"]);
+    r2.set_failure_rate(0.0);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(ejected(&pool).is_empty(), "r2 returned on time");
+    let before = r2.events_received();
+    spread(&pool, "b", 20).await;
+    assert!(r2.events_received() > before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_last_replica_in_rotation_leaves_an_ejected_one_returns_at_once() {
+    let (fwd, rev) = (allow_all(), allow_all());
+    let connector = MemoryConnector::new();
+    connector.register("mem://fwd", &fwd);
+    connector.register("mem://rev", &rev);
+    let pool = AgentPool::new(outlier_config(2), connector.clone()).unwrap();
+    pool.add_agent(AgentSpec::new("waf").endpoint("mem://fwd")).await.unwrap();
+    let conn = dial(&connector, "mem://rev").await;
+    pool.add_reverse_connection(registration("waf", "r1", Some("s3cret"), conn)).unwrap();
+    fwd.set_failure_rate(1.0);
+    spread(&pool, "a", 60).await;
+    tokio::time::sleep(Duration::from_millis(10_001)).await;
+    assert_eq!(ejected(&pool), ["mem://fwd"], "one forward and one reverse replica are compared");
+
+    fwd.set_failure_rate(0.0);
+    rev.disconnect_all();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(ejected(&pool).is_empty(), "the only replica left is back in rotation");
+    assert!(pool.send("waf", request("after")).await.unwrap().is_allow());
 }
