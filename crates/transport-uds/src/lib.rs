@@ -26,7 +26,12 @@
 //!   new work while running requests finish; a frame it cannot decode closes that connection
 //!   unanswered. A [`ServerHandle`] sends health, flow-control, metrics and configuration-update
 //!   messages at any time. The socket file gets the configured mode, a stale one is replaced,
-//!   a live one is refused, and it is removed on shutdown.
+//!   a live one is refused, and it is removed on shutdown. Anyone who can connect is held to
+//!   the limits of [`ServerConfig`] (a table of them and their defaults is there): a cap on
+//!   connections, time-outs on the handshake, on a frame once started and on a write the
+//!   proxy does not read, and per connection a cap on requests (the advertised concurrency;
+//!   more wait their turn) and on configuration pushes (more are refused with
+//!   [`RequestRefused`]). Each hit is counted ([`ServerHandle::limit_stats`]).
 //! * **Reverse connections** ([`reverse`]): an agent that cannot be dialled dials the proxy's
 //!   [`ReverseListener`] and registers; the listener hands the connection to `pool-core`
 //!   (`AgentPool::add_reverse_connection`) and tells the agent whether it was accepted.
@@ -48,4 +53,6 @@ pub use reverse::{
     Reconnect, Registration, ReverseAgent, ReverseAgentConfig, ReverseError, ReverseListener,
     ReverseListenerConfig,
 };
-pub use server::{ServeError, ServerConfig, ServerHandle, UdsServer};
+pub use server::{
+    LimitStats, RequestRefused, ServeError, ServerConfig, ServerHandle, SessionLimits, UdsServer,
+};

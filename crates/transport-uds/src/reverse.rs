@@ -33,7 +33,9 @@ use tokio_util::codec::Framed;
 use crate::UdsServer;
 use crate::client::{PeerCredentials, SocketPath, UdsConnection, check_peer};
 use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound};
-use crate::server::{AgentFramed, ServeError, ServerHandle, bind_socket, concurrency_limit, run_session};
+use crate::server::{
+    AgentFramed, ServeError, ServerHandle, SessionLimits, bind_socket, concurrency_limit, run_session,
+};
 
 /// Settings of the proxy's listener for reverse connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,6 +285,9 @@ pub struct ReverseAgentConfig {
     pub peer: Option<PeerCredentials>,
     /// Back-off between attempts.
     pub reconnect: Reconnect,
+    /// Limits of the connection once registered, as for a [`UdsServer`]'s connections: the
+    /// proxy is held to them like any peer (see [`SessionLimits`] for the defaults).
+    pub session: SessionLimits,
 }
 
 impl ReverseAgentConfig {
@@ -297,6 +302,7 @@ impl ReverseAgentConfig {
             register_timeout: Duration::from_secs(5),
             peer: None,
             reconnect: Reconnect::default(),
+            session: SessionLimits::default(),
         }
     }
 
@@ -323,6 +329,14 @@ pub enum ReverseError {
         agent_id: String,
         /// The proxy's reason.
         message: String,
+    },
+    /// A setting is out of range; nothing was dialled.
+    #[error("invalid configuration: {field} {problem}")]
+    InvalidConfig {
+        /// The setting, as named in [`ReverseAgentConfig`] (e.g. `session.write_timeout`).
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
     },
 }
 
@@ -353,13 +367,16 @@ impl ReverseAgent {
     }
 
     /// Dials, registers and serves `handler` until `shutdown` resolves, dialling again after
-    /// every disconnection or failed attempt. Returns `Ok` at shutdown, or the reason the proxy
-    /// refused it.
+    /// every disconnection or failed attempt. Returns `Ok` at shutdown, the reason the proxy
+    /// refused it, or, before dialling anything, the setting that is out of range.
     pub async fn run<H: AgentHandler>(
         self,
         handler: H,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ReverseError> {
+        if let Some(field) = self.config.session.zero_field() {
+            return Err(ReverseError::InvalidConfig { field, problem: "must not be zero" });
+        }
         let path = SocketPath::parse(&Endpoint::new(self.config.proxy.as_str()))
             .map_err(ReverseError::InvalidEndpoint)?;
         let handler = Arc::new(handler);
@@ -410,7 +427,7 @@ impl ReverseAgent {
         let mut framed: AgentFramed = Framed::new(stream, FrameCodec::new(config.max_frame));
         let mut capabilities = handler.capabilities();
         capabilities.protocol_version = PROTOCOL_VERSION;
-        let limit = concurrency_limit(&capabilities);
+        let limit = concurrency_limit(&mut capabilities, &config.session);
         let register = proto::Register {
             agent_id: config.agent_id.clone(),
             replica_id: config.replica_id.clone(),
@@ -447,7 +464,7 @@ impl ReverseAgent {
             });
         }
         tracing::info!(proxy = %config.proxy, proxy_id = %result.proxy_id, "registered with the proxy");
-        run_session(framed, handler.clone(), limit, self.handle.clone()).await;
+        run_session(framed, handler.clone(), limit, config.session, self.handle.clone()).await;
         Ok(Attempt::Served)
     }
 }

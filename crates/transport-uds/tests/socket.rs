@@ -324,6 +324,23 @@ async fn a_dropped_request_is_abandoned_on_the_agent_and_a_dropped_connection_cl
     eventually("the connection closes", || handle.connection_count() == 0).await;
 }
 
+#[tokio::test]
+async fn shutting_the_server_down_aborts_running_requests() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let holds = Holds::default();
+    let (endpoint, stop) = agent(&dir, "h.sock", holds.clone()).await;
+    let conn = connect(&endpoint).await;
+    let held: Vec<_> = (0..3).map(|i| tokio::spawn(conn.send(request(&format!("held{i}"))))).collect();
+    eventually("the handlers start", || holds.started.load(SeqCst) == 3).await;
+    drop(stop);
+    eventually("every running handler is dropped", || holds.dropped.load(SeqCst) == 3).await;
+    for request in held {
+        let answer = tokio::time::timeout(Duration::from_secs(10), request).await.expect("not left waiting");
+        assert!(answer.unwrap().is_err(), "a request cut by the shutdown fails");
+    }
+}
+
 /// Holds every event until the test adds permits to its gate, then answers it with its
 /// correlation id as the reason.
 struct Gated(Arc<tokio::sync::Semaphore>);
