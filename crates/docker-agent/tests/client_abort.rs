@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::engine::FakeEngine;
@@ -12,8 +11,7 @@ use docker_agent::acl::{AclConfig, Profile};
 use docker_agent::config::AgentConfig;
 use docker_agent::server::AgentServer;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,19 +29,7 @@ async fn an_aborted_request_body_is_the_clients_fault() {
     };
     let agent = AgentServer::bind(config).await.unwrap();
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(pki.client.ca_cert_pem.as_bytes()).unwrap()).unwrap();
-    let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(pki.client.client_cert_pem.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(pki.client.client_key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    );
+    let tls = common::client_config(&pki.client);
     for _ in 0..3 {
         let tcp = tokio::net::TcpStream::connect(agent.local_addr()).await.unwrap();
         let mut stream = tokio_rustls::TlsConnector::from(tls.clone())

@@ -19,8 +19,7 @@ use docker_agent::server::{AgentServer, RunningDockerAgent};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use test_support::docker::{self, SwarmGuard, TestContainer, TestService};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,19 +32,7 @@ async fn start_agent(pki: &common::Pki, profile: Profile) -> RunningDockerAgent 
 }
 
 fn client_tls(pki: &common::Pki) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(pki.client.ca_cert_pem.as_bytes()).unwrap()).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(pki.client.client_cert_pem.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(pki.client.client_key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    )
+    common::client_config(&pki.client)
 }
 
 /// One request with a body over a new mTLS connection; the status and the body as JSON (or

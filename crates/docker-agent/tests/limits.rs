@@ -21,8 +21,7 @@ use docker_agent::server::{AgentServer, RunningDockerAgent};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -46,19 +45,7 @@ async fn start_agent(
 }
 
 fn tls(client: &AgentTls) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(client.ca_cert_pem.as_bytes()).unwrap()).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(client.client_cert_pem.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(client.client_key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    )
+    common::client_config(client)
 }
 
 /// A TCP connection to `agent` from the loopback address `from`.

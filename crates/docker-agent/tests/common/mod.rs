@@ -4,6 +4,7 @@
 
 pub mod engine;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use docker_agent::certs::CertificateAuthority;
@@ -42,4 +43,23 @@ pub fn client_of(ca: &CertificateAuthority, name: &str) -> AgentTls {
         client_cert_pem: client.cert_pem,
         client_key_pem: client.key_pem,
     }
+}
+
+/// A rustls client configuration presenting `tls`'s certificate and trusting only its CA.
+pub fn client_config(tls: &AgentTls) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(tls.ca_cert_pem.as_bytes()).unwrap()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(tls.client_cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(tls.client_key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    )
 }
