@@ -34,7 +34,7 @@ fn setup(rt: &tokio::runtime::Runtime) -> AgentPool {
             let event =
                 Event::RequestHeaders(RequestHeaders::new(id.as_str(), Method::GET, Uri::from_static("/")));
             pool.send("waf", event).await.unwrap();
-            pool.create_sticky_session(&format!("session-{i}"), "waf").unwrap();
+            pool.sticky_sessions().create(&format!("session-{i}"), "waf").unwrap();
         }
         pool
     })
@@ -81,12 +81,16 @@ fn lookups(c: &mut Criterion) {
         }),
         ("pick + affinity lookup", |p| {
             KEYS.with(|(id, _)| {
-                black_box(p.try_reserve_for(black_box("waf"), EventKind::RequestBody, id).unwrap())
+                black_box(p.affinity().try_reserve(black_box("waf"), EventKind::RequestBody, id).unwrap())
             });
         }),
         ("pick + sticky lookup", |p| {
             KEYS.with(|(_, session)| {
-                black_box(p.try_reserve_sticky(black_box(session), "waf", EventKind::RequestHeaders).unwrap())
+                black_box(
+                    p.sticky_sessions()
+                        .try_reserve(black_box(session), "waf", EventKind::RequestHeaders)
+                        .unwrap(),
+                )
             });
         }),
     ];

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use pool_api::CorrelationId;
 
-use crate::slot::Slot;
+use crate::slot::{Slot, SlotOwner};
 use crate::sync::{AtomicU64, AtomicUsize, Ordering, PinMap};
 
 /// What a request can be pinned to: a connection slot (or, in the loom model, a stand-in).
@@ -26,19 +26,19 @@ pub(crate) trait PinTarget {
     fn is_connected(&self) -> bool;
 }
 
-impl PinTarget for Slot {
+impl<O: SlotOwner> PinTarget for Slot<O> {
     fn generation(&self) -> u64 {
         Slot::generation(self)
     }
 
     fn is_connected(&self) -> bool {
         // The flag, not the connection cell: one plain load on the lookup path.
-        self.flags() & crate::slot::DISCONNECTED == 0
+        !self.is_disconnected()
     }
 }
 
 /// Where one request is pinned.
-pub(crate) struct Pin<T = Slot> {
+pub(crate) struct Pin<T> {
     pub(crate) slot: Arc<T>,
     /// The slot's connection generation when pinned.
     pub(crate) generation: u64,
@@ -50,7 +50,7 @@ pub(crate) struct Pin<T = Slot> {
 ///
 /// Invariant: `len` equals the number of pins, and never exceeds `cap` once every call has
 /// returned (a racing `pin` may count itself in for a moment before backing out).
-pub(crate) struct Affinity<T = Slot> {
+pub(crate) struct Affinity<T> {
     pins: PinMap<CorrelationId, Pin<T>>,
     len: AtomicUsize,
     cap: usize,
@@ -58,7 +58,7 @@ pub(crate) struct Affinity<T = Slot> {
 }
 
 /// What a lookup found.
-pub(crate) enum Lookup<T = Slot> {
+pub(crate) enum Lookup<T> {
     /// No pin: balance normally.
     Miss,
     /// Pinned to this slot, whose connection is still the one pinned.
@@ -163,7 +163,7 @@ pub(crate) fn touch(last_used: &AtomicU64, stamp: u64, window: Duration) {
 
 /// Removes a freshly made pin when dropped, unless kept: a caller that drops the headers'
 /// send before it finishes leaves no pin behind.
-pub(crate) struct PinGuard<'a, T: PinTarget = Slot> {
+pub(crate) struct PinGuard<'a, T: PinTarget> {
     table: &'a Affinity<T>,
     id: Option<CorrelationId>,
 }

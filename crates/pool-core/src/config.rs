@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::backoff::BackoffConfig;
 use crate::balance::Strategy;
@@ -166,9 +167,9 @@ pub struct PoolConfig {
     /// Sticky sessions.
     pub sticky: StickyConfig,
     /// Configuration pushes to agents.
-    pub config_push: crate::config_push::ConfigPushConfig,
+    pub config_push: ConfigPushConfig,
     /// Who may connect in reverse.
-    pub reverse: crate::reverse::ReverseConfig,
+    pub reverse: ReverseConfig,
     /// How long shutdown waits for in-flight requests before cancelling them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -194,8 +195,8 @@ impl Default for PoolConfig {
             flow_control: FlowControlConfig::default(),
             affinity: AffinityConfig::default(),
             sticky: StickyConfig::default(),
-            config_push: crate::config_push::ConfigPushConfig::default(),
-            reverse: crate::reverse::ReverseConfig::default(),
+            config_push: ConfigPushConfig::default(),
+            reverse: ReverseConfig::default(),
             drain_timeout: Duration::from_secs(30),
             seed: None,
         }
@@ -324,6 +325,59 @@ impl AgentSettings {
     }
 }
 
+/// How pushes wait and retry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigPushConfig {
+    /// Time allowed for an agent to acknowledge one attempt.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Attempts after the first, when an ack times out or the connection is lost.
+    pub retries: u32,
+    /// Pause between attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+impl Default for ConfigPushConfig {
+    fn default() -> Self {
+        Self { ack_timeout: Duration::from_secs(10), retries: 3, retry_interval: Duration::from_secs(2) }
+    }
+}
+
+/// Who may connect in reverse.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReverseConfig {
+    /// Tokens an agent may present; empty refuses every reverse connection.
+    pub tokens: Vec<String>,
+    /// Agent ids allowed to connect; empty allows any.
+    pub allowed_agents: Vec<String>,
+}
+
+impl ReverseConfig {
+    /// Why `agent` presenting `token` is refused, if it is.
+    pub(crate) fn refuse(&self, agent: &str, token: Option<&str>) -> Option<&'static str> {
+        if self.tokens.is_empty() {
+            return Some("reverse connections are disabled (no token is configured)");
+        }
+        let Some(token) = token else { return Some("no token presented") };
+        // Every configured token is compared, each in constant time, so the time taken says
+        // nothing about which one (or how much of one) matched.
+        let matched = self
+            .tokens
+            .iter()
+            .fold(subtle::Choice::from(0), |any, t| any | t.as_bytes().ct_eq(token.as_bytes()));
+        if !bool::from(matched) {
+            return Some("invalid token");
+        }
+        if !self.allowed_agents.is_empty() && !self.allowed_agents.iter().any(|a| a == agent) {
+            return Some("agent id is not on the allow-list");
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,5 +472,27 @@ mod tests {
         assert_eq!(s.max_concurrency, 100);
         let bad = AgentOptions { max_concurrency_per_connection: Some(0), ..AgentOptions::default() };
         assert_eq!(AgentSettings::resolve(&pool, &bad).unwrap_err().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod reverse_tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_the_allow_list_decide() {
+        let open = ReverseConfig::default();
+        assert!(open.refuse("waf", Some("x")).unwrap().contains("disabled"));
+        let cfg = ReverseConfig {
+            tokens: vec!["s3cret".into(), "other".into()],
+            allowed_agents: vec!["waf".into()],
+        };
+        assert_eq!(cfg.refuse("waf", Some("s3cret")), None);
+        assert_eq!(cfg.refuse("waf", Some("other")), None);
+        assert_eq!(cfg.refuse("waf", Some("s3cre")), Some("invalid token"));
+        assert_eq!(cfg.refuse("waf", None), Some("no token presented"));
+        assert_eq!(cfg.refuse("bot", Some("s3cret")), Some("agent id is not on the allow-list"));
+        let any = ReverseConfig { allowed_agents: vec![], ..cfg };
+        assert_eq!(any.refuse("bot", Some("s3cret")), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Configuration exchanged with agents at run time.
 //!
-//! **Pushes** (proxy → agent): [`AgentPool::push_config`](crate::AgentPool::push_config)
+//! **Pushes** (proxy → agent): [`ConfigPushes::push`](crate::ConfigPushes::push)
 //! sends one push per endpoint of the agent whose connection announces the `config_push`
 //! feature, and returns their ids. Each push runs on its own task: it is sent on a live
 //! connection of that endpoint and waits for the agent's acknowledgement up to the ack
@@ -17,34 +17,15 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use dashmap::DashMap;
-use pool_api::{BoxFuture, ConfigUpdateAnswer, ConfigUpdateRequest};
-use serde::{Deserialize, Serialize};
+use pool_api::{AgentConnection, BoxFuture, ConfigPush, ConfigUpdateAnswer, ConfigUpdateRequest};
 use tokio::sync::watch;
 
+use crate::agent::Agent;
+use crate::config::ConfigPushConfig;
+use crate::endpoint::EndpointState;
 use crate::sync::lock_std as lock;
-
-/// How pushes wait and retry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ConfigPushConfig {
-    /// Time allowed for an agent to acknowledge one attempt.
-    #[serde(with = "humantime_serde")]
-    pub ack_timeout: Duration,
-    /// Attempts after the first, when an ack times out or the connection is lost.
-    pub retries: u32,
-    /// Pause between attempts.
-    #[serde(with = "humantime_serde")]
-    pub retry_interval: Duration,
-}
-
-impl Default for ConfigPushConfig {
-    fn default() -> Self {
-        Self { ack_timeout: Duration::from_secs(10), retries: 3, retry_interval: Duration::from_secs(2) }
-    }
-}
 
 /// Where a push is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,10 +172,125 @@ pub(crate) struct UpdateHandlerSlot(RwLock<Option<Arc<dyn ConfigUpdateHandler>>>
 
 impl UpdateHandlerSlot {
     pub(crate) fn set(&self, handler: Option<Arc<dyn ConfigUpdateHandler>>) {
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = handler;
+        *crate::sync::write_std(&self.0) = handler;
     }
 
     pub(crate) fn get(&self) -> Option<Arc<dyn ConfigUpdateHandler>> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        crate::sync::read_std(&self.0).clone()
     }
+}
+
+/// Starts one push per endpoint of `agent` whose connection announces config push, each on a
+/// task of the agent; returns their ids.
+pub(crate) fn start(
+    agent: &Arc<Agent>,
+    pushes: &Arc<Pushes>,
+    kind: &str,
+    version: Option<&str>,
+    payload: &bytes::Bytes,
+) -> Vec<u64> {
+    let live = agent.live();
+    let mut ids = Vec::new();
+    for ep in &agent.all_endpoints() {
+        let supports = live.iter().any(|s| {
+            Arc::ptr_eq(&s.endpoint, ep) && s.capabilities().is_some_and(|c| c.features.config_push)
+        });
+        if !supports {
+            continue;
+        }
+        let push_id = pushes.begin();
+        let push = ConfigPush {
+            push_id,
+            kind: kind.to_owned(),
+            version: version.map(str::to_owned),
+            payload: payload.clone(),
+        };
+        let (task_agent, pushes, ep) = (agent.clone(), pushes.clone(), ep.clone());
+        agent.spawn(async move { run(&task_agent, &pushes, ep, push).await });
+        ids.push(push_id);
+    }
+    ids
+}
+
+/// One push: send on a live connection of the endpoint, wait for the ack, retry on time-out or
+/// lost connection, record the outcome.
+async fn run(agent: &Agent, pushes: &Pushes, endpoint: Arc<EndpointState>, push: ConfigPush) {
+    let cfg: &ConfigPushConfig = &agent.shared.ctx.config.config_push;
+    let stop = agent.stop_token();
+    let id = push.push_id;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        pushes.set(id, PushState::Pending { attempts });
+        let conn = agent
+            .live()
+            .iter()
+            .filter(|s| Arc::ptr_eq(&s.endpoint, &endpoint))
+            .find_map(|s| s.conn.load_full().filter(|l| l.conn.is_open()));
+        let problem = match conn {
+            None => format!("no live connection to {}", endpoint.endpoint),
+            Some(live) => {
+                let attempt = tokio::time::timeout(cfg.ack_timeout, live.conn.push_config(push.clone()));
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        pushes.set(id, PushState::Failed { error: "the pool shut down".into() });
+                        return;
+                    }
+                    r = attempt => match r {
+                        Ok(Ok(ack)) if ack.accepted => {
+                            pushes.set(id, PushState::Acked);
+                            return;
+                        }
+                        Ok(Ok(ack)) => {
+                            let error = ack.error.unwrap_or_else(|| "rejected without a reason".into());
+                            pushes.set(id, PushState::Rejected { error });
+                            return;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("no acknowledgement within {:?}", cfg.ack_timeout),
+                    },
+                }
+            }
+        };
+        if attempts > cfg.retries {
+            pushes.set(id, PushState::Failed { error: problem });
+            return;
+        }
+        tracing::debug!(agent = %agent.id(), push = id, %problem, "config push attempt failed; retrying");
+        tokio::select! {
+            () = stop.cancelled() => {
+                pushes.set(id, PushState::Failed { error: "the pool shut down".into() });
+                return;
+            }
+            () = tokio::time::sleep(cfg.retry_interval) => {}
+        }
+    }
+}
+
+/// Answers one agent-initiated update with the pool's handler, on a task of the agent, on the
+/// connection it came on.
+pub(crate) fn answer_update(
+    agent: &Agent,
+    handlers: &UpdateHandlerSlot,
+    conn: Arc<dyn AgentConnection>,
+    request: ConfigUpdateRequest,
+) {
+    let handler = handlers.get();
+    let id = agent.id().to_owned();
+    let stop = agent.stop_token().clone();
+    agent.spawn(async move {
+        let request_id = request.request_id;
+        let answer = match handler {
+            Some(h) => tokio::select! {
+                () = stop.cancelled() => return,
+                answer = h.handle(id, request) => answer,
+            },
+            None => ConfigUpdateAnswer {
+                request_id,
+                accepted: false,
+                error: Some("no configuration update handler is registered".into()),
+            },
+        };
+        conn.answer_config_update(ConfigUpdateAnswer { request_id, ..answer });
+    });
 }

@@ -1,5 +1,6 @@
 //! The pool's directory: which agents exist and which of their slots are connected, as one
-//! immutable snapshot that readers reach without a single atomic read-modify-write.
+//! immutable snapshot that readers reach without a single atomic read-modify-write. The
+//! directory, not the agent, republishes an agent's entry when a connection comes or goes.
 //!
 //! Writers (adding or removing an agent, a connection coming or going — all rare) build a new
 //! snapshot under a mutex, store it, and bump a generation counter. Readers keep a per-thread
@@ -22,8 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::agent::Agent;
-use crate::slot::Slot;
+use crate::agent::{Agent, LiveSlots};
 use crate::sync::lock_std as lock;
 
 /// One agent as the hot path sees it.
@@ -31,7 +31,7 @@ use crate::sync::lock_std as lock;
 pub(crate) struct AgentView {
     pub(crate) agent: Arc<Agent>,
     /// The agent's connected slots, in slot order.
-    pub(crate) live: Arc<Vec<Arc<Slot>>>,
+    pub(crate) live: LiveSlots,
 }
 
 pub(crate) type Agents = HashMap<Arc<str>, AgentView, foldhash::fast::RandomState>;
@@ -101,6 +101,30 @@ impl Directory {
 
     pub(crate) fn write(&self) -> Writer<'_> {
         Writer { directory: self, _guard: lock(&self.writer) }
+    }
+
+    /// Republishes `agent`'s connected slots after a connection came or went: the agent's own
+    /// snapshot and, while the agent is registered, its entry here. Both are rebuilt under the
+    /// writer lock, so an `add` that copies the agent's snapshot under the same lock never
+    /// publishes an older one.
+    pub(crate) fn republish(&self, agent: &Agent) {
+        let writer = self.write();
+        let live = agent.refresh_snapshot();
+        let current = writer.current();
+        // Only while registered: during add the entry does not exist yet (add copies the
+        // snapshot under this lock), during removal it is already gone.
+        if let Some(view) = current.get(agent.id())
+            && std::ptr::eq(Arc::as_ptr(&view.agent), agent)
+        {
+            let mut next = Agents::clone(&current);
+            next.insert(
+                view.agent.shared.id.clone(),
+                AgentView { agent: view.agent.clone(), live: live.clone() },
+            );
+            writer.publish(next);
+        }
+        drop(writer);
+        agent.snapshot_published(&live);
     }
 }
 

@@ -54,41 +54,51 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-mod affinity;
-mod agent;
+// Layers, each module importing only from those above it in this list (checked by
+// `cargo xtask modcycles`): the policies and plumbing; the endpoint and its slots; the
+// per-request tables; the agent; what runs around agents; the pool and its handles.
 pub mod backoff;
 pub mod balance;
 pub mod breaker;
 mod config;
-mod config_push;
-mod directory;
-mod endpoint;
+mod context;
 mod error;
 pub mod ewma;
 pub mod health;
-mod maintenance;
 mod metrics;
 pub mod outlier;
 mod permits;
-mod pool;
-mod reverse;
-mod service;
-mod slot;
-mod sticky;
-mod supervisor;
 mod sync;
 mod waiters;
 
+mod endpoint;
+mod slot;
+
+mod affinity;
+mod sticky;
+
+mod agent;
+
+mod config_push;
+mod directory;
+mod maintenance;
+mod reverse;
+mod service;
+mod supervisor;
+
+mod handles;
+mod pool;
+
 pub use agent::{AgentSpec, AgentStats, EndpointStats, Totals};
 pub use config::{
-    AffinityConfig, AgentOptions, FailureMode, FlowControlConfig, FlowControlMode, HealthConfig, PoolConfig,
-    StickyConfig,
+    AffinityConfig, AgentOptions, ConfigPushConfig, FailureMode, FlowControlConfig, FlowControlMode,
+    HealthConfig, PoolConfig, ReverseConfig, StickyConfig,
 };
-pub use config_push::{ConfigPushConfig, ConfigUpdateHandler, PushCounts, PushState};
+pub use config_push::{ConfigUpdateHandler, PushCounts, PushState};
 pub use endpoint::BreakerStatus;
 pub use error::{PoolError, Unavailable};
+pub use handles::{ConfigPushes, RequestAffinity, StickySessions};
 pub use pool::{AddReport, AgentPool, PoolStats, Reservation, ReverseRegistration};
-pub use reverse::ReverseConfig;
 pub use service::AgentService;
 pub use slot::ConnectionHealth;
 pub use sticky::StickyRoute;

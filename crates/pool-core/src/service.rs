@@ -8,11 +8,11 @@ use std::task::{Context, Poll};
 use pool_api::{BoxFuture, Decision, Event};
 use tokio::time::Instant;
 
-use crate::agent::Agent;
+use crate::agent::wait::Acquired;
+use crate::agent::{Agent, InFlight};
 use crate::error::PoolError;
-use crate::slot::InFlight;
 
-type Reserving = Pin<Box<dyn Future<Output = Result<InFlight, Result<Decision, PoolError>>> + Send>>;
+type Reserving = Pin<Box<dyn Future<Output = Acquired> + Send>>;
 
 /// Sends events to one agent as a [`tower_service::Service`].
 ///
@@ -100,8 +100,8 @@ impl tower_service::Service<Event> for AgentService {
             return Poll::Ready(Err(closed.error(self.agent.id())));
         }
         self.ready = Some(match reserved {
-            Ok(guard) => Ready::Reserved(guard),
-            Err(answer) => Ready::Answer(Box::new(answer)),
+            Acquired::Permit(guard) => Ready::Reserved(guard),
+            Acquired::Answer(answer) => Ready::Answer(answer),
         });
         Poll::Ready(Ok(()))
     }
@@ -110,7 +110,7 @@ impl tower_service::Service<Event> for AgentService {
         match self.ready.take() {
             Some(Ready::Answer(answer)) => Box::pin(std::future::ready(*answer)),
             Some(Ready::Reserved(guard)) => {
-                let shared = guard.slot.agent.clone();
+                let shared = guard.slot.owner.clone();
                 let start = Instant::now();
                 Box::pin(async move { shared.dispatch(guard, event, start).await })
             }

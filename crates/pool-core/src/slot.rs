@@ -19,27 +19,40 @@ use arc_swap::ArcSwapOption;
 use pool_api::{AgentConnection, Capabilities, ConnectionSignals, HealthStatus};
 use tokio::time::Instant;
 
-use crate::agent::AgentShared;
 use crate::balance::Load;
 use crate::endpoint::{EndpointState, GATE_EJECTED, GATE_OPEN};
 use crate::ewma::PeakEwma;
 use crate::health::{self, HealthState, HealthThresholds, HealthWindow};
+use crate::metrics::AgentMetrics;
 use crate::permits::Permits;
 use crate::sync::lock_std as lock;
 use std::sync::Mutex;
 
 /// The agent paused this connection (flow control).
-pub(crate) const PAUSED: u32 = 1;
+const PAUSED: u32 = 1;
 /// The agent is draining, or the pool is draining this connection.
-pub(crate) const DRAINING: u32 = 1 << 1;
+const DRAINING: u32 = 1 << 1;
 /// The agent reports itself unhealthy.
-pub(crate) const AGENT_UNHEALTHY: u32 = 1 << 2;
+const AGENT_UNHEALTHY: u32 = 1 << 2;
 /// No usable connection: found closed at send time (its supervisor has not detached it yet),
 /// or detached. Cleared when the supervisor attaches the replacement.
-pub(crate) const DISCONNECTED: u32 = 1 << 3;
+const DISCONNECTED: u32 = 1 << 3;
 /// Success rate below the unhealthy threshold: used only when nothing better is available.
-pub(crate) const SOFT_UNHEALTHY: u32 = 1 << 8;
-pub(crate) const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY | DISCONNECTED;
+const SOFT_UNHEALTHY: u32 = 1 << 8;
+/// Any of these keeps the slot out of traffic.
+const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY | DISCONNECTED;
+
+/// What a slot needs of the agent it belongs to, and all it can reach of it: the metric
+/// handles its state changes move, whether the agent still admits requests, and the wake-up
+/// of whoever waits for a permit when one is given back.
+pub(crate) trait SlotOwner: Send + Sync + 'static {
+    /// The agent's metric handles.
+    fn metrics(&self) -> &AgentMetrics;
+    /// True once the agent (or its pool) admits nothing more.
+    fn is_closed(&self) -> bool;
+    /// Called after every permit release.
+    fn permit_released(&self);
+}
 
 /// How a request ended, for [`Slot::record`].
 #[derive(Clone, Copy)]
@@ -113,8 +126,11 @@ pub struct ConnectionHealth {
     pub reported: HealthStatus,
 }
 
-pub(crate) struct Slot {
-    pub(crate) agent: Arc<AgentShared>,
+/// One connection slot of an agent whose shared state is `O`.
+pub(crate) struct Slot<O> {
+    /// The agent the slot belongs to, as far as the slot needs it (see [`SlotOwner`]); the send
+    /// path reaches the rest of the agent through it.
+    pub(crate) owner: Arc<O>,
     pub(crate) endpoint: Arc<EndpointState>,
     pub(crate) permits: Permits,
     flags: AtomicU32,
@@ -133,9 +149,9 @@ pub(crate) struct Slot {
     pool_limit: u32,
 }
 
-impl Slot {
+impl<O: SlotOwner> Slot<O> {
     pub(crate) fn new(
-        agent: Arc<AgentShared>,
+        owner: Arc<O>,
         endpoint: Arc<EndpointState>,
         pool_limit: u32,
         window: Duration,
@@ -144,7 +160,7 @@ impl Slot {
     ) -> Self {
         let label: Arc<str> = Arc::from(format!("{} (not connected)", endpoint.endpoint));
         Self {
-            agent,
+            owner,
             endpoint,
             permits: Permits::new(pool_limit),
             flags: AtomicU32::new(0),
@@ -174,20 +190,56 @@ impl Slot {
         }
     }
 
-    /// True if a request of the event kind `kind_bit` may be sent here now. With `allow_soft`,
+    /// True if a request of the event kind `kind_bit` may be sent here now: [fit for
+    /// traffic](Self::is_fit), accepting that kind, with a free permit. With `allow_soft`,
     /// connections with a poor success rate count too.
     #[inline]
-    pub(crate) fn usable(&self, kind_bit: u8, allow_soft: bool) -> bool {
-        let mask = if allow_soft { HARD } else { HARD | SOFT_UNHEALTHY };
-        self.flags.load(Ordering::Relaxed) & mask == 0
-            && self.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
-            && self.events.load(Ordering::Relaxed) & kind_bit != 0
-            && self.permits.has_room()
+    pub(crate) fn is_usable(&self, kind_bit: u8, allow_soft: bool) -> bool {
+        self.is_fit(allow_soft) && self.supports(kind_bit) && self.permits.has_room()
     }
 
+    /// True if the slot may carry traffic, capacity and event kinds aside: nothing in the agent's
+    /// signals or the connection's state keeps it out (connected, not paused, not draining, not
+    /// reported unhealthy), its endpoint's breaker is not open and the endpoint not ejected,
+    /// and — unless `allow_soft` — its success rate is not unhealthy. Atomics only.
     #[inline]
-    pub(crate) fn flags(&self) -> u32 {
-        self.flags.load(Ordering::Relaxed)
+    pub(crate) fn is_fit(&self, allow_soft: bool) -> bool {
+        let mask = if allow_soft { HARD } else { HARD | SOFT_UNHEALTHY };
+        self.flags.load(Ordering::Relaxed) & mask == 0 && !self.endpoint_blocked()
+    }
+
+    /// True if the slot's endpoint is out of rotation: breaker open or ejected as an outlier.
+    #[inline]
+    pub(crate) fn endpoint_blocked(&self) -> bool {
+        self.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) != 0
+    }
+
+    /// True while the agent's flow control pauses this connection.
+    #[inline]
+    pub(crate) fn is_paused(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & PAUSED != 0
+    }
+
+    /// True once the slot's connection was found closed or detached (until a replacement is
+    /// attached). One plain load; [`is_connected`](Self::is_connected) reads the connection
+    /// cell instead.
+    #[inline]
+    pub(crate) fn is_disconnected(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & DISCONNECTED != 0
+    }
+
+    /// True if the slot carries traffic at its best: connected and [fit](Self::is_fit)
+    /// without falling back to a poor success rate (the flag that mirrors an unhealthy health
+    /// state is clear). What stats count as healthy.
+    #[inline]
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.is_connected() && self.is_fit(false)
+    }
+
+    /// [`is_healthy`](Self::is_healthy), and the transport has not seen the connection close
+    /// either: what a sticky session may be pinned to.
+    pub(crate) fn is_pinnable(&self) -> bool {
+        self.is_open() && self.is_fit(false)
     }
 
     #[inline]
@@ -222,7 +274,7 @@ impl Slot {
         self.max_body.store(caps.max_body_size.unwrap_or(u64::MAX), Ordering::Relaxed);
         self.events.store(caps.supported_events.bits(), Ordering::Relaxed);
         if self.flags.swap(0, Ordering::Relaxed) & PAUSED != 0 {
-            self.agent.metrics.paused.decrement(1.0);
+            self.owner.metrics().paused.decrement(1.0);
         }
         self.timeout_mult_bits.store(1f32.to_bits(), Ordering::Relaxed);
         *lock(&self.label) = Arc::from(conn.label());
@@ -267,7 +319,7 @@ impl Slot {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some((f & !PAUSED) | DISCONNECTED))
             .unwrap_or_else(|f| f);
         if before & PAUSED != 0 {
-            self.agent.metrics.paused.decrement(1.0);
+            self.owner.metrics().paused.decrement(1.0);
         }
         lock(&self.health).connected_since = None;
         self.conn.swap(None)
@@ -289,8 +341,8 @@ impl Slot {
         let keep = before & (SOFT_UNHEALTHY | DISCONNECTED);
         self.flags.store(keep | set, Ordering::Relaxed);
         match (before & PAUSED != 0, set & PAUSED != 0) {
-            (false, true) => self.agent.metrics.paused.increment(1.0),
-            (true, false) => self.agent.metrics.paused.decrement(1.0),
+            (false, true) => self.owner.metrics().paused.increment(1.0),
+            (true, false) => self.owner.metrics().paused.decrement(1.0),
             _ => {}
         }
         self.timeout_mult_bits.store(s.health.status.timeout_multiplier().to_bits(), Ordering::Relaxed);
@@ -359,10 +411,6 @@ impl Slot {
         }
     }
 
-    pub(crate) fn health_state(&self) -> HealthState {
-        lock(&self.health).state
-    }
-
     /// Lifetime (requests, failures) — for outlier detection's per-interval deltas and stats.
     pub(crate) fn totals(&self) -> (u64, u64, u64) {
         let h = lock(&self.health);
@@ -398,13 +446,13 @@ impl Slot {
             timeouts: h.timeouts,
             connects: h.connects,
             uptime: h.connected_since.map(|t| now.saturating_duration_since(t)),
-            paused: self.flags() & PAUSED != 0,
+            paused: self.is_paused(),
             reported: *lock(&self.reported),
         }
     }
 }
 
-impl Load for Slot {
+impl<O: SlotOwner> Load for Slot<O> {
     #[inline]
     fn in_flight(&self) -> u32 {
         self.permits.in_flight()
@@ -426,8 +474,8 @@ impl Load for Slot {
 /// Two words (the slot and a byte of flags), so that `Option<InFlight>` is a scalar pair
 /// and comes back from the pick path in registers: a wider guard is returned through memory
 /// and its byte-wise stores stall the wide load that reads it back.
-pub(crate) struct InFlight {
-    pub(crate) slot: Arc<Slot>,
+pub(crate) struct InFlight<O: SlotOwner> {
+    pub(crate) slot: Arc<Slot<O>>,
     flags: u8,
 }
 
@@ -438,16 +486,16 @@ const SETTLED: u8 = 2;
 /// Taken on the slot a request is pinned to (affinity or sticky session).
 const PINNED: u8 = 4;
 
-impl InFlight {
+impl<O: SlotOwner> InFlight<O> {
     /// Wraps a permit already taken on `slot`.
     #[inline]
-    pub(crate) fn new(slot: Arc<Slot>, probe: bool) -> Self {
-        slot.agent.metrics.in_flight.increment(1.0);
+    pub(crate) fn new(slot: Arc<Slot<O>>, probe: bool) -> Self {
+        slot.owner.metrics().in_flight.increment(1.0);
         Self { slot, flags: if probe { PROBE } else { 0 } }
     }
 
     /// A permit on the slot a request is pinned to.
-    pub(crate) fn pinned(slot: Arc<Slot>) -> Self {
+    pub(crate) fn pinned(slot: Arc<Slot<O>>) -> Self {
         let mut g = Self::new(slot, false);
         g.flags |= PINNED;
         g
@@ -468,14 +516,14 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl<O: SlotOwner> Drop for InFlight<O> {
     fn drop(&mut self) {
         let slot = &self.slot;
         slot.permits.release();
-        slot.agent.metrics.in_flight.decrement(1.0);
+        slot.owner.metrics().in_flight.decrement(1.0);
         if self.flags & (PROBE | SETTLED) == PROBE {
             slot.endpoint.probe_abandoned();
         }
-        slot.agent.permit_released();
+        slot.owner.permit_released();
     }
 }

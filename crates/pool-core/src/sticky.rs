@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::endpoint::{GATE_EJECTED, GATE_OPEN};
-use crate::slot::{HARD, InFlight, Live, PAUSED, SOFT_UNHEALTHY, Slot};
+use crate::slot::{InFlight, Live, Slot, SlotOwner};
 
 /// How a sticky send was routed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,9 +37,9 @@ pub enum StickyRoute {
     NoSession,
 }
 
-pub(crate) struct Session {
+pub(crate) struct Session<O> {
     pub(crate) agent: Arc<str>,
-    pub(crate) slot: Arc<Slot>,
+    pub(crate) slot: Arc<Slot<O>>,
     pub(crate) generation: u64,
     /// The connection the session was pinned to, so that the health check can ask the
     /// transport whether it is still open without loading the slot's connection cell.
@@ -48,8 +47,8 @@ pub(crate) struct Session {
     last_used: AtomicU64,
 }
 
-impl Session {
-    fn new(agent: Arc<str>, slot: Arc<Slot>, stamp: u64) -> Self {
+impl<O: SlotOwner> Session<O> {
+    fn new(agent: Arc<str>, slot: Arc<Slot<O>>, stamp: u64) -> Self {
         // The connection before the generation: if an attach runs in between, the generation
         // is the newer one and the check fails — a spurious re-pin, never a stale hit.
         let live = slot.conn.load_full();
@@ -61,39 +60,38 @@ impl Session {
     /// only atomics (`SOFT_UNHEALTHY` mirrors the unhealthy health state).
     #[inline]
     pub(crate) fn is_healthy(&self) -> bool {
-        let s = &self.slot;
-        s.generation() == self.generation
+        self.slot.generation() == self.generation
             && self.live.as_ref().is_some_and(|live| live.conn.is_open())
-            && s.flags() & (HARD | SOFT_UNHEALTHY) == 0
-            && s.endpoint.gate() & (GATE_OPEN | GATE_EJECTED) == 0
+            && self.slot.is_fit(false)
     }
 }
 
-pub(crate) struct Sticky {
-    sessions: DashMap<Arc<str>, Session, foldhash::fast::RandomState>,
+/// The sticky sessions of a pool whose agents' shared state is `O`.
+pub(crate) struct Sticky<O> {
+    sessions: DashMap<Arc<str>, Session<O>, foldhash::fast::RandomState>,
     idle: Option<Duration>,
 }
 
-impl Sticky {
+impl<O: SlotOwner> Sticky<O> {
     pub(crate) fn new(idle: Option<Duration>) -> Self {
         Self { sessions: DashMap::with_hasher(foldhash::fast::RandomState::default()), idle }
     }
 
-    fn expired(&self, session: &Session, stamp: u64) -> bool {
+    fn expired(&self, session: &Session<O>, stamp: u64) -> bool {
         self.idle.is_some_and(|idle| {
             let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
             stamp.saturating_sub(session.last_used.load(Ordering::Relaxed)) > idle
         })
     }
 
-    pub(crate) fn insert(&self, id: &str, agent: Arc<str>, slot: Arc<Slot>, stamp: u64) {
+    pub(crate) fn insert(&self, id: &str, agent: Arc<str>, slot: Arc<Slot<O>>, stamp: u64) {
         let session = Session::new(agent, slot, stamp);
         self.sessions.insert(Arc::from(id), session);
     }
 
     /// The session's agent and pin if it is live, touching it; an expired one is removed.
     #[inline]
-    pub(crate) fn lookup(&self, id: &str, stamp: u64) -> Option<(Arc<str>, Arc<Slot>, bool)> {
+    pub(crate) fn lookup(&self, id: &str, stamp: u64) -> Option<(Arc<str>, Arc<Slot<O>>, bool)> {
         let expired = {
             let session = self.sessions.get(id)?;
             if !self.expired(&session, stamp) {
@@ -114,13 +112,12 @@ impl Sticky {
     /// `agent` (touching it). `None` for everything else — no such session, another agent's,
     /// expired, unhealthy, agent closed, paused, full — which the slow path sorts out.
     #[inline]
-    pub(crate) fn try_reserve(&self, id: &str, agent: &str, stamp: u64) -> Option<InFlight> {
+    pub(crate) fn try_reserve(&self, id: &str, agent: &str, stamp: u64) -> Option<InFlight<O>> {
         let session = self.sessions.get(id)?;
         if &*session.agent != agent
             || self.expired(&session, stamp)
             || !session.is_healthy()
-            || session.slot.agent.closed().is_some()
-            || session.slot.flags() & PAUSED != 0
+            || session.slot.owner.is_closed()
             || !session.slot.permits.try_acquire()
         {
             return None;
@@ -132,7 +129,7 @@ impl Sticky {
     }
 
     /// Re-pins a session to `slot`, unless it was cleared meanwhile.
-    pub(crate) fn repin(&self, id: &str, slot: Arc<Slot>, stamp: u64) {
+    pub(crate) fn repin(&self, id: &str, slot: Arc<Slot<O>>, stamp: u64) {
         if let Some(mut session) = self.sessions.get_mut(id) {
             let agent = session.agent.clone();
             *session = Session::new(agent, slot, stamp);

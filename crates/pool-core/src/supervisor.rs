@@ -12,10 +12,37 @@ use pool_api::{AgentConnection, BoxFuture, Connector, Endpoint, TransportError};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Slot};
 use crate::backoff::Backoff;
-use crate::pool::PoolCtx;
-use crate::slot::Slot;
+use crate::config_push::{self, UpdateHandlerSlot};
+use crate::context::PoolCtx;
+use crate::directory::Directory;
+
+/// What the tasks of a slot reach of the pool beside their agent: the directory, to republish
+/// the agent's connected slots when a connection comes or goes, and the handler of
+/// agent-initiated configuration updates.
+#[derive(Clone)]
+pub(crate) struct Links {
+    pub(crate) directory: Arc<Directory>,
+    pub(crate) updates: Arc<UpdateHandlerSlot>,
+}
+
+/// Starts one supervisor per slot of `agent`, each dialling with `connector`. The receivers
+/// report whether each slot's first connection attempt succeeded.
+pub(crate) fn start(
+    agent: &Arc<Agent>,
+    connector: &Arc<dyn Connector>,
+    links: &Links,
+) -> Vec<oneshot::Receiver<bool>> {
+    let slots = agent.slots();
+    let mut firsts = Vec::with_capacity(slots.len());
+    for slot in slots {
+        let (tx, rx) = oneshot::channel();
+        firsts.push(rx);
+        agent.spawn(supervise(agent.clone(), slot, connector.clone(), links.clone(), tx));
+    }
+    firsts
+}
 
 /// Why the connected phase ended.
 pub(crate) enum Exit {
@@ -25,10 +52,11 @@ pub(crate) enum Exit {
     Closed(String),
 }
 
-pub(crate) async fn supervise(
+async fn supervise(
     agent: Arc<Agent>,
     slot: Arc<Slot>,
     connector: Arc<dyn Connector>,
+    links: Links,
     first: oneshot::Sender<bool>,
 ) {
     let ctx = agent.shared.ctx.clone();
@@ -53,11 +81,11 @@ pub(crate) async fn supervise(
                 backoff.reset();
                 slot.attach(conn.clone(), Instant::now());
                 slot.endpoint.reconnected();
-                agent.republish();
+                links.directory.republish(&agent);
                 tracing::debug!(agent = %agent.id(), connection = conn.label(), "connected");
-                let exit = run_connected(&agent, &slot, &conn).await;
+                let exit = run_connected(&agent, &slot, &conn, &links).await;
                 slot.detach();
-                agent.republish();
+                links.directory.republish(&agent);
                 match exit {
                     Exit::Stopped => {
                         conn.close();
@@ -116,7 +144,14 @@ async fn connect(
 type Ping =
     std::pin::Pin<Box<tokio::time::Timeout<BoxFuture<'static, Result<std::time::Duration, TransportError>>>>>;
 
-pub(crate) async fn run_connected(agent: &Agent, slot: &Slot, conn: &Arc<dyn AgentConnection>) -> Exit {
+/// Runs a connected slot until its connection dies or the agent stops: mirrors the agent's
+/// signals, answers its configuration updates, pings.
+pub(crate) async fn run_connected(
+    agent: &Agent,
+    slot: &Slot,
+    conn: &Arc<dyn AgentConnection>,
+    links: &Links,
+) -> Exit {
     let ctx = &agent.shared.ctx;
     let mut signals = conn.signals();
     {
@@ -153,7 +188,7 @@ pub(crate) async fn run_connected(agent: &Agent, slot: &Slot, conn: &Arc<dyn Age
                 match request {
                     Some(request) => {
                         update = conn.next_config_update();
-                        agent.answer_update(conn.clone(), request);
+                        config_push::answer_update(agent, &links.updates, conn.clone(), request);
                     }
                     // The connection's update stream ended: it is closing.
                     None => updates_open = false,

@@ -83,7 +83,7 @@ async fn every_event_of_1000_concurrent_requests_lands_on_its_headers_connection
     assert_eq!(events, 6000);
     let used: std::collections::HashSet<_> = home.values().collect();
     assert_eq!(used.len(), 4, "requests were still balanced across connections");
-    assert_eq!(pool.affinity_count(), 0, "RequestComplete removed every pin");
+    assert_eq!(pool.affinity().len(), 0, "RequestComplete removed every pin");
 }
 
 #[tokio::test(start_paused = true)]
@@ -96,7 +96,7 @@ async fn a_pinned_request_whose_connection_died_fails_and_never_moves() {
     let err = pool.send("waf", req_body("r1", 0, true)).await.unwrap_err();
     assert_eq!(err, PoolError::PinLost { agent: "waf".into(), key: "r1".into() });
     assert_eq!(agent.events_received(), 1, "the body was not sent elsewhere");
-    assert_eq!(pool.affinity_count(), 0);
+    assert_eq!(pool.affinity().len(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -105,12 +105,12 @@ async fn dropping_the_headers_send_leaves_no_pin() {
     agent.set_latency(Duration::from_secs(1));
     let (pool, _c) = common::single(config(), &agent).await;
     let _ = tokio::time::timeout(Duration::from_millis(10), pool.send("waf", request("gone"))).await;
-    assert_eq!(pool.affinity_count(), 0);
+    assert_eq!(pool.affinity().len(), 0);
     // A failed headers send leaves none either.
     agent.set_latency(Duration::ZERO);
     agent.fail_next(1);
     assert!(pool.send("waf", request("failed")).await.is_err());
-    assert_eq!(pool.affinity_count(), 0);
+    assert_eq!(pool.affinity().len(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,14 +122,14 @@ async fn idle_pins_expire_after_the_ttl_and_can_be_cleared_by_hand() {
     for id in ["a", "b", "c"] {
         pool.send("waf", request(id)).await.unwrap();
     }
-    assert_eq!(pool.affinity_count(), 3);
-    assert!(pool.clear_affinity("waf", "a"));
-    assert!(!pool.clear_affinity("waf", "a"));
-    assert_eq!(pool.affinity_count(), 2);
+    assert_eq!(pool.affinity().len(), 3);
+    assert!(pool.affinity().clear("waf", "a"));
+    assert!(!pool.affinity().clear("waf", "a"));
+    assert_eq!(pool.affinity().len(), 2);
     tokio::time::sleep(Duration::from_secs(20)).await;
     pool.send("waf", req_body("b", 0, true)).await.unwrap(); // touching keeps "b" alive
     tokio::time::sleep(Duration::from_secs(15)).await;
-    assert_eq!(pool.affinity_count(), 1, "c expired, b was touched");
+    assert_eq!(pool.affinity().len(), 1, "c expired, b was touched");
     assert_eq!(pool.stats().totals.affinity, 1);
 }
 
@@ -142,7 +142,7 @@ async fn over_the_cap_requests_are_balanced_and_counted() {
     for i in 0..5 {
         pool.send("waf", request(format!("r{i}"))).await.unwrap();
     }
-    assert_eq!(pool.affinity_count(), 2);
+    assert_eq!(pool.affinity().len(), 2);
     // Unpinned requests still work, balanced per event.
     pool.send("waf", req_body("r4", 0, true)).await.unwrap();
     // A full table still re-pins a request it holds when its headers are sent again: its
@@ -154,7 +154,7 @@ async fn over_the_cap_requests_are_balanced_and_counted() {
         let (body_on, ..) = agent.events_by_connection().pop().unwrap();
         assert_eq!(body_on, headers_on);
     }
-    assert_eq!(pool.affinity_count(), 2);
+    assert_eq!(pool.affinity().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -165,7 +165,7 @@ async fn an_agent_that_takes_only_headers_gets_no_pins() {
     for i in 0..20 {
         pool.send("waf", request(format!("r{i}"))).await.unwrap();
     }
-    assert_eq!(pool.affinity_count(), 0, "no later event can reach it, so nothing to pin");
+    assert_eq!(pool.affinity().len(), 0, "no later event can reach it, so nothing to pin");
     let err = pool.send("waf", req_body("r0", 0, true)).await.unwrap_err();
     assert!(matches!(err, PoolError::UnsupportedEvent { kind: EventKind::RequestBody, .. }), "{err:?}");
 }
@@ -226,11 +226,11 @@ async fn try_reserve_for_takes_the_permit_on_the_pinned_connection() {
     pool.send("waf", request("r1")).await.unwrap();
     let home = agent.events_by_connection().pop().unwrap().0;
     for i in 0..4 {
-        let r = pool.try_reserve_for("waf", EventKind::RequestBody, &"r1".into()).unwrap();
+        let r = pool.affinity().try_reserve("waf", EventKind::RequestBody, &"r1".into()).unwrap();
         assert_eq!(r.connection(), home, "reservation {i}");
     }
     agent.connection_by_label(&home).unwrap().disconnect();
     tokio::time::sleep(Duration::from_millis(1)).await; // the supervisor takes it out
-    let err = pool.try_reserve_for("waf", EventKind::RequestBody, &"r1".into()).unwrap_err();
+    let err = pool.affinity().try_reserve("waf", EventKind::RequestBody, &"r1".into()).unwrap_err();
     assert_eq!(err, PoolError::PinLost { agent: "waf".into(), key: "r1".into() });
 }

@@ -28,14 +28,15 @@ async fn a_push_reaches_the_agent_and_is_acknowledged() {
     let agent = allow_all();
     agent.set_config_behaviour(ConfigBehaviour::Accept);
     let (pool, _c) = common::single(push_config(), &agent).await;
-    let ids = pool.push_config("waf", "rules", Some("v2"), Bytes::from_static(b"deny /admin")).unwrap();
+    let ids =
+        pool.config_push().push("waf", "rules", Some("v2"), Bytes::from_static(b"deny /admin")).unwrap();
     assert_eq!(ids.len(), 1, "one push per endpoint");
-    assert_eq!(pool.wait_push(ids[0]).await, Some(PushState::Acked));
+    assert_eq!(pool.config_push().wait(ids[0]).await, Some(PushState::Acked));
     let pushes = agent.config_pushes();
     assert_eq!(pushes.len(), 1);
     assert_eq!((pushes[0].1.push_id, pushes[0].1.kind.as_str()), (ids[0], "rules"));
     assert_eq!(pushes[0].1.payload, Bytes::from_static(b"deny /admin"));
-    assert_eq!(pool.push_counts().acked, 1);
+    assert_eq!(pool.config_push().counts().acked, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -43,10 +44,13 @@ async fn a_rejected_push_carries_the_agents_message_and_is_not_retried() {
     let agent = allow_all();
     agent.set_config_behaviour(ConfigBehaviour::Reject("unknown rule syntax".into()));
     let (pool, _c) = common::single(push_config(), &agent).await;
-    let id = pool.push_config("waf", "rules", None, Bytes::new()).unwrap()[0];
-    assert_eq!(pool.wait_push(id).await, Some(PushState::Rejected { error: "unknown rule syntax".into() }));
+    let id = pool.config_push().push("waf", "rules", None, Bytes::new()).unwrap()[0];
+    assert_eq!(
+        pool.config_push().wait(id).await,
+        Some(PushState::Rejected { error: "unknown rule syntax".into() })
+    );
     assert_eq!(agent.config_pushes().len(), 1);
-    assert_eq!(pool.push_counts().rejected, 1);
+    assert_eq!(pool.config_push().counts().rejected, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -55,19 +59,19 @@ async fn a_push_never_acknowledged_is_retried_then_failed() {
     agent.set_config_behaviour(ConfigBehaviour::Never);
     let (pool, _c) = common::single(push_config(), &agent).await;
     let start = Instant::now();
-    let id = pool.push_config("waf", "rules", None, Bytes::new()).unwrap()[0];
+    let id = pool.config_push().push("waf", "rules", None, Bytes::new()).unwrap()[0];
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        pool.push_state(id),
+        pool.config_push().state(id),
         Some(PushState::Pending { attempts: 1 }),
         "waiting out the retry interval"
     );
-    let PushState::Failed { error } = pool.wait_push(id).await.unwrap() else { panic!("must fail") };
+    let PushState::Failed { error } = pool.config_push().wait(id).await.unwrap() else { panic!("must fail") };
     assert!(error.contains("no acknowledgement"), "{error}");
     // 4 attempts × 2 s ack time-out + 3 × 1 s between them.
     assert_eq!(start.elapsed(), Duration::from_secs(11));
     assert_eq!(agent.config_pushes().len(), 4, "the first attempt and three retries were sent");
-    assert_eq!(pool.push_counts().failed, 1);
+    assert_eq!(pool.config_push().counts().failed, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -80,13 +84,13 @@ async fn pushes_go_only_to_agents_that_support_them() {
     let pool = AgentPool::new(push_config(), connector).unwrap();
     pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf")).await.unwrap();
     pool.add_agent(AgentSpec::new("plain").endpoint("mem://plain")).await.unwrap();
-    assert!(pool.push_config("plain", "rules", None, Bytes::new()).unwrap().is_empty());
-    let all = pool.push_config_to_all("rules", None, Bytes::new());
+    assert!(pool.config_push().push("plain", "rules", None, Bytes::new()).unwrap().is_empty());
+    let all = pool.config_push().push_to_all("rules", None, Bytes::new());
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].0, "waf");
-    assert_eq!(pool.wait_push(all[0].1).await, Some(PushState::Acked));
+    assert_eq!(pool.config_push().wait(all[0].1).await, Some(PushState::Acked));
     assert!(plain.config_pushes().is_empty());
-    assert_eq!(pool.push_state(999_999), None);
+    assert_eq!(pool.config_push().state(999_999), None);
 }
 
 #[tokio::test(start_paused = true)]
@@ -95,7 +99,7 @@ async fn agent_updates_go_to_the_handler_and_its_answer_goes_back() {
     let (pool, _c) = common::single(config(), &agent).await;
     let seen: Arc<Mutex<Vec<(String, ConfigUpdateRequest)>>> = Arc::default();
     let log = seen.clone();
-    pool.set_config_update_handler(Some(Arc::new(move |agent: String, req: ConfigUpdateRequest| {
+    pool.config_push().set_update_handler(Some(Arc::new(move |agent: String, req: ConfigUpdateRequest| {
         let log = log.clone();
         async move {
             let accepted = !matches!(req.kind, ConfigUpdateKind::RestartRequired { .. });

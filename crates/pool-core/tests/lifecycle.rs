@@ -133,18 +133,50 @@ async fn shutdown_cancels_what_outlives_the_drain_time_out() {
     assert_eq!(start.elapsed(), Duration::from_secs(5));
     assert_eq!((report.drained, report.forced), (0, 1));
     let err = stuck.await.unwrap().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PoolError::Transport { source: TransportError::Cancelled(CancelReason::ProxyShutdown), .. }
-        ),
-        "{err:?}"
-    );
+    assert_eq!(err, PoolError::Cancelled { agent: "waf".into(), reason: CancelReason::ProxyShutdown });
     agent.settle().await;
     assert!(
         agent.cancels().iter().any(|(_, id, r)| id.as_str() == "stuck" && *r == CancelReason::ProxyShutdown)
     );
     assert_eq!(agent.pending(), 0);
+}
+
+/// A request the caller cancels and one the drain cancels in flight end with the same error,
+/// `Cancelled` with its reason; one waiting for a permit when shutdown begins has not been
+/// admitted and is refused like a new request.
+#[tokio::test(start_paused = true)]
+async fn every_cancellation_is_one_error_with_a_reason() {
+    let agent = allow_all();
+    agent.set_silent(true);
+    let cfg = PoolConfig {
+        connections_per_endpoint: 1,
+        max_concurrency_per_connection: 1,
+        drain_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(60),
+        ..config()
+    };
+    let (pool, _c) = common::single(cfg, &agent).await;
+    let send = |id: &'static str| {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.send("waf", request(id)).await })
+    };
+    let by_user = send("by-user");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    pool.cancel("waf", &"by-user".into(), CancelReason::ClientDisconnected).unwrap();
+    assert_eq!(
+        by_user.await.unwrap().unwrap_err(),
+        PoolError::Cancelled { agent: "waf".into(), reason: CancelReason::ClientDisconnected }
+    );
+
+    let in_flight = send("in-flight");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let waiting = send("waiting");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(pool.stats().totals.in_flight, 1, "the second request waits for the only permit");
+    pool.shutdown().await;
+    let drained = PoolError::Cancelled { agent: "waf".into(), reason: CancelReason::ProxyShutdown };
+    assert_eq!(in_flight.await.unwrap().unwrap_err(), drained);
+    assert_eq!(waiting.await.unwrap().unwrap_err(), PoolError::ShuttingDown);
 }
 
 #[tokio::test(start_paused = true)]
@@ -204,7 +236,7 @@ async fn after_shutdown_every_entry_point_says_the_pool_is_shutting_down() {
 
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("ws", "waf").unwrap();
+    pool.sticky_sessions().create("ws", "waf").unwrap();
     // A service made before the shutdown outlives the agent's registration.
     let mut service = pool.service("waf").unwrap();
     pool.shutdown().await;
@@ -213,17 +245,20 @@ async fn after_shutdown_every_entry_point_says_the_pool_is_shutting_down() {
     assert_eq!(pool.send("waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
     assert_eq!(pool.try_reserve("waf", EventKind::RequestHeaders).unwrap_err(), PoolError::ShuttingDown);
     assert_eq!(
-        pool.try_reserve_for("waf", EventKind::RequestBody, &id).unwrap_err(),
+        pool.affinity().try_reserve("waf", EventKind::RequestBody, &id).unwrap_err(),
         PoolError::ShuttingDown
     );
-    assert_eq!(pool.send_sticky("ws", "waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
-    assert_eq!(pool.create_sticky_session("ws2", "waf").unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(
+        pool.sticky_sessions().send("ws", "waf", request("late")).await.unwrap_err(),
+        PoolError::ShuttingDown
+    );
+    assert_eq!(pool.sticky_sessions().create("ws2", "waf").unwrap_err(), PoolError::ShuttingDown);
     assert_eq!(
         pool.cancel("waf", &id, CancelReason::ClientDisconnected).unwrap_err(),
         PoolError::ShuttingDown
     );
     assert_eq!(
-        pool.push_config("waf", "rules", None, bytes::Bytes::new()).unwrap_err(),
+        pool.config_push().push("waf", "rules", None, bytes::Bytes::new()).unwrap_err(),
         PoolError::ShuttingDown
     );
     assert_eq!(pool.service("waf").unwrap_err(), PoolError::ShuttingDown);

@@ -393,10 +393,10 @@ async fn requests_no_connection_could_take_are_counted_as_refused_or_let_through
     assert!(pool.try_reserve("lenient", EventKind::RequestHeaders).is_err());
 
     // A sticky session whose only connection died, with nowhere healthy to move to.
-    pool.create_sticky_session("s", "ws").unwrap();
+    pool.sticky_sessions().create("s", "ws").unwrap();
     up.refuse_connections(true);
     up.disconnect_all();
-    let err = pool.send_sticky("s", "ws", request("w")).await.unwrap_err();
+    let err = pool.sticky_sessions().send("s", "ws", request("w")).await.unwrap_err();
     assert!(matches!(err, PoolError::Unavailable { .. }), "{err:?}");
 
     let totals = |id| pool.agent_stats(id).unwrap().totals;

@@ -12,9 +12,9 @@ use pool_core::{PoolConfig, PoolError, StickyConfig, StickyRoute, Unavailable};
 async fn a_session_keeps_every_send_on_its_connection() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("ws-1", "waf").unwrap();
+    pool.sticky_sessions().create("ws-1", "waf").unwrap();
     for i in 0..20 {
-        let (d, route) = pool.send_sticky("ws-1", "waf", request(format!("m{i}"))).await.unwrap();
+        let (d, route) = pool.sticky_sessions().send("ws-1", "waf", request(format!("m{i}"))).await.unwrap();
         assert!(d.is_allow());
         assert_eq!(route, StickyRoute::Pinned);
     }
@@ -28,15 +28,15 @@ async fn a_session_keeps_every_send_on_its_connection() {
 async fn a_session_whose_connection_dies_is_repinned_and_the_caller_sees_it() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("sse-1", "waf").unwrap();
-    pool.send_sticky("sse-1", "waf", request("a")).await.unwrap();
+    pool.sticky_sessions().create("sse-1", "waf").unwrap();
+    pool.sticky_sessions().send("sse-1", "waf", request("a")).await.unwrap();
     let (home, _, _) = agent.events_by_connection().pop().unwrap();
     agent.connection_by_label(&home).unwrap().disconnect();
-    let (_, route) = pool.send_sticky("sse-1", "waf", request("b")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("sse-1", "waf", request("b")).await.unwrap();
     let StickyRoute::Repinned { from, to } = route else { panic!("{route:?}") };
     assert_eq!(from, home);
     assert_ne!(to, home);
-    let (_, route) = pool.send_sticky("sse-1", "waf", request("c")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("sse-1", "waf", request("c")).await.unwrap();
     assert_eq!(route, StickyRoute::Pinned, "pinned to the new connection from then on");
     assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
 }
@@ -45,15 +45,15 @@ async fn a_session_whose_connection_dies_is_repinned_and_the_caller_sees_it() {
 async fn a_session_whose_connection_turns_unhealthy_is_repinned() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("lp-1", "waf").unwrap();
-    pool.send_sticky("lp-1", "waf", request("a")).await.unwrap();
+    pool.sticky_sessions().create("lp-1", "waf").unwrap();
+    pool.sticky_sessions().send("lp-1", "waf", request("a")).await.unwrap();
     let (home, _, _) = agent.events_by_connection().pop().unwrap();
     agent
         .connection_by_label(&home)
         .unwrap()
         .report_health(AgentHealth::with_status(HealthStatus::Unhealthy));
     agent.settle().await;
-    let (_, route) = pool.send_sticky("lp-1", "waf", request("b")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("lp-1", "waf", request("b")).await.unwrap();
     assert!(matches!(route, StickyRoute::Repinned { .. }), "{route:?}");
 }
 
@@ -62,23 +62,24 @@ async fn sessions_are_created_refreshed_queried_and_cleared() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
     assert_eq!(
-        pool.create_sticky_session("s", "nope").unwrap_err(),
+        pool.sticky_sessions().create("s", "nope").unwrap_err(),
         PoolError::UnknownAgent { agent: "nope".into() }
     );
-    pool.create_sticky_session("s1", "waf").unwrap();
-    pool.create_sticky_session("s2", "waf").unwrap();
-    assert!(pool.has_sticky_session("s1"));
-    assert_eq!(pool.sticky_session_agent("s1").as_deref(), Some("waf"));
-    assert_eq!(pool.sticky_session_count(), 2);
+    pool.sticky_sessions().create("s1", "waf").unwrap();
+    pool.sticky_sessions().create("s2", "waf").unwrap();
+    assert!(pool.sticky_sessions().contains("s1"));
+    assert_eq!(pool.sticky_sessions().agent_of("s1").as_deref(), Some("waf"));
+    assert_eq!(pool.sticky_sessions().len(), 2);
     assert_eq!(pool.stats().sticky_sessions, 2);
-    assert!(pool.refresh_sticky_session("s1"));
-    assert!(pool.clear_sticky_session("s1"));
-    assert!(!pool.clear_sticky_session("s1"));
-    assert!(!pool.has_sticky_session("s1"));
-    assert!(!pool.refresh_sticky_session("s1"));
-    let (_, route) = pool.send_sticky("s1", "waf", request("x")).await.unwrap();
+    assert!(pool.sticky_sessions().refresh("s1"));
+    assert!(pool.sticky_sessions().remove("s1"));
+    assert!(!pool.sticky_sessions().remove("s1"));
+    assert!(!pool.sticky_sessions().contains("s1"));
+    assert!(!pool.sticky_sessions().refresh("s1"));
+    let (_, route) = pool.sticky_sessions().send("s1", "waf", request("x")).await.unwrap();
     assert_eq!(route, StickyRoute::NoSession, "no session: balanced like any request");
-    let (_, route) = pool.send_sticky("s2", "other", request("y")).await.unwrap_err_or_no_session();
+    let (_, route) =
+        pool.sticky_sessions().send("s2", "other", request("y")).await.unwrap_err_or_no_session();
     assert_eq!(route, StickyRoute::NoSession);
 }
 
@@ -102,16 +103,16 @@ impl NoSession for Result<(pool_api::Decision, StickyRoute), PoolError> {
 async fn sessions_expire_after_the_idle_time_out_unless_used() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("idle", "waf").unwrap();
-    pool.create_sticky_session("busy", "waf").unwrap();
+    pool.sticky_sessions().create("idle", "waf").unwrap();
+    pool.sticky_sessions().create("busy", "waf").unwrap();
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_secs(100)).await;
-        pool.send_sticky("busy", "waf", request("ping")).await.unwrap();
+        pool.sticky_sessions().send("busy", "waf", request("ping")).await.unwrap();
     }
     // 400 s: "idle" passed the default 5 minutes and was swept by maintenance.
-    assert!(!pool.has_sticky_session("idle"));
-    assert!(pool.has_sticky_session("busy"));
-    assert_eq!(pool.sticky_session_count(), 1);
+    assert!(!pool.sticky_sessions().contains("idle"));
+    assert!(pool.sticky_sessions().contains("busy"));
+    assert_eq!(pool.sticky_sessions().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -119,10 +120,10 @@ async fn without_an_idle_time_out_sessions_never_expire_and_cleanup_is_manual_to
     let agent = allow_all();
     let cfg = PoolConfig { sticky: StickyConfig { idle_timeout: None }, ..config() };
     let (pool, _c) = common::single(cfg, &agent).await;
-    pool.create_sticky_session("forever", "waf").unwrap();
+    pool.sticky_sessions().create("forever", "waf").unwrap();
     tokio::time::sleep(Duration::from_secs(86_400)).await;
-    assert!(pool.has_sticky_session("forever"));
-    assert_eq!(pool.cleanup_expired_sessions(), 0);
+    assert!(pool.sticky_sessions().contains("forever"));
+    assert_eq!(pool.sticky_sessions().remove_expired(), 0);
 
     // Manual clean-up, with maintenance slowed to one sweep per 1000 s so it cannot get there first.
     let agent2 = allow_all();
@@ -131,15 +132,15 @@ async fn without_an_idle_time_out_sessions_never_expire_and_cleanup_is_manual_to
     cfg.health.window = Duration::from_secs(1000);
     cfg.health.buckets = 1;
     let (pool2, _c2) = common::single(cfg, &agent2).await;
-    pool2.create_sticky_session("short", "waf").unwrap();
-    pool2.create_sticky_session("kept", "waf").unwrap();
+    pool2.sticky_sessions().create("short", "waf").unwrap();
+    pool2.sticky_sessions().create("kept", "waf").unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(pool2.refresh_sticky_session("kept"));
+    assert!(pool2.sticky_sessions().refresh("kept"));
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(pool2.sticky_session_count(), 2, "expired but not yet swept");
-    assert!(!pool2.has_sticky_session("short"), "an expired session is not live");
-    assert_eq!(pool2.cleanup_expired_sessions(), 1);
-    assert_eq!(pool2.sticky_session_count(), 1);
+    assert_eq!(pool2.sticky_sessions().len(), 2, "expired but not yet swept");
+    assert!(!pool2.sticky_sessions().contains("short"), "an expired session is not live");
+    assert_eq!(pool2.sticky_sessions().remove_expired(), 1);
+    assert_eq!(pool2.sticky_sessions().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -148,7 +149,7 @@ async fn no_session_can_be_made_on_an_agent_without_a_healthy_connection() {
     let (pool, _c) = common::single(config(), &agent).await;
     agent.report_health(AgentHealth::with_status(HealthStatus::Unhealthy));
     agent.settle().await;
-    let err = pool.create_sticky_session("s", "waf").unwrap_err();
+    let err = pool.sticky_sessions().create("s", "waf").unwrap_err();
     assert_eq!(err, PoolError::Unavailable { agent: "waf".into(), reason: Unavailable::AgentNotReady });
 }
 
@@ -156,9 +157,9 @@ async fn no_session_can_be_made_on_an_agent_without_a_healthy_connection() {
 async fn removing_the_agent_ends_its_sessions() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("s", "waf").unwrap();
+    pool.sticky_sessions().create("s", "waf").unwrap();
     pool.remove_agent("waf").await.unwrap();
-    assert_eq!(pool.sticky_session_count(), 0);
+    assert_eq!(pool.sticky_sessions().len(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -168,7 +169,7 @@ async fn sticky_sends_dropped_at_random_points_leave_no_permit_behind() {
     agent.set_latency_range(Duration::ZERO, Duration::from_millis(10));
     let (pool, _c) = common::single(config(), &agent).await;
     for s in 0..10 {
-        pool.create_sticky_session(&format!("s{s}"), "waf").unwrap();
+        pool.sticky_sessions().create(&format!("s{s}"), "waf").unwrap();
     }
     let mut rng = fastrand::Rng::with_seed(11);
     let tasks: Vec<_> = (0..2_000)
@@ -177,9 +178,11 @@ async fn sticky_sends_dropped_at_random_points_leave_no_permit_behind() {
             let session = format!("s{}", i % 10);
             let after = Duration::from_micros(rng.u64(0..12_000));
             tokio::spawn(async move {
-                let _ =
-                    tokio::time::timeout(after, pool.send_sticky(&session, "waf", request(format!("r{i}"))))
-                        .await;
+                let _ = tokio::time::timeout(
+                    after,
+                    pool.sticky_sessions().send(&session, "waf", request(format!("r{i}"))),
+                )
+                .await;
             })
         })
         .collect();
@@ -189,22 +192,25 @@ async fn sticky_sends_dropped_at_random_points_leave_no_permit_behind() {
     agent.settle().await;
     assert_eq!(pool.stats().totals.in_flight, 0);
     assert_eq!(agent.pending(), 0);
-    assert_eq!(pool.sticky_session_count(), 10);
+    assert_eq!(pool.sticky_sessions().len(), 10);
     tokio::time::sleep(Duration::from_secs(302)).await;
-    assert_eq!(pool.sticky_session_count(), 0, "all expired as documented");
+    assert_eq!(pool.sticky_sessions().len(), 0, "all expired as documented");
 }
 
 #[tokio::test(start_paused = true)]
 async fn try_reserve_sticky_reserves_on_the_session_connection() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.create_sticky_session("s", "waf").unwrap();
-    let (first, route) = pool.try_reserve_sticky("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
+    pool.sticky_sessions().create("s", "waf").unwrap();
+    let (first, route) =
+        pool.sticky_sessions().try_reserve("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
     assert_eq!(route, StickyRoute::Pinned);
-    let (second, _) = pool.try_reserve_sticky("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
+    let (second, _) =
+        pool.sticky_sessions().try_reserve("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
     assert_eq!(first.connection(), second.connection());
     assert!(second.send(request("x")).await.unwrap().is_allow());
-    let (_, route) = pool.try_reserve_sticky("none", "waf", pool_api::EventKind::RequestHeaders).unwrap();
+    let (_, route) =
+        pool.sticky_sessions().try_reserve("none", "waf", pool_api::EventKind::RequestHeaders).unwrap();
     assert_eq!(route, StickyRoute::NoSession);
 }
 
@@ -215,10 +221,10 @@ async fn a_sticky_send_waiting_on_its_connection_when_it_dies_is_repinned_and_de
     // One request at a time per connection: the second send waits for the first's permit.
     let cfg = PoolConfig { max_concurrency_per_connection: 1, ..config() };
     let (pool, _c) = common::single(cfg, &agent).await;
-    pool.create_sticky_session("ws", "waf").unwrap();
+    pool.sticky_sessions().create("ws", "waf").unwrap();
     let send = |id: &'static str| {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send_sticky("ws", "waf", request(id)).await })
+        tokio::spawn(async move { pool.sticky_sessions().send("ws", "waf", request(id)).await })
     };
     let first = send("first");
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -241,7 +247,7 @@ async fn a_sticky_send_waiting_on_its_connection_when_it_dies_is_repinned_and_de
         .map(|(label, ..)| label)
         .collect();
     assert_eq!(delivered, std::slice::from_ref(&to), "the event reached the new connection, once");
-    let (_, route) = pool.send_sticky("ws", "waf", request("third")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("ws", "waf", request("third")).await.unwrap();
     assert_eq!(route, StickyRoute::Pinned, "the session stays on its new connection");
     assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
     assert_eq!(pool.stats().totals.in_flight, 0);
