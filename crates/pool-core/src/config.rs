@@ -133,47 +133,54 @@ impl Default for HealthConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Identifies this proxy to agents in the handshake.
+    /// Identifies this proxy to agents in the handshake. Default `agentpool`.
     pub proxy_id: String,
-    /// Connections opened to each endpoint (replica) of an agent.
+    /// Connections opened to each endpoint (replica) of an agent. Default 4.
     pub connections_per_endpoint: usize,
-    /// Requests in flight per connection; the agent's advertised maximum lowers it.
+    /// Requests in flight per connection; the agent's advertised maximum lowers it. Default 100.
     pub max_concurrency_per_connection: u32,
-    /// How a connection is chosen for each request.
+    /// How a connection is chosen for each request. Default power of two choices.
     pub balancer: Strategy,
-    /// Time allowed for a whole send, waiting for a permit included.
+    /// Time allowed for a whole send, waiting for a permit included. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Time allowed to establish a connection.
+    /// Time allowed to establish a connection. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time allowed for the handshake once connected.
+    /// Time allowed for the handshake once connected. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// Back-off between reconnect attempts of one connection.
+    /// Back-off between reconnect attempts of one connection. Default 100 ms doubling to 30 s,
+    /// with jitter.
     pub reconnect: BackoffConfig,
-    /// Per-endpoint circuit breaker.
+    /// Per-endpoint circuit breaker. Default: opens after 5 consecutive failures, probes after
+    /// 30 s (doubling up to 300 s while probes fail).
     pub breaker: BreakerConfig,
-    /// Connection health.
+    /// Connection health. Default: a 10 s window in 10 buckets, healthy at ≥ 95 % success and
+    /// degraded at ≥ 80 % (from 10 requests), pings every 10 s with a 5 s time-out.
     pub health: HealthConfig,
-    /// Outlier ejection across an agent's endpoints.
+    /// Outlier ejection across an agent's endpoints. Default on, evaluated every 10 s, ejecting
+    /// for 30 s (up to 300 s) and at most 10 % of the replicas.
     pub outlier: OutlierConfig,
-    /// What to answer when an agent cannot take a request.
+    /// What to answer when an agent cannot take a request. Default fail closed.
     pub failure_mode: FailureMode,
-    /// What to do when the agent pauses every usable connection.
+    /// What to do when the agent pauses every usable connection. Default fail closed (a
+    /// wait-and-retry wait is 100 ms).
     pub flow_control: FlowControlConfig,
-    /// Correlation affinity.
+    /// Correlation affinity. Default at most 100 000 pinned requests, each dropped after 5 min
+    /// idle.
     pub affinity: AffinityConfig,
-    /// Sticky sessions.
+    /// Sticky sessions. Default: a session expires after 5 min unused.
     pub sticky: StickyConfig,
-    /// Configuration pushes to agents.
+    /// Configuration pushes to agents. Default: a 10 s ack time-out, 3 retries 2 s apart.
     pub config_push: ConfigPushConfig,
-    /// Who may connect in reverse.
+    /// Who may connect in reverse. Default: nobody (no token configured).
     pub reverse: ReverseConfig,
-    /// How long shutdown waits for in-flight requests before cancelling them.
+    /// How long shutdown (or an agent's removal) waits for in-flight requests before
+    /// cancelling them. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Seed for every random choice (balancing, jitter), for reproducible tests.
+    /// Seed for every random choice (balancing, jitter), for reproducible tests. Default none.
     pub seed: Option<u64>,
 }
 

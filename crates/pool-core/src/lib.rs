@@ -11,7 +11,8 @@
 //!
 //! # Main types
 //!
-//! * [`AgentPool`] — the registry and the send path ([`AgentPool::send`]).
+//! * [`AgentPool`] — the registry and the send path ([`AgentPool::send`]); handles for
+//!   [`StickySessions`], [`RequestAffinity`] and [`ConfigPushes`].
 //! * [`AgentSpec`] — an agent to add: id, endpoints, per-agent [`AgentOptions`].
 //! * [`PoolConfig`] — every setting, with serde + humantime and [`PoolConfig::validate`].
 //! * [`AgentService`] — one agent as a `tower::Service<Event>`.
@@ -21,28 +22,35 @@
 //!
 //! # Example
 //!
-//! ```
-//! use pool_core::{AgentPool, AgentSpec, PoolConfig};
+//! With `transport-uds` as the transport (its example `pool_over_uds` runs an agent and a pool
+//! end to end):
+//!
+//! ```no_run
 //! use pool_api::{Event, RequestHeaders};
-//! use test_support::{AllowAll, MemoryAgent, MemoryConnector};
+//! use pool_core::{AgentPool, AgentSpec, PoolConfig};
+//! use transport_uds::{ClientConfig, UdsConnector};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let connector = MemoryConnector::new();
-//! connector.register("mem://waf", &MemoryAgent::new(AllowAll));
-//!
-//! let pool = AgentPool::new(PoolConfig::default(), connector)?;
-//! let report = pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf")).await?;
-//! assert_eq!(report.connected, 4);
+//! let pool = AgentPool::new(PoolConfig::default(), UdsConnector::new(ClientConfig::default()))?;
+//! let report = pool.add_agent(AgentSpec::new("waf").endpoint("unix:/run/waf.sock")).await?;
+//! println!("{} of {} connections up", report.connected, report.slots);
 //!
 //! let event = Event::RequestHeaders(RequestHeaders::new("req-1", http::Method::GET, "/".parse()?));
-//! let decision = pool.send("waf", event).await?;
-//! assert!(decision.is_allow());
-//!
+//! match pool.send("waf", event).await {
+//!     Ok(decision) if decision.is_allow() => println!("allowed"),
+//!     Ok(decision) => println!("the agent decided: {decision:?}"),
+//!     Err(e) => eprintln!("agent waf: {e}"),
+//! }
 //! pool.shutdown().await;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Settings and metrics
+//!
+//! [`PoolConfig`]'s fields document their defaults; the crate's README tables them, with every
+//! metric the pool records (through the `metrics` facade, names prefixed `agentpool_`).
 //!
 //! # Design
 //!
