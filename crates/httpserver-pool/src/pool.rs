@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use crate::addr::ToBind;
 use crate::filter::{Field, Pattern};
 use crate::{
-    Error, Handler, PoolConfig, ReloadOutcome, Server, ServerConfig, ServerFailure, ServerSnapshot, TlsConfig,
+    Error, Handler, HttpServerConfig, ReloadOutcome, Server, ServerFailure, ServerPoolConfig, ServerSnapshot,
+    TlsConfig,
 };
 
 /// What a group start does when some servers fail.
@@ -195,7 +196,7 @@ impl Pool {
     }
 
     /// Builds a pool from configurations; every problem of every server is reported at once.
-    pub fn from_config(config: &PoolConfig) -> Result<Pool, Error> {
+    pub fn from_config(config: &ServerPoolConfig) -> Result<Pool, Error> {
         let pool = Pool::new();
         pool.insert_configs(config)?;
         Ok(pool)
@@ -250,7 +251,7 @@ impl Pool {
         *write(&self.inner.default_tls) = Some(tls);
     }
 
-    fn with_defaults(&self, mut config: ServerConfig) -> ServerConfig {
+    fn with_defaults(&self, mut config: HttpServerConfig) -> HttpServerConfig {
         if config.handler.is_none() {
             config.handler = read(&self.inner.default_handler).clone();
         }
@@ -260,9 +261,10 @@ impl Pool {
         config
     }
 
-    fn complete(&self, config: &PoolConfig) -> Result<PoolConfig, Error> {
-        let completed =
-            PoolConfig { servers: config.servers.iter().cloned().map(|c| self.with_defaults(c)).collect() };
+    fn complete(&self, config: &ServerPoolConfig) -> Result<ServerPoolConfig, Error> {
+        let completed = ServerPoolConfig {
+            servers: config.servers.iter().cloned().map(|c| self.with_defaults(c)).collect(),
+        };
         let (_, mut problems) = completed.problems();
         for c in &completed.servers {
             if c.handler.is_none() {
@@ -276,7 +278,7 @@ impl Pool {
         if problems.is_empty() { Ok(completed) } else { Err(Error::Invalid { problems }) }
     }
 
-    fn insert_configs(&self, config: &PoolConfig) -> Result<(), Error> {
+    fn insert_configs(&self, config: &ServerPoolConfig) -> Result<(), Error> {
         let completed = self.complete(config)?;
         let servers = completed.servers.into_iter().map(Server::new).collect::<Result<Vec<_>, _>>()?;
         let mut map = write(&self.inner.servers);
@@ -308,7 +310,7 @@ impl Pool {
     }
 
     /// Validates `config` (with the pool's defaults), builds the server and adds it.
-    pub fn store_config(&self, config: ServerConfig) -> Result<Server, Error> {
+    pub fn store_config(&self, config: HttpServerConfig) -> Result<Server, Error> {
         let config = self.with_defaults(config);
         if config.handler.is_none() {
             return Err(Error::MissingHandler { server: config.name });
@@ -458,11 +460,11 @@ impl Pool {
     /// Concurrent calls are serialised in the order they were made (a fair async lock): each
     /// waits until the one before it has finished, so the last call's configuration is the one
     /// left in place.
-    pub async fn apply(&self, config: &PoolConfig) -> Result<ApplyReport, Error> {
+    pub async fn apply(&self, config: &ServerPoolConfig) -> Result<ApplyReport, Error> {
         let _one_at_a_time = self.inner.applying.lock().await;
         let completed = self.complete(config)?;
         let mut report = ApplyReport::default();
-        let mut wanted: BTreeMap<SocketAddr, ServerConfig> = BTreeMap::new();
+        let mut wanted: BTreeMap<SocketAddr, HttpServerConfig> = BTreeMap::new();
         for c in completed.servers {
             let bind = crate::addr::canonical(&c.listen)?;
             wanted.insert(bind, c);
@@ -472,9 +474,9 @@ impl Pool {
             let mut map = write(&self.inner.servers);
             let gone: Vec<SocketAddr> = map.keys().filter(|b| !wanted.contains_key(b)).copied().collect();
             let removed: Vec<Server> = gone.iter().filter_map(|b| map.remove(b)).collect();
-            let kept: Vec<(Server, ServerConfig)> =
+            let kept: Vec<(Server, HttpServerConfig)> =
                 map.values().map(|s| (s.clone(), wanted[&s.bind()].clone())).collect();
-            let added: Vec<ServerConfig> =
+            let added: Vec<HttpServerConfig> =
                 wanted.iter().filter(|(b, _)| !map.contains_key(b)).map(|(_, c)| c.clone()).collect();
             (removed, kept, added)
         };

@@ -44,13 +44,13 @@ use crate::filter::{Field, Pattern};
 use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
 use crate::{
-    BoxError, Error, Handler, Problem, RequestBody, ResponseBody, ServerConfig, ShutdownSignal, socket,
+    BoxError, Error, Handler, HttpServerConfig, Problem, RequestBody, ResponseBody, ShutdownSignal, socket,
     status,
 };
 
 /// What a connection needs, swapped as a whole on reload.
 struct Live {
-    config: ServerConfig,
+    config: HttpServerConfig,
     handler: Handler,
     builder: auto::Builder<TokioExecutor>,
     /// Set when HTTP/2 must not be served on this server's connections (`http2 = false`, or plain
@@ -62,7 +62,7 @@ struct Live {
 }
 
 impl Live {
-    fn build(config: ServerConfig) -> Result<(SocketAddr, Live), Error> {
+    fn build(config: HttpServerConfig) -> Result<(SocketAddr, Live), Error> {
         let (bind, problems) = config.problems();
         if !problems.is_empty() {
             return Err(Error::Invalid { problems });
@@ -181,7 +181,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Server {
     /// Builds a stopped server after validating `config`. The configuration must carry a handler.
-    pub fn new(config: ServerConfig) -> Result<Server, Error> {
+    pub fn new(config: HttpServerConfig) -> Result<Server, Error> {
         let (bind, live) = Live::build(config)?;
         let counters = Arc::new(Counters::new(&live.config.name, bind));
         Ok(Server {
@@ -230,7 +230,7 @@ impl Server {
     }
 
     /// The current configuration (the handler included).
-    pub fn config(&self) -> ServerConfig {
+    pub fn config(&self) -> HttpServerConfig {
         self.inner.live.load().config.clone()
     }
 
@@ -262,7 +262,7 @@ impl Server {
     /// Applies a new configuration for the same bind address. A configuration that fails
     /// validation, or whose TLS files are unreadable or mismatched, is rejected and the current
     /// settings stay. See [`ReloadOutcome`] for what happens to a running server.
-    pub async fn reload(&self, config: ServerConfig) -> Result<ReloadOutcome, Error> {
+    pub async fn reload(&self, config: HttpServerConfig) -> Result<ReloadOutcome, Error> {
         let (bind, live) = Live::build(config)?;
         if bind != self.inner.bind {
             return Err(Error::Invalid {

@@ -11,7 +11,7 @@
 //! connection's task is woken when the buffer goes from empty to not empty and writes
 //! everything queued at once.
 //!
-//! Whoever can connect to the socket is held to the limits of [`ServerConfig`]: connections
+//! Whoever can connect to the socket is held to the limits of [`UdsServerConfig`]: connections
 //! over the cap are closed unanswered; a handshake, a frame and a write each have a time-out;
 //! requests beyond the advertised concurrency wait their turn without being read; and
 //! configuration pushes beyond their cap are refused ([`RequestRefused`]) without reaching the
@@ -73,7 +73,7 @@ use crate::streams::StreamMap;
 /// connection cap bounds how many there can be, and a connection that has started a frame
 /// is held to `frame_read_timeout`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerConfig {
+pub struct UdsServerConfig {
     /// Largest frame read or written (default 16 MiB). A frame announcing more is refused on
     /// its 4-byte length, and the connection closed, before any of it is buffered.
     pub max_frame: usize,
@@ -92,7 +92,7 @@ pub struct ServerConfig {
     pub session: SessionLimits,
 }
 
-impl Default for ServerConfig {
+impl Default for UdsServerConfig {
     fn default() -> Self {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
@@ -105,7 +105,7 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
+impl UdsServerConfig {
     /// Checks that every limit is in range: none is zero, `max_frame` fits the 4-byte frame
     /// length, and `max_connections` is at most `usize::MAX / 8`.
     pub fn validate(&self) -> Result<(), ServeError> {
@@ -180,7 +180,7 @@ impl Default for SessionLimits {
 }
 
 impl SessionLimits {
-    /// The first limit set to zero, named as where both [`ServerConfig`] and
+    /// The first limit set to zero, named as where both [`UdsServerConfig`] and
     /// [`ReverseAgentConfig`](crate::ReverseAgentConfig) keep these limits
     /// (`session.<name>`).
     pub(crate) fn zero_field(&self) -> Option<&'static str> {
@@ -384,7 +384,7 @@ impl ServerHandle {
         conns.len()
     }
 
-    /// How many times each limit of [`ServerConfig`] (or of the reverse agent's session) was
+    /// How many times each limit of [`UdsServerConfig`] (or of the reverse agent's session) was
     /// hit so far. The same counts go to the `agentpool_uds_agent_limit_total` counter,
     /// labelled by `limit`.
     pub fn limit_stats(&self) -> LimitStats {
@@ -406,14 +406,14 @@ impl ServerHandle {
 pub struct UdsServer {
     listener: UnixListener,
     path: PathBuf,
-    config: ServerConfig,
+    config: UdsServerConfig,
     handle: ServerHandle,
 }
 
 impl UdsServer {
     /// Binds `path`. A stale socket file nobody listens on is replaced; a live one, or a path
     /// that is not a socket, is an error, and so is a configuration with a limit of zero.
-    pub async fn bind(path: impl AsRef<Path>, config: ServerConfig) -> Result<Self, ServeError> {
+    pub async fn bind(path: impl AsRef<Path>, config: UdsServerConfig) -> Result<Self, ServeError> {
         config.validate()?;
         let path = path.as_ref().to_path_buf();
         let listener = bind_socket(&path, config.mode).await?;
@@ -516,7 +516,7 @@ pub(crate) fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFram
 async fn serve_connection<H: AgentHandler>(
     stream: UnixStream,
     handler: Arc<H>,
-    config: ServerConfig,
+    config: UdsServerConfig,
     handle: ServerHandle,
 ) {
     let framed: AgentFramed = Framed::new(stream, FrameCodec::new(config.max_frame));
@@ -967,7 +967,7 @@ mod tests {
     async fn a_closed_session_leaves_the_handle_on_its_own() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.sock");
-        let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+        let server = UdsServer::bind(&path, UdsServerConfig::default()).await.unwrap();
         let handle = server.handle();
         tokio::spawn(server.serve(test_support::AllowAll, std::future::pending()));
         let endpoint = Endpoint::from(format!("unix:{}", path.display()));

@@ -13,7 +13,7 @@ use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
 use transport_uds::codec::FrameCodec;
-use transport_uds::{ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
 struct Uds {
     dir: tempfile::TempDir,
@@ -39,7 +39,7 @@ fn path_of(endpoint: &Endpoint) -> std::path::PathBuf {
 }
 
 async fn serve_on<H: AgentHandler>(path: std::path::PathBuf, handler: H) -> RunningAgent {
-    let server = UdsServer::bind(&path, ServerConfig::default()).await.expect("bind");
+    let server = UdsServer::bind(&path, UdsServerConfig::default()).await.expect("bind");
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(handler, async move {
         let _ = stopped.await;

@@ -7,7 +7,7 @@
 
 mod waf;
 
-use transport_uds::{ServerConfig, UdsServer};
+use transport_uds::{UdsServer, UdsServerConfig};
 use waf::Waf;
 
 #[tokio::main]
@@ -17,7 +17,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blocked: Vec<String> = args.collect();
     let blocked = if blocked.is_empty() { vec!["/admin".to_owned()] } else { blocked };
     let server =
-        UdsServer::bind(&path, ServerConfig { mode: Some(0o660), ..ServerConfig::default() }).await?;
+        UdsServer::bind(&path, UdsServerConfig { mode: Some(0o660), ..UdsServerConfig::default() }).await?;
     eprintln!("example WAF agent on unix:{path}, blocking {blocked:?}; Ctrl-C to stop");
     server
         .serve(Waf::new(blocked), async {
