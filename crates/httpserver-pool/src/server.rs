@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
 use pool_api::{Lifecycle, LifecycleError, LifecycleState, StopReport};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -175,10 +176,6 @@ impl std::fmt::Debug for Server {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Server {
     /// Builds a stopped server after validating `config`. The configuration must carry a handler.
     pub fn new(config: HttpServerConfig) -> Result<Server, Error> {
@@ -297,7 +294,7 @@ impl Server {
     pub async fn stop_within(&self, grace: Duration) -> Result<StopReport, LifecycleError> {
         let begin = Instant::now();
         let handle = {
-            let mut run = lock(&self.inner.run);
+            let mut run = self.inner.run.lock();
             run.as_mut().map(|h| {
                 // Counted before the signal: a connection closing as soon as it sees the signal
                 // counts as drained.
@@ -399,8 +396,8 @@ impl Lifecycle for Server {
         let tracker = Tracker::new(self.inner.counters.clone());
         let task =
             tokio::spawn(accept_loop(Arc::downgrade(&self.inner), listener, shutdown_rx, tracker.clone()));
-        *lock(&self.inner.run) = Some(RunHandle { shutdown, tracker, task: Some(task) });
-        *lock(&self.inner.started) = Some(Instant::now());
+        *self.inner.run.lock() = Some(RunHandle { shutdown, tracker, task: Some(task) });
+        *self.inner.started.lock() = Some(Instant::now());
         self.inner.state.send_replace(LifecycleState::Running);
         tracing::info!(server = %name, bind = %self.inner.bind, "listening");
         Ok(())
@@ -421,7 +418,7 @@ impl Lifecycle for Server {
         if !self.is_running() {
             return None;
         }
-        lock(&self.inner.started).map(|t| t.elapsed())
+        self.inner.started.lock().map(|t| t.elapsed())
     }
 
     fn state(&self) -> watch::Receiver<LifecycleState> {
@@ -507,8 +504,8 @@ async fn accept_loop(
     }
     while conns.join_next().await.is_some() {}
     if let Some(inner) = server.upgrade() {
-        *lock(&inner.started) = None;
-        lock(&inner.run).take();
+        *inner.started.lock() = None;
+        inner.run.lock().take();
         inner.state.send_replace(LifecycleState::Stopped);
     }
     // `drained` and `elapsed` are filled in by the stop call, which saw the stop begin.
@@ -628,7 +625,7 @@ async fn drive<C, E>(
         }
         if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
-            *lock(&wake.task) = Some(waker.clone());
+            *wake.task.lock() = Some(waker.clone());
             registered = Some(waker);
         }
         // The waker is stored before `fired` is read: a side wake-up either set `fired` before
@@ -669,7 +666,7 @@ impl Wake for SideWake {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.fired.store(true, Ordering::Release);
-        let task = lock(&self.task).clone();
+        let task = self.task.lock().clone();
         if let Some(task) = task {
             task.wake();
         }
