@@ -43,7 +43,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod client;
-pub mod codec;
+mod codec;
 pub mod reverse;
 mod server;
 mod streams;

@@ -39,12 +39,12 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Interval, MissedTickBehavior};
-use tokio_util::codec::{Encoder, Framed};
+use tokio_util::codec::Framed;
 
 #[cfg(doc)]
 use crate::ReverseAgent;
 use crate::client::PeerCredentials;
-use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound, Outbound};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound};
 use crate::streams::StreamMap;
 
 /// Settings of the agent side.
@@ -351,7 +351,7 @@ impl ServerHandle {
 
     fn broadcast(&self, body: agent_frame::Body) {
         let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
-        self.connections().retain(|c| c.push(Outbound::Frame(frame.clone())));
+        self.connections().retain(|c| c.push(frame.clone()));
     }
 
     /// Reports the agent's health to every proxy connected.
@@ -512,6 +512,14 @@ pub(crate) fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFram
     proto::AgentFrame { stream_id, body: Some(body) }
 }
 
+/// The request `frame` answers, if it is an answer (an error; decisions are queued apart).
+fn answers(frame: &proto::AgentFrame) -> Option<u64> {
+    match frame {
+        proto::AgentFrame { stream_id, body: Some(agent_frame::Body::Error(_)) } => Some(*stream_id),
+        _ => None,
+    }
+}
+
 /// Handshakes, then serves one connection until it ends.
 async fn serve_connection<H: AgentHandler>(
     stream: UnixStream,
@@ -640,9 +648,9 @@ impl Out {
     }
 
     /// Queues a frame; false once the connection has ended.
-    fn push(&self, frame: Outbound) -> bool {
-        let answers = frame.answers();
-        self.queue(answers, |codec, buf| codec.encode(frame, buf))
+    fn push(&self, frame: proto::AgentFrame) -> bool {
+        let answers = answers(&frame);
+        self.queue(answers, |codec, buf| codec.encode_message(&frame, buf))
     }
 
     /// Queues the answer to request `stream`.
@@ -653,7 +661,7 @@ impl Out {
             }
             Err(e) => {
                 let error = proto::AgentError { message: e.message.clone() };
-                self.push(Outbound::Frame(frame(stream, agent_frame::Body::Error(error))));
+                self.push(frame(stream, agent_frame::Body::Error(error)));
             }
         }
     }
@@ -801,7 +809,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
                     break;
                 }
                 // Only a write the socket cannot take at once is timed (no timer otherwise).
-                let mut flush = std::pin::pin!(SinkExt::<Outbound>::flush(&mut framed));
+                let mut flush = std::pin::pin!(SinkExt::<proto::AgentFrame>::flush(&mut framed));
                 let flushed = match flush.as_mut().now_or_never() {
                     Some(flushed) => flushed,
                     None => match tokio::time::timeout(limits.write_timeout, flush).await {
@@ -903,7 +911,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         }
                     }
                     Some(proxy_frame::Body::Ping(_)) => {
-                        out.push(Outbound::Frame(frame(stream, agent_frame::Body::Pong(proto::Pong {}))));
+                        out.push(frame(stream, agent_frame::Body::Pong(proto::Pong {})));
                     }
                     Some(proxy_frame::Body::ConfigPush(p)) => {
                         tasks.config.retain(|task| !task.is_finished());
@@ -911,13 +919,13 @@ pub(crate) async fn run_session<H: AgentHandler>(
                             counters.hit(Limit::ConfigPushes);
                             let refused = RequestRefused::TooManyConfigPushes { push_id: p.push_id, limit: max_config_pushes };
                             let ack = proto::ConfigAck { push_id: p.push_id, accepted: false, error: Some(refused.to_string()) };
-                            out.push(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack))));
+                            out.push(frame(stream, agent_frame::Body::ConfigAck(ack)));
                             continue;
                         }
                         let (handler, out) = (handler.clone(), out.clone());
                         tasks.config.push(tokio::spawn(async move {
                             let ack = handler.on_config(ConfigPush::from(p)).await;
-                            out.push(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack.into()))));
+                            out.push(frame(stream, agent_frame::Body::ConfigAck(ack.into())));
                         }));
                     }
                     Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
@@ -953,7 +961,7 @@ impl Drop for PanicGuard {
             && std::thread::panicking()
         {
             let error = proto::AgentError { message: "the agent's handler panicked".into() };
-            out.push(Outbound::Frame(frame(self.stream, agent_frame::Body::Error(error))));
+            out.push(frame(self.stream, agent_frame::Body::Error(error)));
         }
     }
 }

@@ -6,6 +6,8 @@
 //! No test measures time: time-outs are set short so the tests end soon, and every wait has
 //! a generous deadline so that a broken limit fails instead of hanging.
 
+mod wire;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -20,11 +22,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::codec::Framed;
-use transport_uds::codec::{EventFrame, FrameCodec};
 use transport_uds::reverse::{ReverseAgent, ReverseAgentConfig, ReverseError};
 use transport_uds::{
     LimitStats, ServeError, ServerHandle, SessionLimits, UdsConnector, UdsServer, UdsServerConfig,
 };
+use wire::Wire;
 
 /// Long enough for anything that should happen to happen, on any machine.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -33,7 +35,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const SHORT: Duration = Duration::from_millis(200);
 
 /// A proxy speaking the wire protocol by hand.
-type RawProxy = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
+type RawProxy = Framed<UnixStream, Wire<proto::AgentFrame, proto::ProxyFrame>>;
 
 /// Holds every event and configuration push until the test opens the gate; counts those
 /// started and the most events running at once, and answers each event with its correlation
@@ -115,10 +117,15 @@ fn request(id: &str) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/x")))
 }
 
+/// Request `stream_id`'s `event`, as the proxy frames it.
+fn event_frame(stream_id: u64, event: Event) -> proto::ProxyFrame {
+    proto::ProxyFrame { stream_id, body: Some(proxy_frame::Body::Event(event.into())) }
+}
+
 /// Connects and handshakes by hand; returns the connection and the capabilities advertised.
 async fn raw_proxy(path: &Path) -> (RawProxy, proto::Capabilities) {
     let stream = UnixStream::connect(path).await.unwrap();
-    let mut framed = Framed::new(stream, FrameCodec::new(16 << 20));
+    let mut framed = Framed::new(stream, Wire::new(16 << 20));
     let hello = proto::Hello::from(Hello::new("raw"));
     framed
         .send(proto::ProxyFrame { stream_id: 0, body: Some(proxy_frame::Body::Hello(hello)) })
@@ -298,9 +305,9 @@ async fn requests_beyond_the_advertised_concurrency_wait_their_turn_unread() {
 
     // Five at once, ignoring the two advertised.
     for stream_id in 1..=5u64 {
-        proxy.feed(EventFrame { stream_id, event: request(&format!("r{stream_id}")) }).await.unwrap();
+        proxy.feed(event_frame(stream_id, request(&format!("r{stream_id}")))).await.unwrap();
     }
-    SinkExt::<EventFrame>::flush(&mut proxy).await.unwrap();
+    SinkExt::<proto::ProxyFrame>::flush(&mut proxy).await.unwrap();
     eventually("the two allowed requests start", || gate.started.load(SeqCst) == 2).await;
     eventually("the third is read and held back", || handle.limit_stats().requests_held_back == 1).await;
     assert_eq!(gate.started.load(SeqCst), 2, "the one held back has not started");
@@ -330,9 +337,9 @@ async fn a_request_reusing_a_running_stream_id_closes_the_connection() {
     let gate = Gate::new(Capabilities::new("gate").with_events(EventKind::ALL));
     let (path, handle, _stop) = serve(&dir, UdsServerConfig::default(), gate.clone()).await;
     let (mut proxy, _) = raw_proxy(&path).await;
-    proxy.send(EventFrame { stream_id: 1, event: request("first") }).await.unwrap();
+    proxy.send(event_frame(1, request("first"))).await.unwrap();
     eventually("the first request starts", || gate.started.load(SeqCst) == 1).await;
-    proxy.send(EventFrame { stream_id: 1, event: request("again") }).await.unwrap();
+    proxy.send(event_frame(1, request("again"))).await.unwrap();
     assert_eq!(next(&mut proxy).await, None, "closed without an answer");
     eventually("the session ends", || handle.connection_count() == 0).await;
     assert_eq!(gate.started.load(SeqCst), 1);

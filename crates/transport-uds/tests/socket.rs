@@ -2,6 +2,8 @@
 //! signals and a proxy that sends garbage. The transport-independent checks are in
 //! `conformance.rs`.
 
+mod wire;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +16,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
-use transport_uds::codec::FrameCodec;
 use transport_uds::{
     ClientConfig, MAX_SOCKET_PATH, PeerCredentials, ServeError, UdsConnector, UdsServer, UdsServerConfig,
 };
+use wire::Wire;
 
 fn request(id: &str) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/x")))
@@ -164,8 +166,7 @@ async fn abstract_sockets_and_bad_endpoints() {
     let listener = UnixListener::from_std(std_listener).unwrap();
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let mut framed =
-            Framed::new(stream, FrameCodec::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
+        let mut framed = Framed::new(stream, Wire::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
         let _hello = futures_util::StreamExt::next(&mut framed).await;
         let caps: proto::Capabilities = Capabilities::new("abstract").into();
         framed
