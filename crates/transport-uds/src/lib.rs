@@ -38,7 +38,8 @@
 //!   [`ReverseAgent`] is the agent side, reconnecting with back-off.
 //!
 //! The crate passes the transport conformance suite of `test-support` (`tests/conformance.rs`).
-//! `examples/waf_agent` is a small WAF agent (block by path prefix, add a header).
+//! `examples/waf_agent` is a small WAF agent (block by path prefix, add a header);
+//! `examples/pool_over_uds` wires an agent to a `pool-core` pool over a socket, in one process.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 

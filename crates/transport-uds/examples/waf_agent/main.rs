@@ -7,11 +7,23 @@
 
 mod waf;
 
+use std::process::ExitCode;
+
 use transport_uds::{UdsServer, UdsServerConfig};
 use waf::Waf;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waf_agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args.next().unwrap_or_else(|| "/tmp/agentpool-waf.sock".into());
     let blocked: Vec<String> = args.collect();
