@@ -7,7 +7,7 @@ use pool_api::{AgentError, AgentHandler, Capabilities, Decision, Event, EventKin
 use pool_core::{AgentPool, AgentSpec, PoolConfig, PoolError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use transport_uds::{ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
 fn request(id: String) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/")))
@@ -29,7 +29,7 @@ impl AgentHandler for Waf {
 }
 
 async fn start(path: &std::path::Path, latency: Duration) -> oneshot::Sender<()> {
-    let server = UdsServer::bind(path, ServerConfig::default()).await.unwrap();
+    let server = UdsServer::bind(path, UdsServerConfig::default()).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(Waf { latency }, async move {
         let _ = stopped.await;

@@ -7,6 +7,9 @@
 //!   with more iterations.
 //! * `itest` — the cross-crate integration tests in `tests/`.
 //! * `bench [args]` — the criterion benches (release build; not part of `ci`).
+//! * `modcycles [crate-dir]` — fails on import cycles among a crate's top-level modules
+//!   (default `crates/pool-core`; a relative directory is taken from the workspace root). Not
+//!   part of `ci` yet.
 
 // Step timings are wall-clock on purpose.
 #![allow(clippy::disallowed_types)]
@@ -16,10 +19,12 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod modcycles;
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        eprintln!("usage: cargo xtask <ci|race|itest|bench> [args]");
+        eprintln!("usage: cargo xtask <ci|race|itest|bench|modcycles> [args]");
         return ExitCode::FAILURE;
     };
     let result = match task.as_str() {
@@ -27,7 +32,8 @@ fn main() -> ExitCode {
         "race" => race(),
         "itest" => itest(),
         "bench" => bench(&args[1..]),
-        other => Err(format!("unknown task {other:?}; expected ci, race, itest or bench")),
+        "modcycles" => modcycles(args.get(1).map(String::as_str)),
+        other => Err(format!("unknown task {other:?}; expected ci, race, itest, bench or modcycles")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,4 +123,11 @@ fn bench(extra: &[String]) -> Result<(), String> {
         c.arg("--").args(extra);
     }
     step("benches", c)
+}
+
+fn modcycles(crate_dir: Option<&str>) -> Result<(), String> {
+    let dir = root().join(crate_dir.unwrap_or("crates/pool-core"));
+    let report = modcycles::run(&dir)?;
+    println!("{report}");
+    Ok(())
 }

@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+
+use parking_lot::Mutex;
 
 /// A count with a ceiling.
 #[derive(Debug)]
@@ -57,7 +59,7 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
 
     /// One unit for `key`, or `None` when the key is at the ceiling.
     pub(crate) fn try_acquire(self: &Arc<Self>, key: K) -> Option<KeyedGuard<K>> {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = self.counts.lock();
         let count = counts.entry(key.clone()).or_insert(0);
         if *count >= self.max {
             return None;
@@ -68,12 +70,12 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
 
     #[cfg(test)]
     fn count(&self, key: &K) -> usize {
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner).get(key).copied().unwrap_or(0)
+        self.counts.lock().get(key).copied().unwrap_or(0)
     }
 
     #[cfg(test)]
     fn keys(&self) -> usize {
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.counts.lock().len()
     }
 }
 
@@ -86,7 +88,7 @@ pub(crate) struct KeyedGuard<K: Hash + Eq> {
 
 impl<K: Hash + Eq> Drop for KeyedGuard<K> {
     fn drop(&mut self) {
-        let mut counts = self.owner.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = self.owner.counts.lock();
         if let Some(count) = counts.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {

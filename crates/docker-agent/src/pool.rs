@@ -258,7 +258,7 @@ pub struct Agent {
     address: String,
     client: AgentClient,
     status: watch::Sender<AgentStatus>,
-    monitor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    monitor: parking_lot::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for Agent {
@@ -335,7 +335,7 @@ impl Agent {
     }
 
     fn stop_monitor(&self) {
-        if let Some(task) = self.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(task) = self.monitor.lock().take() {
             task.abort();
         }
     }
@@ -502,7 +502,7 @@ impl DockerAgentPool {
             address: address.clone(),
             client,
             status: watch::Sender::new(status),
-            monitor: std::sync::Mutex::new(None),
+            monitor: parking_lot::Mutex::new(None),
         });
         match self.inner.by_address.entry(address.clone()) {
             Entry::Occupied(_) => {
@@ -514,7 +514,7 @@ impl DockerAgentPool {
             }
         }
         let task = tokio::spawn(monitor(Arc::downgrade(&agent), Arc::downgrade(&self.inner)));
-        *agent.monitor.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        *agent.monitor.lock() = Some(task);
         // Removed while the task was being spawned: stop it now.
         if !self.inner.by_address.get(&address).is_some_and(|a| Arc::ptr_eq(&a, &agent)) {
             agent.stop_monitor();
@@ -874,7 +874,7 @@ mod tests {
             address: "127.0.0.1:1".into(),
             client: AgentClient::new("127.0.0.1:1", &test_tls()).unwrap(),
             status: watch::Sender::new(status),
-            monitor: std::sync::Mutex::new(None),
+            monitor: parking_lot::Mutex::new(None),
         };
         assert!(!record(&agent, Err("down".into()), 2));
         assert_eq!(agent.status().health, AgentHealthState::Healthy);
@@ -935,7 +935,7 @@ mod tests {
             "{err}"
         );
         let removed = pool.remove(&address).unwrap();
-        assert!(removed.monitor.lock().unwrap().is_none(), "monitor stopped on remove");
+        assert!(removed.monitor.lock().is_none(), "monitor stopped on remove");
         assert_eq!(pool.count(), 0);
         assert!(pool.get_by_name("down").is_none());
     }

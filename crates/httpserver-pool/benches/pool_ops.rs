@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Response;
-use httpserver_pool::{Field, Handler, Pattern, Pool, ServerConfig, StartPolicy, full};
+use httpserver_pool::{Field, Handler, HttpServerConfig, Pattern, Pool, StartPolicy, full};
 use tokio::runtime::Runtime;
 
 const TIERS: [&str; 4] = ["api", "admin", "web", "internal"];
@@ -34,7 +34,7 @@ async fn running_pool(n: usize) -> Pool {
     let pool = Pool::new();
     for (i, port) in free_ports(n).into_iter().enumerate() {
         pool.store_config(
-            ServerConfig::new(format!("s{i}"), format!("127.0.0.1:{port}")).with_handler(handler()),
+            HttpServerConfig::new(format!("s{i}"), format!("127.0.0.1:{port}")).with_handler(handler()),
         )
         .unwrap();
     }
@@ -82,7 +82,7 @@ fn select(c: &mut Criterion) {
     for i in 0..1000u16 {
         let name = format!("{}-{i:04}", TIERS[usize::from(i) % TIERS.len()]);
         pool.store_config(
-            ServerConfig::new(name, format!("127.0.0.1:{}", 20_000 + i)).with_handler(handler()),
+            HttpServerConfig::new(name, format!("127.0.0.1:{}", 20_000 + i)).with_handler(handler()),
         )
         .unwrap();
     }

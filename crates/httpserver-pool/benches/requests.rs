@@ -29,7 +29,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
-use httpserver_pool::{Handler, ResponseBody, Server, ServerConfig, full};
+use httpserver_pool::{Handler, HttpServerConfig, ResponseBody, Server, full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -55,7 +55,7 @@ fn runtime() -> Runtime {
 async fn pool_server() -> (Server, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config =
-        ServerConfig::new("bench", format!("127.0.0.1:{port}")).with_handler(Handler::from_fn(hello));
+        HttpServerConfig::new("bench", format!("127.0.0.1:{port}")).with_handler(Handler::from_fn(hello));
     let server = Server::new(config).unwrap();
     server.start().await.unwrap();
     let addr = server.bind();

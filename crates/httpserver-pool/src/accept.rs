@@ -4,23 +4,37 @@
 //! are retried at once. Everything else, above all running out of file descriptors
 //! (EMFILE/ENFILE) or kernel memory, would fail again immediately, so the loop sleeps with an
 //! exponential backoff (10 ms doubling to 1 s) that resets on the next success. It never spins.
+//!
+//! The delays come from [`backon`]'s `ExponentialBuilder` (factor 2, no attempt limit), the
+//! back-off the rest of the workspace uses. There is no jitter: jitter spreads many clients of
+//! one shared server apart, while these loops wait for their own process's file descriptors,
+//! and a few of them retrying in step costs a few failed `accept` calls, no more. backon grows delays in `f32` seconds, so a grown delay can differ from
+//! the exact power of two by well under a microsecond, far below the millisecond resolution of
+//! tokio's timer that sleeps them.
 
 use std::io;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 const FIRST: Duration = Duration::from_millis(10);
 const MAX: Duration = Duration::from_secs(1);
+
+const DELAYS: ExponentialBuilder =
+    ExponentialBuilder::new().with_min_delay(FIRST).with_max_delay(MAX).with_factor(2.0).without_max_times();
 
 /// Backoff state of one accept loop.
 #[derive(Debug, Default)]
 pub(crate) struct AcceptBackoff {
-    next: Option<Duration>,
+    /// The delays since the last success; `None` until an accept fails, so that a success, which
+    /// comes with every connection, costs no more than a store.
+    delays: Option<ExponentialBackoff>,
 }
 
 impl AcceptBackoff {
     /// A connection was accepted.
     pub(crate) fn reset(&mut self) {
-        self.next = None;
+        self.delays = None;
     }
 
     /// An accept failed: how long to pause before the next one (`None`: retry at once).
@@ -28,9 +42,8 @@ impl AcceptBackoff {
         if per_connection(e) {
             return None;
         }
-        let delay = self.next.unwrap_or(FIRST);
-        self.next = Some((delay * 2).min(MAX));
-        Some(delay)
+        // Without an attempt limit, backon's sequence never ends; MAX is the fallback all the same.
+        Some(self.delays.get_or_insert_with(|| DELAYS.build()).next().unwrap_or(MAX))
     }
 }
 
@@ -58,8 +71,13 @@ mod tests {
         let delays: Vec<_> = (0..10)
             .map(|i| b.on_error(&io::Error::from_raw_os_error(if i % 2 == 0 { EMFILE } else { ENFILE })))
             .collect();
-        let ms: Vec<u128> = delays.iter().map(|d| d.unwrap().as_millis()).collect();
-        assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        let want = [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000].map(Duration::from_millis);
+        assert_eq!(delays.len(), want.len());
+        for (got, want) in delays.iter().zip(want) {
+            // backon grows delays in f32 seconds; compare to the microsecond.
+            let got = got.expect("an fd error pauses the loop");
+            assert!(got.abs_diff(want) < Duration::from_micros(1), "{got:?} is not {want:?}");
+        }
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Default for Timeouts {
 
 /// Caps on what clients may hold of one server: connections (in all, and per client address)
 /// and HTTP/2 streams, with HTTP/2 keep-alive to find dead peers. Every cap has a safe default;
-/// see [`ServerConfig`] for the whole list of limits (time-outs and header size included).
+/// see [`HttpServerConfig`] for the whole list of limits (time-outs and header size included).
 ///
 /// A connection accepted beyond a connection cap is closed at once with a TCP reset, before
 /// any byte is read from it: it is neither queued nor left hanging, and the connections already
@@ -175,7 +175,7 @@ impl Default for SocketOptions {
 /// connection, those accepted before the reload included.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct ServerConfig {
+pub struct HttpServerConfig {
     /// A name for logs, metrics and filtering.
     pub name: String,
     /// Where to listen (see [`crate::addr`] for the forms accepted).
@@ -211,9 +211,9 @@ pub struct ServerConfig {
     pub handler: Option<Handler>,
 }
 
-impl Default for ServerConfig {
+impl Default for HttpServerConfig {
     fn default() -> Self {
-        ServerConfig {
+        HttpServerConfig {
             name: String::new(),
             listen: String::new(),
             expose: None,
@@ -231,7 +231,7 @@ impl Default for ServerConfig {
     }
 }
 
-impl PartialEq for ServerConfig {
+impl PartialEq for HttpServerConfig {
     /// Field by field; handlers are equal when they are the same function (same `Arc`).
     fn eq(&self, other: &Self) -> bool {
         let handlers = match (&self.handler, &other.handler) {
@@ -255,10 +255,10 @@ impl PartialEq for ServerConfig {
     }
 }
 
-impl ServerConfig {
+impl HttpServerConfig {
     /// A configuration with defaults, a name and a listen address.
     pub fn new(name: impl Into<String>, listen: impl Into<String>) -> Self {
-        ServerConfig { name: name.into(), listen: listen.into(), ..ServerConfig::default() }
+        HttpServerConfig { name: name.into(), listen: listen.into(), ..HttpServerConfig::default() }
     }
 
     /// Sets the handler.
@@ -378,12 +378,12 @@ impl ServerConfig {
 /// The servers of a pool.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct PoolConfig {
+pub struct ServerPoolConfig {
     /// One entry per server.
-    pub servers: Vec<ServerConfig>,
+    pub servers: Vec<HttpServerConfig>,
 }
 
-impl PoolConfig {
+impl ServerPoolConfig {
     /// Validates every server and checks that no two of them resolve to the same address.
     pub fn validate(&self) -> Result<(), Error> {
         let problems = self.problems().1;

@@ -16,10 +16,11 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -41,7 +42,7 @@ struct Kill {
 impl Kill {
     fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        let waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let waker = self.waker.lock().clone();
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -108,7 +109,7 @@ struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         {
-            let mut conns = self.tracker.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut conns = self.tracker.conns.lock();
             conns.kills.remove(&self.id);
             if let Some(n) = conns.per_client.get_mut(&self.client) {
                 *n -= 1;
@@ -153,7 +154,7 @@ impl Tracker {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kill = Arc::new(Kill::default());
         {
-            let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut conns = self.conns.lock();
             let held = conns.per_client.entry(client).or_insert(0);
             if caps.per_client.is_some_and(|max| *held >= max) {
                 if *held == 0 {
@@ -196,8 +197,7 @@ impl Tracker {
             }
         }
         let forced = self.active() as u64;
-        let kills: Vec<Arc<Kill>> =
-            self.conns.lock().unwrap_or_else(PoisonError::into_inner).kills.values().cloned().collect();
+        let kills: Vec<Arc<Kill>> = self.conns.lock().kills.values().cloned().collect();
         for kill in kills {
             kill.kill();
         }
@@ -226,7 +226,7 @@ impl<T> TrackedIo<T> {
         // it) or takes the lock after we stored the waker (it wakes this task).
         if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
-            *self.kill.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+            *self.kill.waker.lock() = Some(waker.clone());
             self.registered = Some(waker);
         }
         if self.kill.killed.load(Ordering::Acquire) {
@@ -380,6 +380,6 @@ mod tests {
         let _again = t.track((), a, caps).unwrap();
         assert_eq!(t.active(), 2);
         assert_eq!(t.counters.snapshot().refused, 2);
-        assert_eq!(t.conns.lock().unwrap().per_client.len(), 1, "counts of clients gone are removed");
+        assert_eq!(t.conns.lock().per_client.len(), 1, "counts of clients gone are removed");
     }
 }

@@ -12,12 +12,12 @@
 //!
 //! Every server runs under limits with safe defaults — connection caps in all and per client
 //! address, header, body and idle time-outs, HTTP/2 stream cap and keep-alive, header size —
-//! listed in [`ServerConfig`]'s documentation.
+//! listed in [`HttpServerConfig`]'s documentation.
 //!
 //! The pool adds group start/stop/restart (concurrent, failures aggregated, all-or-nothing or
 //! best-effort), selection by name, bind or public URL with a glob or regex ([`Pattern`]),
 //! walk, merge, health and counters ([`Pool::monitor`]), and [`Pool::apply`]: a new
-//! [`PoolConfig`] while running, swapping settings in place. A `Pool`, like a `Server`, is a
+//! [`ServerPoolConfig`] while running, swapping settings in place. A `Pool`, like a `Server`, is a
 //! handle: its clones share one pool (stopping a clone stops the pool's servers), while
 //! [`Pool::duplicate`] builds a separate pool of new, stopped servers from the same
 //! configurations.
@@ -28,7 +28,7 @@
 //! `filter`, `pool`, `counters` (metrics facade + snapshots).
 //!
 //! ```
-//! use httpserver_pool::{Field, Handler, Pattern, Pool, PoolConfig, ServerConfig, full};
+//! use httpserver_pool::{Field, Handler, Pattern, Pool, ServerPoolConfig, HttpServerConfig, full};
 //! use pool_api::Lifecycle;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -36,7 +36,7 @@
 //! let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
 //! let pool = Pool::new();
 //! pool.set_default_handler(Handler::from_fn(|_req| async { http::Response::new(full("hello")) }));
-//! pool.apply(&PoolConfig { servers: vec![ServerConfig::new("api", format!("localhost:{port}"))] }).await?;
+//! pool.apply(&ServerPoolConfig { servers: vec![HttpServerConfig::new("api", format!("localhost:{port}"))] }).await?;
 //!
 //! pool.start().await?;
 //! let api = pool.filter(Field::Name, &Pattern::glob("api*")?);
@@ -59,7 +59,7 @@ mod signal;
 mod tls;
 
 pub use body::{RequestBody, RequestBodyError};
-pub use config::{Limits, MIN_HEADER_SIZE, PoolConfig, ServerConfig, SocketOptions, Timeouts};
+pub use config::{HttpServerConfig, Limits, MIN_HEADER_SIZE, ServerPoolConfig, SocketOptions, Timeouts};
 pub use error::{Error, Problem, ServerFailure};
 pub use handler::{BoxError, Handler, ResponseBody, full, status};
 pub use signal::ShutdownSignal;

@@ -1,25 +1,28 @@
 //! A pool of servers keyed by canonical bind address, with group lifecycle, selection and
 //! in-place configuration apply.
 //!
-//! The map sits behind a short `std` lock that is never held across an `.await`: operations copy
+//! The map sits behind a short `parking_lot` lock (no poisoning: a panic elsewhere
+//! never makes the pool unusable) that is never held across an `.await`: operations copy
 //! the server handles they need (cheap `Arc` clones), release the lock, then do their I/O.
 //! Group start/stop/restart run every server concurrently and aggregate the failures.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use parking_lot::{Mutex, RwLock};
 use pool_api::{Lifecycle, LifecycleError, LifecycleState, StopReport};
 use tokio::sync::watch;
 
 use crate::addr::ToBind;
 use crate::filter::{Field, Pattern};
 use crate::{
-    Error, Handler, PoolConfig, ReloadOutcome, Server, ServerConfig, ServerFailure, ServerSnapshot, TlsConfig,
+    Error, Handler, HttpServerConfig, ReloadOutcome, Server, ServerFailure, ServerPoolConfig, ServerSnapshot,
+    TlsConfig,
 };
 
 /// What a group start does when some servers fail.
@@ -180,14 +183,6 @@ impl Default for Pool {
     }
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Pool {
     /// An empty pool with the all-or-nothing start policy.
     pub fn new() -> Pool {
@@ -195,7 +190,7 @@ impl Pool {
     }
 
     /// Builds a pool from configurations; every problem of every server is reported at once.
-    pub fn from_config(config: &PoolConfig) -> Result<Pool, Error> {
+    pub fn from_config(config: &ServerPoolConfig) -> Result<Pool, Error> {
         let pool = Pool::new();
         pool.insert_configs(config)?;
         Ok(pool)
@@ -229,12 +224,12 @@ impl Pool {
     /// servers compete for the same addresses; the copy is meant to be changed (e.g. with
     /// [`Pool::apply`]) or started once the original has stopped.
     pub fn duplicate(&self) -> Pool {
-        let servers = read(&self.inner.servers).iter().map(|(b, s)| (*b, s.duplicate())).collect();
+        let servers = self.inner.servers.read().iter().map(|(b, s)| (*b, s.duplicate())).collect();
         Pool {
             inner: Arc::new(PoolInner::new(
                 servers,
-                read(&self.inner.default_handler).clone(),
-                read(&self.inner.default_tls).clone(),
+                self.inner.default_handler.read().clone(),
+                self.inner.default_tls.read().clone(),
                 self.start_policy(),
             )),
         }
@@ -242,27 +237,28 @@ impl Pool {
 
     /// The handler given to configurations stored later without one.
     pub fn set_default_handler(&self, handler: Handler) {
-        *write(&self.inner.default_handler) = Some(handler);
+        *self.inner.default_handler.write() = Some(handler);
     }
 
     /// The TLS settings given to configurations stored later without TLS.
     pub fn set_default_tls(&self, tls: TlsConfig) {
-        *write(&self.inner.default_tls) = Some(tls);
+        *self.inner.default_tls.write() = Some(tls);
     }
 
-    fn with_defaults(&self, mut config: ServerConfig) -> ServerConfig {
+    fn with_defaults(&self, mut config: HttpServerConfig) -> HttpServerConfig {
         if config.handler.is_none() {
-            config.handler = read(&self.inner.default_handler).clone();
+            config.handler = self.inner.default_handler.read().clone();
         }
         if config.tls.is_none() {
-            config.tls = read(&self.inner.default_tls).clone();
+            config.tls = self.inner.default_tls.read().clone();
         }
         config
     }
 
-    fn complete(&self, config: &PoolConfig) -> Result<PoolConfig, Error> {
-        let completed =
-            PoolConfig { servers: config.servers.iter().cloned().map(|c| self.with_defaults(c)).collect() };
+    fn complete(&self, config: &ServerPoolConfig) -> Result<ServerPoolConfig, Error> {
+        let completed = ServerPoolConfig {
+            servers: config.servers.iter().cloned().map(|c| self.with_defaults(c)).collect(),
+        };
         let (_, mut problems) = completed.problems();
         for c in &completed.servers {
             if c.handler.is_none() {
@@ -276,10 +272,10 @@ impl Pool {
         if problems.is_empty() { Ok(completed) } else { Err(Error::Invalid { problems }) }
     }
 
-    fn insert_configs(&self, config: &PoolConfig) -> Result<(), Error> {
+    fn insert_configs(&self, config: &ServerPoolConfig) -> Result<(), Error> {
         let completed = self.complete(config)?;
         let servers = completed.servers.into_iter().map(Server::new).collect::<Result<Vec<_>, _>>()?;
-        let mut map = write(&self.inner.servers);
+        let mut map = self.inner.servers.write();
         if let Some(s) = servers.iter().find(|s| map.contains_key(&s.bind())) {
             return Err(Error::DuplicateBind {
                 bind: s.bind(),
@@ -295,7 +291,7 @@ impl Pool {
 
     /// Adds a server. Another server on the same canonical address is an error.
     pub fn store(&self, server: Server) -> Result<(), Error> {
-        let mut map = write(&self.inner.servers);
+        let mut map = self.inner.servers.write();
         if let Some(existing) = map.get(&server.bind()) {
             return Err(Error::DuplicateBind {
                 bind: server.bind(),
@@ -308,7 +304,7 @@ impl Pool {
     }
 
     /// Validates `config` (with the pool's defaults), builds the server and adds it.
-    pub fn store_config(&self, config: ServerConfig) -> Result<Server, Error> {
+    pub fn store_config(&self, config: HttpServerConfig) -> Result<Server, Error> {
         let config = self.with_defaults(config);
         if config.handler.is_none() {
             return Err(Error::MissingHandler { server: config.name });
@@ -320,22 +316,22 @@ impl Pool {
 
     /// The server on `bind`, if any.
     pub fn load(&self, bind: impl ToBind) -> Option<Server> {
-        read(&self.inner.servers).get(&bind.to_bind()?).cloned()
+        self.inner.servers.read().get(&bind.to_bind()?).cloned()
     }
 
     /// True when a server listens (or would listen) on `bind`.
     pub fn has(&self, bind: impl ToBind) -> bool {
-        bind.to_bind().is_some_and(|b| read(&self.inner.servers).contains_key(&b))
+        bind.to_bind().is_some_and(|b| self.inner.servers.read().contains_key(&b))
     }
 
     /// The number of servers.
     pub fn len(&self) -> usize {
-        read(&self.inner.servers).len()
+        self.inner.servers.read().len()
     }
 
     /// True when the pool holds no server.
     pub fn is_empty(&self) -> bool {
-        read(&self.inner.servers).is_empty()
+        self.inner.servers.read().is_empty()
     }
 
     /// Removes the server on `bind` and stops it gracefully. `None` if there was none.
@@ -346,17 +342,17 @@ impl Pool {
 
     /// Removes the server on `bind` and hands it over as it is (a running server keeps running).
     pub fn load_and_delete(&self, bind: impl ToBind) -> Option<Server> {
-        write(&self.inner.servers).remove(&bind.to_bind()?)
+        self.inner.servers.write().remove(&bind.to_bind()?)
     }
 
     /// Removes every server and stops them concurrently.
     pub async fn clean(&self) -> Result<StopReport, Error> {
-        let servers: Vec<Server> = std::mem::take(&mut *write(&self.inner.servers)).into_values().collect();
+        let servers: Vec<Server> = std::mem::take(&mut *self.inner.servers.write()).into_values().collect();
         stop_all(&servers).await
     }
 
     fn handles(&self) -> Vec<Server> {
-        read(&self.inner.servers).values().cloned().collect()
+        self.inner.servers.read().values().cloned().collect()
     }
 
     /// Calls `f` on each server in bind-address order until it breaks. The pool is not locked
@@ -381,7 +377,7 @@ impl Pool {
 
     /// The servers whose `field` matches `pattern`.
     pub fn filter(&self, field: Field, pattern: &Pattern) -> Selection {
-        let map = read(&self.inner.servers);
+        let map = self.inner.servers.read();
         Selection { servers: map.values().filter(|s| s.matches(field, pattern)).cloned().collect() }
     }
 
@@ -405,11 +401,11 @@ impl Pool {
         // Both maps are locked in one global order (by address of the shared state), so two
         // merges in opposite directions cannot each hold one lock and wait for the other.
         let (mut mine, mut theirs) = if Arc::as_ptr(&self.inner) < Arc::as_ptr(&other.inner) {
-            let mine = write(&self.inner.servers);
-            (mine, write(&other.inner.servers))
+            let mine = self.inner.servers.write();
+            (mine, other.inner.servers.write())
         } else {
-            let theirs = write(&other.inner.servers);
-            (write(&self.inner.servers), theirs)
+            let theirs = other.inner.servers.write();
+            (self.inner.servers.write(), theirs)
         };
         let binds: Vec<SocketAddr> = theirs.keys().filter(|b| mine.contains_key(b)).copied().collect();
         if !binds.is_empty() {
@@ -421,7 +417,7 @@ impl Pool {
 
     /// Health and counters of every server, from lifecycle state: no I/O, no task.
     pub fn monitor(&self) -> Vec<ServerSnapshot> {
-        read(&self.inner.servers).values().map(Server::snapshot).collect()
+        self.inner.servers.read().values().map(Server::snapshot).collect()
     }
 
     /// Starts every enabled server concurrently with `policy`.
@@ -430,8 +426,7 @@ impl Pool {
         let result = start_all(&self.handles(), policy).await;
         let any = self.handles().iter().any(Server::is_running);
         if any || result.is_ok() {
-            *self.inner.running_since.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(tokio::time::Instant::now());
+            *self.inner.running_since.lock() = Some(tokio::time::Instant::now());
             self.inner.state.send_replace(LifecycleState::Running);
         } else if let Err(e) = &result {
             self.inner.state.send_replace(LifecycleState::Failed(e.to_string()));
@@ -443,7 +438,7 @@ impl Pool {
     pub async fn stop_all(&self) -> Result<StopReport, Error> {
         self.inner.state.send_replace(LifecycleState::Stopping);
         let result = stop_all(&self.handles()).await;
-        *self.inner.running_since.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *self.inner.running_since.lock() = None;
         self.inner.state.send_replace(LifecycleState::Stopped);
         result
     }
@@ -458,23 +453,23 @@ impl Pool {
     /// Concurrent calls are serialised in the order they were made (a fair async lock): each
     /// waits until the one before it has finished, so the last call's configuration is the one
     /// left in place.
-    pub async fn apply(&self, config: &PoolConfig) -> Result<ApplyReport, Error> {
+    pub async fn apply(&self, config: &ServerPoolConfig) -> Result<ApplyReport, Error> {
         let _one_at_a_time = self.inner.applying.lock().await;
         let completed = self.complete(config)?;
         let mut report = ApplyReport::default();
-        let mut wanted: BTreeMap<SocketAddr, ServerConfig> = BTreeMap::new();
+        let mut wanted: BTreeMap<SocketAddr, HttpServerConfig> = BTreeMap::new();
         for c in completed.servers {
             let bind = crate::addr::canonical(&c.listen)?;
             wanted.insert(bind, c);
         }
         let running = *self.inner.state.borrow() == LifecycleState::Running;
         let (removed, kept, added) = {
-            let mut map = write(&self.inner.servers);
+            let mut map = self.inner.servers.write();
             let gone: Vec<SocketAddr> = map.keys().filter(|b| !wanted.contains_key(b)).copied().collect();
             let removed: Vec<Server> = gone.iter().filter_map(|b| map.remove(b)).collect();
-            let kept: Vec<(Server, ServerConfig)> =
+            let kept: Vec<(Server, HttpServerConfig)> =
                 map.values().map(|s| (s.clone(), wanted[&s.bind()].clone())).collect();
-            let added: Vec<ServerConfig> =
+            let added: Vec<HttpServerConfig> =
                 wanted.iter().filter(|(b, _)| !map.contains_key(b)).map(|(_, c)| c.clone()).collect();
             (removed, kept, added)
         };
@@ -498,7 +493,7 @@ impl Pool {
             }
         }
         {
-            let mut map = write(&self.inner.servers);
+            let mut map = self.inner.servers.write();
             for s in &new_servers {
                 report.added.push(s.bind());
                 map.insert(s.bind(), s.clone());
@@ -538,7 +533,7 @@ impl Lifecycle for Pool {
 
     /// True when at least one server runs.
     fn is_running(&self) -> bool {
-        read(&self.inner.servers).values().any(Server::is_running)
+        self.inner.servers.read().values().any(Server::is_running)
     }
 
     /// Time since the last successful group start, while a server runs.
@@ -546,7 +541,7 @@ impl Lifecycle for Pool {
         if !self.is_running() {
             return None;
         }
-        self.inner.running_since.lock().unwrap_or_else(PoisonError::into_inner).map(|t| t.elapsed())
+        self.inner.running_since.lock().map(|t| t.elapsed())
     }
 
     /// The pool's own state: changed by group start and stop.

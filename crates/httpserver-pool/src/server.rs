@@ -18,7 +18,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
 use pool_api::{Lifecycle, LifecycleError, LifecycleState, StopReport};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,13 +45,13 @@ use crate::filter::{Field, Pattern};
 use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
 use crate::{
-    BoxError, Error, Handler, Problem, RequestBody, ResponseBody, ServerConfig, ShutdownSignal, socket,
+    BoxError, Error, Handler, HttpServerConfig, Problem, RequestBody, ResponseBody, ShutdownSignal, socket,
     status,
 };
 
 /// What a connection needs, swapped as a whole on reload.
 struct Live {
-    config: ServerConfig,
+    config: HttpServerConfig,
     handler: Handler,
     builder: auto::Builder<TokioExecutor>,
     /// Set when HTTP/2 must not be served on this server's connections (`http2 = false`, or plain
@@ -62,7 +63,7 @@ struct Live {
 }
 
 impl Live {
-    fn build(config: ServerConfig) -> Result<(SocketAddr, Live), Error> {
+    fn build(config: HttpServerConfig) -> Result<(SocketAddr, Live), Error> {
         let (bind, problems) = config.problems();
         if !problems.is_empty() {
             return Err(Error::Invalid { problems });
@@ -175,13 +176,9 @@ impl std::fmt::Debug for Server {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Server {
     /// Builds a stopped server after validating `config`. The configuration must carry a handler.
-    pub fn new(config: ServerConfig) -> Result<Server, Error> {
+    pub fn new(config: HttpServerConfig) -> Result<Server, Error> {
         let (bind, live) = Live::build(config)?;
         let counters = Arc::new(Counters::new(&live.config.name, bind));
         Ok(Server {
@@ -230,7 +227,7 @@ impl Server {
     }
 
     /// The current configuration (the handler included).
-    pub fn config(&self) -> ServerConfig {
+    pub fn config(&self) -> HttpServerConfig {
         self.inner.live.load().config.clone()
     }
 
@@ -262,7 +259,7 @@ impl Server {
     /// Applies a new configuration for the same bind address. A configuration that fails
     /// validation, or whose TLS files are unreadable or mismatched, is rejected and the current
     /// settings stay. See [`ReloadOutcome`] for what happens to a running server.
-    pub async fn reload(&self, config: ServerConfig) -> Result<ReloadOutcome, Error> {
+    pub async fn reload(&self, config: HttpServerConfig) -> Result<ReloadOutcome, Error> {
         let (bind, live) = Live::build(config)?;
         if bind != self.inner.bind {
             return Err(Error::Invalid {
@@ -297,7 +294,7 @@ impl Server {
     pub async fn stop_within(&self, grace: Duration) -> Result<StopReport, LifecycleError> {
         let begin = Instant::now();
         let handle = {
-            let mut run = lock(&self.inner.run);
+            let mut run = self.inner.run.lock();
             run.as_mut().map(|h| {
                 // Counted before the signal: a connection closing as soon as it sees the signal
                 // counts as drained.
@@ -399,8 +396,8 @@ impl Lifecycle for Server {
         let tracker = Tracker::new(self.inner.counters.clone());
         let task =
             tokio::spawn(accept_loop(Arc::downgrade(&self.inner), listener, shutdown_rx, tracker.clone()));
-        *lock(&self.inner.run) = Some(RunHandle { shutdown, tracker, task: Some(task) });
-        *lock(&self.inner.started) = Some(Instant::now());
+        *self.inner.run.lock() = Some(RunHandle { shutdown, tracker, task: Some(task) });
+        *self.inner.started.lock() = Some(Instant::now());
         self.inner.state.send_replace(LifecycleState::Running);
         tracing::info!(server = %name, bind = %self.inner.bind, "listening");
         Ok(())
@@ -421,7 +418,7 @@ impl Lifecycle for Server {
         if !self.is_running() {
             return None;
         }
-        lock(&self.inner.started).map(|t| t.elapsed())
+        self.inner.started.lock().map(|t| t.elapsed())
     }
 
     fn state(&self) -> watch::Receiver<LifecycleState> {
@@ -507,8 +504,8 @@ async fn accept_loop(
     }
     while conns.join_next().await.is_some() {}
     if let Some(inner) = server.upgrade() {
-        *lock(&inner.started) = None;
-        lock(&inner.run).take();
+        *inner.started.lock() = None;
+        inner.run.lock().take();
         inner.state.send_replace(LifecycleState::Stopped);
     }
     // `drained` and `elapsed` are filled in by the stop call, which saw the stop begin.
@@ -628,7 +625,7 @@ async fn drive<C, E>(
         }
         if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
-            *lock(&wake.task) = Some(waker.clone());
+            *wake.task.lock() = Some(waker.clone());
             registered = Some(waker);
         }
         // The waker is stored before `fired` is read: a side wake-up either set `fired` before
@@ -669,7 +666,7 @@ impl Wake for SideWake {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.fired.store(true, Ordering::Release);
-        let task = lock(&self.task).clone();
+        let task = self.task.lock().clone();
         if let Some(task) = task {
             task.wake();
         }

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use http::StatusCode;
-use httpserver_pool::{Field, Pattern, Pool, PoolConfig, ServerConfig, StartPolicy};
+use httpserver_pool::{Field, HttpServerConfig, Pattern, Pool, ServerPoolConfig, StartPolicy};
 use pool_api::{Lifecycle, LifecycleState};
 use support::*;
 
@@ -50,8 +50,8 @@ async fn every_method_through_a_clone_acts_on_the_one_pool() {
 
     // Defaults and storage.
     clone.set_default_handler(hello("default"));
-    let a = pool.store_config(ServerConfig::new("api-a", free_addr())).unwrap();
-    let b = clone.store_config(ServerConfig::new("api-b", free_addr())).unwrap();
+    let a = pool.store_config(HttpServerConfig::new("api-a", free_addr())).unwrap();
+    let b = clone.store_config(HttpServerConfig::new("api-b", free_addr())).unwrap();
     assert_eq!((pool.len(), clone.len()), (2, 2));
     assert!(pool.has(b.bind()) && clone.has(a.bind()));
     assert!(pool.load(b.bind()).is_some() && clone.load(a.bind()).is_some());
@@ -81,7 +81,7 @@ async fn every_method_through_a_clone_acts_on_the_one_pool() {
     // Apply through the clone: the original serves the new configuration.
     let mut changed = pool.load(a.bind()).unwrap().config();
     changed.handler = Some(hello("v2"));
-    let report = clone.apply(&PoolConfig { servers: vec![changed] }).await.unwrap();
+    let report = clone.apply(&ServerPoolConfig { servers: vec![changed] }).await.unwrap();
     assert_eq!((report.swapped, report.removed), (vec![a.bind()], vec![b.bind()]), "b was left out");
     assert_eq!(pool.len(), 1);
     let (_, body) = get(&client(), &format!("http://{}/", a.bind())).await.unwrap();
@@ -103,7 +103,7 @@ async fn the_start_policy_is_shared_by_clones() {
     // A second server on an address something else already holds: it cannot start.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     pool.store_config(
-        ServerConfig::new("bad", taken.local_addr().unwrap().to_string()).with_handler(hello("b")),
+        HttpServerConfig::new("bad", taken.local_addr().unwrap().to_string()).with_handler(hello("b")),
     )
     .unwrap();
     assert!(pool.start().await.is_err());
@@ -127,7 +127,7 @@ async fn merging_a_pool_with_its_clone_changes_nothing_and_does_not_deadlock() {
 async fn duplicate_makes_a_separate_stopped_pool_with_the_same_settings() {
     let pool = Pool::new().with_start_policy(StartPolicy::BestEffort);
     pool.set_default_handler(hello("default"));
-    let a = pool.store_config(ServerConfig::new("a", free_addr())).unwrap();
+    let a = pool.store_config(HttpServerConfig::new("a", free_addr())).unwrap();
     pool.start().await.unwrap();
 
     let copy = pool.duplicate();
@@ -139,7 +139,7 @@ async fn duplicate_makes_a_separate_stopped_pool_with_the_same_settings() {
     assert_eq!(a2.snapshot().counters.accepted, 0);
 
     // Changes to one are not seen by the other; the default handler was copied.
-    let b = copy.store_config(ServerConfig::new("b", free_addr())).unwrap();
+    let b = copy.store_config(HttpServerConfig::new("b", free_addr())).unwrap();
     assert!(!pool.has(b.bind()));
     copy.set_start_policy(StartPolicy::AllOrNothing);
     assert_eq!(pool.start_policy(), StartPolicy::BestEffort);
@@ -160,8 +160,8 @@ fn merges_in_opposite_directions_at_once_do_not_deadlock() {
     let (x, y) = (Pool::new(), Pool::new());
     let (first, second) = (free_addr(), free_addr());
     for (pool, name) in [(&x, "x"), (&y, "y")] {
-        pool.store_config(ServerConfig::new(name, &first).with_handler(hello(name))).unwrap();
-        pool.store_config(ServerConfig::new(name, &second).with_handler(hello(name))).unwrap();
+        pool.store_config(HttpServerConfig::new(name, &first).with_handler(hello(name))).unwrap();
+        pool.store_config(HttpServerConfig::new(name, &second).with_handler(hello(name))).unwrap();
     }
     let run = |a: Pool, b: Pool| {
         move || {

@@ -1,4 +1,4 @@
-//! The limits of `ServerConfig` hold against hostile clients, on real sockets: connection floods
+//! The limits of `HttpServerConfig` hold against hostile clients, on real sockets: connection floods
 //! (in all and from one address), slowloris headers, idle connections, HTTP/2 stream floods and
 //! dead HTTP/2 peers.
 //!
@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use httpserver_pool::{Error, Limits, RequestBodyError, Server, ServerConfig, Timeouts};
+use httpserver_pool::{Error, HttpServerConfig, Limits, RequestBodyError, Server, Timeouts};
 use pool_api::Lifecycle;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,7 +65,7 @@ async fn raw_get(server: SocketAddr, from: Option<&str>) -> String {
         .into_owned()
 }
 
-async fn started(cfg: ServerConfig) -> Server {
+async fn started(cfg: HttpServerConfig) -> Server {
     let server = Server::new(cfg).unwrap();
     server.start().await.unwrap();
     server
@@ -316,7 +316,7 @@ async fn h2_open(addr: SocketAddr) -> (TcpStream, Vec<(u16, u32)>) {
     (tcp, pairs)
 }
 
-fn h2c_config(name: &str, handler: httpserver_pool::Handler) -> ServerConfig {
+fn h2c_config(name: &str, handler: httpserver_pool::Handler) -> HttpServerConfig {
     let mut cfg = config(name, handler);
     cfg.h2c = true;
     cfg
@@ -513,7 +513,7 @@ fn limits_have_safe_defaults_read_humantime_and_are_validated() {
     assert_eq!(d.http2_keep_alive_interval, Some(Duration::from_secs(30)));
     assert_eq!(d.http2_keep_alive_timeout, Duration::from_secs(20));
 
-    let cfg: ServerConfig = serde_json::from_value(serde_json::json!({
+    let cfg: HttpServerConfig = serde_json::from_value(serde_json::json!({
         "name": "s", "listen": "127.0.0.1:0",
         "limits": {
             "max_connections": 50, "max_connections_per_ip": 5,
@@ -526,17 +526,18 @@ fn limits_have_safe_defaults_read_humantime_and_are_validated() {
     assert_eq!(cfg.limits.http2_keep_alive_interval, Some(Duration::from_secs(15)));
     assert_eq!(cfg.limits.http2_keep_alive_timeout, Duration::from_millis(1500));
     assert!(
-        serde_json::from_value::<ServerConfig>(serde_json::json!({ "limits": { "max_conns": 1 } })).is_err()
+        serde_json::from_value::<HttpServerConfig>(serde_json::json!({ "limits": { "max_conns": 1 } }))
+            .is_err()
     );
 
     assert_eq!(Timeouts::default().body_read, Some(Duration::from_secs(30)));
-    let cfg: ServerConfig = serde_json::from_value(serde_json::json!({
+    let cfg: HttpServerConfig = serde_json::from_value(serde_json::json!({
         "name": "s", "listen": "127.0.0.1:0", "timeouts": { "body_read": "2m" }
     }))
     .unwrap();
     assert_eq!(cfg.timeouts.body_read, Some(Duration::from_secs(120)));
 
-    let mut bad = ServerConfig::new("bad", "127.0.0.1:0");
+    let mut bad = HttpServerConfig::new("bad", "127.0.0.1:0");
     bad.timeouts.body_read = Some(Duration::ZERO);
     bad.limits = Limits {
         max_connections: Some(0),

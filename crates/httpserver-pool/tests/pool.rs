@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use httpserver_pool::{
-    Error, Field, Pattern, PemSource, Pool, PoolConfig, ServerConfig, StartPolicy, TlsConfig,
+    Error, Field, HttpServerConfig, Pattern, PemSource, Pool, ServerPoolConfig, StartPolicy, TlsConfig,
 };
 use pool_api::Lifecycle;
 use support::*;
@@ -56,15 +56,15 @@ async fn two_servers_on_one_address_are_an_error_never_an_overwrite() {
     let pool = Pool::new();
     let first = pool.store_config(config("first", hello("1"))).unwrap();
     let port = first.bind().port();
-    let err =
-        pool.store_config(ServerConfig::new("second", format!("localhost:{port}")).with_handler(hello("2")));
+    let err = pool
+        .store_config(HttpServerConfig::new("second", format!("localhost:{port}")).with_handler(hello("2")));
     assert!(matches!(err, Err(Error::DuplicateBind { .. })), "{err:?}");
     assert_eq!(pool.load(first.bind()).unwrap().name(), "first");
 
-    let cfg = PoolConfig {
+    let cfg = ServerPoolConfig {
         servers: vec![
-            ServerConfig::new("a", format!(":{port}")).with_handler(hello("a")),
-            ServerConfig::new("b", format!("0.0.0.0:{port}")).with_handler(hello("b")),
+            HttpServerConfig::new("a", format!(":{port}")).with_handler(hello("a")),
+            HttpServerConfig::new("b", format!("0.0.0.0:{port}")).with_handler(hello("b")),
         ],
     };
     let e = cfg.validate().unwrap_err().to_string();
@@ -74,7 +74,7 @@ async fn two_servers_on_one_address_are_an_error_never_an_overwrite() {
 #[tokio::test]
 async fn validate_reports_every_problem_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut bad = ServerConfig::new("", "nowhere");
+    let mut bad = HttpServerConfig::new("", "nowhere");
     bad.expose = Some("not a url".into());
     bad.tls = Some(TlsConfig {
         cert_chain: PemSource::File(dir.path().join("missing.pem")),
@@ -83,7 +83,7 @@ async fn validate_reports_every_problem_at_once() {
     });
     bad.max_header_size = 100;
     bad.h2c = true;
-    let e = PoolConfig { servers: vec![bad] }.validate().unwrap_err();
+    let e = ServerPoolConfig { servers: vec![bad] }.validate().unwrap_err();
     let Error::Invalid { problems } = &e else { panic!("{e}") };
     let fields: Vec<&str> = problems.iter().map(|p| p.field).collect();
     for f in ["name", "listen", "expose", "tls", "max_header_size", "h2c"] {
@@ -163,7 +163,8 @@ async fn all_or_nothing_rolls_back_and_best_effort_keeps_what_started() {
         let pool = Pool::new();
         let good = pool.store_config(config("good", hello("g"))).unwrap();
         pool.store_config(
-            ServerConfig::new("blocked", taken.local_addr().unwrap().to_string()).with_handler(hello("b")),
+            HttpServerConfig::new("blocked", taken.local_addr().unwrap().to_string())
+                .with_handler(hello("b")),
         )
         .unwrap();
         (pool, good)
@@ -221,7 +222,9 @@ async fn duplicate_gives_independent_servers_and_merge_is_all_or_nothing() {
 
     let other = Pool::new();
     let b = other.store_config(config("b", hello("b"))).unwrap();
-    other.store_config(ServerConfig::new("a-again", a.bind().to_string()).with_handler(hello("x"))).unwrap();
+    other
+        .store_config(HttpServerConfig::new("a-again", a.bind().to_string()).with_handler(hello("x")))
+        .unwrap();
     let err = pool.merge(&other).unwrap_err();
     assert!(matches!(&err, Error::MergeConflict { binds } if binds == &vec![a.bind()]), "{err}");
     assert_eq!((pool.len(), other.len()), (1, 2), "nothing moved");
@@ -234,13 +237,13 @@ async fn duplicate_gives_independent_servers_and_merge_is_all_or_nothing() {
 async fn default_handler_and_tls_fill_configs_that_lack_them() {
     let pool = Pool::new();
     assert!(matches!(
-        pool.store_config(ServerConfig::new("bare", free_addr())),
+        pool.store_config(HttpServerConfig::new("bare", free_addr())),
         Err(Error::MissingHandler { .. })
     ));
     pool.set_default_handler(hello("default"));
     let pki = TestPki::new();
     pool.set_default_tls(pki.server_tls());
-    let s = pool.store_config(ServerConfig::new("bare", format!("localhost:{}", free_port()))).unwrap();
+    let s = pool.store_config(HttpServerConfig::new("bare", format!("localhost:{}", free_port()))).unwrap();
     pool.start().await.unwrap();
     let (status, body, _) = tls_get(pki.client_config(None, &[b"h2"]), s.bind(), "/").await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "default"));
@@ -270,22 +273,22 @@ async fn monitor_reports_state_and_counters_without_io() {
 async fn apply_adds_removes_swaps_and_leaves_unchanged_servers_alone() {
     let pool = Pool::new();
     let h = hello("v1");
-    let keep = ServerConfig::new("keep", free_addr()).with_handler(h.clone());
-    let change = ServerConfig::new("change", free_addr()).with_handler(h.clone());
-    let gone = ServerConfig::new("gone", free_addr()).with_handler(h.clone());
-    let initial = PoolConfig { servers: vec![keep.clone(), change.clone(), gone.clone()] };
+    let keep = HttpServerConfig::new("keep", free_addr()).with_handler(h.clone());
+    let change = HttpServerConfig::new("change", free_addr()).with_handler(h.clone());
+    let gone = HttpServerConfig::new("gone", free_addr()).with_handler(h.clone());
+    let initial = ServerPoolConfig { servers: vec![keep.clone(), change.clone(), gone.clone()] };
     pool.apply(&initial).await.unwrap();
     pool.start().await.unwrap();
     let c = client();
-    let url = |cfg: &ServerConfig| format!("http://{}/", cfg.listen);
+    let url = |cfg: &HttpServerConfig| format!("http://{}/", cfg.listen);
     assert_eq!(get(&c, &url(&change)).await.unwrap().1, "v1");
     let keep_uptime_before = pool.load(keep.listen.as_str()).unwrap().uptime().unwrap();
 
-    let added = ServerConfig::new("added", free_addr()).with_handler(h.clone());
+    let added = HttpServerConfig::new("added", free_addr()).with_handler(h.clone());
     let changed = change.clone().with_handler(hello("v2"));
     let report =
-        pool.apply(&PoolConfig { servers: vec![keep.clone(), changed, added.clone()] }).await.unwrap();
-    let bind = |c: &ServerConfig| httpserver_pool::addr::canonical(&c.listen).unwrap();
+        pool.apply(&ServerPoolConfig { servers: vec![keep.clone(), changed, added.clone()] }).await.unwrap();
+    let bind = |c: &HttpServerConfig| httpserver_pool::addr::canonical(&c.listen).unwrap();
     assert_eq!(report.unchanged, [bind(&keep)]);
     assert_eq!(report.swapped, [bind(&change)]);
     assert_eq!(report.added, [bind(&added)]);
@@ -312,13 +315,14 @@ async fn a_broken_certificate_pair_is_rejected_and_the_old_one_kept_while_a_good
     };
     let first = pki.issue(&["localhost"]);
     write_pair(&first);
-    let mut cfg = ServerConfig::new("tls", format!("localhost:{}", free_port())).with_handler(hello("ok"));
+    let mut cfg =
+        HttpServerConfig::new("tls", format!("localhost:{}", free_port())).with_handler(hello("ok"));
     cfg.tls = Some(TlsConfig {
         cert_chain: PemSource::File(cert.clone()),
         key: PemSource::File(key.clone()),
         client_ca: None,
     });
-    let pool_cfg = PoolConfig { servers: vec![cfg] };
+    let pool_cfg = ServerPoolConfig { servers: vec![cfg] };
     let pool = Pool::from_config(&pool_cfg).unwrap();
     pool.start().await.unwrap();
     let server = pool.select_all().servers()[0].clone();
@@ -362,15 +366,15 @@ async fn a_broken_certificate_pair_is_rejected_and_the_old_one_kept_while_a_good
 async fn zero_failed_requests_while_the_config_is_applied_every_100ms() {
     let pool = Arc::new(Pool::new());
     let addr = free_addr();
-    let versions: Vec<ServerConfig> = (0..4)
+    let versions: Vec<HttpServerConfig> = (0..4)
         .map(|i| {
             let mut c =
-                ServerConfig::new("steady", addr.clone()).with_handler(hello(["a", "b", "c", "d"][i]));
+                HttpServerConfig::new("steady", addr.clone()).with_handler(hello(["a", "b", "c", "d"][i]));
             c.timeouts.request = Some(Duration::from_secs(10 + i as u64));
             c
         })
         .collect();
-    pool.apply(&PoolConfig { servers: vec![versions[0].clone()] }).await.unwrap();
+    pool.apply(&ServerPoolConfig { servers: vec![versions[0].clone()] }).await.unwrap();
     pool.start().await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -394,7 +398,7 @@ async fn zero_failed_requests_while_the_config_is_applied_every_100ms() {
     for round in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let report =
-            pool.apply(&PoolConfig { servers: vec![versions[(round + 1) % 4].clone()] }).await.unwrap();
+            pool.apply(&ServerPoolConfig { servers: vec![versions[(round + 1) % 4].clone()] }).await.unwrap();
         assert_eq!(report.swapped.len(), 1);
     }
     stop.store(true, Ordering::Relaxed);
@@ -415,15 +419,17 @@ async fn concurrent_applies_run_one_after_the_other() {
         // A server with a request in flight, so an apply that removes it waits for its drain.
         let old = config("old", sleeper(Duration::from_millis(300)));
         let old_listen = old.listen.clone();
-        pool.apply(&PoolConfig { servers: vec![old] }).await.unwrap();
+        pool.apply(&ServerPoolConfig { servers: vec![old] }).await.unwrap();
         let old_bind = pool.select_all().servers()[0].bind();
         let slow = tokio::spawn(async move { get(&client(), &format!("http://{old_bind}/")).await });
         while pool.monitor()[0].counters.requests == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let listen = free_addr();
-        let a = PoolConfig { servers: vec![ServerConfig::new("x", &listen).with_handler(hello("a"))] };
-        let b = PoolConfig { servers: vec![ServerConfig::new("x", &listen).with_handler(hello("b"))] };
+        let a =
+            ServerPoolConfig { servers: vec![HttpServerConfig::new("x", &listen).with_handler(hello("a"))] };
+        let b =
+            ServerPoolConfig { servers: vec![HttpServerConfig::new("x", &listen).with_handler(hello("b"))] };
         // Overlapping, both would plan to add "x" while the first waits for the drain: two servers
         // for one address, one overwriting the other in the map while it runs.
         let (ra, rb) = tokio::join!(pool.apply(&a), pool.apply(&b));
@@ -433,7 +439,7 @@ async fn concurrent_applies_run_one_after_the_other() {
         assert_eq!(pool.len(), 1);
         let (status, body) = get(&client(), &format!("http://{listen}/")).await.unwrap();
         assert_eq!((status, body.as_str()), (StatusCode::OK, "b"), "the later apply wins");
-        pool.apply(&PoolConfig::default()).await.unwrap();
+        pool.apply(&ServerPoolConfig::default()).await.unwrap();
         assert!(pool.is_empty());
         // Nothing kept running untracked: both addresses are free again.
         std::net::TcpListener::bind(&listen).expect("no orphaned server holds the address");

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::stream;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};
-use httpserver_pool::{Handler, PemSource, Server, ServerConfig, ShutdownSignal, TlsConfig, full};
+use httpserver_pool::{Handler, HttpServerConfig, PemSource, Server, ShutdownSignal, TlsConfig, full};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
 use pool_api::{Lifecycle, LifecycleError, LifecycleState};
@@ -43,7 +43,7 @@ async fn start_binds_for_real_and_the_server_answers() {
 #[tokio::test]
 async fn start_on_a_taken_port_fails_with_address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let cfg = ServerConfig::new("late", taken.local_addr().unwrap().to_string()).with_handler(hello("x"));
+    let cfg = HttpServerConfig::new("late", taken.local_addr().unwrap().to_string()).with_handler(hello("x"));
     let server = Server::new(cfg).unwrap();
     match server.start().await {
         Err(LifecycleError::Start { kind, message, .. }) => {
@@ -59,7 +59,7 @@ async fn start_on_a_taken_port_fails_with_address_in_use() {
 async fn a_privileged_port_reports_permission_denied_when_the_os_refuses_it() {
     // Root may bind port 1; then the server must start. Otherwise it must say why it could not.
     let os_allows = std::net::TcpListener::bind("127.0.0.1:1").map(drop);
-    let server = Server::new(ServerConfig::new("low", "127.0.0.1:1").with_handler(hello("x"))).unwrap();
+    let server = Server::new(HttpServerConfig::new("low", "127.0.0.1:1").with_handler(hello("x"))).unwrap();
     match (os_allows, server.start().await) {
         (Ok(()), Ok(())) => {
             server.stop().await.unwrap();
@@ -244,7 +244,7 @@ async fn idle_keep_alive_connections_do_not_delay_stop() {
 
 fn tls_server(tls: TlsConfig) -> Server {
     let mut cfg =
-        ServerConfig::new("tls", format!("localhost:{}", free_port())).with_handler(hello("secure"));
+        HttpServerConfig::new("tls", format!("localhost:{}", free_port())).with_handler(hello("secure"));
     cfg.tls = Some(tls);
     Server::new(cfg).unwrap()
 }

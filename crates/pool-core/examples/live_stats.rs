@@ -7,6 +7,7 @@
 //!
 //! `cargo run -p pool-core --example live_stats [seconds]` (default 6).
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use http::{Method, Uri};
@@ -16,7 +17,17 @@ use test_support::{AllowAll, BlockPath, MemoryAgent, MemoryConnector};
 use tokio::time::Instant;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("live_stats: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

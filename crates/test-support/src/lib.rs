@@ -58,6 +58,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// The README's example, run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;

@@ -41,7 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
-use transport_uds::{ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const CONNECTIONS: usize = 4;
@@ -121,7 +121,7 @@ struct PoolSide {
 fn start_pool(agent_rt: &Runtime, client_rt: &Runtime, dir: &Path) -> PoolSide {
     let path = dir.join("waf.sock");
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = agent_rt.block_on(UdsServer::bind(&path, ServerConfig::default())).unwrap();
+    let server = agent_rt.block_on(UdsServer::bind(&path, UdsServerConfig::default())).unwrap();
     agent_rt.spawn(server.serve(waf::Waf::new(vec!["/admin".into()]), async move {
         let _ = stopped.await;
     }));

@@ -27,7 +27,7 @@
 //!   unanswered. A [`ServerHandle`] sends health, flow-control, metrics and configuration-update
 //!   messages at any time. The socket file gets the configured mode, a stale one is replaced,
 //!   a live one is refused, and it is removed on shutdown. Anyone who can connect is held to
-//!   the limits of [`ServerConfig`] (a table of them and their defaults is there): a cap on
+//!   the limits of [`UdsServerConfig`] (a table of them and their defaults is there): a cap on
 //!   connections, time-outs on the handshake, on a frame once started and on a write the
 //!   proxy does not read, and per connection a cap on requests (the advertised concurrency;
 //!   more wait their turn) and on configuration pushes (more are refused with
@@ -38,12 +38,18 @@
 //!   [`ReverseAgent`] is the agent side, reconnecting with back-off.
 //!
 //! The crate passes the transport conformance suite of `test-support` (`tests/conformance.rs`).
-//! `examples/waf_agent` is a small WAF agent (block by path prefix, add a header).
+//! `examples/waf_agent` is a small WAF agent (block by path prefix, add a header);
+//! `examples/pool_over_uds` wires an agent to a `pool-core` pool over a socket, in one process.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+/// The README's example, compiled (not run) as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod client;
-pub mod codec;
+mod codec;
 pub mod reverse;
 mod server;
 mod streams;
@@ -54,5 +60,5 @@ pub use reverse::{
     ReverseListenerConfig,
 };
 pub use server::{
-    LimitStats, RequestRefused, ServeError, ServerConfig, ServerHandle, SessionLimits, UdsServer,
+    LimitStats, RequestRefused, ServeError, ServerHandle, SessionLimits, UdsServer, UdsServerConfig,
 };

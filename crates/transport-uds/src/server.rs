@@ -11,7 +11,7 @@
 //! connection's task is woken when the buffer goes from empty to not empty and writes
 //! everything queued at once.
 //!
-//! Whoever can connect to the socket is held to the limits of [`ServerConfig`]: connections
+//! Whoever can connect to the socket is held to the limits of [`UdsServerConfig`]: connections
 //! over the cap are closed unanswered; a handshake, a frame and a write each have a time-out;
 //! requests beyond the advertised concurrency wait their turn without being read; and
 //! configuration pushes beyond their cap are refused ([`RequestRefused`]) without reaching the
@@ -39,12 +39,12 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Interval, MissedTickBehavior};
-use tokio_util::codec::{Encoder, Framed};
+use tokio_util::codec::Framed;
 
 #[cfg(doc)]
 use crate::ReverseAgent;
 use crate::client::PeerCredentials;
-use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound, Outbound};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, Inbound};
 use crate::streams::StreamMap;
 
 /// Settings of the agent side.
@@ -73,7 +73,7 @@ use crate::streams::StreamMap;
 /// connection cap bounds how many there can be, and a connection that has started a frame
 /// is held to `frame_read_timeout`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerConfig {
+pub struct UdsServerConfig {
     /// Largest frame read or written (default 16 MiB). A frame announcing more is refused on
     /// its 4-byte length, and the connection closed, before any of it is buffered.
     pub max_frame: usize,
@@ -92,7 +92,7 @@ pub struct ServerConfig {
     pub session: SessionLimits,
 }
 
-impl Default for ServerConfig {
+impl Default for UdsServerConfig {
     fn default() -> Self {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
@@ -105,7 +105,7 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
+impl UdsServerConfig {
     /// Checks that every limit is in range: none is zero, `max_frame` fits the 4-byte frame
     /// length, and `max_connections` is at most `usize::MAX / 8`.
     pub fn validate(&self) -> Result<(), ServeError> {
@@ -180,7 +180,7 @@ impl Default for SessionLimits {
 }
 
 impl SessionLimits {
-    /// The first limit set to zero, named as where both [`ServerConfig`] and
+    /// The first limit set to zero, named as where both [`UdsServerConfig`] and
     /// [`ReverseAgentConfig`](crate::ReverseAgentConfig) keep these limits
     /// (`session.<name>`).
     pub(crate) fn zero_field(&self) -> Option<&'static str> {
@@ -351,7 +351,7 @@ impl ServerHandle {
 
     fn broadcast(&self, body: agent_frame::Body) {
         let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
-        self.connections().retain(|c| c.push(Outbound::Frame(frame.clone())));
+        self.connections().retain(|c| c.push(frame.clone()));
     }
 
     /// Reports the agent's health to every proxy connected.
@@ -384,7 +384,7 @@ impl ServerHandle {
         conns.len()
     }
 
-    /// How many times each limit of [`ServerConfig`] (or of the reverse agent's session) was
+    /// How many times each limit of [`UdsServerConfig`] (or of the reverse agent's session) was
     /// hit so far. The same counts go to the `agentpool_uds_agent_limit_total` counter,
     /// labelled by `limit`.
     pub fn limit_stats(&self) -> LimitStats {
@@ -406,14 +406,14 @@ impl ServerHandle {
 pub struct UdsServer {
     listener: UnixListener,
     path: PathBuf,
-    config: ServerConfig,
+    config: UdsServerConfig,
     handle: ServerHandle,
 }
 
 impl UdsServer {
     /// Binds `path`. A stale socket file nobody listens on is replaced; a live one, or a path
     /// that is not a socket, is an error, and so is a configuration with a limit of zero.
-    pub async fn bind(path: impl AsRef<Path>, config: ServerConfig) -> Result<Self, ServeError> {
+    pub async fn bind(path: impl AsRef<Path>, config: UdsServerConfig) -> Result<Self, ServeError> {
         config.validate()?;
         let path = path.as_ref().to_path_buf();
         let listener = bind_socket(&path, config.mode).await?;
@@ -512,11 +512,19 @@ pub(crate) fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFram
     proto::AgentFrame { stream_id, body: Some(body) }
 }
 
+/// The request `frame` answers, if it is an answer (an error; decisions are queued apart).
+fn answers(frame: &proto::AgentFrame) -> Option<u64> {
+    match frame {
+        proto::AgentFrame { stream_id, body: Some(agent_frame::Body::Error(_)) } => Some(*stream_id),
+        _ => None,
+    }
+}
+
 /// Handshakes, then serves one connection until it ends.
 async fn serve_connection<H: AgentHandler>(
     stream: UnixStream,
     handler: Arc<H>,
-    config: ServerConfig,
+    config: UdsServerConfig,
     handle: ServerHandle,
 ) {
     let framed: AgentFramed = Framed::new(stream, FrameCodec::new(config.max_frame));
@@ -640,9 +648,9 @@ impl Out {
     }
 
     /// Queues a frame; false once the connection has ended.
-    fn push(&self, frame: Outbound) -> bool {
-        let answers = frame.answers();
-        self.queue(answers, |codec, buf| codec.encode(frame, buf))
+    fn push(&self, frame: proto::AgentFrame) -> bool {
+        let answers = answers(&frame);
+        self.queue(answers, |codec, buf| codec.encode_message(&frame, buf))
     }
 
     /// Queues the answer to request `stream`.
@@ -653,7 +661,7 @@ impl Out {
             }
             Err(e) => {
                 let error = proto::AgentError { message: e.message.clone() };
-                self.push(Outbound::Frame(frame(stream, agent_frame::Body::Error(error))));
+                self.push(frame(stream, agent_frame::Body::Error(error)));
             }
         }
     }
@@ -801,7 +809,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
                     break;
                 }
                 // Only a write the socket cannot take at once is timed (no timer otherwise).
-                let mut flush = std::pin::pin!(SinkExt::<Outbound>::flush(&mut framed));
+                let mut flush = std::pin::pin!(SinkExt::<proto::AgentFrame>::flush(&mut framed));
                 let flushed = match flush.as_mut().now_or_never() {
                     Some(flushed) => flushed,
                     None => match tokio::time::timeout(limits.write_timeout, flush).await {
@@ -903,7 +911,7 @@ pub(crate) async fn run_session<H: AgentHandler>(
                         }
                     }
                     Some(proxy_frame::Body::Ping(_)) => {
-                        out.push(Outbound::Frame(frame(stream, agent_frame::Body::Pong(proto::Pong {}))));
+                        out.push(frame(stream, agent_frame::Body::Pong(proto::Pong {})));
                     }
                     Some(proxy_frame::Body::ConfigPush(p)) => {
                         tasks.config.retain(|task| !task.is_finished());
@@ -911,13 +919,13 @@ pub(crate) async fn run_session<H: AgentHandler>(
                             counters.hit(Limit::ConfigPushes);
                             let refused = RequestRefused::TooManyConfigPushes { push_id: p.push_id, limit: max_config_pushes };
                             let ack = proto::ConfigAck { push_id: p.push_id, accepted: false, error: Some(refused.to_string()) };
-                            out.push(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack))));
+                            out.push(frame(stream, agent_frame::Body::ConfigAck(ack)));
                             continue;
                         }
                         let (handler, out) = (handler.clone(), out.clone());
                         tasks.config.push(tokio::spawn(async move {
                             let ack = handler.on_config(ConfigPush::from(p)).await;
-                            out.push(Outbound::Frame(frame(stream, agent_frame::Body::ConfigAck(ack.into()))));
+                            out.push(frame(stream, agent_frame::Body::ConfigAck(ack.into())));
                         }));
                     }
                     Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
@@ -953,7 +961,7 @@ impl Drop for PanicGuard {
             && std::thread::panicking()
         {
             let error = proto::AgentError { message: "the agent's handler panicked".into() };
-            out.push(Outbound::Frame(frame(self.stream, agent_frame::Body::Error(error))));
+            out.push(frame(self.stream, agent_frame::Body::Error(error)));
         }
     }
 }
@@ -967,7 +975,7 @@ mod tests {
     async fn a_closed_session_leaves_the_handle_on_its_own() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.sock");
-        let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+        let server = UdsServer::bind(&path, UdsServerConfig::default()).await.unwrap();
         let handle = server.handle();
         tokio::spawn(server.serve(test_support::AllowAll, std::future::pending()));
         let endpoint = Endpoint::from(format!("unix:{}", path.display()));

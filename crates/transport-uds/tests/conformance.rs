@@ -1,5 +1,7 @@
 //! The transport conformance suite of `test-support`, over real Unix sockets in a tempdir.
 
+mod wire;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,8 +14,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
-use transport_uds::codec::FrameCodec;
-use transport_uds::{ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
+use wire::Wire;
 
 struct Uds {
     dir: tempfile::TempDir,
@@ -39,7 +41,7 @@ fn path_of(endpoint: &Endpoint) -> std::path::PathBuf {
 }
 
 async fn serve_on<H: AgentHandler>(path: std::path::PathBuf, handler: H) -> RunningAgent {
-    let server = UdsServer::bind(&path, ServerConfig::default()).await.expect("bind");
+    let server = UdsServer::bind(&path, UdsServerConfig::default()).await.expect("bind");
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(handler, async move {
         let _ = stopped.await;
@@ -105,8 +107,7 @@ fn broken_bytes(how: Misbehaviour) -> Vec<u8> {
 impl WireHarness for Uds {
     async fn misbehaving(&self, how: Misbehaviour) -> RunningAgent {
         raw_agent(self.fresh(), move |stream| async move {
-            let mut framed =
-                Framed::new(stream, FrameCodec::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
+            let mut framed = Framed::new(stream, Wire::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
             let _hello = framed.next().await;
             let capabilities: proto::Capabilities =
                 Capabilities::new("rogue").with_events(EventKind::ALL).into();

@@ -6,6 +6,8 @@
 //! No test measures time: time-outs are set short so the tests end soon, and every wait has
 //! a generous deadline so that a broken limit fails instead of hanging.
 
+mod wire;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -20,11 +22,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::codec::Framed;
-use transport_uds::codec::{EventFrame, FrameCodec};
 use transport_uds::reverse::{ReverseAgent, ReverseAgentConfig, ReverseError};
 use transport_uds::{
-    LimitStats, ServeError, ServerConfig, ServerHandle, SessionLimits, UdsConnector, UdsServer,
+    LimitStats, ServeError, ServerHandle, SessionLimits, UdsConnector, UdsServer, UdsServerConfig,
 };
+use wire::Wire;
 
 /// Long enough for anything that should happen to happen, on any machine.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -33,7 +35,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const SHORT: Duration = Duration::from_millis(200);
 
 /// A proxy speaking the wire protocol by hand.
-type RawProxy = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
+type RawProxy = Framed<UnixStream, Wire<proto::AgentFrame, proto::ProxyFrame>>;
 
 /// Holds every event and configuration push until the test opens the gate; counts those
 /// started and the most events running at once, and answers each event with its correlation
@@ -94,7 +96,7 @@ impl AgentHandler for Gate {
 /// Serves `handler` with `config` at a fresh socket in `dir`; dropping the sender stops it.
 async fn serve<H: AgentHandler>(
     dir: &tempfile::TempDir,
-    config: ServerConfig,
+    config: UdsServerConfig,
     handler: H,
 ) -> (PathBuf, ServerHandle, oneshot::Sender<()>) {
     let path = dir.path().join("agent.sock");
@@ -107,18 +109,23 @@ async fn serve<H: AgentHandler>(
     (path, handle, stop)
 }
 
-fn with_session(session: SessionLimits) -> ServerConfig {
-    ServerConfig { session, ..ServerConfig::default() }
+fn with_session(session: SessionLimits) -> UdsServerConfig {
+    UdsServerConfig { session, ..UdsServerConfig::default() }
 }
 
 fn request(id: &str) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/x")))
 }
 
+/// Request `stream_id`'s `event`, as the proxy frames it.
+fn event_frame(stream_id: u64, event: Event) -> proto::ProxyFrame {
+    proto::ProxyFrame { stream_id, body: Some(proxy_frame::Body::Event(event.into())) }
+}
+
 /// Connects and handshakes by hand; returns the connection and the capabilities advertised.
 async fn raw_proxy(path: &Path) -> (RawProxy, proto::Capabilities) {
     let stream = UnixStream::connect(path).await.unwrap();
-    let mut framed = Framed::new(stream, FrameCodec::new(16 << 20));
+    let mut framed = Framed::new(stream, Wire::new(16 << 20));
     let hello = proto::Hello::from(Hello::new("raw"));
     framed
         .send(proto::ProxyFrame { stream_id: 0, body: Some(proxy_frame::Body::Hello(hello)) })
@@ -165,7 +172,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 #[tokio::test]
 async fn a_connection_over_the_cap_is_closed_at_once_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig { max_connections: 2, ..ServerConfig::default() };
+    let config = UdsServerConfig { max_connections: 2, ..UdsServerConfig::default() };
     let (path, handle, _stop) = serve(&dir, config, AllowAll).await;
     let first = connect(&path).await;
     let second = connect(&path).await;
@@ -197,7 +204,7 @@ async fn a_connection_over_the_cap_is_closed_at_once_and_the_others_are_served()
 #[tokio::test]
 async fn a_silent_or_stalled_handshake_is_closed_after_its_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig { handshake_timeout: SHORT, ..ServerConfig::default() };
+    let config = UdsServerConfig { handshake_timeout: SHORT, ..UdsServerConfig::default() };
     let (path, handle, _stop) = serve(&dir, config, AllowAll).await;
     let mut silent = UnixStream::connect(&path).await.unwrap();
     // A hello's length, promising 64 bytes, and nothing more.
@@ -239,7 +246,7 @@ async fn a_frame_that_starts_and_stalls_is_cut_and_an_idle_connection_is_not() {
 async fn a_frame_over_the_limit_after_the_handshake_closes_only_its_connection() {
     const MAX_FRAME: usize = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig { max_frame: MAX_FRAME, ..ServerConfig::default() };
+    let config = UdsServerConfig { max_frame: MAX_FRAME, ..UdsServerConfig::default() };
     let (path, _handle, _stop) = serve(&dir, config, AllowAll).await;
     let good = connect(&path).await;
     let (oversized, _) = raw_proxy(&path).await;
@@ -298,9 +305,9 @@ async fn requests_beyond_the_advertised_concurrency_wait_their_turn_unread() {
 
     // Five at once, ignoring the two advertised.
     for stream_id in 1..=5u64 {
-        proxy.feed(EventFrame { stream_id, event: request(&format!("r{stream_id}")) }).await.unwrap();
+        proxy.feed(event_frame(stream_id, request(&format!("r{stream_id}")))).await.unwrap();
     }
-    SinkExt::<EventFrame>::flush(&mut proxy).await.unwrap();
+    SinkExt::<proto::ProxyFrame>::flush(&mut proxy).await.unwrap();
     eventually("the two allowed requests start", || gate.started.load(SeqCst) == 2).await;
     eventually("the third is read and held back", || handle.limit_stats().requests_held_back == 1).await;
     assert_eq!(gate.started.load(SeqCst), 2, "the one held back has not started");
@@ -328,11 +335,11 @@ async fn requests_beyond_the_advertised_concurrency_wait_their_turn_unread() {
 async fn a_request_reusing_a_running_stream_id_closes_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let gate = Gate::new(Capabilities::new("gate").with_events(EventKind::ALL));
-    let (path, handle, _stop) = serve(&dir, ServerConfig::default(), gate.clone()).await;
+    let (path, handle, _stop) = serve(&dir, UdsServerConfig::default(), gate.clone()).await;
     let (mut proxy, _) = raw_proxy(&path).await;
-    proxy.send(EventFrame { stream_id: 1, event: request("first") }).await.unwrap();
+    proxy.send(event_frame(1, request("first"))).await.unwrap();
     eventually("the first request starts", || gate.started.load(SeqCst) == 1).await;
-    proxy.send(EventFrame { stream_id: 1, event: request("again") }).await.unwrap();
+    proxy.send(event_frame(1, request("again"))).await.unwrap();
     assert_eq!(next(&mut proxy).await, None, "closed without an answer");
     eventually("the session ends", || handle.connection_count() == 0).await;
     assert_eq!(gate.started.load(SeqCst), 1);
@@ -384,10 +391,13 @@ async fn a_limit_out_of_range_is_refused_naming_the_setting() {
     let path = dir.path().join("a.sock");
     let zero_timeout = SessionLimits { write_timeout: Duration::ZERO, ..SessionLimits::default() };
     for (config, field) in [
-        (ServerConfig { max_connections: 0, ..ServerConfig::default() }, "max_connections"),
-        (ServerConfig { max_connections: usize::MAX, ..ServerConfig::default() }, "max_connections"),
-        (ServerConfig { max_frame: 1 << 32, ..ServerConfig::default() }, "max_frame"),
-        (ServerConfig { handshake_timeout: Duration::ZERO, ..ServerConfig::default() }, "handshake_timeout"),
+        (UdsServerConfig { max_connections: 0, ..UdsServerConfig::default() }, "max_connections"),
+        (UdsServerConfig { max_connections: usize::MAX, ..UdsServerConfig::default() }, "max_connections"),
+        (UdsServerConfig { max_frame: 1 << 32, ..UdsServerConfig::default() }, "max_frame"),
+        (
+            UdsServerConfig { handshake_timeout: Duration::ZERO, ..UdsServerConfig::default() },
+            "handshake_timeout",
+        ),
         (with_session(zero_timeout), "session.write_timeout"),
         (
             with_session(SessionLimits { max_concurrent_requests: 0, ..SessionLimits::default() }),
@@ -408,7 +418,7 @@ async fn a_limit_out_of_range_is_refused_naming_the_setting() {
 
 #[test]
 fn every_limit_has_a_safe_default() {
-    let config = ServerConfig::default();
+    let config = UdsServerConfig::default();
     assert_eq!(config.max_connections, 1024);
     assert_eq!(config.handshake_timeout, Duration::from_secs(5));
     assert_eq!(config.max_frame, 16 << 20);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pool_api::{AgentMetric, Connector, Endpoint, Hello};
 use test_support::AllowAll;
-use transport_uds::{ServerConfig, UdsConnector, UdsServer};
+use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_metrics_report_is_recorded_as_labelled_gauges() {
@@ -15,7 +15,7 @@ async fn an_agents_metrics_report_is_recorded_as_labelled_gauges() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.sock");
-    let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+    let server = UdsServer::bind(&path, UdsServerConfig::default()).await.unwrap();
     let handle = server.handle();
     tokio::spawn(server.serve(AllowAll, std::future::pending()));
     let pending =

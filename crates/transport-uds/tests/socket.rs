@@ -2,6 +2,8 @@
 //! signals and a proxy that sends garbage. The transport-independent checks are in
 //! `conformance.rs`.
 
+mod wire;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +16,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
-use transport_uds::codec::FrameCodec;
 use transport_uds::{
-    ClientConfig, MAX_SOCKET_PATH, PeerCredentials, ServeError, ServerConfig, UdsConnector, UdsServer,
+    ClientConfig, MAX_SOCKET_PATH, PeerCredentials, ServeError, UdsConnector, UdsServer, UdsServerConfig,
 };
+use wire::Wire;
 
 fn request(id: &str) -> Event {
     Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/x")))
@@ -30,7 +32,7 @@ async fn agent<H: AgentHandler>(
     handler: H,
 ) -> (String, oneshot::Sender<()>) {
     let path = dir.path().join(name);
-    let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+    let server = UdsServer::bind(&path, UdsServerConfig::default()).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(handler, async move {
         let _ = stopped.await;
@@ -48,16 +50,20 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.sock");
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // leaves a stale file behind
-    let server =
-        UdsServer::bind(&path, ServerConfig { mode: Some(0o600), ..ServerConfig::default() }).await.unwrap();
+    let server = UdsServer::bind(&path, UdsServerConfig { mode: Some(0o600), ..UdsServerConfig::default() })
+        .await
+        .unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(matches!(UdsServer::bind(&path, ServerConfig::default()).await, Err(ServeError::InUse { .. })));
+    assert!(matches!(
+        UdsServer::bind(&path, UdsServerConfig::default()).await,
+        Err(ServeError::InUse { .. })
+    ));
     drop(server);
     assert!(!path.exists(), "the socket file is removed on shutdown");
     std::fs::write(&path, b"not a socket").unwrap();
     assert!(matches!(
-        UdsServer::bind(&path, ServerConfig::default()).await,
+        UdsServer::bind(&path, UdsServerConfig::default()).await,
         Err(ServeError::NotASocket { .. })
     ));
 }
@@ -66,7 +72,7 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_refused() {
 async fn agent_signals_reach_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.sock");
-    let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+    let server = UdsServer::bind(&path, UdsServerConfig::default()).await.unwrap();
     let handle = server.handle();
     tokio::spawn(server.serve(AllowAll, std::future::pending()));
     let conn = connect(&format!("unix:{}", path.display())).await;
@@ -134,7 +140,7 @@ async fn peer_credentials_are_checked_on_both_sides() {
     let path = dir.path().join("strict.sock");
     let strict = UdsServer::bind(
         &path,
-        ServerConfig {
+        UdsServerConfig {
             peer: Some(PeerCredentials { uid: None, gid: Some(me.gid() + 1) }),
             ..Default::default()
         },
@@ -160,8 +166,7 @@ async fn abstract_sockets_and_bad_endpoints() {
     let listener = UnixListener::from_std(std_listener).unwrap();
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let mut framed =
-            Framed::new(stream, FrameCodec::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
+        let mut framed = Framed::new(stream, Wire::<proto::ProxyFrame, proto::AgentFrame>::new(1 << 20));
         let _hello = futures_util::StreamExt::next(&mut framed).await;
         let caps: proto::Capabilities = Capabilities::new("abstract").into();
         framed
@@ -297,7 +302,7 @@ async fn a_dropped_request_is_abandoned_on_the_agent_and_a_dropped_connection_cl
     let dir = tempfile::tempdir().unwrap();
     let holds = Holds::default();
     let path = dir.path().join("h.sock");
-    let server = UdsServer::bind(&path, ServerConfig::default()).await.unwrap();
+    let server = UdsServer::bind(&path, UdsServerConfig::default()).await.unwrap();
     let handle = server.handle();
     let (_stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.serve(holds.clone(), async move {

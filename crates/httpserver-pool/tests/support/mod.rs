@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use httpserver_pool::{Handler, PemSource, ServerConfig, TlsConfig, full};
+use httpserver_pool::{Handler, HttpServerConfig, PemSource, TlsConfig, full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -46,8 +46,8 @@ pub fn sleeper(d: Duration) -> Handler {
     })
 }
 
-pub fn config(name: &str, handler: Handler) -> ServerConfig {
-    ServerConfig::new(name, free_addr()).with_handler(handler)
+pub fn config(name: &str, handler: Handler) -> HttpServerConfig {
+    HttpServerConfig::new(name, free_addr()).with_handler(handler)
 }
 
 pub type PlainClient = Client<HttpConnector, Empty<Bytes>>;
