@@ -15,8 +15,10 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use dashmap::DashMap;
 use pool_api::{AgentConnection, BoxFuture, ConfigPush, ConfigUpdateAnswer, ConfigUpdateRequest};
@@ -25,7 +27,6 @@ use tokio::sync::watch;
 use crate::agent::Agent;
 use crate::config::ConfigPushConfig;
 use crate::endpoint::EndpointState;
-use crate::sync::lock_std as lock;
 
 /// Where a push is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,7 +120,7 @@ impl Pushes {
             tx.send_replace(state);
         }
         if finished {
-            let mut done = lock(&self.finished);
+            let mut done = self.finished.lock();
             done.push_back(id);
             while done.len() > KEEP_FINISHED {
                 if let Some(old) = done.pop_front() {
@@ -172,11 +173,11 @@ pub(crate) struct UpdateHandlerSlot(RwLock<Option<Arc<dyn ConfigUpdateHandler>>>
 
 impl UpdateHandlerSlot {
     pub(crate) fn set(&self, handler: Option<Arc<dyn ConfigUpdateHandler>>) {
-        *crate::sync::write_std(&self.0) = handler;
+        *self.0.write() = handler;
     }
 
     pub(crate) fn get(&self) -> Option<Arc<dyn ConfigUpdateHandler>> {
-        crate::sync::read_std(&self.0).clone()
+        self.0.read().clone()
     }
 }
 

@@ -18,13 +18,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::agent::{Agent, LiveSlots};
-use crate::sync::lock_std as lock;
 
 /// One agent as the hot path sees it.
 #[derive(Clone)]
@@ -100,7 +100,7 @@ impl Directory {
     }
 
     pub(crate) fn write(&self) -> Writer<'_> {
-        Writer { directory: self, _guard: lock(&self.writer) }
+        Writer { directory: self, _guard: self.writer.lock() }
     }
 
     /// Republishes `agent`'s connected slots after a connection came or went: the agent's own

@@ -19,13 +19,12 @@ use tokio::time::Instant;
 
 use crate::agent::{Agent, Slot};
 use crate::supervisor::{self, Exit, Links};
-use crate::sync::lock_std as lock;
 
 /// Adds (or replaces) replica `replica`'s reverse connection as a slot of `agent`, and watches
 /// it, on a task of the agent, until it closes.
 pub(crate) fn attach(agent: &Arc<Agent>, replica: &str, conn: Arc<dyn AgentConnection>, links: &Links) {
     let slot = {
-        let mut replicas = lock(&agent.replicas);
+        let mut replicas = agent.replicas.lock();
         let slot = replicas
             .entry(replica.to_owned())
             .or_insert_with(|| {
@@ -60,7 +59,7 @@ async fn watch(
         conn.close();
     }
     {
-        let mut replicas = lock(&agent.replicas);
+        let mut replicas = agent.replicas.lock();
         if slot.generation() != generation {
             return;
         }

@@ -25,8 +25,7 @@ use crate::ewma::PeakEwma;
 use crate::health::{self, HealthState, HealthThresholds, HealthWindow};
 use crate::metrics::AgentMetrics;
 use crate::permits::Permits;
-use crate::sync::lock_std as lock;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 /// The agent paused this connection (flow control).
 const PAUSED: u32 = 1;
@@ -259,11 +258,11 @@ impl<O: SlotOwner> Slot<O> {
     }
 
     pub(crate) fn label(&self) -> Arc<str> {
-        lock(&self.label).clone()
+        self.label.lock().clone()
     }
 
     pub(crate) fn capabilities(&self) -> Option<Capabilities> {
-        lock(&self.caps).clone()
+        self.caps.lock().clone()
     }
 
     /// Puts a freshly handshaken connection into the slot.
@@ -277,14 +276,14 @@ impl<O: SlotOwner> Slot<O> {
             self.owner.metrics().paused.decrement(1.0);
         }
         self.timeout_mult_bits.store(1f32.to_bits(), Ordering::Relaxed);
-        *lock(&self.label) = Arc::from(conn.label());
-        *lock(&self.caps) = Some(caps);
-        *lock(&self.reported) = HealthStatus::Healthy;
+        *self.label.lock() = Arc::from(conn.label());
+        *self.caps.lock() = Some(caps);
+        *self.reported.lock() = HealthStatus::Healthy;
         let generation = {
             // A new connection is judged on its own results. The generation moves under the
             // same lock, so a late result of the previous connection either lands before the
             // reset (and is forgotten with it) or sees the new generation (and is kept out).
-            let mut h = lock(&self.health);
+            let mut h = self.health.lock();
             h.window.clear();
             h.ewma.reset();
             h.state = HealthState::Healthy;
@@ -321,7 +320,7 @@ impl<O: SlotOwner> Slot<O> {
         if before & PAUSED != 0 {
             self.owner.metrics().paused.decrement(1.0);
         }
-        lock(&self.health).connected_since = None;
+        self.health.lock().connected_since = None;
         self.conn.swap(None)
     }
 
@@ -346,7 +345,7 @@ impl<O: SlotOwner> Slot<O> {
             _ => {}
         }
         self.timeout_mult_bits.store(s.health.status.timeout_multiplier().to_bits(), Ordering::Relaxed);
-        *lock(&self.reported) = s.health.status;
+        *self.reported.lock() = s.health.status;
     }
 
     /// Records one finished request, sent on the connection of `generation`. A result of a
@@ -360,7 +359,7 @@ impl<O: SlotOwner> Slot<O> {
         outcome: Finished<'_>,
         thresholds: &HealthThresholds,
     ) {
-        let mut h = lock(&self.health);
+        let mut h = self.health.lock();
         h.requests += 1;
         let (success, timed_out) = match outcome {
             Finished::Succeeded => (true, false),
@@ -391,12 +390,12 @@ impl<O: SlotOwner> Slot<O> {
 
     /// Records a failure that is not a request (a failed connect, a ping time-out).
     pub(crate) fn record_error(&self, now: Instant, error: &dyn std::fmt::Display) {
-        lock(&self.health).last_error = Some((now, error.to_string()));
+        self.health.lock().last_error = Some((now, error.to_string()));
     }
 
     /// Re-reads the window as time passes, so a slot without traffic recovers.
     pub(crate) fn refresh(&self, now: Instant, thresholds: &HealthThresholds) {
-        let mut h = lock(&self.health);
+        let mut h = self.health.lock();
         self.reclassify(&mut h, now, thresholds);
     }
 
@@ -413,7 +412,7 @@ impl<O: SlotOwner> Slot<O> {
 
     /// Lifetime (requests, failures) — for outlier detection's per-interval deltas and stats.
     pub(crate) fn totals(&self) -> (u64, u64, u64) {
-        let h = lock(&self.health);
+        let h = self.health.lock();
         (h.requests, h.failures, h.timeouts)
     }
 
@@ -428,7 +427,7 @@ impl<O: SlotOwner> Slot<O> {
     }
 
     pub(crate) fn snapshot(&self, now: Instant) -> ConnectionHealth {
-        let h = lock(&self.health);
+        let h = self.health.lock();
         let rtt = self.rtt_ns.load(Ordering::Relaxed);
         ConnectionHealth {
             label: self.label().to_string(),
@@ -447,7 +446,7 @@ impl<O: SlotOwner> Slot<O> {
             connects: h.connects,
             uptime: h.connected_since.map(|t| now.saturating_duration_since(t)),
             paused: self.is_paused(),
-            reported: *lock(&self.reported),
+            reported: *self.reported.lock(),
         }
     }
 }

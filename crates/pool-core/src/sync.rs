@@ -157,18 +157,3 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap()
     }
 }
-
-/// [`lock`] for plain `std` mutexes (the parts of the crate that loom does not model).
-pub(crate) fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Read-locks a plain `std` RwLock, ignoring poisoning (see [`lock`]).
-pub(crate) fn read_std<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Write-locks a plain `std` RwLock, ignoring poisoning (see [`lock`]).
-pub(crate) fn write_std<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
-}

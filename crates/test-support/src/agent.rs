@@ -2,8 +2,10 @@
 //! connections.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use pool_api::{
@@ -15,7 +17,6 @@ use tokio::sync::{oneshot, watch};
 
 use crate::connection::{Command, ConnCore};
 use crate::connector::MemoryPending;
-use crate::lock;
 
 /// The seed of a new agent's random number generator.
 const DEFAULT_SEED: u64 = 0x5eed_a9e7;
@@ -129,7 +130,7 @@ impl AgentShared {
     /// Decides what to do with the next event, in arrival order, so that seeded randomness is
     /// reproducible.
     pub(crate) fn plan_event(&self) -> Plan {
-        let mut script = lock(&self.script);
+        let mut script = self.script.lock();
         let latency = if script.latency_max > script.latency_min {
             let min = duration_nanos(script.latency_min);
             let max = duration_nanos(script.latency_max);
@@ -151,78 +152,78 @@ impl AgentShared {
     }
 
     pub(crate) fn is_silent(&self) -> bool {
-        lock(&self.script).silent
+        self.script.lock().silent
     }
 
     pub(crate) fn config_behaviour(&self) -> ConfigBehaviour {
-        lock(&self.script).config.clone()
+        self.script.lock().config.clone()
     }
 
     pub(crate) fn health(&self) -> AgentHealth {
-        lock(&self.script).health.clone()
+        self.script.lock().health.clone()
     }
 
     pub(crate) fn capabilities(&self) -> Capabilities {
-        let over = lock(&self.script).capabilities.clone();
+        let over = self.script.lock().capabilities.clone();
         over.unwrap_or_else(|| self.handler.capabilities())
     }
 
     pub(crate) fn protocol_versions(&self) -> Vec<u32> {
-        let over = lock(&self.script).versions.clone();
+        let over = self.script.lock().versions.clone();
         over.unwrap_or_else(|| vec![self.capabilities().protocol_version])
     }
 
     pub(crate) fn handshake_silent(&self) -> bool {
-        lock(&self.script).handshake_silent
+        self.script.lock().handshake_silent
     }
 
     pub(crate) fn add_connection(&self, core: Arc<ConnCore>) {
-        lock(&self.connections).push(core);
-        lock(&self.observations).connections_opened += 1;
+        self.connections.lock().push(core);
+        self.observations.lock().connections_opened += 1;
     }
 
     pub(crate) fn remove_connection(&self, core: &ConnCore) {
-        lock(&self.connections).retain(|c| !std::ptr::eq(Arc::as_ptr(c), core));
+        self.connections.lock().retain(|c| !std::ptr::eq(Arc::as_ptr(c), core));
     }
 
     fn connection_cores(&self) -> Vec<Arc<ConnCore>> {
-        lock(&self.connections).clone()
+        self.connections.lock().clone()
     }
 
     fn open_cores(&self) -> Vec<Arc<ConnCore>> {
-        lock(&self.connections).iter().filter(|c| c.is_open()).cloned().collect()
+        self.connections.lock().iter().filter(|c| c.is_open()).cloned().collect()
     }
 
     pub(crate) fn record_hello(&self, hello: Hello) {
-        lock(&self.observations).hellos.push(hello);
+        self.observations.lock().hellos.push(hello);
     }
 
     pub(crate) fn record_event(&self, label: &str, event: &Event) {
-        lock(&self.observations).events.push((label.to_owned(), event.clone()));
+        self.observations.lock().events.push((label.to_owned(), event.clone()));
     }
 
     pub(crate) fn record_cancel(&self, label: &str, correlation_id: &CorrelationId, reason: CancelReason) {
-        lock(&self.observations).cancels.push((label.to_owned(), correlation_id.clone(), reason));
+        self.observations.lock().cancels.push((label.to_owned(), correlation_id.clone(), reason));
     }
 
     pub(crate) fn record_drain(&self, label: &str) {
-        lock(&self.observations).drains.push(label.to_owned());
+        self.observations.lock().drains.push(label.to_owned());
     }
 
     pub(crate) fn record_close(&self, label: &str) {
-        lock(&self.observations).closes.push(label.to_owned());
+        self.observations.lock().closes.push(label.to_owned());
     }
 
     pub(crate) fn record_ping(&self, label: &str) {
-        lock(&self.observations).pings.push(label.to_owned());
+        self.observations.lock().pings.push(label.to_owned());
     }
 
     pub(crate) fn record_config_answer(&self, label: &str, answer: ConfigUpdateAnswer) {
-        lock(&self.observations).config_answers.push((label.to_owned(), answer));
+        self.observations.lock().config_answers.push((label.to_owned(), answer));
     }
 
     pub(crate) fn record_config_push(&self, label: &str, push: &ConfigPush) {
-        lock(&self.observations).config_pushes.push((label.to_owned(), push.clone()));
+        self.observations.lock().config_pushes.push((label.to_owned(), push.clone()));
     }
 
     /// The agent's end of a connection attempt.
@@ -231,10 +232,10 @@ impl AgentShared {
         endpoint: Endpoint,
     ) -> Result<Box<dyn PendingConnection>, TransportError> {
         let (refuse, silent) = {
-            let script = lock(&self.script);
+            let script = self.script.lock();
             (script.refuse, script.connect_silent)
         };
-        lock(&self.observations).connect_attempts += 1;
+        self.observations.lock().connect_attempts += 1;
         if refuse {
             return Err(TransportError::Connect {
                 endpoint: endpoint.to_string(),
@@ -332,7 +333,7 @@ impl MemoryAgent {
     /// Every event is answered after `latency` (a tokio sleep: paused-clock tests advance on
     /// their own).
     pub fn set_latency(&self, latency: Duration) {
-        let mut script = lock(&self.shared.script);
+        let mut script = self.shared.script.lock();
         script.latency_min = latency;
         script.latency_max = latency;
     }
@@ -344,20 +345,20 @@ impl MemoryAgent {
     /// If `min > max`.
     pub fn set_latency_range(&self, min: Duration, max: Duration) {
         assert!(min <= max, "latency range {min:?}..={max:?} is empty");
-        let mut script = lock(&self.shared.script);
+        let mut script = self.shared.script.lock();
         script.latency_min = min;
         script.latency_max = max;
     }
 
     /// Reseeds the random number generator behind latency ranges and failure rates.
     pub fn set_seed(&self, seed: u64) {
-        lock(&self.shared.script).rng = fastrand::Rng::with_seed(seed);
+        self.shared.script.lock().rng = fastrand::Rng::with_seed(seed);
     }
 
     /// The next `n` events are answered with an [`AgentError`] (the sender gets
     /// [`TransportError::Agent`]) without reaching the handler. Replaces any count still left.
     pub fn fail_next(&self, n: usize) {
-        lock(&self.shared.script).fail_next = n;
+        self.shared.script.lock().fail_next = n;
     }
 
     /// Each event fails with probability `rate` (clamped to `0.0..=1.0`), like
@@ -368,52 +369,52 @@ impl MemoryAgent {
     /// If `rate` is NaN.
     pub fn set_failure_rate(&self, rate: f64) {
         assert!(!rate.is_nan(), "failure rate is NaN");
-        lock(&self.shared.script).failure_rate = rate.clamp(0.0, 1.0);
+        self.shared.script.lock().failure_rate = rate.clamp(0.0, 1.0);
     }
 
     /// While set, events (and pings) are received but never answered; they stay pending until
     /// cancelled, abandoned or their connection dies. Decided per event on arrival: clearing it
     /// does not answer events already received.
     pub fn set_silent(&self, silent: bool) {
-        lock(&self.shared.script).silent = silent;
+        self.shared.script.lock().silent = silent;
     }
 
     /// While set, connecting fails with [`TransportError::Connect`] (kind
     /// [`ConnectionRefused`](std::io::ErrorKind::ConnectionRefused)). Live connections are
     /// untouched.
     pub fn refuse_connections(&self, refuse: bool) {
-        lock(&self.shared.script).refuse = refuse;
+        self.shared.script.lock().refuse = refuse;
     }
 
     /// While set, [`Connector::connect`](pool_api::Connector::connect) never completes (a
     /// black-holed address), for connect time-out tests.
     pub fn set_connect_silent(&self, silent: bool) {
-        lock(&self.shared.script).connect_silent = silent;
+        self.shared.script.lock().connect_silent = silent;
     }
 
     /// While set, connecting succeeds but the handshake never completes, for handshake time-out
     /// tests. [`disconnect_all`](MemoryAgent::disconnect_all) ends such a handshake with
     /// [`TransportError::Handshake`].
     pub fn set_handshake_silent(&self, silent: bool) {
-        lock(&self.shared.script).handshake_silent = silent;
+        self.shared.script.lock().handshake_silent = silent;
     }
 
     /// Announces `capabilities` in later handshakes instead of the handler's. The protocol
     /// version in it is replaced by the negotiated one.
     pub fn set_capabilities(&self, capabilities: Capabilities) {
-        lock(&self.shared.script).capabilities = Some(capabilities);
+        self.shared.script.lock().capabilities = Some(capabilities);
     }
 
     /// The protocol versions the agent speaks in later handshakes (by default, the one in its
     /// capabilities). The highest version also in [`Hello::supported_versions`] is chosen; with
     /// none in common the handshake fails with [`TransportError::VersionMismatch`].
     pub fn set_protocol_versions(&self, versions: impl IntoIterator<Item = u32>) {
-        lock(&self.shared.script).versions = Some(versions.into_iter().collect());
+        self.shared.script.lock().versions = Some(versions.into_iter().collect());
     }
 
     /// How configuration pushes are answered from now on.
     pub fn set_config_behaviour(&self, behaviour: ConfigBehaviour) {
-        lock(&self.shared.script).config = behaviour;
+        self.shared.script.lock().config = behaviour;
     }
 
     /// The capabilities the next handshake will announce (before version negotiation).
@@ -458,7 +459,7 @@ impl MemoryAgent {
 
     /// Reports `health` on every live connection; connections opened later start with it too.
     pub fn report_health(&self, health: AgentHealth) {
-        lock(&self.shared.script).health = health.clone();
+        self.shared.script.lock().health = health.clone();
         for core in self.shared.open_cores() {
             core.report_health(health.clone());
         }
@@ -498,12 +499,12 @@ impl MemoryAgent {
 
     /// Connection attempts that reached the agent, refused ones included.
     pub fn connect_attempts(&self) -> usize {
-        lock(&self.shared.observations).connect_attempts
+        self.shared.observations.lock().connect_attempts
     }
 
     /// Connections that completed their handshake.
     pub fn connections_opened(&self) -> usize {
-        lock(&self.shared.observations).connections_opened
+        self.shared.observations.lock().connections_opened
     }
 
     /// Connections open now.
@@ -513,17 +514,19 @@ impl MemoryAgent {
 
     /// The hellos received, in order.
     pub fn hellos(&self) -> Vec<Hello> {
-        lock(&self.shared.observations).hellos.clone()
+        self.shared.observations.lock().hellos.clone()
     }
 
     /// Events received, over every connection.
     pub fn events_received(&self) -> usize {
-        lock(&self.shared.observations).events.len()
+        self.shared.observations.lock().events.len()
     }
 
     /// Every event received: (connection label, correlation id, kind), in arrival order.
     pub fn events_by_connection(&self) -> Vec<(String, CorrelationId, EventKind)> {
-        lock(&self.shared.observations)
+        self.shared
+            .observations
+            .lock()
             .events
             .iter()
             .map(|(label, e)| (label.clone(), e.correlation_id().clone(), e.kind()))
@@ -532,40 +535,40 @@ impl MemoryAgent {
 
     /// Every event received, whole, with its connection label, in arrival order.
     pub fn events(&self) -> Vec<(String, Event)> {
-        lock(&self.shared.observations).events.clone()
+        self.shared.observations.lock().events.clone()
     }
 
     /// Every cancel received: (connection label, correlation id, reason), in order. A dropped
     /// [`send`](pool_api::AgentConnection::send) future shows here as
     /// [`CancelReason::Abandoned`].
     pub fn cancels(&self) -> Vec<(String, CorrelationId, CancelReason)> {
-        lock(&self.shared.observations).cancels.clone()
+        self.shared.observations.lock().cancels.clone()
     }
 
     /// Labels of the connections that were told to drain, in order.
     pub fn drains(&self) -> Vec<String> {
-        lock(&self.shared.observations).drains.clone()
+        self.shared.observations.lock().drains.clone()
     }
 
     /// Labels of the connections the proxy closed, in order.
     pub fn closes(&self) -> Vec<String> {
-        lock(&self.shared.observations).closes.clone()
+        self.shared.observations.lock().closes.clone()
     }
 
     /// One label per ping received, in order.
     pub fn pings(&self) -> Vec<String> {
-        lock(&self.shared.observations).pings.clone()
+        self.shared.observations.lock().pings.clone()
     }
 
     /// The proxy's answers to agent-initiated configuration updates, with their connection
     /// labels, in order.
     pub fn config_answers(&self) -> Vec<(String, ConfigUpdateAnswer)> {
-        lock(&self.shared.observations).config_answers.clone()
+        self.shared.observations.lock().config_answers.clone()
     }
 
     /// Configuration pushes received, with their connection labels, in order.
     pub fn config_pushes(&self) -> Vec<(String, ConfigPush)> {
-        lock(&self.shared.observations).config_pushes.clone()
+        self.shared.observations.lock().config_pushes.clone()
     }
 
     /// Requests received and neither answered nor cancelled yet, over every connection.
@@ -581,7 +584,7 @@ impl MemoryAgent {
     /// Forgets the recorded hellos, events, cancels, drains, closes, pings and pushes. Counters
     /// (connection attempts, connections opened, pending, peak) and labels are kept.
     pub fn clear_observations(&self) {
-        let mut obs = lock(&self.shared.observations);
+        let mut obs = self.shared.observations.lock();
         *obs = Observations {
             connect_attempts: obs.connect_attempts,
             connections_opened: obs.connections_opened,

@@ -25,7 +25,9 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
@@ -139,7 +141,7 @@ impl AgentHandler for Recorder {
 
     async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
         let answer = self.answers.get(event.correlation_id().as_str()).cloned().unwrap_or_default();
-        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+        self.seen.lock().push(event);
         Ok(answer)
     }
 }
@@ -232,7 +234,7 @@ pub async fn round_trips_every_event_and_decision<H: Harness>(harness: &H) {
         let decision = conn.send(event.clone()).await.unwrap_or_else(|e| panic!("{}: {e}", event.kind()));
         assert_eq!(decision, Decision::allow(), "{}", event.kind());
     }
-    assert_eq!(*recorder.seen.lock().unwrap(), events, "events arrive exactly as sent");
+    assert_eq!(*recorder.seen.lock(), events, "events arrive exactly as sent");
     for (i, expected) in decisions.iter().enumerate() {
         let event = Event::RequestHeaders(RequestHeaders::new(
             format!("dec-{i}"),

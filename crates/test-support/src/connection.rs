@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use pool_api::{
@@ -16,7 +18,6 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::agent::{AgentShared, ConfigBehaviour, INJECTED_FAILURE, Outcome};
-use crate::lock;
 
 /// What the proxy side sends to a connection's task.
 pub(crate) enum Command {
@@ -72,7 +73,7 @@ impl ConnCore {
         if self.closed.set(reason.to_owned()).is_err() {
             return false;
         }
-        lock(&self.updates).take();
+        self.updates.lock().take();
         self.signals.send_modify(|s| s.open = false);
         true
     }
@@ -81,7 +82,7 @@ impl ConnCore {
     /// if the connection is closed.
     pub(crate) fn request_config_update(&self, kind: ConfigUpdateKind) -> Option<u64> {
         let request_id = self.next_update_id.fetch_add(1, Ordering::Relaxed);
-        let tx = lock(&self.updates).clone()?;
+        let tx = self.updates.lock().clone()?;
         tx.send(ConfigUpdateRequest { request_id, kind }).ok().map(|()| request_id)
     }
 

@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use pool_api::{AgentConnection, BoxFuture, Connector, Endpoint, Hello, PendingConnection, TransportError};
 
 use crate::agent::{AgentShared, MemoryAgent};
 use crate::connection::MemoryConnection;
-use crate::lock;
 
 /// A [`Connector`] to [`MemoryAgent`]s: a registry of endpoints, each served by one agent.
 ///
@@ -29,7 +30,7 @@ pub struct MemoryConnector {
 
 impl fmt::Debug for MemoryConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut endpoints: Vec<Endpoint> = lock(&self.agents).keys().cloned().collect();
+        let mut endpoints: Vec<Endpoint> = self.agents.lock().keys().cloned().collect();
         endpoints.sort();
         f.debug_struct("MemoryConnector")
             .field("endpoints", &endpoints)
@@ -56,18 +57,18 @@ impl MemoryConnector {
     /// Serves `endpoint` with `agent`, replacing any agent registered there. One agent may serve
     /// several endpoints.
     pub fn register(&self, endpoint: impl Into<Endpoint>, agent: &MemoryAgent) {
-        lock(&self.agents).insert(endpoint.into(), agent.clone());
+        self.agents.lock().insert(endpoint.into(), agent.clone());
     }
 
     /// Stops serving `endpoint` and returns the agent that did. Connections already open stay
     /// open, like those of a socket whose file was removed.
     pub fn unregister(&self, endpoint: impl Into<Endpoint>) -> Option<MemoryAgent> {
-        lock(&self.agents).remove(&endpoint.into())
+        self.agents.lock().remove(&endpoint.into())
     }
 
     /// The agent serving `endpoint`.
     pub fn agent(&self, endpoint: impl Into<Endpoint>) -> Option<MemoryAgent> {
-        lock(&self.agents).get(&endpoint.into()).cloned()
+        self.agents.lock().get(&endpoint.into()).cloned()
     }
 }
 
@@ -116,7 +117,7 @@ impl Connector for MemoryConnector {
         let agents = Arc::clone(&self.agents);
         let endpoint = endpoint.clone();
         Box::pin(async move {
-            let agent = lock(&agents).get(&endpoint).cloned();
+            let agent = agents.lock().get(&endpoint).cloned();
             match agent {
                 Some(agent) => Arc::clone(&agent.shared).accept(endpoint).await,
                 None => Err(TransportError::Connect {

@@ -75,15 +75,7 @@ mod handlers;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
 pub use agent::{ConfigBehaviour, ConnectionControl, MemoryAgent};
 pub use connection::MemoryConnection;
 pub use connector::MemoryConnector;
 pub use handlers::{AllowAll, BlockPath, Echo, FnHandler};
-
-/// Locks a mutex, ignoring poisoning: a failed assertion in one test task must not turn every
-/// later observation into a second panic.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}

@@ -15,8 +15,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -378,12 +380,7 @@ impl Outgoing {
 
 impl Core {
     fn closed_error(&self) -> TransportError {
-        let reason = self
-            .reason
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .unwrap_or_else(|| "the connection's task ended".into());
+        let reason = self.reason.lock().clone().unwrap_or_else(|| "the connection's task ended".into());
         TransportError::Closed { connection: self.label.clone(), reason }
     }
 
@@ -398,13 +395,13 @@ impl Core {
 
     fn mark_closed(&self, reason: &str) {
         if self.open.swap(false, Ordering::AcqRel) {
-            *self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
+            *self.reason.lock() = Some(reason.to_owned());
             self.signals.send_modify(|s| s.open = false);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Outgoing> {
-        self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Outgoing> {
+        self.out.lock()
     }
 
     /// Runs `f` on the shared state unless the task has ended (then returns `None`), and

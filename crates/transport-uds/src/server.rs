@@ -23,8 +23,10 @@ use std::io;
 use std::num::NonZeroU32;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -345,8 +347,8 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    fn connections(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Out>>> {
-        self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn connections(&self) -> MutexGuard<'_, Vec<Arc<Out>>> {
+        self.connections.lock()
     }
 
     fn broadcast(&self, body: agent_frame::Body) {
@@ -617,8 +619,8 @@ impl Out {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock()
     }
 
     /// Queues `encode`'s frame, which answers `answers` if it is an answer; false once the

@@ -45,10 +45,11 @@ pub(crate) mod wait;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use pool_api::{CancelReason, Capabilities, CorrelationId, Endpoint, EventKind, StopReport};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
@@ -63,7 +64,6 @@ use crate::endpoint::EndpointState;
 use crate::error::{PoolError, Unavailable};
 use crate::metrics::AgentMetrics;
 use crate::slot::SlotOwner;
-use crate::sync::lock_std as lock;
 use crate::waiters::Waiters;
 
 pub(crate) use outliers::Outliers;
@@ -301,15 +301,15 @@ impl Agent {
             &self.tasks,
         ));
         let slot = Self::slot_of(&self.shared, ep);
-        lock(&self.slots).push(slot.clone());
-        lock(&self.outliers).add(self.id(), slot.endpoint.clone());
+        self.slots.lock().push(slot.clone());
+        self.outliers.lock().add(self.id(), slot.endpoint.clone());
         slot
     }
 
     /// Takes a replica's slot out of the agent and out of outlier detection.
     pub(crate) fn remove_replica_slot(&self, slot: &Arc<Slot>) {
-        lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
-        lock(&self.outliers).remove(self.id(), &slot.endpoint);
+        self.slots.lock().retain(|s| !Arc::ptr_eq(s, slot));
+        self.outliers.lock().remove(self.id(), &slot.endpoint);
     }
 
     /// Rebuilds the agent's snapshot of connected slots and returns it. The pool's directory
@@ -317,7 +317,7 @@ impl Agent {
     /// agent's own.
     pub(crate) fn refresh_snapshot(&self) -> LiveSlots {
         let live: LiveSlots =
-            Arc::new(lock(&self.slots).iter().filter(|s| s.is_connected()).cloned().collect());
+            Arc::new(self.slots.lock().iter().filter(|s| s.is_connected()).cloned().collect());
         self.snapshot.store(live.clone());
         live
     }
@@ -335,17 +335,17 @@ impl Agent {
     }
 
     pub(crate) fn slots(&self) -> Vec<Arc<Slot>> {
-        lock(&self.slots).clone()
+        self.slots.lock().clone()
     }
 
     pub(crate) fn in_flight(&self) -> u64 {
-        lock(&self.slots).iter().map(|s| u64::from(s.permits.in_flight())).sum()
+        self.slots.lock().iter().map(|s| u64::from(s.permits.in_flight())).sum()
     }
 
     /// Every endpoint: configured ones, then reverse replicas.
     pub(crate) fn all_endpoints(&self) -> Vec<Arc<EndpointState>> {
         let mut all = self.endpoints.clone();
-        all.extend(lock(&self.replicas).values().map(|s| s.endpoint.clone()));
+        all.extend(self.replicas.lock().values().map(|s| s.endpoint.clone()));
         all
     }
 

@@ -10,7 +10,6 @@ use tokio::time::Instant;
 use super::Agent;
 use crate::endpoint::EndpointState;
 use crate::outlier::{IntervalCounts, OutlierConfig, OutlierDetector, Verdict};
-use crate::sync::lock_std as lock;
 
 /// Outlier detection over an agent's replicas: its configured endpoints and, as they come and
 /// go, its reverse-connected replicas. Host `i` of the detector is `hosts[i]`.
@@ -74,7 +73,7 @@ impl Agent {
     /// One outlier-detection interval over the agent's replicas, configured and reverse.
     pub(crate) fn evaluate_outliers(&self, now: Instant) {
         let slots = self.slots();
-        let mut o = lock(&self.outliers);
+        let mut o = self.outliers.lock();
         if o.hosts.len() < 2 {
             return;
         }
