@@ -56,7 +56,7 @@
 //! }
 //! ```
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 /// The README's example, run as a doc test.
 #[cfg(doctest)]
