@@ -8,7 +8,8 @@
 //! (typed errors: address in use, permission denied, bad TLS); `stop` drains gracefully and
 //! returns as soon as the work is done, or cuts it off at the deadline, with a
 //! [`StopReport`](pool_api::StopReport). Handlers receive `Request<`[`RequestBody`]`>` (hyper's
-//! body under the body read timeout) and find a [`ShutdownSignal`] in request extensions.
+//! body under the body read timeout) and find a [`ShutdownSignal`] and the client's
+//! [`ClientAddr`] in request extensions.
 //!
 //! Every server runs under limits with safe defaults — connection caps in all and per client
 //! address, header, body and idle time-outs, HTTP/2 stream cap and keep-alive, header size —
@@ -71,7 +72,7 @@ mod server;
 mod socket;
 
 pub use counters::CounterSnapshot;
-pub use server::{ReloadOutcome, Server, ServerSnapshot};
+pub use server::{ClientAddr, ReloadOutcome, Server, ServerSnapshot};
 pub mod filter;
 mod pool;
 

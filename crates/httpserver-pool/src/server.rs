@@ -470,7 +470,7 @@ async fn accept_loop(
                             if let Err(e) = socket::configure_stream(io.get_ref(), &live.config.socket) {
                                 tracing::debug!(error = %e, "socket options on an accepted connection");
                             }
-                            conns.spawn(serve_connection(io, live, shutdown.clone(), counters.clone()));
+                            conns.spawn(serve_connection(io, peer, live, shutdown.clone(), counters.clone()));
                         }
                         Err((stream, why)) => {
                             tracing::debug!(%peer, ?why, "connection over a cap: reset");
@@ -514,6 +514,7 @@ async fn accept_loop(
 
 async fn serve_connection(
     io: TrackedIo<TcpStream>,
+    peer: std::net::SocketAddr,
     live: Arc<Live>,
     shutdown: watch::Receiver<Option<Instant>>,
     counters: Arc<Counters>,
@@ -529,16 +530,17 @@ async fn serve_connection(
                 None => handshake.await,
             };
             match stream {
-                Ok(stream) => serve_http(stream, &live, shutdown, counters).await,
+                Ok(stream) => serve_http(stream, peer, &live, shutdown, counters).await,
                 Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
             }
         }
-        None => serve_http(io, &live, shutdown, counters).await,
+        None => serve_http(io, peer, &live, shutdown, counters).await,
     }
 }
 
 async fn serve_http<I>(
     io: I,
+    peer: std::net::SocketAddr,
     live: &Live,
     shutdown: watch::Receiver<Option<Instant>>,
     counters: Arc<Counters>,
@@ -549,6 +551,7 @@ async fn serve_http<I>(
     let service = ConnService {
         handler: live.handler.clone(),
         signal: ShutdownSignal::new(shutdown.clone()),
+        peer: ClientAddr(peer),
         counters,
         activity: activity.clone(),
         request_timeout: live.config.timeouts.request,
@@ -741,11 +744,16 @@ async fn watch_side(
     }
 }
 
+/// The address of the client a request came from, in every request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// The per-connection hyper service: counts the request, hands the handler the shutdown signal,
 /// applies the request timeout, and counts the request in flight until its response is sent.
 struct ConnService {
     handler: Handler,
     signal: ShutdownSignal,
+    peer: ClientAddr,
     counters: Arc<Counters>,
     activity: Arc<Activity>,
     request_timeout: Option<Duration>,
@@ -761,6 +769,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         self.counters.request();
         let mut req = req.map(|body| RequestBody::new(body, self.body_read));
         req.extensions_mut().insert(self.signal.clone());
+        req.extensions_mut().insert(self.peer);
         let in_flight = self.activity.begin();
         let eager = req.version() < Version::HTTP_2;
         let response = self.handler.call(req);

@@ -1,0 +1,101 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`, `/status` (JSON).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Request, Response, StatusCode, header};
+use httpserver_pool::{RequestBody, ResponseBody, full};
+use metrics_exporter_prometheus::PrometheusHandle;
+use pool_core::AgentPool;
+use serde_json::json;
+
+use crate::proxy::{Proxy, plain};
+
+/// What the admin endpoints read.
+pub(crate) struct Admin {
+    /// Renders the Prometheus text.
+    pub metrics: PrometheusHandle,
+    /// The agent pool.
+    pub pool: AgentPool,
+    /// The proxy (routes).
+    pub proxy: Arc<Proxy>,
+    /// Listener names and binds, for status.
+    pub listeners: Vec<(String, String)>,
+    /// False from the moment a stop begins.
+    pub ready: AtomicBool,
+}
+
+impl Admin {
+    /// Serves one admin request.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
+        match req.uri().path() {
+            "/metrics" => {
+                let mut resp = Response::new(full(self.metrics.render()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8".parse().expect("valid"),
+                );
+                resp
+            }
+            "/healthz" => plain(StatusCode::OK, "ok\n"),
+            "/readyz" if self.ready.load(Ordering::Acquire) => plain(StatusCode::OK, "ready\n"),
+            "/readyz" => plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
+            "/status" => {
+                let mut resp = Response::new(full(serde_json::to_vec_pretty(&self.status()).expect("JSON")));
+                resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("valid"));
+                resp
+            }
+            _ => plain(StatusCode::NOT_FOUND, "admin: /metrics, /healthz, /readyz, /status\n"),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let agents: Vec<_> = self
+            .pool
+            .all_agent_stats()
+            .into_iter()
+            .map(|a| {
+                let connections: Vec<_> = self
+                    .pool
+                    .health(&a.id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| {
+                        json!({
+                            "label": c.label,
+                            "endpoint": c.endpoint,
+                            "connected": c.connected,
+                            "state": format!("{:?}", c.state),
+                            "in_flight": c.in_flight,
+                            "requests": c.requests,
+                            "failures": c.failures,
+                        })
+                    })
+                    .collect();
+                let endpoints: Vec<_> = a
+                    .endpoints
+                    .iter()
+                    .map(|e| json!({ "endpoint": e.endpoint, "breaker": format!("{:?}", e.breaker), "ejected": e.ejected }))
+                    .collect();
+                json!({
+                    "id": a.id,
+                    "healthy": a.is_healthy,
+                    "requests": a.totals.requests,
+                    "failures": a.totals.failures,
+                    "in_flight": a.totals.in_flight,
+                    "endpoints": endpoints,
+                    "connections": connections,
+                })
+            })
+            .collect();
+        let routes: Vec<_> =
+            self.proxy.routes().iter().map(|r| json!({ "name": r.name, "agents": r.agents })).collect();
+        let listeners: Vec<_> = self.listeners.iter().map(|(n, b)| json!({ "name": n, "bind": b })).collect();
+        json!({
+            "ready": self.ready.load(Ordering::Acquire),
+            "listeners": listeners,
+            "routes": routes,
+            "agents": agents,
+        })
+    }
+}

@@ -1,0 +1,307 @@
+//! The gateway's configuration: a TOML file (or the embedded defaults), checked as a whole so
+//! every problem is reported at once with where it is.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pool_core::{FailureMode, PoolConfig};
+use serde::{Deserialize, Serialize};
+
+/// Everything the gateway runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GatewayConfig {
+    /// Where clients connect.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// The admin listener: metrics, health, status.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Requests are matched against routes in order; the first match serves them.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Where routes send requests.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Processing agents that routes consult.
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+    /// Settings of the agent pool (connections, balancing, health, time-outs…).
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// How long a stop waits for requests in flight.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One listening HTTP server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListenerConfig {
+    /// A name for logs and status.
+    pub name: String,
+    /// `host:port` to bind.
+    pub bind: String,
+}
+
+/// The admin listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminConfig {
+    /// `host:port` to bind; keep it on loopback.
+    pub bind: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { bind: "127.0.0.1:9901".into() }
+    }
+}
+
+/// Which requests a route serves, where it sends them, and who is asked first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteConfig {
+    /// A name for logs, metrics and status.
+    pub name: String,
+    /// The `Host` (without port) this route serves; none serves any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The path prefix this route serves (`/` for everything).
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// The upstream requests go to.
+    pub upstream: String,
+    /// Agents consulted on every request, in order; the first that does not allow decides.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// When an agent cannot answer (down, paused, over its time-out): `closed` answers 503,
+    /// `open` lets the request through. Either way the response says so in
+    /// `x-agentpool-agent-status`.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+/// A set of backends serving the same thing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamConfig {
+    /// The name routes use.
+    pub name: String,
+    /// `http://host:port` base URLs, used in turn.
+    pub urls: Vec<String>,
+    /// Time allowed for the upstream's response headers.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A processing agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentConfig {
+    /// The name routes use.
+    pub name: String,
+    /// Its endpoints (replicas): `unix:/absolute/path.sock`.
+    pub endpoints: Vec<String>,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", problems.join("\n  "))]
+pub(crate) struct ConfigError {
+    /// One line per problem, each naming where it is.
+    pub problems: Vec<String>,
+}
+
+impl GatewayConfig {
+    /// Parses TOML; syntax errors name their line and column.
+    pub(crate) fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError { problems: vec![e.to_string().trim_end().to_owned()] })
+    }
+
+    /// Checks the whole configuration and reports every problem, each with its location.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        if self.listeners.is_empty() {
+            p.push("listeners: at least one is required".to_owned());
+        }
+        let mut binds = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            check_bind(&mut p, &format!("listeners[{i}].bind"), &l.bind);
+            if !binds.insert(l.bind.as_str()) {
+                p.push(format!("listeners[{i}].bind: {} is used twice", l.bind));
+            }
+        }
+        check_bind(&mut p, "admin.bind", &self.admin.bind);
+        if binds.contains(self.admin.bind.as_str()) {
+            p.push(format!("admin.bind: {} is also a listener", self.admin.bind));
+        }
+        let upstreams = unique_names(&mut p, "upstreams", self.upstreams.iter().map(|u| u.name.as_str()));
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if u.urls.is_empty() {
+                p.push(format!("upstreams[{i}] ({}).urls: at least one is required", u.name));
+            }
+            for (j, url) in u.urls.iter().enumerate() {
+                if let Err(e) = upstream_base(url) {
+                    p.push(format!("upstreams[{i}] ({}).urls[{j}]: {e}", u.name));
+                }
+            }
+            if u.timeout.is_zero() {
+                p.push(format!("upstreams[{i}] ({}).timeout: must be greater than zero", u.name));
+            }
+        }
+        let agents = unique_names(&mut p, "agents", self.agents.iter().map(|a| a.name.as_str()));
+        for (i, a) in self.agents.iter().enumerate() {
+            if a.endpoints.is_empty() {
+                p.push(format!("agents[{i}] ({}).endpoints: at least one is required", a.name));
+            }
+        }
+        if self.routes.is_empty() {
+            p.push("routes: at least one is required".to_owned());
+        }
+        unique_names(&mut p, "routes", self.routes.iter().map(|r| r.name.as_str()));
+        for (i, r) in self.routes.iter().enumerate() {
+            if !r.path_prefix.starts_with('/') {
+                p.push(format!(
+                    "routes[{i}] ({}).path_prefix: {:?} must start with /",
+                    r.name, r.path_prefix
+                ));
+            }
+            if !upstreams.contains_key(r.upstream.as_str()) {
+                p.push(format!("routes[{i}] ({}).upstream: no upstream named {:?}", r.name, r.upstream));
+            }
+            for (j, a) in r.agents.iter().enumerate() {
+                if !agents.contains_key(a.as_str()) {
+                    p.push(format!("routes[{i}] ({}).agents[{j}]: no agent named {a:?}", r.name));
+                }
+            }
+        }
+        if let Err(pool_core::PoolError::InvalidConfig { problems }) = self.pool.validate() {
+            p.extend(problems.into_iter().map(|x| format!("pool.{x}")));
+        }
+        if p.is_empty() { Ok(()) } else { Err(ConfigError { problems: p }) }
+    }
+}
+
+fn unique_names<'a>(
+    p: &mut Vec<String>,
+    what: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> HashMap<&'a str, usize> {
+    let mut seen = HashMap::new();
+    for (i, name) in names.enumerate() {
+        if name.trim().is_empty() {
+            p.push(format!("{what}[{i}].name: must not be empty"));
+        } else if let Some(first) = seen.insert(name, i) {
+            p.push(format!("{what}[{i}].name: {name:?} is also {what}[{first}]"));
+        }
+    }
+    seen
+}
+
+fn check_bind(p: &mut Vec<String>, at: &str, bind: &str) {
+    match bind.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => p.push(format!("{at}: {bind:?} is not host:port")),
+    }
+}
+
+/// The scheme and authority of an upstream URL (`http://host:port`, nothing after the port
+/// but an optional `/`).
+pub(crate) fn upstream_base(url: &str) -> Result<http::uri::Authority, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url:?}: only http:// upstreams are supported"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{url:?}: a base URL has no path or query"));
+    }
+    uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[listeners]]
+        name = "main"
+        bind = "127.0.0.1:8080"
+
+        [[upstreams]]
+        name = "app"
+        urls = ["http://127.0.0.1:3000"]
+
+        [[agents]]
+        name = "waf"
+        endpoints = ["unix:/run/waf.sock"]
+
+        [[routes]]
+        name = "all"
+        upstream = "app"
+        agents = ["waf"]
+        failure_mode = "open"
+    "#;
+
+    #[test]
+    fn a_good_configuration_passes() {
+        let cfg = GatewayConfig::from_toml(GOOD).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.routes[0].failure_mode, FailureMode::Open);
+        assert_eq!(cfg.routes[0].path_prefix, "/");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_location() {
+        let bad = r#"
+            [[listeners]]
+            name = "main"
+            bind = "8080"
+
+            [[upstreams]]
+            name = "app"
+            urls = ["https://x", "http://y/path"]
+
+            [[routes]]
+            name = "r"
+            path_prefix = "api"
+            upstream = "nope"
+            agents = ["ghost"]
+
+            [pool]
+            connections_per_endpoint = 0
+        "#;
+        let err = GatewayConfig::from_toml(bad).unwrap().validate().unwrap_err();
+        let all = err.problems.join("\n");
+        for expected in [
+            "listeners[0].bind: \"8080\" is not host:port",
+            "upstreams[0] (app).urls[0]: \"https://x\": only http:// upstreams are supported",
+            "upstreams[0] (app).urls[1]: \"http://y/path\": a base URL has no path or query",
+            "routes[0] (r).path_prefix: \"api\" must start with /",
+            "routes[0] (r).upstream: no upstream named \"nope\"",
+            "routes[0] (r).agents[0]: no agent named \"ghost\"",
+            "pool.connections_per_endpoint",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_syntax_errors_say_where() {
+        let err = GatewayConfig::from_toml("[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nport = 3\n")
+            .unwrap_err();
+        assert!(err.problems[0].contains("port") && err.problems[0].contains("line 4"), "{err}");
+    }
+}

@@ -1,0 +1,215 @@
+//! `gateway`: the reference reverse proxy of agentpool.
+//!
+//! Without a configuration file it starts a demo: a listener on `127.0.0.1:8080`, a built-in
+//! upstream, the demo WAF agent on a Unix socket in a temporary directory (consulted on every
+//! request through pool-core and transport-uds), and the admin listener on `127.0.0.1:9901`.
+//! With `--config gateway.toml` it runs what the file says; `--check` validates a file and
+//! reports every problem.
+//!
+//! SIGINT or SIGTERM stops it: listeners stop accepting, requests in flight finish (up to the
+//! drain time-out), the agent pool drains; the exit code is 0 if nothing had to be cut off.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+mod admin;
+mod config;
+mod demo;
+mod proxy;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Parser;
+use httpserver_pool::{Handler, HttpServerConfig, Pool, ServerPoolConfig};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use pool_api::Lifecycle;
+use pool_core::{AgentPool, AgentSpec};
+use transport_uds::UdsConnector;
+
+use crate::admin::Admin;
+use crate::config::{AgentConfig, GatewayConfig, ListenerConfig, RouteConfig, UpstreamConfig};
+use crate::demo::Demo;
+use crate::proxy::Proxy;
+
+/// The reference reverse proxy of agentpool.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// A configuration file (TOML). Without one, the gateway runs its built-in demo.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print every problem, and exit.
+    #[arg(long)]
+    check: bool,
+    /// The demo's listener (without --config).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The demo's admin listener (without --config).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,access=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let (config, demo) = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let config = GatewayConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Err(e) = config.validate() {
+                return Err(format!("{}: {e}", path.display()).into());
+            }
+            if cli.check {
+                println!("{}: configuration is valid", path.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            (config, None)
+        }
+        None if cli.check => return Err("--check needs --config FILE".into()),
+        None => {
+            let demo = Demo::start().await?;
+            (demo_config(&demo, &cli), Some(demo))
+        }
+    };
+    config.validate()?;
+
+    let metrics = PrometheusBuilder::new().install_recorder()?;
+    let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
+    for agent in &config.agents {
+        let report = pool
+            .add_agent(
+                AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str)),
+            )
+            .await?;
+        tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "agent added");
+    }
+    let proxy = Arc::new(Proxy::new(&config, pool.clone()));
+    let admin = Arc::new(Admin {
+        metrics,
+        pool: pool.clone(),
+        proxy: proxy.clone(),
+        listeners: config.listeners.iter().map(|l| (l.name.clone(), l.bind.clone())).collect(),
+        ready: AtomicBool::new(false),
+    });
+
+    let mut servers: Vec<HttpServerConfig> = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let proxy = proxy.clone();
+            HttpServerConfig::new(l.name.clone(), l.bind.clone())
+                .with_handler(Handler::from_fn(move |req| proxy.clone().handle(req)))
+        })
+        .collect();
+    let admin_handler = admin.clone();
+    servers.push(
+        HttpServerConfig::new("admin", config.admin.bind.clone())
+            .with_handler(Handler::from_fn(move |req| admin_handler.clone().handle(req))),
+    );
+    let http = Pool::new();
+    http.apply(&ServerPoolConfig { servers }).await?;
+    http.start().await?;
+    admin.ready.store(true, Ordering::Release);
+
+    let main = &config.listeners[0].bind;
+    println!("gateway: listening on http://{main}, admin on http://{}", config.admin.bind);
+    if let Some(demo) = &demo {
+        println!(
+            "  demo upstream on http://{}; demo WAF agent on unix:{}",
+            demo.upstream,
+            demo.agent_socket.display()
+        );
+        println!("  try:");
+        println!("    curl -i http://{main}/hello        # allowed: the upstream answers, x-waf: checked");
+        println!("    curl -i http://{main}/admin        # blocked by the WAF agent: 403");
+        println!("    curl -s http://{}/status  # agents, connections, routes", config.admin.bind);
+    }
+
+    wait_for_stop().await;
+    tracing::info!("stopping: draining requests in flight");
+    admin.ready.store(false, Ordering::Release);
+    let report = tokio::time::timeout(config.drain_timeout, http.stop()).await;
+    let pool_report = pool.shutdown().await;
+    if let Some(demo) = demo {
+        demo.stop().await;
+    }
+    let clean = match report {
+        Ok(Ok(r)) => {
+            println!(
+                "gateway: stopped; {} connection(s) drained, {} cut off; agent requests: {} drained, {} cancelled",
+                r.drained, r.forced, pool_report.drained, pool_report.forced
+            );
+            r.forced == 0 && pool_report.forced == 0
+        }
+        Ok(Err(e)) => {
+            eprintln!("gateway: stopping the listeners failed: {e}");
+            false
+        }
+        Err(_) => {
+            eprintln!("gateway: the listeners did not stop within {:?}", config.drain_timeout);
+            false
+        }
+    };
+    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The configuration of the demo: one listener, the demo upstream, the demo WAF on every request.
+fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
+    GatewayConfig {
+        listeners: vec![ListenerConfig { name: "main".into(), bind: cli.listen.clone() }],
+        admin: config::AdminConfig { bind: cli.admin.clone() },
+        routes: vec![RouteConfig {
+            name: "demo".into(),
+            host: None,
+            path_prefix: "/".into(),
+            upstream: "demo".into(),
+            agents: vec!["waf".into()],
+            failure_mode: pool_core::FailureMode::Closed,
+        }],
+        upstreams: vec![UpstreamConfig {
+            name: "demo".into(),
+            urls: vec![format!("http://{}", demo.upstream)],
+            timeout: std::time::Duration::from_secs(30),
+        }],
+        agents: vec![AgentConfig {
+            name: "waf".into(),
+            endpoints: vec![format!("unix:{}", demo.agent_socket.display())],
+        }],
+        pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
+        drain_timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+async fn wait_for_stop() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

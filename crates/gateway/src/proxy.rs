@@ -1,0 +1,392 @@
+//! The request path: route → the route's agents in order → decision applied → upstream →
+//! response streamed back, with the agents' response-header changes.
+//!
+//! An agent that cannot answer (down, paused, over its time-out) is handled by the route's
+//! failure mode: `closed` answers 503, `open` lets the request through. Either way the response
+//! names the agent and what happened in `x-agentpool-agent-status`, and the gateway's metrics
+//! count it. Request bodies are streamed to the upstream, never buffered; the response body is
+//! streamed back as it arrives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use httpserver_pool::{RequestBody, ResponseBody, full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use pool_api::{Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders};
+use pool_core::{AgentPool, FailureMode};
+use tokio::time::Instant;
+
+use crate::config::{GatewayConfig, upstream_base};
+
+/// The header that says what happened with a route's agents when one could not answer.
+pub(crate) const AGENT_STATUS: HeaderName = HeaderName::from_static("x-agentpool-agent-status");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// One route, resolved.
+pub(crate) struct Route {
+    /// Its name.
+    pub name: String,
+    host: Option<String>,
+    prefix: String,
+    upstream: Arc<Upstream>,
+    /// The agents asked, in order.
+    pub agents: Vec<String>,
+    failure_mode: FailureMode,
+}
+
+/// An upstream, resolved: its bases are used in turn.
+pub(crate) struct Upstream {
+    /// Its name.
+    pub name: String,
+    bases: Vec<Authority>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+impl Upstream {
+    fn pick(&self) -> &Authority {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
+    }
+}
+
+/// The proxy: routes, the agent pool, the upstream client.
+pub(crate) struct Proxy {
+    routes: Vec<Route>,
+    pool: AgentPool,
+    client: Client<HttpConnector, RequestBody>,
+    ids: AtomicU64,
+}
+
+impl Proxy {
+    /// Builds the proxy from a validated configuration and a pool holding its agents.
+    pub(crate) fn new(config: &GatewayConfig, pool: AgentPool) -> Proxy {
+        let upstreams: std::collections::HashMap<&str, Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let bases = u.urls.iter().filter_map(|url| upstream_base(url).ok()).collect();
+                let upstream =
+                    Upstream { name: u.name.clone(), bases, next: AtomicUsize::new(0), timeout: u.timeout };
+                (u.name.as_str(), Arc::new(upstream))
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                prefix: r.path_prefix.clone(),
+                upstream: upstreams[r.upstream.as_str()].clone(),
+                agents: r.agents.clone(),
+                failure_mode: r.failure_mode,
+            })
+            .collect();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Proxy { routes, pool, client, ids: AtomicU64::new(1) }
+    }
+
+    /// The routes, in matching order.
+    pub(crate) fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    fn route(&self, req: &Request<RequestBody>) -> Option<&Route> {
+        let host = request_host(req);
+        let path = req.uri().path();
+        self.routes.iter().find(|r| {
+            r.host.as_deref().is_none_or(|h| host.as_deref() == Some(h)) && path_has_prefix(path, &r.prefix)
+        })
+    }
+
+    /// Serves one request.
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let Some(route) = self.route(&req) else {
+            let resp = plain(StatusCode::NOT_FOUND, "no route matches this request\n");
+            access_log("-", &method, &path, resp.status(), start);
+            metrics::counter!("gateway_requests_total", "route" => "-", "status" => "404").increment(1);
+            return resp;
+        };
+        let id = format!("gw-{}", self.ids.fetch_add(1, Ordering::Relaxed));
+        let client_addr = req.extensions().get::<httpserver_pool::ClientAddr>().map(|c| c.0);
+        let mut response_ops: Vec<HeaderOp> = Vec::new();
+        let mut agent_status: Vec<String> = Vec::new();
+        let mut asked: Vec<&str> = Vec::new();
+        for agent in &route.agents {
+            let mut headers = RequestHeaders::new(id.as_str(), req.method().clone(), req.uri().clone());
+            headers.headers = req.headers().clone();
+            headers.client_addr = client_addr;
+            match self.pool.send(agent, Event::RequestHeaders(headers)).await {
+                Ok(decision) => {
+                    asked.push(agent);
+                    if decision.audit.tags.iter().any(|t| t.starts_with("agentpool:")) {
+                        // The pool answered for the agent (fail-open or flow control).
+                        agent_status.push(format!("{agent}: skipped ({})", decision.audit.tags.join(",")));
+                        metrics::counter!("gateway_agent_skipped_total", "route" => route.name.clone(), "agent" => agent.clone()).increment(1);
+                    }
+                    if let Some(resp) = self.apply(decision, &mut req, &mut response_ops) {
+                        return self.finish(route, &id, &asked, resp, &method, &path, start);
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("gateway_agent_errors_total", "route" => route.name.clone(), "agent" => agent.clone()).increment(1);
+                    tracing::warn!(route = %route.name, agent = %agent, error = %e, "agent could not answer");
+                    match route.failure_mode {
+                        FailureMode::Closed => {
+                            let mut resp = plain(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "an agent this route needs is unavailable\n",
+                            );
+                            set_status_header(
+                                resp.headers_mut(),
+                                &[format!("{agent}: unavailable, failing closed")],
+                            );
+                            return self.finish(route, &id, &asked, resp, &method, &path, start);
+                        }
+                        FailureMode::Open => agent_status.push(format!("{agent}: unavailable, failing open")),
+                    }
+                }
+            }
+        }
+        let mut resp = self.forward(route, req, client_addr).await;
+        for op in &response_ops {
+            op.apply(resp.headers_mut());
+        }
+        if !agent_status.is_empty() {
+            set_status_header(resp.headers_mut(), &agent_status);
+        }
+        self.finish(route, &id, &asked, resp, &method, &path, start)
+    }
+
+    /// Applies an agent's decision: request-header changes go into `req`, response-header
+    /// changes are kept for the response; a block, redirect or challenge is the response.
+    fn apply(
+        &self,
+        decision: Decision,
+        req: &mut Request<RequestBody>,
+        response_ops: &mut Vec<HeaderOp>,
+    ) -> Option<Response<ResponseBody>> {
+        match decision.action {
+            Action::Allow => {
+                for op in &decision.request_headers {
+                    op.apply(req.headers_mut());
+                }
+                response_ops.extend(decision.response_headers);
+                None
+            }
+            Action::Block { status, headers, body } => {
+                let mut resp = Response::new(full(body));
+                *resp.status_mut() = status;
+                resp.headers_mut().extend(headers);
+                for op in &decision.response_headers {
+                    op.apply(resp.headers_mut());
+                }
+                Some(resp)
+            }
+            Action::Redirect { location, status } => {
+                let mut resp = Response::new(full(Bytes::new()));
+                *resp.status_mut() = status;
+                if let Ok(value) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, value);
+                }
+                Some(resp)
+            }
+            Action::Challenge { kind, .. } => {
+                let mut resp = plain(StatusCode::FORBIDDEN, "a challenge is required\n");
+                if let Ok(value) = HeaderValue::from_str(&kind) {
+                    resp.headers_mut().insert(HeaderName::from_static("x-agentpool-challenge"), value);
+                }
+                Some(resp)
+            }
+        }
+    }
+
+    /// Sends the request to the route's upstream and streams the answer back.
+    async fn forward(
+        &self,
+        route: &Route,
+        mut req: Request<RequestBody>,
+        client: Option<SocketAddr>,
+    ) -> Response<ResponseBody> {
+        let upstream = &route.upstream;
+        let authority = upstream.pick().clone();
+        let path_and_query =
+            req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri =
+            Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path_and_query).build();
+        let Ok(uri) = uri else {
+            return plain(StatusCode::BAD_REQUEST, "the request target cannot be forwarded\n");
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if let Some(addr) = client {
+            append_forwarded_for(headers, addr);
+        }
+        match tokio::time::timeout(upstream.timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(Into::into).boxed())
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.name, upstream = %upstream.name, error = %e, "upstream failed");
+                plain(StatusCode::BAD_GATEWAY, "the upstream failed\n")
+            }
+            Err(_) => {
+                tracing::warn!(route = %route.name, upstream = %upstream.name, after = ?upstream.timeout, "upstream timed out");
+                plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n")
+            }
+        }
+    }
+
+    /// Counts and logs a finished request, and tells the agents that take it that the request
+    /// is complete (which also ends its correlation affinity).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        route: &Route,
+        id: &str,
+        asked: &[&str],
+        resp: Response<ResponseBody>,
+        method: &http::Method,
+        path: &str,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        let status = resp.status();
+        let elapsed = start.elapsed();
+        metrics::counter!("gateway_requests_total", "route" => route.name.clone(), "status" => status.as_u16().to_string()).increment(1);
+        metrics::histogram!("gateway_request_duration_seconds", "route" => route.name.clone())
+            .record(elapsed.as_secs_f64());
+        access_log(&route.name, method, path, status, start);
+        for agent in asked {
+            if self.pool.supports(agent, EventKind::RequestComplete) {
+                let complete = RequestComplete {
+                    correlation_id: id.into(),
+                    status,
+                    duration: elapsed,
+                    request_bytes: 0,
+                    response_bytes: 0,
+                };
+                let (pool, agent) = (self.pool.clone(), agent.to_string());
+                tokio::spawn(async move {
+                    let _ = pool.send(&agent, Event::RequestComplete(complete)).await;
+                });
+            }
+        }
+        resp
+    }
+}
+
+fn access_log(route: &str, method: &http::Method, path: &str, status: StatusCode, start: Instant) {
+    tracing::info!(target: "access", route, %method, path, status = status.as_u16(), micros = start.elapsed().as_micros() as u64);
+}
+
+fn set_status_header(headers: &mut HeaderMap, notes: &[String]) {
+    if let Ok(value) = HeaderValue::from_str(&notes.join("; ")) {
+        headers.insert(AGENT_STATUS, value);
+    }
+}
+
+/// A small text response.
+pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+fn request_host(req: &Request<RequestBody>) -> Option<String> {
+    let raw = req.uri().host().map(str::to_owned).or_else(|| {
+        let value = req.headers().get(header::HOST)?.to_str().ok()?;
+        Some(value.parse::<Authority>().ok()?.host().to_owned())
+    })?;
+    Some(raw.to_ascii_lowercase())
+}
+
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {}", addr.ip()),
+        None => addr.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert!(path_has_prefix("/anything", "/"));
+        assert!(path_has_prefix("/api", "/api"));
+        assert!(path_has_prefix("/api/v1", "/api/"));
+        assert!(!path_has_prefix("/apiary", "/api"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

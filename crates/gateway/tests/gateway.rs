@@ -1,0 +1,234 @@
+//! The gateway binary, run as a user runs it: real processes, real sockets.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+
+/// A free loopback port (bound and released: good enough on a test machine).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns (status, lower-cased head, body).
+async fn get(addr: &str, target: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// Waits until the admin listener says ready (bounded: a gateway that never gets ready fails).
+async fn wait_ready(admin: &str, child: &mut Child) {
+    for _ in 0..300 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the gateway exited early: {status}");
+        }
+        if TcpStream::connect(admin).await.is_ok() && get(admin, "/readyz").await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the gateway was not ready within 30 s");
+}
+
+async fn stop(mut child: Child) -> (std::process::ExitStatus, String) {
+    let pid = child.id().expect("running");
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops").unwrap();
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout.read_to_string(&mut out).await.unwrap();
+    }
+    (status, out)
+}
+
+#[tokio::test]
+async fn the_demo_serves_allows_blocks_reports_and_stops_cleanly() {
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen, "--admin", &admin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+
+    let (status, head, body) = get(&listen, "/hello?x=1").await;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("x-waf: checked"), "the agent's response header is applied: {head}");
+    assert_eq!(body, "hello from the demo upstream: GET /hello?x=1\n");
+
+    let (status, _, body) = get(&listen, "/admin/users").await;
+    assert_eq!(status, 403);
+    assert_eq!(body, "blocked by the demo WAF: admin is off limits\n");
+    assert_eq!(get(&listen, "/q?s=%3Cscript%3E").await.0, 403);
+
+    let (status, _, metrics) = get(&admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("gateway_requests_total{route=\"demo\",status=\"200\"} 1"), "{metrics}");
+    assert!(metrics.contains("gateway_requests_total{route=\"demo\",status=\"403\"} 2"), "{metrics}");
+    assert!(metrics.contains("agentpool_requests_total{agent=\"waf\"} 3"), "{metrics}");
+
+    let (status, _, json) = get(&admin, "/status").await;
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["agents"][0]["id"], "waf");
+    assert_eq!(status["agents"][0]["healthy"], true);
+    assert_eq!(status["agents"][0]["in_flight"], 0);
+    assert_eq!(status["routes"][0]["agents"][0], "waf");
+
+    let (exit, out) = stop(child).await;
+    assert!(exit.success(), "a clean drain exits 0: {exit}\n{out}");
+    assert!(out.contains("gateway: stopped; 0 connection(s) drained, 0 cut off"), "{out}");
+}
+
+/// A tiny upstream: answers every request with 200 and `upstream ok`.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(&mut stream);
+                let mut line = String::new();
+                // Read the head, then answer.
+                while reader.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\nconnection: close\r\n\r\nupstream ok\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_agent_that_is_down_fails_closed_or_open_per_route() {
+    let app = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let config = format!(
+        r#"
+        [[listeners]]
+        name = "main"
+        bind = "{listen}"
+
+        [admin]
+        bind = "{admin}"
+
+        [[upstreams]]
+        name = "app"
+        urls = ["http://{app}"]
+
+        [[agents]]
+        name = "waf"
+        endpoints = ["unix:{socket}"]
+
+        [[routes]]
+        name = "strict"
+        path_prefix = "/strict"
+        upstream = "app"
+        agents = ["waf"]
+        failure_mode = "closed"
+
+        [[routes]]
+        name = "lenient"
+        upstream = "app"
+        agents = ["waf"]
+        failure_mode = "open"
+
+        [pool]
+        connect_timeout = "200ms"
+        "#,
+        socket = dir.path().join("nobody-listens.sock").display(),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+
+    let (status, head, _) = get(&listen, "/strict/thing").await;
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("x-agentpool-agent-status: waf: unavailable, failing closed"), "{head}");
+    let (status, head, body) = get(&listen, "/other").await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, "upstream ok\n");
+    assert!(head.contains("x-agentpool-agent-status: waf: unavailable, failing open"), "{head}");
+
+    let (_, _, metrics) = get(&admin, "/metrics").await;
+    assert!(metrics.contains("gateway_agent_errors_total{route=\"strict\",agent=\"waf\"} 1"), "{metrics}");
+    assert!(metrics.contains("gateway_agent_errors_total{route=\"lenient\",agent=\"waf\"} 1"), "{metrics}");
+    let (exit, _) = stop(child).await;
+    assert!(exit.success());
+}
+
+#[tokio::test]
+async fn check_reports_every_problem_and_accepts_the_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listeners]]\nname = \"m\"\nbind = \"nowhere\"\n\n[[routes]]\nname = \"r\"\nupstream = \"missing\"\nagents = [\"ghost\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("--check").arg("--config").arg(&bad).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "listeners[0].bind: \"nowhere\" is not host:port",
+        "routes[0] (r).upstream: no upstream named \"missing\"",
+        "routes[0] (r).agents[0]: no agent named \"ghost\"",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(err.contains("bad.toml"), "the file is named: {err}");
+
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml");
+    let out = Command::new(BIN).args(["--check", "--config", sample]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+}
+
+#[tokio::test]
+async fn a_port_already_taken_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(BIN).args(["--listen", &listen, "--admin", &admin]).stderr(Stdio::piped()).output(),
+    )
+    .await
+    .expect("exits")
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&listen) && err.to_ascii_lowercase().contains("in use"), "{err}");
+}
