@@ -41,6 +41,18 @@ async fn start_binds_for_real_and_the_server_answers() {
 }
 
 #[tokio::test]
+async fn a_handler_finds_the_client_address_in_the_request() {
+    let handler = Handler::from_fn(|req: http::Request<httpserver_pool::RequestBody>| async move {
+        let addr = req.extensions().get::<httpserver_pool::ClientAddr>().map(|c| c.0.ip().to_string());
+        http::Response::new(httpserver_pool::full(addr.unwrap_or_default()))
+    });
+    let server = Server::new(config("peer", handler)).unwrap();
+    server.start().await.unwrap();
+    assert_eq!(get(&client(), &url(&server, "/")).await.unwrap(), (StatusCode::OK, "127.0.0.1".into()));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn start_on_a_taken_port_fails_with_address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let cfg = HttpServerConfig::new("late", taken.local_addr().unwrap().to_string()).with_handler(hello("x"));
