@@ -20,15 +20,36 @@ pub(crate) struct Admin {
     /// The proxy (routes).
     pub proxy: Arc<Proxy>,
     /// Listener names and binds, for status.
-    pub listeners: Vec<(String, String)>,
+    pub listeners: arc_swap::ArcSwap<Vec<(String, String)>>,
     /// False from the moment a stop begins.
     pub ready: AtomicBool,
+    /// Asks the main task to reload the configuration; the answer says what changed, or why
+    /// nothing did.
+    pub reload: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>,
 }
 
 impl Admin {
     /// Serves one admin request.
     pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
         match req.uri().path() {
+            "/admin/reload" if req.method() == http::Method::POST => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let answer = match self.reload.send(tx).await {
+                    Ok(()) => rx.await.unwrap_or_else(|_| Err("the gateway is stopping".into())),
+                    Err(_) => Err("the gateway is stopping".into()),
+                };
+                let (status, text) = match answer {
+                    Ok(summary) => (StatusCode::OK, format!("reloaded: {summary}\n")),
+                    Err(problems) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("not reloaded, the running configuration stays:\n{problems}\n"),
+                    ),
+                };
+                let mut resp = Response::new(full(text));
+                *resp.status_mut() = status;
+                resp
+            }
+            "/admin/reload" => plain(StatusCode::METHOD_NOT_ALLOWED, "POST to reload\n"),
             "/metrics" => {
                 let mut resp = Response::new(full(self.metrics.render()));
                 resp.headers_mut().insert(
@@ -45,7 +66,10 @@ impl Admin {
                 resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("valid"));
                 resp
             }
-            _ => plain(StatusCode::NOT_FOUND, "admin: /metrics, /healthz, /readyz, /status\n"),
+            _ => plain(
+                StatusCode::NOT_FOUND,
+                "admin: /metrics, /healthz, /readyz, /status, POST /admin/reload\n",
+            ),
         }
     }
 
@@ -90,7 +114,8 @@ impl Admin {
             .collect();
         let routes: Vec<_> =
             self.proxy.routes().iter().map(|r| json!({ "name": r.name, "agents": r.agents })).collect();
-        let listeners: Vec<_> = self.listeners.iter().map(|(n, b)| json!({ "name": n, "bind": b })).collect();
+        let listeners: Vec<_> =
+            self.listeners.load().iter().map(|(n, b)| json!({ "name": n, "bind": b })).collect();
         json!({
             "ready": self.ready.load(Ordering::Acquire),
             "listeners": listeners,

@@ -6,7 +6,8 @@
 //! With `--config gateway.toml` it runs what the file says; `--check` validates a file and
 //! reports every problem.
 //!
-//! SIGINT or SIGTERM stops it: listeners stop accepting, requests in flight finish (up to the
+//! SIGHUP (or `POST /admin/reload` on the admin listener) re-reads the configuration file:
+//! a file with any problem changes nothing. SIGINT or SIGTERM stops it: listeners stop accepting, requests in flight finish (up to the
 //! drain time-out), the agent pool drains; the exit code is 0 if nothing had to be cut off.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -21,11 +22,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use clap::Parser;
 use httpserver_pool::{Handler, HttpServerConfig, Pool, ServerPoolConfig};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use pool_api::Lifecycle;
 use pool_core::{AgentPool, AgentSpec};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use transport_uds::UdsConnector;
 
 use crate::admin::Admin;
@@ -95,38 +99,30 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let metrics = PrometheusBuilder::new().install_recorder()?;
     let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
     for agent in &config.agents {
-        let report = pool
-            .add_agent(
-                AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str)),
-            )
-            .await?;
-        tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "agent added");
+        add_agent(&pool, agent).await?;
     }
     let proxy = Arc::new(Proxy::new(&config, pool.clone()));
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let admin = Arc::new(Admin {
         metrics,
         pool: pool.clone(),
         proxy: proxy.clone(),
-        listeners: config.listeners.iter().map(|l| (l.name.clone(), l.bind.clone())).collect(),
+        listeners: ArcSwap::from_pointee(listener_names(&config)),
         ready: AtomicBool::new(false),
+        reload: reload_tx,
     });
-
-    let mut servers: Vec<HttpServerConfig> = config
-        .listeners
-        .iter()
-        .map(|l| {
+    let handlers = Handlers {
+        proxy: {
             let proxy = proxy.clone();
-            HttpServerConfig::new(l.name.clone(), l.bind.clone())
-                .with_handler(Handler::from_fn(move |req| proxy.clone().handle(req)))
-        })
-        .collect();
-    let admin_handler = admin.clone();
-    servers.push(
-        HttpServerConfig::new("admin", config.admin.bind.clone())
-            .with_handler(Handler::from_fn(move |req| admin_handler.clone().handle(req))),
-    );
+            Handler::from_fn(move |req| proxy.clone().handle(req))
+        },
+        admin: {
+            let admin = admin.clone();
+            Handler::from_fn(move |req| admin.clone().handle(req))
+        },
+    };
     let http = Pool::new();
-    http.apply(&ServerPoolConfig { servers }).await?;
+    http.apply(&handlers.servers(&config)).await?;
     http.start().await?;
     admin.ready.store(true, Ordering::Release);
 
@@ -144,10 +140,31 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         println!("    curl -s http://{}/status  # agents, connections, routes", config.admin.bind);
     }
 
-    wait_for_stop().await;
+    let mut running = config;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        let reply = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hangup.recv() => None,
+            Some(reply) = reload_rx.recv() => Some(reply),
+        };
+        let outcome = match &cli.config {
+            Some(path) => reload(path, &mut running, &pool, &proxy, &http, &handlers, &admin).await,
+            None => Err("nothing to reload: the demo runs without --config".to_owned()),
+        };
+        match &outcome {
+            Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
+            Err(problems) => tracing::error!(%problems, "configuration not reloaded; the running one stays"),
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    }
     tracing::info!("stopping: draining requests in flight");
     admin.ready.store(false, Ordering::Release);
-    let report = tokio::time::timeout(config.drain_timeout, http.stop()).await;
+    let report = tokio::time::timeout(running.drain_timeout, http.stop()).await;
     let pool_report = pool.shutdown().await;
     if let Some(demo) = demo {
         demo.stop().await;
@@ -165,11 +182,98 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             false
         }
         Err(_) => {
-            eprintln!("gateway: the listeners did not stop within {:?}", config.drain_timeout);
+            eprintln!("gateway: the listeners did not stop within {:?}", running.drain_timeout);
             false
         }
     };
     Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The two handlers, made once: a reload swaps what they read, not the handlers.
+struct Handlers {
+    proxy: Handler,
+    admin: Handler,
+}
+
+impl Handlers {
+    fn servers(&self, config: &GatewayConfig) -> ServerPoolConfig {
+        let mut servers: Vec<HttpServerConfig> = config
+            .listeners
+            .iter()
+            .map(|l| HttpServerConfig::new(l.name.clone(), l.bind.clone()).with_handler(self.proxy.clone()))
+            .collect();
+        servers
+            .push(HttpServerConfig::new("admin", config.admin.bind.clone()).with_handler(self.admin.clone()));
+        ServerPoolConfig { servers }
+    }
+}
+
+fn listener_names(config: &GatewayConfig) -> Vec<(String, String)> {
+    config.listeners.iter().map(|l| (l.name.clone(), l.bind.clone())).collect()
+}
+
+async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), pool_core::PoolError> {
+    let spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
+    let report = pool.add_agent(spec).await?;
+    tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "agent added");
+    Ok(())
+}
+
+/// Re-reads `path` and moves the running gateway to it: agents first (new ones added, changed
+/// ones replaced), then the routes (swapped at once), then the listeners (httpserver-pool's
+/// apply: open connections finish where they are), then agents no route needs any more are
+/// drained. A configuration with any problem changes nothing.
+async fn reload(
+    path: &std::path::Path,
+    running: &mut GatewayConfig,
+    pool: &AgentPool,
+    proxy: &Proxy,
+    http: &Pool,
+    handlers: &Handlers,
+    admin: &Admin,
+) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let next = GatewayConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    next.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+    if next.pool != running.pool {
+        return Err("[pool] settings cannot change while running; restart the gateway for them".into());
+    }
+    let old: std::collections::HashMap<&str, &AgentConfig> =
+        running.agents.iter().map(|a| (a.name.as_str(), a)).collect();
+    let mut added = Vec::new();
+    let mut replaced = Vec::new();
+    for agent in &next.agents {
+        match old.get(agent.name.as_str()) {
+            None => {
+                add_agent(pool, agent).await.map_err(|e| format!("agent {}: {e}", agent.name))?;
+                added.push(agent.name.clone());
+            }
+            Some(before) if before.endpoints != agent.endpoints => {
+                // The pool keys agents by name: the old endpoints drain, then the new ones come up.
+                let _ = pool.remove_agent(&agent.name).await;
+                add_agent(pool, agent).await.map_err(|e| format!("agent {}: {e}", agent.name))?;
+                replaced.push(agent.name.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    proxy.set_routes(&next);
+    let report = http.apply(&handlers.servers(&next)).await.map_err(|e| format!("listeners: {e}"))?;
+    admin.listeners.store(Arc::new(listener_names(&next)));
+    let keep: std::collections::HashSet<&str> = next.agents.iter().map(|a| a.name.as_str()).collect();
+    let mut removed = Vec::new();
+    for agent in &running.agents {
+        if !keep.contains(agent.name.as_str()) {
+            let _ = pool.remove_agent(&agent.name).await;
+            removed.push(agent.name.clone());
+        }
+    }
+    let summary = format!(
+        "{} route(s); agents added {added:?}, replaced {replaced:?}, removed {removed:?}; listeners: {report:?}",
+        next.routes.len()
+    );
+    *running = next;
+    Ok(summary)
 }
 
 /// The configuration of the demo: one listener, the demo upstream, the demo WAF on every request.
@@ -196,20 +300,5 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
         }],
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
-    }
-}
-
-async fn wait_for_stop() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the gateway");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

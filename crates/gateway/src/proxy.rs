@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -69,9 +70,10 @@ impl Upstream {
     }
 }
 
-/// The proxy: routes, the agent pool, the upstream client.
+/// The proxy: routes, the agent pool, the upstream client. The routes are swapped whole on a
+/// reload; a request keeps the table it started with.
 pub(crate) struct Proxy {
-    routes: Vec<Route>,
+    routes: ArcSwap<Vec<Route>>,
     pool: AgentPool,
     client: Client<HttpConnector, RequestBody>,
     ids: AtomicU64,
@@ -80,6 +82,29 @@ pub(crate) struct Proxy {
 impl Proxy {
     /// Builds the proxy from a validated configuration and a pool holding its agents.
     pub(crate) fn new(config: &GatewayConfig, pool: AgentPool) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Proxy { routes: ArcSwap::from_pointee(build_routes(config)), pool, client, ids: AtomicU64::new(1) }
+    }
+
+    /// Replaces the routes and upstreams with those of `config` (validated), atomically.
+    pub(crate) fn set_routes(&self, config: &GatewayConfig) {
+        self.routes.store(Arc::new(build_routes(config)));
+    }
+
+    /// The routes, in matching order.
+    pub(crate) fn routes(&self) -> Arc<Vec<Route>> {
+        self.routes.load_full()
+    }
+}
+
+/// Resolves a validated configuration's routes and upstreams.
+fn build_routes(config: &GatewayConfig) -> Vec<Route> {
+    {
         let upstreams: std::collections::HashMap<&str, Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -90,7 +115,7 @@ impl Proxy {
                 (u.name.as_str(), Arc::new(upstream))
             })
             .collect();
-        let routes = config
+        config
             .routes
             .iter()
             .map(|r| Route {
@@ -101,25 +126,15 @@ impl Proxy {
                 agents: r.agents.clone(),
                 failure_mode: r.failure_mode,
             })
-            .collect();
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
-        Proxy { routes, pool, client, ids: AtomicU64::new(1) }
+            .collect()
     }
+}
 
-    /// The routes, in matching order.
-    pub(crate) fn routes(&self) -> &[Route] {
-        &self.routes
-    }
-
-    fn route(&self, req: &Request<RequestBody>) -> Option<&Route> {
+impl Proxy {
+    fn route<'a>(routes: &'a [Route], req: &Request<RequestBody>) -> Option<&'a Route> {
         let host = request_host(req);
         let path = req.uri().path();
-        self.routes.iter().find(|r| {
+        routes.iter().find(|r| {
             r.host.as_deref().is_none_or(|h| host.as_deref() == Some(h)) && path_has_prefix(path, &r.prefix)
         })
     }
@@ -129,7 +144,8 @@ impl Proxy {
         let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let Some(route) = self.route(&req) else {
+        let routes = self.routes.load_full();
+        let Some(route) = Self::route(&routes, &req) else {
             let resp = plain(StatusCode::NOT_FOUND, "no route matches this request\n");
             access_log("-", &method, &path, resp.status(), start);
             metrics::counter!("gateway_requests_total", "route" => "-", "status" => "404").increment(1);

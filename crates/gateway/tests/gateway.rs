@@ -42,7 +42,7 @@ async fn wait_ready(admin: &str, child: &mut Child) {
     panic!("the gateway was not ready within 30 s");
 }
 
-async fn stop(mut child: Child) -> (std::process::ExitStatus, String) {
+async fn stop_gateway(mut child: Child) -> (std::process::ExitStatus, String) {
     let pid = child.id().expect("running");
     let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("stops").unwrap();
@@ -89,13 +89,18 @@ async fn the_demo_serves_allows_blocks_reports_and_stops_cleanly() {
     assert_eq!(status["agents"][0]["in_flight"], 0);
     assert_eq!(status["routes"][0]["agents"][0], "waf");
 
-    let (exit, out) = stop(child).await;
+    let (exit, out) = stop_gateway(child).await;
     assert!(exit.success(), "a clean drain exits 0: {exit}\n{out}");
     assert!(out.contains("gateway: stopped; 0 connection(s) drained, 0 cut off"), "{out}");
 }
 
 /// A tiny upstream: answers every request with 200 and `upstream ok`.
 async fn upstream() -> SocketAddr {
+    upstream_saying("upstream ok\n").await
+}
+
+/// A tiny upstream answering every request with 200 and `body`.
+async fn upstream_saying(body: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -111,11 +116,11 @@ async fn upstream() -> SocketAddr {
                     }
                     line.clear();
                 }
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\nconnection: close\r\n\r\nupstream ok\n",
-                    )
-                    .await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
             });
         }
     });
@@ -185,7 +190,7 @@ async fn an_agent_that_is_down_fails_closed_or_open_per_route() {
     let (_, _, metrics) = get(&admin, "/metrics").await;
     assert!(metrics.contains("gateway_agent_errors_total{route=\"strict\",agent=\"waf\"} 1"), "{metrics}");
     assert!(metrics.contains("gateway_agent_errors_total{route=\"lenient\",agent=\"waf\"} 1"), "{metrics}");
-    let (exit, _) = stop(child).await;
+    let (exit, _) = stop_gateway(child).await;
     assert!(exit.success());
 }
 
@@ -231,4 +236,88 @@ async fn a_port_already_taken_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&listen) && err.to_ascii_lowercase().contains("in use"), "{err}");
+}
+
+/// POSTs to the admin listener; returns (status, body).
+async fn post(addr: &str, target: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("POST {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), body.to_owned())
+}
+
+fn simple_config(listen: &str, admin: &str, upstream: SocketAddr) -> String {
+    format!(
+        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n\
+         [[upstreams]]\nname = \"app\"\nurls = [\"http://{upstream}\"]\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
+    let (one, two) = (upstream_saying("one\n").await, upstream_saying("two\n").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, simple_config(&listen, &admin, one)).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+    assert_eq!(get(&listen, "/").await.2, "one\n");
+
+    // Load: requests one after another, on two tasks, while the configuration changes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (listen, stop) = (listen.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, _, body) = get(&listen, "/").await;
+                    if status == 200 && (body == "one\n" || body == "two\n") {
+                        ok += 1;
+                    } else {
+                        failed.push((status, body));
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&path, simple_config(&listen, &admin, two)).unwrap();
+    let (status, body) = post(&admin, "/admin/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("reloaded"), "{body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(&listen, "/").await.2, "two\n", "new requests use the new routes");
+
+    std::fs::write(&path, "[[routes]]\nname = \"broken\"\nupstream = \"nowhere\"\n").unwrap();
+    let (status, body) = post(&admin, "/admin/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("no upstream named \"nowhere\""), "{body}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for task in load {
+        let (ok, failed) = task.await.unwrap();
+        assert!(failed.is_empty(), "requests failed during the reloads: {failed:?}");
+        served += ok;
+    }
+    assert!(served > 0);
+    assert_eq!(get(&listen, "/").await.2, "two\n", "the running configuration stayed");
+    let (exit, _) = stop_gateway(child).await;
+    assert!(exit.success());
 }
