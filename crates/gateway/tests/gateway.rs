@@ -321,3 +321,100 @@ async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
     let (exit, _) = stop_gateway(child).await;
     assert!(exit.success());
 }
+
+/// Sends raw bytes and returns the status line's code (0 if the connection closed silently).
+async fn raw(addr: &str, bytes: &[u8]) -> u16 {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(bytes).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw);
+    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// An upstream that accepts and closes at once, and one that reads and never answers.
+async fn bad_upstreams() -> (SocketAddr, SocketAddr) {
+    let resets = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = (resets.local_addr().unwrap(), silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            if let Ok((stream, _)) = resets.accept().await {
+                drop(stream);
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        }
+    });
+    addrs
+}
+
+#[tokio::test]
+async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() {
+    let (resets, silent) = bad_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let config = format!(
+        r#"
+        [[listeners]]
+        name = "main"
+        bind = "{listen}"
+
+        [admin]
+        bind = "{admin}"
+
+        [[upstreams]]
+        name = "resets"
+        urls = ["http://{resets}"]
+
+        [[upstreams]]
+        name = "silent"
+        urls = ["http://{silent}"]
+        timeout = "300ms"
+
+        [[routes]]
+        name = "resets"
+        path_prefix = "/resets"
+        upstream = "resets"
+
+        [[routes]]
+        name = "silent"
+        path_prefix = "/silent"
+        upstream = "silent"
+        "#
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+
+    assert_eq!(raw(&listen, b"GARBAGE\r\n\r\n").await, 400, "a malformed request line");
+    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(200 * 1024));
+    assert_eq!(raw(&listen, huge.as_bytes()).await, 431, "oversized headers");
+    assert_eq!(get(&listen, "/nothing-here").await.0, 404, "no route");
+    assert_eq!(get(&listen, "/resets/x").await.0, 502, "an upstream that resets");
+    assert_eq!(get(&listen, "/silent/x").await.0, 504, "an upstream that never answers");
+
+    let (_, _, metrics) = get(&admin, "/metrics").await;
+    for line in [
+        "gateway_requests_total{route=\"resets\",status=\"502\"} 1",
+        "gateway_requests_total{route=\"silent\",status=\"504\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    let (exit, out) = stop_gateway(child).await;
+    assert!(exit.success(), "nothing left in flight to cut off: {out}");
+}
