@@ -97,6 +97,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     config.validate()?;
 
     let metrics = PrometheusBuilder::new().install_recorder()?;
+    describe_metrics();
     let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
     for agent in &config.agents {
         add_agent(&pool, agent).await?;
@@ -187,6 +188,25 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
     Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The gateway's own metrics, described for the exporter (HELP lines).
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!("gateway_requests_total", "Requests answered, by route and status.");
+    describe_histogram!(
+        "gateway_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer a request (headers), by route."
+    );
+    describe_counter!(
+        "gateway_agent_errors_total",
+        "Agent calls that failed (down, paused, timed out), by route and agent."
+    );
+    describe_counter!(
+        "gateway_agent_skipped_total",
+        "Requests an agent's pool let through without it (fail-open, flow control)."
+    );
 }
 
 /// The two handlers, made once: a reload swaps what they read, not the handlers.

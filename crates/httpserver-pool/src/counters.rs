@@ -74,8 +74,34 @@ pub(crate) struct Counters {
     m_refused: Counter,
 }
 
+/// Registers the metrics' descriptions with the recorder installed now (each server does, so a
+/// recorder installed before any server is built knows them).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!("httpserver_pool_connections_accepted_total", "Connections accepted.");
+    describe_gauge!("httpserver_pool_connections_active", "Connections open now (upgraded ones included).");
+    describe_counter!("httpserver_pool_requests_total", "Requests received.");
+    describe_counter!(
+        "httpserver_pool_connections_drained_total",
+        "Connections that finished on their own during a stop."
+    );
+    describe_counter!(
+        "httpserver_pool_connections_forced_total",
+        "Connections cut off at a stop's deadline."
+    );
+    describe_counter!(
+        "httpserver_pool_accept_errors_total",
+        "Errors accepting a connection (the accept loop backs off)."
+    );
+    describe_counter!(
+        "httpserver_pool_connections_refused_total",
+        "Connections reset at once for being over a connection cap."
+    );
+}
+
 impl Counters {
     pub(crate) fn new(name: &str, bind: SocketAddr) -> Self {
+        describe();
         let labels = [("server", name.to_owned()), ("bind", bind.to_string())];
         Counters {
             requests: Default::default(),
