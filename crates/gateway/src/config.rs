@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use httpserver_pool::{HttpServerConfig, Limits, Timeouts, TlsConfig};
 use pool_core::{FailureMode, PoolConfig};
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +39,7 @@ fn default_drain() -> Duration {
     Duration::from_secs(30)
 }
 
-/// One listening HTTP server.
+/// One listening HTTP server (httpserver-pool): HTTP/1.1 and HTTP/2, TLS when configured.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListenerConfig {
@@ -46,6 +47,26 @@ pub(crate) struct ListenerConfig {
     pub name: String,
     /// `host:port` to bind.
     pub bind: String,
+    /// TLS (and mutual TLS with `client_ca`): PEM files or text.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Connection caps, header size, HTTP/2 streams (httpserver-pool's defaults when absent).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Header, body, idle and request time-outs (httpserver-pool's defaults when absent).
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+impl ListenerConfig {
+    /// The listener as an httpserver-pool server configuration (without its handler).
+    pub(crate) fn server(&self) -> HttpServerConfig {
+        let mut server = HttpServerConfig::new(self.name.clone(), self.bind.clone());
+        server.tls = self.tls.clone();
+        server.limits = self.limits.clone();
+        server.timeouts = self.timeouts.clone();
+        server
+    }
 }
 
 /// The admin listener.
@@ -140,6 +161,12 @@ impl GatewayConfig {
         let mut binds = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             check_bind(&mut p, &format!("listeners[{i}].bind"), &l.bind);
+            // TLS files readable and matching, limits and time-outs sane: httpserver-pool's own check.
+            if let Err(httpserver_pool::Error::Invalid { problems }) = l.server().validate() {
+                for problem in problems.iter().filter(|x| x.field != "listen") {
+                    p.push(format!("listeners[{i}] ({}).{}: {}", l.name, problem.field, problem.message));
+                }
+            }
             if !binds.insert(l.bind.as_str()) {
                 p.push(format!("listeners[{i}].bind: {} is used twice", l.bind));
             }

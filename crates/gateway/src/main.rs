@@ -217,11 +217,8 @@ struct Handlers {
 
 impl Handlers {
     fn servers(&self, config: &GatewayConfig) -> ServerPoolConfig {
-        let mut servers: Vec<HttpServerConfig> = config
-            .listeners
-            .iter()
-            .map(|l| HttpServerConfig::new(l.name.clone(), l.bind.clone()).with_handler(self.proxy.clone()))
-            .collect();
+        let mut servers: Vec<HttpServerConfig> =
+            config.listeners.iter().map(|l| l.server().with_handler(self.proxy.clone())).collect();
         servers
             .push(HttpServerConfig::new("admin", config.admin.bind.clone()).with_handler(self.admin.clone()));
         ServerPoolConfig { servers }
@@ -299,7 +296,13 @@ async fn reload(
 /// The configuration of the demo: one listener, the demo upstream, the demo WAF on every request.
 fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
     GatewayConfig {
-        listeners: vec![ListenerConfig { name: "main".into(), bind: cli.listen.clone() }],
+        listeners: vec![ListenerConfig {
+            name: "main".into(),
+            bind: cli.listen.clone(),
+            tls: None,
+            limits: Default::default(),
+            timeouts: Default::default(),
+        }],
         admin: config::AdminConfig { bind: cli.admin.clone() },
         routes: vec![RouteConfig {
             name: "demo".into(),
