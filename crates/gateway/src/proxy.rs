@@ -22,7 +22,9 @@ use httpserver_pool::{RequestBody, ResponseBody, full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use pool_api::{Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders};
+use pool_api::{
+    Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders, ResponseHeaders,
+};
 use pool_core::{AgentPool, FailureMode};
 use tokio::time::Instant;
 
@@ -192,7 +194,50 @@ impl Proxy {
                 }
             }
         }
-        let mut resp = self.forward(route, req, client_addr).await;
+        let (mut resp, from_upstream) = self.forward(route, req, client_addr).await;
+        if from_upstream {
+            // Agents that take the response's headers see them (on the connection that saw the
+            // request: correlation affinity) and may change or replace the response.
+            for agent in &asked {
+                if !self.pool.supports(agent, EventKind::ResponseHeaders) {
+                    continue;
+                }
+                let event = Event::ResponseHeaders(ResponseHeaders {
+                    correlation_id: id.as_str().into(),
+                    status: resp.status(),
+                    headers: resp.headers().clone(),
+                });
+                match self.pool.send(agent, event).await {
+                    Ok(decision) if matches!(decision.action, Action::Allow) => {
+                        response_ops.extend(decision.response_headers);
+                    }
+                    Ok(decision) => {
+                        let resp = respond(decision);
+                        return self.finish(route, &id, &asked, resp, &method, &path, start);
+                    }
+                    Err(e) => {
+                        metrics::counter!("gateway_agent_errors_total", "route" => route.name.clone(), "agent" => agent.to_string()).increment(1);
+                        tracing::warn!(route = %route.name, agent = %agent, error = %e, "agent could not answer on the response");
+                        match route.failure_mode {
+                            FailureMode::Closed => {
+                                let mut resp = plain(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "an agent this route needs is unavailable\n",
+                                );
+                                set_status_header(
+                                    resp.headers_mut(),
+                                    &[format!("{agent}: unavailable, failing closed")],
+                                );
+                                return self.finish(route, &id, &asked, resp, &method, &path, start);
+                            }
+                            FailureMode::Open => {
+                                agent_status.push(format!("{agent}: unavailable, failing open"))
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for op in &response_ops {
             op.apply(resp.headers_mut());
         }
@@ -202,56 +247,33 @@ impl Proxy {
         self.finish(route, &id, &asked, resp, &method, &path, start)
     }
 
-    /// Applies an agent's decision: request-header changes go into `req`, response-header
-    /// changes are kept for the response; a block, redirect or challenge is the response.
+    /// Applies an agent's decision on a request: request-header changes go into `req`,
+    /// response-header changes are kept for the response; a block, redirect or challenge is the
+    /// response.
     fn apply(
         &self,
         decision: Decision,
         req: &mut Request<RequestBody>,
         response_ops: &mut Vec<HeaderOp>,
     ) -> Option<Response<ResponseBody>> {
-        match decision.action {
-            Action::Allow => {
-                for op in &decision.request_headers {
-                    op.apply(req.headers_mut());
-                }
-                response_ops.extend(decision.response_headers);
-                None
+        if let Action::Allow = decision.action {
+            for op in &decision.request_headers {
+                op.apply(req.headers_mut());
             }
-            Action::Block { status, headers, body } => {
-                let mut resp = Response::new(full(body));
-                *resp.status_mut() = status;
-                resp.headers_mut().extend(headers);
-                for op in &decision.response_headers {
-                    op.apply(resp.headers_mut());
-                }
-                Some(resp)
-            }
-            Action::Redirect { location, status } => {
-                let mut resp = Response::new(full(Bytes::new()));
-                *resp.status_mut() = status;
-                if let Ok(value) = HeaderValue::from_str(&location) {
-                    resp.headers_mut().insert(header::LOCATION, value);
-                }
-                Some(resp)
-            }
-            Action::Challenge { kind, .. } => {
-                let mut resp = plain(StatusCode::FORBIDDEN, "a challenge is required\n");
-                if let Ok(value) = HeaderValue::from_str(&kind) {
-                    resp.headers_mut().insert(HeaderName::from_static("x-agentpool-challenge"), value);
-                }
-                Some(resp)
-            }
+            response_ops.extend(decision.response_headers);
+            return None;
         }
+        Some(respond(decision))
     }
 
-    /// Sends the request to the route's upstream and streams the answer back.
+    /// Sends the request to the route's upstream and streams the answer back; the flag says
+    /// whether the upstream answered (false: the gateway's own 400 / 502 / 504).
     async fn forward(
         &self,
         route: &Route,
         mut req: Request<RequestBody>,
         client: Option<SocketAddr>,
-    ) -> Response<ResponseBody> {
+    ) -> (Response<ResponseBody>, bool) {
         let upstream = &route.upstream;
         let authority = upstream.pick().clone();
         let path_and_query =
@@ -259,7 +281,7 @@ impl Proxy {
         let uri =
             Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path_and_query).build();
         let Ok(uri) = uri else {
-            return plain(StatusCode::BAD_REQUEST, "the request target cannot be forwarded\n");
+            return (plain(StatusCode::BAD_REQUEST, "the request target cannot be forwarded\n"), false);
         };
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
@@ -272,15 +294,15 @@ impl Proxy {
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(Into::into).boxed())
+                (Response::from_parts(parts, body.map_err(Into::into).boxed()), true)
             }
             Ok(Err(e)) => {
                 tracing::warn!(route = %route.name, upstream = %upstream.name, error = %e, "upstream failed");
-                plain(StatusCode::BAD_GATEWAY, "the upstream failed\n")
+                (plain(StatusCode::BAD_GATEWAY, "the upstream failed\n"), false)
             }
             Err(_) => {
                 tracing::warn!(route = %route.name, upstream = %upstream.name, after = ?upstream.timeout, "upstream timed out");
-                plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n")
+                (plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"), false)
             }
         }
     }
@@ -331,6 +353,39 @@ fn set_status_header(headers: &mut HeaderMap, notes: &[String]) {
     if let Ok(value) = HeaderValue::from_str(&notes.join("; ")) {
         headers.insert(AGENT_STATUS, value);
     }
+}
+
+/// The response a decision that does not allow stands for: the agent's block (status, headers,
+/// body), a redirect, or a challenge (403 naming its kind); its response-header changes applied.
+fn respond(decision: Decision) -> Response<ResponseBody> {
+    let mut resp = match decision.action {
+        Action::Allow => plain(StatusCode::OK, ""),
+        Action::Block { status, headers, body } => {
+            let mut resp = Response::new(full(body));
+            *resp.status_mut() = status;
+            resp.headers_mut().extend(headers);
+            resp
+        }
+        Action::Redirect { location, status } => {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = status;
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, value);
+            }
+            resp
+        }
+        Action::Challenge { kind, .. } => {
+            let mut resp = plain(StatusCode::FORBIDDEN, "a challenge is required\n");
+            if let Ok(value) = HeaderValue::from_str(&kind) {
+                resp.headers_mut().insert(HeaderName::from_static("x-agentpool-challenge"), value);
+            }
+            resp
+        }
+    };
+    for op in &decision.response_headers {
+        op.apply(resp.headers_mut());
+    }
+    resp
 }
 
 /// A small text response.
