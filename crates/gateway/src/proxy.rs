@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use httpserver_pool::{RequestBody, ResponseBody, full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use pool_api::{
     Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders, ResponseHeaders,
 };
@@ -34,8 +34,9 @@ use crate::config::{GatewayConfig, upstream_base};
 pub(crate) const AGENT_STATUS: HeaderName = HeaderName::from_static("x-agentpool-agent-status");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
+    header::UPGRADE,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -285,12 +286,45 @@ impl Proxy {
         };
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
+        // An upgrade (a WebSocket) keeps its Connection and Upgrade headers, and the client's
+        // side of it is taken before the request goes on.
+        let upgrade = upgrade_protocol(req.headers());
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        if let Some(protocol) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol.clone());
+        }
         if let Some(addr) = client {
             append_forwarded_for(headers, addr);
         }
         match tokio::time::timeout(upstream.timeout, self.client.request(req)).await {
+            Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_side.is_some() => {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                let client_side = client_side.expect("checked");
+                let route = route.name.clone();
+                tokio::spawn(async move {
+                    match (client_side.await, upstream_side.await) {
+                        (Ok(client), Ok(upstream)) => {
+                            metrics::gauge!("gateway_upgraded_connections", "route" => route.clone())
+                                .increment(1.0);
+                            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                            metrics::gauge!("gateway_upgraded_connections", "route" => route.clone())
+                                .decrement(1.0);
+                            if let Err(e) = copied {
+                                tracing::debug!(route = %route, error = %e, "upgraded connection ended");
+                            }
+                        }
+                        (Err(e), _) | (_, Err(e)) => {
+                            tracing::warn!(route = %route, error = %e, "upgrade failed")
+                        }
+                    }
+                });
+                let (parts, body) = resp.into_parts();
+                (Response::from_parts(parts, body.map_err(Into::into).boxed()), true)
+            }
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -410,6 +444,17 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
     let prefix = prefix.trim_end_matches('/');
     path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` with `Upgrade: …`), if any.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks { headers.get(header::UPGRADE).cloned() } else { None }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

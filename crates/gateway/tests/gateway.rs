@@ -418,3 +418,74 @@ async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() 
     let (exit, out) = stop_gateway(child).await;
     assert!(exit.success(), "nothing left in flight to cut off: {out}");
 }
+
+/// An upstream that accepts any upgrade (101) and then echoes the bytes it receives.
+async fn upgrade_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut stream = reader.into_inner();
+                let head =
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upgrade_is_proxied_and_bytes_flow_both_ways() {
+    let app = upgrade_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, simple_config(&listen, &admin, app)).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+
+    let mut stream = TcpStream::connect(&listen).await.unwrap();
+    let request = "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mut line = String::new();
+    while reader.read_line(&mut line).await.unwrap() > 0 && line != "\r\n" {
+        line.clear();
+    }
+    let mut stream = reader.into_inner();
+    for message in ["hello", "and again"] {
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let mut echoed = vec![0; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+        assert_eq!(echoed, message.as_bytes());
+    }
+    drop(stream);
+    let (exit, _) = stop_gateway(child).await;
+    assert!(exit.success());
+}
