@@ -122,6 +122,21 @@ pub(crate) struct UpstreamConfig {
     /// Time allowed for the upstream's response headers.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Consecutive failures (refused or unanswered connections, time-outs) after which a URL is
+    /// left out of rotation. Default 3.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// How long a failing URL is left out. Default 10 s.
+    #[serde(default = "default_eject_for", with = "humantime_serde")]
+    pub eject_for: Duration,
+}
+
+fn default_max_failures() -> u32 {
+    3
+}
+
+fn default_eject_for() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -184,6 +199,9 @@ impl GatewayConfig {
                 if let Err(e) = upstream_base(url) {
                     p.push(format!("upstreams[{i}] ({}).urls[{j}]: {e}", u.name));
                 }
+            }
+            if u.max_failures == 0 {
+                p.push(format!("upstreams[{i}] ({}).max_failures: must be at least 1", u.name));
             }
             if u.timeout.is_zero() {
                 p.push(format!("upstreams[{i}] ({}).timeout: must be greater than zero", u.name));

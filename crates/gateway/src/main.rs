@@ -316,6 +316,8 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             name: "demo".into(),
             urls: vec![format!("http://{}", demo.upstream)],
             timeout: std::time::Duration::from_secs(30),
+            max_failures: 3,
+            eject_for: std::time::Duration::from_secs(10),
         }],
         agents: vec![AgentConfig {
             name: "waf".into(),

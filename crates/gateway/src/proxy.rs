@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -17,8 +17,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use httpserver_pool::{RequestBody, ResponseBody, full};
+use hyper::body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -61,24 +62,75 @@ pub(crate) struct Route {
 pub(crate) struct Upstream {
     /// Its name.
     pub name: String,
-    bases: Vec<Authority>,
+    bases: Vec<Base>,
     next: AtomicUsize,
     timeout: Duration,
+    max_failures: u32,
+    eject_for: Duration,
+    /// The clock `Base::down_until` counts from.
+    epoch: Instant,
+}
+
+/// One URL of an upstream, with its passive health: consecutive failures (refused or
+/// unanswered connections, time-outs) and, once they reach the limit, until when it is left out.
+struct Base {
+    authority: Authority,
+    failures: AtomicU32,
+    /// Milliseconds since the upstream's epoch; 0: in rotation.
+    down_until: AtomicU64,
 }
 
 impl Upstream {
-    fn pick(&self) -> &Authority {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.bases.len();
-        &self.bases[i]
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next base in turn that is in rotation and not in `tried`; when every untried base is
+    /// left out, the next untried one anyway (better a try than a refusal). `None` once all were
+    /// tried.
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let n = self.bases.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let untried = (0..n).map(|k| (start + k) % n).filter(|i| !tried.contains(i));
+        let mut fallback = None;
+        for i in untried {
+            if self.bases[i].down_until.load(Ordering::Relaxed) <= now {
+                return Some(i);
+            }
+            fallback.get_or_insert(i);
+        }
+        fallback
+    }
+
+    fn succeeded(&self, i: usize) {
+        let base = &self.bases[i];
+        base.failures.store(0, Ordering::Relaxed);
+        base.down_until.store(0, Ordering::Relaxed);
+    }
+
+    fn failed(&self, i: usize) {
+        let base = &self.bases[i];
+        if base.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.max_failures {
+            base.failures.store(0, Ordering::Relaxed);
+            let until = self.now_ms() + u64::try_from(self.eject_for.as_millis()).unwrap_or(u64::MAX);
+            base.down_until.store(until, Ordering::Relaxed);
+            metrics::counter!("gateway_upstream_ejections_total", "upstream" => self.name.clone())
+                .increment(1);
+            tracing::warn!(upstream = %self.name, base = %base.authority, eject_for = ?self.eject_for, "upstream URL left out after failures");
+        }
     }
 }
+
+/// What the upstream client sends: the client's body, streamed, or nothing (a retry).
+type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, httpserver_pool::BoxError>;
 
 /// The proxy: routes, the agent pool, the upstream client. The routes are swapped whole on a
 /// reload; a request keeps the table it started with.
 pub(crate) struct Proxy {
     routes: ArcSwap<Vec<Route>>,
     pool: AgentPool,
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<HttpConnector, UpstreamBody>,
     ids: AtomicU64,
 }
 
@@ -112,9 +164,25 @@ fn build_routes(config: &GatewayConfig) -> Vec<Route> {
             .upstreams
             .iter()
             .map(|u| {
-                let bases = u.urls.iter().filter_map(|url| upstream_base(url).ok()).collect();
-                let upstream =
-                    Upstream { name: u.name.clone(), bases, next: AtomicUsize::new(0), timeout: u.timeout };
+                let bases = u
+                    .urls
+                    .iter()
+                    .filter_map(|url| upstream_base(url).ok())
+                    .map(|authority| Base {
+                        authority,
+                        failures: AtomicU32::new(0),
+                        down_until: AtomicU64::new(0),
+                    })
+                    .collect();
+                let upstream = Upstream {
+                    name: u.name.clone(),
+                    bases,
+                    next: AtomicUsize::new(0),
+                    timeout: u.timeout,
+                    max_failures: u.max_failures.max(1),
+                    eject_for: u.eject_for,
+                    epoch: Instant::now(),
+                };
                 (u.name.as_str(), Arc::new(upstream))
             })
             .collect();
@@ -276,67 +344,77 @@ impl Proxy {
         client: Option<SocketAddr>,
     ) -> (Response<ResponseBody>, bool) {
         let upstream = &route.upstream;
-        let authority = upstream.pick().clone();
-        let path_and_query =
-            req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri =
-            Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path_and_query).build();
-        let Ok(uri) = uri else {
-            return (plain(StatusCode::BAD_REQUEST, "the request target cannot be forwarded\n"), false);
-        };
-        *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
         // An upgrade (a WebSocket) keeps its Connection and Upgrade headers, and the client's
         // side of it is taken before the request goes on.
         let upgrade = upgrade_protocol(req.headers());
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
+        let (mut parts, body) = req.into_parts();
+        let path_and_query =
+            parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, protocol.clone());
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
         }
         if let Some(addr) = client {
-            append_forwarded_for(headers, addr);
+            append_forwarded_for(&mut parts.headers, addr);
         }
-        match tokio::time::timeout(upstream.timeout, self.client.request(req)).await {
-            Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_side.is_some() => {
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                let client_side = client_side.expect("checked");
-                let route = route.name.clone();
-                tokio::spawn(async move {
-                    match (client_side.await, upstream_side.await) {
-                        (Ok(client), Ok(upstream)) => {
-                            metrics::gauge!("gateway_upgraded_connections", "route" => route.clone())
-                                .increment(1.0);
-                            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                            let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                            metrics::gauge!("gateway_upgraded_connections", "route" => route.clone())
-                                .decrement(1.0);
-                            if let Err(e) = copied {
-                                tracing::debug!(route = %route, error = %e, "upgraded connection ended");
-                            }
-                        }
-                        (Err(e), _) | (_, Err(e)) => {
-                            tracing::warn!(route = %route, error = %e, "upgrade failed")
-                        }
+        // A request without a body that could not reach a URL (refused, unanswered connection)
+        // is tried once more on another: nothing of it was sent.
+        let retryable = body.is_end_stream()
+            && matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
+        let mut body = Some(body.map_err(Into::into).boxed());
+        let mut tried = Vec::new();
+        loop {
+            let Some(i) = upstream.pick(&tried) else {
+                return (plain(StatusCode::BAD_GATEWAY, "the upstream failed\n"), false);
+            };
+            tried.push(i);
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(upstream.bases[i].authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build();
+            let Ok(uri) = uri else {
+                return (plain(StatusCode::BAD_REQUEST, "the request target cannot be forwarded\n"), false);
+            };
+            let mut attempt =
+                Request::new(body.take().unwrap_or_else(|| Empty::new().map_err(Into::into).boxed()));
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = uri;
+            *attempt.version_mut() = parts.version;
+            *attempt.headers_mut() = parts.headers.clone();
+            match tokio::time::timeout(upstream.timeout, self.client.request(attempt)).await {
+                Ok(Ok(mut resp)) => {
+                    upstream.succeeded(i);
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_side) = client_side
+                    {
+                        splice(route.name.clone(), client_side, hyper::upgrade::on(&mut resp));
+                        let (parts, body) = resp.into_parts();
+                        return (Response::from_parts(parts, body.map_err(Into::into).boxed()), true);
                     }
-                });
-                let (parts, body) = resp.into_parts();
-                (Response::from_parts(parts, body.map_err(Into::into).boxed()), true)
-            }
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                (Response::from_parts(parts, body.map_err(Into::into).boxed()), true)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(route = %route.name, upstream = %upstream.name, error = %e, "upstream failed");
-                (plain(StatusCode::BAD_GATEWAY, "the upstream failed\n"), false)
-            }
-            Err(_) => {
-                tracing::warn!(route = %route.name, upstream = %upstream.name, after = ?upstream.timeout, "upstream timed out");
-                (plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"), false)
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return (Response::from_parts(parts, body.map_err(Into::into).boxed()), true);
+                }
+                Ok(Err(e)) => {
+                    upstream.failed(i);
+                    tracing::warn!(route = %route.name, upstream = %upstream.name, base = %upstream.bases[i].authority, error = %e, "upstream failed");
+                    if retryable && e.is_connect() && tried.len() < upstream.bases.len() {
+                        continue;
+                    }
+                    return (plain(StatusCode::BAD_GATEWAY, "the upstream failed\n"), false);
+                }
+                Err(_) => {
+                    upstream.failed(i);
+                    tracing::warn!(route = %route.name, upstream = %upstream.name, base = %upstream.bases[i].authority, after = ?upstream.timeout, "upstream timed out");
+                    return (
+                        plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"),
+                        false,
+                    );
+                }
             }
         }
     }
@@ -444,6 +522,25 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     }
     let prefix = prefix.trim_end_matches('/');
     path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Splices an upgraded client connection to the upgraded upstream connection, on its own task.
+fn splice(route: String, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match (client.await, upstream.await) {
+            (Ok(client), Ok(upstream)) => {
+                let gauge = metrics::gauge!("gateway_upgraded_connections", "route" => route.clone());
+                gauge.increment(1.0);
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                gauge.decrement(1.0);
+                if let Err(e) = copied {
+                    tracing::debug!(route = %route, error = %e, "upgraded connection ended");
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(route = %route, error = %e, "upgrade failed"),
+        }
+    });
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` with `Upgrade: …`), if any.

@@ -489,3 +489,35 @@ async fn an_upgrade_is_proxied_and_bytes_flow_both_ways() {
     let (exit, _) = stop_gateway(child).await;
     assert!(exit.success());
 }
+
+#[tokio::test]
+async fn a_dead_upstream_url_is_retried_around_and_left_out() {
+    let alive = upstream().await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let config = format!(
+        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n\
+         [[upstreams]]\nname = \"app\"\nurls = [\"http://{dead}\", \"http://{alive}\"]\nmax_failures = 2\neject_for = \"1m\"\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+    for i in 0..10 {
+        let (status, head, body) = get(&listen, &format!("/r{i}")).await;
+        assert_eq!((status, body.as_str()), (200, "upstream ok\n"), "request {i}: {head}");
+    }
+    let (_, _, metrics) = get(&admin, "/metrics").await;
+    assert!(metrics.contains("gateway_upstream_ejections_total{upstream=\"app\"} 1"), "{metrics}");
+    let (exit, _) = stop_gateway(child).await;
+    assert!(exit.success());
+}
