@@ -521,3 +521,32 @@ async fn a_dead_upstream_url_is_retried_around_and_left_out() {
     let (exit, _) = stop_gateway(child).await;
     assert!(exit.success());
 }
+
+#[tokio::test]
+async fn json_logs_carry_one_access_line_per_request() {
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen, "--admin", &admin, "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+    assert_eq!(get(&listen, "/logged").await.0, 200);
+    let mut stderr = child.stderr.take().unwrap();
+    let (exit, _) = stop_gateway(child).await;
+    assert!(exit.success());
+    let mut logs = String::new();
+    stderr.read_to_string(&mut logs).await.unwrap();
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|v| v["target"] == "access")
+        .collect();
+    assert_eq!(access.len(), 1, "{logs}");
+    assert_eq!(access[0]["fields"]["path"], "/logged");
+    assert_eq!(access[0]["fields"]["status"], 200);
+}
