@@ -15,6 +15,7 @@
 mod admin;
 mod config;
 mod demo;
+mod inspect;
 mod proxy;
 
 use std::path::PathBuf;

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
+use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Empty};
 use httpserver_pool::{RequestBody, ResponseBody, full};
 use hyper::body::Body as _;
@@ -30,6 +31,7 @@ use pool_core::{AgentPool, FailureMode};
 use tokio::time::Instant;
 
 use crate::config::{GatewayConfig, upstream_base};
+use crate::inspect::{self, Inspection, Inspector};
 
 /// The header that says what happened with a route's agents when one could not answer.
 pub(crate) const AGENT_STATUS: HeaderName = HeaderName::from_static("x-agentpool-agent-status");
@@ -263,7 +265,50 @@ impl Proxy {
                 }
             }
         }
-        let (mut resp, from_upstream) = self.forward(route, req, client_addr).await;
+        // Agents that take the request's body see it chunk by chunk on its way to the upstream.
+        let body_agents: Vec<String> = asked
+            .iter()
+            .filter(|a| self.pool.supports(a, EventKind::RequestBody))
+            .map(|a| a.to_string())
+            .collect();
+        let ((mut resp, from_upstream), inspected) = if body_agents.is_empty() {
+            (self.forward(route, req.map(|b| b.map_err(Into::into).boxed()), client_addr).await, None)
+        } else {
+            let limit = body_agents.iter().filter_map(|a| self.pool.capabilities(a)?.max_body_size).min();
+            let declared =
+                req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if let (Some(limit), Some(size)) = (limit, declared)
+                && size > limit
+            {
+                return self.finish(route, &id, &asked, inspect::too_large(), &method, &path, start);
+            }
+            let (sender, channel) = Channel::<Bytes, httpserver_pool::BoxError>::new(1);
+            let (parts, body) = req.into_parts();
+            let inspector = Inspector {
+                pool: self.pool.clone(),
+                agents: body_agents,
+                id: id.clone(),
+                limit,
+                declared,
+                failure_mode: route.failure_mode,
+                route: route.name.clone(),
+            };
+            let upstream_req = Request::from_parts(parts, channel.boxed());
+            let (forwarded, inspected) =
+                tokio::join!(self.forward(route, upstream_req, client_addr), inspector.run(body, sender));
+            (forwarded, Some(inspected))
+        };
+        match inspected {
+            Some(Inspection::Refused(answer)) => {
+                return self.finish(route, &id, &asked, answer, &method, &path, start);
+            }
+            Some(Inspection::ClientGone) => {
+                let answer = plain(StatusCode::BAD_REQUEST, "the request body broke off\n");
+                return self.finish(route, &id, &asked, answer, &method, &path, start);
+            }
+            Some(Inspection::Passed(skipped)) => agent_status.extend(skipped),
+            None => {}
+        }
         if from_upstream {
             // Agents that take the response's headers see them (on the connection that saw the
             // request: correlation affinity) and may change or replace the response.
@@ -340,7 +385,7 @@ impl Proxy {
     async fn forward(
         &self,
         route: &Route,
-        mut req: Request<RequestBody>,
+        mut req: Request<UpstreamBody>,
         client: Option<SocketAddr>,
     ) -> (Response<ResponseBody>, bool) {
         let upstream = &route.upstream;
@@ -364,7 +409,7 @@ impl Proxy {
         // is tried once more on another: nothing of it was sent.
         let retryable = body.is_end_stream()
             && matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
-        let mut body = Some(body.map_err(Into::into).boxed());
+        let mut body = Some(body);
         let mut tried = Vec::new();
         loop {
             let Some(i) = upstream.pick(&tried) else {
@@ -461,7 +506,7 @@ fn access_log(route: &str, method: &http::Method, path: &str, status: StatusCode
     tracing::info!(target: "access", route, %method, path, status = status.as_u16(), micros = start.elapsed().as_micros() as u64);
 }
 
-fn set_status_header(headers: &mut HeaderMap, notes: &[String]) {
+pub(crate) fn set_status_header(headers: &mut HeaderMap, notes: &[String]) {
     if let Ok(value) = HeaderValue::from_str(&notes.join("; ")) {
         headers.insert(AGENT_STATUS, value);
     }
@@ -469,7 +514,7 @@ fn set_status_header(headers: &mut HeaderMap, notes: &[String]) {
 
 /// The response a decision that does not allow stands for: the agent's block (status, headers,
 /// body), a redirect, or a challenge (403 naming its kind); its response-header changes applied.
-fn respond(decision: Decision) -> Response<ResponseBody> {
+pub(crate) fn respond(decision: Decision) -> Response<ResponseBody> {
     let mut resp = match decision.action {
         Action::Allow => plain(StatusCode::OK, ""),
         Action::Block { status, headers, body } => {
