@@ -8,6 +8,8 @@
 //!   with more iterations.
 //! * `itest` — the cross-crate integration tests in `tests/`.
 //! * `bench [args]` — the criterion benches (release build; not part of `ci`).
+//! * `bench-gateway [--rounds N] [--seconds S]` — the gateway against nginx as a reverse proxy
+//!   to the same upstream, with `wrk`, in paired rounds (needs Debian's `nginx` and `wrk`).
 //! * `modcycles [crate-dir]` — fails on import cycles among a crate's top-level modules
 //!   (default `crates/pool-core`; a relative directory is taken from the workspace root).
 
@@ -19,12 +21,13 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod bench_gateway;
 mod modcycles;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        eprintln!("usage: cargo xtask <ci|race|itest|bench|modcycles> [args]");
+        eprintln!("usage: cargo xtask <ci|race|itest|bench|bench-gateway|modcycles> [args]");
         return ExitCode::FAILURE;
     };
     let result = match task.as_str() {
@@ -33,7 +36,10 @@ fn main() -> ExitCode {
         "itest" => itest(),
         "bench" => bench(&args[1..]),
         "modcycles" => modcycles(args.get(1).map(String::as_str)),
-        other => Err(format!("unknown task {other:?}; expected ci, race, itest, bench or modcycles")),
+        "bench-gateway" => bench_gateway::run(&args[1..]),
+        other => Err(format!(
+            "unknown task {other:?}; expected ci, race, itest, bench, bench-gateway or modcycles"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

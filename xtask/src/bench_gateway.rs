@@ -1,0 +1,322 @@
+//! `cargo xtask bench-gateway [--rounds N] [--seconds S]`: the gateway against nginx as a
+//! reverse proxy to the same upstream, driven by the same load generator (`wrk`), in paired
+//! rounds on loopback.
+//!
+//! Layout: one upstream (an nginx instance with one worker answering `200 ok` from memory); an
+//! nginx proxy with as many workers as the machine has cores, HTTP/1.1 keep-alive to the
+//! upstream; the gateway (release build, its runtime has as many workers as cores) with a route
+//! to the same upstream and no agent (`/plain`), and a route that asks the example WAF agent
+//! over a Unix socket first (`/waf`; the agent is transport-uds's `waf_agent` example, its own
+//! process). Each round runs nginx and the gateway back to back at c = 64 (throughput, p99),
+//! then the gateway's two routes at c = 1 (the agent's added p50). Medians over the rounds.
+//!
+//! Needs Debian's `nginx` and `wrk` (`apt-get install nginx wrk`); everything on loopback,
+//! temporary files only.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{cargo, root};
+
+/// One wrk run: requests per second and latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    let mut rounds = 5usize;
+    let mut seconds = 5u64;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => rounds = it.next().and_then(|v| v.parse().ok()).ok_or("--rounds N")?,
+            "--seconds" => seconds = it.next().and_then(|v| v.parse().ok()).ok_or("--seconds S")?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    for tool in ["nginx", "wrk"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            return Err(format!("{tool} is not installed (apt-get install nginx wrk)"));
+        }
+    }
+    for build in
+        [&["-p", "gateway", "--bin", "gateway"][..], &["-p", "transport-uds", "--example", "waf_agent"]]
+    {
+        let status = cargo()
+            .args(["build", "--release"])
+            .args(build)
+            .status()
+            .map_err(|e| format!("cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build --release {} failed", build.join(" ")));
+        }
+    }
+    let release = root().join("target").join("release");
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let dir = std::env::temp_dir().join(format!("agentpool-bench-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let port = |offset: u16| 20000 + (std::process::id() % 20000) as u16 + offset;
+    let (upstream, nginx_proxy, gateway, admin) = (port(0), port(1), port(2), port(3));
+
+    let mut children = Children(Vec::new());
+    children.0.push(nginx(
+        &dir,
+        "upstream",
+        1,
+        &format!("listen 127.0.0.1:{upstream}; location / {{ return 200 \"ok\\n\"; }}"),
+    )?);
+    let proxy_conf = format!(
+        "listen 127.0.0.1:{nginx_proxy}; location / {{ proxy_pass http://backend; proxy_http_version 1.1; \
+         proxy_set_header Connection \"\"; }}"
+    );
+    children.0.push(nginx_with_upstream(&dir, "proxy", cores, upstream, &proxy_conf)?);
+    let socket = dir.join("waf.sock");
+    children.0.push(
+        Command::new(release.join("examples").join("waf_agent"))
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("waf_agent: {e}"))?,
+    );
+    wait_for(&socket)?;
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{gateway}\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
+             [[upstreams]]\nname = \"app\"\nurls = [\"http://127.0.0.1:{upstream}\"]\n\n\
+             [[agents]]\nname = \"waf\"\nendpoints = [\"unix:{}\"]\n\n\
+             [[routes]]\nname = \"waf\"\npath_prefix = \"/waf\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
+             [[routes]]\nname = \"plain\"\nupstream = \"app\"\n",
+            socket.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    children.0.push(
+        Command::new(release.join("gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("gateway: {e}"))?,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    for (name, url) in [
+        ("nginx", format!("http://127.0.0.1:{nginx_proxy}/plain")),
+        ("gateway", format!("http://127.0.0.1:{gateway}/plain")),
+        ("gateway + agent", format!("http://127.0.0.1:{gateway}/waf")),
+    ] {
+        let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).output();
+        if !out.as_ref().is_ok_and(|o| o.stdout == b"200") {
+            return Err(format!("{name} does not answer 200 on {url}"));
+        }
+    }
+
+    let (mut ng, mut gw, mut plain1, mut waf1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let nginx_url = format!("http://127.0.0.1:{nginx_proxy}/plain");
+        let gateway_url = format!("http://127.0.0.1:{gateway}/plain");
+        // Alternate who goes first, so a drift in the machine's load favours neither.
+        if round % 2 == 0 {
+            ng.push(wrk(&nginx_url, cores, 64, seconds)?);
+            gw.push(wrk(&gateway_url, cores, 64, seconds)?);
+        } else {
+            gw.push(wrk(&gateway_url, cores, 64, seconds)?);
+            ng.push(wrk(&nginx_url, cores, 64, seconds)?);
+        }
+        plain1.push(wrk(&gateway_url, 1, 1, seconds)?);
+        waf1.push(wrk(&format!("http://127.0.0.1:{gateway}/waf"), 1, 1, seconds)?);
+        eprintln!("round {}/{rounds} done", round + 1);
+    }
+    let (ng, gw, plain1, waf1) = (median(&ng), median(&gw), median(&plain1), median(&waf1));
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "gateway vs nginx, {rounds} paired rounds of {seconds} s, {cores} cores, wrk on the same machine"
+    );
+    let _ = writeln!(report, "| layout | req/s | p50 µs | p99 µs |");
+    let _ = writeln!(report, "|---|---|---|---|");
+    for (name, r) in [
+        ("nginx proxy, c = 64", ng),
+        ("gateway, no agent, c = 64", gw),
+        ("gateway, no agent, c = 1", plain1),
+        ("gateway, UDS agent, c = 1", waf1),
+    ] {
+        let _ = writeln!(report, "| {name} | {:.0} | {:.0} | {:.0} |", r.rps, r.p50, r.p99);
+    }
+    let _ = writeln!(
+        report,
+        "gateway/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; the agent adds {:.0} µs at p50 (c = 1)",
+        gw.rps / ng.rps,
+        gw.p99 / ng.p99,
+        waf1.p50 - plain1.p50
+    );
+    print!("{report}");
+    drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Children killed on drop, so a failed bench leaves nothing running.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nginx(dir: &Path, name: &str, workers: usize, server: &str) -> Result<Child, String> {
+    nginx_conf(dir, name, workers, "", server)
+}
+
+fn nginx_with_upstream(
+    dir: &Path,
+    name: &str,
+    workers: usize,
+    upstream: u16,
+    server: &str,
+) -> Result<Child, String> {
+    let block = format!("upstream backend {{ server 127.0.0.1:{upstream}; keepalive 128; }}");
+    nginx_conf(dir, name, workers, &block, server)
+}
+
+fn nginx_conf(
+    dir: &Path,
+    name: &str,
+    workers: usize,
+    http_extra: &str,
+    server: &str,
+) -> Result<Child, String> {
+    let prefix = dir.join(name);
+    std::fs::create_dir_all(prefix.join("logs")).map_err(|e| e.to_string())?;
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes {workers};\npid {pid};\nerror_log {err} error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; {http_extra} server {{ {server} }} }}\n",
+            pid = prefix.join("nginx.pid").display(),
+            err = prefix.join("logs").join("error.log").display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    Command::new("nginx")
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("nginx: {e}"))
+}
+
+fn wait_for(path: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    while !path.exists() {
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{} did not appear within 30 s", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn wrk(url: &str, threads: usize, connections: usize, seconds: u64) -> Result<Run, String> {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&text).ok_or_else(|| format!("cannot read wrk's output:\n{text}"))
+}
+
+/// Reads `Requests/sec` and the 50 % / 99 % latencies of `wrk --latency`.
+fn parse_wrk(text: &str) -> Option<Run> {
+    let mut run = Run::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            run.rps = v.trim().parse().ok()?;
+        } else if let Some(v) = line.strip_prefix("50%") {
+            run.p50 = micros(v.trim())?;
+        } else if let Some(v) = line.strip_prefix("99%") {
+            run.p99 = micros(v.trim())?;
+        }
+    }
+    (run.rps > 0.0 && run.p50 > 0.0).then_some(run)
+}
+
+fn micros(v: &str) -> Option<f64> {
+    let (number, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => return None,
+    })
+}
+
+fn median(runs: &[Run]) -> Run {
+    let pick = |f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Run { rps: pick(|r| r.rps), p50: pick(|r| r.p50), p99: pick(|r| r.p99) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_read() {
+        let out = "Running 5s test @ http://127.0.0.1:1/\n  2 threads and 64 connections\n\
+                   Latency Distribution\n     50%  412.00us\n     75%  600.00us\n     90%    1.20ms\n     99%    2.50ms\n\
+                   100000 requests in 5.00s, 10.00MB read\nRequests/sec:  20000.50\nTransfer/sec:      2.00MB\n";
+        let run = parse_wrk(out).unwrap();
+        assert_eq!(run.rps, 20000.5);
+        assert_eq!(run.p50, 412.0);
+        assert_eq!(run.p99, 2500.0);
+        assert!(parse_wrk("garbage").is_none());
+    }
+
+    #[test]
+    fn medians_are_taken_per_figure() {
+        let runs = [
+            Run { rps: 3.0, p50: 1.0, p99: 9.0 },
+            Run { rps: 1.0, p50: 3.0, p99: 7.0 },
+            Run { rps: 2.0, p50: 2.0, p99: 8.0 },
+        ];
+        let m = median(&runs);
+        assert_eq!((m.rps, m.p50, m.p99), (2.0, 2.0, 8.0));
+    }
+}
