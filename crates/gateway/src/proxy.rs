@@ -8,7 +8,7 @@
 //! streamed back as it arrives.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -58,6 +58,37 @@ pub(crate) struct Route {
     /// The agents asked, in order.
     pub agents: Vec<String>,
     failure_mode: FailureMode,
+    metrics: RouteMetrics,
+}
+
+/// A route's metric handles, registered once (per status code on first use) so answering a
+/// request formats no label and looks nothing up in the recorder's registry.
+struct RouteMetrics {
+    route: String,
+    duration: metrics::Histogram,
+    /// `gateway_requests_total` by status, indexed by `status - 100`.
+    requests: Box<[OnceLock<metrics::Counter>]>,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        Self {
+            route: route.to_owned(),
+            duration: metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_owned()),
+            requests: (100..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn answered(&self, status: StatusCode, elapsed: Duration) {
+        let i = usize::from(status.as_u16()).clamp(100, 599) - 100;
+        self.requests[i]
+            .get_or_init(|| {
+                let status = status.as_u16().to_string();
+                metrics::counter!("gateway_requests_total", "route" => self.route.clone(), "status" => status)
+            })
+            .increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
 }
 
 /// An upstream, resolved: its bases are used in turn.
@@ -198,6 +229,7 @@ fn build_routes(config: &GatewayConfig) -> Vec<Route> {
                 upstream: upstreams[r.upstream.as_str()].clone(),
                 agents: r.agents.clone(),
                 failure_mode: r.failure_mode,
+                metrics: RouteMetrics::new(&r.name),
             })
             .collect()
     }
@@ -429,7 +461,9 @@ impl Proxy {
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = parts.version;
-            *attempt.headers_mut() = parts.headers.clone();
+            // Only a request that may be retried keeps a copy of its headers.
+            *attempt.headers_mut() =
+                if retryable { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
             match tokio::time::timeout(upstream.timeout, self.client.request(attempt)).await {
                 Ok(Ok(mut resp)) => {
                     upstream.succeeded(i);
@@ -479,9 +513,7 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let status = resp.status();
         let elapsed = start.elapsed();
-        metrics::counter!("gateway_requests_total", "route" => route.name.clone(), "status" => status.as_u16().to_string()).increment(1);
-        metrics::histogram!("gateway_request_duration_seconds", "route" => route.name.clone())
-            .record(elapsed.as_secs_f64());
+        route.metrics.answered(status, elapsed);
         access_log(&route.name, method, path, status, start);
         for agent in asked {
             if self.pool.supports(agent, EventKind::RequestComplete) {
