@@ -67,8 +67,8 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use pool_api::{
     BoxFuture, BoxStream, ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime,
-    ContainerState, ContainerStatus, EventFilter, RuntimeError, ServiceEvent, ServiceEventKind, ServiceRuntime,
-    ServiceStatus, StopOptions,
+    ContainerState, ContainerStatus, EventFilter, RuntimeError, ServiceEvent, ServiceEventKind,
+    ServiceRuntime, ServiceStatus, StopOptions,
 };
 
 use crate::client::error_chain;
@@ -256,7 +256,10 @@ impl DockerRuntime {
         Box::pin(event_stream(&self.docker, options))
     }
 
-    fn service_event_stream(&self, services: Vec<String>) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
+    fn service_event_stream(
+        &self,
+        services: Vec<String>,
+    ) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
         let actions: Vec<&str> = SERVICE_EVENTS.iter().chain(CONTAINER_EVENTS.iter()).copied().collect();
         let filters: HashMap<&str, Vec<&str>> =
             HashMap::from([("type", vec!["service", "container"]), ("event", actions)]);
@@ -386,7 +389,10 @@ impl ServiceRuntime for DockerRuntime {
         Box::pin(self.scale_service(service, replicas))
     }
 
-    fn service_events(&self, services: Vec<String>) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
+    fn service_events(
+        &self,
+        services: Vec<String>,
+    ) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
         self.service_event_stream(services)
     }
 }

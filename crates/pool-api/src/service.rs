@@ -64,5 +64,6 @@ pub trait ServiceRuntime: Send + Sync + 'static {
     /// Streams events of these services (by name) and of their tasks' containers, until
     /// dropped. If the engine goes away the stream yields one [`RuntimeError::Unreachable`] and
     /// ends.
-    fn service_events(&self, services: Vec<String>) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>>;
+    fn service_events(&self, services: Vec<String>)
+    -> BoxStream<'static, Result<ServiceEvent, RuntimeError>>;
 }

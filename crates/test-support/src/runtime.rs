@@ -257,9 +257,11 @@ impl FakeRuntime {
 impl Inner {
     fn emit(&mut self, name: &str, kind: ContainerEventKind) {
         let Some(id) = self.containers.get(name).map(|c| c.id.clone()) else { return };
-        let event = ContainerEvent { id: id.clone(), name: Some(name.to_owned()), kind, time: SystemTime::now() };
+        let event =
+            ContainerEvent { id: id.clone(), name: Some(name.to_owned()), kind, time: SystemTime::now() };
         self.container_streams.retain(|(filter, tx)| {
-            let wanted = filter.containers.is_empty() || filter.containers.iter().any(|c| *c == id || c == name);
+            let wanted =
+                filter.containers.is_empty() || filter.containers.iter().any(|c| *c == id || c == name);
             !wanted || tx.send(Ok(event.clone())).is_ok()
         });
     }
@@ -468,7 +470,10 @@ impl ServiceRuntime for FakeRuntime {
         })
     }
 
-    fn service_events(&self, services: Vec<String>) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
+    fn service_events(
+        &self,
+        services: Vec<String>,
+    ) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
         let (tx, rx) = mpsc::unbounded_channel();
         match self.call(FakeOp::Events) {
             Ok(()) => self.inner.lock().service_streams.push((services, tx)),
