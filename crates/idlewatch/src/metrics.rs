@@ -3,7 +3,7 @@
 //! | Name | Kind | Meaning |
 //! |---|---|---|
 //! | `idlewatch_wakes_total` | counter | starts (or unpauses, or scale-ups) the watcher asked for |
-//! | `idlewatch_wake_duration_seconds` | histogram | from `starting` to `ready` or `error`; label `outcome` = `ready` \| `error` |
+//! | `idlewatch_wake_duration_seconds` | histogram | from `starting` to `ready` or `error` (starts seen from outside included); label `outcome` = `ready` \| `error` |
 //! | `idlewatch_stops_total` | counter | label `reason` = `idle` (the watcher stopped it) \| `external` (seen stopped from outside) |
 //! | `idlewatch_state` | gauge | 1 for the current state, 0 for the others; label `state` |
 //! | `idlewatch_waiters` | gauge | callers waiting for a wake |
