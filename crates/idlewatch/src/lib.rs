@@ -20,6 +20,10 @@
 //! - **Engine events keep the state true** when someone else starts or stops the workload; the
 //!   event stream reconnects with back-off and the status is re-read after each reconnect. At
 //!   start-up a running workload is adopted and its idle countdown begins.
+//! - **HTTP**: [`IdleLayer`] is a `tower` layer for any hyper / axum / httpserver-pool server:
+//!   ready requests go straight through; while asleep, HTML `GET`s get a loading page pushed
+//!   to ready by server-sent events, other requests are held (bounded by the wake time-out)
+//!   and get `503` + `Retry-After` + an RFC 7807 body on failure (see [`layer`]).
 //! - State on a `watch` channel ([`IdleWatcher::subscribe`]); [`Lifecycle`](pool_api::Lifecycle)
 //!   implemented (start and stop *watching*); metrics through the `metrics` facade (see
 //!   [`metrics`](crate::metrics) for the names).
@@ -77,6 +81,7 @@ pub mod activity;
 mod config;
 mod engine;
 mod error;
+pub mod layer;
 pub mod machine;
 pub mod metrics;
 mod watcher;
@@ -84,5 +89,6 @@ mod watcher;
 pub use activity::ActivityGuard;
 pub use config::{IdleConfig, Readiness, ReadinessCheck, STOP_MARGIN, StopMethod, Workload};
 pub use error::{IdleConfigError, WakeError};
+pub use layer::{IdleBody, IdleFuture, IdleLayer, IdleLayerOptions, IdleService};
 pub use machine::IdleState;
 pub use watcher::{IdleSnapshot, IdleWatcher};
