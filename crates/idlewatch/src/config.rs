@@ -109,6 +109,29 @@ impl Default for Readiness {
     }
 }
 
+/// When a dependency counts as up for its dependent's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyCondition {
+    /// The dependency is ready (healthy, by its own readiness check). The default.
+    #[default]
+    Healthy,
+    /// The dependency is running (its start went through), healthy or not yet.
+    Started,
+}
+
+/// A workload this one needs. Dependencies are declared within an
+/// [`IdleGroup`](crate::IdleGroup), which checks the graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dependency {
+    /// The dependency's workload name (another watcher of the same group).
+    pub workload: String,
+    /// What "up" means for this edge.
+    #[serde(default)]
+    pub condition: DependencyCondition,
+}
+
 /// One watcher's configuration.
 ///
 /// ```
@@ -143,6 +166,11 @@ pub struct IdleConfig {
     /// How "ready" is decided.
     #[serde(default)]
     pub readiness: Readiness,
+    /// Workloads that must be up before this one starts. Each stays up (its activity count
+    /// holds one unit per dependent that is not asleep) until its last dependent has stopped.
+    /// Only an [`IdleGroup`](crate::IdleGroup) can honour these.
+    #[serde(default)]
+    pub depends_on: Vec<Dependency>,
 }
 
 fn default_stop_timeout() -> Duration {
@@ -164,6 +192,7 @@ impl IdleConfig {
             stop_timeout: default_stop_timeout(),
             wake_timeout: default_wake_timeout(),
             readiness: Readiness::default(),
+            depends_on: Vec::new(),
         }
     }
 
@@ -226,6 +255,15 @@ impl IdleConfig {
                 "readiness.settle ({:?}) must be shorter than wake_timeout ({:?})",
                 r.settle, self.wake_timeout
             ));
+        }
+        let name = self.workload.name();
+        for (i, dependency) in self.depends_on.iter().enumerate() {
+            if dependency.workload == name {
+                problems.push(format!("depends_on: {name} depends on itself"));
+            }
+            if self.depends_on[..i].iter().any(|d| d.workload == dependency.workload) {
+                problems.push(format!("depends_on: {} is listed twice", dependency.workload));
+            }
         }
         if problems.is_empty() { Ok(()) } else { Err(IdleConfigError { problems }) }
     }

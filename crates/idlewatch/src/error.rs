@@ -39,6 +39,16 @@ pub enum WakeError {
         /// The workload's name.
         workload: String,
     },
+    /// A dependency did not come up.
+    #[error("{workload} could not start: its dependency {dependency} failed: {source}")]
+    Dependency {
+        /// The workload's name.
+        workload: String,
+        /// The dependency's name.
+        dependency: String,
+        /// What the dependency's wake answered.
+        source: Box<WakeError>,
+    },
     /// The engine does not know the workload (removed, or never created).
     #[error("{workload} does not exist")]
     NotFound {

@@ -24,6 +24,10 @@
 //!   ready requests go straight through; while asleep, HTML `GET`s get a loading page pushed
 //!   to ready by server-sent events, other requests are held (bounded by the wake time-out)
 //!   and get `503` + `Retry-After` + an RFC 7807 body on failure (see [`layer`]).
+//! - **Dependencies**: an [`IdleGroup`] checks the graph at construction (cycles rejected,
+//!   spelled out), wakes dependencies first (in parallel, single-flight, honouring "started" or
+//!   "healthy"), and reference-counts them: a shared dependency stops only after its last
+//!   dependent has stopped.
 //! - State on a `watch` channel ([`IdleWatcher::subscribe`]); [`Lifecycle`](pool_api::Lifecycle)
 //!   implemented (start and stop *watching*); metrics through the `metrics` facade (see
 //!   [`metrics`](crate::metrics) for the names).
@@ -81,14 +85,19 @@ pub mod activity;
 mod config;
 mod engine;
 mod error;
+mod graph;
+mod group;
 pub mod layer;
 pub mod machine;
 pub mod metrics;
 mod watcher;
 
 pub use activity::ActivityGuard;
-pub use config::{IdleConfig, Readiness, ReadinessCheck, STOP_MARGIN, StopMethod, Workload};
+pub use config::{
+    Dependency, DependencyCondition, IdleConfig, Readiness, ReadinessCheck, STOP_MARGIN, StopMethod, Workload,
+};
 pub use error::{IdleConfigError, WakeError};
+pub use group::IdleGroup;
 pub use layer::{IdleBody, IdleFuture, IdleLayer, IdleLayerOptions, IdleService};
 pub use machine::IdleState;
 pub use watcher::{IdleSnapshot, IdleWatcher};

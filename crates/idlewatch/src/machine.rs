@@ -109,7 +109,8 @@ impl EngineView {
         matches!(error, RuntimeError::NotFound { .. }).then_some(Self::Gone)
     }
 
-    fn is_up(self) -> bool {
+    /// True when running (any health).
+    pub fn is_up(self) -> bool {
         matches!(self, Self::Up(_))
     }
 
@@ -131,6 +132,8 @@ pub enum IdleInput {
     Idle,
     /// The start (or unpause, or scale-up) call returned.
     StartDone(Result<(), RuntimeError>),
+    /// A dependency did not come up; the start is off.
+    DependencyFailed(WakeError),
     /// The stop call returned and, if it succeeded, "not running" was confirmed.
     StopDone(Result<(), RuntimeError>),
     /// Activity arrived between the decision to stop and the stop call: the stop is off.
@@ -221,6 +224,11 @@ impl IdleMachine {
         self.attempt
     }
 
+    /// The engine's last view of the workload (`None` before the first).
+    pub fn engine(&self) -> Option<EngineView> {
+        self.engine
+    }
+
     /// True while a start call is in flight.
     pub fn start_in_flight(&self) -> bool {
         self.start_in_flight
@@ -268,6 +276,12 @@ impl IdleMachine {
                         Some(EngineView::Gone) => WakeError::NotFound { workload: self.name() },
                         _ => WakeError::Start { workload: self.name(), source },
                     };
+                    self.fail(error);
+                }
+            }
+            IdleInput::DependencyFailed(error) => {
+                self.start_in_flight = false;
+                if self.state == IdleState::Starting {
                     self.fail(error);
                 }
             }

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::activity::{ActivityGuard, Shared};
-use crate::config::{IdleConfig, ReadinessCheck};
+use crate::config::{DependencyCondition, IdleConfig, ReadinessCheck};
 use crate::engine::{Engine, News, benign, engine_for};
 use crate::error::{IdleConfigError, WakeError};
 use crate::machine::{EngineView, IdleAction, IdleInput, IdleMachine, IdleState, MachineConfig};
@@ -46,6 +46,8 @@ pub struct IdleSnapshot {
     pub state: IdleState,
     /// The wake attempt the state belongs to (grows by one per attempt).
     pub attempt: u64,
+    /// The engine's last word: the workload runs (healthy or not).
+    pub running: bool,
 }
 
 /// Watches one workload; see the [crate docs](crate). Cheap to clone: clones share the watcher.
@@ -74,6 +76,8 @@ struct Inner {
     metrics: WatchMetrics,
     /// Bumped when a start call returns; status reads that began earlier are stale.
     epoch: AtomicU64,
+    /// The watchers of the workloads this one depends on (set by an `IdleGroup`).
+    dependencies: Vec<(IdleWatcher, DependencyCondition)>,
 }
 
 struct Run {
@@ -101,15 +105,32 @@ enum Internal {
 impl IdleWatcher {
     /// A watcher for `config.workload` on `runtime`, not yet running: call
     /// [`Lifecycle::start`]. Fails with every problem of the configuration.
+    ///
+    /// A configuration with `depends_on` is refused: dependencies need an
+    /// [`IdleGroup`](crate::IdleGroup), which checks the graph and links the watchers.
     pub fn new<R>(config: IdleConfig, runtime: Arc<R>) -> Result<Self, IdleConfigError>
     where
         R: ContainerRuntime + ServiceRuntime,
     {
         config.validate()?;
+        if !config.depends_on.is_empty() {
+            let problem = format!("{}: depends_on needs an IdleGroup", config.workload.name());
+            return Err(IdleConfigError { problems: vec![problem] });
+        }
         let engine = engine_for(&config, runtime);
+        Ok(Self::build(config, engine, Vec::new()))
+    }
+
+    /// A watcher with these (already built) dependencies; the configuration is valid.
+    pub(crate) fn build(
+        config: IdleConfig,
+        engine: Arc<dyn Engine>,
+        dependencies: Vec<(IdleWatcher, DependencyCondition)>,
+    ) -> Self {
         let metrics = WatchMetrics::new(config.workload.name());
         metrics.set_state(&IdleState::Napping);
-        let (snapshot, _) = watch::channel(IdleSnapshot { state: IdleState::Napping, attempt: 0 });
+        let (snapshot, _) =
+            watch::channel(IdleSnapshot { state: IdleState::Napping, attempt: 0, running: false });
         let (lifecycle, _) = watch::channel(LifecycleState::Stopped);
         let inner = Inner {
             config,
@@ -120,8 +141,9 @@ impl IdleWatcher {
             run: Mutex::new(None),
             metrics,
             epoch: AtomicU64::new(0),
+            dependencies,
         };
-        Ok(Self { inner: Arc::new(inner) })
+        Self { inner: Arc::new(inner) }
     }
 
     /// The configuration.
@@ -158,6 +180,16 @@ impl IdleWatcher {
     /// time-out from the moment of the call. Concurrent calls share one wake; a caller that
     /// gives up (drops this future) does not stop it.
     pub async fn wake(&self) -> Result<(), WakeError> {
+        self.wait(false).await
+    }
+
+    /// Wakes the workload and waits until it runs (its start went through; healthy or not),
+    /// or fails; bounded like [`wake`](Self::wake).
+    pub async fn wake_started(&self) -> Result<(), WakeError> {
+        self.wait(true).await
+    }
+
+    async fn wait(&self, started_is_enough: bool) -> Result<(), WakeError> {
         if self.is_ready() {
             return Ok(());
         }
@@ -176,6 +208,7 @@ impl IdleWatcher {
                     let snapshot = states.borrow_and_update();
                     match &snapshot.state {
                         IdleState::Ready => return Ok(()),
+                        IdleState::Starting if started_is_enough && snapshot.running => return Ok(()),
                         IdleState::Error(error) if snapshot.attempt >= attempt => return Err(error.clone()),
                         _ => {}
                     }
@@ -265,6 +298,8 @@ struct Driver {
     poll: Option<JoinHandle<()>>,
     probe: Option<JoinHandle<()>>,
     starting_since: Option<Instant>,
+    /// One unit of activity on each dependency while this workload is not asleep.
+    dependency_guards: Vec<ActivityGuard>,
 }
 
 impl Driver {
@@ -288,6 +323,7 @@ impl Driver {
             poll: None,
             probe: None,
             starting_since: None,
+            dependency_guards: Vec::new(),
         };
         driver.feed(IdleInput::Observed(first));
         driver
@@ -329,10 +365,11 @@ impl Driver {
         }
         self.events.abort();
         self.stop_polling();
+        self.dependency_guards.clear();
         let state = IdleState::Error(WakeError::NotWatching { workload: self.name().to_owned() });
         self.inner.shared.ready.store(false, Ordering::SeqCst);
         self.inner.metrics.set_state(&state);
-        self.inner.snapshot.send_replace(IdleSnapshot { state, attempt: u64::MAX });
+        self.inner.snapshot.send_replace(IdleSnapshot { state, attempt: u64::MAX, running: false });
     }
 
     fn name(&self) -> &str {
@@ -366,11 +403,13 @@ impl Driver {
     fn publish(&mut self, before: &IdleState) {
         let state = self.machine.state().clone();
         let attempt = self.machine.attempt();
+        let running = self.machine.engine().is_some_and(EngineView::is_up);
         self.inner.shared.ready.store(state == IdleState::Ready, Ordering::SeqCst);
+        self.hold_dependencies(&state, running);
         let changed = self.inner.snapshot.send_if_modified(|s| {
-            let changed = s.state != state || s.attempt != attempt;
+            let changed = s.state != state || s.attempt != attempt || s.running != running;
             if changed {
-                *s = IdleSnapshot { state: state.clone(), attempt };
+                *s = IdleSnapshot { state: state.clone(), attempt, running };
             }
             changed
         });
@@ -407,14 +446,42 @@ impl Driver {
         tracing::debug!(workload = self.name(), state = state.name(), attempt, "idlewatch state");
     }
 
+    /// Holds one unit of activity on every dependency while this workload is not asleep (and
+    /// wakes them when it takes the units: a workload found running needs them too); lets go
+    /// once it is asleep, so a shared dependency stops only after its last dependent.
+    fn hold_dependencies(&mut self, state: &IdleState, running: bool) {
+        let asleep = match state {
+            IdleState::Napping => true,
+            IdleState::Error(_) => !running,
+            _ => false,
+        };
+        if asleep {
+            self.dependency_guards.clear();
+        } else if self.dependency_guards.is_empty() && !self.inner.dependencies.is_empty() {
+            for (dependency, _) in &self.inner.dependencies {
+                self.dependency_guards.push(dependency.activity());
+                let dependency = dependency.clone();
+                tokio::spawn(async move { dependency.wake().await });
+            }
+        }
+    }
+
     fn start(&mut self, unpause: bool) {
         self.inner.metrics.wakes.increment(1);
         let inner = Arc::clone(&self.inner);
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let timeout = inner.config.wake_timeout;
-            let result = match tokio::time::timeout(timeout, inner.engine.start(unpause)).await {
-                Ok(result) => benign(result),
+            let start = async {
+                wake_dependencies(&inner).await?;
+                Ok(inner.engine.start(unpause).await)
+            };
+            let result = match tokio::time::timeout(timeout, start).await {
+                Ok(Err(dependency_failed)) => {
+                    let _ = tx.send(Internal::Input(IdleInput::DependencyFailed(dependency_failed)));
+                    return;
+                }
+                Ok(Ok(result)) => benign(result),
                 Err(_) => Err(RuntimeError::Timeout {
                     operation: if unpause { "unpause" } else { "start" },
                     id: inner.config.workload.name().to_owned(),
@@ -517,6 +584,23 @@ async fn sleep_until(deadline: Option<Instant>) {
     if let Some(deadline) = deadline {
         tokio::time::sleep_until(deadline).await;
     }
+}
+
+/// Wakes every dependency in parallel (each by its condition); the first failure, as this
+/// workload's error.
+async fn wake_dependencies(inner: &Inner) -> Result<(), WakeError> {
+    let waits = inner.dependencies.iter().map(|(dependency, condition)| async move {
+        let result = match condition {
+            DependencyCondition::Healthy => dependency.wake().await,
+            DependencyCondition::Started => dependency.wake_started().await,
+        };
+        result.map_err(|source| WakeError::Dependency {
+            workload: inner.config.workload.name().to_owned(),
+            dependency: dependency.config().workload.name().to_owned(),
+            source: Box::new(source),
+        })
+    });
+    futures_util::future::join_all(waits).await.into_iter().collect()
 }
 
 /// Reads the status and sends it to the driver, tagged with the epoch the read began in.

@@ -220,3 +220,45 @@ async fn a_swarm_service_scales_to_zero_on_idle_and_back_on_a_request() {
     drop(service);
     drop(swarm);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_dependency_stays_up_while_one_dependent_still_runs() {
+    use idlewatch::{Dependency, DependencyCondition, IdleGroup};
+
+    let Some(engine) = docker::engine().await else { return };
+    docker::cleanup_leftovers(&engine).await;
+    let runtime = Arc::new(DockerRuntime::new(engine.clone()));
+    let db = TestContainer::builder("idle-db").start(false).create(&engine).await.expect("db");
+    let a = TestContainer::builder("idle-app-a").start(false).create(&engine).await.expect("a");
+    let b = TestContainer::builder("idle-app-b").start(false).create(&engine).await.expect("b");
+    let needs_db = |name: &str, idle: Duration| {
+        let mut config = config(name);
+        config.idle_timeout = idle;
+        config.depends_on =
+            vec![Dependency { workload: db.name().to_owned(), condition: DependencyCondition::Healthy }];
+        config
+    };
+    let mut db_config = config(db.name());
+    db_config.idle_timeout = Duration::from_secs(1);
+    let configs = vec![
+        needs_db(a.name(), Duration::from_secs(1)),
+        needs_db(b.name(), Duration::from_secs(600)),
+        db_config,
+    ];
+    let group = IdleGroup::new(configs, runtime.clone()).unwrap();
+    group.start().await.unwrap();
+    let (wa, wb) = (group.get(a.name()).unwrap(), group.get(b.name()).unwrap());
+    let (ra, rb) = tokio::join!(wa.wake(), wb.wake());
+    ra.expect("a woke");
+    rb.expect("b woke");
+    assert!(runtime.status(db.name()).await.unwrap().is_ready(), "db woken first, healthy");
+    until("a stopped", Duration::from_secs(20), async || {
+        !engine_state(&runtime, a.name()).await.is_running()
+    })
+    .await;
+    // db's own idle time-out (1 s) passes several times over: b still needs it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(engine_state(&runtime, db.name()).await, ContainerState::Running, "db stays up for b");
+    assert_eq!(engine_state(&runtime, b.name()).await, ContainerState::Running);
+    group.stop().await.unwrap();
+}

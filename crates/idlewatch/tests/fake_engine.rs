@@ -356,3 +356,82 @@ async fn metrics_count_wakes_stops_and_states() {
     assert_eq!(find("idlewatch_state", Some(("state", "ready"))), &DebugValue::Gauge(0.0.into()));
     assert_eq!(find("idlewatch_waiters", None), &DebugValue::Gauge(0.0.into()));
 }
+
+fn dependent(name: &str, idle: Duration, deps: &[(&str, idlewatch::DependencyCondition)]) -> IdleConfig {
+    let mut config = IdleConfig::new(Workload::Container(name.into()), idle);
+    config.wake_timeout = Duration::from_secs(20);
+    config.depends_on = deps
+        .iter()
+        .map(|(d, condition)| idlewatch::Dependency { workload: (*d).into(), condition: *condition })
+        .collect();
+    config
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_dependency_starts_first_once_and_stops_after_its_last_dependent() {
+    use idlewatch::DependencyCondition::{Healthy, Started};
+
+    let engine = Arc::new(FakeRuntime::new());
+    engine.add_container("db", FakeHealth::HealthyAfter(Duration::from_secs(2)));
+    engine.add_container("a", FakeHealth::NoCheck);
+    engine.add_container("b", FakeHealth::NoCheck);
+    let configs = vec![
+        dependent("a", Duration::from_secs(30), &[("db", Healthy)]),
+        dependent("b", Duration::from_secs(90), &[("db", Started)]),
+        dependent("db", Duration::from_secs(10), &[]),
+    ];
+    let group = idlewatch::IdleGroup::new(configs, engine.clone()).unwrap();
+    group.start().await.unwrap();
+    let (a, b, db) = (group.get("a").unwrap(), group.get("b").unwrap(), group.get("db").unwrap());
+    let begun = Instant::now();
+    let (ra, rb) = tokio::join!(a.wake(), b.wake());
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(begun.elapsed(), Duration::from_secs(2), "a waited for db to be healthy");
+    assert_eq!(engine.calls(FakeOp::Start), 3, "db started once for both");
+    assert!(db.is_ready());
+    assert_eq!(db.active(), 2, "one unit per awake dependent");
+    // a sleeps after 30 s; b still runs, so db stays up well past its own 10 s.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    settle().await;
+    assert_eq!(state(a), IdleState::Napping);
+    assert!(db.is_ready() && b.is_ready());
+    assert_eq!(db.active(), 1);
+    // b sleeps at 92 s; db follows 10 s later.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    settle().await;
+    assert_eq!(state(b), IdleState::Napping);
+    assert!(db.is_ready(), "db counts down only now");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    settle().await;
+    assert_eq!(state(db), IdleState::Napping);
+    group.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_dependency_fails_its_dependent_and_cycles_are_refused() {
+    use idlewatch::DependencyCondition::Healthy;
+
+    let engine = Arc::new(FakeRuntime::new());
+    engine.add_container("db", FakeHealth::NeverHealthy(Duration::from_secs(1)));
+    engine.add_container("app", FakeHealth::NoCheck);
+    let mut db = dependent("db", IDLE, &[]);
+    db.wake_timeout = Duration::from_secs(3);
+    let group =
+        idlewatch::IdleGroup::new(vec![dependent("app", IDLE, &[("db", Healthy)]), db], engine.clone())
+            .unwrap();
+    group.start().await.unwrap();
+    let error = group.get("app").unwrap().wake().await.unwrap_err();
+    assert!(matches!(&error, WakeError::Dependency { dependency, .. } if dependency == "db"), "{error:?}");
+    assert_eq!(engine.state("app"), Some(ContainerState::Exited { code: Some(0) }), "app never started");
+
+    let cycle = vec![
+        dependent("x", IDLE, &[("y", Healthy)]),
+        dependent("y", IDLE, &[("x", Healthy)]),
+        dependent("z", Duration::ZERO, &[]),
+    ];
+    let problems = idlewatch::IdleGroup::new(cycle, engine.clone()).unwrap_err().problems;
+    assert_eq!(problems, ["z: idle_timeout must be greater than zero", "dependency cycle: x → y → x"]);
+    let standalone = IdleWatcher::new(dependent("app", IDLE, &[("db", Healthy)]), engine);
+    assert!(standalone.is_err(), "dependencies need a group");
+}

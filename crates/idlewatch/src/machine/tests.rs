@@ -194,6 +194,7 @@ fn input() -> impl Strategy<Value = (u64, IdleInput)> {
         Just(IdleInput::Idle),
         Just(IdleInput::StartDone(Ok(()))),
         Just(IdleInput::StartDone(Err(err()))),
+        Just(IdleInput::DependencyFailed(WakeError::NotWatching { workload: "db".into() })),
         Just(IdleInput::StopDone(Ok(()))),
         Just(IdleInput::StopDone(Err(err()))),
         Just(IdleInput::StopAborted),
@@ -225,7 +226,7 @@ proptest! {
                 }
             }
             let was_busy = matches!(input, IdleInput::Busy) || m.busy;
-            let is_start_done = matches!(input, IdleInput::StartDone(_));
+            let is_start_done = matches!(input, IdleInput::StartDone(_) | IdleInput::DependencyFailed(_));
             // A StartDone the machine did not ask for is not something the driver sends.
             if is_start_done && starts_in_flight == 0 { continue; }
             let before = (m.state().clone(), m.attempt());
