@@ -24,6 +24,8 @@
 //!   ready requests go straight through; while asleep, HTML `GET`s get a loading page pushed
 //!   to ready by server-sent events, other requests are held (bounded by the wake time-out)
 //!   and get `503` + `Retry-After` + an RFC 7807 body on failure (see [`layer`]).
+//! - **TCP**: [`tcp::splice`] holds a new connection until the workload is ready, then
+//!   splices it; the open stream counts as activity.
 //! - **Dependencies**: an [`IdleGroup`] checks the graph at construction (cycles rejected,
 //!   spelled out), wakes dependencies first (in parallel, single-flight, honouring "started" or
 //!   "healthy"), and reference-counts them: a shared dependency stops only after its last
@@ -90,6 +92,7 @@ mod group;
 pub mod layer;
 pub mod machine;
 pub mod metrics;
+pub mod tcp;
 mod watcher;
 
 pub use activity::ActivityGuard;
