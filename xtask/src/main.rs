@@ -107,7 +107,10 @@ fn ci() -> Result<(), String> {
 
 /// The loom models: small, so they stay in `ci` as well as `race`.
 fn race_loom() -> Result<(), String> {
-    let mut c = with_args(cargo(), &["test", "-p", "pool-core", "--lib", "--release", "--", "loom_"]);
+    let mut c = with_args(
+        cargo(),
+        &["test", "-p", "pool-core", "-p", "idlewatch", "--lib", "--release", "--", "loom_"],
+    );
     c.env("RUSTFLAGS", "--cfg agentpool_loom")
         .env("CARGO_TARGET_DIR", root().join("target").join("loom"))
         .env("LOOM_MAX_PREEMPTIONS", "3");

@@ -78,6 +78,18 @@ pub enum ReadinessCheck {
         /// Where to connect.
         address: String,
     },
+    /// An HTTP/1.1 `GET` of `url` (`http://host:port/path`) answers `expected_status`.
+    Http {
+        /// What to fetch (plain `http`).
+        url: String,
+        /// The status that means ready. Default 200.
+        #[serde(default = "default_expected_status")]
+        expected_status: u16,
+    },
+}
+
+fn default_expected_status() -> u16 {
+    200
 }
 
 /// Readiness: the check, a settling delay, and the polling back-off.
@@ -89,7 +101,7 @@ pub struct Readiness {
     /// Extra time after the check passed before the workload counts as ready. Default 0.
     #[serde(with = "humantime_serde")]
     pub settle: Duration,
-    /// First delay of the polling (the TCP connects, and the status re-reads behind the
+    /// First delay of the polling (the TCP connects or HTTP probes, and the status re-reads behind the
     /// engine's events). Doubles up to `poll_max`. Default 50 ms.
     #[serde(with = "humantime_serde")]
     pub poll_min: Duration,
@@ -241,6 +253,18 @@ impl IdleConfig {
                 problems.push(format!("readiness.address {address:?} is not host:port"));
             }
         }
+        if let ReadinessCheck::Http { url, expected_status } = &r.check {
+            let uri = url.parse::<http::Uri>();
+            let valid = uri.as_ref().is_ok_and(|u| {
+                u.scheme_str() == Some("http") && u.authority().is_some_and(|a| a.port_u16().is_some())
+            });
+            if !valid {
+                problems.push(format!("readiness.url {url:?} is not http://host:port/path"));
+            }
+            if !(100..=599).contains(expected_status) {
+                problems.push(format!("readiness.expected_status {expected_status} is not an HTTP status"));
+            }
+        }
         if r.poll_min.is_zero() {
             problems.push("readiness.poll_min must be greater than zero".to_owned());
         }
@@ -307,6 +331,22 @@ mod tests {
             assert!(problems.iter().any(|p| p.contains(needle)), "{needle:?} missing from {problems:#?}");
         }
         assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn an_http_check_needs_an_http_url_with_a_port_and_a_real_status() {
+        let mut config = IdleConfig::new(Workload::Container("web".into()), Duration::from_secs(1));
+        config.readiness.check =
+            ReadinessCheck::Http { url: "https://web/health".into(), expected_status: 99 };
+        let problems = config.validate().unwrap_err().problems;
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].contains("readiness.url") && problems[1].contains("expected_status 99"));
+        config.readiness.check =
+            ReadinessCheck::Http { url: "http://web:8080/health".into(), expected_status: 204 };
+        config.validate().unwrap();
+        let parsed: Readiness =
+            serde_json::from_str(r#"{"check": {"kind": "http", "url": "http://web:80/"}}"#).unwrap();
+        assert_eq!(parsed.check, ReadinessCheck::Http { url: "http://web:80/".into(), expected_status: 200 });
     }
 
     #[test]

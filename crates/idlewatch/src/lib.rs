@@ -92,6 +92,8 @@ mod group;
 pub mod layer;
 pub mod machine;
 pub mod metrics;
+mod probe;
+mod sync;
 pub mod tcp;
 mod watcher;
 

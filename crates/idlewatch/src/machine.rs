@@ -444,3 +444,57 @@ impl IdleMachine {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(all(test, agentpool_loom))]
+mod loom_wake {
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    use super::*;
+
+    /// The driver applies inputs one at a time; whatever the interleaving of two wake
+    /// requests with the start's completion and the engine's report, exactly one start is
+    /// asked for and the workload ends ready.
+    #[test]
+    fn loom_concurrent_wakes_start_once() {
+        loom::model(|| {
+            let now = Instant::now();
+            let config = MachineConfig {
+                workload: "web".into(),
+                idle_timeout: Duration::from_secs(60),
+                wake_timeout: Duration::from_secs(10),
+                settle: Duration::ZERO,
+                probe: false,
+            };
+            let mut machine = IdleMachine::new(config, now);
+            machine.on_event(now, IdleInput::Observed(EngineView::Down));
+            let machine = Arc::new(Mutex::new(machine));
+            let starts = Arc::new(Mutex::new(0u32));
+            let wakers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (machine, starts) = (Arc::clone(&machine), Arc::clone(&starts));
+                    thread::spawn(move || {
+                        let actions = machine.lock().unwrap().on_event(now, IdleInput::Wake);
+                        let n = actions.iter().filter(|a| matches!(a, IdleAction::Start { .. })).count();
+                        *starts.lock().unwrap() += n as u32;
+                    })
+                })
+                .collect();
+            // The engine side: once a start was asked for, it completes and reports healthy.
+            loop {
+                if *starts.lock().unwrap() > 0 {
+                    let mut m = machine.lock().unwrap();
+                    m.on_event(now, IdleInput::StartDone(Ok(())));
+                    m.on_event(now, IdleInput::Observed(EngineView::Up(ContainerHealth::Healthy)));
+                    break;
+                }
+                thread::yield_now();
+            }
+            for waker in wakers {
+                waker.join().unwrap();
+            }
+            assert_eq!(*starts.lock().unwrap(), 1);
+            assert_eq!(machine.lock().unwrap().state(), &IdleState::Ready);
+        });
+    }
+}

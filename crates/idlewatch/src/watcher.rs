@@ -35,6 +35,7 @@ use crate::engine::{Engine, News, benign, engine_for};
 use crate::error::{IdleConfigError, WakeError};
 use crate::machine::{EngineView, IdleAction, IdleInput, IdleMachine, IdleState, MachineConfig};
 use crate::metrics::{WaiterGauge, WatchMetrics};
+use crate::probe;
 
 /// An event stream that stayed open this long resets the reconnect back-off.
 const STABLE_STREAM: Duration = Duration::from_secs(5);
@@ -310,7 +311,7 @@ impl Driver {
             idle_timeout: config.idle_timeout,
             wake_timeout: config.wake_timeout,
             settle: config.readiness.settle,
-            probe: matches!(config.readiness.check, ReadinessCheck::Tcp { .. }),
+            probe: !matches!(config.readiness.check, ReadinessCheck::Engine),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let events = tokio::spawn(watch_events(Arc::clone(&inner), tx.clone()));
@@ -367,7 +368,7 @@ impl Driver {
         self.stop_polling();
         self.dependency_guards.clear();
         let state = IdleState::Error(WakeError::NotWatching { workload: self.name().to_owned() });
-        self.inner.shared.ready.store(false, Ordering::SeqCst);
+        self.inner.shared.set_ready(false);
         self.inner.metrics.set_state(&state);
         self.inner.snapshot.send_replace(IdleSnapshot { state, attempt: u64::MAX, running: false });
     }
@@ -388,10 +389,10 @@ impl Driver {
                     IdleAction::Stop => {
                         // `Stopping` is published (SeqCst) before the count is read: a request
                         // that entered after this read sees "not ready" and waits for a wake.
-                        if self.inner.shared.active() > 0 {
-                            pending.push(IdleInput::StopAborted);
-                        } else {
+                        if self.inner.shared.may_stop() {
                             self.stop();
+                        } else {
+                            pending.push(IdleInput::StopAborted);
                         }
                     }
                     IdleAction::Probe => self.probe(),
@@ -404,7 +405,7 @@ impl Driver {
         let state = self.machine.state().clone();
         let attempt = self.machine.attempt();
         let running = self.machine.engine().is_some_and(EngineView::is_up);
-        self.inner.shared.ready.store(state == IdleState::Ready, Ordering::SeqCst);
+        self.inner.shared.set_ready(state == IdleState::Ready);
         self.hold_dependencies(&state, running);
         let changed = self.inner.snapshot.send_if_modified(|s| {
             let changed = s.state != state || s.attempt != attempt || s.running != running;
@@ -541,9 +542,9 @@ impl Driver {
         }
     }
 
-    /// Connects to the readiness address with back-off until a connect succeeds.
+    /// Runs the readiness probe with back-off until it passes.
     fn probe(&mut self) {
-        let ReadinessCheck::Tcp { address } = self.inner.config.readiness.check.clone() else { return };
+        let check = self.inner.config.readiness.check.clone();
         let inner = Arc::clone(&self.inner);
         let tx = self.tx.clone();
         if let Some(task) = self.probe.take() {
@@ -553,8 +554,7 @@ impl Driver {
             let mut delays = poll_delays(&inner.config);
             let attempt_limit = inner.config.readiness.poll_max;
             loop {
-                let connect = tokio::net::TcpStream::connect(address.as_str());
-                if let Ok(Ok(_stream)) = tokio::time::timeout(attempt_limit, connect).await {
+                if tokio::time::timeout(attempt_limit, probe::passes(&check)).await.unwrap_or(false) {
                     let _ = tx.send(Internal::Input(IdleInput::ProbePassed));
                     return;
                 }

@@ -92,26 +92,39 @@ async fn fifty_concurrent_requests_cause_exactly_one_start() {
             let w = watcher.clone();
             tokio::spawn(async move {
                 let _activity = w.activity();
-                w.wake().await
+                w.wake().await.map(|()| std::time::SystemTime::now())
             })
         })
         .collect();
+    let mut last_released = std::time::SystemTime::UNIX_EPOCH;
     for request in requests {
-        request.await.unwrap().expect("every request answered");
+        last_released = last_released.max(request.await.unwrap().expect("every request answered"));
     }
     assert!(runtime.status(container.name()).await.unwrap().is_ready());
     // Count the engine's start events: give stragglers a moment to arrive.
     let mut starts = 0;
+    let mut healthy_at = None;
     let counted = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(event) = events.next().await {
-            if event.expect("event").kind == ContainerEventKind::Start {
-                starts += 1;
+            let event = event.expect("event");
+            match event.kind {
+                ContainerEventKind::Start => starts += 1,
+                ContainerEventKind::Health(pool_api::ContainerHealth::Healthy) if healthy_at.is_none() => {
+                    healthy_at = Some(event.time);
+                }
+                _ => {}
             }
         }
     })
     .await;
     assert!(counted.is_err(), "the event stream stays open");
     assert_eq!(starts, 1, "exactly one start");
+    // Wake detection on the real engine: the engine's healthy event (its own time stamp) to
+    // the last of the 50 waiters released.
+    let healthy_at = healthy_at.expect("a healthy event");
+    let detection = last_released.duration_since(healthy_at).unwrap_or_default();
+    eprintln!("wake detection (engine healthy event → 50 waiters released): {detection:?}");
+    assert!(detection <= Duration::from_millis(250), "{detection:?}");
     watcher.stop().await.unwrap();
 }
 

@@ -76,3 +76,41 @@ async fn a_failed_wake_closes_the_connection_with_the_error() {
     assert!(error.to_string().contains("not ready within 300ms"), "{error}");
     assert_eq!(watcher.active(), 0);
 }
+
+/// A server that answers `503` to its first `failures` requests, then `200`.
+async fn flaky_http(failures: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let status = if n < failures { "503 Service Unavailable" } else { "200 OK" };
+            let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    (address, served)
+}
+
+#[tokio::test]
+async fn http_readiness_waits_for_the_expected_status() {
+    let engine = Arc::new(FakeRuntime::new());
+    engine.add_container("http-app", FakeHealth::NoCheck);
+    let (address, served) = flaky_http(3).await;
+    let mut config = IdleConfig::new(Workload::Container("http-app".into()), Duration::from_secs(60));
+    config.readiness.check =
+        idlewatch::ReadinessCheck::Http { url: format!("http://{address}/healthz"), expected_status: 200 };
+    config.validate().unwrap();
+    let watcher = IdleWatcher::new(config, engine).unwrap();
+    watcher.start().await.unwrap();
+    let begun = tokio::time::Instant::now();
+    watcher.wake().await.unwrap();
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 4, "three 503s, then the 200");
+    // Polled from 50 ms, doubling: 50 + 100 + 200 ms of back-off.
+    assert!(begun.elapsed() >= Duration::from_millis(350), "{:?}", begun.elapsed());
+    assert!(begun.elapsed() < Duration::from_secs(2), "{:?}", begun.elapsed());
+}

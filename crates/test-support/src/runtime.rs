@@ -142,6 +142,18 @@ impl FakeRuntime {
         }
     }
 
+    /// Sets a running container's health now and pushes the `health_status` event, as the
+    /// engine does when a check result flips it. No effect on a container that is not running.
+    pub fn set_container_health(&self, name: &str, health: ContainerHealth) {
+        let mut inner = self.inner.lock();
+        let Some(c) = inner.containers.get_mut(name) else { return };
+        if !c.state.is_running() {
+            return;
+        }
+        c.health = health;
+        inner.emit(name, ContainerEventKind::Health(health));
+    }
+
     /// Makes every call of `op` fail with `error` until [`clear_failure`](Self::clear_failure).
     pub fn fail(&self, op: FakeOp, error: RuntimeError) {
         self.inner.lock().failures.insert(op, error);
@@ -549,6 +561,8 @@ mod tests {
         assert!(matches!(events.next().await, Some(Err(RuntimeError::Unreachable { .. }))));
         assert!(events.next().await.is_none());
         assert_eq!(fake.calls(FakeOp::Start), 2);
+        fake.set_container_health("web", ContainerHealth::Unhealthy);
+        assert_eq!(fake.status("web").await.unwrap().health, ContainerHealth::Unhealthy);
     }
 
     #[tokio::test(start_paused = true)]
