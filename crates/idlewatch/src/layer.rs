@@ -6,6 +6,10 @@
 //! 1. An [`ActivityGuard`] is taken, *then* the ready flag is read (the order that closes the
 //!    race with an idle stop). The guard lives in the response body, so a long download counts
 //!    until its last byte is sent or the body is dropped.
+//!    A request that asks for a protocol upgrade (it carries an `Upgrade` header) also gets an
+//!    [`UpgradeActivity`] in its extensions: the service that splices the upgraded connection
+//!    (a websocket) takes [`UpgradeActivity::hold`] for the connection's life, since the
+//!    response body — and the request's own guard — end with the `101`.
 //! 2. **Ready** → straight to the inner service. This path reads one atomic, adds one to the
 //!    activity count (plus the guard's reference count) and allocates nothing: the future and
 //!    the body are enums, not boxes.
@@ -41,6 +45,21 @@ use tower::{Layer, Service};
 use crate::activity::ActivityGuard;
 use crate::machine::IdleState;
 use crate::watcher::{IdleSnapshot, IdleWatcher};
+
+/// Put in the extensions of a request that asks for a protocol upgrade: the upgraded
+/// connection's task holds [`hold`](Self::hold)'s guard for as long as the connection is open,
+/// so an open websocket keeps the workload up.
+#[derive(Clone, Debug)]
+pub struct UpgradeActivity {
+    watcher: IdleWatcher,
+}
+
+impl UpgradeActivity {
+    /// One unit of activity until the guard is dropped.
+    pub fn hold(&self) -> ActivityGuard {
+        self.watcher.activity()
+    }
+}
 
 /// How the layer treats requests while the workload is not ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,8 +253,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         let guard = self.watcher.activity();
+        if request.headers().contains_key(header::UPGRADE) {
+            request.extensions_mut().insert(UpgradeActivity { watcher: self.watcher.clone() });
+        }
         if self.watcher.is_ready() {
             let kind = FutureKind::Ready { future: self.inner.call(request), guard: Some(guard) };
             return IdleFuture { kind };

@@ -103,6 +103,6 @@ pub use config::{
 };
 pub use error::{IdleConfigError, WakeError};
 pub use group::IdleGroup;
-pub use layer::{IdleBody, IdleFuture, IdleLayer, IdleLayerOptions, IdleService};
+pub use layer::{IdleBody, IdleFuture, IdleLayer, IdleLayerOptions, IdleService, UpgradeActivity};
 pub use machine::IdleState;
 pub use watcher::{IdleSnapshot, IdleWatcher};

@@ -137,3 +137,41 @@ async fn only_wake_paths_wake_and_the_loading_page_can_be_off() {
     assert_eq!(text(held.into_body()).await, "app /start/here", "held, not a loading page");
     assert_eq!(engine.calls(FakeOp::Start), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_upgraded_connection_keeps_the_workload_up_through_its_extension() {
+    let (engine, watcher) = setup(FakeHealth::NoCheck).await;
+    watcher.wake().await.unwrap();
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The app answers 101 and keeps the upgraded connection's activity, as a websocket splice would.
+    let upgrade_app = service_fn(move |request: Request<()>| {
+        let held_tx = held_tx.clone();
+        async move {
+            let activity = request.extensions().get::<idlewatch::UpgradeActivity>().expect("upgrade handle");
+            held_tx.send(activity.hold()).unwrap();
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let service = IdleLayer::new(watcher.clone(), IdleLayerOptions::default()).layer(upgrade_app);
+    let request = Request::builder()
+        .uri("/socket")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .body(())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    drop(response);
+    let websocket = held_rx.recv().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(watcher.is_ready(), "an open websocket keeps it up");
+    drop(websocket);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!watcher.is_ready());
+    assert_eq!(engine.calls(FakeOp::Stop), 1);
+}
