@@ -126,10 +126,13 @@ pub enum IdleInput {
     Observed(EngineView),
     /// Someone wants the workload awake.
     Wake,
-    /// The activity count went from zero to more.
+    /// The activity count is above zero.
     Busy,
-    /// The activity count went back to zero.
-    Idle,
+    /// The activity count is zero, and has been since `since`.
+    Idle {
+        /// When it last became zero.
+        since: Instant,
+    },
     /// The start (or unpause, or scale-up) call returned.
     StartDone(Result<(), RuntimeError>),
     /// A dependency did not come up; the start is off.
@@ -224,6 +227,11 @@ impl IdleMachine {
         self.attempt
     }
 
+    /// True while the machine believes the activity count is above zero (no idle countdown).
+    pub fn is_busy(&self) -> bool {
+        self.busy
+    }
+
     /// The engine's last view of the workload (`None` before the first).
     pub fn engine(&self) -> Option<EngineView> {
         self.engine
@@ -263,9 +271,9 @@ impl IdleMachine {
                 IdleState::Starting | IdleState::Ready => {}
             },
             IdleInput::Busy => self.busy = true,
-            IdleInput::Idle => {
+            IdleInput::Idle { since } => {
                 self.busy = false;
-                self.idle_since = now;
+                self.idle_since = self.idle_since.max(since.min(now));
             }
             IdleInput::StartDone(result) => {
                 self.start_in_flight = false;

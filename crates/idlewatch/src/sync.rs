@@ -5,10 +5,10 @@
 //! crates alone (the global `cfg(loom)` would switch tokio too).
 
 #[cfg(not(agentpool_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 #[cfg(agentpool_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// Marks a `SeqCst` write followed by a `SeqCst` read of another location, where correctness
 /// rests on both being in the single total order of `SeqCst` operations (a Dekker pair).

@@ -136,7 +136,7 @@ impl IdleWatcher {
         let inner = Inner {
             config,
             engine,
-            shared: Arc::default(),
+            shared: Arc::new(Shared::new()),
             snapshot,
             lifecycle,
             run: Mutex::new(None),
@@ -336,6 +336,10 @@ impl Driver {
         mut shutdown: oneshot::Receiver<()>,
     ) {
         loop {
+            // Busy: be woken when the count drops to zero (or learn that it already did).
+            if self.machine.is_busy() && !self.inner.shared.is_armed() && self.inner.shared.arm() {
+                self.feed(IdleInput::Idle { since: self.inner.shared.last_release() });
+            }
             let deadline = self.machine.next_deadline();
             let inner = Arc::clone(&self.inner);
             tokio::select! {
@@ -357,11 +361,12 @@ impl Driver {
                         }
                     }
                 },
-                () = inner.shared.idle.notified() => {
-                    let input = if self.inner.shared.active() == 0 { IdleInput::Idle } else { IdleInput::Busy };
-                    self.feed(input);
+                () = inner.shared.idle.notified() => self.feed(self.activity_input()),
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    // Traffic that came and went since the countdown began moves it on.
+                    self.feed(self.activity_input());
+                    self.feed(IdleInput::Tick);
                 }
-                () = sleep_until(deadline), if deadline.is_some() => self.feed(IdleInput::Tick),
             }
         }
         self.events.abort();
@@ -375,6 +380,12 @@ impl Driver {
 
     fn name(&self) -> &str {
         self.inner.config.workload.name()
+    }
+
+    /// The activity count, as the machine's input.
+    fn activity_input(&self) -> IdleInput {
+        let shared = &self.inner.shared;
+        if shared.active() == 0 { IdleInput::Idle { since: shared.last_release() } } else { IdleInput::Busy }
     }
 
     fn feed(&mut self, input: IdleInput) {

@@ -435,3 +435,23 @@ async fn a_failed_dependency_fails_its_dependent_and_cycles_are_refused() {
     let standalone = IdleWatcher::new(dependent("app", IDLE, &[("db", Healthy)]), engine);
     assert!(standalone.is_err(), "dependencies need a group");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_countdown_restarts_from_the_end_of_the_last_request() {
+    let engine = Arc::new(FakeRuntime::new());
+    engine.add_container("web", FakeHealth::NoCheck);
+    let watcher = watching(&engine, container("web")).await;
+    watcher.wake().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let request = watcher.activity();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    drop(request);
+    // 60 s after the wake, but only 10 s after the request ended: still up.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    settle().await;
+    assert!(watcher.is_ready());
+    // 60 s after the request ended: asleep.
+    tokio::time::sleep(Duration::from_secs(46)).await;
+    settle().await;
+    assert_eq!(state(&watcher), IdleState::Napping);
+}

@@ -65,7 +65,7 @@ fn the_idle_countdown_runs_only_while_nothing_is_active() {
     m.on_event(t + secs(1), IdleInput::Busy);
     assert_eq!(m.next_deadline(), None, "a ten-minute download keeps it up");
     assert!(m.on_event(t + secs(600), IdleInput::Tick).is_empty());
-    m.on_event(t + secs(600), IdleInput::Idle);
+    m.on_event(t + secs(600), IdleInput::Idle { since: t + secs(600) });
     assert_eq!(m.next_deadline(), Some(t + secs(600) + IDLE));
     assert_eq!(m.on_event(t + secs(660), IdleInput::Tick), [IdleAction::Stop]);
     assert_eq!(m.state(), &IdleState::Stopping);
@@ -191,7 +191,7 @@ fn input() -> impl Strategy<Value = (u64, IdleInput)> {
         view.prop_map(IdleInput::Observed),
         Just(IdleInput::Wake),
         Just(IdleInput::Busy),
-        Just(IdleInput::Idle),
+        Just(IdleInput::Idle { since: Instant::now() }),
         Just(IdleInput::StartDone(Ok(()))),
         Just(IdleInput::StartDone(Err(err()))),
         Just(IdleInput::DependencyFailed(WakeError::NotWatching { workload: "db".into() })),
@@ -225,6 +225,11 @@ proptest! {
                     prop_assert!(false, "a tick at a deadline must move on");
                 }
             }
+            // An idle report says "zero since" some moment up to now.
+            let input = match input {
+                IdleInput::Idle { .. } => IdleInput::Idle { since: now - Duration::from_millis(advance_ms / 2) },
+                other => other,
+            };
             let was_busy = matches!(input, IdleInput::Busy) || m.busy;
             let is_start_done = matches!(input, IdleInput::StartDone(_) | IdleInput::DependencyFailed(_));
             // A StartDone the machine did not ask for is not something the driver sends.
