@@ -27,7 +27,13 @@ use crate::error::IdleConfigError;
 use crate::graph::dependency_order;
 use crate::watcher::IdleWatcher;
 
-/// Watchers linked by their `depends_on`; see the [module docs](self). Cheap to clone.
+/// Watchers linked by their `depends_on`. Cheap to clone.
+///
+/// Built dependencies first, after the whole graph was checked (unknown names, duplicates,
+/// cycles spelled out). An awake watcher holds one unit of activity on each dependency, so a
+/// wake starts the dependencies first (in parallel, single-flight, waiting for "healthy" or
+/// "started" within the dependent's wake time-out), and a shared dependency counts down to
+/// its own idle stop only once its last dependent is asleep.
 #[derive(Clone, Debug)]
 pub struct IdleGroup {
     /// Dependencies first.

@@ -32,7 +32,7 @@
 //!   dependent has stopped.
 //! - State on a `watch` channel ([`IdleWatcher::subscribe`]); [`Lifecycle`](pool_api::Lifecycle)
 //!   implemented (start and stop *watching*); metrics through the `metrics` facade (see
-//!   [`metrics`](crate::metrics) for the names).
+//!   [`metrics`] for the names).
 //!
 //! # Example
 //!
