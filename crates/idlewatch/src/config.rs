@@ -142,6 +142,10 @@ pub struct Dependency {
     /// What "up" means for this edge.
     #[serde(default)]
     pub condition: DependencyCondition,
+    /// An optional dependency is woken (and held) like any other, but its failure to come up
+    /// does not fail the dependent's wake. Default `false`.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// One watcher's configuration.

@@ -86,7 +86,11 @@ mod tests {
         let mut config = IdleConfig::new(Workload::Container(name.into()), Duration::from_secs(1));
         config.depends_on = deps
             .iter()
-            .map(|d| Dependency { workload: (*d).into(), condition: DependencyCondition::Healthy })
+            .map(|d| Dependency {
+                workload: (*d).into(),
+                condition: DependencyCondition::Healthy,
+                optional: false,
+            })
             .collect();
         config
     }

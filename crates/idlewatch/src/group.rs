@@ -32,7 +32,8 @@ use crate::watcher::IdleWatcher;
 /// Built dependencies first, after the whole graph was checked (unknown names, duplicates,
 /// cycles spelled out). An awake watcher holds one unit of activity on each dependency, so a
 /// wake starts the dependencies first (in parallel, single-flight, waiting for "healthy" or
-/// "started" within the dependent's wake time-out), and a shared dependency counts down to
+/// "started" within the dependent's wake time-out; an optional one's failure is logged, not
+/// fatal), and a shared dependency counts down to
 /// its own idle stop only once its last dependent is asleep.
 #[derive(Clone, Debug)]
 pub struct IdleGroup {
@@ -65,7 +66,7 @@ impl IdleGroup {
                     let dependencies = config
                         .depends_on
                         .iter()
-                        .map(|d| (built[d.workload.as_str()].clone(), d.condition))
+                        .map(|d| (built[d.workload.as_str()].clone(), d.clone()))
                         .collect();
                     let engine = engine_for(&config, Arc::clone(&runtime));
                     let name = config.workload.name().to_owned();

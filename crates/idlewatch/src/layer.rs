@@ -19,7 +19,8 @@
 //!      event per change, then `ready` or `error`) and `status` (JSON). Once the workload is
 //!      ready the app owns every path, these included;
 //!    - with [`IdleLayerOptions::wake_paths`] set, a request outside them wakes nothing and
-//!      gets 503;
+//!      gets 503; so does a client named in [`IdleLayerOptions::ignore_user_agents`] (bots,
+//!      uptime checkers), so they cannot keep waking the workload;
 //!    - an HTML `GET` (its `Accept` names `text/html`), when the loading page is on, starts the
 //!      wake in the background and gets the loading page at once (`Cache-Control: no-store`):
 //!      it listens to the `events` stream and reloads the original URL on `ready`, with a
@@ -73,6 +74,12 @@ pub struct IdleLayerOptions {
     /// Only requests whose path starts with one of these wake the workload; `None` (the
     /// default): every request does.
     pub wake_paths: Option<Vec<String>>,
+    /// Requests whose `User-Agent` contains one of these (case-insensitive; e.g. `bot`,
+    /// `uptime-kuma`) never wake the workload: they get 503 while it sleeps. Default: none.
+    pub ignore_user_agents: Vec<String>,
+    /// Show the workload's name on the loading page and in the status and event JSON (default
+    /// `true`); `false` shows "the service" and leaves the name out.
+    pub show_name: bool,
     /// `Retry-After` of a 503, in seconds. Default 5.
     pub retry_after: Duration,
     /// The loading page's meta-refresh period, for clients without JavaScript. Default 3 s.
@@ -85,6 +92,8 @@ impl Default for IdleLayerOptions {
             prefix: "/.idlewatch/".to_owned(),
             loading_page: true,
             wake_paths: None,
+            ignore_user_agents: Vec::new(),
+            show_name: true,
             retry_after: Duration::from_secs(5),
             refresh: Duration::from_secs(3),
         }
@@ -99,8 +108,12 @@ pub struct IdleLayer {
 }
 
 impl IdleLayer {
-    /// A layer for the workload of `watcher`.
-    pub fn new(watcher: IdleWatcher, options: IdleLayerOptions) -> Self {
+    /// A layer for the workload of `watcher`. The user-agent patterns are lower-cased here,
+    /// once.
+    pub fn new(watcher: IdleWatcher, mut options: IdleLayerOptions) -> Self {
+        for pattern in &mut options.ignore_user_agents {
+            *pattern = pattern.to_lowercase();
+        }
         Self { watcher, options: Arc::new(options) }
     }
 }
@@ -281,18 +294,23 @@ where
     S: Service<Request<ReqB>, Response = Response<B>>,
 {
     let path = request.uri().path();
+    let name = shown_name(&watcher, &options);
     if let Some(own) = path.strip_prefix(options.prefix.as_str()) {
         match own {
-            "events" => return Ok(events(&watcher)),
-            "status" => return Ok(status(&watcher)),
+            "events" => return Ok(events(&watcher, name)),
+            "status" => return Ok(status(&watcher, name)),
             _ => {}
         }
     }
     if let Some(paths) = &options.wake_paths
         && !paths.iter().any(|p| path.starts_with(p.as_str()))
     {
-        let detail = format!("{} is asleep; this path does not wake it", watcher.config().workload.name());
+        let detail = format!("{} is asleep; this path does not wake it", name.unwrap_or("the service"));
         return Ok(problem(&options, "Not started from this path", &detail));
+    }
+    if ignored_agent(&request, &options) {
+        let detail = format!("{} is asleep; this client does not wake it", name.unwrap_or("the service"));
+        return Ok(problem(&options, "Not started for this client", &detail));
     }
     if options.loading_page && request.method() == Method::GET && wants_html(&request) {
         let background = watcher.clone();
@@ -302,15 +320,37 @@ where
             }
         });
         drop(guard);
-        return Ok(loading_page(&watcher, &options));
+        return Ok(loading_page(name, &options));
     }
     match watcher.wake().await {
         Ok(()) => {
             let response = inner.call(request).await?;
             Ok(response.map(|body| IdleBody::app(body, Some(guard))))
         }
-        Err(error) => Ok(problem(&options, "Workload unavailable", &error.to_string())),
+        Err(error) => {
+            let detail = if options.show_name {
+                error.to_string()
+            } else {
+                "the service could not be woken".to_owned()
+            };
+            Ok(problem(&options, "Workload unavailable", &detail))
+        }
     }
+}
+
+fn shown_name<'a>(watcher: &'a IdleWatcher, options: &IdleLayerOptions) -> Option<&'a str> {
+    options.show_name.then(|| watcher.config().workload.name())
+}
+
+fn ignored_agent<B>(request: &Request<B>, options: &IdleLayerOptions) -> bool {
+    if options.ignore_user_agents.is_empty() {
+        return false;
+    }
+    let Some(agent) = request.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let agent = agent.to_lowercase();
+    options.ignore_user_agents.iter().any(|pattern| agent.contains(pattern.as_str()))
 }
 
 fn wants_html<B>(request: &Request<B>) -> bool {
@@ -338,17 +378,23 @@ fn problem<B>(options: &IdleLayerOptions, title: &str, detail: &str) -> Response
     response
 }
 
-fn snapshot_json(workload: &str, snapshot: &IdleSnapshot) -> serde_json::Value {
+/// The state as JSON; the workload's name and the error's text (which names it) only when
+/// names are shown.
+fn snapshot_json(workload: Option<&str>, snapshot: &IdleSnapshot) -> serde_json::Value {
     let error = match &snapshot.state {
-        IdleState::Error(error) => Some(error.to_string()),
+        IdleState::Error(error) => Some(if workload.is_some() {
+            error.to_string()
+        } else {
+            "the service could not be woken".to_owned()
+        }),
         _ => None,
     };
     serde_json::json!({ "workload": workload, "state": snapshot.state.name(), "error": error })
 }
 
-fn status<B>(watcher: &IdleWatcher) -> Response<IdleBody<B>> {
+fn status<B>(watcher: &IdleWatcher, name: Option<&str>) -> Response<IdleBody<B>> {
     let snapshot = watcher.subscribe().borrow().clone();
-    let body = snapshot_json(watcher.config().workload.name(), &snapshot).to_string();
+    let body = snapshot_json(name, &snapshot).to_string();
     let mut response = Response::new(IdleBody::full(body));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -357,9 +403,9 @@ fn status<B>(watcher: &IdleWatcher) -> Response<IdleBody<B>> {
 }
 
 /// Server-sent events: the current state, each change, and the end after `ready` or `error`.
-fn events<B>(watcher: &IdleWatcher) -> Response<IdleBody<B>> {
+fn events<B>(watcher: &IdleWatcher, name: Option<&str>) -> Response<IdleBody<B>> {
     let states = watcher.subscribe();
-    let workload = watcher.config().workload.name().to_owned();
+    let workload = name.map(str::to_owned);
     let stream = futures_util::stream::unfold(Some((states, true)), move |state| {
         let workload = workload.clone();
         async move {
@@ -373,7 +419,7 @@ fn events<B>(watcher: &IdleWatcher) -> Response<IdleBody<B>> {
                 IdleState::Error(_) => "error",
                 _ => "state",
             };
-            let data = snapshot_json(&workload, &snapshot);
+            let data = snapshot_json(workload.as_deref(), &snapshot);
             let frame = Bytes::from(format!("event: {event}\ndata: {data}\n\n"));
             let next = (event == "state").then_some((states, false));
             Some((frame, next))
@@ -386,8 +432,8 @@ fn events<B>(watcher: &IdleWatcher) -> Response<IdleBody<B>> {
     response
 }
 
-fn loading_page<B>(watcher: &IdleWatcher, options: &IdleLayerOptions) -> Response<IdleBody<B>> {
-    let name = html_escape(watcher.config().workload.name());
+fn loading_page<B>(name: Option<&str>, options: &IdleLayerOptions) -> Response<IdleBody<B>> {
+    let name = html_escape(name.unwrap_or("the service"));
     let events = serde_json::to_string(&format!("{}events", options.prefix)).unwrap_or_default();
     let refresh = options.refresh.as_secs().max(1);
     let page = format!(

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::activity::{ActivityGuard, Shared};
-use crate::config::{DependencyCondition, IdleConfig, ReadinessCheck};
+use crate::config::{Dependency, DependencyCondition, IdleConfig, ReadinessCheck};
 use crate::engine::{Engine, News, benign, engine_for};
 use crate::error::{IdleConfigError, WakeError};
 use crate::machine::{EngineView, IdleAction, IdleInput, IdleMachine, IdleState, MachineConfig};
@@ -78,7 +78,7 @@ struct Inner {
     /// Bumped when a start call returns; status reads that began earlier are stale.
     epoch: AtomicU64,
     /// The watchers of the workloads this one depends on (set by an `IdleGroup`).
-    dependencies: Vec<(IdleWatcher, DependencyCondition)>,
+    dependencies: Vec<(IdleWatcher, Dependency)>,
 }
 
 struct Run {
@@ -126,7 +126,7 @@ impl IdleWatcher {
     pub(crate) fn build(
         config: IdleConfig,
         engine: Arc<dyn Engine>,
-        dependencies: Vec<(IdleWatcher, DependencyCondition)>,
+        dependencies: Vec<(IdleWatcher, Dependency)>,
     ) -> Self {
         let metrics = WatchMetrics::new(config.workload.name());
         metrics.set_state(&IdleState::Napping);
@@ -597,19 +597,26 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Wakes every dependency in parallel (each by its condition); the first failure, as this
-/// workload's error.
+/// Wakes every dependency in parallel (each by its condition); the first failure of a required
+/// one, as this workload's error.
 async fn wake_dependencies(inner: &Inner) -> Result<(), WakeError> {
-    let waits = inner.dependencies.iter().map(|(dependency, condition)| async move {
-        let result = match condition {
+    let waits = inner.dependencies.iter().map(|(dependency, edge)| async move {
+        let result = match edge.condition {
             DependencyCondition::Healthy => dependency.wake().await,
             DependencyCondition::Started => dependency.wake_started().await,
         };
-        result.map_err(|source| WakeError::Dependency {
-            workload: inner.config.workload.name().to_owned(),
-            dependency: dependency.config().workload.name().to_owned(),
-            source: Box::new(source),
-        })
+        let name = dependency.config().workload.name();
+        match result {
+            Err(error) if edge.optional => {
+                tracing::info!(workload = inner.config.workload.name(), dependency = name, %error, "optional dependency did not come up");
+                Ok(())
+            }
+            other => other.map_err(|source| WakeError::Dependency {
+                workload: inner.config.workload.name().to_owned(),
+                dependency: name.to_owned(),
+                source: Box::new(source),
+            }),
+        }
     });
     futures_util::future::join_all(waits).await.into_iter().collect()
 }

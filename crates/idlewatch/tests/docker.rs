@@ -247,8 +247,11 @@ async fn a_shared_dependency_stays_up_while_one_dependent_still_runs() {
     let needs_db = |name: &str, idle: Duration| {
         let mut config = config(name);
         config.idle_timeout = idle;
-        config.depends_on =
-            vec![Dependency { workload: db.name().to_owned(), condition: DependencyCondition::Healthy }];
+        config.depends_on = vec![Dependency {
+            workload: db.name().to_owned(),
+            condition: DependencyCondition::Healthy,
+            optional: false,
+        }];
         config
     };
     let mut db_config = config(db.name());

@@ -362,7 +362,11 @@ fn dependent(name: &str, idle: Duration, deps: &[(&str, idlewatch::DependencyCon
     config.wake_timeout = Duration::from_secs(20);
     config.depends_on = deps
         .iter()
-        .map(|(d, condition)| idlewatch::Dependency { workload: (*d).into(), condition: *condition })
+        .map(|(d, condition)| idlewatch::Dependency {
+            workload: (*d).into(),
+            condition: *condition,
+            optional: false,
+        })
         .collect();
     config
 }
@@ -454,4 +458,25 @@ async fn the_countdown_restarts_from_the_end_of_the_last_request() {
     tokio::time::sleep(Duration::from_secs(46)).await;
     settle().await;
     assert_eq!(state(&watcher), IdleState::Napping);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_optional_dependency_that_fails_does_not_fail_its_dependent() {
+    let engine = Arc::new(FakeRuntime::new());
+    engine.add_container("metrics", FakeHealth::NeverHealthy(Duration::from_millis(100)));
+    engine.add_container("app", FakeHealth::NoCheck);
+    let mut app = dependent("app", IDLE, &[]);
+    app.depends_on = vec![idlewatch::Dependency {
+        workload: "metrics".into(),
+        condition: idlewatch::DependencyCondition::Healthy,
+        optional: true,
+    }];
+    let mut metrics = dependent("metrics", IDLE, &[]);
+    metrics.wake_timeout = Duration::from_secs(2);
+    let group = idlewatch::IdleGroup::new(vec![app, metrics], engine.clone()).unwrap();
+    group.start().await.unwrap();
+    let begun = Instant::now();
+    group.get("app").unwrap().wake().await.unwrap();
+    assert_eq!(begun.elapsed(), Duration::from_secs(2), "waited for it, within its own wake time-out");
+    assert!(matches!(state(group.get("metrics").unwrap()), IdleState::Error(WakeError::Timeout { .. })));
 }

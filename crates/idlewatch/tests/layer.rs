@@ -175,3 +175,31 @@ async fn an_upgraded_connection_keeps_the_workload_up_through_its_extension() {
     assert!(!watcher.is_ready());
     assert_eq!(engine.calls(FakeOp::Stop), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn bots_wake_nothing_and_names_can_be_hidden() {
+    let (engine, watcher) = setup(FakeHealth::NoCheck).await;
+    let options = IdleLayerOptions {
+        ignore_user_agents: vec!["UptimeBot".into()],
+        show_name: false,
+        ..IdleLayerOptions::default()
+    };
+    let service = IdleLayer::new(watcher.clone(), options).layer(service_fn(app));
+    let bot = Request::builder()
+        .uri("/")
+        .header(header::USER_AGENT, "Mozilla/5.0 (uptimebot/2.1)")
+        .body(())
+        .unwrap();
+    let refused = service.clone().oneshot(bot).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = text(refused.into_body()).await;
+    assert!(!body.contains("web"), "the name is hidden: {body}");
+    assert_eq!(engine.calls(FakeOp::Start), 0);
+    let status = service.clone().oneshot(get("/.idlewatch/status", "*/*")).await.unwrap();
+    assert_eq!(text(status.into_body()).await, r#"{"error":null,"state":"napping","workload":null}"#);
+    let page = service.clone().oneshot(get("/", "text/html")).await.unwrap();
+    let page = text(page.into_body()).await;
+    assert!(page.contains("Starting the service") && !page.contains("web"), "{page}");
+    watcher.wake().await.unwrap();
+    assert_eq!(engine.calls(FakeOp::Start), 1, "a person's visit woke it");
+}
