@@ -5,11 +5,16 @@
 //! [`ServiceRuntime`](pool_api::ServiceRuntime) traits; it never learns which engine it talks
 //! to (`docker-agent` provides Docker and Swarm, locally or through a remote agent).
 //!
-//! - **Activity is counted with RAII guards** ([`IdleWatcher::activity`]): an open request, an
-//!   upgraded connection, a TCP stream. The idle countdown runs only while the count is zero, so
-//!   a ten-minute download or an open websocket keeps its workload up however short the idle
-//!   time-out.
-//! - **The hot path is one atomic load**: [`IdleWatcher::is_ready`].
+//! - **Activity is counted with RAII guards** ([`IdleWatcher::activity`]): an open request
+//!   (until its response body's last byte), an upgraded connection ([`UpgradeActivity`]), a TCP
+//!   stream. The idle countdown runs only while the count is zero, from the moment it last
+//!   became zero, so a ten-minute download or an open websocket keeps its workload up however
+//!   short the idle time-out.
+//! - **The ready check is one atomic load** ([`IdleWatcher::is_ready`]); the layer's ready
+//!   path adds the guard (two atomic read-modify-writes) and allocates nothing.
+//! - **Readiness**: the engine's health status pushed by its events, or a TCP connect, or an
+//!   HTTP `GET` with an expected status, polled from 50 ms with back-off; plus a settling delay
+//!   ([`Readiness`]).
 //! - **Wake is single-flight on the watcher's own task**: N concurrent [`IdleWatcher::wake`]
 //!   calls cause exactly one start; a caller that gives up cancels nothing; every caller gets
 //!   ready or a typed [`WakeError`] within the wake time-out.
