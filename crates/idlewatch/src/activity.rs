@@ -7,7 +7,8 @@
 //! and went meanwhile, counts from the stamp instead. Only when the driver found the count
 //! above zero does it *arm* a wake-up, and the next drop to zero wakes it (another Dekker pair:
 //! the driver arms, then reads the count; the guard decrements, then reads the arming). So a
-//! sequential request costs two atomic read-modify-writes and a clock read, and no task wake.
+//! sequential request costs the count's increment and decrement, the guard's reference count,
+//! and a clock read — and no task wake.
 //!
 //! The one race that matters — a request arriving just as the driver decides to stop — is closed
 //! by ordering both sides (`SeqCst`), Dekker-style: a request increments the count *then* reads

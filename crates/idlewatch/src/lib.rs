@@ -11,7 +11,8 @@
 //!   became zero, so a ten-minute download or an open websocket keeps its workload up however
 //!   short the idle time-out.
 //! - **The ready check is one atomic load** ([`IdleWatcher::is_ready`]); the layer's ready
-//!   path adds the guard (two atomic read-modify-writes) and allocates nothing.
+//!   path adds the guard (the count and the shared state's reference count, each up and down
+//!   once; a clock read when the count returns to zero) and allocates nothing.
 //! - **Readiness**: the engine's health status pushed by its events, or a TCP connect, or an
 //!   HTTP `GET` with an expected status, polled from 50 ms with back-off; plus a settling delay
 //!   ([`Readiness`]).
