@@ -1,8 +1,8 @@
 //! `cargo xtask <task>`: the project's automation, in Rust so it needs nothing but cargo.
 //!
-//! * `ci` — formatting, the import-cycle check of pool-core, pool-api and transport-uds, clippy
-//!   (`-D warnings`), every unit, integration and doc test, rustdoc, a compile check of the
-//!   benches, and the loom models. This is what `.ci/run` runs.
+//! * `ci` — formatting, the import-cycle check of pool-core, pool-api, transport-uds and
+//!   idlewatch, clippy (`-D warnings`), every unit, integration and doc test, rustdoc, a
+//!   compile check of the benches, and the loom models. This is what `.ci/run` runs.
 //! * `race` — the loom models (built with `--cfg agentpool_loom` in a separate target
 //!   directory, so the normal build cache is untouched) and the stress tests in release mode
 //!   with more iterations.
@@ -76,7 +76,7 @@ fn with_args(mut c: Command, args: &[&str]) -> Command {
 
 /// Crates whose top-level modules must form a DAG (`ci` checks them). pool-core's layering is
 /// required by its architecture; the others are held to what they already are.
-const ACYCLIC: &[&str] = &["crates/pool-core", "crates/pool-api", "crates/transport-uds"];
+const ACYCLIC: &[&str] = &["crates/pool-core", "crates/pool-api", "crates/transport-uds", "crates/idlewatch"];
 
 fn ci() -> Result<(), String> {
     step("fmt", with_args(cargo(), &["fmt", "--all", "--", "--check"]))?;
@@ -113,7 +113,10 @@ fn ci() -> Result<(), String> {
 
 /// The loom models: small, so they stay in `ci` as well as `race`.
 fn race_loom() -> Result<(), String> {
-    let mut c = with_args(cargo(), &["test", "-p", "pool-core", "--lib", "--release", "--", "loom_"]);
+    let mut c = with_args(
+        cargo(),
+        &["test", "-p", "pool-core", "-p", "idlewatch", "--lib", "--release", "--", "loom_"],
+    );
     c.env("RUSTFLAGS", "--cfg agentpool_loom")
         .env("CARGO_TARGET_DIR", root().join("target").join("loom"))
         .env("LOOM_MAX_PREEMPTIONS", "3");

@@ -161,7 +161,7 @@ pub use pool::{
     DockerAgentPoolConfig, DockerAgentPoolStats,
 };
 #[cfg(feature = "controller")]
-pub use runtime::{DockerRuntime, ServiceStatus};
+pub use runtime::DockerRuntime;
 #[cfg(feature = "agent")]
 pub use server::{AgentServer, RunningDockerAgent, ServerError};
 

@@ -41,7 +41,15 @@
 //! [`DockerRuntime::scale_service`] inspects the service, sets the replica count in the **full**
 //! spec it got back (an update replaces the whole spec) and updates it at the version it read,
 //! retrying when another update got in between ("update out of sequence");
-//! [`DockerRuntime::wait_service_converged`] polls until running equals desired.
+//! [`DockerRuntime::wait_service_converged`] polls until running equals desired. The same
+//! [`service_status`](ServiceRuntime::service_status) and [`scale`](ServiceRuntime::scale) make
+//! up `pool-api`'s [`ServiceRuntime`]; its
+//! [`service_events`](ServiceRuntime::service_events) asks the engine for `service` events
+//! (`create`, `update`, `remove`) and container events of the kinds above, keeps those of the
+//! named services and of containers whose [`SWARM_SERVICE_LABEL`] names one of them, and maps
+//! them to [`ServiceEvent`]s (a task container's `start`, `die`/`stop`, `health_status`). Like
+//! the container stream it starts at the moment of the call and ends after one
+//! [`RuntimeError::Unreachable`] when the engine goes away.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -59,7 +67,8 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use pool_api::{
     BoxFuture, BoxStream, ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime,
-    ContainerState, ContainerStatus, EventFilter, RuntimeError, StopOptions,
+    ContainerState, ContainerStatus, EventFilter, RuntimeError, ServiceEvent, ServiceEventKind,
+    ServiceRuntime, ServiceStatus, StopOptions,
 };
 
 use crate::client::error_chain;
@@ -71,24 +80,15 @@ pub const STOP_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 /// How often [`DockerRuntime::scale_service`] retries an update that lost a race.
 pub const SCALE_ATTEMPTS: u32 = 5;
 
+/// The service events [`ServiceRuntime::service_events`] asks for (besides [`CONTAINER_EVENTS`]
+/// of the services' task containers).
+pub const SERVICE_EVENTS: [&str; 3] = ["create", "update", "remove"];
+
+/// The label Swarm puts on every task container: the service's name.
+pub const SWARM_SERVICE_LABEL: &str = "com.docker.swarm.service.name";
+
 /// The container events [`ContainerRuntime::events`] asks for.
 pub const CONTAINER_EVENTS: [&str; 7] = ["start", "die", "stop", "kill", "pause", "unpause", "health_status"];
-
-/// A Swarm service's task counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServiceStatus {
-    /// Tasks the service should run.
-    pub desired: u64,
-    /// Tasks running.
-    pub running: u64,
-}
-
-impl ServiceStatus {
-    /// True when running equals desired.
-    pub fn converged(&self) -> bool {
-        self.running == self.desired
-    }
-}
 
 /// Docker as a [`ContainerRuntime`]; see the [module docs](self). Cheap to clone.
 #[derive(Clone, Debug)]
@@ -252,11 +252,49 @@ impl DockerRuntime {
         }
         // The request goes out when the stream is first polled; `since` = now makes the engine
         // replay what happened in between, so nothing is lost after `events` returns.
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let since = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
-        let options = EventsOptionsBuilder::default().since(&since).filters(&filters).build();
+        let options = EventsOptionsBuilder::default().since(&since_now()).filters(&filters).build();
         Box::pin(event_stream(&self.docker, options))
     }
+
+    fn service_event_stream(
+        &self,
+        services: Vec<String>,
+    ) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
+        let actions: Vec<&str> = SERVICE_EVENTS.iter().chain(CONTAINER_EVENTS.iter()).copied().collect();
+        let filters: HashMap<&str, Vec<&str>> =
+            HashMap::from([("type", vec!["service", "container"]), ("event", actions)]);
+        let options = EventsOptionsBuilder::default().since(&since_now()).filters(&filters).build();
+        let inner = Box::pin(self.docker.events(Some(options)));
+        let stream = futures_util::stream::unfold(Some(inner), move |state| {
+            let services = services.clone();
+            async move {
+                let mut inner = state?;
+                loop {
+                    match inner.next().await {
+                        Some(Ok(message)) => {
+                            if let Some(event) = map_service_event(&message, &services) {
+                                return Some((Ok(event), Some(inner)));
+                            }
+                        }
+                        Some(Err(e)) => return Some((Err(stream_error(e)), None)),
+                        None => {
+                            let error = RuntimeError::Unreachable {
+                                message: "the engine closed the event stream".to_owned(),
+                            };
+                            return Some((Err(error), None));
+                        }
+                    }
+                }
+            }
+        });
+        Box::pin(stream)
+    }
+}
+
+/// The engine's `since` for "now": seconds and nanoseconds since the epoch.
+fn since_now() -> String {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:09}", now.as_secs(), now.subsec_nanos())
 }
 
 /// The engine's event stream, mapped; one error item and the end when the engine goes away.
@@ -339,6 +377,23 @@ impl ContainerRuntime for DockerRuntime {
 
     fn events(&self, filter: EventFilter) -> BoxStream<'static, Result<ContainerEvent, RuntimeError>> {
         self.event_stream(filter)
+    }
+}
+
+impl ServiceRuntime for DockerRuntime {
+    fn service_status<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<ServiceStatus, RuntimeError>> {
+        Box::pin(DockerRuntime::service_status(self, service))
+    }
+
+    fn scale<'a>(&'a self, service: &'a str, replicas: u64) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(self.scale_service(service, replicas))
+    }
+
+    fn service_events(
+        &self,
+        services: Vec<String>,
+    ) -> BoxStream<'static, Result<ServiceEvent, RuntimeError>> {
+        self.service_event_stream(services)
     }
 }
 
@@ -472,12 +527,55 @@ pub fn map_event(message: &EventMessage) -> Option<ContainerEvent> {
             })
         }
     };
-    let time = match (message.time_nano, message.time) {
+    let time = event_time(message);
+    Some(ContainerEvent { id: actor.id.clone().unwrap_or_default(), name: attribute("name"), kind, time })
+}
+
+/// Maps an engine event to an event of one of `services` (`None` for anything else): a
+/// `service` event of a named service, or a container event of one of their tasks.
+pub fn map_service_event(message: &EventMessage, services: &[String]) -> Option<ServiceEvent> {
+    let actor = message.actor.as_ref()?;
+    let attribute = |key: &str| actor.attributes.as_ref().and_then(|a| a.get(key)).cloned();
+    let time = event_time(message);
+    match message.typ? {
+        EventMessageTypeEnum::SERVICE => {
+            let name = attribute("name").or_else(|| actor.id.clone())?;
+            let named = services.iter().any(|s| *s == name || actor.id.as_deref() == Some(s.as_str()));
+            if !named {
+                return None;
+            }
+            let kind = match message.action.as_deref()? {
+                "create" | "update" => ServiceEventKind::Updated,
+                "remove" => ServiceEventKind::Removed,
+                _ => return None,
+            };
+            Some(ServiceEvent { service: name, kind, time })
+        }
+        EventMessageTypeEnum::CONTAINER => {
+            let service = attribute(SWARM_SERVICE_LABEL)?;
+            if !services.contains(&service) {
+                return None;
+            }
+            let kind = match map_event(message)?.kind {
+                ContainerEventKind::Start | ContainerEventKind::Unpause => ServiceEventKind::TaskStarted,
+                ContainerEventKind::Die { .. } | ContainerEventKind::Stop | ContainerEventKind::Pause => {
+                    ServiceEventKind::TaskStopped
+                }
+                ContainerEventKind::Health(health) => ServiceEventKind::TaskHealth(health),
+                ContainerEventKind::Kill { .. } => return None,
+            };
+            Some(ServiceEvent { service, kind, time })
+        }
+        _ => None,
+    }
+}
+
+fn event_time(message: &EventMessage) -> SystemTime {
+    match (message.time_nano, message.time) {
         (Some(nanos), _) if nanos > 0 => SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64),
         (_, Some(secs)) if secs > 0 => SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64),
         _ => SystemTime::now(),
-    };
-    Some(ContainerEvent { id: actor.id.clone().unwrap_or_default(), name: attribute("name"), kind, time })
+    }
 }
 
 #[cfg(test)]
@@ -623,6 +721,31 @@ mod tests {
         let mut image_event = event("start", &[]);
         image_event.typ = Some(EventMessageTypeEnum::IMAGE);
         assert_eq!(map_event(&image_event), None);
+    }
+
+    #[test]
+    fn service_events_keep_the_named_services_and_their_tasks() {
+        let services = vec!["web".to_owned()];
+        let mut update = event("update", &[("name", "web")]);
+        update.typ = Some(EventMessageTypeEnum::SERVICE);
+        let kind = |m: &EventMessage| map_service_event(m, &services).map(|e| (e.service, e.kind));
+        assert_eq!(kind(&update), Some(("web".to_owned(), ServiceEventKind::Updated)));
+        let mut remove = event("remove", &[("name", "web")]);
+        remove.typ = Some(EventMessageTypeEnum::SERVICE);
+        assert_eq!(kind(&remove), Some(("web".to_owned(), ServiceEventKind::Removed)));
+        let mut other = event("update", &[("name", "db")]);
+        other.typ = Some(EventMessageTypeEnum::SERVICE);
+        assert_eq!(kind(&other), None);
+        let task = |action: &str| event(action, &[(SWARM_SERVICE_LABEL, "web")]);
+        assert_eq!(kind(&task("start")), Some(("web".to_owned(), ServiceEventKind::TaskStarted)));
+        assert_eq!(kind(&task("die")), Some(("web".to_owned(), ServiceEventKind::TaskStopped)));
+        assert_eq!(
+            kind(&task("health_status: healthy")),
+            Some(("web".to_owned(), ServiceEventKind::TaskHealth(ContainerHealth::Healthy)))
+        );
+        assert_eq!(kind(&task("kill")), None);
+        assert_eq!(kind(&event("start", &[])), None, "a container of no service");
+        assert_eq!(kind(&event("start", &[(SWARM_SERVICE_LABEL, "db")])), None);
     }
 
     const T: Duration = Duration::from_secs(7);

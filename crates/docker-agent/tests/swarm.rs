@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use docker_agent::runtime::{DockerRuntime, ServiceStatus};
-use pool_api::RuntimeError;
+use docker_agent::runtime::DockerRuntime;
+use pool_api::{RuntimeError, ServiceStatus};
 use test_support::docker::{self, SwarmGuard, TestService};
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -43,6 +43,55 @@ async fn a_service_scales_one_zero_one() {
     let missing = docker::unique_name("missing-service");
     assert!(matches!(runtime.scale_service(&missing, 1).await, Err(RuntimeError::NotFound { .. })));
 
+    drop(service);
+    drop(swarm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runtime_scales_and_streams_task_events() {
+    use futures_util::StreamExt;
+    use pool_api::{ContainerHealth, ServiceEventKind, ServiceRuntime};
+
+    let Some(engine) = docker::engine().await else { return };
+    let swarm = SwarmGuard::ensure(&engine).await.expect("single-node swarm");
+    docker::cleanup_leftovers(&engine).await;
+    let runtime = DockerRuntime::new(engine.clone());
+    let service = TestService::create(&engine, "svc-events", 0).await.expect("service");
+    let name = service.name().to_owned();
+    let mut events = ServiceRuntime::service_events(&runtime, vec![name.clone()]);
+
+    ServiceRuntime::scale(&runtime, &name, 1).await.unwrap();
+    let mut seen = Vec::new();
+    let healthy = tokio::time::timeout(CONVERGE, async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("event");
+            assert_eq!(event.service, name);
+            seen.push(event.kind.clone());
+            if event.kind == ServiceEventKind::TaskHealth(ContainerHealth::Healthy) {
+                return;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await;
+    assert!(healthy.is_ok(), "no healthy task event within {CONVERGE:?}; saw {seen:?}");
+    assert!(seen.contains(&ServiceEventKind::Updated), "{seen:?}");
+    assert!(seen.contains(&ServiceEventKind::TaskStarted), "{seen:?}");
+    let status = runtime.wait_service_converged(&name, CONVERGE).await.unwrap();
+    assert_eq!(status, ServiceStatus { desired: 1, running: 1 });
+    assert_eq!(ServiceRuntime::service_status(&runtime, &name).await.unwrap(), status);
+
+    ServiceRuntime::scale(&runtime, &name, 0).await.unwrap();
+    let stopped = tokio::time::timeout(CONVERGE, async {
+        while let Some(event) = events.next().await {
+            if event.expect("event").kind == ServiceEventKind::TaskStopped {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(stopped.is_ok(), "no task-stopped event after scaling to 0");
+    drop(events);
     drop(service);
     drop(swarm);
 }

@@ -21,7 +21,8 @@
 //! * **Traits** — [`Connector`] and [`PendingConnection`] open and handshake a connection;
 //!   [`AgentConnection`] is one live connection (send, cancel, signals, ping, drain, close);
 //!   [`AgentHandler`] is the agent side; [`Lifecycle`] is shared by servers and watchers;
-//!   [`ContainerRuntime`] is what a container watcher needs from an engine.
+//!   [`ContainerRuntime`] is what a container watcher needs from an engine, [`ServiceRuntime`]
+//!   what it needs to scale replicated (Swarm) services.
 //! * **Errors** — [`TransportError`], [`AgentError`], [`LifecycleError`], [`RuntimeError`].
 //!
 //! # Example
@@ -70,6 +71,7 @@ mod lifecycle;
 #[cfg(feature = "proto")]
 pub mod proto;
 mod runtime;
+mod service;
 mod signals;
 mod transport;
 
@@ -87,5 +89,6 @@ pub use runtime::{
     ContainerEvent, ContainerEventKind, ContainerHealth, ContainerRuntime, ContainerState, ContainerStatus,
     EventFilter, StopOptions,
 };
+pub use service::{ServiceEvent, ServiceEventKind, ServiceRuntime, ServiceStatus};
 pub use signals::{AgentHealth, AgentMetric, ConnectionSignals, FlowControl, FlowState, HealthStatus};
 pub use transport::{AgentConnection, BoxFuture, BoxStream, Connector, Endpoint, PendingConnection};

@@ -18,6 +18,9 @@
 //!
 //! Ready-made handlers: [`AllowAll`], [`Echo`], [`BlockPath`] and [`FnHandler`].
 //!
+//! For container watchers, [`FakeRuntime`] is a scriptable in-memory container engine (start
+//! latency, health transitions, injected failures, event streams, counts of every call).
+//!
 //! # Example
 //!
 //! ```
@@ -71,6 +74,7 @@ mod agent;
 mod connection;
 mod connector;
 mod handlers;
+pub mod runtime;
 
 #[cfg(test)]
 mod tests;
@@ -79,3 +83,4 @@ pub use agent::{ConfigBehaviour, ConnectionControl, MemoryAgent};
 pub use connection::MemoryConnection;
 pub use connector::MemoryConnector;
 pub use handlers::{AllowAll, BlockPath, Echo, FnHandler};
+pub use runtime::{FakeHealth, FakeOp, FakeRuntime};
