@@ -116,8 +116,19 @@ impl Admin {
             self.proxy.routes().iter().map(|r| json!({ "name": r.name, "agents": r.agents })).collect();
         let listeners: Vec<_> =
             self.listeners.load().iter().map(|(n, b)| json!({ "name": n, "bind": b })).collect();
+        let mut workloads: Vec<_> = self
+            .proxy
+            .workloads()
+            .iter()
+            .map(|(name, watcher)| {
+                let snapshot = watcher.subscribe().borrow().clone();
+                json!({ "name": name, "target": watcher.config().workload.name(), "state": format!("{:?}", snapshot.state) })
+            })
+            .collect();
+        workloads.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         json!({
             "ready": self.ready.load(Ordering::Acquire),
+            "workloads": workloads,
             "listeners": listeners,
             "routes": routes,
             "agents": agents,

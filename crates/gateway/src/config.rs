@@ -30,6 +30,10 @@ pub(crate) struct GatewayConfig {
     /// Settings of the agent pool (connections, balancing, health, time-outs…).
     #[serde(default)]
     pub pool: PoolConfig,
+    /// Containers and Swarm services on the local Docker engine that sleep while idle and are
+    /// woken by a request to a route that names them.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
     /// How long a stop waits for requests in flight.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -105,6 +109,10 @@ pub(crate) struct RouteConfig {
     /// `x-agentpool-agent-status`.
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// A workload the upstream runs in: woken by this route's requests, kept up while they
+    /// last, stopped when idle.
+    #[serde(default)]
+    pub workload: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -141,6 +149,25 @@ fn default_eject_for() -> Duration {
 
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+/// An idle-watched workload (idlewatch): what it is, when it sleeps, how it is known ready.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WorkloadConfig {
+    /// The name routes use.
+    pub name: String,
+    /// idlewatch's settings: `workload = { container = "wiki" }` (or `{ service = { name, replicas } }`),
+    /// `idle_timeout`, `stop`, `stop_timeout`, `wake_timeout`, `readiness`, `depends_on`.
+    pub watch: idlewatch::IdleConfig,
+    /// Serve a loading page to browsers while it wakes (default true); otherwise requests are
+    /// held until it is ready.
+    #[serde(default = "default_true")]
+    pub loading_page: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A processing agent.
@@ -213,6 +240,11 @@ impl GatewayConfig {
                 p.push(format!("agents[{i}] ({}).endpoints: at least one is required", a.name));
             }
         }
+        let workloads = unique_names(&mut p, "workloads", self.workloads.iter().map(|w| w.name.as_str()));
+        let configs: Vec<idlewatch::IdleConfig> = self.workloads.iter().map(|w| w.watch.clone()).collect();
+        if let Err(e) = idlewatch::IdleGroup::check(&configs) {
+            p.extend(e.problems.into_iter().map(|x| format!("workloads: {x}")));
+        }
         if self.routes.is_empty() {
             p.push("routes: at least one is required".to_owned());
         }
@@ -226,6 +258,11 @@ impl GatewayConfig {
             }
             if !upstreams.contains_key(r.upstream.as_str()) {
                 p.push(format!("routes[{i}] ({}).upstream: no upstream named {:?}", r.name, r.upstream));
+            }
+            if let Some(w) = &r.workload
+                && !workloads.contains_key(w.as_str())
+            {
+                p.push(format!("routes[{i}] ({}).workload: no workload named {w:?}", r.name));
             }
             for (j, a) in r.agents.iter().enumerate() {
                 if !agents.contains_key(a.as_str()) {

@@ -116,7 +116,16 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     for agent in &config.agents {
         add_agent(&pool, agent).await?;
     }
-    let proxy = Arc::new(Proxy::new(&config, pool.clone()));
+    let group = start_workloads(&config).await?;
+    let workloads: std::collections::HashMap<String, idlewatch::IdleWatcher> = match &group {
+        Some(group) => config
+            .workloads
+            .iter()
+            .filter_map(|w| Some((w.name.clone(), group.get(w.watch.workload.name())?.clone())))
+            .collect(),
+        None => Default::default(),
+    };
+    let proxy = Arc::new(Proxy::new(&config, pool.clone(), workloads));
     let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let admin = Arc::new(Admin {
         metrics,
@@ -181,6 +190,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     admin.ready.store(false, Ordering::Release);
     let report = tokio::time::timeout(running.drain_timeout, http.stop()).await;
     let pool_report = pool.shutdown().await;
+    if let Some(group) = &group {
+        // Stop watching; the workloads stay as they are.
+        let _ = group.stop().await;
+    }
     if let Some(demo) = demo {
         demo.stop().await;
     }
@@ -221,6 +234,25 @@ fn describe_metrics() {
         "gateway_agent_skipped_total",
         "Requests an agent's pool let through without it (fail-open, flow control)."
     );
+}
+
+/// Starts watching the configured workloads on the local Docker engine (none: `None`).
+async fn start_workloads(
+    config: &GatewayConfig,
+) -> Result<Option<idlewatch::IdleGroup>, Box<dyn std::error::Error>> {
+    if config.workloads.is_empty() {
+        return Ok(None);
+    }
+    let docker = docker_agent::bollard::Docker::connect_with_socket_defaults()
+        .map_err(|e| format!("workloads need the local Docker engine: {e}"))?;
+    let runtime = Arc::new(docker_agent::DockerRuntime::new(docker));
+    let group =
+        idlewatch::IdleGroup::new(config.workloads.iter().map(|w| w.watch.clone()).collect(), runtime)?;
+    group.start().await.map_err(|e| format!("workloads: {e}"))?;
+    for w in &config.workloads {
+        tracing::info!(workload = %w.name, target = %w.watch.workload.name(), "watching");
+    }
+    Ok(Some(group))
 }
 
 /// The two handlers, made once: a reload swaps what they read, not the handlers.
@@ -268,6 +300,9 @@ async fn reload(
     next.validate().map_err(|e| format!("{}: {e}", path.display()))?;
     if next.pool != running.pool {
         return Err("[pool] settings cannot change while running; restart the gateway for them".into());
+    }
+    if next.workloads != running.workloads {
+        return Err("[[workloads]] cannot change while running; restart the gateway for them".into());
     }
     let old: std::collections::HashMap<&str, &AgentConfig> =
         running.agents.iter().map(|a| (a.name.as_str(), a)).collect();
@@ -325,6 +360,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             upstream: "demo".into(),
             agents: vec!["waf".into()],
             failure_mode: pool_core::FailureMode::Closed,
+            workload: None,
         }],
         upstreams: vec![UpstreamConfig {
             name: "demo".into(),
@@ -337,6 +373,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             name: "waf".into(),
             endpoints: vec![format!("unix:{}", demo.agent_socket.display())],
         }],
+        workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
     }

@@ -7,9 +7,12 @@
 //! count it. Request bodies are streamed to the upstream, never buffered; the response body is
 //! streamed back as it arrives.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,11 +27,13 @@ use hyper::body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use idlewatch::{IdleLayer, IdleLayerOptions, IdleWatcher};
 use pool_api::{
     Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders, ResponseHeaders,
 };
 use pool_core::{AgentPool, FailureMode};
 use tokio::time::Instant;
+use tower::{Layer as _, ServiceExt as _};
 
 use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
@@ -59,6 +64,9 @@ pub(crate) struct Route {
     pub agents: Vec<String>,
     failure_mode: FailureMode,
     metrics: RouteMetrics,
+    /// When the upstream runs in an idle-watched workload: the layer that wakes it and counts
+    /// the route's requests as its activity.
+    idle: Option<IdleLayer>,
 }
 
 /// A route's metric handles, registered once (per status code on first use) so answering a
@@ -161,7 +169,9 @@ type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, httpserver_pool:
 /// The proxy: routes, the agent pool, the upstream client. The routes are swapped whole on a
 /// reload; a request keeps the table it started with.
 pub(crate) struct Proxy {
-    routes: ArcSwap<Vec<Route>>,
+    routes: ArcSwap<Vec<Arc<Route>>>,
+    /// The idle-watched workloads, by the gateway's name for them.
+    workloads: HashMap<String, IdleWatcher>,
     pool: AgentPool,
     client: Client<HttpConnector, UpstreamBody>,
     ids: AtomicU64,
@@ -169,29 +179,39 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     /// Builds the proxy from a validated configuration and a pool holding its agents.
-    pub(crate) fn new(config: &GatewayConfig, pool: AgentPool) -> Proxy {
+    pub(crate) fn new(
+        config: &GatewayConfig,
+        pool: AgentPool,
+        workloads: HashMap<String, IdleWatcher>,
+    ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        Proxy { routes: ArcSwap::from_pointee(build_routes(config)), pool, client, ids: AtomicU64::new(1) }
+        let routes = ArcSwap::from_pointee(build_routes(config, &workloads));
+        Proxy { routes, workloads, pool, client, ids: AtomicU64::new(1) }
     }
 
     /// Replaces the routes and upstreams with those of `config` (validated), atomically.
     pub(crate) fn set_routes(&self, config: &GatewayConfig) {
-        self.routes.store(Arc::new(build_routes(config)));
+        self.routes.store(Arc::new(build_routes(config, &self.workloads)));
     }
 
     /// The routes, in matching order.
-    pub(crate) fn routes(&self) -> Arc<Vec<Route>> {
+    pub(crate) fn routes(&self) -> Arc<Vec<Arc<Route>>> {
         self.routes.load_full()
+    }
+
+    /// The idle-watched workloads, by name.
+    pub(crate) fn workloads(&self) -> &HashMap<String, IdleWatcher> {
+        &self.workloads
     }
 }
 
 /// Resolves a validated configuration's routes and upstreams.
-fn build_routes(config: &GatewayConfig) -> Vec<Route> {
+fn build_routes(config: &GatewayConfig, workloads: &HashMap<String, IdleWatcher>) -> Vec<Arc<Route>> {
     {
         let upstreams: std::collections::HashMap<&str, Arc<Upstream>> = config
             .upstreams
@@ -222,21 +242,33 @@ fn build_routes(config: &GatewayConfig) -> Vec<Route> {
         config
             .routes
             .iter()
-            .map(|r| Route {
-                name: r.name.clone(),
-                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                prefix: r.path_prefix.clone(),
-                upstream: upstreams[r.upstream.as_str()].clone(),
-                agents: r.agents.clone(),
-                failure_mode: r.failure_mode,
-                metrics: RouteMetrics::new(&r.name),
+            .map(|r| {
+                let idle = r.workload.as_ref().and_then(|w| {
+                    let watcher = workloads.get(w)?.clone();
+                    let loading_page =
+                        config.workloads.iter().find(|c| &c.name == w).is_none_or(|c| c.loading_page);
+                    Some(IdleLayer::new(
+                        watcher,
+                        IdleLayerOptions { loading_page, ..IdleLayerOptions::default() },
+                    ))
+                });
+                Arc::new(Route {
+                    name: r.name.clone(),
+                    host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                    prefix: r.path_prefix.clone(),
+                    upstream: upstreams[r.upstream.as_str()].clone(),
+                    agents: r.agents.clone(),
+                    failure_mode: r.failure_mode,
+                    metrics: RouteMetrics::new(&r.name),
+                    idle,
+                })
             })
             .collect()
     }
 }
 
 impl Proxy {
-    fn route<'a>(routes: &'a [Route], req: &Request<RequestBody>) -> Option<&'a Route> {
+    fn route<'a>(routes: &'a [Arc<Route>], req: &Request<RequestBody>) -> Option<&'a Arc<Route>> {
         let host = request_host(req);
         let path = req.uri().path();
         routes.iter().find(|r| {
@@ -244,18 +276,64 @@ impl Proxy {
         })
     }
 
-    /// Serves one request.
-    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
-        let start = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+    /// Serves one request: its route, through the route's workload (woken if asleep) when it
+    /// has one.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
         let routes = self.routes.load_full();
-        let Some(route) = Self::route(&routes, &req) else {
+        let Some(route) = Self::route(&routes, &req).cloned() else {
             let resp = plain(StatusCode::NOT_FOUND, "no route matches this request\n");
-            access_log("-", &method, &path, resp.status(), start);
+            access_log("-", req.method(), req.uri().path(), resp.status(), Instant::now());
             metrics::counter!("gateway_requests_total", "route" => "-", "status" => "404").increment(1);
             return resp;
         };
+        drop(routes);
+        let Some(layer) = route.idle.clone() else { return self.serve_on(route, req).await };
+        let (proxy, routed) = (self.clone(), route.clone());
+        let inner = tower::service_fn(move |req: Request<RequestBody>| {
+            let (proxy, route) = (proxy.clone(), routed.clone());
+            let served = proxy.serve(route, req);
+            async move { Ok::<_, std::convert::Infallible>(served.await) }
+        });
+        let start = Instant::now();
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        // Boxed as `Send` here, where the compiler can prove it (through the generic handler it
+        // cannot: rust-lang/rust#64552).
+        let answered: IdleAnswer = Box::pin(layer.layer(inner).oneshot(req));
+        match answered.await {
+            Ok(resp) => {
+                // The layer's own answers (loading page, 503 after a failed wake) are counted here;
+                // the upstream's were counted by `serve`.
+                let resp = resp.map(|body| body.map_err(Into::into).boxed());
+                if resp.extensions().get::<Served>().is_none() {
+                    route.metrics.answered(resp.status(), start.elapsed());
+                    access_log(&route.name, &method, &path, resp.status(), start);
+                }
+                resp
+            }
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`serve_on`](Self::serve_on), boxed as `Send` where the compiler can prove it (for the
+    /// idle layer's inner service).
+    fn serve(
+        self: Arc<Self>,
+        route: Arc<Route>,
+        req: Request<RequestBody>,
+    ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
+        Box::pin(self.serve_on(route, req))
+    }
+
+    /// Serves one request on `route`: agents, upstream, response.
+    async fn serve_on(
+        self: Arc<Self>,
+        route: Arc<Route>,
+        mut req: Request<RequestBody>,
+    ) -> Response<ResponseBody> {
+        let route = &*route;
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
         let id = format!("gw-{}", self.ids.fetch_add(1, Ordering::Relaxed));
         let client_addr = req.extensions().get::<httpserver_pool::ClientAddr>().map(|c| c.0);
         let mut response_ops: Vec<HeaderOp> = Vec::new();
@@ -514,6 +592,8 @@ impl Proxy {
         let status = resp.status();
         let elapsed = start.elapsed();
         route.metrics.answered(status, elapsed);
+        let mut resp = resp;
+        resp.extensions_mut().insert(Served);
         access_log(&route.name, method, path, status, start);
         for agent in asked {
             if self.pool.supports(agent, EventKind::RequestComplete) {
@@ -576,6 +656,18 @@ pub(crate) fn respond(decision: Decision) -> Response<ResponseBody> {
     }
     resp
 }
+
+/// What the idle layer answers with.
+type IdleAnswer = Pin<
+    Box<
+        dyn Future<Output = Result<Response<idlewatch::IdleBody<ResponseBody>>, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+/// Marks a response `serve` has already counted and logged.
+#[derive(Clone, Copy)]
+struct Served;
 
 /// A small text response.
 pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {

@@ -43,6 +43,22 @@ pub struct IdleGroup {
 }
 
 impl IdleGroup {
+    /// Checks every configuration and the dependency graph without building anything, and
+    /// reports every problem at once (what [`new`](Self::new) checks first).
+    pub fn check(configs: &[IdleConfig]) -> Result<(), IdleConfigError> {
+        let mut problems = Vec::new();
+        for config in configs {
+            if let Err(error) = config.validate() {
+                let name = config.workload.name();
+                problems.extend(error.problems.into_iter().map(|p| format!("{name}: {p}")));
+            }
+        }
+        if let Err(graph) = dependency_order(configs) {
+            problems.extend(graph);
+        }
+        if problems.is_empty() { Ok(()) } else { Err(IdleConfigError { problems }) }
+    }
+
     /// Checks every configuration and the graph (reporting every problem at once), then builds
     /// the watchers, not yet running.
     pub fn new<R>(configs: Vec<IdleConfig>, runtime: Arc<R>) -> Result<Self, IdleConfigError>

@@ -134,7 +134,7 @@ pub struct IdleService<S> {
     options: Arc<IdleLayerOptions>,
 }
 
-type BoxedStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+type BoxedStream = Pin<Box<dyn Stream<Item = Bytes> + Send + Sync>>;
 
 pin_project! {
     /// The response body of an [`IdleService`]: the app's body (carrying the request's activity

@@ -52,7 +52,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, HealthConfig, HostConfig, LocalNodeState, ServiceSpec, ServiceSpecMode,
+    ContainerCreateBody, HealthConfig, HostConfig, LocalNodeState, PortBinding, ServiceSpec, ServiceSpecMode,
     ServiceSpecModeReplicated, SwarmInitRequest, TaskSpec, TaskSpecContainerSpec,
 };
 use bollard::query_parameters::{
@@ -291,9 +291,17 @@ pub struct TestContainerBuilder {
     env: Vec<String>,
     start: bool,
     stop_timeout: Duration,
+    publish: Option<u16>,
 }
 
 impl TestContainerBuilder {
+    /// Publishes the test image's HTTP port on `127.0.0.1:host_port` (default: not published),
+    /// so a client on the host reaches the container at one address across restarts.
+    pub fn publish(mut self, host_port: u16) -> Self {
+        self.publish = Some(host_port);
+        self
+    }
+
     /// Adds a label (besides [`TEST_LABEL`], which is always set).
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
@@ -353,7 +361,15 @@ impl TestContainerBuilder {
             env: (!self.env.is_empty()).then_some(self.env),
             healthcheck: self.health.config(),
             stop_timeout: Some(self.stop_timeout.as_secs().max(1) as i64),
-            host_config: Some(HostConfig { init: Some(self.init), ..Default::default() }),
+            host_config: Some(HostConfig {
+                init: Some(self.init),
+                port_bindings: self.publish.map(|port| {
+                    let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(port.to_string()) };
+                    HashMap::from([(format!("{HTTP_PORT}/tcp"), Some(vec![binding]))])
+                }),
+                ..Default::default()
+            }),
+            exposed_ports: self.publish.map(|_| vec![format!("{HTTP_PORT}/tcp")]),
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
@@ -386,6 +402,7 @@ impl TestContainer {
             env: Vec::new(),
             start: true,
             stop_timeout: Duration::from_secs(1),
+            publish: None,
         }
     }
 
