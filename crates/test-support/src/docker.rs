@@ -364,7 +364,8 @@ impl TestContainerBuilder {
             host_config: Some(HostConfig {
                 init: Some(self.init),
                 port_bindings: self.publish.map(|port| {
-                    let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(port.to_string()) };
+                    let binding =
+                        PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(port.to_string()) };
                     HashMap::from([(format!("{HTTP_PORT}/tcp"), Some(vec![binding]))])
                 }),
                 ..Default::default()
