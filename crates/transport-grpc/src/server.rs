@@ -796,9 +796,11 @@ impl<H: AgentHandler> Session<H> {
                     let frame_in = match message {
                         Ok(Some(f)) => f,
                         Ok(None) => return None,
+                        // Undecodable, over the size limit, or cut: the proxy is told why,
+                        // if it still listens.
                         Err(status) => {
-                            tracing::debug!(%status, "the proxy's stream failed; ending the session");
-                            return None;
+                            let message = format!("cannot read the proxy's stream: {}", status.message());
+                            return Some(Status::new(status.code(), message));
                         }
                     };
                     let stream = frame_in.stream_id;
