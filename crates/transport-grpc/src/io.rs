@@ -42,19 +42,32 @@ pub(crate) async fn dial(target: &GrpcTarget, tls: Option<&GrpcClientTls>) -> st
 
 /// An accepted connection, holding its place under the server's connection cap until it is
 /// dropped. Once the server is dropped (`killed`), every read and write fails, so the HTTP/2
-/// connection task that owns it ends even though tonic spawned it on its own.
+/// connection task that owns it ends even though tonic spawned it on its own. A peer that
+/// sends nothing within the first-byte deadline (the handshake time-out) is cut the same way:
+/// hyper waits for the HTTP/2 preface without a time-out of its own.
 pub(crate) struct Accepted {
     io: BoxedIo,
     _slot: OwnedSemaphorePermit,
     killed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Until the first byte arrives: the deadline, and what to do when it passes.
+    first_byte: Option<(Pin<Box<tokio::time::Sleep>>, FirstByteTimedOut)>,
 }
 
+/// Called when a peer sent nothing before the first-byte deadline.
+pub(crate) type FirstByteTimedOut = Box<dyn FnOnce() + Send>;
+
 impl Accepted {
-    pub(crate) fn new(io: BoxedIo, slot: OwnedSemaphorePermit, mut kill: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(
+        io: BoxedIo,
+        slot: OwnedSemaphorePermit,
+        mut kill: watch::Receiver<bool>,
+        (timeout, on_timeout): (std::time::Duration, FirstByteTimedOut),
+    ) -> Self {
         let killed = Box::pin(async move {
             let _ = kill.wait_for(|killed| *killed).await;
         });
-        Self { io, _slot: slot, killed }
+        let deadline = Box::pin(tokio::time::sleep(timeout));
+        Self { io, _slot: slot, killed, first_byte: Some((deadline, on_timeout)) }
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
@@ -80,7 +93,25 @@ impl AsyncRead for Accepted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.first_byte.is_some() {
+            if buf.filled().len() > filled {
+                self.first_byte = None;
+            } else if read.is_pending()
+                && let Some((deadline, _)) = &mut self.first_byte
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                if let Some((_, on_timeout)) = self.first_byte.take() {
+                    on_timeout();
+                }
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no byte from the peer within the handshake time-out",
+                )));
+            }
+        }
+        read
     }
 }
 

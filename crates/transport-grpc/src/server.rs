@@ -73,8 +73,9 @@ pub struct GrpcServerConfig {
     /// Connections served at once (default 1024). One accepted over the cap is closed at once
     /// and counted; the connections already served are not affected.
     pub max_connections: usize,
-    /// Time allowed for the TLS handshake, and from a call's start to the proxy's hello
-    /// (default 5 s); then the connection, or the call, is closed and counted.
+    /// Time allowed for the TLS handshake, for the first byte of HTTP/2 after it (or after
+    /// accepting, without TLS), and from a call's start to the proxy's hello (default 5 s);
+    /// then the connection, or the call, is closed and counted.
     pub handshake_timeout: Duration,
     /// HTTP/2 streams open at once on one connection (default 16): a proxy opens one agent
     /// call per connection; health checks and reflection take a few more.
@@ -215,7 +216,7 @@ pub struct GrpcLimitStats {
     pub connections_refused: u64,
     /// Connections whose TLS handshake failed or did not finish within `handshake_timeout`.
     pub tls_handshakes_failed: u64,
-    /// Calls ended because the hello did not come within `handshake_timeout`.
+    /// Connections that sent nothing, and calls that sent no hello, within `handshake_timeout`.
     pub handshakes_timed_out: u64,
     /// Sessions ended because an answer waited longer than `write_timeout`.
     pub writes_timed_out: u64,
@@ -590,7 +591,9 @@ async fn accept_loop(
             continue;
         };
         let Some(tls) = tls.clone() else {
-            if incoming.send(Ok(Accepted::new(stream, slot, kill.clone()))).await.is_err() {
+            let accepted =
+                Accepted::new(stream, slot, kill.clone(), first_byte(&limits, config.handshake_timeout));
+            if incoming.send(Ok(accepted)).await.is_err() {
                 break;
             }
             continue;
@@ -600,7 +603,9 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, tls.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
-                    let _ = incoming.send(Ok(Accepted::new(Box::new(tls_stream), slot, kill))).await;
+                    let first_byte = first_byte(&limits, timeout);
+                    let accepted = Accepted::new(Box::new(tls_stream), slot, kill, first_byte);
+                    let _ = incoming.send(Ok(accepted)).await;
                 }
                 Ok(Err(e)) => {
                     limits.hit(Limit::Tls);
@@ -613,6 +618,18 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// The first-byte deadline of an accepted connection, counted as a handshake time-out.
+fn first_byte(limits: &Arc<LimitCounters>, timeout: Duration) -> (Duration, crate::io::FirstByteTimedOut) {
+    let limits = limits.clone();
+    (
+        timeout,
+        Box::new(move || {
+            limits.hit(Limit::Handshake);
+            tracing::debug!(?timeout, "no byte from the peer within the handshake time-out; closing");
+        }),
+    )
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<BoxedIo> {

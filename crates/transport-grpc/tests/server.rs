@@ -276,3 +276,24 @@ fn every_zero_limit_is_named() {
     assert_eq!(fields, ["max_connections", "write_timeout"]);
     assert_eq!(GrpcServerConfig::default().validate().ok(), Some(()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_cut_after_the_handshake_timeout() {
+    let config = GrpcServerConfig {
+        max_connections: 1,
+        handshake_timeout: Duration::from_millis(200),
+        ..GrpcServerConfig::default()
+    };
+    let agent = serve(Moody::default(), config).await;
+    let addr = agent.endpoint.as_str().strip_prefix("grpc://").unwrap().to_owned();
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut idle, &mut buf))
+        .await
+        .expect("the silent connection is closed by the agent")
+        .ok();
+    assert_eq!(agent.handle.limit_stats().handshakes_timed_out, 1);
+    // Its slot is free again: the one connection allowed works.
+    let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
+    assert!(conn.send(request("after")).await.unwrap().is_allow());
+}
