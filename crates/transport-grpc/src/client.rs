@@ -4,8 +4,8 @@
 //! Each connection is its own HTTP/2 connection (a tonic `Channel` over a socket this module
 //! dials itself, so that TCP, TLS and Unix sockets share one path) carrying one
 //! `AgentProtocol/Connect` call. Requests get a numeric stream id and wait in a table for the
-//! answer with that id, so any number are in flight on the one call; the table is the same
-//! design as `transport-uds`'s (see `docs/architecture.md` for why it is not shared code).
+//! answer with that id, so any number are in flight on the one call; the table is
+//! [`pool_api::streams::PendingRequests`], shared with `transport-uds`.
 //! Frames go out through an unbounded channel that is the call's request stream: a request is
 //! registered and its frame queued in one critical section, so its answer always finds it,
 //! and the number queued is bounded by the pool's permits, which follow the concurrency the
@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
 use pool_api::proto::{self, agent_frame, proxy_frame};
+use pool_api::streams::PendingRequests;
 use pool_api::{
     AgentConnection, AgentError, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
     ConfigUpdateAnswer, ConfigUpdateRequest, ConnectionSignals, Connector, CorrelationId, Decision, Endpoint,
@@ -297,7 +298,7 @@ struct Core {
 struct State {
     /// The call's request stream; `None` once it has ended.
     out: Option<mpsc::UnboundedSender<proto::ProxyFrame>>,
-    pending: StreamMap<PendingRequest>,
+    pending: PendingRequests,
     pings: StreamMap<(Instant, oneshot::Sender<Duration>)>,
     pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
     /// The handle was dropped: the request stream ends once nothing waits for an answer.
@@ -319,11 +320,6 @@ impl State {
         }
         false
     }
-}
-
-struct PendingRequest {
-    correlation_id: CorrelationId,
-    reply: oneshot::Sender<Result<Decision, TransportError>>,
 }
 
 impl Core {
@@ -359,15 +355,9 @@ impl Core {
         let (pending, pings, pushes) = {
             let mut state = self.lock();
             state.out = None;
-            (
-                std::mem::take(&mut state.pending),
-                std::mem::take(&mut state.pings),
-                std::mem::take(&mut state.pushes),
-            )
+            (state.pending.take_all(), std::mem::take(&mut state.pings), std::mem::take(&mut state.pushes))
         };
-        for (_, p) in pending {
-            let _ = p.reply.send(Err(error.clone()));
-        }
+        pending.fail(&error);
         drop((pings, pushes));
         self.ending.notify_one();
     }
@@ -429,7 +419,7 @@ impl GrpcConnection {
             signals: watch::Sender::new(ConnectionSignals::open()),
             state: Mutex::new(State {
                 out: Some(out),
-                pending: StreamMap::default(),
+                pending: PendingRequests::new(),
                 pings: StreamMap::default(),
                 pushes: HashMap::new(),
                 orphaned: false,
@@ -469,11 +459,9 @@ impl Drop for AbandonGuard {
         if !self.answered {
             let stream = self.stream;
             let _ = self.core.with(|state| {
-                if let Some(p) = state.pending.remove(&stream) {
-                    let cancel = pool_api::Cancel {
-                        correlation_id: p.correlation_id,
-                        reason: CancelReason::Abandoned,
-                    };
+                if let Some(waiter) = state.pending.take(stream) {
+                    let correlation_id = waiter.into_correlation_id();
+                    let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Abandoned };
                     state.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
                 }
                 if state.release_if_orphaned() {
@@ -518,7 +506,7 @@ impl AgentConnection for GrpcConnection {
         }
         let (reply, answer) = oneshot::channel();
         let queued = self.core.with(|state| {
-            state.pending.insert(stream, PendingRequest { correlation_id, reply });
+            state.pending.insert(stream, correlation_id, reply);
             if let Some(out) = &state.out {
                 let _ = out.send(frame);
             }
@@ -538,19 +526,14 @@ impl AgentConnection for GrpcConnection {
 
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
         let _ = self.core.with(|state| {
-            let streams: Vec<u64> = state
-                .pending
-                .iter()
-                .filter(|(_, p)| p.correlation_id == *correlation_id)
-                .map(|(s, _)| *s)
-                .collect();
-            for stream in streams {
-                if let Some(p) = state.pending.remove(&stream) {
-                    let _ = p.reply.send(Err(TransportError::Cancelled(reason)));
-                    let cancel = pool_api::Cancel { correlation_id: p.correlation_id, reason };
-                    state.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+            let State { pending, out, .. } = state;
+            pending.cancel(correlation_id, reason, |stream, correlation_id| {
+                let cancel = pool_api::Cancel { correlation_id, reason };
+                let body = proxy_frame::Body::Cancel(cancel.into());
+                if let Some(out) = out {
+                    let _ = out.send(proto::ProxyFrame { stream_id: stream, body: Some(body) });
                 }
-            }
+            });
         });
     }
 
@@ -685,12 +668,12 @@ impl Task {
     fn answered(&self, stream: u64, answer: Result<Decision, TransportError>) {
         let (waiting, released) = {
             let mut state = self.core.lock();
-            let waiting = state.pending.remove(&stream);
+            let waiting = state.pending.take(stream);
             (waiting, state.release_if_orphaned())
         };
         // An answer to a request cancelled or abandoned meanwhile is simply late.
-        if let Some(p) = waiting {
-            let _ = p.reply.send(answer);
+        if let Some(waiter) = waiting {
+            waiter.answer(answer);
         }
         if released {
             self.core.ending.notify_one();
