@@ -241,7 +241,13 @@ fn start_raw(server_rt: &Runtime, client_rt: &Runtime) -> RawSide {
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(2 << 20)
             .add_service(echo)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            // Without Nagle, as the agent side accepts its connections (tonic sets no option
+            // on streams it is handed).
+            .serve_with_incoming(TcpListenerStream::new(listener).map(|tcp| {
+                let tcp = tcp?;
+                tcp.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(tcp)
+            })),
     );
     let conns = client_rt.block_on(async {
         let mut conns = Vec::new();

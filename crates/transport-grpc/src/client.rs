@@ -638,19 +638,22 @@ impl Task {
     async fn run(mut self, channel: Channel) {
         // Held so the HTTP/2 connection lives exactly as long as this task.
         let _channel = channel;
-        let mut deadline: Option<Instant> = None;
+        // Both made once, not per message: registering with a `Notify` takes its lock.
+        let core = self.core.clone();
+        let ending = core.ending.notified();
+        tokio::pin!(ending);
+        let grace = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(grace);
+        let mut ended = false;
         let reason = loop {
-            let grace = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                () = self.core.ending.notified(), if deadline.is_none() => {
-                    deadline = Some(Instant::now() + END_GRACE);
+                () = &mut ending, if !ended => {
+                    ended = true;
+                    grace.as_mut().reset(Instant::now() + END_GRACE);
                 }
-                () = grace => break self.core.reason.lock().clone().unwrap_or_else(|| "every handle was dropped".into()),
+                () = &mut grace, if ended => {
+                    break core.reason.lock().clone().unwrap_or_else(|| "every handle was dropped".into());
+                }
                 message = self.inbound.message() => match message {
                     Ok(Some(frame)) => {
                         if let Err(reason) = self.on_frame(frame) {

@@ -67,8 +67,12 @@ use crate::{DEFAULT_MAX_MESSAGE, FILE_DESCRIPTOR_SET};
 #[derive(Clone, Debug)]
 pub struct GrpcServerConfig {
     /// Largest message read or written (default 16 MiB). A proxy announcing a larger one has
-    /// its call ended with `OUT_OF_RANGE`; a decision that would encode larger is answered
-    /// with an error for that request alone.
+    /// its call ended with `OUT_OF_RANGE` before anything is buffered; a decision that would
+    /// encode larger is answered with an error for that request alone. A message announced
+    /// within the limit has its whole length reserved by tonic when its 5-byte prefix arrives
+    /// (address space: pages become resident only as bytes arrive). There is no time-out on a
+    /// message that starts and stops short: it holds that reservation until the call ends, so
+    /// lower this limit for proxies you do not trust.
     pub max_message: usize,
     /// Connections served at once (default 1024). One accepted over the cap is closed at once
     /// and counted; the connections already served are not affected.
@@ -789,10 +793,16 @@ impl<H: AgentHandler> Session<H> {
         let mut pushes: JoinSet<()> = JoinSet::new();
         let mut draining = false;
         let mut global_drain = self.handle.draining.subscribe();
+        // Made once, not per message: waiting on a watch registers with its notifier.
         let mut stop = self.stop.clone();
+        // The server gone (the sender dropped) stops the session too.
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
-                true = async { stop.wait_for(|stop| *stop).await.is_ok() } => return None,
+                () = &mut stopped => return None,
                 Some(done) = requests.join_next_with_id(), if !requests.is_empty() => {
                     let (id, panicked) = match done {
                         Ok((id, ())) => (id, false),
