@@ -26,8 +26,9 @@
 //!   from the agent are published on the connection's signals; metrics reports become
 //!   `agentpool_agent_metric` gauges.
 //! * **Agent side:** [`GrpcAgentServer`] serves any [`pool_api::AgentHandler`] on TCP or a Unix
-//!   socket, in clear text, TLS or mutual TLS ([`GrpcServerTls`]): a task per request, bounded
-//!   by the advertised concurrency; a cancel aborts the handler; a panicking handler answers an
+//!   socket, in clear text, TLS or mutual TLS ([`GrpcServerTls`]): requests run concurrently,
+//!   bounded by the advertised concurrency (a handler that decides without waiting is answered
+//!   inline, one that waits runs in a task of its own); a cancel aborts the handler; a panicking handler answers an
 //!   error for that request; a drain refuses new work while running requests finish. A
 //!   [`GrpcServerHandle`] sends health, flow-control, metrics and configuration-update messages
 //!   at any time and drains the agent. Next to the agent service it serves the standard health

@@ -2,8 +2,9 @@
 //! (`grpc.health.v1.Health`) and server reflection (`grpc.reflection.v1`).
 //!
 //! Every `AgentProtocol/Connect` call is one session: the proxy's hello is read (under the
-//! handshake time-out) and answered with the handler's capabilities, then each event runs in a
-//! task of its own, at most as many at once as the capabilities advertise. A cancel aborts that
+//! handshake time-out) and answered with the handler's capabilities, then each event's handler
+//! is polled once in the session and, if it has to wait, goes on in a task of its own, at most
+//! as many at once as the capabilities advertise. A cancel aborts that
 //! request's task; a handler that panics answers that request with an error and the session
 //! goes on; a drain (the proxy's, or [`GrpcServerHandle::drain`] for every session) refuses new
 //! events with [`GrpcRefusal::Draining`] while running ones finish. A message that does not
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::{
@@ -33,6 +35,7 @@ use pool_api::{
     PROTOCOL_VERSION,
 };
 use prost::Message;
+use std::panic::AssertUnwindSafe;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -683,6 +686,28 @@ fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
     proto::AgentFrame { stream_id, body: Some(body) }
 }
 
+/// The answer to request `stream`: its decision (or an error if the decision is over the
+/// message limit), the handler's error, or an error saying the handler panicked.
+fn answer_frame(
+    stream: u64,
+    outcome: std::thread::Result<Result<pool_api::Decision, pool_api::AgentError>>,
+    max_message: usize,
+) -> proto::AgentFrame {
+    match outcome {
+        Ok(Ok(decision)) => {
+            let answer = frame(stream, agent_frame::Body::Decision(decision.into()));
+            let size = answer.encoded_len();
+            if size > max_message {
+                error_frame(stream, GrpcRefusal::DecisionTooLarge { size, limit: max_message }.to_string())
+            } else {
+                answer
+            }
+        }
+        Ok(Err(e)) => error_frame(stream, e.message),
+        Err(_) => error_frame(stream, "the agent's handler panicked".into()),
+    }
+}
+
 fn error_frame(stream_id: u64, message: String) -> proto::AgentFrame {
     frame(stream_id, agent_frame::Body::Error(proto::AgentError { message }))
 }
@@ -766,7 +791,13 @@ impl<H: AgentHandler> Session<H> {
         timeout: Duration,
         limits: &LimitCounters,
     ) -> bool {
-        match out.send_timeout(Ok(frame), timeout).await {
+        // Room at once is the common case: no timer is set for it.
+        let frame = match out.try_send(Ok(frame)) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
+        match out.send_timeout(frame, timeout).await {
             Ok(()) => true,
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 limits.hit(Limit::Write);
@@ -804,18 +835,14 @@ impl<H: AgentHandler> Session<H> {
             tokio::select! {
                 () = &mut stopped => return None,
                 Some(done) = requests.join_next_with_id(), if !requests.is_empty() => {
-                    let (id, panicked) = match done {
-                        Ok((id, ())) => (id, false),
-                        Err(e) => (e.id(), e.is_panic()),
+                    // Finished or aborted (a handler's panic is caught inside its task and
+                    // answered there).
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(e) => e.id(),
                     };
                     if let Some(stream) = streams.remove(&id) {
                         running.remove(&stream);
-                        if panicked {
-                            let answer = error_frame(stream, "the agent's handler panicked".into());
-                            if !Self::write(&self.out, answer, write_timeout, &limits).await {
-                                return None;
-                            }
-                        }
                     }
                 }
                 Some(_) = pushes.join_next(), if !pushes.is_empty() => {}
@@ -861,22 +888,26 @@ impl<H: AgentHandler> Session<H> {
                                     }
                                 }
                             };
-                            let (handler, out, limits) = (self.handler.clone(), self.out.clone(), limits.clone());
+                            // The handler is polled once here: one that decides without
+                            // waiting (most do) is answered without a task of its own. One that
+                            // waits goes on in a task, which a cancel aborts.
+                            let handler = self.handler.clone();
+                            let mut deciding = Box::pin(
+                                AssertUnwindSafe(async move { handler.on_event(event).await }).catch_unwind(),
+                            );
+                            if let Some(outcome) = (&mut deciding).now_or_never() {
+                                drop(permit);
+                                let answer = answer_frame(stream, outcome, max_message);
+                                if !Self::write(&self.out, answer, write_timeout, &limits).await {
+                                    return None;
+                                }
+                                continue;
+                            }
+                            let (out, limits) = (self.out.clone(), limits.clone());
                             let task = requests.spawn(async move {
                                 let _permit = permit;
-                                let answer = match handler.on_event(event).await {
-                                    Ok(decision) => {
-                                        let answer = frame(stream, agent_frame::Body::Decision(decision.into()));
-                                        let size = answer.encoded_len();
-                                        if size > max_message {
-                                            error_frame(stream, GrpcRefusal::DecisionTooLarge { size, limit: max_message }.to_string())
-                                        } else {
-                                            answer
-                                        }
-                                    }
-                                    Err(e) => error_frame(stream, e.message),
-                                };
-                                Self::write(&out, answer, write_timeout, &limits).await;
+                                let outcome = deciding.await;
+                                Self::write(&out, answer_frame(stream, outcome, max_message), write_timeout, &limits).await;
                             });
                             streams.insert(task.id(), stream);
                             running.insert(stream, task);
