@@ -5,9 +5,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::target::GrpcTarget;
 use crate::tls::GrpcClientTls;
@@ -41,14 +46,14 @@ pub(crate) async fn dial(target: &GrpcTarget, tls: Option<&GrpcClientTls>) -> st
 }
 
 /// An accepted connection, holding its place under the server's connection cap until it is
-/// dropped. Once the server is dropped (`killed`), every read and write fails, so the HTTP/2
+/// dropped. Once the server is dropped (its [`KillSwitch`] thrown), every read and write fails, so the HTTP/2
 /// connection task that owns it ends even though tonic spawned it on its own. A peer that
 /// sends nothing within the first-byte deadline (the handshake time-out) is cut the same way:
 /// hyper waits for the HTTP/2 preface without a time-out of its own.
 pub(crate) struct Accepted {
     io: BoxedIo,
     _slot: OwnedSemaphorePermit,
-    killed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    switch: Arc<KillSwitch>,
     /// Until the first byte arrives: the deadline, and what to do when it passes.
     first_byte: Option<(Pin<Box<tokio::time::Sleep>>, FirstByteTimedOut)>,
 }
@@ -60,22 +65,64 @@ impl Accepted {
     pub(crate) fn new(
         io: BoxedIo,
         slot: OwnedSemaphorePermit,
-        mut kill: watch::Receiver<bool>,
+        switches: &KillSwitches,
         (timeout, on_timeout): (std::time::Duration, FirstByteTimedOut),
     ) -> Self {
-        let killed = Box::pin(async move {
-            let _ = kill.wait_for(|killed| *killed).await;
-        });
         let deadline = Box::pin(tokio::time::sleep(timeout));
-        Self { io, _slot: slot, killed, first_byte: Some((deadline, on_timeout)) }
+        Self { io, _slot: slot, switch: switches.add(), first_byte: Some((deadline, on_timeout)) }
     }
 
+    /// Fails once the server was dropped; otherwise arranges to be woken when it is.
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        match self.killed.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the server stopped"))
-            }
-            Poll::Pending => Ok(()),
+        self.switch.waker.register(cx.waker());
+        if self.switch.killed.load(Ordering::Acquire) {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the server stopped"));
+        }
+        Ok(())
+    }
+}
+
+/// Cuts one accepted connection from outside: set, then its task is woken. Checked with an
+/// atomic load on every read and write, so it costs no lock on the hot path.
+#[derive(Debug, Default)]
+pub(crate) struct KillSwitch {
+    killed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// The switches of a server's accepted connections, so that dropping the server cuts them all.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KillSwitches(Arc<Mutex<(bool, Vec<Weak<KillSwitch>>)>>);
+
+impl KillSwitches {
+    /// A switch for a new connection (already thrown if the server is gone).
+    fn add(&self) -> Arc<KillSwitch> {
+        let switch = Arc::new(KillSwitch::default());
+        let mut state = self.0.lock();
+        if state.0 {
+            switch.kill();
+        }
+        state.1.retain(|s| s.strong_count() > 0);
+        state.1.push(Arc::downgrade(&switch));
+        switch
+    }
+
+    /// Cuts every connection, now and to come.
+    pub(crate) fn kill_all(&self) {
+        let switches = {
+            let mut state = self.0.lock();
+            state.0 = true;
+            std::mem::take(&mut state.1)
+        };
+        for switch in switches.iter().filter_map(Weak::upgrade) {
+            switch.kill();
         }
     }
 }

@@ -44,7 +44,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::io::{Accepted, BoxedIo};
+use crate::io::{Accepted, BoxedIo, KillSwitches};
 use crate::streams::StreamMap;
 use crate::tls::GrpcServerTls;
 use crate::wire::agent_protocol_server::{AgentProtocol, AgentProtocolServer, SERVICE_NAME};
@@ -489,7 +489,7 @@ impl GrpcAgentServer {
             .map_err(|e| GrpcServeError::Reflection(e.to_string()))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         // However this future ends (returning, or dropped), connections still open are cut.
-        let kill = KillOnDrop(watch::Sender::new(false));
+        let kill = KillOnDrop(KillSwitches::default());
         let agent = AgentProtocolServer::new(AgentSessions {
             handler: Arc::new(handler),
             config: self.config.clone(),
@@ -504,7 +504,7 @@ impl GrpcAgentServer {
             self.config.clone(),
             self.handle.limits.clone(),
             incoming_tx,
-            (stop_rx, kill.0.subscribe()),
+            (stop_rx, kill.0.clone()),
         )));
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(self.config.keep_alive_interval))
@@ -541,11 +541,11 @@ impl GrpcAgentServer {
 }
 
 /// Cuts every connection of a server when dropped.
-struct KillOnDrop(watch::Sender<bool>);
+struct KillOnDrop(KillSwitches);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        self.0.send_replace(true);
+        self.0.kill_all();
     }
 }
 
@@ -574,7 +574,7 @@ async fn accept_loop(
     config: GrpcServerConfig,
     limits: Arc<LimitCounters>,
     incoming: mpsc::Sender<std::io::Result<Accepted>>,
-    (mut stop, kill): (watch::Receiver<bool>, watch::Receiver<bool>),
+    (mut stop, kill): (watch::Receiver<bool>, KillSwitches),
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let tls = config.tls.as_ref().map(GrpcServerTls::acceptor);
@@ -598,8 +598,7 @@ async fn accept_loop(
             continue;
         };
         let Some(tls) = tls.clone() else {
-            let accepted =
-                Accepted::new(stream, slot, kill.clone(), first_byte(&limits, config.handshake_timeout));
+            let accepted = Accepted::new(stream, slot, &kill, first_byte(&limits, config.handshake_timeout));
             if incoming.send(Ok(accepted)).await.is_err() {
                 break;
             }
@@ -611,7 +610,7 @@ async fn accept_loop(
             match tokio::time::timeout(timeout, tls.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
                     let first_byte = first_byte(&limits, timeout);
-                    let accepted = Accepted::new(Box::new(tls_stream), slot, kill, first_byte);
+                    let accepted = Accepted::new(Box::new(tls_stream), slot, &kill, first_byte);
                     let _ = incoming.send(Ok(accepted)).await;
                 }
                 Ok(Err(e)) => {
