@@ -758,7 +758,13 @@ impl<H: AgentHandler> Session<H> {
                 return;
             }
         };
-        self.handle.sessions.lock().push(self.out.downgrade());
+        {
+            // Sessions that ended are dropped here too, so the list does not grow with
+            // reconnects when nothing is ever broadcast.
+            let mut sessions = self.handle.sessions.lock();
+            sessions.retain(|s| s.upgrade().is_some_and(|s| !s.is_closed()));
+            sessions.push(self.out.downgrade());
+        }
         if let Some(status) = self.serve(inbound, limit).await {
             tracing::debug!(%status, "session ended by an error");
             let _ = self.out.try_send(Err(status));

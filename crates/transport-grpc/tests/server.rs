@@ -297,3 +297,21 @@ async fn a_connection_that_sends_nothing_is_cut_after_the_handshake_timeout() {
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
     assert!(conn.send(request("after")).await.unwrap().is_allow());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_when_their_proxies_close() {
+    let agent = serve(Moody::default(), GrpcServerConfig::default()).await;
+    for _ in 0..5 {
+        let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
+        conn.close();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while agent.handle.session_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} sessions still listed",
+            agent.handle.session_count()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
