@@ -176,8 +176,14 @@ fn default_true() -> bool {
 pub(crate) struct AgentConfig {
     /// The name routes use.
     pub name: String,
-    /// Its endpoints (replicas): `unix:/absolute/path.sock`.
+    /// Its endpoints (replicas): `unix:/absolute/path.sock` (transport-uds), or `grpc://host:port`
+    /// / `grpc+unix:/absolute/path` (transport-grpc); one kind per agent.
     pub endpoints: Vec<String>,
+}
+
+/// True for an endpoint transport-grpc dials (`grpc://`, `grpcs://`, `grpc+unix:`).
+pub(crate) fn is_grpc(endpoint: &str) -> bool {
+    endpoint.starts_with("grpc://") || endpoint.starts_with("grpcs://") || endpoint.starts_with("grpc+unix:")
 }
 
 /// Every problem found in a configuration.
@@ -238,6 +244,13 @@ impl GatewayConfig {
         for (i, a) in self.agents.iter().enumerate() {
             if a.endpoints.is_empty() {
                 p.push(format!("agents[{i}] ({}).endpoints: at least one is required", a.name));
+            }
+            let grpc = a.endpoints.iter().filter(|e| is_grpc(e)).count();
+            if grpc > 0 && grpc < a.endpoints.len() {
+                p.push(format!(
+                    "agents[{i}] ({}).endpoints: all over Unix sockets or all over gRPC, not both",
+                    a.name
+                ));
             }
         }
         let workloads = unique_names(&mut p, "workloads", self.workloads.iter().map(|w| w.name.as_str()));

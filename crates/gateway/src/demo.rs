@@ -1,6 +1,6 @@
 //! What the gateway starts when it runs without a configuration file: an upstream that echoes
-//! what it was asked, and a WAF agent on a Unix socket in a temporary directory, served by
-//! transport-uds's agent side. Both are real servers on real sockets.
+//! what it was asked, and a WAF agent served twice: on a Unix socket in a temporary directory by
+//! transport-uds's agent side, and over gRPC (h2c on a free loopback port) by transport-grpc's. Both are real servers on real sockets.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use pool_api::{Action, AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, HeaderOp};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use transport_grpc::{GrpcAgentServer, GrpcServerConfig};
 use transport_uds::{UdsServer, UdsServerConfig};
 
 /// The demo WAF: blocks `/admin` and everything under it, and requests whose URI carries
@@ -58,8 +59,10 @@ pub(crate) struct Demo {
     pub upstream: SocketAddr,
     /// The demo agent's socket.
     pub agent_socket: PathBuf,
+    /// The same agent served over gRPC (h2c on a free loopback port).
+    pub grpc_endpoint: String,
     _dir: tempfile::TempDir,
-    stop_agent: Option<oneshot::Sender<()>>,
+    stop_agent: Option<(oneshot::Sender<()>, oneshot::Sender<()>)>,
     agent: tokio::task::JoinHandle<()>,
     upstream_task: tokio::task::JoinHandle<()>,
 }
@@ -77,16 +80,36 @@ impl Demo {
             .await
             .map_err(std::io::Error::other)?;
         let (stop_agent, stopped) = oneshot::channel::<()>();
-        let agent = tokio::spawn(server.serve(DemoWaf, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Demo { upstream, agent_socket, _dir: dir, stop_agent: Some(stop_agent), agent, upstream_task })
+        let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
+        let grpc = GrpcAgentServer::bind_tcp(([127, 0, 0, 1], 0).into(), GrpcServerConfig::default())
+            .await
+            .map_err(std::io::Error::other)?;
+        let grpc_endpoint = grpc.endpoint().to_string();
+        let agent = tokio::spawn(async move {
+            let uds = server.serve(DemoWaf, async move {
+                let _ = stopped.await;
+            });
+            let grpc = grpc.serve(DemoWaf, async move {
+                let _ = grpc_stopped.await;
+            });
+            let _ = tokio::join!(uds, grpc);
+        });
+        Ok(Demo {
+            upstream,
+            agent_socket,
+            grpc_endpoint,
+            _dir: dir,
+            stop_agent: Some((stop_agent, stop_grpc)),
+            agent,
+            upstream_task,
+        })
     }
 
     /// Stops the agent (draining what it is doing) and the upstream.
     pub(crate) async fn stop(mut self) {
-        if let Some(stop) = self.stop_agent.take() {
-            let _ = stop.send(());
+        if let Some((uds, grpc)) = self.stop_agent.take() {
+            let _ = uds.send(());
+            let _ = grpc.send(());
         }
         let _ = (&mut self.agent).await;
         self.upstream_task.abort();

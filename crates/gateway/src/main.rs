@@ -31,6 +31,7 @@ use pool_api::Lifecycle;
 use pool_core::{AgentPool, AgentSpec};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+use transport_grpc::{GrpcConnector, GrpcConnectorConfig};
 use transport_uds::UdsConnector;
 
 use crate::admin::Admin;
@@ -276,7 +277,11 @@ fn listener_names(config: &GatewayConfig) -> Vec<(String, String)> {
 }
 
 async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), pool_core::PoolError> {
-    let spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
+    let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
+    if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
+        // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector.
+        spec = spec.connector(Arc::new(GrpcConnector::new(GrpcConnectorConfig::default())));
+    }
     let report = pool.add_agent(spec).await?;
     tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "agent added");
     Ok(())
@@ -358,7 +363,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             host: None,
             path_prefix: "/".into(),
             upstream: "demo".into(),
-            agents: vec!["waf".into()],
+            agents: vec!["waf".into(), "waf-grpc".into()],
             failure_mode: pool_core::FailureMode::Closed,
             workload: None,
         }],
@@ -369,10 +374,13 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             max_failures: 3,
             eject_for: std::time::Duration::from_secs(10),
         }],
-        agents: vec![AgentConfig {
-            name: "waf".into(),
-            endpoints: vec![format!("unix:{}", demo.agent_socket.display())],
-        }],
+        agents: vec![
+            AgentConfig {
+                name: "waf".into(),
+                endpoints: vec![format!("unix:{}", demo.agent_socket.display())],
+            },
+            AgentConfig { name: "waf-grpc".into(), endpoints: vec![demo.grpc_endpoint.clone()] },
+        ],
         workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),

@@ -80,6 +80,8 @@ async fn the_demo_serves_allows_blocks_reports_and_stops_cleanly() {
     assert!(metrics.contains("gateway_requests_total{route=\"demo\",status=\"200\"} 1"), "{metrics}");
     assert!(metrics.contains("gateway_requests_total{route=\"demo\",status=\"403\"} 2"), "{metrics}");
     assert!(metrics.contains("agentpool_requests_total{agent=\"waf\"} 3"), "{metrics}");
+    // The same WAF over gRPC is asked second: only about the request the first one allowed.
+    assert!(metrics.contains("agentpool_requests_total{agent=\"waf-grpc\"} 1"), "{metrics}");
 
     let (status, _, json) = get(&admin, "/status").await;
     assert_eq!(status, 200);
@@ -87,7 +89,9 @@ async fn the_demo_serves_allows_blocks_reports_and_stops_cleanly() {
     assert_eq!(status["agents"][0]["id"], "waf");
     assert_eq!(status["agents"][0]["healthy"], true);
     assert_eq!(status["agents"][0]["in_flight"], 0);
-    assert_eq!(status["routes"][0]["agents"][0], "waf");
+    assert_eq!(status["agents"][1]["id"], "waf-grpc");
+    assert_eq!(status["agents"][1]["healthy"], true);
+    assert_eq!(status["routes"][0]["agents"][1], "waf-grpc");
 
     let (exit, out) = stop_gateway(child).await;
     assert!(exit.success(), "a clean drain exits 0: {exit}\n{out}");

@@ -58,6 +58,9 @@
 //!   configuration and reports (capabilities, health, event kinds, reasons, container states).
 //! * `proto` — the wire schema (`proto/agentpool/v1/agent.proto`) as prost messages in
 //!   [`proto`], with checked conversions; compiled by protox, so no `protoc`.
+//! * `streams` — `streams::PendingRequests`, the proxy side's table of requests waiting for
+//!   answers by stream id (register, answer, cancel by correlation id, fail all on close),
+//!   shared by the multiplexing transports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -73,6 +76,8 @@ pub mod proto;
 mod runtime;
 mod service;
 mod signals;
+#[cfg(feature = "streams")]
+pub mod streams;
 mod transport;
 
 pub use capabilities::{Capabilities, Features, Hello, PROTOCOL_VERSION};

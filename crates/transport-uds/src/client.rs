@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use pool_api::proto::{self, agent_frame, proxy_frame};
+use pool_api::streams::PendingRequests;
 use pool_api::{
     AgentConnection, AgentError, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
     ConfigUpdateAnswer, ConfigUpdateRequest, ConnectionSignals, Connector, CorrelationId, Decision, Endpoint,
@@ -342,7 +343,7 @@ struct Core {
 struct Outgoing {
     codec: FrameCodec<FromAgent, proto::ProxyFrame>,
     buf: BytesMut,
-    pending: StreamMap<PendingRequest>,
+    pending: PendingRequests,
     /// Requests whose frames are in `buf` (the others in `pending` are on the wire).
     queued: usize,
     pings: StreamMap<(Instant, oneshot::Sender<Duration>)>,
@@ -471,7 +472,7 @@ impl UdsConnection {
             out: Mutex::new(Outgoing {
                 codec,
                 buf: BytesMut::new(),
-                pending: StreamMap::default(),
+                pending: PendingRequests::new(),
                 queued: 0,
                 pings: StreamMap::default(),
                 pushes: HashMap::new(),
@@ -520,11 +521,9 @@ impl Drop for AbandonGuard {
         if !self.answered {
             let stream = self.stream;
             self.core.with(|out| {
-                if let Some(p) = out.pending.remove(&stream) {
-                    let cancel = pool_api::Cancel {
-                        correlation_id: p.correlation_id,
-                        reason: CancelReason::Abandoned,
-                    };
+                if let Some(waiter) = out.pending.take(stream) {
+                    let correlation_id = waiter.into_correlation_id();
+                    let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Abandoned };
                     out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
                 }
             });
@@ -559,8 +558,7 @@ impl AgentConnection for UdsConnection {
         let (reply, answer) = oneshot::channel();
         let queued = self.with(|out| match out.codec.encode_event(stream, &event, &mut out.buf) {
             Ok(()) => {
-                let correlation_id = event.correlation_id().clone();
-                out.pending.insert(stream, PendingRequest { correlation_id, reply });
+                out.pending.insert(stream, event.correlation_id().clone(), reply);
                 out.queued += 1;
                 Ok(())
             }
@@ -571,8 +569,7 @@ impl AgentConnection for UdsConnection {
             Err(e) => {
                 // As a failed write: the connection ends and this request fails with it.
                 out.stop.get_or_insert(format!("write failed: {e}"));
-                let correlation_id = event.correlation_id().clone();
-                out.pending.insert(stream, PendingRequest { correlation_id, reply });
+                out.pending.insert(stream, event.correlation_id().clone(), reply);
                 out.queued += 1;
                 Ok(())
             }
@@ -594,18 +591,13 @@ impl AgentConnection for UdsConnection {
 
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
         let _ = self.with(|out| {
-            let streams: Vec<u64> = out
-                .pending
-                .iter()
-                .filter(|(_, p)| p.correlation_id == *correlation_id)
-                .map(|(s, _)| *s)
-                .collect();
-            for stream in streams {
-                if let Some(p) = out.pending.remove(&stream) {
-                    let _ = p.reply.send(Err(TransportError::Cancelled(reason)));
-                    let cancel = pool_api::Cancel { correlation_id: p.correlation_id, reason };
-                    out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
-                }
+            let mut cancelled = Vec::new();
+            out.pending.cancel(correlation_id, reason, |stream, correlation_id| {
+                cancelled.push((stream, correlation_id));
+            });
+            for (stream, correlation_id) in cancelled {
+                let cancel = pool_api::Cancel { correlation_id, reason };
+                out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
             }
         });
     }
@@ -680,11 +672,6 @@ impl AgentConnection for UdsConnection {
             out.stop.get_or_insert_with(|| "closed by the proxy".into());
         });
     }
-}
-
-struct PendingRequest {
-    correlation_id: CorrelationId,
-    reply: oneshot::Sender<Result<Decision, TransportError>>,
 }
 
 /// Records one metric an agent reported as the gauge `agentpool_agent_metric`, labelled with
@@ -769,11 +756,11 @@ impl Task {
                         // An answer to a request cancelled or abandoned meanwhile is simply late.
                         let (waiting, orphaned) = {
                             let mut out = core.lock();
-                            let waiting = out.pending.remove(&stream_id);
+                            let waiting = out.pending.take(stream_id);
                             (waiting, out.orphaned && out.pending.is_empty())
                         };
-                        if let Some(p) = waiting {
-                            let _ = p.reply.send(Ok(decision));
+                        if let Some(waiter) = waiting {
+                            waiter.answer(Ok(decision));
                         }
                         if orphaned {
                             break Stop::Closed("every handle was dropped".into());
@@ -804,15 +791,9 @@ impl Task {
             let mut out = self.core.lock();
             out.closed = true;
             out.buf = BytesMut::new();
-            (
-                std::mem::take(&mut out.pending),
-                std::mem::take(&mut out.pings),
-                std::mem::take(&mut out.pushes),
-            )
+            (out.pending.take_all(), std::mem::take(&mut out.pings), std::mem::take(&mut out.pushes))
         };
-        for (_, p) in pending {
-            let _ = p.reply.send(Err(error.clone()));
-        }
+        pending.fail(&error);
         drop((pings, pushes));
         self.updates = None;
     }
@@ -825,15 +806,15 @@ impl Task {
             Some(Body::Decision(d)) => {
                 let decision = Decision::try_from(d).map_err(|e| protocol(e.to_string()))?;
                 // An answer to a request cancelled or abandoned meanwhile is simply late.
-                let waiting = self.core.lock().pending.remove(&stream);
-                if let Some(p) = waiting {
-                    let _ = p.reply.send(Ok(decision));
+                let waiting = self.core.lock().pending.take(stream);
+                if let Some(waiter) = waiting {
+                    waiter.answer(Ok(decision));
                 }
             }
             Some(Body::Error(e)) => {
-                let waiting = self.core.lock().pending.remove(&stream);
-                if let Some(p) = waiting {
-                    let _ = p.reply.send(Err(TransportError::Agent(AgentError::new(e.message))));
+                let waiting = self.core.lock().pending.take(stream);
+                if let Some(waiter) = waiting {
+                    waiter.answer(Err(TransportError::Agent(AgentError::new(e.message))));
                 }
             }
             Some(Body::Pong(_)) => {

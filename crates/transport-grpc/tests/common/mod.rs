@@ -1,0 +1,83 @@
+//! What the integration tests share: a test CA, a running agent, a request.
+#![allow(dead_code, unreachable_pub)]
+
+use http::{Method, Uri};
+use pool_api::{
+    AgentConnection, AgentHandler, Connector, Endpoint, Event, Hello, RequestHeaders, TransportError,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use transport_grpc::{GrpcAgentServer, GrpcServerConfig, GrpcServerHandle};
+
+/// A CA that issues certificates, PEM.
+pub struct TestCa {
+    pub pem: String,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+pub struct Pair {
+    pub cert: String,
+    pub key: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        TestCa { pem: ca.pem(), ca }
+    }
+
+    pub fn issue(&self, names: &[&str]) -> Pair {
+        self.issue_with(names, |_| {})
+    }
+
+    pub fn issue_with(&self, names: &[&str], edit: impl FnOnce(&mut CertificateParams)) -> Pair {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        edit(&mut params);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        Pair { cert: cert.pem(), key: key.serialize_pem() }
+    }
+}
+
+/// A running agent; stopped (abruptly) when dropped.
+pub struct Agent {
+    pub endpoint: Endpoint,
+    pub handle: GrpcServerHandle,
+    _stop: oneshot::Sender<()>,
+}
+
+pub async fn serve<H: AgentHandler>(handler: H, config: GrpcServerConfig) -> Agent {
+    let server = GrpcAgentServer::bind_tcp(([127, 0, 0, 1], 0).into(), config).await.expect("bind");
+    start(server, handler)
+}
+
+pub fn start<H: AgentHandler>(server: GrpcAgentServer, handler: H) -> Agent {
+    let endpoint = server.endpoint();
+    let handle = server.handle();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server.serve(handler, async move {
+        let _ = stopped.await;
+    }));
+    Agent { endpoint, handle, _stop: stop }
+}
+
+pub async fn connect(
+    connector: &dyn Connector,
+    endpoint: &Endpoint,
+) -> Result<Arc<dyn AgentConnection>, TransportError> {
+    connector.connect(endpoint).await?.handshake(Hello::new("test-proxy")).await
+}
+
+pub fn request(id: &str) -> Event {
+    Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static("/")))
+}
+
+pub fn request_to(id: &str, path: &'static str) -> Event {
+    Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static(path)))
+}
