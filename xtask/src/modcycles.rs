@@ -582,7 +582,7 @@ mod tests {
             ("lib.rs", "mod a;\nmod b;\nmod c;\n#[cfg(test)]\nmod tests;\npub use c::Thing;\n"),
             ("a.rs", "mod inner;\n"),
             ("a/inner.rs", "use crate::b::B;\n"),
-            ("b/mod.rs", "pub struct B;\nfn f() -> crate::Thing { todo!() }\n"),
+            ("b/mod.rs", "pub struct B;\nfn f(thing: crate::Thing) -> crate::Thing { thing }\n"),
             ("c.rs", "pub struct Thing;\nuse super::a;\n"),
             ("tests.rs", "use crate::a; use crate::b; use crate::c;\n"),
         ]);
