@@ -16,6 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use transport_uds::{UdsServer, UdsServerConfig};
 
+mod common;
+use common::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 #[derive(Clone, Default)]
@@ -62,10 +65,6 @@ impl AgentHandler for Phases {
             _ => Decision::allow(),
         })
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn get(addr: &str, target: &str) -> (u16, String) {
@@ -133,15 +132,7 @@ async fn request_response_and_completion_reach_the_agent_and_its_answers_apply()
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if TcpStream::connect(&admin).await.is_ok() && get(&admin, "/readyz").await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the gateway was not ready within 30 s");
+    common::wait_ready(&admin).await;
 
     let (status, text) = get(&listen, "/page").await;
     assert_eq!(status, 200, "{text}");

@@ -15,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use transport_uds::{UdsServer, UdsServerConfig};
 
+mod common;
+use common::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 const LIMIT: u64 = 1000;
 
@@ -62,10 +65,6 @@ async fn echo_upstream() -> std::net::SocketAddr {
         }
     });
     addr
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Sends raw request bytes; returns (status, body).
@@ -127,16 +126,7 @@ async fn bodies_are_inspected_chunk_by_chunk_refused_masked_and_limited() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let ready = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    let mut up = false;
-    for _ in 0..300 {
-        if TcpStream::connect(&admin).await.is_ok() && send(&admin, ready).await.0 == 200 {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the gateway was not ready within 30 s");
+    common::wait_ready(&admin).await;
 
     assert_eq!(send(&listen, &post("hello world")).await, (200, "hello world".into()));
     assert_eq!(send(&listen, &chunked(&["one ", "two ", "three"])).await, (200, "one two three".into()));

@@ -8,12 +8,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+mod common;
+use common::free_port;
 
-/// A free loopback port (bound and released: good enough on a test machine).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 /// One HTTP/1.1 request over a fresh connection; returns (status, lower-cased head, body).
 async fn get(addr: &str, target: &str) -> (u16, String, String) {
@@ -34,7 +32,7 @@ async fn wait_ready(admin: &str, child: &mut Child) {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the gateway exited early: {status}");
         }
-        if TcpStream::connect(admin).await.is_ok() && get(admin, "/readyz").await.0 == 200 {
+        if common::is_ready(admin).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

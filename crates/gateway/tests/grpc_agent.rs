@@ -2,7 +2,6 @@
 //! socket) consulted by the gateway through pool-core and transport-grpc's connector.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use http::StatusCode;
 use pool_api::{AgentError, AgentHandler, Capabilities, Decision, Event, EventKind};
@@ -10,6 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use transport_grpc::{GrpcAgentServer, GrpcServerConfig};
+
+mod common;
+use common::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
@@ -28,10 +30,6 @@ impl AgentHandler for DenyAdmin {
             _ => Decision::allow(),
         })
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn get(addr: &str, target: &str) -> u16 {
@@ -91,15 +89,7 @@ async fn a_grpc_agent_decides_on_the_gateway_s_requests() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if get(&admin, "/readyz").await == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the gateway was not ready within 30 s");
+    common::wait_ready(&admin).await;
     assert_eq!(get(&listen, "/page").await, 200);
     assert_eq!(get(&listen, "/admin/x").await, 403);
     let _ = stop.send(());

@@ -9,11 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+mod common;
+use common::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 async fn get(addr: &str, target: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
@@ -52,15 +51,7 @@ async fn prometheus_scrapes_the_gateway_and_promtool_accepts_its_metrics() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if get(&admin, "/readyz").await.is_some_and(|(s, _)| s == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the gateway was not ready within 30 s");
+    common::wait_ready(&admin).await;
     for _ in 0..3 {
         assert_eq!(get(&listen, "/hello").await.unwrap().0, 200);
     }

@@ -2,18 +2,16 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+mod common;
+use common::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 async fn plain_get(addr: &str, target: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
@@ -81,15 +79,7 @@ async fn a_tls_listener_serves_https_and_check_reports_a_missing_key() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if plain_get(&admin, "/readyz").await == Some(200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the gateway was not ready within 30 s");
+    common::wait_ready(&admin).await;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();

@@ -10,11 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+mod common;
+use common::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 async fn get(addr: &str, target: &str) -> (u16, String) {
     let Ok(mut stream) = TcpStream::connect(addr).await else { return (0, String::new()) };
@@ -84,15 +83,7 @@ async fn a_sleeping_container_is_woken_by_a_request_and_put_back_to_sleep_when_i
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if get(&admin, "/readyz").await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the gateway was not ready within 30 s");
+    common::wait_ready(&admin).await;
     assert!(!running(&engine, container.name()).await, "asleep before the first request");
 
     // The first request wakes it (held until healthy), and is answered by it.
