@@ -61,6 +61,9 @@
 //! * `streams` — `streams::PendingRequests`, the proxy side's table of requests waiting for
 //!   answers by stream id (register, answer, cancel by correlation id, fail all on close),
 //!   shared by the multiplexing transports.
+//! * `wire` (implies `proto`) — `wire::encode_event`, `wire::encode_decision` and their
+//!   decoders: the hot messages straight between these types and protobuf bytes, byte for byte
+//!   prost's encoding, shared by both transports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -79,6 +82,8 @@ mod signals;
 #[cfg(feature = "streams")]
 pub mod streams;
 mod transport;
+#[cfg(feature = "wire")]
+pub mod wire;
 
 pub use capabilities::{Capabilities, Features, Hello, PROTOCOL_VERSION};
 pub use config::{ConfigAck, ConfigPush, ConfigUpdateAnswer, ConfigUpdateKind, ConfigUpdateRequest};

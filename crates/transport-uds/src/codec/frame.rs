@@ -25,7 +25,7 @@ pub(crate) const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 pub(crate) const RESERVE_AHEAD: usize = 64 * 1024;
 
 /// Bytes of a frame's length.
-const HEAD: usize = 4;
+pub(super) const HEAD: usize = 4;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

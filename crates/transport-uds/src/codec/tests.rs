@@ -4,8 +4,8 @@ use pool_api::proto::{AgentFrame, Ping, ProxyFrame, proxy_frame};
 use prost::Message;
 use tokio_util::codec::{Decoder, Encoder};
 
-use super::decode;
 use super::{FrameCodec, FrameError, FromAgent, Inbound, RESERVE_AHEAD};
+use pool_api::wire;
 
 #[test]
 fn a_frame_round_trips() {
@@ -219,7 +219,7 @@ proptest::proptest! {
         let mut buf = BytesMut::new();
         proxy.encode_event(stream_id, &event, &mut buf).unwrap();
         let body = bytes::Bytes::copy_from_slice(&buf[4..]);
-        let direct = decode::request_headers(&body);
+        let direct = wire::decode_request_headers(&body);
         if matches!(event, pool_api::Event::RequestHeaders(_)) {
             proptest::prop_assert!(direct.is_some(), "canonical request headers take the direct path");
         }
@@ -239,7 +239,7 @@ proptest::proptest! {
         data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
     ) {
         let body = bytes::Bytes::from(data);
-        if let Some(direct) = decode::request_headers(&body) {
+        if let Some(direct) = wire::decode_request_headers(&body) {
             let reference = reference(body);
             let same = match (&direct, &reference) {
                 ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -267,7 +267,7 @@ fn mutated_canonical_frames_decode_alike_both_ways() {
             let mut mutated = body.clone();
             mutated[i] ^= flip;
             let mutated = mutated.freeze();
-            if let Some(direct) = decode::request_headers(&mutated) {
+            if let Some(direct) = wire::decode_request_headers(&mutated) {
                 let reference = reference(mutated);
                 let same = match (&direct, &reference) {
                     ((a, Ok(x)), Some((b, Ok(y)))) => a == b && x == y,
@@ -374,7 +374,7 @@ fn reference_decision(frame: bytes::Bytes) -> Option<(u64, Result<String, ()>)> 
 }
 
 fn direct_decision_agrees(body: bytes::Bytes) -> Result<(), String> {
-    if let Some((stream_id, decision)) = decode::decision(&body) {
+    if let Some((stream_id, decision)) = wire::decode_decision(&body) {
         let reference = reference_decision(body);
         if reference != Some((stream_id, Ok(format!("{decision:?}")))) {
             return Err(format!("direct {decision:?} vs prost {reference:?}"));
@@ -399,7 +399,7 @@ proptest::proptest! {
         agent.encode_decision(stream_id, &decision, &mut buf).unwrap();
         let body = bytes::Bytes::copy_from_slice(&buf[4..]);
         if canonical_decision_kinds_take_the_direct_path(&decision) {
-            proptest::prop_assert!(decode::decision(&body).is_some(), "{:?} takes the direct path", decision);
+            proptest::prop_assert!(wire::decode_decision(&body).is_some(), "{:?} takes the direct path", decision);
         }
         direct_decision_agrees(body).map_err(proptest::test_runner::TestCaseError::fail)?;
         // The proxy's codec reads it back, whichever path it takes.
@@ -458,7 +458,7 @@ fn mutated_decision_frames_decode_alike_both_ways() {
         let mut buf = BytesMut::new();
         agent.encode_decision(300, &decision, &mut buf).unwrap();
         let body = buf.split_off(4);
-        assert!(decode::decision(&body.clone().freeze()).is_some(), "{decision:?}");
+        assert!(wire::decode_decision(&body.clone().freeze()).is_some(), "{decision:?}");
         for i in 0..body.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut mutated = body.clone();

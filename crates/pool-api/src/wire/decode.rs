@@ -1,6 +1,5 @@
 //! Fast decoding of the two hot messages — a `RequestHeaders` event on the agent side, a
-//! `Decision` on the proxy side — without building the schema's messages first, and the two
-//! frame types that carry the result ([`Inbound`], [`FromAgent`]).
+//! `Decision` on the proxy side — without building the schema's messages first.
 //!
 //! The frame is walked as a byte slice; only what the `pool-api` value keeps (the URI, header
 //! values, bodies) becomes a `Bytes` sharing the read buffer. Only the canonical encoding (what
@@ -8,83 +7,16 @@
 //! this path; anything else returns `None` and is decoded by prost, so both paths always
 //! agree. The field numbers come from [`fields`](super::fields).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
-use pool_api::proto::{self, ProtoError};
-use pool_api::{Action, Audit, Decision, HeaderOp};
-use prost::Message;
-use tokio_util::codec::Decoder;
+
+use crate::proto::ProtoError;
+use crate::{Action, Audit, Decision, HeaderOp};
 
 use super::fields::{
     agent_frame, audit, block, decision, event, header, header_op, key_value, proxy_frame, redirect,
     request_headers as request,
 };
-use super::frame::{FrameCodec, FrameError};
-
-/// A frame the agent side reads: a request-headers event decoded straight from the frame's
-/// bytes into the `pool-api` type (header values and the URI share the read buffer), or any
-/// other message as the schema decodes it.
-#[derive(Debug)]
-pub(crate) enum Inbound {
-    /// An event, already converted; an invalid one carries why.
-    Event {
-        /// The request's stream id.
-        stream_id: u64,
-        /// The event, or what is wrong with it.
-        event: Result<pool_api::Event, ProtoError>,
-    },
-    /// Any other frame.
-    Frame(proto::ProxyFrame),
-}
-
-impl<Out> Decoder for FrameCodec<Inbound, Out> {
-    type Item = Inbound;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
-        let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, event)) = request_headers(&frame) {
-            return Ok(Some(Inbound::Event { stream_id, event }));
-        }
-        let frame = proto::ProxyFrame::decode(frame)?;
-        Ok(Some(match frame {
-            proto::ProxyFrame { stream_id, body: Some(proto::proxy_frame::Body::Event(e)) } => {
-                Inbound::Event { stream_id, event: pool_api::Event::try_from(e) }
-            }
-            other => Inbound::Frame(other),
-        }))
-    }
-}
-
-/// A frame the proxy side reads: a decision decoded straight from the frame's bytes into the
-/// `pool-api` type (header values and bodies share the read buffer), or any other message as
-/// the schema decodes it (a decision that does not take the direct path stays a frame, to be
-/// converted like any other).
-#[derive(Debug)]
-pub(crate) enum FromAgent {
-    /// The decision answering request `stream_id`.
-    Decision {
-        /// The request's stream id.
-        stream_id: u64,
-        /// The agent's decision.
-        decision: Decision,
-    },
-    /// Any other frame.
-    Frame(proto::AgentFrame),
-}
-
-impl<Out> Decoder for FrameCodec<FromAgent, Out> {
-    type Item = FromAgent;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<FromAgent>, FrameError> {
-        let Some(frame) = self.next_frame(src)? else { return Ok(None) };
-        if let Some((stream_id, decision)) = decision(&frame) {
-            return Ok(Some(FromAgent::Decision { stream_id, decision }));
-        }
-        Ok(Some(FromAgent::Frame(proto::AgentFrame::decode(frame)?)))
-    }
-}
 
 const M: &str = "RequestHeaders";
 
@@ -176,7 +108,7 @@ fn frame_body(frame: &[u8], body_tag: u32) -> Option<(u64, &[u8])> {
 }
 
 /// `ProxyFrame { stream_id, event { request_headers { … } } }`.
-pub(super) fn request_headers(frame: &Bytes) -> Option<(u64, Result<pool_api::Event, ProtoError>)> {
+pub(super) fn request_headers(frame: &Bytes) -> Option<(u64, Result<crate::Event, ProtoError>)> {
     let (stream_id, mut event) = frame_body(frame, proxy_frame::EVENT)?;
     let Field::Bytes(event::REQUEST_HEADERS, fields) = field(&mut event)? else { return None };
     if !event.is_empty() {
@@ -203,7 +135,7 @@ fn pair(mut buf: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Checks the fields (`None`: not canonical) and converts them as `TryFrom` does, in one
 /// pass after counting the headers (so the map is made at its size once). Errors are
 /// reported in `TryFrom`'s order: address, method, URI, then the first bad header.
-fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<pool_api::Event, ProtoError>> {
+fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<crate::Event, ProtoError>> {
     let mut headers = 0;
     let mut buf = fields;
     while !buf.is_empty() {
@@ -213,7 +145,7 @@ fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<pool_api::Event, ProtoEr
     let (mut id, mut method, mut uri, mut addr): (&[u8], &[u8], &[u8], &[u8]) = (&[], &[], &[], &[]);
     let mut map = HeaderMap::with_capacity(headers);
     let mut header_error = None;
-    let mut metadata = pool_api::Metadata::new();
+    let mut metadata = crate::Metadata::new();
     let mut buf = fields;
     while let Some(Field::Bytes(tag, b)) = field(&mut buf) {
         match tag {
@@ -266,8 +198,8 @@ fn convert(
     headers: HeaderMap,
     header_error: Option<ProtoError>,
     addr: &str,
-    metadata: pool_api::Metadata,
-) -> Result<pool_api::Event, ProtoError> {
+    metadata: crate::Metadata,
+) -> Result<crate::Event, ProtoError> {
     let client_addr =
         if addr.is_empty() { None } else { Some(addr.parse().map_err(|e| bad("client_addr", e))?) };
     let method = Method::from_bytes(method).map_err(|e| bad("method", e))?;
@@ -275,7 +207,7 @@ fn convert(
     if let Some(e) = header_error {
         return Err(e);
     }
-    Ok(pool_api::Event::RequestHeaders(pool_api::RequestHeaders {
+    Ok(crate::Event::RequestHeaders(crate::RequestHeaders {
         correlation_id: id.into(),
         method,
         uri,

@@ -10,11 +10,12 @@
 //! members are written even when empty, and `optional` fields are written when present.
 
 use bytes::BytesMut;
-use pool_api::proto;
+use prost::Message;
 use prost::encoding::{WireType, encoded_len_varint, key_len};
 
+use super::TooLarge;
 use super::fields::{agent_frame, event, header, key_value, proxy_frame, request_headers, response_headers};
-use super::frame::{FrameCodec, FrameError};
+use crate::proto;
 
 /// Writes a frame whose size is known in advance into room already made in the buffer: plain
 /// stores for keys and varints, one copy per string or bytes field.
@@ -53,89 +54,117 @@ impl Writer<'_> {
     }
 }
 
-/// Checks `size` against the codec's limit, writes the frame's length and returns a writer over
-/// `size` bytes made for the body.
-fn frame<'a, In, Out>(
-    codec: &FrameCodec<In, Out>,
+/// Room reserved for a framing's head in front of a message (the UDS length is 4 bytes).
+const HEAD_ROOM: usize = 8;
+
+/// Checks `size` against `limit`, makes room, lets `head` write the framing's prefix and
+/// returns a writer over `size` bytes made for the message.
+fn frame(
     size: usize,
-    dst: &'a mut BytesMut,
-) -> Result<Writer<'a>, FrameError> {
-    codec.header(size, dst)?;
+    limit: usize,
+    dst: &mut BytesMut,
+    head: impl FnOnce(usize, &mut BytesMut),
+) -> Result<Writer<'_>, TooLarge> {
+    if size > limit {
+        return Err(TooLarge { size, limit });
+    }
+    dst.reserve(HEAD_ROOM + size);
+    head(size, dst);
     let start = dst.len();
     dst.resize(start + size, 0);
     Ok(Writer { buf: &mut dst[start..], pos: 0 })
 }
 
-impl<In> FrameCodec<In, proto::ProxyFrame> {
-    /// Encodes request `stream_id`'s event from a borrowed value, byte for byte what
-    /// `ProxyFrame { stream_id, body: Event(event.into()) }` encodes to: headers events
-    /// directly, other events converted from a clone.
-    pub(crate) fn encode_event(
-        &self,
-        stream_id: u64,
-        event: &pool_api::Event,
-        dst: &mut BytesMut,
-    ) -> Result<(), FrameError> {
-        match event {
-            pool_api::Event::RequestHeaders(h) => {
-                let uri = UriText::new(&h.uri);
-                let addr = AddrText::new(h.client_addr);
-                let fields = RequestFields { h, uri: &uri, addr: addr.as_str() };
-                let len = fields.len();
-                let mut dst = frame(self, frame_len(stream_id, event::REQUEST_HEADERS, len), dst)?;
-                frame_prefix(stream_id, event::REQUEST_HEADERS, len, &mut dst);
-                fields.write(&mut dst);
-                dst.finish();
-                Ok(())
-            }
-            pool_api::Event::ResponseHeaders(h) => {
-                let fields = ResponseFields { h };
-                let len = fields.len();
-                let mut dst = frame(self, frame_len(stream_id, event::RESPONSE_HEADERS, len), dst)?;
-                frame_prefix(stream_id, event::RESPONSE_HEADERS, len, &mut dst);
-                fields.write(&mut dst);
-                dst.finish();
-                Ok(())
-            }
-            other => {
-                let frame = proto::ProxyFrame {
-                    stream_id,
-                    body: Some(proto::proxy_frame::Body::Event(other.clone().into())),
-                };
-                self.encode_message(&frame, dst)
-            }
+/// Encodes any message of the schema with prost, after the same checks as [`frame`].
+fn message(
+    message: &impl Message,
+    limit: usize,
+    dst: &mut BytesMut,
+    head: impl FnOnce(usize, &mut BytesMut),
+) -> Result<(), TooLarge> {
+    let size = message.encoded_len();
+    if size > limit {
+        return Err(TooLarge { size, limit });
+    }
+    dst.reserve(HEAD_ROOM + size);
+    head(size, dst);
+    message.encode(dst).expect("room was reserved");
+    Ok(())
+}
+
+/// Encodes request `stream_id`'s event from a borrowed value into `dst`, byte for byte what
+/// `ProxyFrame { stream_id, body: Event(event.into()) }` encodes to: headers events directly,
+/// other events converted from a clone (body chunks share their bytes).
+///
+/// The message's size is computed first; over `limit` nothing is written and the error says
+/// by how much. Otherwise `head` is called with the size to write the framing's prefix (a
+/// length, or nothing), then the message follows it.
+pub fn encode_event(
+    stream_id: u64,
+    event: &crate::Event,
+    limit: usize,
+    dst: &mut BytesMut,
+    head: impl FnOnce(usize, &mut BytesMut),
+) -> Result<(), TooLarge> {
+    match event {
+        crate::Event::RequestHeaders(h) => {
+            let uri = UriText::new(&h.uri);
+            let addr = AddrText::new(h.client_addr);
+            let fields = RequestFields { h, uri: &uri, addr: addr.as_str() };
+            let len = fields.len();
+            let mut dst = frame(frame_len(stream_id, event::REQUEST_HEADERS, len), limit, dst, head)?;
+            frame_prefix(stream_id, event::REQUEST_HEADERS, len, &mut dst);
+            fields.write(&mut dst);
+            dst.finish();
+            Ok(())
+        }
+        crate::Event::ResponseHeaders(h) => {
+            let fields = ResponseFields { h };
+            let len = fields.len();
+            let mut dst = frame(frame_len(stream_id, event::RESPONSE_HEADERS, len), limit, dst, head)?;
+            frame_prefix(stream_id, event::RESPONSE_HEADERS, len, &mut dst);
+            fields.write(&mut dst);
+            dst.finish();
+            Ok(())
+        }
+        other => {
+            let frame = proto::ProxyFrame {
+                stream_id,
+                body: Some(proto::proxy_frame::Body::Event(other.clone().into())),
+            };
+            message(&frame, limit, dst, head)
         }
     }
 }
 
-impl<In> FrameCodec<In, proto::AgentFrame> {
-    /// Encodes the answer to request `stream_id` from a borrowed decision, byte for byte what
-    /// `AgentFrame { stream_id, body: Decision(decision.into()) }` encodes to.
-    pub(crate) fn encode_decision(
-        &self,
-        stream_id: u64,
-        decision: &pool_api::Decision,
-        dst: &mut BytesMut,
-    ) -> Result<(), FrameError> {
-        let fields = decision::len(decision);
-        let stream =
-            if stream_id == 0 { 0 } else { key_len(agent_frame::STREAM_ID) + encoded_len_varint(stream_id) };
-        let mut dst = frame(self, stream + msg_len(agent_frame::DECISION, fields), dst)?;
-        if stream_id != 0 {
-            dst.key(agent_frame::STREAM_ID, WireType::Varint);
-            dst.varint(stream_id);
-        }
-        put_msg_header(agent_frame::DECISION, fields, &mut dst);
-        decision::write(decision, &mut dst);
-        dst.finish();
-        Ok(())
+/// Encodes the answer to request `stream_id` from a borrowed decision into `dst`, byte for
+/// byte what `AgentFrame { stream_id, body: Decision(decision.into()) }` encodes to, with the
+/// same size check and `head` as [`encode_event`].
+pub fn encode_decision(
+    stream_id: u64,
+    decision: &crate::Decision,
+    limit: usize,
+    dst: &mut BytesMut,
+    head: impl FnOnce(usize, &mut BytesMut),
+) -> Result<(), TooLarge> {
+    let fields = decision::len(decision);
+    let stream =
+        if stream_id == 0 { 0 } else { key_len(agent_frame::STREAM_ID) + encoded_len_varint(stream_id) };
+    let mut dst = frame(stream + msg_len(agent_frame::DECISION, fields), limit, dst, head)?;
+    if stream_id != 0 {
+        dst.key(agent_frame::STREAM_ID, WireType::Varint);
+        dst.varint(stream_id);
     }
+    put_msg_header(agent_frame::DECISION, fields, &mut dst);
+    decision::write(decision, &mut dst);
+    dst.finish();
+    Ok(())
 }
 
 /// The `Decision` message, field by field.
 mod decision {
+    use crate::{Action, BodyMutation, Decision, HeaderOp};
     use http::HeaderMap;
-    use pool_api::{Action, BodyMutation, Decision, HeaderOp};
     use prost::encoding::{WireType, encoded_len_varint, key_len};
 
     use super::super::fields::{audit, block, body_mutation, challenge, decision, header_op, redirect};
@@ -499,7 +528,7 @@ impl std::fmt::Write for AddrText {
 
 /// The fields of a `RequestHeaders` event.
 struct RequestFields<'a> {
-    h: &'a pool_api::RequestHeaders,
+    h: &'a crate::RequestHeaders,
     uri: &'a UriText<'a>,
     addr: &'a str,
 }
@@ -529,7 +558,7 @@ impl RequestFields<'_> {
 
 /// The fields of a `ResponseHeaders` event.
 struct ResponseFields<'a> {
-    h: &'a pool_api::ResponseHeaders,
+    h: &'a crate::ResponseHeaders,
 }
 
 impl ResponseFields<'_> {

@@ -119,8 +119,8 @@ mod tests {
 
     use super::*;
 
-    const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pool-api/proto/agentpool/v1/agent.proto");
-    const INCLUDE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pool-api/proto");
+    const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/agentpool/v1/agent.proto");
+    const INCLUDE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
 
     fn schema() -> FileDescriptorSet {
         protox::compile([SCHEMA], [INCLUDE]).unwrap_or_else(|e| panic!("cannot compile {SCHEMA}: {e}"))
