@@ -50,7 +50,7 @@ async fn the_pool_serves_over_uds_survives_an_agent_crash_and_reconnects() {
         pool.add_agent(AgentSpec::new("waf").endpoint(format!("unix:{}", path.display()))).await.unwrap();
     assert_eq!(report.connected, 4);
     for i in 0..200 {
-        let d = pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        let d = pool.send("waf", &request(format!("r{i}"))).await.unwrap();
         assert_eq!(d.audit.reason, Some(format!("r{i}")));
     }
 
@@ -62,7 +62,7 @@ async fn the_pool_serves_over_uds_survives_an_agent_crash_and_reconnects() {
     let inflight: Vec<_> = (0..20)
         .map(|i| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.send("waf", request(format!("s{i}"))).await })
+            tokio::spawn(async move { pool.send("waf", &request(format!("s{i}"))).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -82,6 +82,6 @@ async fn the_pool_serves_over_uds_survives_an_agent_crash_and_reconnects() {
         assert!(Instant::now() < deadline, "did not reconnect");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(pool.send("waf", request("back".into())).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("back".into())).await.unwrap().is_allow());
     pool.shutdown().await;
 }

@@ -29,9 +29,9 @@ async fn a_waf_blocks_admin_and_tags_the_rest_across_replicas_and_a_crash() {
     let pool = AgentPool::new(PoolConfig { seed: Some(1), ..PoolConfig::default() }, connector).unwrap();
     pool.add_agent(AgentSpec::new("waf").endpoints(["mem://waf-1", "mem://waf-2"])).await.unwrap();
 
-    let blocked = pool.send("waf", get("r1", "/admin/users")).await.unwrap();
+    let blocked = pool.send("waf", &get("r1", "/admin/users")).await.unwrap();
     assert!(matches!(blocked.action, Action::Block { status, .. } if status == StatusCode::FORBIDDEN));
-    let allowed = pool.send("waf", get("r2", "/")).await.unwrap();
+    let allowed = pool.send("waf", &get("r2", "/")).await.unwrap();
     assert!(allowed.is_allow());
     assert!(
         allowed.response_headers.iter().any(|op| matches!(op, HeaderOp::Add { name, .. } if *name == header))

@@ -125,7 +125,7 @@ impl Inspector {
                 total_size: self.declared,
                 data: data.clone(),
             };
-            match self.pool.send(agent, Event::RequestBody(chunk)).await {
+            match self.pool.send(agent, &Event::RequestBody(chunk)).await {
                 Ok(decision) if matches!(decision.action, Action::Allow) => match decision.body {
                     Some(BodyMutation::Replace { chunk_index, data: new }) if chunk_index == index => {
                         data = new

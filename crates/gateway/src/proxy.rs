@@ -343,7 +343,7 @@ impl Proxy {
             let mut headers = RequestHeaders::new(id.as_str(), req.method().clone(), req.uri().clone());
             headers.headers = req.headers().clone();
             headers.client_addr = client_addr;
-            match self.pool.send(agent, Event::RequestHeaders(headers)).await {
+            match self.pool.send(agent, &Event::RequestHeaders(headers)).await {
                 Ok(decision) => {
                     asked.push(agent);
                     if decision.audit.tags.iter().any(|t| t.starts_with("agentpool:")) {
@@ -431,7 +431,7 @@ impl Proxy {
                     status: resp.status(),
                     headers: resp.headers().clone(),
                 });
-                match self.pool.send(agent, event).await {
+                match self.pool.send(agent, &event).await {
                     Ok(decision) if matches!(decision.action, Action::Allow) => {
                         response_ops.extend(decision.response_headers);
                     }
@@ -606,7 +606,7 @@ impl Proxy {
                 };
                 let (pool, agent) = (self.pool.clone(), agent.to_string());
                 tokio::spawn(async move {
-                    let _ = pool.send(&agent, Event::RequestComplete(complete)).await;
+                    let _ = pool.send(&agent, &Event::RequestComplete(complete)).await;
                 });
             }
         }

@@ -135,7 +135,11 @@ pub trait AgentConnection: Send + Sync + 'static {
     fn is_open(&self) -> bool;
 
     /// Sends one event and resolves with the agent's decision.
-    fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>>;
+    ///
+    /// The event is borrowed, so a proxy that keeps its request (to forward it upstream, or to
+    /// ask the next agent) asks about it without a copy: the transport encodes it before this
+    /// returns, and the returned future does not hold on to it.
+    fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>>;
 
     /// Cancels the pending requests of `correlation_id` on this connection.
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason);

@@ -33,7 +33,7 @@ fn setup(rt: &tokio::runtime::Runtime) -> AgentPool {
             let id = format!("req-{i}");
             let event =
                 Event::RequestHeaders(RequestHeaders::new(id.as_str(), Method::GET, Uri::from_static("/")));
-            pool.send("waf", event).await.unwrap();
+            pool.send("waf", &event).await.unwrap();
             pool.sticky_sessions().create(&format!("session-{i}"), "waf").unwrap();
         }
         pool

@@ -38,7 +38,7 @@ fn send(c: &mut Criterion) {
             rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    black_box(conn.send(event()).await.unwrap());
+                    black_box(conn.send(&event()).await.unwrap());
                 }
                 start.elapsed()
             })
@@ -49,7 +49,7 @@ fn send(c: &mut Criterion) {
             rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    black_box(pool.send("waf", event()).await.unwrap());
+                    black_box(pool.send("waf", &event()).await.unwrap());
                 }
                 start.elapsed()
             })

@@ -67,8 +67,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     let request = |id: &str| {
                         Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static(path)))
                     };
-                    let _ = pool.send("waf", request(&id)).await;
-                    let _ = pool.send("auth", request(&id)).await;
+                    let _ = pool.send("waf", &request(&id)).await;
+                    let _ = pool.send("auth", &request(&id)).await;
                 }
             })
         })

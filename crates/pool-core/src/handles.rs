@@ -73,7 +73,7 @@ impl StickySessions<'_> {
         &self,
         session_id: &str,
         agent: &str,
-        event: Event,
+        event: &Event,
     ) -> Result<(Decision, StickyRoute), PoolError> {
         let inner = &self.pool.inner;
         let start = Instant::now();

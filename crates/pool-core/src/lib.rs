@@ -37,7 +37,7 @@
 //! println!("{} of {} connections up", report.connected, report.slots);
 //!
 //! let event = Event::RequestHeaders(RequestHeaders::new("req-1", http::Method::GET, "/".parse()?));
-//! match pool.send("waf", event).await {
+//! match pool.send("waf", &event).await {
 //!     Ok(decision) if decision.is_allow() => println!("allowed"),
 //!     Ok(decision) => println!("the agent decided: {decision:?}"),
 //!     Err(e) => eprintln!("agent waf: {e}"),

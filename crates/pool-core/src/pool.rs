@@ -135,7 +135,7 @@ impl Reservation {
     }
 
     /// Sends `event` on the reserved connection. The request time-out counts from here.
-    pub async fn send(self, event: Event) -> Result<Decision, PoolError> {
+    pub async fn send(self, event: &Event) -> Result<Decision, PoolError> {
         let shared = self.guard.slot.owner.clone();
         shared.dispatch(self.guard, event, Instant::now()).await
     }
@@ -388,7 +388,7 @@ impl AgentPool {
     /// the whole call, waiting for a permit included, is bounded by the request time-out. An
     /// agent that cannot take the request answers by its failure mode: an error, or allow
     /// (fail open).
-    pub async fn send(&self, agent: &str, event: Event) -> Result<Decision, PoolError> {
+    pub async fn send(&self, agent: &str, event: &Event) -> Result<Decision, PoolError> {
         let start = Instant::now();
         let stamp = self.inner.ctx.clock.stamp(start);
         let pick = self.pick(agent, event.kind(), Some(event.correlation_id()), stamp);
@@ -543,7 +543,7 @@ mod tests {
                 "ws",
                 held,
                 generation,
-                request("m1"),
+                &request("m1"),
                 Instant::now(),
                 StickyRoute::Pinned,
             )
@@ -556,7 +556,7 @@ mod tests {
         let seen = agent.events_by_connection();
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!((seen[0].0.as_str(), seen[0].1.as_str()), (to.as_str(), "m1"), "the event was not lost");
-        let (_, route) = pool.sticky_sessions().send("ws", "waf", request("m2")).await.unwrap();
+        let (_, route) = pool.sticky_sessions().send("ws", "waf", &request("m2")).await.unwrap();
         assert_eq!(route, StickyRoute::Pinned);
         assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
         assert_eq!(pool.stats().totals.in_flight, 0);

@@ -112,11 +112,11 @@ impl tower_service::Service<Event> for AgentService {
             Some(Ready::Reserved(guard)) => {
                 let shared = guard.slot.owner.clone();
                 let start = Instant::now();
-                Box::pin(async move { shared.dispatch(guard, event, start).await })
+                Box::pin(async move { shared.dispatch(guard, &event, start).await })
             }
             None => {
                 let agent = self.agent.clone();
-                Box::pin(async move { agent.send(event).await })
+                Box::pin(async move { agent.send(&event).await })
             }
         }
     }

@@ -58,15 +58,15 @@ async fn every_event_of_1000_concurrent_requests_lands_on_its_headers_connection
             let pool = pool.clone();
             tokio::spawn(async move {
                 let id = format!("r{i}");
-                pool.send("waf", request(id.clone())).await.unwrap();
+                pool.send("waf", &request(id.clone())).await.unwrap();
                 for (n, event) in
                     [req_body(&id, 0, false), req_body(&id, 1, true), resp_headers(&id), resp_body(&id)]
                         .into_iter()
                         .enumerate()
                 {
-                    pool.send("waf", event).await.unwrap_or_else(|e| panic!("{id} event {n}: {e}"));
+                    pool.send("waf", &event).await.unwrap_or_else(|e| panic!("{id} event {n}: {e}"));
                 }
-                pool.send("waf", complete(&id)).await.unwrap();
+                pool.send("waf", &complete(&id)).await.unwrap();
             })
         })
         .collect();
@@ -90,10 +90,10 @@ async fn every_event_of_1000_concurrent_requests_lands_on_its_headers_connection
 async fn a_pinned_request_whose_connection_died_fails_and_never_moves() {
     let agent = agent();
     let (pool, _c) = common::single(config(), &agent).await;
-    pool.send("waf", request("r1")).await.unwrap();
+    pool.send("waf", &request("r1")).await.unwrap();
     let (home, _, _) = agent.events_by_connection().pop().unwrap();
     agent.connection_by_label(&home).unwrap().disconnect();
-    let err = pool.send("waf", req_body("r1", 0, true)).await.unwrap_err();
+    let err = pool.send("waf", &req_body("r1", 0, true)).await.unwrap_err();
     assert_eq!(err, PoolError::PinLost { agent: "waf".into(), key: "r1".into() });
     assert_eq!(agent.events_received(), 1, "the body was not sent elsewhere");
     assert_eq!(pool.affinity().len(), 0);
@@ -104,12 +104,12 @@ async fn dropping_the_headers_send_leaves_no_pin() {
     let agent = agent();
     agent.set_latency(Duration::from_secs(1));
     let (pool, _c) = common::single(config(), &agent).await;
-    let _ = tokio::time::timeout(Duration::from_millis(10), pool.send("waf", request("gone"))).await;
+    let _ = tokio::time::timeout(Duration::from_millis(10), pool.send("waf", &request("gone"))).await;
     assert_eq!(pool.affinity().len(), 0);
     // A failed headers send leaves none either.
     agent.set_latency(Duration::ZERO);
     agent.fail_next(1);
-    assert!(pool.send("waf", request("failed")).await.is_err());
+    assert!(pool.send("waf", &request("failed")).await.is_err());
     assert_eq!(pool.affinity().len(), 0);
 }
 
@@ -120,14 +120,14 @@ async fn idle_pins_expire_after_the_ttl_and_can_be_cleared_by_hand() {
     cfg.affinity = AffinityConfig { ttl: Duration::from_secs(30), ..AffinityConfig::default() };
     let (pool, _c) = common::single(cfg, &agent).await;
     for id in ["a", "b", "c"] {
-        pool.send("waf", request(id)).await.unwrap();
+        pool.send("waf", &request(id)).await.unwrap();
     }
     assert_eq!(pool.affinity().len(), 3);
     assert!(pool.affinity().clear("waf", "a"));
     assert!(!pool.affinity().clear("waf", "a"));
     assert_eq!(pool.affinity().len(), 2);
     tokio::time::sleep(Duration::from_secs(20)).await;
-    pool.send("waf", req_body("b", 0, true)).await.unwrap(); // touching keeps "b" alive
+    pool.send("waf", &req_body("b", 0, true)).await.unwrap(); // touching keeps "b" alive
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert_eq!(pool.affinity().len(), 1, "c expired, b was touched");
     assert_eq!(pool.stats().totals.affinity, 1);
@@ -140,17 +140,17 @@ async fn over_the_cap_requests_are_balanced_and_counted() {
     cfg.affinity.max_entries = 2;
     let (pool, _c) = common::single(cfg, &agent).await;
     for i in 0..5 {
-        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("r{i}"))).await.unwrap();
     }
     assert_eq!(pool.affinity().len(), 2);
     // Unpinned requests still work, balanced per event.
-    pool.send("waf", req_body("r4", 0, true)).await.unwrap();
+    pool.send("waf", &req_body("r4", 0, true)).await.unwrap();
     // A full table still re-pins a request it holds when its headers are sent again: its
     // body follows the second headers.
     for _ in 0..8 {
-        pool.send("waf", request("r0")).await.unwrap();
+        pool.send("waf", &request("r0")).await.unwrap();
         let (headers_on, ..) = agent.events_by_connection().pop().unwrap();
-        pool.send("waf", req_body("r0", 0, true)).await.unwrap();
+        pool.send("waf", &req_body("r0", 0, true)).await.unwrap();
         let (body_on, ..) = agent.events_by_connection().pop().unwrap();
         assert_eq!(body_on, headers_on);
     }
@@ -163,10 +163,10 @@ async fn an_agent_that_takes_only_headers_gets_no_pins() {
     agent.set_capabilities(Capabilities::new("waf").with_events([EventKind::RequestHeaders]));
     let (pool, _c) = common::single(config(), &agent).await;
     for i in 0..20 {
-        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("r{i}"))).await.unwrap();
     }
     assert_eq!(pool.affinity().len(), 0, "no later event can reach it, so nothing to pin");
-    let err = pool.send("waf", req_body("r0", 0, true)).await.unwrap_err();
+    let err = pool.send("waf", &req_body("r0", 0, true)).await.unwrap_err();
     assert!(matches!(err, PoolError::UnsupportedEvent { kind: EventKind::RequestBody, .. }), "{err:?}");
 }
 
@@ -176,11 +176,11 @@ async fn a_reservation_or_service_still_goes_to_the_pinned_connection() {
     let (pool, _c) =
         common::single(PoolConfig { balancer: pool_core::balance::Strategy::RoundRobin, ..config() }, &agent)
             .await;
-    pool.send("waf", request("r1")).await.unwrap();
+    pool.send("waf", &request("r1")).await.unwrap();
     for i in 0..6 {
         let event = req_body("r1", i, false);
         if i % 2 == 0 {
-            pool.try_reserve("waf", EventKind::RequestBody).unwrap().send(event).await.unwrap();
+            pool.try_reserve("waf", EventKind::RequestBody).unwrap().send(&event).await.unwrap();
         } else {
             pool.service("waf").unwrap().oneshot(event).await.unwrap();
         }
@@ -198,7 +198,7 @@ async fn cancel_fails_one_of_two_requests_sharing_a_connection_and_tells_the_age
     let (pool, _c) = common::single(PoolConfig { connections_per_endpoint: 1, ..config() }, &agent).await;
     let spawn = |id: &'static str| {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send("waf", request(id)).await })
+        tokio::spawn(async move { pool.send("waf", &request(id)).await })
     };
     let (first, second) = (spawn("keep"), spawn("drop"));
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -223,7 +223,7 @@ async fn try_reserve_for_takes_the_permit_on_the_pinned_connection() {
     let (pool, _c) =
         common::single(PoolConfig { balancer: pool_core::balance::Strategy::RoundRobin, ..config() }, &agent)
             .await;
-    pool.send("waf", request("r1")).await.unwrap();
+    pool.send("waf", &request("r1")).await.unwrap();
     let home = agent.events_by_connection().pop().unwrap().0;
     for i in 0..4 {
         let r = pool.affinity().try_reserve("waf", EventKind::RequestBody, &"r1".into()).unwrap();

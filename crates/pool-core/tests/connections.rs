@@ -65,7 +65,7 @@ async fn a_dead_connection_fails_its_pending_requests_at_once_and_is_replaced() 
     let pending: Vec<_> = (0..20)
         .map(|i| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await })
+            tokio::spawn(async move { pool.send("waf", &request(format!("r{i}"))).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -140,7 +140,7 @@ async fn requests_beyond_capacity_wait_for_a_permit_and_then_go() {
         .map(|i| {
             let pool = pool.clone();
             tokio::spawn(
-                async move { pool.send("waf", request(format!("r{i}"))).await.map(|_| Instant::now()) },
+                async move { pool.send("waf", &request(format!("r{i}"))).await.map(|_| Instant::now()) },
             )
         })
         .collect();
@@ -184,13 +184,13 @@ async fn a_request_right_after_a_connection_dies_goes_to_a_live_one() {
     a.disconnect_all();
     // No yield: the supervisors have not yet seen the deaths, the snapshot still lists them.
     for i in 0..50 {
-        assert!(pool.send("waf", request(format!("r{i}"))).await.unwrap().is_allow());
+        assert!(pool.send("waf", &request(format!("r{i}"))).await.unwrap().is_allow());
     }
     assert_eq!(b.events_received(), 50);
     // With every connection dead and none coming back, the answer is "no connections".
     b.refuse_connections(true);
     b.disconnect_all();
-    let err = pool.send("waf", request("none")).await.unwrap_err();
+    let err = pool.send("waf", &request("none")).await.unwrap_err();
     assert_eq!(
         err,
         PoolError::Unavailable { agent: "waf".into(), reason: pool_core::Unavailable::NoConnections }
@@ -208,7 +208,8 @@ async fn many_waiters_are_served_one_permit_at_a_time_and_none_is_lost() {
         .map(|i| {
             let pool = pool.clone();
             tokio::spawn(async move {
-                let fut = pool.send("waf", request(format!("r{i}")));
+                let event = request(format!("r{i}"));
+                let fut = pool.send("waf", &event);
                 if i % 7 == 0 {
                     tokio::time::timeout(Duration::from_millis(15), fut).await.ok().map(|r| r.is_ok())
                 } else {

@@ -46,7 +46,8 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
             let after = Duration::from_micros(rng.u64(0..25_000));
             let whole = rng.bool();
             tasks.push(tokio::spawn(async move {
-                let fut = pool.send("waf", request(id.clone()));
+                let event = request(id.clone());
+                let fut = pool.send("waf", &event);
                 let answered = match how {
                     0 => {
                         drop(fut);
@@ -65,9 +66,9 @@ async fn dropping_futures_at_random_points_leaks_nothing() {
                 if answered && whole {
                     let body =
                         Event::RequestBody(BodyChunk::new(id.as_str(), 0, true, Bytes::from_static(b"b")));
-                    let _ = tokio::time::timeout(after, pool.send("waf", body)).await;
+                    let _ = tokio::time::timeout(after, pool.send("waf", &body)).await;
                     if how == 3 {
-                        let _ = pool.send("waf", complete(&id)).await;
+                        let _ = pool.send("waf", &complete(&id)).await;
                     }
                 }
             }));
@@ -130,6 +131,6 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) {
 }
 
 #[allow(dead_code)]
-fn _assert_send(pool: &AgentPool) -> impl Send + '_ {
-    pool.send("x", request("y"))
+fn _assert_send<'a>(pool: &'a AgentPool, event: &'a Event) -> impl Send + 'a {
+    pool.send("x", event)
 }

@@ -36,7 +36,7 @@ async fn fail_closed_rejects_at_once_for_every_event_kind() {
     let start = Instant::now();
     for event in [request("h"), body("b")] {
         assert_eq!(
-            pool.send("waf", event).await.unwrap_err(),
+            pool.send("waf", &event).await.unwrap_err(),
             PoolError::FlowControlPaused { agent: "waf".into() }
         );
     }
@@ -50,7 +50,7 @@ async fn fail_open_skips_the_agent_and_answers_allow() {
     let (pool, _c) = common::single(with_mode(FlowControlMode::FailOpen), &agent).await;
     agent.pause_all();
     agent.settle().await;
-    let d = pool.send("waf", request("r")).await.unwrap();
+    let d = pool.send("waf", &request("r")).await.unwrap();
     assert!(d.is_allow());
     assert!(d.audit.tags.iter().any(|t| t == "agentpool:flow-control-open"));
     assert_eq!(agent.events_received(), 0);
@@ -70,7 +70,7 @@ async fn wait_and_retry_goes_on_when_the_agent_resumes_in_time() {
         })
     };
     let start = Instant::now();
-    assert!(pool.send("waf", request("r")).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("r")).await.unwrap().is_allow());
     assert_eq!(start.elapsed(), Duration::from_millis(200), "sent the moment the agent resumed");
     resumer.await.unwrap();
 }
@@ -82,7 +82,7 @@ async fn wait_and_retry_fails_when_the_wait_runs_out() {
     agent.pause_all();
     agent.settle().await;
     let start = Instant::now();
-    let err = pool.send("waf", request("r")).await.unwrap_err();
+    let err = pool.send("waf", &request("r")).await.unwrap_err();
     assert_eq!(err, PoolError::FlowControlPaused { agent: "waf".into() });
     assert_eq!(start.elapsed(), Duration::from_millis(500));
 }
@@ -97,7 +97,7 @@ async fn wait_and_retry_never_waits_past_the_request_time_out() {
     agent.pause_all();
     agent.settle().await;
     let start = Instant::now();
-    assert!(matches!(pool.send("waf", request("r")).await, Err(PoolError::Timeout { .. })));
+    assert!(matches!(pool.send("waf", &request("r")).await, Err(PoolError::Timeout { .. })));
     assert_eq!(start.elapsed(), Duration::from_secs(2));
 }
 
@@ -111,7 +111,7 @@ async fn the_mode_can_be_set_per_agent() {
     pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf").options(open)).await.unwrap();
     agent.pause_all();
     agent.settle().await;
-    assert!(pool.send("waf", request("r")).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("r")).await.unwrap().is_allow());
 }
 
 #[tokio::test(start_paused = true)]
@@ -124,7 +124,7 @@ async fn resume_and_capacity_signals_reach_the_pool_without_polling() {
     agent.resume_all();
     agent.settle().await;
     assert_eq!(pool.stats().totals.paused, 0);
-    assert!(pool.send("waf", request("r")).await.is_ok());
+    assert!(pool.send("waf", &request("r")).await.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -143,13 +143,13 @@ async fn requests_a_paused_agent_refuses_or_lets_through_are_counted() {
     agent.settle().await;
 
     for i in 0..2 {
-        assert!(pool.send("closed", request(format!("c{i}"))).await.is_err());
+        assert!(pool.send("closed", &request(format!("c{i}"))).await.is_err());
     }
     assert!(pool.try_reserve("closed", EventKind::RequestHeaders).is_err());
     for i in 0..3 {
-        assert!(pool.send("open", request(format!("o{i}"))).await.unwrap().is_allow());
+        assert!(pool.send("open", &request(format!("o{i}"))).await.unwrap().is_allow());
     }
-    let err = pool.send("wait", request("w")).await.unwrap_err(); // the 500 ms wait runs out
+    let err = pool.send("wait", &request("w")).await.unwrap_err(); // the 500 ms wait runs out
     assert_eq!(err, PoolError::FlowControlPaused { agent: "wait".into() });
 
     let counts = |id| {

@@ -17,7 +17,7 @@ async fn a_request_past_its_time_out_fails_and_the_agent_is_told_to_cancel() {
     let (pool, _c) =
         common::single(PoolConfig { request_timeout: Duration::from_secs(3), ..config() }, &agent).await;
     let start = Instant::now();
-    let err = pool.send("waf", request("slow")).await.unwrap_err();
+    let err = pool.send("waf", &request("slow")).await.unwrap_err();
     assert_eq!(err, PoolError::Timeout { agent: "waf".into(), after: Duration::from_secs(3) });
     assert_eq!(start.elapsed(), Duration::from_secs(3));
     agent.settle().await;
@@ -43,11 +43,11 @@ async fn the_time_out_covers_the_wait_for_a_permit() {
     let (pool, _c) = common::single(cfg, &agent).await;
     let first = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send("waf", request("first")).await })
+        tokio::spawn(async move { pool.send("waf", &request("first")).await })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start = Instant::now();
-    let err = pool.send("waf", request("second")).await.unwrap_err();
+    let err = pool.send("waf", &request("second")).await.unwrap_err();
     assert!(matches!(err, PoolError::Timeout { .. }), "{err:?}");
     // The first times out at t=4 s and frees the permit; the second, sent then, still times out
     // 4 s after it *started* (t=5 s): the 3 s it waited counted against its time-out.
@@ -66,7 +66,7 @@ async fn request_timeout_can_be_set_per_agent() {
     let opts = AgentOptions { request_timeout: Some(Duration::from_millis(200)), ..AgentOptions::default() };
     pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf").options(opts)).await.unwrap();
     let start = Instant::now();
-    assert!(matches!(pool.send("waf", request("r")).await, Err(PoolError::Timeout { .. })));
+    assert!(matches!(pool.send("waf", &request("r")).await, Err(PoolError::Timeout { .. })));
     assert_eq!(start.elapsed(), Duration::from_millis(200));
 }
 
@@ -75,7 +75,7 @@ async fn an_agent_error_is_a_failure_never_an_allow() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
     agent.fail_next(1);
-    let err = pool.send("waf", request("r")).await.unwrap_err();
+    let err = pool.send("waf", &request("r")).await.unwrap_err();
     let PoolError::Transport { source: TransportError::Agent(e), connection, .. } = err else {
         panic!("{err:?}")
     };
@@ -93,7 +93,7 @@ async fn shutdown_returns_as_soon_as_in_flight_requests_finish() {
     let inflight: Vec<_> = (0..8)
         .map(|i| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await })
+            tokio::spawn(async move { pool.send("waf", &request(format!("r{i}"))).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -107,7 +107,7 @@ async fn shutdown_returns_as_soon_as_in_flight_requests_finish() {
     assert_eq!(agent.drains().len(), 4);
     assert_eq!(agent.closes().len(), 4);
     assert_eq!(agent.live_connections(), 0);
-    assert_eq!(pool.send("waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(pool.send("waf", &request("late")).await.unwrap_err(), PoolError::ShuttingDown);
     assert!(!pool.is_admitting());
     let err = pool.add_agent(AgentSpec::new("new").endpoint("mem://waf")).await.unwrap_err();
     assert_eq!(err, PoolError::ShuttingDown);
@@ -125,7 +125,7 @@ async fn shutdown_cancels_what_outlives_the_drain_time_out() {
     let (pool, _c) = common::single(cfg, &agent).await;
     let stuck = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send("waf", request("stuck")).await })
+        tokio::spawn(async move { pool.send("waf", &request("stuck")).await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
     let start = Instant::now();
@@ -158,7 +158,7 @@ async fn every_cancellation_is_one_error_with_a_reason() {
     let (pool, _c) = common::single(cfg, &agent).await;
     let send = |id: &'static str| {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send("waf", request(id)).await })
+        tokio::spawn(async move { pool.send("waf", &request(id)).await })
     };
     let by_user = send("by-user");
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -191,7 +191,7 @@ async fn a_removed_agent_drains_while_others_keep_serving() {
     pool.add_agent(AgentSpec::new("b").endpoint("mem://b")).await.unwrap();
     let inflight = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send("a", request("r")).await })
+        tokio::spawn(async move { pool.send("a", &request("r")).await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
     let removing = {
@@ -199,7 +199,7 @@ async fn a_removed_agent_drains_while_others_keep_serving() {
         tokio::spawn(async move { pool.remove_agent("a").await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert!(pool.send("b", request("other")).await.unwrap().is_allow());
+    assert!(pool.send("b", &request("other")).await.unwrap().is_allow());
     assert!(inflight.await.unwrap().unwrap().is_allow());
     let report = removing.await.unwrap().unwrap();
     assert_eq!((report.drained, report.forced), (1, 0));
@@ -212,7 +212,7 @@ async fn the_agent_hears_drain_first_finishes_its_work_then_hears_shutdown() {
     let (pool, _c) = common::single(config(), &agent).await;
     let inflight = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.send("waf", request("r")).await })
+        tokio::spawn(async move { pool.send("waf", &request("r")).await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
     let shutdown = {
@@ -242,14 +242,14 @@ async fn after_shutdown_every_entry_point_says_the_pool_is_shutting_down() {
     pool.shutdown().await;
 
     let id = CorrelationId::from("late");
-    assert_eq!(pool.send("waf", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(pool.send("waf", &request("late")).await.unwrap_err(), PoolError::ShuttingDown);
     assert_eq!(pool.try_reserve("waf", EventKind::RequestHeaders).unwrap_err(), PoolError::ShuttingDown);
     assert_eq!(
         pool.affinity().try_reserve("waf", EventKind::RequestBody, &id).unwrap_err(),
         PoolError::ShuttingDown
     );
     assert_eq!(
-        pool.sticky_sessions().send("ws", "waf", request("late")).await.unwrap_err(),
+        pool.sticky_sessions().send("ws", "waf", &request("late")).await.unwrap_err(),
         PoolError::ShuttingDown
     );
     assert_eq!(pool.sticky_sessions().create("ws2", "waf").unwrap_err(), PoolError::ShuttingDown);
@@ -266,7 +266,7 @@ async fn after_shutdown_every_entry_point_says_the_pool_is_shutting_down() {
     let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
     assert_eq!(ready.unwrap_err(), PoolError::ShuttingDown);
     // Names that were never registered say the same: after shutdown, no name is known.
-    assert_eq!(pool.send("never", request("late")).await.unwrap_err(), PoolError::ShuttingDown);
+    assert_eq!(pool.send("never", &request("late")).await.unwrap_err(), PoolError::ShuttingDown);
 }
 
 /// An open breaker schedules its move to half-open on a task of its agent: shutdown stops it

@@ -35,14 +35,14 @@ async fn requests_failures_timeouts_latency_connections_and_breakers_are_recorde
     let cfg = PoolConfig { connections_per_endpoint: 2, request_timeout: Duration::from_secs(1), ..config() };
     let (pool, connector) = common::single(cfg, &agent).await;
     for i in 0..10 {
-        pool.send("waf", request(format!("ok{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("ok{i}"))).await.unwrap();
     }
     agent.fail_next(2);
     for i in 0..2 {
-        let _ = pool.send("waf", request(format!("f{i}"))).await;
+        let _ = pool.send("waf", &request(format!("f{i}"))).await;
     }
     agent.set_silent(true);
-    let _ = pool.send("waf", request("slow")).await;
+    let _ = pool.send("waf", &request("slow")).await;
 
     // Two agents nothing can reach: one fails closed, one fails open.
     let down = allow_all();
@@ -52,10 +52,10 @@ async fn requests_failures_timeouts_latency_connections_and_breakers_are_recorde
     pool.add_agent(AgentSpec::new("closed-down").endpoint("mem://down")).await.unwrap();
     pool.add_agent(AgentSpec::new("open-down").endpoint("mem://down").options(open)).await.unwrap();
     for i in 0..2 {
-        assert!(pool.send("closed-down", request(format!("c{i}"))).await.is_err());
+        assert!(pool.send("closed-down", &request(format!("c{i}"))).await.is_err());
     }
     for i in 0..3 {
-        assert!(pool.send("open-down", request(format!("o{i}"))).await.unwrap().is_allow());
+        assert!(pool.send("open-down", &request(format!("o{i}"))).await.unwrap().is_allow());
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // a maintenance tick updates gauges
 

@@ -54,7 +54,7 @@ async fn registry_answers_has_ids_count_and_rejects_duplicates() {
     assert_eq!(dup, PoolError::AgentExists { agent: "a".into() });
     assert!(pool.agent_stats("z").is_none());
     assert_eq!(
-        pool.send("z", request("r")).await.unwrap_err(),
+        pool.send("z", &request("r")).await.unwrap_err(),
         PoolError::UnknownAgent { agent: "z".into() }
     );
 }
@@ -83,7 +83,7 @@ async fn unreachable_agent_is_registered_unhealthy_and_retried_until_it_comes_up
     assert_eq!(report.connected, 0);
     assert!(pool.has_agent("waf"));
     assert!(!pool.is_agent_healthy("waf"));
-    let err = pool.send("waf", request("r1")).await.unwrap_err();
+    let err = pool.send("waf", &request("r1")).await.unwrap_err();
     assert_eq!(err, PoolError::Unavailable { agent: "waf".into(), reason: Unavailable::NoConnections });
     let health = pool.health("waf").unwrap();
     assert!(health[0].last_error.as_ref().unwrap().0.contains("cannot connect"), "{health:?}");
@@ -94,7 +94,7 @@ async fn unreachable_agent_is_registered_unhealthy_and_retried_until_it_comes_up
     tokio::time::sleep(Duration::from_secs(31)).await;
     assert!(pool.is_agent_healthy("waf"));
     assert_eq!(agent.live_connections(), 4);
-    assert!(pool.send("waf", request("r2")).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("r2")).await.unwrap().is_allow());
 }
 
 #[tokio::test(start_paused = true)]
@@ -180,7 +180,7 @@ async fn a_mistyped_endpoint_is_refused_at_add_agent_before_anything_is_register
         assert!(!pool.has_agent("waf"), "nothing is registered");
         // With fail-open, a registered typo would have let every request through.
         assert_eq!(
-            pool.send("waf", request("r")).await.unwrap_err(),
+            pool.send("waf", &request("r")).await.unwrap_err(),
             PoolError::UnknownAgent { agent: "waf".into() }
         );
     }

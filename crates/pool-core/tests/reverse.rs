@@ -55,7 +55,7 @@ async fn a_reverse_agent_is_registered_and_serves_requests() {
     ))
     .unwrap();
     assert!(pool.has_agent("waf"));
-    assert!(pool.send("waf", request("x")).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("x")).await.unwrap().is_allow());
     let stats = pool.agent_stats("waf").unwrap();
     assert_eq!((stats.totals.connections, stats.totals.connected), (1, 1));
     assert_eq!(stats.endpoints[0].endpoint, "reverse://waf/r1");
@@ -109,7 +109,7 @@ async fn several_replicas_each_add_a_connection_and_a_closed_one_is_removed() {
     ))
     .unwrap();
     for i in 0..20 {
-        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("r{i}"))).await.unwrap();
     }
     assert!(one.events_received() > 0 && two.events_received() > 0);
     one.disconnect_all();
@@ -117,7 +117,7 @@ async fn several_replicas_each_add_a_connection_and_a_closed_one_is_removed() {
     let stats = pool.agent_stats("waf").unwrap();
     assert_eq!((stats.totals.connections, stats.totals.connected), (1, 1), "the closed replica is gone");
     assert_eq!(stats.endpoints.len(), 1);
-    pool.send("waf", request("after")).await.unwrap();
+    pool.send("waf", &request("after")).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -140,7 +140,7 @@ async fn a_replica_that_reconnects_ten_times_is_still_one_healthy_entry() {
             (1, 1, 1),
             "round {round}"
         );
-        assert!(pool.send("waf", request(format!("r{round}"))).await.unwrap().is_allow());
+        assert!(pool.send("waf", &request(format!("r{round}"))).await.unwrap().is_allow());
     }
     assert_eq!(agent.live_connections(), 1, "every replaced connection was closed");
 }
@@ -183,7 +183,7 @@ async fn a_replaced_reverse_connection_does_not_inherit_the_old_ones_failures() 
     let inflight: Vec<_> = (0..12)
         .map(|i| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.send("waf", request(format!("r{i}"))).await })
+            tokio::spawn(async move { pool.send("waf", &request(format!("r{i}"))).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -195,7 +195,7 @@ async fn a_replaced_reverse_connection_does_not_inherit_the_old_ones_failures() 
     for r in inflight {
         assert!(r.await.unwrap().is_err());
     }
-    pool.send("waf", request("on-the-new-one")).await.unwrap();
+    pool.send("waf", &request("on-the-new-one")).await.unwrap();
     let h = &pool.health("waf").unwrap()[0];
     assert_eq!(h.connects, 2);
     assert_eq!(h.state, HealthState::Healthy, "{h:?}");
@@ -226,7 +226,7 @@ fn ejected(pool: &AgentPool) -> Vec<String> {
 
 async fn spread(pool: &AgentPool, prefix: &str, n: usize) {
     for i in 0..n {
-        let _ = pool.send("waf", request(format!("{prefix}{i}"))).await;
+        let _ = pool.send("waf", &request(format!("{prefix}{i}"))).await;
     }
 }
 
@@ -304,5 +304,5 @@ async fn when_the_last_replica_in_rotation_leaves_an_ejected_one_returns_at_once
     rev.disconnect_all();
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert!(ejected(&pool).is_empty(), "the only replica left is back in rotation");
-    assert!(pool.send("waf", request("after")).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("after")).await.unwrap().is_allow());
 }

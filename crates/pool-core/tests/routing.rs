@@ -25,7 +25,7 @@ async fn round_robin_spreads_sequential_requests_evenly() {
     let agent = allow_all();
     let (pool, _c) = common::single(PoolConfig { balancer: Strategy::RoundRobin, ..config() }, &agent).await;
     for i in 0..40 {
-        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("r{i}"))).await.unwrap();
     }
     let counts = per_connection(&agent);
     assert_eq!(counts.len(), 4);
@@ -43,7 +43,7 @@ async fn least_connections_and_p2c_avoid_the_busy_connection() {
         let busy: Vec<_> = (0..5)
             .map(|i| {
                 let pool = pool.clone();
-                tokio::spawn(async move { pool.send("waf", request(format!("a{i}"))).await })
+                tokio::spawn(async move { pool.send("waf", &request(format!("a{i}"))).await })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -62,7 +62,7 @@ async fn health_based_and_random_use_every_connection() {
         let agent = allow_all();
         let (pool, _c) = common::single(PoolConfig { balancer: strategy, ..config() }, &agent).await;
         for i in 0..200 {
-            pool.send("waf", request(format!("r{i}"))).await.unwrap();
+            pool.send("waf", &request(format!("r{i}"))).await.unwrap();
         }
         let counts = per_connection(&agent);
         assert_eq!(counts.len(), 4, "{strategy:?}: {counts:?}");
@@ -78,7 +78,7 @@ async fn a_seeded_pool_routes_reproducibly() {
         let cfg = PoolConfig { balancer: Strategy::Random, seed: Some(42), ..config() };
         let (pool, _c) = common::single(cfg, &agent).await;
         for i in 0..50 {
-            pool.send("waf", request(format!("r{i}"))).await.unwrap();
+            pool.send("waf", &request(format!("r{i}"))).await.unwrap();
         }
         runs.push(agent.events_by_connection().into_iter().map(|(l, _, _)| l).collect::<Vec<_>>());
     }
@@ -94,7 +94,7 @@ async fn balancer_can_be_chosen_per_agent() {
     let rr = AgentOptions { balancer: Some(Strategy::RoundRobin), ..AgentOptions::default() };
     pool.add_agent(AgentSpec::new("waf").endpoint("mem://waf").options(rr)).await.unwrap();
     for i in 0..8 {
-        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("r{i}"))).await.unwrap();
     }
     assert!(per_connection(&agent).values().all(|&n| n == 2));
 }
@@ -105,7 +105,7 @@ async fn events_the_agent_did_not_subscribe_to_are_refused_without_sending() {
     agent.set_capabilities(Capabilities::new("waf").with_events([EventKind::RequestHeaders]));
     let (pool, _c) = common::single(config(), &agent).await;
     let body = Event::RequestBody(BodyChunk::new("r1", 0, true, Bytes::from_static(b"x")));
-    let err = pool.send("waf", body).await.unwrap_err();
+    let err = pool.send("waf", &body).await.unwrap_err();
     assert_eq!(err, PoolError::UnsupportedEvent { agent: "waf".into(), kind: EventKind::RequestBody });
     assert!(!pool.supports("waf", EventKind::RequestBody));
     assert!(pool.supports("waf", EventKind::RequestHeaders));
@@ -118,16 +118,16 @@ async fn bodies_over_the_agents_limit_are_refused_without_sending() {
     agent.set_capabilities(Capabilities::new("waf").with_events(EventKind::ALL).with_max_body_size(4));
     let (pool, _c) = common::single(config(), &agent).await;
     let big = Event::RequestBody(BodyChunk::new("r1", 0, true, Bytes::from_static(b"12345")));
-    let err = pool.send("waf", big).await.unwrap_err();
+    let err = pool.send("waf", &big).await.unwrap_err();
     assert_eq!(err, PoolError::BodyTooLarge { agent: "waf".into(), size: 5, limit: 4 });
     let mut declared = BodyChunk::new("r2", 0, false, Bytes::from_static(b"1"));
     declared.total_size = Some(1000);
     assert!(matches!(
-        pool.send("waf", Event::RequestBody(declared)).await,
+        pool.send("waf", &Event::RequestBody(declared)).await,
         Err(PoolError::BodyTooLarge { size: 1000, .. })
     ));
     let ok = Event::RequestBody(BodyChunk::new("r3", 0, true, Bytes::from_static(b"1234")));
-    assert!(pool.send("waf", ok).await.is_ok());
+    assert!(pool.send("waf", &ok).await.is_ok());
     assert_eq!(agent.events_received(), 1);
     assert_eq!(pool.stats().totals.in_flight, 0);
 }
@@ -146,7 +146,7 @@ async fn try_reserve_picks_and_holds_a_permit_until_sent_or_dropped() {
     );
     let mut held = held.into_iter();
     let first = held.next().unwrap();
-    assert!(first.send(request("r1")).await.unwrap().is_allow());
+    assert!(first.send(&request("r1")).await.unwrap().is_allow());
     drop(held);
     assert_eq!(pool.stats().totals.in_flight, 0);
 }
@@ -163,7 +163,7 @@ async fn peak_ewma_learns_latency_and_prefers_the_faster_replica() {
     let pool = AgentPool::new(cfg, connector).unwrap();
     pool.add_agent(AgentSpec::new("waf").endpoints(["mem://fast", "mem://slow"])).await.unwrap();
     for i in 0..100 {
-        pool.send("waf", request(format!("r{i}"))).await.unwrap();
+        pool.send("waf", &request(format!("r{i}"))).await.unwrap();
     }
     assert!(slow.events_received() <= 2, "slow got {} of 100", slow.events_received());
     let estimates: Vec<_> = pool.health("waf").unwrap().iter().map(|h| h.latency_estimate).collect();

@@ -14,7 +14,7 @@ async fn a_session_keeps_every_send_on_its_connection() {
     let (pool, _c) = common::single(config(), &agent).await;
     pool.sticky_sessions().create("ws-1", "waf").unwrap();
     for i in 0..20 {
-        let (d, route) = pool.sticky_sessions().send("ws-1", "waf", request(format!("m{i}"))).await.unwrap();
+        let (d, route) = pool.sticky_sessions().send("ws-1", "waf", &request(format!("m{i}"))).await.unwrap();
         assert!(d.is_allow());
         assert_eq!(route, StickyRoute::Pinned);
     }
@@ -29,14 +29,14 @@ async fn a_session_whose_connection_dies_is_repinned_and_the_caller_sees_it() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
     pool.sticky_sessions().create("sse-1", "waf").unwrap();
-    pool.sticky_sessions().send("sse-1", "waf", request("a")).await.unwrap();
+    pool.sticky_sessions().send("sse-1", "waf", &request("a")).await.unwrap();
     let (home, _, _) = agent.events_by_connection().pop().unwrap();
     agent.connection_by_label(&home).unwrap().disconnect();
-    let (_, route) = pool.sticky_sessions().send("sse-1", "waf", request("b")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("sse-1", "waf", &request("b")).await.unwrap();
     let StickyRoute::Repinned { from, to } = route else { panic!("{route:?}") };
     assert_eq!(from, home);
     assert_ne!(to, home);
-    let (_, route) = pool.sticky_sessions().send("sse-1", "waf", request("c")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("sse-1", "waf", &request("c")).await.unwrap();
     assert_eq!(route, StickyRoute::Pinned, "pinned to the new connection from then on");
     assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
 }
@@ -46,14 +46,14 @@ async fn a_session_whose_connection_turns_unhealthy_is_repinned() {
     let agent = allow_all();
     let (pool, _c) = common::single(config(), &agent).await;
     pool.sticky_sessions().create("lp-1", "waf").unwrap();
-    pool.sticky_sessions().send("lp-1", "waf", request("a")).await.unwrap();
+    pool.sticky_sessions().send("lp-1", "waf", &request("a")).await.unwrap();
     let (home, _, _) = agent.events_by_connection().pop().unwrap();
     agent
         .connection_by_label(&home)
         .unwrap()
         .report_health(AgentHealth::with_status(HealthStatus::Unhealthy));
     agent.settle().await;
-    let (_, route) = pool.sticky_sessions().send("lp-1", "waf", request("b")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("lp-1", "waf", &request("b")).await.unwrap();
     assert!(matches!(route, StickyRoute::Repinned { .. }), "{route:?}");
 }
 
@@ -76,10 +76,10 @@ async fn sessions_are_created_refreshed_queried_and_cleared() {
     assert!(!pool.sticky_sessions().remove("s1"));
     assert!(!pool.sticky_sessions().contains("s1"));
     assert!(!pool.sticky_sessions().refresh("s1"));
-    let (_, route) = pool.sticky_sessions().send("s1", "waf", request("x")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("s1", "waf", &request("x")).await.unwrap();
     assert_eq!(route, StickyRoute::NoSession, "no session: balanced like any request");
     let (_, route) =
-        pool.sticky_sessions().send("s2", "other", request("y")).await.unwrap_err_or_no_session();
+        pool.sticky_sessions().send("s2", "other", &request("y")).await.unwrap_err_or_no_session();
     assert_eq!(route, StickyRoute::NoSession);
 }
 
@@ -107,7 +107,7 @@ async fn sessions_expire_after_the_idle_time_out_unless_used() {
     pool.sticky_sessions().create("busy", "waf").unwrap();
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_secs(100)).await;
-        pool.sticky_sessions().send("busy", "waf", request("ping")).await.unwrap();
+        pool.sticky_sessions().send("busy", "waf", &request("ping")).await.unwrap();
     }
     // 400 s: "idle" passed the default 5 minutes and was swept by maintenance.
     assert!(!pool.sticky_sessions().contains("idle"));
@@ -180,7 +180,7 @@ async fn sticky_sends_dropped_at_random_points_leave_no_permit_behind() {
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(
                     after,
-                    pool.sticky_sessions().send(&session, "waf", request(format!("r{i}"))),
+                    pool.sticky_sessions().send(&session, "waf", &request(format!("r{i}"))),
                 )
                 .await;
             })
@@ -208,7 +208,7 @@ async fn try_reserve_sticky_reserves_on_the_session_connection() {
     let (second, _) =
         pool.sticky_sessions().try_reserve("s", "waf", pool_api::EventKind::RequestHeaders).unwrap();
     assert_eq!(first.connection(), second.connection());
-    assert!(second.send(request("x")).await.unwrap().is_allow());
+    assert!(second.send(&request("x")).await.unwrap().is_allow());
     let (_, route) =
         pool.sticky_sessions().try_reserve("none", "waf", pool_api::EventKind::RequestHeaders).unwrap();
     assert_eq!(route, StickyRoute::NoSession);
@@ -224,7 +224,7 @@ async fn a_sticky_send_waiting_on_its_connection_when_it_dies_is_repinned_and_de
     pool.sticky_sessions().create("ws", "waf").unwrap();
     let send = |id: &'static str| {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.sticky_sessions().send("ws", "waf", request(id)).await })
+        tokio::spawn(async move { pool.sticky_sessions().send("ws", "waf", &request(id)).await })
     };
     let first = send("first");
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -247,7 +247,7 @@ async fn a_sticky_send_waiting_on_its_connection_when_it_dies_is_repinned_and_de
         .map(|(label, ..)| label)
         .collect();
     assert_eq!(delivered, std::slice::from_ref(&to), "the event reached the new connection, once");
-    let (_, route) = pool.sticky_sessions().send("ws", "waf", request("third")).await.unwrap();
+    let (_, route) = pool.sticky_sessions().send("ws", "waf", &request("third")).await.unwrap();
     assert_eq!(route, StickyRoute::Pinned, "the session stays on its new connection");
     assert_eq!(agent.events_by_connection().pop().unwrap().0, to);
     assert_eq!(pool.stats().totals.in_flight, 0);

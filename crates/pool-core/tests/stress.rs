@@ -37,7 +37,8 @@ async fn concurrent_senders_with_drops_and_disconnects_leave_no_permit_behind() 
                 let mut rng = fastrand::Rng::with_seed(t);
                 let mut answered = 0usize;
                 for i in 0..per_task {
-                    let fut = pool.send("waf", request(format!("{t}-{i}")));
+                    let event = request(format!("{t}-{i}"));
+                    let fut = pool.send("waf", &event);
                     if rng.u8(0..4) == 0 {
                         let _ = tokio::time::timeout(Duration::from_micros(rng.u64(0..200)), fut).await;
                     } else if fut.await.is_ok() {

@@ -231,7 +231,7 @@ pub async fn round_trips_every_event_and_decision<H: Harness>(harness: &H) {
     let agent = harness.serve(recorder.clone()).await;
     let conn = connect(&*harness.connector(), &agent.endpoint).await;
     for event in &events {
-        let decision = conn.send(event.clone()).await.unwrap_or_else(|e| panic!("{}: {e}", event.kind()));
+        let decision = conn.send(&event.clone()).await.unwrap_or_else(|e| panic!("{}: {e}", event.kind()));
         assert_eq!(decision, Decision::allow(), "{}", event.kind());
     }
     assert_eq!(*recorder.seen.lock(), events, "events arrive exactly as sent");
@@ -241,7 +241,7 @@ pub async fn round_trips_every_event_and_decision<H: Harness>(harness: &H) {
             Method::GET,
             Uri::from_static("/"),
         ));
-        let decision = conn.send(event).await.unwrap_or_else(|e| panic!("decision {i}: {e}"));
+        let decision = conn.send(&event).await.unwrap_or_else(|e| panic!("decision {i}: {e}"));
         assert_eq!(&decision, expected, "decision {i} comes back exactly as answered");
     }
 }
@@ -265,7 +265,7 @@ pub async fn concurrent_requests_never_cross<H: Harness>(harness: &H, requests: 
                     Method::GET,
                     Uri::from_static("/"),
                 ));
-                let decision = conn.send(event).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+                let decision = conn.send(&event).await.unwrap_or_else(|e| panic!("{id}: {e}"));
                 assert_eq!(decision.audit.reason.as_deref(), Some(id.as_str()), "cross-talk");
             })
         })
@@ -301,7 +301,7 @@ pub async fn killed_agent_fails_pending_at_once<H: Harness>(harness: &H, pending
     let connector = harness.connector();
     let conn = connect(&*connector, &endpoint).await;
     let mut signals = conn.signals();
-    let sends: Vec<_> = (0..pending).map(|i| conn.send(request(format!("p{i}")))).collect();
+    let sends: Vec<_> = (0..pending).map(|i| conn.send(&request(format!("p{i}")))).collect();
     let waiting = tokio::spawn(async move {
         let results = futures_join_all(sends).await;
         (results, tokio::time::Instant::now())
@@ -326,7 +326,7 @@ pub async fn killed_agent_fails_pending_at_once<H: Harness>(harness: &H, pending
 
     let _back = harness.serve_at(&endpoint, crate::Echo).await;
     let again = connect(&*connector, &endpoint).await;
-    let decision = again.send(request("after-restart".into())).await.expect("a new connection works");
+    let decision = again.send(&request("after-restart".into())).await.expect("a new connection works");
     assert_eq!(decision.audit.reason.as_deref(), Some("after-restart"));
     took
 }
@@ -347,7 +347,7 @@ async fn futures_join_all<T: Send + 'static>(
 pub async fn cancel_aborts_only_that_request<H: Harness>(harness: &H) {
     let agent = harness.serve(SlowFor { id: "slow" }).await;
     let conn = connect(&*harness.connector(), &agent.endpoint).await;
-    let slow = tokio::spawn(conn.send(request("slow".into())));
+    let slow = tokio::spawn(conn.send(&request("slow".into())));
     tokio::time::sleep(Duration::from_millis(20)).await;
     conn.cancel(&"slow".into(), CancelReason::ClientDisconnected);
     let cancelled =
@@ -356,7 +356,7 @@ pub async fn cancel_aborts_only_that_request<H: Harness>(harness: &H) {
         matches!(cancelled, Err(TransportError::Cancelled(CancelReason::ClientDisconnected))),
         "{cancelled:?}"
     );
-    let other = conn.send(request("fast".into())).await.expect("the connection still serves");
+    let other = conn.send(&request("fast".into())).await.expect("the connection still serves");
     assert!(other.is_allow());
     assert!(conn.is_open());
 }
@@ -439,8 +439,8 @@ pub async fn broken_frames_close_only_that_connection<H: WireHarness>(harness: &
     let connector = harness.connector();
     let good = connect(&*connector, &healthy.endpoint).await;
     let bad = connect(&*connector, &rogue.endpoint).await;
-    let in_flight = tokio::spawn(good.send(request("before".into())));
-    let err = tokio::time::timeout(Duration::from_secs(10), bad.send(request("victim".into())))
+    let in_flight = tokio::spawn(good.send(&request("before".into())));
+    let err = tokio::time::timeout(Duration::from_secs(10), bad.send(&request("victim".into())))
         .await
         .unwrap_or_else(|_| panic!("{how:?}: the request must fail, not hang"))
         .expect_err("a broken agent never produces an answer");
@@ -451,7 +451,7 @@ pub async fn broken_frames_close_only_that_connection<H: WireHarness>(harness: &
     assert!(good.is_open(), "{how:?}: the other connection is untouched");
     let before = in_flight.await.expect("task").expect("the other connection's request");
     assert_eq!(before.audit.reason.as_deref(), Some("before"));
-    let after = good.send(request("after".into())).await.expect("the other connection still serves");
+    let after = good.send(&request("after".into())).await.expect("the other connection still serves");
     assert_eq!(after.audit.reason.as_deref(), Some("after"));
 }
 

@@ -249,8 +249,9 @@ impl AgentConnection for MemoryConnection {
     /// reach the agent in call order. It fails at once with [`TransportError::Closed`] on a
     /// closed connection and with [`TransportError::Unsupported`] if the agent's capabilities
     /// leave out the event's kind. Dropping the future before it resolves cancels the request
-    /// with [`CancelReason::Abandoned`].
-    fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
+    /// with [`CancelReason::Abandoned`]. The in-memory agent gets a clone of the event, where a
+    /// real transport would encode it.
+    fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
         if let Some(closed) = self.closed() {
             return closed;
         }
@@ -263,7 +264,7 @@ impl AgentConnection for MemoryConnection {
         }
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        if let Err(e) = self.enqueue(Command::Send { stream, event, reply }) {
+        if let Err(e) = self.enqueue(Command::Send { stream, event: event.clone(), reply }) {
             return ready(Err(e));
         }
         let guard = AbandonGuard { commands: Some(self.commands.clone()), stream };

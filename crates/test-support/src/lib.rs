@@ -45,16 +45,16 @@
 //!         Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static(path)))
 //!     };
 //!     let start = tokio::time::Instant::now();
-//!     let blocked = conn.send(request("r-1", "/admin/users")).await.unwrap();
+//!     let blocked = conn.send(&request("r-1", "/admin/users")).await.unwrap();
 //!     assert!(!blocked.is_allow());
 //!     assert_eq!(start.elapsed(), Duration::from_millis(5));
-//!     assert!(conn.send(request("r-2", "/index.html")).await.unwrap().is_allow());
+//!     assert!(conn.send(&request("r-2", "/index.html")).await.unwrap().is_allow());
 //!     assert_eq!(agent.events_received(), 2);
 //!
 //!     // The agent crashes: the connection reports it.
 //!     agent.disconnect_all();
 //!     assert!(!conn.signals().borrow().open);
-//!     let err = conn.send(request("r-3", "/")).await.unwrap_err();
+//!     let err = conn.send(&request("r-3", "/")).await.unwrap_err();
 //!     assert!(matches!(err, TransportError::Closed { .. }));
 //! }
 //! ```

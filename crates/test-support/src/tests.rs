@@ -61,7 +61,7 @@ async fn round_trip_allow() {
     assert_eq!(conn.capabilities().agent_id, "allow-all");
     assert_eq!(conn.capabilities().protocol_version, PROTOCOL_VERSION);
 
-    let decision = conn.send(request("r-1", "/")).await.unwrap();
+    let decision = conn.send(&request("r-1", "/")).await.unwrap();
     assert!(decision.is_allow());
     assert_eq!(agent.events_received(), 1);
     assert_eq!(
@@ -77,9 +77,9 @@ async fn round_trip_allow() {
 #[tokio::test(start_paused = true)]
 async fn block_path_blocks_the_prefix_and_tags_the_rest() {
     let (_agent, _connector, conn) = setup(BlockPath::new("/admin")).await;
-    let blocked = conn.send(request("r-1", "/admin/users")).await.unwrap();
+    let blocked = conn.send(&request("r-1", "/admin/users")).await.unwrap();
     assert!(matches!(blocked.action, pool_api::Action::Block { status: StatusCode::FORBIDDEN, .. }));
-    let allowed = conn.send(request("r-2", "/shop")).await.unwrap();
+    let allowed = conn.send(&request("r-2", "/shop")).await.unwrap();
     assert!(allowed.is_allow());
     assert_eq!(allowed.response_headers.len(), 1);
 }
@@ -89,7 +89,7 @@ async fn a_thousand_concurrent_requests_each_get_their_own_answer() {
     let (agent, _connector, conn) = setup(Echo).await;
     agent.set_latency_range(Duration::from_millis(1), Duration::from_millis(50));
     let start = Instant::now();
-    let futures: Vec<_> = (0..1000).map(|i| (i, conn.send(request(format!("r-{i}"), "/")))).collect();
+    let futures: Vec<_> = (0..1000).map(|i| (i, conn.send(&request(format!("r-{i}"), "/")))).collect();
     for (i, future) in futures {
         let decision = future.await.unwrap();
         assert_eq!(decision.audit.reason.as_deref(), Some(format!("r-{i}").as_str()));
@@ -105,8 +105,8 @@ async fn a_thousand_concurrent_requests_each_get_their_own_answer() {
 async fn two_events_with_the_same_correlation_id_do_not_collide() {
     let (agent, _connector, conn) = setup(Echo).await;
     agent.set_latency(Duration::from_millis(10));
-    let headers = conn.send(request("r-1", "/"));
-    let body = conn.send(body("r-1"));
+    let headers = conn.send(&request("r-1", "/"));
+    let body = conn.send(&body("r-1"));
     assert_eq!(headers.await.unwrap().audit.tags, ["request_headers"]);
     assert_eq!(body.await.unwrap().audit.tags, ["request_body"]);
 }
@@ -116,7 +116,7 @@ async fn latency_is_honoured() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.set_latency(Duration::from_millis(250));
     let start = Instant::now();
-    conn.send(request("r-1", "/")).await.unwrap();
+    conn.send(&request("r-1", "/")).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(250));
 }
 
@@ -129,7 +129,7 @@ async fn latency_range_is_seeded_and_within_bounds() {
         let mut out = Vec::new();
         for i in 0..20 {
             let start = Instant::now();
-            conn.send(request(format!("r-{i}"), "/")).await.unwrap();
+            conn.send(&request(format!("r-{i}"), "/")).await.unwrap();
             out.push(start.elapsed());
         }
         out
@@ -146,17 +146,17 @@ async fn injected_failures_become_agent_errors() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.fail_next(2);
     for i in 0..2 {
-        let err = conn.send(request(format!("r-{i}"), "/")).await.unwrap_err();
+        let err = conn.send(&request(format!("r-{i}"), "/")).await.unwrap_err();
         assert!(matches!(err, TransportError::Agent(_)), "{err:?}");
     }
-    assert!(conn.send(request("r-2", "/")).await.unwrap().is_allow());
+    assert!(conn.send(&request("r-2", "/")).await.unwrap().is_allow());
 
     agent.set_failure_rate(1.0);
-    assert!(matches!(conn.send(request("r-3", "/")).await, Err(TransportError::Agent(_))));
+    assert!(matches!(conn.send(&request("r-3", "/")).await, Err(TransportError::Agent(_))));
     agent.set_failure_rate(0.5);
     let mut failures = 0;
     for i in 0..200 {
-        if conn.send(request(format!("x-{i}"), "/")).await.is_err() {
+        if conn.send(&request(format!("x-{i}"), "/")).await.is_err() {
             failures += 1;
         }
     }
@@ -172,16 +172,16 @@ async fn handler_errors_and_panics_are_agent_errors() {
         _ => Ok(Decision::allow()),
     });
     let (agent, _connector, conn) = setup(handler).await;
-    assert_eq!(conn.send(request("err", "/")).await, Err(TransportError::Agent(AgentError::new("nope"))));
-    assert!(matches!(conn.send(request("panic", "/")).await, Err(TransportError::Agent(_))));
-    assert!(conn.send(request("ok", "/")).await.unwrap().is_allow());
+    assert_eq!(conn.send(&request("err", "/")).await, Err(TransportError::Agent(AgentError::new("nope"))));
+    assert!(matches!(conn.send(&request("panic", "/")).await, Err(TransportError::Agent(_))));
+    assert!(conn.send(&request("ok", "/")).await.unwrap().is_allow());
     assert_eq!(agent.pending(), 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn unsupported_event_kinds_fail_without_reaching_the_agent() {
     let (agent, _connector, conn) = setup(BlockPath::new("/admin")).await;
-    let err = conn.send(body("r-1")).await.unwrap_err();
+    let err = conn.send(&body("r-1")).await.unwrap_err();
     assert_eq!(
         err,
         TransportError::Unsupported { connection: "mem://agent#0".to_owned(), operation: "request_body" }
@@ -198,7 +198,7 @@ async fn max_concurrency_queues_requests_at_the_agent() {
     let connector = serve(&agent);
     let conn = connect(&connector).await.unwrap();
     let start = Instant::now();
-    let futures: Vec<_> = (0..4).map(|i| conn.send(request(format!("r-{i}"), "/"))).collect();
+    let futures: Vec<_> = (0..4).map(|i| conn.send(&request(format!("r-{i}"), "/"))).collect();
     for future in futures {
         future.await.unwrap();
     }
@@ -218,7 +218,7 @@ async fn disconnect_all_fails_every_pending_request_at_once() {
     let mut signals = a.signals();
     let start = Instant::now();
     let futures: Vec<_> =
-        (0..10).map(|i| if i % 2 == 0 { &a } else { &b }.send(request(format!("r-{i}"), "/"))).collect();
+        (0..10).map(|i| if i % 2 == 0 { &a } else { &b }.send(&request(format!("r-{i}"), "/"))).collect();
     sleep(Duration::from_millis(10)).await;
     assert_eq!(agent.pending(), 10);
 
@@ -233,7 +233,7 @@ async fn disconnect_all_fails_every_pending_request_at_once() {
     assert_eq!(agent.pending(), 0);
 
     // Later calls fail at once.
-    let err = a.send(request("late", "/")).await.unwrap_err();
+    let err = a.send(&request("late", "/")).await.unwrap_err();
     assert_eq!(
         err,
         TransportError::Closed {
@@ -247,7 +247,7 @@ async fn disconnect_all_fails_every_pending_request_at_once() {
     // The agent still accepts new connections, with the next label.
     let c = connect(&connector).await.unwrap();
     assert_eq!(c.label(), "mem://agent#2");
-    assert!(c.send(request("r-new", "/")).await.is_ok());
+    assert!(c.send(&request("r-new", "/")).await.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -259,8 +259,8 @@ async fn one_connection_can_be_killed_alone() {
     agent.connection_by_label("mem://agent#1").unwrap().disconnect();
     assert!(a.signals().borrow().open);
     assert!(!b.signals().borrow().open);
-    assert!(a.send(request("r-1", "/")).await.is_ok());
-    assert!(b.send(request("r-2", "/")).await.is_err());
+    assert!(a.send(&request("r-1", "/")).await.is_ok());
+    assert!(b.send(&request("r-2", "/")).await.is_err());
     assert_eq!(agent.live_connections(), 1);
 }
 
@@ -268,8 +268,8 @@ async fn one_connection_can_be_killed_alone() {
 async fn cancel_fails_only_the_cancelled_request() {
     let (agent, _connector, conn) = setup(Echo).await;
     agent.set_latency(Duration::from_millis(100));
-    let first = conn.send(request("r-1", "/"));
-    let second = conn.send(request("r-2", "/"));
+    let first = conn.send(&request("r-1", "/"));
+    let second = conn.send(&request("r-2", "/"));
     sleep(Duration::from_millis(10)).await;
 
     conn.cancel(&"r-1".into(), CancelReason::Timeout);
@@ -289,9 +289,9 @@ async fn cancel_hits_every_event_of_the_correlation_id_on_this_connection_only()
     let connector = serve(&agent);
     let a = connect(&connector).await.unwrap();
     let b = connect(&connector).await.unwrap();
-    let a1 = a.send(request("r-1", "/"));
-    let a2 = a.send(body("r-1"));
-    let b1 = b.send(request("r-1", "/"));
+    let a1 = a.send(&request("r-1", "/"));
+    let a2 = a.send(&body("r-1"));
+    let b1 = b.send(&request("r-1", "/"));
     a.cancel(&"r-1".into(), CancelReason::ClientDisconnected);
     assert_eq!(a1.await, Err(TransportError::Cancelled(CancelReason::ClientDisconnected)));
     assert_eq!(a2.await, Err(TransportError::Cancelled(CancelReason::ClientDisconnected)));
@@ -305,8 +305,8 @@ async fn cancel_hits_every_event_of_the_correlation_id_on_this_connection_only()
 async fn dropping_a_send_future_abandons_the_request() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.set_latency(Duration::from_secs(1));
-    let future = conn.send(request("r-1", "/"));
-    let kept = conn.send(request("r-2", "/"));
+    let future = conn.send(&request("r-1", "/"));
+    let kept = conn.send(&request("r-2", "/"));
     sleep(Duration::from_millis(1)).await;
     assert_eq!(agent.pending(), 2);
 
@@ -322,7 +322,7 @@ async fn dropping_a_send_future_abandons_the_request() {
 async fn a_timed_out_send_is_abandoned() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.set_silent(true);
-    assert!(timeout(Duration::from_millis(100), conn.send(request("r-1", "/"))).await.is_err());
+    assert!(timeout(Duration::from_millis(100), conn.send(&request("r-1", "/"))).await.is_err());
     agent.settle().await;
     assert_eq!(agent.pending(), 0);
     assert_eq!(agent.cancels()[0].2, CancelReason::Abandoned);
@@ -331,7 +331,7 @@ async fn a_timed_out_send_is_abandoned() {
 #[tokio::test(start_paused = true)]
 async fn an_answered_request_is_not_abandoned_when_dropped() {
     let (agent, _connector, conn) = setup(AllowAll).await;
-    let future = conn.send(request("r-1", "/"));
+    let future = conn.send(&request("r-1", "/"));
     agent.settle().await;
     sleep(Duration::from_millis(1)).await; // the answer comes back
     drop(future);
@@ -344,7 +344,7 @@ async fn an_answered_request_is_not_abandoned_when_dropped() {
 async fn close_fails_pending_requests_and_is_recorded() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.set_silent(true);
-    let future = conn.send(request("r-1", "/"));
+    let future = conn.send(&request("r-1", "/"));
     let ping = conn.ping();
     conn.close();
     assert!(!conn.signals().borrow().open);
@@ -354,7 +354,7 @@ async fn close_fails_pending_requests_and_is_recorded() {
     assert_eq!(agent.closes(), ["mem://agent#0"]);
     assert_eq!(agent.pending(), 0);
     assert_eq!(agent.live_connections(), 0);
-    assert!(is_closed(&conn.send(request("r-2", "/")).await));
+    assert!(is_closed(&conn.send(&request("r-2", "/")).await));
 }
 
 #[tokio::test(start_paused = true)]
@@ -372,7 +372,7 @@ async fn dropping_the_connection_closes_it() {
 async fn a_pending_send_keeps_a_dropped_connection_alive() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.set_latency(Duration::from_millis(10));
-    let future = conn.send(request("r-1", "/"));
+    let future = conn.send(&request("r-1", "/"));
     drop(conn);
     assert!(future.await.is_ok());
     sleep(Duration::from_millis(1)).await;
@@ -457,8 +457,8 @@ async fn capabilities_can_be_overridden() {
     let connector = serve(&agent);
     let conn = connect(&connector).await.unwrap();
     assert_eq!(conn.capabilities().agent_id, "custom");
-    assert!(matches!(conn.send(request("r-1", "/")).await, Err(TransportError::Unsupported { .. })));
-    assert!(conn.send(body("r-1")).await.is_ok());
+    assert!(matches!(conn.send(&request("r-1", "/")).await, Err(TransportError::Unsupported { .. })));
+    assert!(conn.send(&body("r-1")).await.is_ok());
 }
 
 // ----- signals, ping, drain, config ----------------------------------------------------------
@@ -506,7 +506,7 @@ async fn flow_control_and_health_are_published_on_signals() {
 async fn drain_is_published_and_recorded_and_requests_go_on() {
     let (agent, _connector, conn) = setup(AllowAll).await;
     agent.set_latency(Duration::from_millis(10));
-    let pending = conn.send(request("r-1", "/"));
+    let pending = conn.send(&request("r-1", "/"));
     conn.drain();
     assert!(conn.signals().borrow().draining);
     assert!(conn.signals().borrow().open);
@@ -623,8 +623,8 @@ async fn labels_count_connections_per_agent() {
     assert_eq!(second.label(), "unix:/run/waf.sock#1");
     let labels: Vec<String> = agent.connections().iter().map(|c| c.label().to_owned()).collect();
     assert_eq!(labels, ["mem://agent#0", "unix:/run/waf.sock#1"]);
-    first.send(request("a", "/")).await.unwrap();
-    second.send(request("b", "/")).await.unwrap();
+    first.send(&request("a", "/")).await.unwrap();
+    second.send(&request("b", "/")).await.unwrap();
     let seen: Vec<String> = agent.events_by_connection().into_iter().map(|(label, ..)| label).collect();
     assert_eq!(seen, ["mem://agent#0", "unix:/run/waf.sock#1"]);
 }
@@ -640,7 +640,7 @@ async fn answers_cancels_and_abandons_race_without_leaking() {
         let conn = Arc::clone(&conn);
         tasks.spawn(async move {
             let id = format!("r-{i}");
-            let future = conn.send(request(id.clone(), "/"));
+            let future = conn.send(&request(id.clone(), "/"));
             match i % 3 {
                 0 => {
                     let decision = future.await.unwrap();

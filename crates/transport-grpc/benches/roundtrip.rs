@@ -144,7 +144,7 @@ fn start_pool(agent_rt: &Runtime, client_rt: &Runtime) -> PoolSide {
 }
 
 async fn pool_request(pool: &AgentPool, i: u64) {
-    let decision = pool.send("waf", event(i)).await.unwrap();
+    let decision = pool.send("waf", &event(i)).await.unwrap();
     assert!(decision.is_allow());
 }
 

@@ -9,7 +9,10 @@
 //! Frames go out through an unbounded channel that is the call's request stream: a request is
 //! registered and its frame queued in one critical section, so its answer always finds it,
 //! and the number queued is bounded by the pool's permits, which follow the concurrency the
-//! agent advertises. One task reads the response stream and hands each answer to its waiter.
+//! agent advertises. An event is encoded there by [`pool_api::wire`] from the caller's borrowed
+//! value, into a buffer the connection reuses, and travels as bytes ([`crate::codec`]); a
+//! decision is decoded straight into [`Decision`] the same way. One task reads the response
+//! stream and hands each answer to its waiter.
 //!
 //! The end of the response stream, a gRPC error on it (a message that does not decode, one
 //! over the size limit, a reset stream, a connection HTTP/2 keep-alive found dead), or a frame
@@ -24,9 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use parking_lot::{Mutex, MutexGuard};
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::streams::PendingRequests;
+use pool_api::wire;
 use pool_api::{
     AgentConnection, AgentError, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
     ConfigUpdateAnswer, ConfigUpdateRequest, ConnectionSignals, Connector, CorrelationId, Decision, Endpoint,
@@ -39,11 +44,11 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
 use crate::DEFAULT_MAX_MESSAGE;
+use crate::codec::{self, FromAgent, ProxyCodec, ToAgent};
 use crate::io;
 use crate::streams::StreamMap;
 use crate::target::GrpcTarget;
 use crate::tls::GrpcClientTls;
-use crate::wire::agent_protocol_client::AgentProtocolClient;
 
 /// Settings of the proxy side.
 ///
@@ -205,6 +210,11 @@ impl Connector for GrpcConnector {
     }
 }
 
+/// Room the encoding buffer takes at a time…
+const ARENA_BLOCK: usize = 64 * 1024;
+/// …when less than this is left.
+const ARENA_LOW: usize = 4 * 1024;
+
 /// Counts connections per process, for labels.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(0);
 
@@ -227,15 +237,18 @@ impl PendingConnection for Pending {
             let (tx, rx) = mpsc::unbounded_channel();
             let hello =
                 proto::ProxyFrame { stream_id: 0, body: Some(proxy_frame::Body::Hello(hello.into())) };
-            tx.send(hello).map_err(|_| failed("the request stream closed".into()))?;
+            tx.send(ToAgent::Frame(hello)).map_err(|_| failed("the request stream closed".into()))?;
             let max = self.config.max_message;
-            let mut client = AgentProtocolClient::new(self.channel.clone())
+            let mut client = tonic::client::Grpc::new(self.channel.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max);
             let timeout = self.config.handshake_timeout;
             let call = async {
+                client.ready().await.map_err(|e| failed(format!("the connection is not ready: {e}")))?;
+                let path = http::uri::PathAndQuery::from_static(codec::CONNECT_PATH);
+                let request = tonic::Request::new(UnboundedReceiverStream::new(rx));
                 let mut inbound = client
-                    .connect(UnboundedReceiverStream::new(rx))
+                    .streaming(request, path, ProxyCodec)
                     .await
                     .map_err(|status| failed(format!("the agent refused the call: {status}")))?
                     .into_inner();
@@ -245,6 +258,15 @@ impl PendingConnection for Pending {
             let (inbound, first) = tokio::time::timeout(timeout, call)
                 .await
                 .map_err(|_| failed(format!("no answer to the hello within {timeout:?}")))??;
+            let first = match first {
+                Some(FromAgent::Frame(frame)) => Some(frame),
+                Some(FromAgent::Decision { stream_id, .. }) => {
+                    return Err(failed(format!(
+                        "expected capabilities, got a decision for stream {stream_id}"
+                    )));
+                }
+                None => None,
+            };
             let capabilities = match first {
                 Some(proto::AgentFrame { body: Some(agent_frame::Body::Capabilities(c)), .. }) => {
                     Capabilities::try_from(c).map_err(|e| failed(e.to_string()))?
@@ -297,7 +319,10 @@ struct Core {
 /// same critical section that queues its frame, so its answer always finds it.
 struct State {
     /// The call's request stream; `None` once it has ended.
-    out: Option<mpsc::UnboundedSender<proto::ProxyFrame>>,
+    out: Option<mpsc::UnboundedSender<ToAgent>>,
+    /// Where events are encoded; each one is split off as the bytes of its message, and the
+    /// room is reused once those are written.
+    arena: BytesMut,
     pending: PendingRequests,
     pings: StreamMap<(Instant, oneshot::Sender<Duration>)>,
     pushes: HashMap<u64, oneshot::Sender<ConfigAck>>,
@@ -308,7 +333,7 @@ struct State {
 impl State {
     fn frame(&mut self, stream_id: u64, body: proxy_frame::Body) {
         if let Some(out) = &self.out {
-            let _ = out.send(proto::ProxyFrame { stream_id, body: Some(body) });
+            let _ = out.send(ToAgent::Frame(proto::ProxyFrame { stream_id, body: Some(body) }));
         }
     }
 
@@ -404,8 +429,8 @@ impl Drop for GrpcConnection {
 impl GrpcConnection {
     fn start(
         channel: Channel,
-        out: mpsc::UnboundedSender<proto::ProxyFrame>,
-        inbound: tonic::Streaming<proto::AgentFrame>,
+        out: mpsc::UnboundedSender<ToAgent>,
+        inbound: tonic::Streaming<FromAgent>,
         capabilities: Capabilities,
         label: String,
         max_message: usize,
@@ -419,6 +444,7 @@ impl GrpcConnection {
             signals: watch::Sender::new(ConnectionSignals::open()),
             state: Mutex::new(State {
                 out: Some(out),
+                arena: BytesMut::new(),
                 pending: PendingRequests::new(),
                 pings: StreamMap::default(),
                 pushes: HashMap::new(),
@@ -485,7 +511,7 @@ impl AgentConnection for GrpcConnection {
         self.core.open.load(Ordering::Acquire)
     }
 
-    fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
+    fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
         if !self.is_open() {
             return ready(Err(self.core.closed_error()));
         }
@@ -496,23 +522,26 @@ impl AgentConnection for GrpcConnection {
             }));
         }
         let stream = self.stream();
-        let correlation_id = event.correlation_id().clone();
-        let frame =
-            proto::ProxyFrame { stream_id: stream, body: Some(proxy_frame::Body::Event(event.into())) };
-        // Checked before anything is queued: only this request fails.
-        let size = frame.encoded_len();
-        if size > self.core.max_message {
-            return ready(Err(self.core.too_large(size)));
-        }
         let (reply, answer) = oneshot::channel();
+        let max = self.core.max_message;
         let queued = self.core.with(|state| {
-            state.pending.insert(stream, correlation_id, reply);
-            if let Some(out) = &state.out {
-                let _ = out.send(frame);
+            // Room in blocks, so most events are encoded without an allocation of their own.
+            if state.arena.capacity() < ARENA_LOW {
+                state.arena.reserve(ARENA_BLOCK);
             }
+            // The size is checked before a byte is written: over it, only this request fails.
+            wire::encode_event(stream, event, max, &mut state.arena, |_, _| {})
+                .map_err(|e| self.core.too_large(e.size))?;
+            let bytes = state.arena.split().freeze();
+            state.pending.insert(stream, event.correlation_id().clone(), reply);
+            if let Some(out) = &state.out {
+                let _ = out.send(ToAgent::Encoded(bytes));
+            }
+            Ok(())
         });
-        if let Err(e) = queued {
-            return ready(Err(e));
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => return ready(Err(e)),
         }
         let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
         Box::pin(async move {
@@ -531,7 +560,8 @@ impl AgentConnection for GrpcConnection {
                 let cancel = pool_api::Cancel { correlation_id, reason };
                 let body = proxy_frame::Body::Cancel(cancel.into());
                 if let Some(out) = out {
-                    let _ = out.send(proto::ProxyFrame { stream_id: stream, body: Some(body) });
+                    let _ =
+                        out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body: Some(body) }));
                 }
             });
         });
@@ -572,7 +602,7 @@ impl AgentConnection for GrpcConnection {
         if let Err(e) = self.core.with(|state| {
             state.pushes.insert(id, reply);
             if let Some(out) = &state.out {
-                let _ = out.send(frame);
+                let _ = out.send(ToAgent::Frame(frame));
             }
         }) {
             return ready(Err(e));
@@ -630,7 +660,7 @@ const END_GRACE: Duration = Duration::from_secs(1);
 /// The task that reads one call's response stream.
 struct Task {
     core: Arc<Core>,
-    inbound: tonic::Streaming<proto::AgentFrame>,
+    inbound: tonic::Streaming<FromAgent>,
     updates: mpsc::UnboundedSender<ConfigUpdateRequest>,
 }
 
@@ -655,7 +685,10 @@ impl Task {
                     break core.reason.lock().clone().unwrap_or_else(|| "every handle was dropped".into());
                 }
                 message = self.inbound.message() => match message {
-                    Ok(Some(frame)) => {
+                    Ok(Some(FromAgent::Decision { stream_id, decision })) => {
+                        self.answered(stream_id, Ok(decision));
+                    }
+                    Ok(Some(FromAgent::Frame(frame))) => {
                         if let Err(reason) = self.on_frame(frame) {
                             break reason;
                         }

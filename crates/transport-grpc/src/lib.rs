@@ -84,7 +84,7 @@
 //!     let pool = AgentPool::new(PoolConfig::default(), GrpcConnector::default())?;
 //!     pool.add_agent(AgentSpec::new("waf").endpoint(endpoint.as_str())).await?;
 //!     let request = RequestHeaders::new("r-1", Method::GET, Uri::from_static("/admin/users"));
-//!     let decision = pool.send("waf", Event::RequestHeaders(request)).await?;
+//!     let decision = pool.send("waf", &Event::RequestHeaders(request)).await?;
 //!     assert!(!decision.is_allow());
 //!
 //!     pool.shutdown().await;
@@ -102,6 +102,7 @@
 struct ReadmeDoctests;
 
 mod client;
+mod codec;
 mod io;
 mod server;
 mod streams;

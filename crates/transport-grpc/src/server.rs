@@ -34,8 +34,10 @@ use pool_api::{
     AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, FlowControl,
     PROTOCOL_VERSION,
 };
-use prost::Message;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -44,10 +46,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::codec::{self, AgentCodec, FromProxy, ToProxy};
 use crate::io::{Accepted, BoxedIo, KillSwitches};
 use crate::streams::StreamMap;
 use crate::tls::GrpcServerTls;
-use crate::wire::agent_protocol_server::{AgentProtocol, AgentProtocolServer, SERVICE_NAME};
+use crate::wire::agent_protocol_server::SERVICE_NAME;
 use crate::{DEFAULT_MAX_MESSAGE, FILE_DESCRIPTOR_SET};
 
 /// Settings of the agent side.
@@ -277,8 +280,8 @@ impl LimitCounters {
     }
 }
 
-type Outbound = mpsc::Sender<Result<proto::AgentFrame, Status>>;
-type WeakOutbound = mpsc::WeakSender<Result<proto::AgentFrame, Status>>;
+type Outbound = mpsc::Sender<Result<ToProxy, Status>>;
+type WeakOutbound = mpsc::WeakSender<Result<ToProxy, Status>>;
 
 /// Sends agent-initiated messages to every connected proxy, drains the agent, and reports the
 /// limits hit.
@@ -308,7 +311,7 @@ impl GrpcServerHandle {
         let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
         self.sessions.lock().retain(|s| {
             let Some(session) = s.upgrade() else { return false };
-            match session.try_send(Ok(frame.clone())) {
+            match session.try_send(Ok(ToProxy::Frame(frame.clone()))) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::debug!(
@@ -490,14 +493,12 @@ impl GrpcAgentServer {
         let (stop_tx, stop_rx) = watch::channel(false);
         // However this future ends (returning, or dropped), connections still open are cut.
         let kill = KillOnDrop(KillSwitches::default());
-        let agent = AgentProtocolServer::new(AgentSessions {
+        let agent = AgentService(Arc::new(AgentSessions {
             handler: Arc::new(handler),
             config: self.config.clone(),
             handle: self.handle.clone(),
             stop: stop_rx.clone(),
-        })
-        .max_decoding_message_size(self.config.max_message)
-        .max_encoding_message_size(self.config.max_message);
+        }));
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         let accepting = AbortOnDrop(tokio::spawn(accept_loop(
             self.listener,
@@ -657,14 +658,65 @@ struct AgentSessions<H> {
     stop: watch::Receiver<bool>,
 }
 
-#[tonic::async_trait]
-impl<H: AgentHandler> AgentProtocol for AgentSessions<H> {
-    type ConnectStream = ReceiverStream<Result<proto::AgentFrame, Status>>;
+/// The `AgentProtocol` service as tonic routes it, written out instead of generated so that
+/// the call uses [`AgentCodec`]: events arrive decoded by `pool_api::wire` and decisions leave
+/// encoded by it. The bytes are the schema's, so any gRPC client of `agent.proto` talks to it.
+struct AgentService<H>(Arc<AgentSessions<H>>);
 
-    async fn connect(
+impl<H> Clone for AgentService<H> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<H> tonic::server::NamedService for AgentService<H> {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>> + Send>>;
+
+impl<H: AgentHandler> tower::Service<http::Request<tonic::body::Body>> for AgentService<H> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = ServiceFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let sessions = self.0.clone();
+        Box::pin(async move {
+            if request.uri().path() != codec::CONNECT_PATH {
+                return Ok(Status::unimplemented(format!("no method {}", request.uri().path())).into_http());
+            }
+            let max = sessions.config.max_message;
+            let mut grpc =
+                tonic::server::Grpc::new(AgentCodec).apply_max_message_size_config(Some(max), Some(max));
+            Ok(grpc.streaming(ConnectCall(sessions), request).await)
+        })
+    }
+}
+
+/// One `Connect` call.
+struct ConnectCall<H>(Arc<AgentSessions<H>>);
+
+impl<H: AgentHandler> tonic::server::StreamingService<FromProxy> for ConnectCall<H> {
+    type Response = ToProxy;
+    type ResponseStream = ReceiverStream<Result<ToProxy, Status>>;
+    type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<FromProxy>>) -> Self::Future {
+        std::future::ready(Ok(self.0.connect(request)))
+    }
+}
+
+impl<H: AgentHandler> AgentSessions<H> {
+    fn connect(
         &self,
-        request: Request<Streaming<proto::ProxyFrame>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
+        request: Request<Streaming<FromProxy>>,
+    ) -> Response<ReceiverStream<Result<ToProxy, Status>>> {
         let inbound = request.into_inner();
         let limit = self.config.max_concurrent_requests as usize;
         // Room for every answer the proxy may have outstanding, plus signals and pongs.
@@ -677,12 +729,12 @@ impl<H: AgentHandler> AgentProtocol for AgentSessions<H> {
             stop: self.stop.clone(),
         };
         tokio::spawn(session.run(inbound));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Response::new(ReceiverStream::new(rx))
     }
 }
 
-fn frame(stream_id: u64, body: agent_frame::Body) -> proto::AgentFrame {
-    proto::AgentFrame { stream_id, body: Some(body) }
+fn frame(stream_id: u64, body: agent_frame::Body) -> ToProxy {
+    ToProxy::Frame(proto::AgentFrame { stream_id, body: Some(body) })
 }
 
 /// The answer to request `stream`: its decision (or an error if the decision is over the
@@ -691,23 +743,21 @@ fn answer_frame(
     stream: u64,
     outcome: std::thread::Result<Result<pool_api::Decision, pool_api::AgentError>>,
     max_message: usize,
-) -> proto::AgentFrame {
+) -> ToProxy {
     match outcome {
-        Ok(Ok(decision)) => {
-            let answer = frame(stream, agent_frame::Body::Decision(decision.into()));
-            let size = answer.encoded_len();
-            if size > max_message {
-                error_frame(stream, GrpcRefusal::DecisionTooLarge { size, limit: max_message }.to_string())
-            } else {
-                answer
-            }
-        }
+        Ok(Ok(decision)) => match codec::decision(stream, &decision, max_message) {
+            Ok(bytes) => ToProxy::Encoded(bytes),
+            Err(e) => error_frame(
+                stream,
+                GrpcRefusal::DecisionTooLarge { size: e.size, limit: e.limit }.to_string(),
+            ),
+        },
         Ok(Err(e)) => error_frame(stream, e.message),
         Err(_) => error_frame(stream, "the agent's handler panicked".into()),
     }
 }
 
-fn error_frame(stream_id: u64, message: String) -> proto::AgentFrame {
+fn error_frame(stream_id: u64, message: String) -> ToProxy {
     frame(stream_id, agent_frame::Body::Error(proto::AgentError { message }))
 }
 
@@ -732,7 +782,7 @@ struct Session<H> {
 type End = Option<Status>;
 
 impl<H: AgentHandler> Session<H> {
-    async fn run(mut self, mut inbound: Streaming<proto::ProxyFrame>) {
+    async fn run(mut self, mut inbound: Streaming<FromProxy>) {
         let limits = self.handle.limits.clone();
         let hello = tokio::time::timeout(self.config.handshake_timeout, inbound.message()).await;
         let limit = match hello {
@@ -742,12 +792,13 @@ impl<H: AgentHandler> Session<H> {
                 let _ = self.out.try_send(Err(status));
                 return;
             }
-            Ok(Ok(Some(proto::ProxyFrame { body: Some(proxy_frame::Body::Hello(hello)), .. }))) => {
-                match self.handshake(&hello).await {
-                    Some(limit) => limit,
-                    None => return,
-                }
-            }
+            Ok(Ok(Some(FromProxy::Frame(proto::ProxyFrame {
+                body: Some(proxy_frame::Body::Hello(hello)),
+                ..
+            })))) => match self.handshake(&hello).await {
+                Some(limit) => limit,
+                None => return,
+            },
             Ok(Ok(other)) => {
                 tracing::debug!(?other, "handshake failed: expected a hello");
                 let _ = self.out.try_send(Err(Status::invalid_argument("expected a hello")));
@@ -790,12 +841,7 @@ impl<H: AgentHandler> Session<H> {
 
     /// Queues `frame`, waiting at most the write time-out for room; false if the session must
     /// end.
-    async fn write(
-        out: &Outbound,
-        frame: proto::AgentFrame,
-        timeout: Duration,
-        limits: &LimitCounters,
-    ) -> bool {
+    async fn write(out: &Outbound, frame: ToProxy, timeout: Duration, limits: &LimitCounters) -> bool {
         // Room at once is the common case: no timer is set for it.
         let frame = match out.try_send(Ok(frame)) {
             Ok(()) => return true,
@@ -816,7 +862,7 @@ impl<H: AgentHandler> Session<H> {
         }
     }
 
-    async fn serve(&mut self, mut inbound: Streaming<proto::ProxyFrame>, limit: usize) -> End {
+    async fn serve(&mut self, mut inbound: Streaming<FromProxy>, limit: usize) -> End {
         let limits = self.handle.limits.clone();
         let write_timeout = self.config.write_timeout;
         let max_message = self.config.max_message;
@@ -862,10 +908,18 @@ impl<H: AgentHandler> Session<H> {
                             return Some(Status::new(status.code(), message));
                         }
                     };
-                    let stream = frame_in.stream_id;
-                    match frame_in.body {
-                        Some(proxy_frame::Body::Event(event)) => {
-                            let event = match pool_api::Event::try_from(event) {
+                    // Request headers come decoded already; any other event is converted here.
+                    let (stream, body) = match frame_in {
+                        FromProxy::Event { stream_id, event } => (stream_id, Err(event)),
+                        FromProxy::Frame(f) => (f.stream_id, Ok(f.body)),
+                    };
+                    let body = match body {
+                        Ok(Some(proxy_frame::Body::Event(event))) => Err(pool_api::Event::try_from(event)),
+                        other => other,
+                    };
+                    match body {
+                        Err(event) => {
+                            let event = match event {
                                 Ok(event) => event,
                                 Err(e) => return Some(Status::invalid_argument(format!("invalid event on stream {stream}: {e}"))),
                             };
@@ -917,18 +971,18 @@ impl<H: AgentHandler> Session<H> {
                             streams.insert(task.id(), stream);
                             running.insert(stream, task);
                         }
-                        Some(proxy_frame::Body::Cancel(_)) => {
+                        Ok(Some(proxy_frame::Body::Cancel(_))) => {
                             if let Some(task) = running.remove(&stream) {
                                 task.abort();
                             }
                         }
-                        Some(proxy_frame::Body::Ping(_)) => {
+                        Ok(Some(proxy_frame::Body::Ping(_))) => {
                             let pong = frame(stream, agent_frame::Body::Pong(proto::Pong {}));
                             if !Self::write(&self.out, pong, write_timeout, &limits).await {
                                 return None;
                             }
                         }
-                        Some(proxy_frame::Body::ConfigPush(p)) => {
+                        Ok(Some(proxy_frame::Body::ConfigPush(p))) => {
                             if pushes.len() >= max_pushes {
                                 limits.hit(Limit::ConfigPushes);
                                 let refused = GrpcRefusal::TooManyConfigPushes { push_id: p.push_id, limit: max_pushes };
@@ -944,15 +998,16 @@ impl<H: AgentHandler> Session<H> {
                                 Self::write(&out, frame(stream, agent_frame::Body::ConfigAck(ack.into())), write_timeout, &limits).await;
                             });
                         }
-                        Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
+                        Ok(Some(proxy_frame::Body::ConfigUpdateAnswer(a))) => {
                             tracing::info!(request = a.request_id, accepted = a.accepted, error = ?a.error, "proxy answered a configuration update");
                         }
-                        Some(proxy_frame::Body::Drain(_)) => draining = true,
-                        Some(proxy_frame::Body::Shutdown(_)) => return None,
-                        Some(proxy_frame::Body::Hello(_) | proxy_frame::Body::RegisterResult(_)) => {
+                        Ok(Some(proxy_frame::Body::Drain(_))) => draining = true,
+                        Ok(Some(proxy_frame::Body::Shutdown(_))) => return None,
+                        // (An event never gets here: it was taken out above.)
+                        Ok(Some(proxy_frame::Body::Hello(_) | proxy_frame::Body::RegisterResult(_) | proxy_frame::Body::Event(_))) => {
                             return Some(Status::invalid_argument("unexpected message after the handshake"));
                         }
-                        None => return Some(Status::invalid_argument("a frame with no body or an unknown one")),
+                        Ok(None) => return Some(Status::invalid_argument("a frame with no body or an unknown one")),
                     }
                 }
             }

@@ -236,7 +236,7 @@ async fn a_python_agent_serves_our_pool() {
         let id = format!("py-{i}");
         let event =
             Event::RequestHeaders(RequestHeaders::new(id.as_str(), Method::GET, Uri::from_static(path)));
-        let decision = pool.send("py", event).await.expect("a decision from the Python agent");
+        let decision = pool.send("py", &event).await.expect("a decision from the Python agent");
         assert_eq!(decision.audit.reason.as_deref(), Some(id.as_str()));
         match (&decision.action, blocked) {
             (Action::Block { status, .. }, true) => assert_eq!(*status, StatusCode::FORBIDDEN),

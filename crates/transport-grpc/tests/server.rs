@@ -44,12 +44,12 @@ impl AgentHandler for Moody {
 async fn a_panicking_handler_answers_an_error_and_the_connection_goes_on() {
     let agent = serve(Moody::default(), GrpcServerConfig::default()).await;
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
-    let err = conn.send(request_to("boom", "/panic")).await.unwrap_err();
+    let err = conn.send(&request_to("boom", "/panic")).await.unwrap_err();
     let TransportError::Agent(e) = &err else { panic!("{err:?}") };
     assert!(e.message.contains("panicked"), "{e:?}");
-    let err = conn.send(request_to("meh", "/fail")).await.unwrap_err();
+    let err = conn.send(&request_to("meh", "/fail")).await.unwrap_err();
     assert_eq!(err, TransportError::Agent(AgentError::new("no opinion")));
-    assert!(conn.send(request("after")).await.unwrap().is_allow());
+    assert!(conn.send(&request("after")).await.unwrap().is_allow());
     assert!(conn.is_open());
 }
 
@@ -59,11 +59,11 @@ async fn drain_refuses_new_requests_while_running_ones_finish() {
     let agent = serve(handler.clone(), GrpcServerConfig::default()).await;
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
     let mut signals = conn.signals();
-    let running = tokio::spawn(conn.send(request_to("running", "/slow")));
+    let running = tokio::spawn(conn.send(&request_to("running", "/slow")));
     tokio::time::sleep(Duration::from_millis(50)).await;
     agent.handle.drain().await;
     assert!(agent.handle.is_draining());
-    let refused = conn.send(request("new")).await.unwrap_err();
+    let refused = conn.send(&request("new")).await.unwrap_err();
     assert_eq!(refused, TransportError::Agent(AgentError::new(GrpcRefusal::Draining.to_string())));
     tokio::time::timeout(Duration::from_secs(5), signals.wait_for(|s| !s.health.status.accepts_requests()))
         .await
@@ -84,9 +84,9 @@ async fn a_proxy_drain_refuses_new_work_on_that_connection_only() {
     );
     drained.drain();
     assert!(drained.signals().borrow().draining);
-    let err = drained.send(request("late")).await.unwrap_err();
+    let err = drained.send(&request("late")).await.unwrap_err();
     assert!(matches!(err, TransportError::Agent(_)), "{err:?}");
-    assert!(other.send(request("fine")).await.unwrap().is_allow());
+    assert!(other.send(&request("fine")).await.unwrap().is_allow());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +120,7 @@ async fn a_connection_over_the_cap_is_refused_and_counted() {
     let second = connect(&connector, &agent.endpoint).await.map(|c| c.label().to_owned());
     assert!(second.is_err(), "{second:?}");
     assert!(agent.handle.limit_stats().connections_refused >= 1);
-    assert!(first.send(request("still")).await.unwrap().is_allow(), "the first is not affected");
+    assert!(first.send(&request("still")).await.unwrap().is_allow(), "the first is not affected");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,10 +131,10 @@ async fn an_oversized_event_fails_alone_before_anything_is_sent() {
     let conn = connect(&connector, &agent.endpoint).await.unwrap();
     let big =
         Event::RequestBody(pool_api::BodyChunk::new("big", 0, true, bytes::Bytes::from(vec![7u8; 4096])));
-    let err = conn.send(big).await.unwrap_err();
+    let err = conn.send(&big).await.unwrap_err();
     let TransportError::MessageTooLarge { size, limit, .. } = err else { panic!("{err:?}") };
     assert!(size > 4096 && limit == 1024, "{size} {limit}");
-    assert!(conn.send(request("small")).await.unwrap().is_allow(), "the connection goes on");
+    assert!(conn.send(&request("small")).await.unwrap().is_allow(), "the connection goes on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +145,7 @@ async fn a_message_over_the_agents_limit_ends_that_call_with_a_typed_error() {
     let big =
         Event::RequestBody(pool_api::BodyChunk::new("big", 0, true, bytes::Bytes::from(vec![7u8; 4096])));
     let err =
-        tokio::time::timeout(Duration::from_secs(10), conn.send(big)).await.expect("no hang").unwrap_err();
+        tokio::time::timeout(Duration::from_secs(10), conn.send(&big)).await.expect("no hang").unwrap_err();
     let TransportError::Closed { reason, .. } = &err else { panic!("{err:?}") };
     assert!(reason.contains("OutOfRange") || reason.contains("size"), "{reason}");
     assert!(!conn.is_open());
@@ -155,7 +155,7 @@ async fn a_message_over_the_agents_limit_ends_that_call_with_a_typed_error() {
 async fn closing_mid_request_fails_the_pending_request_at_once() {
     let agent = serve(Moody::default(), GrpcServerConfig::default()).await;
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
-    let pending = tokio::spawn(conn.send(request_to("stuck", "/slow")));
+    let pending = tokio::spawn(conn.send(&request_to("stuck", "/slow")));
     tokio::time::sleep(Duration::from_millis(50)).await;
     conn.close();
     let err =
@@ -185,7 +185,7 @@ async fn garbage_bytes_instead_of_http2_end_the_connection_without_a_hang() {
     drop(read);
     // And it still serves proxies.
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
-    assert!(conn.send(request("fine")).await.unwrap().is_allow());
+    assert!(conn.send(&request("fine")).await.unwrap().is_allow());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,10 +241,10 @@ async fn keep_alive_pings_find_a_silent_peer() {
         ..GrpcConnectorConfig::default()
     });
     let conn = connect(&connector, &pool_api::Endpoint::new(format!("grpc://{relay}"))).await.unwrap();
-    assert!(conn.send(request("before")).await.unwrap().is_allow());
+    assert!(conn.send(&request("before")).await.unwrap().is_allow());
     frozen.store(true, Ordering::Release);
     let start = tokio::time::Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(10), conn.send(request_to("lost", "/slow")))
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.send(&request_to("lost", "/slow")))
         .await
         .expect("a silent peer is found out by keep-alive, not by a request time-out")
         .unwrap_err();
@@ -260,7 +260,7 @@ async fn grpc_over_a_unix_socket() {
     let agent = start(server, Moody::default());
     assert_eq!(agent.endpoint.as_str(), format!("grpc+unix:{}", path.display()));
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
-    assert_eq!(conn.send(request("uds")).await.unwrap().audit.reason.as_deref(), Some("uds"));
+    assert_eq!(conn.send(&request("uds")).await.unwrap().audit.reason.as_deref(), Some("uds"));
     // A live socket is not taken over.
     let again = GrpcAgentServer::bind_unix(&path, GrpcServerConfig::default()).await;
     assert!(matches!(again, Err(transport_grpc::GrpcServeError::InUse { .. })), "{again:?}");
@@ -295,7 +295,7 @@ async fn a_connection_that_sends_nothing_is_cut_after_the_handshake_timeout() {
     assert_eq!(agent.handle.limit_stats().handshakes_timed_out, 1);
     // Its slot is free again: the one connection allowed works.
     let conn = connect(&GrpcConnector::default(), &agent.endpoint).await.unwrap();
-    assert!(conn.send(request("after")).await.unwrap().is_allow());
+    assert!(conn.send(&request("after")).await.unwrap().is_allow());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ async fn mutual_tls_with_a_certificate_from_the_ca_gets_decisions() {
     assert!(agent.endpoint.as_str().starts_with("grpcs://127.0.0.1:"), "{}", agent.endpoint);
     let proxy = ca.issue(&["proxy.test"]);
     let conn = connect(&connector(client(&ca, Some(&proxy))), &agent.endpoint).await.expect("mTLS handshake");
-    let decision = conn.send(request("over-tls")).await.expect("a decision");
+    let decision = conn.send(&request("over-tls")).await.expect("a decision");
     assert_eq!(decision.audit.reason.as_deref(), Some("over-tls"));
     assert_eq!(agent.handle.limit_stats().tls_handshakes_failed, 0);
 }

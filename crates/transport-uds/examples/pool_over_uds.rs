@@ -62,7 +62,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     for (i, path) in ["/", "/admin/users", "/index.html"].into_iter().enumerate() {
         let request = RequestHeaders::new(format!("request-{i}"), Method::GET, Uri::from_static(path));
-        let decision = pool.send("deny-admin", Event::RequestHeaders(request)).await?;
+        let decision = pool.send("deny-admin", &Event::RequestHeaders(request)).await?;
         println!("GET {path:<13} -> {}", describe(&decision));
     }
 

@@ -544,7 +544,7 @@ impl AgentConnection for UdsConnection {
         self.core.open.load(Ordering::Acquire)
     }
 
-    fn send(&self, event: Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
+    fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
         if !self.is_open() {
             return ready(Err(self.core.closed_error()));
         }
@@ -556,7 +556,7 @@ impl AgentConnection for UdsConnection {
         }
         let stream = self.stream();
         let (reply, answer) = oneshot::channel();
-        let queued = self.with(|out| match out.codec.encode_event(stream, &event, &mut out.buf) {
+        let queued = self.with(|out| match out.codec.encode_event(stream, event, &mut out.buf) {
             Ok(()) => {
                 out.pending.insert(stream, event.correlation_id().clone(), reply);
                 out.queued += 1;
@@ -574,7 +574,6 @@ impl AgentConnection for UdsConnection {
                 Ok(())
             }
         });
-        drop(event);
         match queued {
             Ok(Ok(())) => {}
             Ok(Err(e)) | Err(e) => return ready(Err(e)),

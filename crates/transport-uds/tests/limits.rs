@@ -181,8 +181,8 @@ async fn a_connection_over_the_cap_is_closed_at_once_and_the_others_are_served()
     assert!(read_until_closed(&mut third).await.is_empty(), "closed without a byte written");
     assert_eq!(handle.limit_stats().connections_refused, 1);
 
-    assert!(first.send(request("a")).await.unwrap().is_allow());
-    assert!(second.send(request("b")).await.unwrap().is_allow());
+    assert!(first.send(&request("a")).await.unwrap().is_allow());
+    assert!(second.send(&request("b")).await.unwrap().is_allow());
     assert_eq!(handle.connection_count(), 2);
 
     // A slot freed is a slot taken again (once the closed connection's task has ended).
@@ -197,8 +197,8 @@ async fn a_connection_over_the_cap_is_closed_at_once_and_the_others_are_served()
         assert!(tokio::time::Instant::now() < deadline, "the freed slot is never given out");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert!(again.send(request("c")).await.unwrap().is_allow());
-    assert!(second.send(request("d")).await.unwrap().is_allow());
+    assert!(again.send(&request("c")).await.unwrap().is_allow());
+    assert!(second.send(&request("d")).await.unwrap().is_allow());
 }
 
 #[tokio::test]
@@ -253,7 +253,7 @@ async fn a_frame_over_the_limit_after_the_handshake_closes_only_its_connection()
     let mut oversized = oversized.into_inner();
     oversized.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes()).await.unwrap();
     assert!(read_until_closed(&mut oversized).await.is_empty());
-    assert!(good.send(request("still")).await.unwrap().is_allow());
+    assert!(good.send(&request("still")).await.unwrap().is_allow());
 }
 
 #[tokio::test]

@@ -108,7 +108,7 @@ async fn a_registered_agent_serves_the_pool_and_comes_back_after_a_restart() {
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..100 {
         let id = format!("r{i}");
-        let decision = pool.send("waf", request(&id)).await.unwrap();
+        let decision = pool.send("waf", &request(&id)).await.unwrap();
         let reason = decision.audit.reason.unwrap();
         let (replica, echoed) = reason.split_once(':').unwrap();
         assert_eq!(echoed, id, "every answer belongs to its own request");
@@ -121,7 +121,7 @@ async fn a_registered_agent_serves_the_pool_and_comes_back_after_a_restart() {
     assert!(task_a.await.unwrap().is_ok());
     wait_connected(&pool, "waf", 1).await;
     for i in 0..20 {
-        let reason = pool.send("waf", request(&format!("x{i}"))).await.unwrap().audit.reason.unwrap();
+        let reason = pool.send("waf", &request(&format!("x{i}"))).await.unwrap().audit.reason.unwrap();
         assert!(reason.starts_with("b:"), "{reason}");
     }
 
@@ -147,7 +147,7 @@ async fn the_agent_dials_again_when_the_proxy_restarts() {
     let second = pool();
     let _listener = listen(&path, &second, ReverseListenerConfig::default()).await;
     wait_connected(&second, "waf", 1).await;
-    assert!(second.send("waf", request("again")).await.unwrap().is_allow());
+    assert!(second.send("waf", &request("again")).await.unwrap().is_allow());
     second.shutdown().await;
 }
 
@@ -199,7 +199,7 @@ async fn a_silent_or_garbled_dialer_is_dropped_and_others_still_register() {
 
     let (_stop, _task) = run_agent(agent_config(&path, "a", "s3cret"), "a");
     wait_connected(&pool, "waf", 1).await;
-    assert!(pool.send("waf", request("ok")).await.unwrap().is_allow());
+    assert!(pool.send("waf", &request("ok")).await.unwrap().is_allow());
 
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), garbled.read_to_end(&mut buf)).await;
@@ -235,7 +235,7 @@ async fn agent_signals_travel_over_a_reverse_connection() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(connection.capabilities().name, "reverse-waf");
-    assert!(connection.send(request("direct")).await.unwrap().is_allow());
+    assert!(connection.send(&request("direct")).await.unwrap().is_allow());
     let mut signals = connection.signals();
     while handle.connection_count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -113,7 +113,7 @@ async fn a_proxy_sending_garbage_is_disconnected_unanswered_and_others_are_serve
         assert!(read.is_ok());
         assert!(answer.is_empty(), "nothing is answered to bytes that do not decode: {answer:?}");
     }
-    assert!(good.send(request("still")).await.unwrap().is_allow());
+    assert!(good.send(&request("still")).await.unwrap().is_allow());
 }
 
 #[tokio::test]
@@ -199,13 +199,13 @@ async fn the_example_waf_blocks_by_path_and_marks_what_it_allows() {
     let ask = |id: &str, path: &'static str| {
         Event::RequestHeaders(RequestHeaders::new(id, Method::GET, Uri::from_static(path)))
     };
-    let blocked = conn.send(ask("a", "/admin/users")).await.unwrap();
+    let blocked = conn.send(&ask("a", "/admin/users")).await.unwrap();
     assert!(matches!(blocked.action, Action::Block { status, .. } if status == http::StatusCode::FORBIDDEN));
     assert_eq!(blocked.audit.rule_ids, vec!["path:/admin".to_owned()]);
     assert!(
-        conn.send(ask("g", "/.git/config")).await.unwrap().audit.tags.contains(&"blocked-path".to_owned())
+        conn.send(&ask("g", "/.git/config")).await.unwrap().audit.tags.contains(&"blocked-path".to_owned())
     );
-    let allowed = conn.send(ask("b", "/shop")).await.unwrap();
+    let allowed = conn.send(&ask("b", "/shop")).await.unwrap();
     assert!(allowed.is_allow());
     assert!(
         matches!(&allowed.response_headers[..], [HeaderOp::Set { name, value }] if name == "x-waf" && value == "checked")
@@ -252,12 +252,12 @@ async fn a_panicking_handler_answers_an_error_and_the_connection_keeps_serving()
     let dir = tempfile::tempdir().unwrap();
     let (endpoint, _stop) = agent(&dir, "a.sock", Panics).await;
     let conn = connect(&endpoint).await;
-    let err = tokio::time::timeout(Duration::from_secs(10), conn.send(request("boom")))
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.send(&request("boom")))
         .await
         .expect("answered, not left to the proxy's time-out")
         .unwrap_err();
     assert!(matches!(&err, TransportError::Agent(e) if e.message.contains("panicked")), "{err:?}");
-    assert!(conn.send(request("fine")).await.unwrap().is_allow());
+    assert!(conn.send(&request("fine")).await.unwrap().is_allow());
 }
 
 /// Holds every request until it is dropped, counting the requests started and dropped.
@@ -312,14 +312,14 @@ async fn a_dropped_request_is_abandoned_on_the_agent_and_a_dropped_connection_cl
     assert_eq!(handle.connection_count(), 1);
 
     // A request whose future is dropped: the agent's task for it is aborted.
-    let held = tokio::spawn(conn.send(request("held")));
+    let held = tokio::spawn(conn.send(&request("held")));
     eventually("the handler starts", || holds.started.load(SeqCst) == 1).await;
     held.abort();
     eventually("the abandoned handler is dropped", || holds.dropped.load(SeqCst) == 1).await;
 
     // Another one left in flight while the handle goes away: the connection stays until it
     // is answered or abandoned, then closes.
-    let kept = tokio::spawn(conn.send(request("kept")));
+    let kept = tokio::spawn(conn.send(&request("kept")));
     eventually("the second handler starts", || holds.started.load(SeqCst) == 2).await;
     drop(conn);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -336,7 +336,7 @@ async fn shutting_the_server_down_aborts_running_requests() {
     let holds = Holds::default();
     let (endpoint, stop) = agent(&dir, "h.sock", holds.clone()).await;
     let conn = connect(&endpoint).await;
-    let held: Vec<_> = (0..3).map(|i| tokio::spawn(conn.send(request(&format!("held{i}"))))).collect();
+    let held: Vec<_> = (0..3).map(|i| tokio::spawn(conn.send(&request(&format!("held{i}"))))).collect();
     eventually("the handlers start", || holds.started.load(SeqCst) == 3).await;
     drop(stop);
     eventually("every running handler is dropped", || holds.dropped.load(SeqCst) == 3).await;
@@ -372,10 +372,10 @@ async fn an_event_over_the_frame_limit_fails_only_its_own_request() {
     let conn = pending.handshake(Hello::new("test-proxy")).await.unwrap();
 
     // Three requests wait for the agent's answer while the oversized one is sent.
-    let waiting: Vec<_> = (0..3).map(|i| conn.send(request(&format!("r{i}")))).collect();
+    let waiting: Vec<_> = (0..3).map(|i| conn.send(&request(&format!("r{i}")))).collect();
     let body = bytes::Bytes::from(vec![7u8; LIMIT + 1]);
     let oversized = Event::RequestBody(BodyChunk::new("big", 0, true, body));
-    let err = conn.send(oversized).await.unwrap_err();
+    let err = conn.send(&oversized).await.unwrap_err();
     let TransportError::MessageTooLarge { connection, size, limit } = &err else {
         panic!("expected MessageTooLarge, got {err:?}");
     };
@@ -392,7 +392,7 @@ async fn an_event_over_the_frame_limit_fails_only_its_own_request() {
         let decision = answer.await.expect("a request sent before the oversized one is answered");
         assert_eq!(decision.audit.reason, Some(format!("r{i}")));
     }
-    let after = conn.send(request("after")).await.expect("the connection still takes new requests");
+    let after = conn.send(&request("after")).await.expect("the connection still takes new requests");
     assert_eq!(after.audit.reason.as_deref(), Some("after"));
     assert!(conn.signals().borrow().open);
 }

@@ -45,7 +45,7 @@ pub(crate) enum StickyStart {
 pub(crate) async fn send_picked(
     pick: Pick,
     agent: &str,
-    event: Event,
+    event: &Event,
     start: Instant,
 ) -> Result<Decision, PoolError> {
     let kind = event.kind();
@@ -81,7 +81,7 @@ impl AgentShared {
     pub(crate) async fn dispatch(
         &self,
         mut guard: InFlight,
-        event: Event,
+        event: &Event,
         start: Instant,
     ) -> Result<Decision, PoolError> {
         let kind = event.kind();
@@ -152,7 +152,7 @@ impl AgentShared {
         session: &str,
         start: StickyStart,
         mut generation: u64,
-        event: Event,
+        event: &Event,
         started: Instant,
         mut route: StickyRoute,
     ) -> Result<(Decision, StickyRoute), PoolError> {
@@ -226,7 +226,7 @@ impl AgentShared {
         &self,
         mut guard: InFlight,
         live: Arc<Live>,
-        event: Event,
+        event: &Event,
         start: Instant,
     ) -> Result<Decision, PoolError> {
         let kind = event.kind();
@@ -337,7 +337,7 @@ impl super::Agent {
     /// The whole send through this agent: pick (its pinned connection, or the balancer's),
     /// wait if it must, dispatch. For a caller that holds the agent (a tower service); the
     /// pool's own send picks inside its directory snapshot.
-    pub(crate) async fn send(self: &Arc<Self>, event: Event) -> Result<Decision, PoolError> {
+    pub(crate) async fn send(self: &Arc<Self>, event: &Event) -> Result<Decision, PoolError> {
         let start = Instant::now();
         let stamp = self.shared.ctx.clock.stamp(start);
         let (kind, live) = (event.kind(), self.live());

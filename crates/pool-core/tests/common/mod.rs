@@ -48,6 +48,6 @@ pub fn total_in_flight(pool: &AgentPool) -> u64 {
 pub async fn fail_requests(pool: &AgentPool, agent: &MemoryAgent, n: usize) {
     agent.fail_next(n);
     for i in 0..n {
-        assert!(pool.send("waf", request(format!("fail-{i}"))).await.is_err());
+        assert!(pool.send("waf", &request(format!("fail-{i}"))).await.is_err());
     }
 }
