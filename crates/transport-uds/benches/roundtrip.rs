@@ -2,9 +2,19 @@
 //! allows the request and adds a header), next to the hardware limit on this machine: a raw
 //! multiplexed echo over the same kind of socket, with frames of the same sizes.
 //!
-//! Both sides use 4 connections and the same split of the machine: the agent (or echo server)
-//! on a runtime with one worker thread, the clients on another with one worker thread. The
-//! raw echo is what any multiplexed request/response protocol must do at the least: a
+//! Both sides use 4 connections, in each of three layouts of the machine (the pool and the raw
+//! client always share their layout with the agent and the echo server):
+//! - `split`: one process; the agent (or echo server) on a runtime with one worker thread, the
+//!   clients on another with one worker thread;
+//! - `process`: the agent and the echo server in a process of their own (this bench binary run
+//!   again), on a runtime with one worker thread; the clients here on one worker thread — where
+//!   a real agent lives;
+//! - `shared`: one process, one runtime with two worker threads for both sides — a proxy whose
+//!   runtime also runs other work.
+//!
+//! `ROUNDTRIP_LAYOUTS=split,process` picks layouts (default: all three).
+//!
+//! The raw echo is what any multiplexed request/response protocol must do at the least: a
 //! length-prefixed frame carrying a stream id written by a writer task that batches, read by a
 //! reader task that completes the waiting request, answered inline by the server. What the
 //! pool adds on top: protobuf encoding, the balancer, permits, health and breaker accounting,
@@ -14,7 +24,12 @@
 //! - criterion (`roundtrip/{pool,raw}/{c}`): mean wall time per request at that concurrency;
 //! - a timing loop of its own, rounds alternating pool and raw so load from elsewhere hits both
 //!   alike, printing requests/s (median of rounds), p50 and p99 latency, and the throughput
-//!   ratio pool/raw (median of the per-pair ratios). Target: ≥ 0.8 at c = 64.
+//!   ratio pool/raw (median of the per-pair ratios). Targets: ≥ 0.8 at c = 64 in every layout
+//!   but `shared`, ≥ 0.7 there; in `process` also ≥ 0.6 at c = 1 and a p99 at c = 64 no more
+//!   than 1.3 × the echo's.
+//!
+//! Each request is a browser-like GET whose event the worker keeps, as a proxy keeps its
+//! request: only the correlation id changes per request, and `send` borrows the event.
 //!
 //! `CARGO_TARGET_DIR=target/bench cargo bench -p transport-uds --bench roundtrip`
 //! (`ROUNDTRIP_REPORT=0` skips the timing loop, for profiling one benchmark with
@@ -26,12 +41,14 @@
 mod waf;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use hdrhistogram::Histogram;
 use http::{HeaderValue, Method, Uri};
 use pool_api::{Event, RequestHeaders};
@@ -48,9 +65,16 @@ const CONNECTIONS: usize = 4;
 const ROUNDS: usize = 6;
 const ROUND: Duration = Duration::from_millis(700);
 
+/// Set in the child process of the `process` layout: the directory to serve the sockets in.
+const SERVE_ENV: &str = "ROUNDTRIP_SERVE_DIR";
+
 fn runtime(name: &str) -> Runtime {
+    runtime_with(name, 1)
+}
+
+fn runtime_with(name: &str, workers: usize) -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .thread_name(name)
         .enable_all()
         .build()
@@ -89,6 +113,13 @@ fn event(i: u64) -> Event {
     Event::RequestHeaders(request)
 }
 
+/// Gives the kept event request `i`'s correlation id.
+fn renumber(event: &mut Event, i: u64) {
+    if let Event::RequestHeaders(h) = event {
+        h.correlation_id = format!("req-{i:012}").into();
+    }
+}
+
 /// Encoded sizes of a request frame and of the agent's answer, so the echo moves the same bytes.
 fn frame_sizes() -> (usize, usize) {
     let request = pool_api::proto::ProxyFrame {
@@ -113,31 +144,33 @@ fn allow_answer() -> pool_api::Decision {
 
 // ------------------------------------------------------------------ the pool side
 
-struct PoolSide {
-    pool: AgentPool,
-    _agent: oneshot::Sender<()>,
-}
-
-fn start_pool(agent_rt: &Runtime, client_rt: &Runtime, dir: &Path) -> PoolSide {
+/// Serves the WAF agent at `dir/waf.sock` on `rt`, until the sender returned is dropped.
+fn serve_agent(rt: &Runtime, dir: &Path) -> oneshot::Sender<()> {
     let path = dir.join("waf.sock");
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = agent_rt.block_on(UdsServer::bind(&path, UdsServerConfig::default())).unwrap();
-    agent_rt.spawn(server.serve(waf::Waf::new(vec!["/admin".into()]), async move {
+    let server = rt.block_on(UdsServer::bind(&path, UdsServerConfig::default())).unwrap();
+    rt.spawn(server.serve(waf::Waf::new(vec!["/admin".into()]), async move {
         let _ = stopped.await;
     }));
-    let pool = client_rt.block_on(async {
+    stop
+}
+
+/// Connects a pool on `client_rt` to the agent at `dir/waf.sock`.
+fn connect_pool(client_rt: &Runtime, dir: &Path) -> AgentPool {
+    let path = dir.join("waf.sock");
+    client_rt.block_on(async {
         let config = PoolConfig { connections_per_endpoint: CONNECTIONS, ..PoolConfig::default() };
         let pool = AgentPool::new(config, UdsConnector::default()).unwrap();
         let report =
             pool.add_agent(AgentSpec::new("waf").endpoint(format!("unix:{}", path.display()))).await.unwrap();
         assert_eq!(report.connected, CONNECTIONS);
         pool
-    });
-    PoolSide { pool, _agent: stop }
+    })
 }
 
-async fn pool_request(pool: &AgentPool, i: u64) {
-    let decision = pool.send("waf", &event(i)).await.unwrap();
+async fn pool_request(pool: &AgentPool, event: &mut Event, i: u64) {
+    renumber(event, i);
+    let decision = pool.send("waf", event).await.unwrap();
     assert!(decision.is_allow());
 }
 
@@ -230,24 +263,24 @@ async fn echo_server(listener: UnixListener, answer_size: usize) {
     }
 }
 
-struct RawSide {
-    conns: Vec<RawConn>,
-    _path: PathBuf,
+/// Serves the echo at `dir/echo.sock` on `rt`.
+fn serve_echo(rt: &Runtime, dir: &Path) {
+    let (_, answer_size) = frame_sizes();
+    let listener = rt.block_on(async { UnixListener::bind(dir.join("echo.sock")).unwrap() });
+    rt.spawn(echo_server(listener, answer_size));
 }
 
-fn start_raw(server_rt: &Runtime, client_rt: &Runtime, dir: &Path) -> RawSide {
-    let (request_size, answer_size) = frame_sizes();
+/// Connects the raw clients on `client_rt` to the echo at `dir/echo.sock`.
+fn connect_raw(client_rt: &Runtime, dir: &Path) -> Vec<RawConn> {
+    let (request_size, _) = frame_sizes();
     let path = dir.join("echo.sock");
-    let listener = server_rt.block_on(async { UnixListener::bind(&path).unwrap() });
-    server_rt.spawn(echo_server(listener, answer_size));
-    let conns = client_rt.block_on(async {
+    client_rt.block_on(async {
         let mut conns = Vec::new();
         for _ in 0..CONNECTIONS {
             conns.push(RawConn::connect(&path, request_size).await);
         }
         conns
-    });
-    RawSide { conns, _path: path }
+    })
 }
 
 async fn raw_request(side: &RawConn, i: u64) {
@@ -280,10 +313,11 @@ async fn round(
                 let mut histogram = Histogram::<u64>::new(3).unwrap();
                 let mut i = (w as u64) << 40;
                 let mut done = 0u64;
+                let mut kept = event(i);
                 while Instant::now() < deadline {
                     let started = Instant::now();
                     match side {
-                        Side::Pool => pool_request(&pool, i).await,
+                        Side::Pool => pool_request(&pool, &mut kept, i).await,
                         Side::Raw => raw_request(&raw[(i as usize) % raw.len()], i).await,
                     }
                     histogram.record(started.elapsed().as_nanos() as u64).unwrap();
@@ -315,9 +349,10 @@ async fn batch(pool: &AgentPool, raw: &[RawConn], side: Side, concurrency: usize
             let raw = raw.to_vec();
             tokio::spawn(async move {
                 let base = (w as u64) << 40;
+                let mut kept = event(base);
                 for i in base..base + per_worker {
                     match side {
-                        Side::Pool => pool_request(&pool, i).await,
+                        Side::Pool => pool_request(&pool, &mut kept, i).await,
                         Side::Raw => raw_request(&raw[(i as usize) % raw.len()], i).await,
                     }
                 }
@@ -335,10 +370,11 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn report(pool: &AgentPool, raw: &[RawConn], client_rt: &Runtime) {
+fn report(layout: Layout, pool: &AgentPool, raw: &[RawConn], client_rt: &Runtime) {
     let (request_size, answer_size) = frame_sizes();
     println!(
-        "\nroundtrip: {CONNECTIONS} connections, request frame {request_size} B, answer frame {answer_size} B"
+        "\nroundtrip, layout {}: {CONNECTIONS} connections, request frame {request_size} B, answer frame {answer_size} B",
+        layout.name()
     );
     println!("{:>4} {:>5} {:>12} {:>10} {:>10}", "c", "side", "req/s", "p50 µs", "p99 µs");
     for concurrency in CONCURRENCY {
@@ -374,37 +410,177 @@ fn report(pool: &AgentPool, raw: &[RawConn], client_rt: &Runtime) {
     }
 }
 
-fn roundtrip(c: &mut Criterion) {
-    let agent_rt = runtime("agent");
-    let client_rt = runtime("client");
-    let dir = tempfile::tempdir().unwrap();
-    let pool_side = start_pool(&agent_rt, &client_rt, dir.path());
-    let raw_side = start_raw(&agent_rt, &client_rt, dir.path());
-    // Warm both up.
-    client_rt.block_on(batch(&pool_side.pool, &raw_side.conns, Side::Pool, 64, 20_000));
-    client_rt.block_on(batch(&pool_side.pool, &raw_side.conns, Side::Raw, 64, 20_000));
+// ------------------------------------------------------------------ layouts
 
-    let mut group = c.benchmark_group("roundtrip");
-    group.throughput(Throughput::Elements(1));
-    for concurrency in CONCURRENCY {
-        for side in [Side::Pool, Side::Raw] {
-            let id = BenchmarkId::new(format!("{side:?}").to_lowercase(), concurrency);
-            group.bench_function(id, |b| {
-                b.iter_custom(|iters| {
-                    client_rt.block_on(batch(&pool_side.pool, &raw_side.conns, side, concurrency, iters))
-                });
-            });
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    Split,
+    Process,
+    Shared,
+}
+
+impl Layout {
+    const ALL: [Layout; 3] = [Layout::Split, Layout::Process, Layout::Shared];
+
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Split => "split",
+            Layout::Process => "process",
+            Layout::Shared => "shared",
         }
     }
-    group.finish();
 
-    // `ROUNDTRIP_REPORT=0` skips the report, e.g. to profile one criterion benchmark alone; so
-    // does a test-mode run (`cargo test --benches`, without `--bench`).
-    let benching = std::env::args().any(|a| a == "--bench");
-    if benching && std::env::var("ROUNDTRIP_REPORT").map_or(true, |v| v != "0") {
-        report(&pool_side.pool, &raw_side.conns, &client_rt);
+    /// The layouts `ROUNDTRIP_LAYOUTS` names, or all of them.
+    fn chosen() -> Vec<Layout> {
+        match std::env::var("ROUNDTRIP_LAYOUTS") {
+            Ok(names) => names
+                .split(',')
+                .map(|n| {
+                    Self::ALL
+                        .into_iter()
+                        .find(|l| l.name() == n.trim())
+                        .unwrap_or_else(|| panic!("unknown layout {n:?} (split, process, shared)"))
+                })
+                .collect(),
+            Err(_) => Self::ALL.to_vec(),
+        }
     }
-    client_rt.block_on(pool_side.pool.shutdown());
+}
+
+/// The agent and the echo server in a child process: this binary again, with [`SERVE_ENV`]
+/// set. It serves until its standard input closes, which happens when this process drops the
+/// handle or dies.
+struct ServerProcess(Child);
+
+impl ServerProcess {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(SERVE_ENV, dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready", "the server process did not start");
+        Self(child)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// The child's side of the `process` layout.
+fn serve_child(dir: &Path) {
+    let rt = runtime("agent");
+    let _agent = serve_agent(&rt, dir);
+    serve_echo(&rt, dir);
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    // Until the parent closes our standard input (or dies).
+    let mut sink = String::new();
+    while std::io::stdin().read_line(&mut sink).map_or(false, |n| n > 0) {}
+    drop(rt);
+}
+
+/// What one layout keeps running while it is measured.
+struct Running {
+    client_rt: Runtime,
+    pool: AgentPool,
+    raw: Vec<RawConn>,
+    _agent: Option<oneshot::Sender<()>>,
+    _process: Option<ServerProcess>,
+    _agent_rt: Option<Runtime>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(layout: Layout) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    match layout {
+        Layout::Split => {
+            let agent_rt = runtime("agent");
+            let client_rt = runtime("client");
+            let agent = serve_agent(&agent_rt, dir.path());
+            serve_echo(&agent_rt, dir.path());
+            let pool = connect_pool(&client_rt, dir.path());
+            let raw = connect_raw(&client_rt, dir.path());
+            Running {
+                client_rt,
+                pool,
+                raw,
+                _agent: Some(agent),
+                _process: None,
+                _agent_rt: Some(agent_rt),
+                _dir: dir,
+            }
+        }
+        Layout::Process => {
+            let process = ServerProcess::start(dir.path());
+            let client_rt = runtime("client");
+            let pool = connect_pool(&client_rt, dir.path());
+            let raw = connect_raw(&client_rt, dir.path());
+            Running {
+                client_rt,
+                pool,
+                raw,
+                _agent: None,
+                _process: Some(process),
+                _agent_rt: None,
+                _dir: dir,
+            }
+        }
+        Layout::Shared => {
+            let rt = runtime_with("shared", 2);
+            let agent = serve_agent(&rt, dir.path());
+            serve_echo(&rt, dir.path());
+            let pool = connect_pool(&rt, dir.path());
+            let raw = connect_raw(&rt, dir.path());
+            Running {
+                client_rt: rt,
+                pool,
+                raw,
+                _agent: Some(agent),
+                _process: None,
+                _agent_rt: None,
+                _dir: dir,
+            }
+        }
+    }
+}
+
+fn roundtrip(c: &mut Criterion) {
+    for layout in Layout::chosen() {
+        let run = start(layout);
+        // Warm both up.
+        run.client_rt.block_on(batch(&run.pool, &run.raw, Side::Pool, 64, 20_000));
+        run.client_rt.block_on(batch(&run.pool, &run.raw, Side::Raw, 64, 20_000));
+
+        let mut group = c.benchmark_group(format!("roundtrip/{}", layout.name()));
+        group.throughput(Throughput::Elements(1));
+        for concurrency in CONCURRENCY {
+            for side in [Side::Pool, Side::Raw] {
+                let id = BenchmarkId::new(format!("{side:?}").to_lowercase(), concurrency);
+                group.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        run.client_rt.block_on(batch(&run.pool, &run.raw, side, concurrency, iters))
+                    });
+                });
+            }
+        }
+        group.finish();
+
+        // `ROUNDTRIP_REPORT=0` skips the report, e.g. to profile one criterion benchmark alone;
+        // so does a test-mode run (`cargo test --benches`, without `--bench`).
+        let benching = std::env::args().any(|a| a == "--bench");
+        if benching && std::env::var("ROUNDTRIP_REPORT").map_or(true, |v| v != "0") {
+            report(layout, &run.pool, &run.raw, &run.client_rt);
+        }
+        run.client_rt.block_on(run.pool.shutdown());
+    }
 }
 
 criterion_group! {
@@ -412,4 +588,12 @@ criterion_group! {
     config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     targets = roundtrip
 }
-criterion_main!(benches);
+
+fn main() {
+    if let Some(dir) = std::env::var_os(SERVE_ENV) {
+        serve_child(Path::new(&dir));
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
