@@ -17,6 +17,7 @@ mod config;
 mod demo;
 mod inspect;
 mod proxy;
+mod response_body;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -28,15 +28,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idlewatch::{IdleLayer, IdleLayerOptions, IdleWatcher};
-use pool_api::{
-    Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders, ResponseHeaders,
-};
+use pool_api::{Action, Decision, Event, EventKind, HeaderOp, RequestHeaders, ResponseHeaders};
 use pool_core::{AgentPool, FailureMode};
 use tokio::time::Instant;
 use tower::{Layer as _, ServiceExt as _};
 
 use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
+use crate::response_body::{self, ResponseInspector};
 
 /// The header that says what happened with a route's agents when one could not answer.
 pub(crate) const AGENT_STATUS: HeaderName = HeaderName::from_static("x-agentpool-agent-status");
@@ -468,7 +467,44 @@ impl Proxy {
         if !agent_status.is_empty() {
             set_status_header(resp.headers_mut(), &agent_status);
         }
-        self.finish(route, &id, &asked, resp, &method, &path, start)
+        // Agents that take the response's body see it chunk by chunk on its way to the client;
+        // `RequestComplete` follows once it has been streamed.
+        let body_agents: Vec<String> = if from_upstream
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            && !resp.body().is_end_stream()
+        {
+            asked
+                .iter()
+                .filter(|a| self.pool.supports(a, EventKind::ResponseBody))
+                .map(|a| a.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if body_agents.is_empty() {
+            return self.finish(route, &id, &asked, resp, &method, &path, start);
+        }
+        // A chunk an agent replaces may change the body's length.
+        let declared = resp
+            .headers_mut()
+            .remove(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let completion = response_body::Completion {
+            asked: asked.iter().map(|a| a.to_string()).collect(),
+            status: resp.status(),
+            start,
+        };
+        let inspector = ResponseInspector::new(
+            self.pool.clone(),
+            body_agents,
+            id,
+            declared,
+            route.failure_mode,
+            route.name.clone(),
+            completion,
+        );
+        let resp = resp.map(|body| inspector.pipe(body));
+        record(route, resp, &method, &path, start)
     }
 
     /// Applies an agent's decision on a request: request-header changes go into `req`,
@@ -589,29 +625,24 @@ impl Proxy {
         path: &str,
         start: Instant,
     ) -> Response<ResponseBody> {
-        let status = resp.status();
-        let elapsed = start.elapsed();
-        route.metrics.answered(status, elapsed);
-        let mut resp = resp;
-        resp.extensions_mut().insert(Served);
-        access_log(&route.name, method, path, status, start);
-        for agent in asked {
-            if self.pool.supports(agent, EventKind::RequestComplete) {
-                let complete = RequestComplete {
-                    correlation_id: id.into(),
-                    status,
-                    duration: elapsed,
-                    request_bytes: 0,
-                    response_bytes: 0,
-                };
-                let (pool, agent) = (self.pool.clone(), agent.to_string());
-                tokio::spawn(async move {
-                    let _ = pool.send(&agent, Event::RequestComplete(complete)).await;
-                });
-            }
-        }
+        let resp = record(route, resp, method, path, start);
+        response_body::complete(&self.pool, asked, id, resp.status(), start.elapsed(), 0);
         resp
     }
+}
+
+/// Counts and logs a request whose response (headers) is ready.
+fn record(
+    route: &Route,
+    mut resp: Response<ResponseBody>,
+    method: &http::Method,
+    path: &str,
+    start: Instant,
+) -> Response<ResponseBody> {
+    route.metrics.answered(resp.status(), start.elapsed());
+    resp.extensions_mut().insert(Served);
+    access_log(&route.name, method, path, resp.status(), start);
+    resp
 }
 
 fn access_log(route: &str, method: &http::Method, path: &str, status: StatusCode, start: Instant) {
