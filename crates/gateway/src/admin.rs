@@ -132,6 +132,7 @@ impl Admin {
             "listeners": listeners,
             "routes": routes,
             "agents": agents,
+            "sticky_sessions": self.pool.sticky_sessions().len(),
         })
     }
 }

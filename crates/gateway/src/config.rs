@@ -113,6 +113,14 @@ pub(crate) struct RouteConfig {
     /// last, stopped when idle.
     #[serde(default)]
     pub workload: Option<String>,
+    /// The largest WebSocket frame, in bytes, relayed on this route when an agent takes frames
+    /// (a larger one closes the connection with 1009). Default 1 MiB.
+    #[serde(default = "default_max_websocket_frame")]
+    pub max_websocket_frame: u64,
+}
+
+fn default_max_websocket_frame() -> u64 {
+    crate::ws::DEFAULT_MAX_FRAME
 }
 
 fn default_prefix() -> String {
@@ -271,6 +279,9 @@ impl GatewayConfig {
             }
             if !upstreams.contains_key(r.upstream.as_str()) {
                 p.push(format!("routes[{i}] ({}).upstream: no upstream named {:?}", r.name, r.upstream));
+            }
+            if r.max_websocket_frame == 0 {
+                p.push(format!("routes[{i}] ({}).max_websocket_frame: must be at least 1", r.name));
             }
             if let Some(w) = &r.workload
                 && !workloads.contains_key(w.as_str())

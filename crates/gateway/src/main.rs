@@ -18,6 +18,7 @@ mod demo;
 mod inspect;
 mod proxy;
 mod response_body;
+mod ws;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -367,6 +368,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             agents: vec!["waf".into(), "waf-grpc".into()],
             failure_mode: pool_core::FailureMode::Closed,
             workload: None,
+            max_websocket_frame: ws::DEFAULT_MAX_FRAME,
         }],
         upstreams: vec![UpstreamConfig {
             name: "demo".into(),
