@@ -93,6 +93,7 @@ impl Admin {
                             "in_flight": c.in_flight,
                             "requests": c.requests,
                             "failures": c.failures,
+                            "last_error": c.last_error.map(|(error, _)| error),
                         })
                     })
                     .collect();

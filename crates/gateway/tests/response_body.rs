@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 mod common;
-use common::{exchange, metric};
+use common::{exchange, get, metric};
 
 const LIMIT: u64 = 4096;
 
@@ -112,10 +112,6 @@ async fn upstream() -> std::net::SocketAddr {
         }
     });
     addr
-}
-
-fn get(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 /// The chunks' bytes in order; panics unless the indexes count from 0 and only the final one is

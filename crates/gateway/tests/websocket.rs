@@ -17,7 +17,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 mod common;
-use common::exchange;
 
 const MAX_FRAME: usize = 1024;
 
@@ -98,13 +97,7 @@ async fn close_code(ws: &mut Client) -> Option<u16> {
 }
 
 async fn sticky_sessions(admin: &str) -> u64 {
-    let status = exchange(
-        admin,
-        format!("GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
-    let json: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
-    json["sticky_sessions"].as_u64().unwrap()
+    common::status(admin).await["sticky_sessions"].as_u64().unwrap()
 }
 
 #[tokio::test]

@@ -175,3 +175,37 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
     panic!("{what}: not within 20 s");
 }
+
+/// An upstream that answers every request `200 ok` and closes.
+pub async fn ok_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain GET with `Connection: close`.
+pub fn get(target: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// The admin's `/status`, parsed.
+pub async fn status(admin: &str) -> serde_json::Value {
+    let reply = exchange(
+        admin,
+        format!("GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    serde_json::from_slice(&reply.body).unwrap()
+}
