@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use transport_grpc::{GrpcAgentServer, GrpcServerConfig, GrpcServerHandle};
 
+#[allow(unused_imports)] // not every test file issues certificates
 pub use test_support::tls::{Pair, TestCa};
 
 /// A running agent; stopped (abruptly) when dropped.
