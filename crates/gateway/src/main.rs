@@ -237,6 +237,18 @@ fn describe_metrics() {
         "gateway_agent_skipped_total",
         "Requests an agent's pool let through without it (fail-open, flow control)."
     );
+    describe_counter!(
+        "gateway_response_aborted_total",
+        "Responses cut off after their headers because an agent refused a body chunk (or could not answer on a fail-closed route)."
+    );
+    describe_counter!(
+        "gateway_response_body_uninspected_total",
+        "Response bodies an agent was shown no more of: over its max_body_size, or unavailable on a fail-open route."
+    );
+    describe_counter!(
+        "gateway_websocket_closed_total",
+        "WebSocket connections the gateway closed itself, by route and close code."
+    );
 }
 
 /// Starts watching the configured workloads on the local Docker engine (none: `None`).

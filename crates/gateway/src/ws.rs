@@ -473,8 +473,8 @@ mod tests {
 
     #[test]
     fn oversized_and_malformed_frames_are_refused_from_their_header() {
-        // Only the header of a 70 000-byte frame: refused before its payload arrives.
-        let header = &encode(true, 0x2, &[0u8; 70_000], None)[..4];
+        // Only the (10-byte) header of a 70 000-byte frame: refused before its payload arrives.
+        let header = &encode(true, 0x2, &[0u8; 70_000], None)[..10];
         let mut buf = BytesMut::from(header);
         assert_eq!(parse(&mut buf, 1000), Err(FrameError::TooBig { size: 70_000, limit: 1000 }));
         let mut rsv = BytesMut::from(&[0xc1u8, 0x00][..]);
