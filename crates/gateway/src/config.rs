@@ -482,6 +482,7 @@ mod tests {
             path_prefix = "api"
             upstream = "nope"
             agents = ["ghost"]
+            max_websocket_frame = 0
 
             [pool]
             connections_per_endpoint = 0
@@ -495,6 +496,7 @@ mod tests {
             "routes[0] (r).path_prefix: \"api\" must start with /",
             "routes[0] (r).upstream: no upstream named \"nope\"",
             "routes[0] (r).agents[0]: no agent named \"ghost\"",
+            "routes[0] (r).max_websocket_frame: must be at least 1",
             "pool.connections_per_endpoint",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");

@@ -146,12 +146,16 @@ async fn response_chunks_reach_the_agent_in_order_and_a_refused_chunk_aborts_the
     // A content-length body: its final chunk is marked last.
     let reply = exchange(listen, &get("/cl")).await;
     assert_eq!((reply.status, reply.text().as_str(), reply.complete), (200, "alpha beta gamma", true));
-    assert_eq!(assert_in_order(&recorder.chunks_of("/cl")), "alpha beta gamma");
+    let chunks = recorder.chunks_of("/cl");
+    assert_eq!(assert_in_order(&chunks), "alpha beta gamma");
+    assert!(chunks.iter().all(|c| !c.data.is_empty() && c.total_size == Some(16)), "{chunks:?}");
 
     // A chunked body: the end is learned after the last data, so an empty chunk is marked last.
     let reply = exchange(listen, &get("/chunked")).await;
     assert_eq!((reply.status, reply.text().as_str(), reply.complete), (200, "one two three", true));
-    assert_eq!(assert_in_order(&recorder.chunks_of("/chunked")), "one two three");
+    let chunks = recorder.chunks_of("/chunked");
+    assert_eq!(assert_in_order(&chunks), "one two three");
+    assert!(chunks.last().is_some_and(|c| c.data.is_empty() && c.total_size.is_none()), "{chunks:?}");
 
     // A chunk replaced; the length changed, so no content-length goes to the client.
     let reply = exchange(listen, &get("/secret")).await;
