@@ -31,17 +31,22 @@
 //! answer on a chunk: on a `closed` route the response is aborted; on an `open` one the agent is
 //! shown no more of that body.
 //!
+//! A client that goes away while an agent is deciding on a chunk cancels that agent request
+//! (`Cancel` with reason `ClientDisconnected`); one that goes away while the upstream's next
+//! chunk is awaited stops the reading of it.
+//!
 //! `RequestComplete` goes to the request's agents once the body has been streamed (or
-//! aborted), with the bytes sent to the client.
+//! aborted, or its client went away), with the bytes sent to the client.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use http_body_util::channel::{Channel, Sender};
 use httpserver_pool::{BoxError, ResponseBody};
-use hyper::body::Body as _;
-use pool_api::{Action, BodyChunk, BodyMutation, Decision, Event, EventKind};
+use hyper::body::{Body, Frame};
+use pool_api::{Action, BodyChunk, BodyMutation, CancelReason, Decision, Event, EventKind};
 use pool_core::{AgentPool, FailureMode, PoolError};
 use tokio::time::Instant;
 
@@ -75,10 +80,38 @@ pub(crate) struct ResponseInspector {
     completion: Completion,
 }
 
-/// Why a response was cut off.
-struct Abort {
-    agent: String,
-    why: &'static str,
+/// Why a response ended early.
+enum Stop {
+    /// An agent cut it off.
+    Abort {
+        /// The agent.
+        agent: String,
+        /// What it did.
+        why: &'static str,
+    },
+    /// The client went away.
+    ClientGone,
+}
+
+/// What the inspector's task feeds the client's body.
+type Feed = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// The body the client gets: the frames the inspector lets through, in order; an error ends it
+/// (an aborted response). Dropped with the client's connection, which the inspector notices.
+struct Piped {
+    frames: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl Body for Piped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.frames.poll_recv(cx)
+    }
 }
 
 impl ResponseInspector {
@@ -108,24 +141,27 @@ impl ResponseInspector {
     /// The body the client gets: `body`, chunk by chunk as the agents let it through, fed by a
     /// task of its own.
     pub(crate) fn pipe(self, body: ResponseBody) -> ResponseBody {
-        let (sender, channel) = Channel::<Bytes, BoxError>::new(1);
-        tokio::spawn(self.run(body, sender));
-        channel.boxed()
+        let (feed, frames) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(self.run(body, feed));
+        Piped { frames }.boxed()
     }
 
-    async fn run(mut self, mut body: ResponseBody, mut client: Sender<Bytes, BoxError>) {
+    async fn run(mut self, mut body: ResponseBody, client: Feed) {
         let mut index = 0u32;
         let mut sent = 0u64;
         let mut last_shown = false;
         let mut trailers = None;
-        let mut client_gone = false;
         loop {
-            let frame = match body.frame().await {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                () = client.closed() => return self.client_gone(sent),
+            };
+            let frame = match frame {
                 None => break,
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => {
                     tracing::warn!(route = %self.route, error = %e, "the upstream's response body broke off");
-                    client.abort(e);
+                    let _ = client.send(Err(e)).await;
                     return self.complete(sent);
                 }
             };
@@ -140,37 +176,32 @@ impl ResponseInspector {
                 continue;
             }
             let last = body.is_end_stream();
-            match self.ask(index, last, data).await {
+            match self.ask(index, last, data, &client).await {
                 Ok(Some(data)) => {
                     sent += data.len() as u64;
-                    if client.send_data(data).await.is_err() {
-                        client_gone = true;
-                        break;
+                    if client.send(Ok(Frame::data(data))).await.is_err() {
+                        return self.client_gone(sent);
                     }
                 }
                 Ok(None) => {}
-                Err(abort) => return self.abort(client, abort, sent),
+                Err(stop) => return self.stop(&client, stop, sent).await,
             }
             last_shown = last;
             index = index.saturating_add(1);
         }
-        if client_gone {
-            tracing::debug!(route = %self.route, id = %self.id, "the client went away during the response body");
-            return self.complete(sent);
-        }
         if !last_shown && self.watchers.iter().any(|w| w.active) {
             // The end was learned after the last chunk went: an empty chunk marked last.
-            match self.ask(index, true, Bytes::new()).await {
+            match self.ask(index, true, Bytes::new(), &client).await {
                 Ok(Some(data)) if !data.is_empty() => {
                     sent += data.len() as u64;
-                    let _ = client.send_data(data).await;
+                    let _ = client.send(Ok(Frame::data(data))).await;
                 }
                 Ok(_) => {}
-                Err(abort) => return self.abort(client, abort, sent),
+                Err(stop) => return self.stop(&client, stop, sent).await,
             }
         }
         if let Some(trailers) = trailers {
-            let _ = client.send_trailers(trailers).await;
+            let _ = client.send(Ok(Frame::trailers(trailers))).await;
         }
         drop(client);
         self.complete(sent);
@@ -178,7 +209,13 @@ impl ResponseInspector {
 
     /// Asks every active agent about one chunk; the bytes to forward (`None`: dropped), or why
     /// the response must be cut off.
-    async fn ask(&mut self, index: u32, last: bool, mut data: Bytes) -> Result<Option<Bytes>, Abort> {
+    async fn ask(
+        &mut self,
+        index: u32,
+        last: bool,
+        mut data: Bytes,
+        client: &Feed,
+    ) -> Result<Option<Bytes>, Stop> {
         let (pool, id, declared) = (&self.pool, &self.id, self.declared);
         for w in self.watchers.iter_mut().filter(|w| w.active) {
             let over = w.limit.is_some_and(|limit| {
@@ -196,7 +233,19 @@ impl ResponseInspector {
                 total_size: declared,
                 data: data.clone(),
             };
-            match pool.send(&w.name, Event::ResponseBody(chunk)).await {
+            let answer = {
+                let asked = pool.send(&w.name, Event::ResponseBody(chunk));
+                tokio::pin!(asked);
+                tokio::select! {
+                    answer = &mut asked => answer,
+                    () = client.closed() => {
+                        // Told before the pending call is dropped, so the agent learns why.
+                        let _ = pool.cancel(&w.name, &id.as_str().into(), CancelReason::ClientDisconnected);
+                        return Err(Stop::ClientGone);
+                    }
+                }
+            };
+            match answer {
                 Ok(decision) if matches!(decision.action, Action::Allow) => {
                     note_ignored(&self.route, &w.name, &decision);
                     match decision.body {
@@ -207,7 +256,7 @@ impl ResponseInspector {
                         _ => {}
                     }
                 }
-                Ok(_) => return Err(Abort { agent: w.name.clone(), why: "refused a response chunk" }),
+                Ok(_) => return Err(Stop::Abort { agent: w.name.clone(), why: "refused a response chunk" }),
                 Err(PoolError::BodyTooLarge { .. }) => stop_showing(&self.route, w, "over its max_body_size"),
                 Err(e) => {
                     metrics::counter!("gateway_agent_errors_total", "route" => self.route.clone(), "agent" => w.name.clone())
@@ -215,7 +264,7 @@ impl ResponseInspector {
                     tracing::warn!(route = %self.route, agent = %w.name, error = %e, "agent could not answer on the response body");
                     match self.failure_mode {
                         FailureMode::Closed => {
-                            return Err(Abort {
+                            return Err(Stop::Abort {
                                 agent: w.name.clone(),
                                 why: "could not answer (failing closed)",
                             });
@@ -228,11 +277,19 @@ impl ResponseInspector {
         Ok(Some(data))
     }
 
-    fn abort(self, client: Sender<Bytes, BoxError>, abort: Abort, sent: u64) {
-        metrics::counter!("gateway_response_aborted_total", "route" => self.route.clone(), "agent" => abort.agent.clone())
+    /// Ends a response an agent cut off (the client's body ends with an error), or whose
+    /// client went away.
+    async fn stop(self, client: &Feed, stop: Stop, sent: u64) {
+        let Stop::Abort { agent, why } = stop else { return self.client_gone(sent) };
+        metrics::counter!("gateway_response_aborted_total", "route" => self.route.clone(), "agent" => agent.clone())
             .increment(1);
-        tracing::warn!(route = %self.route, agent = %abort.agent, id = %self.id, "response aborted: the agent {}", abort.why);
-        client.abort(format!("agent {} {}", abort.agent, abort.why).into());
+        tracing::warn!(route = %self.route, agent = %agent, id = %self.id, "response aborted: the agent {why}");
+        let _ = client.send(Err(format!("agent {agent} {why}").into())).await;
+        self.complete(sent);
+    }
+
+    fn client_gone(self, sent: u64) {
+        tracing::debug!(route = %self.route, id = %self.id, "the client went away during the response body");
         self.complete(sent);
     }
 

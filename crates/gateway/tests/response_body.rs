@@ -1,9 +1,11 @@
 //! Response bodies through an agent that takes them (transport-uds's agent side in this test
 //! process, on a real socket): chunks in order with the right `last` flag, a chunk replaced, a
-//! body over the agent's limit passed on untouched, and a refused chunk aborting the response.
+//! body over the agent's limit passed on untouched, a refused chunk aborting the response, and
+//! a client that goes away cancelling the agent's pending decision.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -17,11 +19,21 @@ use common::{exchange, get, metric};
 const LIMIT: u64 = 4096;
 
 /// Records every response chunk by the request's path; refuses a chunk holding `STOP`, masks
-/// `secret`.
+/// `secret`, never answers on one holding `HANG` (counting those calls dropped).
 #[derive(Clone, Default)]
 struct Recorder {
     paths: Arc<Mutex<HashMap<String, String>>>,
     chunks: Arc<Mutex<HashMap<String, Vec<BodyChunk>>>>,
+    dropped: Arc<AtomicUsize>,
+}
+
+/// Counts a pending decision dropped (its request cancelled).
+struct CountDrop(Arc<AtomicUsize>);
+
+impl Drop for CountDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Recorder {
@@ -46,6 +58,10 @@ impl AgentHandler for Recorder {
                 let path = self.paths.lock().get(chunk.correlation_id.as_str()).cloned().unwrap_or_default();
                 self.chunks.lock().entry(path).or_default().push(chunk.clone());
                 let text = String::from_utf8_lossy(&chunk.data).into_owned();
+                if text.contains("HANG") {
+                    let _counted = CountDrop(self.dropped.clone());
+                    std::future::pending::<()>().await;
+                }
                 if text.contains("STOP") {
                     return Ok(Decision::block(http::StatusCode::FORBIDDEN));
                 }
@@ -100,6 +116,7 @@ async fn upstream() -> std::net::SocketAddr {
                     "/chunked" => chunked(&["one ", "two ", "three"]),
                     "/secret" => sized(&["my secret data"]),
                     "/big" => sized(&[&big]),
+                    "/hang" => chunked(&["HANG on"]),
                     _ => chunked(&["hello ", "STOP here", "never sent"]),
                 };
                 for w in writes {
@@ -125,22 +142,29 @@ fn assert_in_order(chunks: &[BodyChunk]) -> String {
     chunks.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect()
 }
 
-#[tokio::test]
-async fn response_chunks_reach_the_agent_in_order_and_a_refused_chunk_aborts_the_response() {
-    let dir = tempfile::tempdir().unwrap();
-    let recorder = Recorder::default();
-    let agent = common::uds_agent(dir.path(), "recorder", recorder.clone()).await;
+/// The recorder on a Unix socket, the upstream, and a gateway with one route through them.
+async fn setup(dir: &std::path::Path, recorder: &Recorder) -> (common::UdsAgent, common::Gateway) {
+    let agent = common::uds_agent(dir, "recorder", recorder.clone()).await;
     let app = upstream().await;
     let gateway = common::start_gateway(
-        dir.path(),
+        dir,
         &format!(
             "[[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
              [[agents]]\nname = \"recorder\"\nendpoints = [\"{}\"]\n\n\
-             [[routes]]\nname = \"all\"\nupstream = \"app\"\nagents = [\"recorder\"]\n",
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\nagents = [\"recorder\"]\n\n\
+             [pool]\nrequest_timeout = \"60s\"\n",
             agent.endpoint
         ),
     )
     .await;
+    (agent, gateway)
+}
+
+#[tokio::test]
+async fn response_chunks_reach_the_agent_in_order_and_a_refused_chunk_aborts_the_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::default();
+    let (_agent, gateway) = setup(dir.path(), &recorder).await;
     let listen = gateway.listen.as_str();
 
     // A content-length body: its final chunk is marked last.
@@ -183,4 +207,21 @@ async fn response_chunks_reach_the_agent_in_order_and_a_refused_chunk_aborts_the
 
     // The gateway still serves afterwards.
     assert_eq!(exchange(listen, &get("/cl")).await.text(), "alpha beta gamma");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_agent_s_pending_decision_on_a_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::default();
+    let (_agent, gateway) = setup(dir.path(), &recorder).await;
+    let mut client = tokio::net::TcpStream::connect(&gateway.listen).await.unwrap();
+    client.write_all(&get("/hang")).await.unwrap();
+    common::eventually("the agent has the chunk", async || !recorder.chunks_of("/hang").is_empty()).await;
+    assert_eq!(recorder.dropped.load(Ordering::SeqCst), 0);
+    drop(client);
+    // Well before the pool's 60 s request time-out.
+    common::eventually("the agent's pending decision is cancelled", async || {
+        recorder.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
 }
