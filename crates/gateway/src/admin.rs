@@ -93,6 +93,7 @@ impl Admin {
                             "in_flight": c.in_flight,
                             "requests": c.requests,
                             "failures": c.failures,
+                            "last_error": c.last_error.map(|(error, _)| error),
                         })
                     })
                     .collect();
@@ -132,6 +133,7 @@ impl Admin {
             "listeners": listeners,
             "routes": routes,
             "agents": agents,
+            "sticky_sessions": self.pool.sticky_sessions().len(),
         })
     }
 }

@@ -4,9 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use httpserver_pool::{HttpServerConfig, Limits, Timeouts, TlsConfig};
+use httpserver_pool::{HttpServerConfig, Limits, PemSource, Timeouts, TlsConfig};
 use pool_core::{FailureMode, PoolConfig};
 use serde::{Deserialize, Serialize};
+use transport_grpc::{GrpcClientTls, GrpcTlsError};
 
 /// Everything the gateway runs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -113,6 +114,14 @@ pub(crate) struct RouteConfig {
     /// last, stopped when idle.
     #[serde(default)]
     pub workload: Option<String>,
+    /// The largest WebSocket frame, in bytes, relayed on this route when an agent takes frames
+    /// (a larger one closes the connection with 1009). Default 1 MiB.
+    #[serde(default = "default_max_websocket_frame")]
+    pub max_websocket_frame: u64,
+}
+
+fn default_max_websocket_frame() -> u64 {
+    crate::ws::DEFAULT_MAX_FRAME
 }
 
 fn default_prefix() -> String {
@@ -179,6 +188,87 @@ pub(crate) struct AgentConfig {
     /// Its endpoints (replicas): `unix:/absolute/path.sock` (transport-uds), or `grpc://host:port`
     /// / `grpc+unix:/absolute/path` (transport-grpc); one kind per agent.
     pub endpoints: Vec<String>,
+    /// TLS for `grpcs://` endpoints (required by them, refused for any other kind).
+    #[serde(default)]
+    pub tls: Option<AgentTls>,
+}
+
+/// How the gateway dials an agent's `grpcs://` endpoints: the CA it trusts for the agent's
+/// certificate, optionally a client certificate (mutual TLS) and the name to expect in the
+/// agent's certificate. PEM files (`{ file = "…" }`) or text (`{ pem = "…" }`), as for listeners.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentTls {
+    /// The CA certificate(s) that sign the agent's certificate; nothing else is trusted.
+    pub ca: PemSource,
+    /// The gateway's client certificate chain, for agents that require one (with `key`).
+    #[serde(default)]
+    pub cert: Option<PemSource>,
+    /// The private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PemSource>,
+    /// The name to verify in the agent's certificate instead of the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// A problem with an agent's TLS settings: the field (`ca`, `cert`, `key`, `server_name`) and
+/// what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("tls.{field}: {problem}")]
+pub(crate) struct AgentTlsError {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+fn pem_bytes(field: &'static str, source: &PemSource) -> Result<Vec<u8>, AgentTlsError> {
+    match source {
+        PemSource::File(path) => std::fs::read(path)
+            .map_err(|e| AgentTlsError { field, problem: format!("{}: {e}", path.display()) }),
+        PemSource::Pem(text) => Ok(text.clone().into_bytes()),
+    }
+}
+
+impl AgentTls {
+    /// Reads and checks the material: transport-grpc's client TLS, or the first problem.
+    pub(crate) fn load(&self) -> Result<GrpcClientTls, AgentTlsError> {
+        let ca = pem_bytes("ca", &self.ca)?;
+        let mut tls =
+            GrpcClientTls::new(&ca).map_err(|e| AgentTlsError { field: "ca", problem: e.to_string() })?;
+        if let Some(name) = &self.server_name {
+            tls = tls
+                .with_server_name(name)
+                .map_err(|e| AgentTlsError { field: "server_name", problem: e.to_string() })?;
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (pem_bytes("cert", cert)?, pem_bytes("key", key)?);
+                tls = tls.with_identity(&cert, &key).map_err(|e| {
+                    let field = match e {
+                        GrpcTlsError::Certificates { .. } => "cert",
+                        _ => "key",
+                    };
+                    AgentTlsError { field, problem: e.to_string() }
+                })?;
+            }
+            (Some(_), None) => {
+                return Err(AgentTlsError {
+                    field: "key",
+                    problem: "a client certificate needs its key".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(AgentTlsError {
+                    field: "cert",
+                    problem: "a key needs its client certificate".into(),
+                });
+            }
+            (None, None) => {}
+        }
+        Ok(tls)
+    }
 }
 
 /// True for an endpoint transport-grpc dials (`grpc://`, `grpcs://`, `grpc+unix:`).
@@ -252,6 +342,21 @@ impl GatewayConfig {
                     a.name
                 ));
             }
+            let grpcs = a.endpoints.iter().any(|e| e.starts_with("grpcs://"));
+            match &a.tls {
+                None if grpcs => {
+                    p.push(format!("agents[{i}] ({}).tls: grpcs:// endpoints need tls.ca", a.name))
+                }
+                Some(_) if !grpcs => {
+                    p.push(format!("agents[{i}] ({}).tls: only grpcs:// endpoints use TLS", a.name))
+                }
+                Some(tls) => {
+                    if let Err(e) = tls.load() {
+                        p.push(format!("agents[{i}] ({}).{e}", a.name));
+                    }
+                }
+                None => {}
+            }
         }
         let workloads = unique_names(&mut p, "workloads", self.workloads.iter().map(|w| w.name.as_str()));
         let configs: Vec<idlewatch::IdleConfig> = self.workloads.iter().map(|w| w.watch.clone()).collect();
@@ -271,6 +376,9 @@ impl GatewayConfig {
             }
             if !upstreams.contains_key(r.upstream.as_str()) {
                 p.push(format!("routes[{i}] ({}).upstream: no upstream named {:?}", r.name, r.upstream));
+            }
+            if r.max_websocket_frame == 0 {
+                p.push(format!("routes[{i}] ({}).max_websocket_frame: must be at least 1", r.name));
             }
             if let Some(w) = &r.workload
                 && !workloads.contains_key(w.as_str())
@@ -374,6 +482,7 @@ mod tests {
             path_prefix = "api"
             upstream = "nope"
             agents = ["ghost"]
+            max_websocket_frame = 0
 
             [pool]
             connections_per_endpoint = 0
@@ -387,6 +496,7 @@ mod tests {
             "routes[0] (r).path_prefix: \"api\" must start with /",
             "routes[0] (r).upstream: no upstream named \"nope\"",
             "routes[0] (r).agents[0]: no agent named \"ghost\"",
+            "routes[0] (r).max_websocket_frame: must be at least 1",
             "pool.connections_per_endpoint",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");

@@ -17,6 +17,8 @@ mod config;
 mod demo;
 mod inspect;
 mod proxy;
+mod response_body;
+mod ws;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -235,6 +237,18 @@ fn describe_metrics() {
         "gateway_agent_skipped_total",
         "Requests an agent's pool let through without it (fail-open, flow control)."
     );
+    describe_counter!(
+        "gateway_response_aborted_total",
+        "Responses cut off after their headers because an agent refused a body chunk (or could not answer on a fail-closed route)."
+    );
+    describe_counter!(
+        "gateway_response_body_uninspected_total",
+        "Response bodies an agent was shown no more of: over its max_body_size, or unavailable on a fail-open route."
+    );
+    describe_counter!(
+        "gateway_websocket_closed_total",
+        "WebSocket connections the gateway closed itself, by route and close code."
+    );
 }
 
 /// Starts watching the configured workloads on the local Docker engine (none: `None`).
@@ -276,14 +290,49 @@ fn listener_names(config: &GatewayConfig) -> Vec<(String, String)> {
     config.listeners.iter().map(|l| (l.name.clone(), l.bind.clone())).collect()
 }
 
-async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), pool_core::PoolError> {
+/// Why an agent could not be added.
+#[derive(Debug, thiserror::Error)]
+enum AddAgentError {
+    /// Its TLS material could not be loaded (changed since it was validated).
+    #[error("agent {agent}: {source}")]
+    Tls {
+        /// The agent.
+        agent: String,
+        /// What is wrong.
+        source: config::AgentTlsError,
+    },
+    /// The pool refused it.
+    #[error(transparent)]
+    Pool(#[from] pool_core::PoolError),
+}
+
+async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), AddAgentError> {
     let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
     if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
-        // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector.
-        spec = spec.connector(Arc::new(GrpcConnector::new(GrpcConnectorConfig::default())));
+        // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector, one
+        // per agent, with the agent's own TLS settings for grpcs:// endpoints.
+        let tls = match &agent.tls {
+            Some(tls) => {
+                Some(tls.load().map_err(|source| AddAgentError::Tls { agent: agent.name.clone(), source })?)
+            }
+            None => None,
+        };
+        let config = GrpcConnectorConfig { tls, ..GrpcConnectorConfig::default() };
+        spec = spec.connector(Arc::new(GrpcConnector::new(config)));
     }
     let report = pool.add_agent(spec).await?;
     tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "agent added");
+    if report.connected == 0 {
+        // Registered all the same and retried in the background; say why it is not up.
+        let errors: Vec<String> = pool
+            .health(&agent.name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.last_error)
+            .map(|e| e.0)
+            .collect();
+        tracing::warn!(agent = %agent.name, errors = ?errors, "agent unreachable for now (retried in the background)");
+    }
     Ok(())
 }
 
@@ -319,7 +368,7 @@ async fn reload(
                 add_agent(pool, agent).await.map_err(|e| format!("agent {}: {e}", agent.name))?;
                 added.push(agent.name.clone());
             }
-            Some(before) if before.endpoints != agent.endpoints => {
+            Some(before) if *before != agent => {
                 // The pool keys agents by name: the old endpoints drain, then the new ones come up.
                 let _ = pool.remove_agent(&agent.name).await;
                 add_agent(pool, agent).await.map_err(|e| format!("agent {}: {e}", agent.name))?;
@@ -366,6 +415,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             agents: vec!["waf".into(), "waf-grpc".into()],
             failure_mode: pool_core::FailureMode::Closed,
             workload: None,
+            max_websocket_frame: ws::DEFAULT_MAX_FRAME,
         }],
         upstreams: vec![UpstreamConfig {
             name: "demo".into(),
@@ -378,8 +428,9 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             AgentConfig {
                 name: "waf".into(),
                 endpoints: vec![format!("unix:{}", demo.agent_socket.display())],
+                tls: None,
             },
-            AgentConfig { name: "waf-grpc".into(), endpoints: vec![demo.grpc_endpoint.clone()] },
+            AgentConfig { name: "waf-grpc".into(), endpoints: vec![demo.grpc_endpoint.clone()], tls: None },
         ],
         workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },

@@ -28,15 +28,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idlewatch::{IdleLayer, IdleLayerOptions, IdleWatcher};
-use pool_api::{
-    Action, Decision, Event, EventKind, HeaderOp, RequestComplete, RequestHeaders, ResponseHeaders,
-};
+use pool_api::{Action, Decision, Event, EventKind, HeaderOp, RequestHeaders, ResponseHeaders};
 use pool_core::{AgentPool, FailureMode};
 use tokio::time::Instant;
 use tower::{Layer as _, ServiceExt as _};
 
 use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
+use crate::response_body::{self, ResponseInspector};
+use crate::ws::FrameWatch;
 
 /// The header that says what happened with a route's agents when one could not answer.
 pub(crate) const AGENT_STATUS: HeaderName = HeaderName::from_static("x-agentpool-agent-status");
@@ -64,6 +64,8 @@ pub(crate) struct Route {
     pub agents: Vec<String>,
     failure_mode: FailureMode,
     metrics: RouteMetrics,
+    /// The largest WebSocket frame relayed when agents take frames.
+    max_websocket_frame: u64,
     /// When the upstream runs in an idle-watched workload: the layer that wakes it and counts
     /// the route's requests as its activity.
     idle: Option<IdleLayer>,
@@ -259,6 +261,7 @@ fn build_routes(config: &GatewayConfig, workloads: &HashMap<String, IdleWatcher>
                     upstream: upstreams[r.upstream.as_str()].clone(),
                     agents: r.agents.clone(),
                     failure_mode: r.failure_mode,
+                    max_websocket_frame: r.max_websocket_frame,
                     metrics: RouteMetrics::new(&r.name),
                     idle,
                 })
@@ -375,6 +378,8 @@ impl Proxy {
                 }
             }
         }
+        // An upgrade to WebSocket whose frames agents take is relayed frame by frame.
+        let frames = self.frame_watch(route, &asked, &id, &mut req);
         // Agents that take the request's body see it chunk by chunk on its way to the upstream.
         let body_agents: Vec<String> = asked
             .iter()
@@ -382,7 +387,7 @@ impl Proxy {
             .map(|a| a.to_string())
             .collect();
         let ((mut resp, from_upstream), inspected) = if body_agents.is_empty() {
-            (self.forward(route, req.map(|b| b.map_err(Into::into).boxed()), client_addr).await, None)
+            (self.forward(route, req.map(|b| b.map_err(Into::into).boxed()), client_addr, frames).await, None)
         } else {
             let limit = body_agents.iter().filter_map(|a| self.pool.capabilities(a)?.max_body_size).min();
             let declared =
@@ -404,8 +409,10 @@ impl Proxy {
                 route: route.name.clone(),
             };
             let upstream_req = Request::from_parts(parts, channel.boxed());
-            let (forwarded, inspected) =
-                tokio::join!(self.forward(route, upstream_req, client_addr), inspector.run(body, sender));
+            let (forwarded, inspected) = tokio::join!(
+                self.forward(route, upstream_req, client_addr, frames),
+                inspector.run(body, sender)
+            );
             (forwarded, Some(inspected))
         };
         match inspected {
@@ -468,7 +475,44 @@ impl Proxy {
         if !agent_status.is_empty() {
             set_status_header(resp.headers_mut(), &agent_status);
         }
-        self.finish(route, &id, &asked, resp, &method, &path, start)
+        // Agents that take the response's body see it chunk by chunk on its way to the client;
+        // `RequestComplete` follows once it has been streamed.
+        let body_agents: Vec<String> = if from_upstream
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            && !resp.body().is_end_stream()
+        {
+            asked
+                .iter()
+                .filter(|a| self.pool.supports(a, EventKind::ResponseBody))
+                .map(|a| a.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if body_agents.is_empty() {
+            return self.finish(route, &id, &asked, resp, &method, &path, start);
+        }
+        // A chunk an agent replaces may change the body's length.
+        let declared = resp
+            .headers_mut()
+            .remove(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let completion = response_body::Completion {
+            asked: asked.iter().map(|a| a.to_string()).collect(),
+            status: resp.status(),
+            start,
+        };
+        let inspector = ResponseInspector::new(
+            self.pool.clone(),
+            body_agents,
+            id,
+            declared,
+            route.failure_mode,
+            route.name.clone(),
+            completion,
+        );
+        let resp = resp.map(|body| inspector.pipe(body));
+        record(route, resp, &method, &path, start)
     }
 
     /// Applies an agent's decision on a request: request-header changes go into `req`,
@@ -490,13 +534,49 @@ impl Proxy {
         Some(respond(decision))
     }
 
+    /// For a WebSocket upgrade some of whose agents take frames: what relaying its frames
+    /// needs; the offer of extensions is taken out of the request (the frames are read, so
+    /// nothing may compress them). `None` otherwise: a raw splice.
+    fn frame_watch(
+        &self,
+        route: &Route,
+        asked: &[&str],
+        id: &str,
+        req: &mut Request<RequestBody>,
+    ) -> Option<FrameWatch> {
+        let protocol = upgrade_protocol(req.headers())?;
+        if !protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+            return None;
+        }
+        let agents: Vec<String> = asked
+            .iter()
+            .filter(|a| self.pool.supports(a, EventKind::WebSocketFrame))
+            .map(|a| a.to_string())
+            .collect();
+        if agents.is_empty() {
+            return None;
+        }
+        req.headers_mut().remove(HeaderName::from_static("sec-websocket-extensions"));
+        let watch = FrameWatch {
+            pool: self.pool.clone(),
+            agents,
+            id: id.to_owned(),
+            route: route.name.clone(),
+            failure_mode: route.failure_mode,
+            max_frame: route.max_websocket_frame,
+        };
+        Some(watch.limited())
+    }
+
     /// Sends the request to the route's upstream and streams the answer back; the flag says
-    /// whether the upstream answered (false: the gateway's own 400 / 502 / 504).
+    /// whether the upstream answered (false: the gateway's own 400 / 502 / 504). An upgrade
+    /// the upstream accepts is spliced raw, or relayed frame by frame through `frames`.
     async fn forward(
         &self,
         route: &Route,
         mut req: Request<UpstreamBody>,
         client: Option<SocketAddr>,
+        frames: Option<FrameWatch>,
     ) -> (Response<ResponseBody>, bool) {
         let upstream = &route.upstream;
         // An upgrade (a WebSocket) keeps its Connection and Upgrade headers, and the client's
@@ -548,7 +628,7 @@ impl Proxy {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_side) = client_side
                     {
-                        splice(route.name.clone(), client_side, hyper::upgrade::on(&mut resp));
+                        splice(route.name.clone(), client_side, hyper::upgrade::on(&mut resp), frames);
                         let (parts, body) = resp.into_parts();
                         return (Response::from_parts(parts, body.map_err(Into::into).boxed()), true);
                     }
@@ -589,29 +669,24 @@ impl Proxy {
         path: &str,
         start: Instant,
     ) -> Response<ResponseBody> {
-        let status = resp.status();
-        let elapsed = start.elapsed();
-        route.metrics.answered(status, elapsed);
-        let mut resp = resp;
-        resp.extensions_mut().insert(Served);
-        access_log(&route.name, method, path, status, start);
-        for agent in asked {
-            if self.pool.supports(agent, EventKind::RequestComplete) {
-                let complete = RequestComplete {
-                    correlation_id: id.into(),
-                    status,
-                    duration: elapsed,
-                    request_bytes: 0,
-                    response_bytes: 0,
-                };
-                let (pool, agent) = (self.pool.clone(), agent.to_string());
-                tokio::spawn(async move {
-                    let _ = pool.send(&agent, &Event::RequestComplete(complete)).await;
-                });
-            }
-        }
+        let resp = record(route, resp, method, path, start);
+        response_body::complete(&self.pool, asked, id, resp.status(), start.elapsed(), 0);
         resp
     }
+}
+
+/// Counts and logs a request whose response (headers) is ready.
+fn record(
+    route: &Route,
+    mut resp: Response<ResponseBody>,
+    method: &http::Method,
+    path: &str,
+    start: Instant,
+) -> Response<ResponseBody> {
+    route.metrics.answered(resp.status(), start.elapsed());
+    resp.extensions_mut().insert(Served);
+    access_log(&route.name, method, path, resp.status(), start);
+    resp
 }
 
 fn access_log(route: &str, method: &http::Method, path: &str, status: StatusCode, start: Instant) {
@@ -693,14 +768,25 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Splices an upgraded client connection to the upgraded upstream connection, on its own task.
-fn splice(route: String, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Splices an upgraded client connection to the upgraded upstream connection, on its own task:
+/// raw, or frame by frame through the agents of `frames`.
+fn splice(
+    route: String,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    frames: Option<FrameWatch>,
+) {
     tokio::spawn(async move {
         match (client.await, upstream.await) {
             (Ok(client), Ok(upstream)) => {
                 let gauge = metrics::gauge!("gateway_upgraded_connections", "route" => route.clone());
                 gauge.increment(1.0);
                 let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                if let Some(frames) = frames {
+                    frames.relay(client, upstream).await;
+                    gauge.decrement(1.0);
+                    return;
+                }
                 let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                 gauge.decrement(1.0);
                 if let Err(e) = copied {

@@ -3,15 +3,13 @@
 
 use std::convert::Infallible;
 use std::process::Stdio;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pool_api::{AgentError, AgentHandler, BodyMutation, Capabilities, Decision, Event, EventKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::process::Command;
 use transport_uds::{UdsServer, UdsServerConfig};
 
@@ -69,13 +67,8 @@ async fn echo_upstream() -> std::net::SocketAddr {
 
 /// Sends raw request bytes; returns (status, body).
 async fn send(addr: &str, request: &[u8]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut raw = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw)).await;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), body.to_owned())
+    let reply = common::exchange(addr, request).await;
+    (reply.status, reply.text())
 }
 
 fn post(body: &str) -> Vec<u8> {

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use http::StatusCode;
 use pool_api::{AgentError, AgentHandler, Capabilities, Decision, Event, EventKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::Command;
 use transport_grpc::{GrpcAgentServer, GrpcServerConfig};
 
@@ -42,24 +42,6 @@ async fn get(addr: &str, target: &str) -> u16 {
     String::from_utf8_lossy(&raw).split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-async fn upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_grpc_agent_decides_on_the_gateway_s_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -71,7 +53,7 @@ async fn a_grpc_agent_decides_on_the_gateway_s_requests() {
     let agent = tokio::spawn(server.serve(DenyAdmin, async move {
         let _ = stopped.await;
     }));
-    let app = upstream().await;
+    let app = common::ok_upstream().await;
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let config = format!(
         "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n\

@@ -69,6 +69,8 @@ struct ReadmeDoctests;
 pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 mod agent;
 mod connection;

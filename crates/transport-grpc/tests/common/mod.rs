@@ -5,45 +5,12 @@ use http::{Method, Uri};
 use pool_api::{
     AgentConnection, AgentHandler, Connector, Endpoint, Event, Hello, RequestHeaders, TransportError,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use transport_grpc::{GrpcAgentServer, GrpcServerConfig, GrpcServerHandle};
 
-/// A CA that issues certificates, PEM.
-pub struct TestCa {
-    pub pem: String,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, PEM.
-pub struct Pair {
-    pub cert: String,
-    pub key: String,
-}
-
-impl TestCa {
-    pub fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        TestCa { pem: ca.pem(), ca }
-    }
-
-    pub fn issue(&self, names: &[&str]) -> Pair {
-        self.issue_with(names, |_| {})
-    }
-
-    pub fn issue_with(&self, names: &[&str], edit: impl FnOnce(&mut CertificateParams)) -> Pair {
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        edit(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        Pair { cert: cert.pem(), key: key.serialize_pem() }
-    }
-}
+#[allow(unused_imports)] // not every test file issues certificates
+pub use test_support::tls::{Pair, TestCa};
 
 /// A running agent; stopped (abruptly) when dropped.
 pub struct Agent {
