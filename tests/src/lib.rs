@@ -351,3 +351,70 @@ pub fn base_config(listen: &str, admin: &str, upstreams: &[(&str, SocketAddr)]) 
     }
     config
 }
+
+/// One request of a [`Load`]: what was asked, what came back, how long it took.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The request target.
+    pub target: String,
+    /// The answer.
+    pub answer: Answer,
+    /// From sending to the end of the answer.
+    pub took: Duration,
+    /// When it was sent.
+    pub at: Instant,
+}
+
+/// Clients sending requests continuously, each over a fresh connection, until stopped.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    answered: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
+}
+
+impl Load {
+    /// `clients` tasks per target, one request after another, on `addr`.
+    pub fn start(addr: &str, targets: &[&str], clients: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let tasks = targets
+            .iter()
+            .flat_map(|t| std::iter::repeat_n(t.to_string(), clients))
+            .map(|target| {
+                let (addr, stop, answered) = (addr.to_owned(), stop.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        let answer = get(&addr, &target).await;
+                        sent.push(Sent { target: target.clone(), answer, took: at.elapsed(), at });
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    sent
+                })
+            })
+            .collect();
+        Self { stop, answered, tasks }
+    }
+
+    /// Requests answered so far (by all clients).
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` more requests have been answered than when called.
+    pub async fn wait_for(&self, n: u64) {
+        let target = self.answered() + n;
+        wait_until("requests under load", || async move { self.answered() >= target }).await;
+    }
+
+    /// Stops the clients (each finishes its request in flight) and returns every request.
+    pub async fn stop(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    }
+}

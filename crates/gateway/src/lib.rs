@@ -314,7 +314,7 @@ async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), pool_cor
 /// Re-reads `path` and moves the running gateway to it: agents first (new ones added, changed
 /// ones replaced), then the routes (swapped at once), then the listeners (httpserver-pool's
 /// apply: open connections finish where they are), then agents no route needs any more are
-/// drained. A configuration with any problem changes nothing.
+/// drained, once the requests that matched an old route naming them are done. A configuration with any problem changes nothing.
 async fn reload(
     path: &std::path::Path,
     running: &mut GatewayConfig,
@@ -352,16 +352,28 @@ async fn reload(
             Some(_) => {}
         }
     }
+    let before = proxy.routes();
     proxy.set_routes(&next);
     let report = http.apply(&handlers.servers(&next)).await.map_err(|e| format!("listeners: {e}"))?;
     admin.listeners.store(Arc::new(listener_names(&next)));
     let keep: std::collections::HashSet<&str> = next.agents.iter().map(|a| a.name.as_str()).collect();
-    let mut removed = Vec::new();
-    for agent in &running.agents {
-        if !keep.contains(agent.name.as_str()) {
-            let _ = pool.remove_agent(&agent.name).await;
-            removed.push(agent.name.clone());
+    let removed: Vec<String> =
+        running.agents.iter().filter(|a| !keep.contains(a.name.as_str())).map(|a| a.name.clone()).collect();
+    if !removed.is_empty() {
+        // Requests that matched a route of the old configuration may not have asked its agents
+        // yet: an agent is removed once no request holds an old route naming it (or after the
+        // drain time-out), not under them.
+        let deadline = tokio::time::Instant::now() + next.drain_timeout;
+        let in_use = || {
+            before.iter().any(|r| Arc::strong_count(r) > 1 && r.agents.iter().any(|a| removed.contains(a)))
+        };
+        while in_use() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+    }
+    drop(before);
+    for agent in &removed {
+        let _ = pool.remove_agent(agent).await;
     }
     let summary = format!(
         "{} route(s); agents added {added:?}, replaced {replaced:?}, removed {removed:?}; listeners: {report:?}",
