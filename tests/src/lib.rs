@@ -20,7 +20,8 @@
 //! The processes are this package's binaries: `itest-gateway` (the gateway crate's
 //! [`gateway::main_from_args`], as the `gateway` binary runs it) and `itest-agent` (the example
 //! WAF handler of transport-uds over UDS or gRPC). The tests find them with
-//! [`gateway_bin!`] and [`agent_bin!`]; this library holds what they share.
+//! [`gateway_bin!`] and [`agent_bin!`]; this library holds what they share. The gateway logs
+//! errors only (to the test's stderr); `ITEST_GATEWAY_LOG=warn` (a `RUST_LOG` filter) shows more.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -205,7 +206,7 @@ impl Gateway {
         let child = Command::new(bin)
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("ITEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
