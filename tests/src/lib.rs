@@ -103,12 +103,15 @@ impl Answer {
 /// Sends one request (`Connection: close`) and reads the whole answer; a failure to connect
 /// or send is an answer with status 0.
 pub async fn request(addr: &str, method: &str, target: &str) -> Answer {
-    let failed = |why: String| Answer { status: 0, head: why, body: String::new(), status_lines: 0, complete: false };
+    let failed =
+        |why: String| Answer { status: 0, head: why, body: String::new(), status_lines: 0, complete: false };
     let mut stream = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return failed(format!("connect: {e}")),
     };
-    let req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     if let Err(e) = stream.write_all(req.as_bytes()).await {
         return failed(format!("send: {e}"));
     }
@@ -344,9 +347,8 @@ async fn spawn_agent(bin: &str, args: &[String]) -> Child {
 /// The start of a gateway configuration: the listener `listen`, the admin listener `admin`,
 /// and one upstream per `(name, address)`. Tests append agents, routes and `[pool]`.
 pub fn base_config(listen: &str, admin: &str, upstreams: &[(&str, SocketAddr)]) -> String {
-    let mut config = format!(
-        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n"
-    );
+    let mut config =
+        format!("[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n");
     for (name, addr) in upstreams {
         config.push_str(&format!("[[upstreams]]\nname = \"{name}\"\nurls = [\"http://{addr}\"]\n\n"));
     }

@@ -59,8 +59,10 @@ async fn kill_and_restart_under_load(transport: Transport) {
     let load = Load::start(&listen, &["/open/x", "/closed/x"], 2);
     load.wait_for(50).await;
     agent.kill().await;
-    wait_until("the fail-closed route answers 503", || async { failed_closed(&get(closed, "/closed/probe").await) })
-        .await;
+    wait_until("the fail-closed route answers 503", || async {
+        failed_closed(&get(closed, "/closed/probe").await)
+    })
+    .await;
     wait_until("the fail-open route serves without the agent", || async {
         failed_open(&get(open, "/open/probe").await)
     })
@@ -79,7 +81,8 @@ async fn kill_and_restart_under_load(transport: Transport) {
     wait_until("every connection to the agent is back", || async {
         let status = gateway.status().await;
         let connections = status["agents"][0]["connections"].as_array().cloned().unwrap_or_default();
-        !connections.is_empty() && connections.iter().all(|c| c["connected"] == true && c["state"] == "Healthy")
+        !connections.is_empty()
+            && connections.iter().all(|c| c["connected"] == true && c["state"] == "Healthy")
     })
     .await;
     let recovered = Instant::now();
@@ -89,14 +92,19 @@ async fn kill_and_restart_under_load(transport: Transport) {
     let broken: Vec<_> = sent.iter().filter(|s| s.answer.status_lines != 1 || !s.answer.complete).collect();
     assert!(broken.is_empty(), "every request is answered, once: {broken:#?}");
     let (on_open, on_closed): (Vec<_>, Vec<_>) = sent.iter().partition(|s| s.target == "/open/x");
-    let unexpected: Vec<_> = on_open.iter().filter(|s| !through_agent(&s.answer) && !failed_open(&s.answer)).collect();
+    let unexpected: Vec<_> =
+        on_open.iter().filter(|s| !through_agent(&s.answer) && !failed_open(&s.answer)).collect();
     assert!(unexpected.is_empty(), "the fail-open route always serves: {unexpected:#?}");
     let unexpected: Vec<_> =
         on_closed.iter().filter(|s| !through_agent(&s.answer) && !failed_closed(&s.answer)).collect();
     assert!(unexpected.is_empty(), "the fail-closed route serves or answers 503: {unexpected:#?}");
-    assert!(on_open.iter().any(|s| failed_open(&s.answer)), "the load saw the fail-open route without the agent");
+    assert!(
+        on_open.iter().any(|s| failed_open(&s.answer)),
+        "the load saw the fail-open route without the agent"
+    );
     assert!(on_closed.iter().any(|s| failed_closed(&s.answer)), "the load saw the fail-closed route's 503");
-    let late: Vec<_> = on_closed.iter().filter(|s| failed_closed(&s.answer) && s.took > REQUEST_TIMEOUT + SLACK).collect();
+    let late: Vec<_> =
+        on_closed.iter().filter(|s| failed_closed(&s.answer) && s.took > REQUEST_TIMEOUT + SLACK).collect();
     assert!(late.is_empty(), "a 503 comes within the agent time-out: {late:#?}");
     let after: Vec<_> = sent.iter().filter(|s| s.at > recovered).collect();
     assert!(!after.is_empty());

@@ -1,7 +1,9 @@
 //! The gateway end to end, every part a separate process: the gateway, the example WAF as a UDS
 //! agent and as a gRPC agent (each blocking its own paths), both on one route, and an upstream.
 
-use agentpool_tests::{Agent, Gateway, Transport, Upstream, agent_bin, base_config, gateway_bin, get, sample};
+use agentpool_tests::{
+    Agent, Gateway, Transport, Upstream, agent_bin, base_config, gateway_bin, get, sample,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_asks_a_uds_agent_and_a_grpc_agent_and_reports_them() {
@@ -39,8 +41,16 @@ async fn the_gateway_asks_a_uds_agent_and_a_grpc_agent_and_reports_them() {
     let metrics = gateway.metrics().await;
     assert_eq!(sample(&metrics, "agentpool_requests_total{agent=\"waf-uds\"}"), Some(3.0), "{metrics}");
     assert_eq!(sample(&metrics, "agentpool_requests_total{agent=\"waf-grpc\"}"), Some(2.0), "{metrics}");
-    assert_eq!(sample(&metrics, "gateway_requests_total{route=\"all\",status=\"200\"}"), Some(1.0), "{metrics}");
-    assert_eq!(sample(&metrics, "gateway_requests_total{route=\"all\",status=\"403\"}"), Some(2.0), "{metrics}");
+    assert_eq!(
+        sample(&metrics, "gateway_requests_total{route=\"all\",status=\"200\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "gateway_requests_total{route=\"all\",status=\"403\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
 
     let status = gateway.status().await;
     let agents = status["agents"].as_array().unwrap();

@@ -13,14 +13,22 @@ async fn reloads_under_load_fail_no_request_and_answer_each_once() {
     let grpc = Agent::start(agent_bin!(), Transport::Grpc, dir.path(), "waf-grpc", &["/admin"]).await;
     let (listen, admin) = (agentpool_tests::free_addr(), agentpool_tests::free_addr());
     let base = base_config(&listen, &admin, &[("one", one.addr), ("two", two.addr)]);
-    let agent = |name: &str, endpoint: &str| format!("[[agents]]\nname = \"{name}\"\nendpoints = [\"{endpoint}\"]\n\n");
+    let agent = |name: &str, endpoint: &str| {
+        format!("[[agents]]\nname = \"{name}\"\nendpoints = [\"{endpoint}\"]\n\n")
+    };
     let route = |name: &str, prefix: &str, upstream: &str, agents: &str| {
-        format!("[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nagents = {agents}\n\n")
+        format!(
+            "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nagents = {agents}\n\n"
+        )
     };
     // Each version, and where `/api/x` and `/x` go under it.
     let versions = [
         (
-            format!("{base}{}{}", agent("waf-uds", &uds.endpoint), route("all", "/", "one", r#"["waf-uds"]"#)),
+            format!(
+                "{base}{}{}",
+                agent("waf-uds", &uds.endpoint),
+                route("all", "/", "one", r#"["waf-uds"]"#)
+            ),
             ("one\n", "one\n"),
         ),
         (
@@ -75,7 +83,12 @@ async fn reloads_under_load_fail_no_request_and_answer_each_once() {
                 && a.header("x-agentpool-agent-status").is_none())
         })
         .collect();
-    assert!(failed.is_empty(), "{} of {} requests failed during the reloads: {failed:#?}", failed.len(), sent.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the reloads: {failed:#?}",
+        failed.len(),
+        sent.len()
+    );
     eprintln!("{} requests under {} reloads", sent.len(), 12);
     assert!(sent.len() >= 1300, "the load ran throughout: {} requests", sent.len());
     assert_eq!(

@@ -3,7 +3,9 @@
 //! image of test-support. Under `CI=true` a missing engine fails the test; elsewhere it skips
 //! with the reason.
 
-use agentpool_tests::{Agent, Gateway, Transport, agent_bin, base_config, free_addr, gateway_bin, get, wait_until};
+use agentpool_tests::{
+    Agent, Gateway, Transport, agent_bin, base_config, free_addr, gateway_bin, get, wait_until,
+};
 use test_support::docker::{self, INDEX_HTML, TestContainer};
 
 async fn running(engine: &bollard::Docker, name: &str) -> bool {
@@ -18,7 +20,8 @@ async fn an_idle_container_is_put_to_sleep_and_woken_by_a_request_through_an_age
     let dir = tempfile::tempdir().unwrap();
     let published = free_addr();
     let port: u16 = published.rsplit(':').next().unwrap().parse().unwrap();
-    let container = TestContainer::builder("itest-wake").publish(port).create(&engine).await.expect("container");
+    let container =
+        TestContainer::builder("itest-wake").publish(port).create(&engine).await.expect("container");
     assert!(running(&engine, container.name()).await, "started awake");
     let agent = Agent::start(agent_bin!(), Transport::Uds, dir.path(), "waf", &["/admin"]).await;
     let (listen, admin) = (free_addr(), free_addr());

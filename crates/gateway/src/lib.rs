@@ -314,7 +314,8 @@ async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), pool_cor
 /// Re-reads `path` and moves the running gateway to it: agents first (new ones added, changed
 /// ones replaced), then the routes (swapped at once), then the listeners (httpserver-pool's
 /// apply: open connections finish where they are), then agents no route needs any more are
-/// drained, once the requests that matched an old route naming them are done. A configuration with any problem changes nothing.
+/// drained, once the requests that matched an old route naming them are done. A configuration
+/// with any problem changes nothing.
 async fn reload(
     path: &std::path::Path,
     running: &mut GatewayConfig,
