@@ -9,7 +9,9 @@
 //!   `/metrics` counts the agents' requests, `/status` lists them.
 //! * `reload_under_load`: configuration reloads (`POST /admin/reload`: routes changed, an agent
 //!   added and removed) while clients send requests continuously: no request fails, each is
-//!   answered once and reaches the upstream once.
+//!   answered once and reaches the upstream once. An ignored test there reproduces a known gateway
+//!   bug: a reload that moves an agent to other endpoints fails requests during the swap
+//!   (`cargo test -p agentpool-tests --test reload_under_load -- --ignored`).
 //! * `agent_killed_mid_load`: an agent process SIGKILLed under load (UDS and gRPC): the
 //!   fail-open route keeps serving, the fail-closed route answers 503 within the agent time-out,
 //!   both recover once the agent is back on the same socket or port.
