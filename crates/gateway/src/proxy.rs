@@ -342,11 +342,16 @@ impl Proxy {
         let mut response_ops: Vec<HeaderOp> = Vec::new();
         let mut agent_status: Vec<String> = Vec::new();
         let mut asked: Vec<&str> = Vec::new();
+        // The agents see the request's own headers, moved into the event (not copied) while they
+        // are asked — each agent's header changes apply there, for the next agent to see — and
+        // moved back before the request goes upstream.
+        let mut event = Event::RequestHeaders(RequestHeaders {
+            headers: std::mem::take(req.headers_mut()),
+            client_addr,
+            ..RequestHeaders::new(id.as_str(), req.method().clone(), req.uri().clone())
+        });
         for agent in &route.agents {
-            let mut headers = RequestHeaders::new(id.as_str(), req.method().clone(), req.uri().clone());
-            headers.headers = req.headers().clone();
-            headers.client_addr = client_addr;
-            match self.pool.send(agent, &Event::RequestHeaders(headers)).await {
+            match self.pool.send(agent, &event).await {
                 Ok(decision) => {
                     asked.push(agent);
                     if decision.audit.tags.iter().any(|t| t.starts_with("agentpool:")) {
@@ -354,7 +359,7 @@ impl Proxy {
                         agent_status.push(format!("{agent}: skipped ({})", decision.audit.tags.join(",")));
                         metrics::counter!("gateway_agent_skipped_total", "route" => route.name.clone(), "agent" => agent.clone()).increment(1);
                     }
-                    if let Some(resp) = self.apply(decision, &mut req, &mut response_ops) {
+                    if let Some(resp) = self.apply(decision, &mut event, &mut response_ops) {
                         return self.finish(route, &id, &asked, resp, &method, &path, start);
                     }
                 }
@@ -377,6 +382,9 @@ impl Proxy {
                     }
                 }
             }
+        }
+        if let Event::RequestHeaders(asked_about) = event {
+            *req.headers_mut() = asked_about.headers;
         }
         // An upgrade to WebSocket whose frames agents take is relayed frame by frame.
         let frames = self.frame_watch(route, &asked, &id, &mut req);
@@ -429,15 +437,17 @@ impl Proxy {
         if from_upstream {
             // Agents that take the response's headers see them (on the connection that saw the
             // request: correlation affinity) and may change or replace the response.
+            // The response's own headers, moved into the event while agents see them and back
+            // after, as the request's are.
+            let event = Event::ResponseHeaders(ResponseHeaders {
+                correlation_id: id.as_str().into(),
+                status: resp.status(),
+                headers: std::mem::take(resp.headers_mut()),
+            });
             for agent in &asked {
                 if !self.pool.supports(agent, EventKind::ResponseHeaders) {
                     continue;
                 }
-                let event = Event::ResponseHeaders(ResponseHeaders {
-                    correlation_id: id.as_str().into(),
-                    status: resp.status(),
-                    headers: resp.headers().clone(),
-                });
                 match self.pool.send(agent, &event).await {
                     Ok(decision) if matches!(decision.action, Action::Allow) => {
                         response_ops.extend(decision.response_headers);
@@ -467,6 +477,9 @@ impl Proxy {
                         }
                     }
                 }
+            }
+            if let Event::ResponseHeaders(seen) = event {
+                *resp.headers_mut() = seen.headers;
             }
         }
         for op in &response_ops {
@@ -515,18 +528,21 @@ impl Proxy {
         record(route, resp, &method, &path, start)
     }
 
-    /// Applies an agent's decision on a request: request-header changes go into `req`,
-    /// response-header changes are kept for the response; a block, redirect or challenge is the
+    /// Applies an agent's decision on a request: request-header changes go into the headers of
+    /// `event` (the request's own, moved there while agents are asked), response-header changes are
+    /// kept for the response; a block, redirect or challenge is the
     /// response.
     fn apply(
         &self,
         decision: Decision,
-        req: &mut Request<RequestBody>,
+        event: &mut Event,
         response_ops: &mut Vec<HeaderOp>,
     ) -> Option<Response<ResponseBody>> {
         if let Action::Allow = decision.action {
-            for op in &decision.request_headers {
-                op.apply(req.headers_mut());
+            if let Event::RequestHeaders(request) = event {
+                for op in &decision.request_headers {
+                    op.apply(&mut request.headers);
+                }
             }
             response_ops.extend(decision.response_headers);
             return None;

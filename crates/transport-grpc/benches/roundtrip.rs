@@ -143,8 +143,13 @@ fn start_pool(agent_rt: &Runtime, client_rt: &Runtime) -> PoolSide {
     PoolSide { pool, _agent: stop }
 }
 
-async fn pool_request(pool: &AgentPool, i: u64) {
-    let decision = pool.send("waf", &event(i)).await.unwrap();
+/// Sends the worker's kept event as request `i`: only its correlation id changes, and `send`
+/// borrows it, as a proxy asks about the request it holds.
+async fn pool_request(pool: &AgentPool, event: &mut Event, i: u64) {
+    if let Event::RequestHeaders(h) = event {
+        h.correlation_id = format!("req-{i:012}").into();
+    }
+    let decision = pool.send("waf", event).await.unwrap();
     assert!(decision.is_allow());
 }
 
@@ -289,10 +294,11 @@ async fn round(
                 let mut histogram = Histogram::<u64>::new(3).unwrap();
                 let mut i = (w as u64) << 40;
                 let mut done = 0u64;
+                let mut kept = event(i);
                 while Instant::now() < deadline {
                     let started = Instant::now();
                     match side {
-                        Side::Pool => pool_request(&pool, i).await,
+                        Side::Pool => pool_request(&pool, &mut kept, i).await,
                         Side::Raw => raw_request(&raw[(i as usize) % raw.len()], i).await,
                     }
                     histogram.record(started.elapsed().as_nanos() as u64).unwrap();
@@ -324,9 +330,10 @@ async fn batch(pool: &AgentPool, raw: &[RawConn], side: Side, concurrency: usize
             let raw = raw.to_vec();
             tokio::spawn(async move {
                 let base = (w as u64) << 40;
+                let mut kept = event(base);
                 for i in base..base + per_worker {
                     match side {
-                        Side::Pool => pool_request(&pool, i).await,
+                        Side::Pool => pool_request(&pool, &mut kept, i).await,
                         Side::Raw => raw_request(&raw[(i as usize) % raw.len()], i).await,
                     }
                 }
