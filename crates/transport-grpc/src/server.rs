@@ -704,7 +704,7 @@ struct ConnectCall<H>(Arc<AgentSessions<H>>);
 
 impl<H: AgentHandler> tonic::server::StreamingService<FromProxy> for ConnectCall<H> {
     type Response = ToProxy;
-    type ResponseStream = ReceiverStream<Result<ToProxy, Status>>;
+    type ResponseStream = SessionStream;
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<FromProxy>>) -> Self::Future {
@@ -716,7 +716,7 @@ impl<H: AgentHandler> AgentSessions<H> {
     fn connect(
         &self,
         request: Request<Streaming<FromProxy>>,
-    ) -> Response<ReceiverStream<Result<ToProxy, Status>>> {
+    ) -> Response<SessionStream> {
         let inbound = request.into_inner();
         let limit = self.config.max_concurrent_requests as usize;
         // Room for every answer the proxy may have outstanding, plus signals and pongs.
@@ -728,8 +728,35 @@ impl<H: AgentHandler> AgentSessions<H> {
             out,
             stop: self.stop.clone(),
         };
-        tokio::spawn(session.run(inbound));
-        Response::new(ReceiverStream::new(rx))
+        Response::new(SessionStream { session: Some(Box::pin(session.run(inbound))), answers: rx })
+    }
+}
+
+/// A call's response stream, which also runs the call's session: each poll first lets the
+/// session go on (read what the proxy sent, decide what is decided at once, queue answers),
+/// then hands out the next answer queued. The session runs in the task that writes its
+/// answers instead of a task of its own, so an answer decided inline needs no wake-up of
+/// another task to leave. While the connection cannot take more (HTTP/2 flow control) the
+/// stream is not polled and the session reads nothing more: that is the back-pressure. Handlers
+/// that wait still run in tasks of their own and queue their answers; dropping the stream
+/// (the call ended) drops the session, which aborts them.
+pub(crate) struct SessionStream {
+    session: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    answers: mpsc::Receiver<Result<ToProxy, Status>>,
+}
+
+impl tokio_stream::Stream for SessionStream {
+    type Item = Result<ToProxy, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(session) = self.session.as_mut()
+            && session.as_mut().poll(cx).is_ready()
+        {
+            // Its senders are gone with it (tasks aborted, broadcasts hold weak ones): what it
+            // queued is still read, then the stream ends.
+            self.session = None;
+        }
+        self.answers.poll_recv(cx)
     }
 }
 
