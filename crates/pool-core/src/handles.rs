@@ -222,7 +222,10 @@ impl RequestAffinity<'_> {
     /// Removes a request's pin; true if it had one. Sending `RequestComplete` does this on its
     /// own.
     pub fn clear(&self, agent: &str, correlation_id: &str) -> bool {
-        self.pool.agent(agent).is_ok_and(|a| a.shared.affinity.remove(correlation_id))
+        let Some(view) = self.pool.directory().with(|a| a.get(agent).cloned()) else { return false };
+        // Also a pin on a replaced agent that is still draining.
+        let old = view.retiring.iter().flat_map(|r| r.iter()).any(|a| a.shared.affinity.remove(correlation_id));
+        view.agent.shared.affinity.remove(correlation_id) || old
     }
 
     /// Requests pinned, over every agent.
