@@ -331,7 +331,10 @@ impl AgentPool {
             let writer = self.inner.directory.write();
             let current = writer.current();
             writer.publish(Agents::default());
-            current.values().map(|v| v.agent.clone()).collect()
+            // Replaced agents still draining are drained with the rest (their retirement may
+            // be draining them too; an agent is told once).
+            let retiring = current.values().flat_map(|v| v.retiring.iter().flat_map(|r| r.iter()));
+            current.values().map(|v| &v.agent).chain(retiring).cloned().collect()
         };
         drain_all(agents, Instant::now() + self.inner.ctx.config.drain_timeout).await
     }
@@ -612,6 +615,9 @@ const RETIRE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// Retires `old`, an agent replaced under its id: waits until nothing is in flight or pinned
 /// on it (or `deadline`, or the pool shutting down), drains it, then forgets it in the
 /// directory.
+/// How often a retired agent with requests still pinned to it looks whether they are gone.
+const RETIRED_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn retire(old: Arc<Agent>, directory: Arc<Directory>, deadline: Instant) {
     loop {
         let now = Instant::now();
@@ -621,8 +627,14 @@ async fn retire(old: Arc<Agent>, directory: Arc<Directory>, deadline: Instant) {
         tokio::time::sleep_until(deadline.min(now + RETIRE_POLL)).await;
     }
     let report = old.shut_down(deadline.max(Instant::now())).await;
-    directory.retired(&old);
     tracing::debug!(agent = %old.id(), drained = report.drained, forced = report.forced, "replaced agent retired");
+    // Requests still pinned to it must not move to a connection that never saw their headers:
+    // until their pins are gone (their next event fails with `PinLost` and removes it, or the
+    // affinity TTL sweeps it), their events are still looked for here.
+    while old.shared.ctx.admitting() && old.has_pins(Instant::now()) {
+        tokio::time::sleep(RETIRED_POLL).await;
+    }
+    directory.retired(&old);
 }
 
 async fn drain_all(agents: Vec<Arc<Agent>>, deadline: Instant) -> StopReport {

@@ -354,8 +354,13 @@ impl Agent {
     /// (correlation affinity): what a replaced agent waits for before its drain. Expired pins
     /// are swept first.
     pub(crate) fn is_busy(&self, now: Instant) -> bool {
+        self.in_flight() > 0 || self.has_pins(now)
+    }
+
+    /// True while requests are pinned to the agent's connections (expired pins swept first).
+    pub(crate) fn has_pins(&self, now: Instant) -> bool {
         self.shared.affinity.sweep(self.shared.ctx.clock.stamp(now));
-        self.in_flight() > 0 || self.shared.affinity.len() > 0
+        self.shared.affinity.len() > 0
     }
 
     /// The pick of an event of request `id` (not its headers) pinned to a connection of this
@@ -377,6 +382,7 @@ impl Agent {
             Lookup::Hit(slot) => Some(match self.shared.closed() {
                 Some(Closed::Pool) => Err(Miss::Closed(Closed::Pool)),
                 Some(Closed::Agent) => {
+                    self.shared.affinity.remove(id.as_str());
                     self.shared.metrics.pin_lost.increment(1);
                     Err(Miss::PinLost)
                 }
@@ -429,10 +435,12 @@ impl Agent {
     /// agent out of the pool's directory.
     pub(crate) async fn shut_down(&self, deadline: Instant) -> StopReport {
         let started = Instant::now();
-        self.shared.removed.store(true, Ordering::Release);
+        // A replaced agent can be shut down twice at once (by its retirement and by the
+        // pool's shutdown): the agent is told once.
+        let first = !self.shared.removed.swap(true, Ordering::AcqRel);
         let at_start = self.in_flight();
         for slot in self.slots() {
-            if let Some(live) = slot.conn.load_full() {
+            if first && let Some(live) = slot.conn.load_full() {
                 live.conn.drain();
             }
         }
