@@ -314,3 +314,93 @@ async fn every_event_of_requests_spanning_twenty_replacements_lands_on_its_heade
     assert_eq!(a.live_connections() + b.live_connections(), 4, "every replaced agent retired");
     assert_eq!(pool.affinity().len(), 0);
 }
+
+/// Records the events one server saw: (correlation id, kind).
+#[derive(Clone, Default)]
+struct Counting(std::sync::Arc<std::sync::Mutex<Vec<(String, EventKind)>>>);
+
+impl pool_api::AgentHandler for Counting {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("waf").with_events(EventKind::ALL)
+    }
+
+    async fn on_event(&self, event: Event) -> Result<pool_api::Decision, pool_api::AgentError> {
+        self.0.lock().unwrap().push((event.correlation_id().to_string(), event.kind()));
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        Ok(pool_api::Decision::allow())
+    }
+}
+
+/// The same over real Unix sockets (transport-uds), on a multi-threaded runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_an_agent_between_two_unix_sockets_under_load_fails_no_request() {
+    use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
+    let dir = std::env::temp_dir().join(format!("pool-core-replace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut servers = Vec::new();
+    let mut endpoints = Vec::new();
+    for name in ["a", "b"] {
+        let socket = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let server = UdsServer::bind(&socket, UdsServerConfig::default()).await.unwrap();
+        let handler = Counting::default();
+        servers.push(handler.clone());
+        let stop = stop.clone();
+        tokio::spawn(server.serve(handler, async move { stop.cancelled().await }));
+        endpoints.push(format!("unix:{}", socket.display()));
+    }
+    let cfg = PoolConfig { connections_per_endpoint: 2, ..config() };
+    let pool = AgentPool::new(cfg, UdsConnector::default()).unwrap();
+    let report = pool.add_agent(AgentSpec::new("waf").endpoint(endpoints[0].as_str())).await.unwrap();
+    assert_eq!(report.connected, 2);
+
+    let load = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (pool, load) = (pool.clone(), load.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                let mut sent = 0;
+                while !load.is_cancelled() {
+                    let id = format!("c{c}-{sent}");
+                    for event in [request(id.clone()), body(&id), complete(&id)] {
+                        if let Err(e) = pool.send("waf", &event).await {
+                            failed.push(format!("{id} {:?}: {e}", event.kind()));
+                        }
+                    }
+                    sent += 1;
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = pool.replace_agent(AgentSpec::new("waf").endpoint(endpoints[(i + 1) % 2].as_str())).await.unwrap();
+        assert_eq!(report.connected, 2, "replacement {i}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    load.cancel();
+    let mut sent = 0;
+    for client in clients {
+        let (n, failed) = client.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        sent += n;
+    }
+    assert!(sent > 100, "the load ran throughout: {sent}");
+    let mut seen: HashMap<String, Vec<(usize, EventKind)>> = HashMap::new();
+    for (server, handler) in servers.iter().enumerate() {
+        for (id, kind) in handler.0.lock().unwrap().iter() {
+            seen.entry(id.clone()).or_default().push((server, *kind));
+        }
+    }
+    assert_eq!(seen.len(), sent);
+    for (id, events) in &seen {
+        assert_eq!(events.len(), 3, "{id}: each event once: {events:?}");
+        assert!(events.iter().all(|(s, _)| *s == events[0].0), "{id}: one server: {events:?}");
+    }
+    pool.shutdown().await;
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
