@@ -224,7 +224,8 @@ impl RequestAffinity<'_> {
     pub fn clear(&self, agent: &str, correlation_id: &str) -> bool {
         let Some(view) = self.pool.directory().with(|a| a.get(agent).cloned()) else { return false };
         // Also a pin on a replaced agent that is still draining.
-        let old = view.retiring.iter().flat_map(|r| r.iter()).any(|a| a.shared.affinity.remove(correlation_id));
+        let old =
+            view.retiring.iter().flat_map(|r| r.iter()).any(|a| a.shared.affinity.remove(correlation_id));
         view.agent.shared.affinity.remove(correlation_id) || old
     }
 

@@ -287,7 +287,8 @@ impl AgentPool {
                 return Err(self.unknown(&spec.id));
             };
             let old = view.agent.clone();
-            let mut retiring: Vec<Arc<Agent>> = view.retiring.iter().flat_map(|r| r.iter().cloned()).collect();
+            let mut retiring: Vec<Arc<Agent>> =
+                view.retiring.iter().flat_map(|r| r.iter().cloned()).collect();
             retiring.push(old.clone());
             old.own_gauges(false);
             agent.own_gauges(true);

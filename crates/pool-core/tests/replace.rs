@@ -173,7 +173,8 @@ async fn an_invalid_replacement_leaves_the_agent_untouched() {
         assert!(matches!(err, PoolError::InvalidEndpoint { ref agent, .. } if agent == "waf"), "{err:?}");
     }
     let options = pool_core::AgentOptions { max_concurrency_per_connection: Some(0), ..Default::default() };
-    let err = pool.replace_agent(AgentSpec::new("waf").endpoint("mem://b").options(options)).await.unwrap_err();
+    let err =
+        pool.replace_agent(AgentSpec::new("waf").endpoint("mem://b").options(options)).await.unwrap_err();
     assert!(matches!(err, PoolError::InvalidConfig { .. }), "{err:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let endpoints = |s: pool_core::AgentStats| -> Vec<_> {
@@ -204,10 +205,7 @@ async fn a_replacement_whose_endpoints_are_down_is_swapped_in_like_an_added_agen
     assert_eq!((report.slots, report.connected), (4, 0));
     assert_eq!(pool.agent_stats("waf").unwrap().endpoints[0].endpoint, "mem://b");
     let err = pool.send("waf", &request("r")).await.unwrap_err();
-    assert!(
-        matches!(err, PoolError::Unavailable { reason: Unavailable::NoConnections, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, PoolError::Unavailable { reason: Unavailable::NoConnections, .. }), "{err:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(a.live_connections(), 0);
     // Retried in the background, as an added agent is.
@@ -281,7 +279,11 @@ async fn every_event_of_requests_spanning_twenty_replacements_lands_on_its_heade
                     let id = format!("c{c}-{sent}");
                     for event in [request(id.clone()), body(&id), complete(&id)] {
                         let result = pool.send("waf", &event).await;
-                        assert!(result.as_ref().is_ok_and(|d| d.is_allow()), "{id} {:?}: {result:?}", event.kind());
+                        assert!(
+                            result.as_ref().is_ok_and(|d| d.is_allow()),
+                            "{id} {:?}: {result:?}",
+                            event.kind()
+                        );
                     }
                     sent += 1;
                 }
@@ -377,7 +379,10 @@ async fn replacing_an_agent_between_two_unix_sockets_under_load_fails_no_request
         .collect();
     for i in 0..6 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let report = pool.replace_agent(AgentSpec::new("waf").endpoint(endpoints[(i + 1) % 2].as_str())).await.unwrap();
+        let report = pool
+            .replace_agent(AgentSpec::new("waf").endpoint(endpoints[(i + 1) % 2].as_str()))
+            .await
+            .unwrap();
         assert_eq!(report.connected, 2, "replacement {i}");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{allow_all, config, request};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use pool_api::{Capabilities, EventKind};
 use pool_core::{AgentPool, AgentSpec, PoolConfig};
 use test_support::MemoryConnector;
