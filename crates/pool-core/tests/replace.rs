@@ -45,7 +45,7 @@ fn complete(id: &str) -> Event {
 }
 
 fn home(i: usize) -> &'static str {
-    if i % 2 == 0 { "mem://b" } else { "mem://a" }
+    if i.is_multiple_of(2) { "mem://b" } else { "mem://a" }
 }
 
 #[tokio::test(start_paused = true)]
