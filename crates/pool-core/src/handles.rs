@@ -144,7 +144,16 @@ impl StickySessions<'_> {
         let a = self.pool.agent(agent)?;
         a.shared.admitting()?;
         if healthy {
-            return Ok(Some((a, pinned, StickyRoute::Pinned)));
+            if Arc::ptr_eq(&pinned.owner, &a.shared) {
+                return Ok(Some((a, pinned, StickyRoute::Pinned)));
+            }
+            // Still on a connection of an agent `a` replaced, which is draining: the session
+            // stays there while that agent admits (and its send waits on that agent).
+            if pinned.owner.closed().is_none()
+                && let Some(old) = pinned.owner.agent()
+            {
+                return Ok(Some((old, pinned, StickyRoute::Pinned)));
+            }
         }
         let Some(fresh) = a.pinnable_slot() else {
             return Err(a.shared.refuse_unavailable(a.unavailable_reason()));

@@ -409,3 +409,24 @@ async fn replacing_an_agent_between_two_unix_sockets_under_load_fails_no_request
     stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sticky_send_waiting_on_the_replaced_agents_full_connection_is_woken_by_its_release() {
+    let cfg = PoolConfig { connections_per_endpoint: 1, max_concurrency_per_connection: 1, ..config() };
+    let (pool, a, b) = two_homes(cfg, false).await;
+    a.set_latency(Duration::from_secs(1));
+    pool.sticky_sessions().create("ws", "waf").unwrap();
+    let first = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.sticky_sessions().send("ws", "waf", &request("m1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    pool.replace_agent(AgentSpec::new("waf").endpoint("mem://b")).await.unwrap();
+    // The old connection is full: this send waits for its permit, on the old agent.
+    let started = tokio::time::Instant::now();
+    let (_, route) = pool.sticky_sessions().send("ws", "waf", &request("m2")).await.unwrap();
+    assert_eq!(route, StickyRoute::Pinned);
+    assert!(started.elapsed() < Duration::from_secs(2), "woken by the release: {:?}", started.elapsed());
+    first.await.unwrap().unwrap();
+    assert_eq!((a.events_received(), b.events_received()), (2, 0));
+}
