@@ -101,12 +101,11 @@ async fn reloads_under_load_fail_no_request_and_answer_each_once() {
     assert!(gateway.stop().await.success());
 }
 
-/// A reload that moves an agent to other endpoints (same name) under load. The gateway removes
-/// the agent from the pool (which keys agents by name), then adds it with the new endpoints:
-/// in between, requests on its routes fail (`unknown agent`, then `no connection is up` while the
-/// old connections drain) and a fail-closed route answers 503.
+/// A reload that moves an agent to other endpoints (same name) under load, back and forth. The
+/// gateway replaces the agent in the pool (`AgentPool::replace_agent`): the new endpoints connect
+/// first and take the old ones' place at once, the old connections drain. No request may find
+/// the agent unknown or unconnected (a fail-closed route would answer 503).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gateway bug: replacing an agent's endpoints fails requests during the swap"]
 async fn a_reload_moving_an_agent_to_other_endpoints_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let app = Upstream::start("one\n").await;

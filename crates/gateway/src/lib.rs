@@ -331,6 +331,21 @@ enum AddAgentError {
 }
 
 async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), AddAgentError> {
+    register(pool, agent, Registration::Add).await
+}
+
+/// How [`register`] puts an agent into the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Registration {
+    /// A name the pool does not hold yet.
+    Add,
+    /// A name the pool holds, with other settings: the new agent connects first and takes
+    /// the old one's place at once, and the old one drains in the background
+    /// (`AgentPool::replace_agent`), so no request finds the name unknown or unconnected.
+    Replace,
+}
+
+async fn register(pool: &AgentPool, agent: &AgentConfig, how: Registration) -> Result<(), AddAgentError> {
     let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
     if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
         // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector, one
@@ -344,8 +359,12 @@ async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), AddAgent
         let config = GrpcConnectorConfig { tls, ..GrpcConnectorConfig::default() };
         spec = spec.connector(Arc::new(GrpcConnector::new(config)));
     }
-    let report = pool.add_agent(spec).await?;
-    tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "agent added");
+    let report = match how {
+        Registration::Add => pool.add_agent(spec).await?,
+        Registration::Replace => pool.replace_agent(spec).await?,
+    };
+    let what = if how == Registration::Add { "agent added" } else { "agent replaced" };
+    tracing::info!(agent = %agent.name, connected = report.connected, slots = report.slots, "{what}");
     if report.connected == 0 {
         // Registered all the same and retried in the background; say why it is not up.
         let errors: Vec<String> = pool
@@ -394,9 +413,12 @@ async fn reload(
                 added.push(agent.name.clone());
             }
             Some(before) if *before != agent => {
-                // The pool keys agents by name: the old endpoints drain, then the new ones come up.
-                let _ = pool.remove_agent(&agent.name).await;
-                add_agent(pool, agent).await.map_err(|e| format!("agent {}: {e}", agent.name))?;
+                // The pool keys agents by name: the new endpoints come up, then take the old
+                // ones' place at once; the old ones drain in the background, requests on them
+                // finishing there. A new setting the pool refuses leaves the old agent running.
+                register(pool, agent, Registration::Replace)
+                    .await
+                    .map_err(|e| format!("agent {}: {e}", agent.name))?;
                 replaced.push(agent.name.clone());
             }
             Some(_) => {}

@@ -32,6 +32,18 @@ pub(crate) struct AgentView {
     pub(crate) agent: Arc<Agent>,
     /// The agent's connected slots, in slot order.
     pub(crate) live: LiveSlots,
+    /// Agents this one replaced under the same id that are still draining, oldest first:
+    /// events of requests pinned to one of their connections (correlation affinity) are
+    /// still routed there. `None` — the usual case — costs the hot path one branch.
+    pub(crate) retiring: Option<Arc<[Arc<Agent>]>>,
+}
+
+impl AgentView {
+    /// The view of a freshly registered agent, replacing nothing.
+    pub(crate) fn new(agent: Arc<Agent>) -> Self {
+        let live = agent.live();
+        Self { agent, live, retiring: None }
+    }
 }
 
 pub(crate) type Agents = HashMap<Arc<str>, AgentView, foldhash::fast::RandomState>;
@@ -117,14 +129,32 @@ impl Directory {
             && std::ptr::eq(Arc::as_ptr(&view.agent), agent)
         {
             let mut next = Agents::clone(&current);
-            next.insert(
-                view.agent.shared.id.clone(),
-                AgentView { agent: view.agent.clone(), live: live.clone() },
-            );
+            next.insert(view.agent.shared.id.clone(), AgentView { live: live.clone(), ..view.clone() });
             writer.publish(next);
         }
-        drop(writer);
+        // Under the lock: a replacement hands the agent's gauges over under it too, so an
+        // agent that has just lost them never overwrites its successor's.
         agent.snapshot_published(&live);
+        drop(writer);
+    }
+
+    /// Forgets `agent`, a replaced agent that has finished draining: events pinned to it are
+    /// no longer looked for there.
+    pub(crate) fn retired(&self, agent: &Arc<Agent>) {
+        let writer = self.write();
+        let current = writer.current();
+        let Some(view) = current.get(agent.id()) else { return };
+        let Some(retiring) = &view.retiring else { return };
+        if !retiring.iter().any(|a| Arc::ptr_eq(a, agent)) {
+            return;
+        }
+        let rest: Vec<Arc<Agent>> = retiring.iter().filter(|a| !Arc::ptr_eq(a, agent)).cloned().collect();
+        let mut next = Agents::clone(&current);
+        next.insert(
+            view.agent.shared.id.clone(),
+            AgentView { retiring: (!rest.is_empty()).then(|| rest.into()), ..view.clone() },
+        );
+        writer.publish(next);
     }
 }
 

@@ -144,7 +144,16 @@ impl StickySessions<'_> {
         let a = self.pool.agent(agent)?;
         a.shared.admitting()?;
         if healthy {
-            return Ok(Some((a, pinned, StickyRoute::Pinned)));
+            if Arc::ptr_eq(&pinned.owner, &a.shared) {
+                return Ok(Some((a, pinned, StickyRoute::Pinned)));
+            }
+            // Still on a connection of an agent `a` replaced, which is draining: the session
+            // stays there while that agent admits (and its send waits on that agent).
+            if pinned.owner.closed().is_none()
+                && let Some(old) = pinned.owner.agent()
+            {
+                return Ok(Some((old, pinned, StickyRoute::Pinned)));
+            }
         }
         let Some(fresh) = a.pinnable_slot() else {
             return Err(a.shared.refuse_unavailable(a.unavailable_reason()));
@@ -222,7 +231,11 @@ impl RequestAffinity<'_> {
     /// Removes a request's pin; true if it had one. Sending `RequestComplete` does this on its
     /// own.
     pub fn clear(&self, agent: &str, correlation_id: &str) -> bool {
-        self.pool.agent(agent).is_ok_and(|a| a.shared.affinity.remove(correlation_id))
+        let Some(view) = self.pool.directory().with(|a| a.get(agent).cloned()) else { return false };
+        // Also a pin on a replaced agent that is still draining.
+        let old =
+            view.retiring.iter().flat_map(|r| r.iter()).any(|a| a.shared.affinity.remove(correlation_id));
+        view.agent.shared.affinity.remove(correlation_id) || old
     }
 
     /// Requests pinned, over every agent.

@@ -11,7 +11,9 @@
 //!
 //! # Main types
 //!
-//! * [`AgentPool`] — the registry and the send path ([`AgentPool::send`]); handles for
+//! * [`AgentPool`] — the registry ([`AgentPool::add_agent`], [`AgentPool::replace_agent`] to
+//!   change an agent under load without a gap, [`AgentPool::remove_agent`]) and the send path
+//!   ([`AgentPool::send`]); handles for
 //!   [`StickySessions`], [`RequestAffinity`] and [`ConfigPushes`].
 //! * [`AgentSpec`] — an agent to add: id, endpoints, per-agent [`AgentOptions`].
 //! * [`PoolConfig`] — every setting, with serde + humantime and [`PoolConfig::validate`].

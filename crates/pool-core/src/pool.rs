@@ -193,17 +193,8 @@ impl AgentPool {
     /// connect and handshake time-outs). An agent that cannot be reached is still registered
     /// — unhealthy, with [`AddReport::connected`] 0 — and its supervisors keep retrying.
     pub async fn add_agent(&self, spec: AgentSpec) -> Result<AddReport, PoolError> {
+        let (settings, connector) = self.prepare(&spec)?;
         let ctx = &self.inner.ctx;
-        if !ctx.admitting() {
-            return Err(PoolError::ShuttingDown);
-        }
-        let settings = spec.validate(&ctx.config)?;
-        let connector = spec.connector.clone().unwrap_or_else(|| self.inner.connector.clone());
-        for endpoint in &spec.endpoints {
-            connector
-                .validate_endpoint(endpoint)
-                .map_err(|source| PoolError::InvalidEndpoint { agent: spec.id.clone(), source })?;
-        }
         let id: Arc<str> = Arc::from(spec.id.as_str());
         let firsts = {
             let writer = self.inner.directory.write();
@@ -216,18 +207,103 @@ impl AgentPool {
             let mut next = Agents::clone(&current);
             // Supervisors that connected already updated the agent's own snapshot; republishing
             // waits for this lock, so the copy taken here is the latest.
-            let live = agent.live();
-            next.insert(id, AgentView { agent, live });
+            next.insert(id, AgentView::new(agent));
             writer.publish(next);
             firsts
         };
         let slots = firsts.len();
-        let mut connected = 0;
-        for rx in firsts {
-            if rx.await == Ok(true) {
-                connected += 1;
-            }
+        let connected = first_attempts(firsts).await;
+        Ok(AddReport { slots, connected })
+    }
+
+    /// What adding (or replacing) an agent checks before anything is dialled: the pool
+    /// admits, the spec's settings are valid, and the connector that will dial each endpoint
+    /// accepts it.
+    fn prepare(&self, spec: &AgentSpec) -> Result<(AgentSettings, Arc<dyn Connector>), PoolError> {
+        let ctx = &self.inner.ctx;
+        if !ctx.admitting() {
+            return Err(PoolError::ShuttingDown);
         }
+        let settings = spec.validate(&ctx.config)?;
+        let connector = spec.connector.clone().unwrap_or_else(|| self.inner.connector.clone());
+        for endpoint in &spec.endpoints {
+            connector
+                .validate_endpoint(endpoint)
+                .map_err(|source| PoolError::InvalidEndpoint { agent: spec.id.clone(), source })?;
+        }
+        Ok((settings, connector))
+    }
+
+    /// Replaces a registered agent with `spec` (same id, new endpoints, options or connector)
+    /// without a moment where the id is unknown or has nothing connected that it had before.
+    ///
+    /// 1. `spec` is checked as [`add_agent`](Self::add_agent) checks it; an invalid spec fails
+    ///    ([`PoolError::InvalidEndpoint`], [`PoolError::InvalidConfig`]) with the registered
+    ///    agent untouched. An id that is not registered fails with
+    ///    [`PoolError::UnknownAgent`].
+    /// 2. The new agent's connections are opened while the old agent keeps serving: this
+    ///    returns once every slot's first attempt has finished, each bounded by the connect
+    ///    and handshake time-outs, as `add_agent` does.
+    /// 3. The new agent takes the old one's place in one atomic swap: every request picked
+    ///    after it goes to the new agent. This happens even if no new connection came up
+    ///    ([`AddReport::connected`] 0), as `add_agent` registers an unreachable agent: the
+    ///    caller asked for the new endpoints, and the supervisors keep retrying them. A
+    ///    caller that would rather keep the old agent then can replace back.
+    /// 4. The old agent retires in the background (a task of the pool, which
+    ///    [`shutdown`](Self::shutdown) waits for): requests in flight on its connections
+    ///    finish there, and the later events of a request whose headers went to one of its
+    ///    connections (correlation affinity) still go to that connection. Once nothing is in
+    ///    flight or pinned there — or at the pool's drain time-out — it is drained like a
+    ///    removed agent ([`remove_agent`](Self::remove_agent)): what is left is cancelled and
+    ///    its connections are closed; a request still pinned there then fails with
+    ///    [`PoolError::PinLost`], as when a pinned connection dies. Sticky sessions keep
+    ///    their old connection while it serves and are re-pinned to the new agent
+    ///    ([`StickyRoute::Repinned`](crate::StickyRoute)) once it is closed.
+    ///
+    /// The agent's gauges stay single: `agentpool_connections` counts the new agent's
+    /// connections from the swap on; `agentpool_in_flight` counts both agents' requests while
+    /// the old one drains.
+    pub async fn replace_agent(&self, spec: AgentSpec) -> Result<AddReport, PoolError> {
+        let (settings, connector) = self.prepare(&spec)?;
+        let ctx = &self.inner.ctx;
+        if !self.directory().load().contains_key(spec.id.as_str()) {
+            return Err(self.unknown(&spec.id));
+        }
+        let agent = Agent::new(&spec.id, &spec.endpoints, settings, ctx.clone(), &self.inner.cancel);
+        // Not registered yet: the registered agent's gauges are not this one's to set.
+        agent.own_gauges(false);
+        let pending = Unswapped(Some(agent.clone()));
+        let firsts = supervisor::start(&agent, &connector, &self.links());
+        let slots = firsts.len();
+        let connected = first_attempts(firsts).await;
+        let old = {
+            let writer = self.inner.directory.write();
+            let current = writer.current();
+            if !ctx.admitting() {
+                return Err(PoolError::ShuttingDown);
+            }
+            // Removed meanwhile: a replacement does not bring it back.
+            let Some(view) = current.get(spec.id.as_str()) else {
+                return Err(self.unknown(&spec.id));
+            };
+            let old = view.agent.clone();
+            let mut retiring: Vec<Arc<Agent>> =
+                view.retiring.iter().flat_map(|r| r.iter().cloned()).collect();
+            retiring.push(old.clone());
+            old.own_gauges(false);
+            agent.own_gauges(true);
+            let live = agent.refresh_snapshot();
+            agent.snapshot_published(&live);
+            let mut next = Agents::clone(&current);
+            next.insert(
+                old.shared.id.clone(),
+                AgentView { agent: pending.swapped(), live, retiring: Some(retiring.into()) },
+            );
+            writer.publish(next);
+            old
+        };
+        let deadline = Instant::now() + ctx.config.drain_timeout;
+        self.inner.tasks.spawn(retire(old, self.inner.directory.clone(), deadline));
         Ok(AddReport { slots, connected })
     }
 
@@ -256,7 +332,10 @@ impl AgentPool {
             let writer = self.inner.directory.write();
             let current = writer.current();
             writer.publish(Agents::default());
-            current.values().map(|v| v.agent.clone()).collect()
+            // Replaced agents still draining are drained with the rest (their retirement may
+            // be draining them too; an agent is told once).
+            let retiring = current.values().flat_map(|v| v.retiring.iter().flat_map(|r| r.iter()));
+            current.values().map(|v| &v.agent).chain(retiring).cloned().collect()
         };
         drain_all(agents, Instant::now() + self.inner.ctx.config.drain_timeout).await
     }
@@ -279,7 +358,7 @@ impl AgentPool {
         self.inner.ctx.clock.stamp(Instant::now())
     }
 
-    fn directory(&self) -> &Directory {
+    pub(crate) fn directory(&self) -> &Directory {
         &self.inner.directory
     }
 
@@ -364,6 +443,10 @@ impl AgentPool {
     pub(crate) fn pick(&self, agent: &str, kind: EventKind, id: Option<&CorrelationId>, stamp: u64) -> Pick {
         let fast = self.directory().with(|agents| {
             let view = agents.get(agent)?;
+            if view.retiring.is_some() && id.is_some() && kind != EventKind::RequestHeaders {
+                // The request may be pinned to an agent this one replaced: the slow path looks.
+                return None;
+            }
             view.agent.try_pick(&view.live, kind, id, stamp)
         });
         match fast {
@@ -376,7 +459,15 @@ impl AgentPool {
     #[inline(never)]
     fn pick_slow(&self, agent: &str, kind: EventKind, id: Option<&CorrelationId>, stamp: u64) -> Pick {
         self.directory().with(|agents| match agents.get(agent) {
-            Some(view) => view.agent.pick(&view.live, kind, id, stamp),
+            Some(view) => {
+                if let (Some(retiring), Some(id)) = (&view.retiring, id)
+                    && kind != EventKind::RequestHeaders
+                    && let Some(pick) = retiring.iter().find_map(|old| old.pick_retiring(id, stamp))
+                {
+                    return pick;
+                }
+                view.agent.pick(&view.live, kind, id, stamp)
+            }
             None => Err(self.unknown_miss()),
         })
     }
@@ -417,7 +508,12 @@ impl AgentPool {
         correlation_id: &CorrelationId,
         reason: CancelReason,
     ) -> Result<(), PoolError> {
-        self.agent(agent)?.cancel(correlation_id, reason);
+        let view = self.directory().with(|a| a.get(agent).cloned()).ok_or_else(|| self.unknown(agent))?;
+        // A request pinned to a replaced agent that is still draining is cancelled there.
+        let pinned_to_old = view.retiring.iter().flat_map(|r| r.iter()).find(|old| {
+            old.shared.affinity.len() > 0 && old.shared.affinity.slot_of(correlation_id.as_str()).is_some()
+        });
+        pinned_to_old.unwrap_or(&view.agent).cancel(correlation_id, reason);
         Ok(())
     }
 
@@ -448,10 +544,7 @@ impl AgentPool {
                         .map_err(|problems| PoolError::InvalidConfig { problems })?;
                     let agent = Agent::new(&agent_id, &[], settings, ctx.clone(), &self.inner.cancel);
                     let mut next = Agents::clone(&current);
-                    next.insert(
-                        Arc::from(agent_id.as_str()),
-                        AgentView { agent: agent.clone(), live: agent.live() },
-                    );
+                    next.insert(Arc::from(agent_id.as_str()), AgentView::new(agent.clone()));
                     writer.publish(next);
                     agent
                 }
@@ -484,6 +577,65 @@ impl AgentPool {
     pub fn is_admitting(&self) -> bool {
         self.inner.ctx.admitting()
     }
+}
+
+/// A replacement agent not yet swapped in: dropped before the swap (an error, or the caller's
+/// future dropped while the first connections were being made), it is abandoned — its tasks
+/// stopped and its connections closed — instead of running unregistered.
+struct Unswapped(Option<Arc<Agent>>);
+
+impl Unswapped {
+    fn swapped(mut self) -> Arc<Agent> {
+        self.0.take().expect("swapped once")
+    }
+}
+
+impl Drop for Unswapped {
+    fn drop(&mut self) {
+        if let Some(agent) = self.0.take() {
+            agent.abandon();
+        }
+    }
+}
+
+/// Counts the slots whose first connection attempt succeeded.
+async fn first_attempts(firsts: Vec<tokio::sync::oneshot::Receiver<bool>>) -> usize {
+    let mut connected = 0;
+    for rx in firsts {
+        if rx.await == Ok(true) {
+            connected += 1;
+        }
+    }
+    connected
+}
+
+/// How often a replaced agent looks whether its last request has finished. Pins have no
+/// wake-up of their own; the poll is cheap and only runs while an agent retires.
+const RETIRE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Retires `old`, an agent replaced under its id: waits until nothing is in flight or pinned
+/// on it (or `deadline`, or the pool shutting down), drains it, then forgets it in the
+/// directory.
+/// How often a retired agent with requests still pinned to it looks whether they are gone.
+const RETIRED_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn retire(old: Arc<Agent>, directory: Arc<Directory>, deadline: Instant) {
+    loop {
+        let now = Instant::now();
+        if now >= deadline || !old.shared.ctx.admitting() || !old.is_busy(now) {
+            break;
+        }
+        tokio::time::sleep_until(deadline.min(now + RETIRE_POLL)).await;
+    }
+    let report = old.shut_down(deadline.max(Instant::now())).await;
+    tracing::debug!(agent = %old.id(), drained = report.drained, forced = report.forced, "replaced agent retired");
+    // Requests still pinned to it must not move to a connection that never saw their headers:
+    // until their pins are gone (their next event fails with `PinLost` and removes it, or the
+    // affinity TTL sweeps it), their events are still looked for here.
+    while old.shared.ctx.admitting() && old.has_pins(Instant::now()) {
+        tokio::time::sleep(RETIRED_POLL).await;
+    }
+    directory.retired(&old);
 }
 
 async fn drain_all(agents: Vec<Arc<Agent>>, deadline: Instant) -> StopReport {

@@ -201,6 +201,10 @@ pub(crate) struct Agent {
     tasks: TaskTracker,
     /// Reverse-connection slots, by replica id (see `crate::reverse`).
     pub(crate) replicas: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Whether this agent sets its id's connection gauge. Two agents share an id while one
+    /// replaces the other (`AgentPool::replace_agent`): the gauge belongs to the registered
+    /// one, handed over under the directory's writer lock.
+    owns_gauges: AtomicBool,
 }
 
 impl Agent {
@@ -256,6 +260,7 @@ impl Agent {
             stop,
             tasks,
             replicas: Mutex::new(HashMap::new()),
+            owns_gauges: AtomicBool::new(true),
             shared,
         });
         let _ = agent.shared.agent.set(Arc::downgrade(&agent));
@@ -322,11 +327,69 @@ impl Agent {
         live
     }
 
-    /// After a new snapshot was published: the connection gauge, and requests waiting for
-    /// capacity may find some.
+    /// After a new snapshot was published: the connection gauge (if this agent owns it), and
+    /// requests waiting for capacity may find some.
     pub(crate) fn snapshot_published(&self, live: &LiveSlots) {
-        self.shared.metrics.connections.set(live.len() as f64);
+        if self.owns_gauges.load(Ordering::Acquire) {
+            self.shared.metrics.connections.set(live.len() as f64);
+        }
         self.shared.wake_waiters();
+    }
+
+    /// Gives this agent its id's connection gauge, or takes it away (see `owns_gauges`). A
+    /// change of owner is made under the directory's writer lock.
+    pub(crate) fn own_gauges(&self, owns: bool) {
+        self.owns_gauges.store(owns, Ordering::Release);
+    }
+
+    /// Stops the agent's tasks and aborts its requests at once, without a drain: for an agent
+    /// that was never registered (a replacement abandoned before its swap).
+    pub(crate) fn abandon(&self) {
+        self.shared.removed.store(true, Ordering::Release);
+        self.shared.abort.cancel();
+        self.stop.cancel();
+    }
+
+    /// True while requests are in flight on the agent or pinned to one of its connections
+    /// (correlation affinity): what a replaced agent waits for before its drain. Expired pins
+    /// are swept first.
+    pub(crate) fn is_busy(&self, now: Instant) -> bool {
+        self.in_flight() > 0 || self.has_pins(now)
+    }
+
+    /// True while requests are pinned to the agent's connections (expired pins swept first).
+    pub(crate) fn has_pins(&self, now: Instant) -> bool {
+        self.shared.affinity.sweep(self.shared.ctx.clock.stamp(now));
+        self.shared.affinity.len() > 0
+    }
+
+    /// The pick of an event of request `id` (not its headers) pinned to a connection of this
+    /// agent, a replaced one still draining; `None` if the request has no pin here. Once the
+    /// agent has been shut down, its pins are lost.
+    #[cold]
+    pub(crate) fn pick_retiring(self: &Arc<Self>, id: &CorrelationId, stamp: u64) -> Option<pick::Pick> {
+        use crate::affinity::Lookup;
+        use pick::Miss;
+        if self.shared.affinity.len() == 0 {
+            return None;
+        }
+        match self.shared.affinity.lookup(id.as_str(), stamp) {
+            Lookup::Miss => None,
+            Lookup::Lost => {
+                self.shared.metrics.pin_lost.increment(1);
+                Some(Err(Miss::PinLost))
+            }
+            Lookup::Hit(slot) => Some(match self.shared.closed() {
+                Some(Closed::Pool) => Err(Miss::Closed(Closed::Pool)),
+                Some(Closed::Agent) => {
+                    self.shared.affinity.remove(id.as_str());
+                    self.shared.metrics.pin_lost.increment(1);
+                    Err(Miss::PinLost)
+                }
+                None if !slot.is_paused() && slot.permits.try_acquire() => Ok(InFlight::pinned(slot)),
+                None => Err(Miss::Pinned(self.clone(), slot)),
+            }),
+        }
     }
 
     /// The agent's current connected slots.
@@ -372,10 +435,12 @@ impl Agent {
     /// agent out of the pool's directory.
     pub(crate) async fn shut_down(&self, deadline: Instant) -> StopReport {
         let started = Instant::now();
-        self.shared.removed.store(true, Ordering::Release);
+        // A replaced agent can be shut down twice at once (by its retirement and by the
+        // pool's shutdown): the agent is told once.
+        let first = !self.shared.removed.swap(true, Ordering::AcqRel);
         let at_start = self.in_flight();
         for slot in self.slots() {
-            if let Some(live) = slot.conn.load_full() {
+            if first && let Some(live) = slot.conn.load_full() {
                 live.conn.drain();
             }
         }
