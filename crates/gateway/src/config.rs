@@ -653,6 +653,123 @@ mod tests {
         }
     }
 
+    /// A CA, and a client certificate of it, as PEM text for `tls = { … }`; `cert_file`
+    /// replaces the certificate by a file.
+    fn host_tls_with(cert_file: Option<&str>) -> String {
+        let day = Duration::from_secs(86_400);
+        let ca = docker_agent::CertificateAuthority::generate("config test CA", day).unwrap();
+        let client = ca.issue_client("gateway", day).unwrap();
+        let cert = match cert_file {
+            Some(path) => format!("{{ file = {path:?} }}"),
+            None => format!("{{ pem = {:?} }}", client.cert_pem),
+        };
+        format!(
+            "{{ ca = {{ pem = {:?} }}, cert = {cert}, key = {{ pem = {:?} }} }}",
+            ca.cert_pem(),
+            client.key_pem
+        )
+    }
+
+    fn host_tls() -> String {
+        host_tls_with(None)
+    }
+
+    fn with_hosts(hosts_and_workloads: &str) -> Result<GatewayConfig, ConfigError> {
+        let cfg = GatewayConfig::from_toml(&format!("{GOOD}\n{hosts_and_workloads}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn workloads_name_their_docker_host() {
+        let tls = host_tls();
+        let cfg = with_hosts(&format!(
+            r#"
+            [[docker_hosts]]
+            name = "edge"
+            url = "agent://192.0.2.10:2376"
+            tls = {tls}
+
+            [[workloads]]
+            name = "web-local"
+            watch = {{ workload = {{ container = "web" }}, idle_timeout = "5m" }}
+
+            [[workloads]]
+            name = "web-edge"
+            host = "edge"
+            watch = {{ workload = {{ container = "web" }}, idle_timeout = "5m" }}
+
+            [[workloads]]
+            name = "db-edge"
+            host = "edge"
+            watch = {{ workload = {{ container = "db" }}, idle_timeout = "5m" }}
+            "#
+        ))
+        .unwrap();
+        assert_eq!(cfg.docker_hosts[0].address().unwrap(), "192.0.2.10:2376");
+        // One group per engine: "web" on each is no duplicate.
+        let groups = cfg.workload_groups();
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].0, groups[0].1.len()), (None, 1));
+        assert_eq!((groups[1].0, groups[1].1.len()), (Some("edge"), 2));
+    }
+
+    #[test]
+    fn docker_host_problems_are_reported_with_their_location() {
+        let tls = host_tls();
+        let missing = host_tls_with(Some("/nonexistent/cert.pem"));
+        let err = with_hosts(&format!(
+            r#"
+            [[docker_hosts]]
+            name = "edge"
+            url = "tcp://192.0.2.10:2375"
+            tls = {tls}
+
+            [[docker_hosts]]
+            name = "local"
+            url = "agent://192.0.2.11:2376"
+            tls = {{ ca = {{ pem = "nonsense" }}, cert = {{ pem = "" }}, key = {{ pem = "" }} }}
+
+            [[docker_hosts]]
+            name = "again"
+            url = "agent://192.0.2.11:2376"
+            tls = {tls}
+
+            [[docker_hosts]]
+            name = "files"
+            url = "agent://192.0.2.12:2376"
+            tls = {missing}
+
+            [[workloads]]
+            name = "a"
+            host = "nowhere"
+            watch = {{ workload = {{ container = "a" }}, idle_timeout = "5m" }}
+
+            [[workloads]]
+            name = "b"
+            host = "edge"
+            watch = {{ workload = {{ container = "b" }}, idle_timeout = "5m", depends_on = [{{ workload = "c" }}] }}
+
+            [[workloads]]
+            name = "c"
+            watch = {{ workload = {{ container = "c" }}, idle_timeout = "5m" }}
+            "#
+        ))
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for expected in [
+            "docker_hosts[0] (edge).url: \"tcp://192.0.2.10:2375\": only agent://host:port is supported here",
+            "docker_hosts[1].name: \"local\" is the local engine's name",
+            "docker_hosts[1] (local).tls.ca: invalid CA certificate PEM",
+            "docker_hosts[2] (again).url: 192.0.2.11:2376 is also docker_hosts[1]",
+            "docker_hosts[3] (files).tls.cert: /nonexistent/cert.pem: ",
+            "workloads[0] (a).host: no docker host named \"nowhere\"",
+            "workloads[1] (b).watch.depends_on[0]: \"c\" runs on \"local\", this workload on \"edge\"",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
     #[test]
     fn unknown_fields_and_syntax_errors_say_where() {
         let err = GatewayConfig::from_toml("[[listeners]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nport = 3\n")

@@ -124,14 +124,9 @@ impl Workloads {
                     (group, None)
                 }
                 Some(name) => {
-                    let host = config
-                        .docker_hosts
-                        .iter()
-                        .find(|h| h.name == name)
-                        .ok_or_else(|| WorkloadsError::Host {
-                            host: name.to_owned(),
-                            message: "not configured".into(),
-                        })?;
+                    let host = config.docker_hosts.iter().find(|h| h.name == name).ok_or_else(|| {
+                        WorkloadsError::Host { host: name.to_owned(), message: "not configured".into() }
+                    })?;
                     let (client, remote) = connect(host)?;
                     let group = IdleGroup::new(configs, Arc::new(DockerRuntime::new(client.docker())))?;
                     let mut first = remote.state.subscribe();
@@ -232,7 +227,8 @@ async fn keep_starting(host: Arc<RemoteHost>, client: AgentClient, group: IdleGr
                 return;
             }
             Err(error) => {
-                let before = host.state.send_replace(HostState::Connecting { attempts, error: Some(error.clone()) });
+                let before =
+                    host.state.send_replace(HostState::Connecting { attempts, error: Some(error.clone()) });
                 // Log a new reason, not the same one every retry.
                 if !matches!(&before, HostState::Connecting { error: Some(e), .. } if *e == error) {
                     tracing::error!(host = %host.name, url = %host.url, %error, retry_in = ?delay, "docker host: workloads not watched");
