@@ -190,4 +190,24 @@ async fn a_client_certificate_the_agent_refuses_passes_check_and_shows_in_status
     // Its route answers 503 rather than sending the request to an upstream nobody woke.
     let reply = exchange(&gateway.listen, &get("/")).await;
     assert_eq!(reply.status, 503, "{}", reply.text());
+
+    // Like [[workloads]], [[docker_hosts]] cannot change on a reload: refused, nothing changes.
+    let path = dir.path().join("gateway.toml");
+    let running = std::fs::read_to_string(&path).unwrap();
+    let moved = running.replace(&format!("agent://{}", agent.local_addr()), "agent://127.0.0.1:1");
+    assert_ne!(moved, running);
+    std::fs::write(&path, moved).unwrap();
+    let admin = &gateway.admin;
+    let reply = exchange(
+        admin,
+        format!(
+            "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert!(reply.text().contains("[[docker_hosts]] cannot change while running"), "{}", reply.text());
+    let report = status(admin).await;
+    assert_eq!(report["docker_hosts"][0]["url"], format!("agent://{}", agent.local_addr()), "{report:#}");
 }
