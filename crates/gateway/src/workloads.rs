@@ -112,7 +112,11 @@ impl Workloads {
     /// returned), each remote one on its own task, waited for up to [`FIRST_ATTEMPT`].
     pub(crate) async fn start(config: &GatewayConfig) -> Result<Self, WorkloadsError> {
         let mut workloads = Workloads::default();
-        for (host, members) in config.workload_groups() {
+        let mut first_attempts = Vec::new();
+        let mut groups = config.workload_groups();
+        // The local engine first: its failure stops the start before any remote task is spawned.
+        groups.sort_by_key(|(host, _)| host.is_some());
+        for (host, members) in groups {
             let configs = members.iter().map(|w| w.watch.clone()).collect();
             let (group, host) = match host {
                 None => {
@@ -129,14 +133,8 @@ impl Workloads {
                     })?;
                     let (client, remote) = connect(host)?;
                     let group = IdleGroup::new(configs, Arc::new(DockerRuntime::new(client.docker())))?;
-                    let mut first = remote.state.subscribe();
+                    first_attempts.push(remote.state.subscribe());
                     let starter = tokio::spawn(keep_starting(remote.clone(), client, group.clone()));
-                    // Serve once the first attempt is over (or after FIRST_ATTEMPT anyway).
-                    let _ = tokio::time::timeout(
-                        FIRST_ATTEMPT,
-                        first.wait_for(|s| !matches!(s, HostState::Connecting { attempts: 0, .. })),
-                    )
-                    .await;
                     workloads.groups.push(EngineGroup {
                         host: Some(remote.clone()),
                         group: group.clone(),
@@ -150,14 +148,24 @@ impl Workloads {
                     workloads.watchers.insert(w.name.clone(), watcher.clone());
                 }
                 workloads.hosts.insert(w.name.clone(), host.clone());
-                tracing::info!(
-                    workload = %w.name,
-                    target = %w.watch.workload.name(),
-                    host = %host.as_ref().map_or(LOCAL_ENGINE, |h| h.name.as_str()),
-                    watching = group.get(w.watch.workload.name()).is_some_and(Lifecycle::is_running),
-                    "workload configured"
-                );
             }
+        }
+        // Serve once every remote host's first attempt is over (or after FIRST_ATTEMPT anyway):
+        // the hosts are tried at the same time.
+        let _ = tokio::time::timeout(FIRST_ATTEMPT, async {
+            for first in &mut first_attempts {
+                let _ = first.wait_for(|s| !matches!(s, HostState::Connecting { attempts: 0, .. })).await;
+            }
+        })
+        .await;
+        for w in &config.workloads {
+            tracing::info!(
+                workload = %w.name,
+                target = %w.watch.workload.name(),
+                host = %w.host.as_deref().unwrap_or(LOCAL_ENGINE),
+                watching = workloads.watchers.get(&w.name).is_some_and(Lifecycle::is_running),
+                "workload configured"
+            );
         }
         Ok(workloads)
     }
