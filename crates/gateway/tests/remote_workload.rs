@@ -1,8 +1,9 @@
 //! Workloads on a remote Docker host: a real docker-agent (in process, lifecycle profile, mutual
 //! TLS with certificates from its own `certs` module) in front of the local engine, and a
 //! gateway whose workload names it (`[[docker_hosts]]`, `url = "agent://127.0.0.1:PORT"`).
-//! The container sleeps while idle and is woken through the agent by a request; a client
-//! certificate the agent does not accept passes `--check` and shows as the workload's error.
+//! The container sleeps while idle and is woken through the agent by a request; an agent down
+//! at start is retried until it answers; a client certificate the agent does not accept passes
+//! `--check` and shows as the workload's error.
 //! Under `CI=true` a missing engine fails the Docker test; elsewhere it skips with the reason.
 
 use std::time::Duration;
@@ -24,13 +25,18 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// An in-process docker-agent on a free loopback port with the lifecycle profile (start,
 /// stop, kill, inspect, events: what idlewatch needs), serving the local engine.
 async fn agent(ca: &CertificateAuthority) -> RunningDockerAgent {
+    agent_on(ca, 0).await
+}
+
+/// The same on a given port.
+async fn agent_on(ca: &CertificateAuthority, port: u16) -> RunningDockerAgent {
     let server = ca.issue_server(&["127.0.0.1".to_owned()], DAY).unwrap();
     let tls = TlsMaterial {
         ca_cert_pem: ca.cert_pem().to_owned(),
         cert_pem: server.cert_pem,
         key_pem: server.key_pem,
     };
-    let mut config = AgentConfig::new("gateway-test", "127.0.0.1:0".parse().unwrap(), tls);
+    let mut config = AgentConfig::new("gateway-test", ([127, 0, 0, 1], port).into(), tls);
     config.acl = AclConfig::profile(Profile::Lifecycle);
     config.shutdown_grace = Duration::from_secs(2);
     AgentServer::bind(config).await.expect("the agent binds")
@@ -151,6 +157,49 @@ async fn a_container_on_a_remote_host_sleeps_and_is_woken_through_its_docker_age
     let reply = exchange(&gateway.listen, &get("/")).await;
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert!(!running(&engine, container.name()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_is_down_at_start_is_retried_until_its_workloads_are_watched() {
+    let Some(engine) = docker::engine().await else { return };
+    docker::cleanup_leftovers(&engine).await;
+    let port = free_port();
+    let container = TestContainer::builder("gateway-late")
+        .publish(port)
+        .start(false)
+        .create(&engine)
+        .await
+        .expect("container");
+    let ca = CertificateAuthority::generate("gateway remote test CA", DAY).unwrap();
+    let agent_port = free_port();
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], agent_port).into();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = client_material(dir.path(), &ca, &ca);
+    // Nobody listens there yet: the gateway starts all the same.
+    let gateway = start_gateway(dir.path(), &config(address, &tls, container.name(), port)).await;
+    let report = status(&gateway.admin).await;
+    assert_eq!(report["docker_hosts"][0]["state"], "connecting", "{report:#}");
+    assert_eq!(report["workloads"][0]["watching"], false, "{report:#}");
+    assert!(
+        report["workloads"][0]["error"].as_str().is_some_and(|e| e.contains(&address.to_string())),
+        "{report:#}"
+    );
+    let reply = exchange(&gateway.listen, &get("/")).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+
+    // The agent comes up: the next attempt reaches it and the workload is watched.
+    let _agent = agent_on(&ca, agent_port).await;
+    common::eventually("the late agent's workload is watched", async || {
+        let report = status(&gateway.admin).await;
+        report["workloads"][0]["watching"] == true && report["docker_hosts"][0]["state"] == "watching"
+    })
+    .await;
+    let report = status(&gateway.admin).await;
+    assert!(report["workloads"][0]["error"].is_null(), "{report:#}");
+    assert!(report["docker_hosts"][0]["attempts"].is_null(), "{report:#}");
+    let reply = exchange(&gateway.listen, &get("/")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().contains("agentpool test container"), "{}", reply.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
