@@ -10,6 +10,7 @@ use pool_core::AgentPool;
 use serde_json::json;
 
 use crate::proxy::{Proxy, plain};
+use crate::workloads::{HostState, Workloads};
 
 /// What the admin endpoints read.
 pub(crate) struct Admin {
@@ -19,6 +20,8 @@ pub(crate) struct Admin {
     pub pool: AgentPool,
     /// The proxy (routes).
     pub proxy: Arc<Proxy>,
+    /// The idle-watched workloads and their engines.
+    pub workloads: Arc<Workloads>,
     /// Listener names and binds, for status.
     pub listeners: arc_swap::ArcSwap<Vec<(String, String)>>,
     /// False from the moment a stop begins.
@@ -123,13 +126,33 @@ impl Admin {
             .iter()
             .map(|(name, watcher)| {
                 let snapshot = watcher.subscribe().borrow().clone();
-                json!({ "name": name, "target": watcher.config().workload.name(), "state": format!("{:?}", snapshot.state) })
+                let host = self.workloads.host(name);
+                json!({
+                    "name": name,
+                    "target": watcher.config().workload.name(),
+                    "host": host.name,
+                    "watching": pool_api::Lifecycle::is_running(watcher),
+                    "state": format!("{:?}", snapshot.state),
+                    "error": host.error,
+                })
             })
             .collect();
         workloads.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let docker_hosts: Vec<_> = self
+            .workloads
+            .remote_hosts()
+            .map(|h| {
+                let (state, attempts, error) = match h.state() {
+                    HostState::Watching => ("watching", None, None),
+                    HostState::Connecting { attempts, error } => ("connecting", Some(attempts), error),
+                };
+                json!({ "name": h.name, "url": h.url, "state": state, "attempts": attempts, "last_error": error })
+            })
+            .collect();
         json!({
             "ready": self.ready.load(Ordering::Acquire),
             "workloads": workloads,
+            "docker_hosts": docker_hosts,
             "listeners": listeners,
             "routes": routes,
             "agents": agents,

@@ -31,8 +31,12 @@ pub(crate) struct GatewayConfig {
     /// Settings of the agent pool (connections, balancing, health, time-outs…).
     #[serde(default)]
     pub pool: PoolConfig,
-    /// Containers and Swarm services on the local Docker engine that sleep while idle and are
-    /// woken by a request to a route that names them.
+    /// Remote Docker engines reached through docker-agent (`agent://host:port`, mutual TLS),
+    /// which workloads name with `host`.
+    #[serde(default)]
+    pub docker_hosts: Vec<DockerHostConfig>,
+    /// Containers and Swarm services (on the local Docker engine, or on a `docker_hosts` entry)
+    /// that sleep while idle and are woken by a request to a route that names them.
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
     /// How long a stop waits for requests in flight.
@@ -173,6 +177,82 @@ pub(crate) struct WorkloadConfig {
     /// held until it is ready.
     #[serde(default = "default_true")]
     pub loading_page: bool,
+    /// The `docker_hosts` entry whose engine runs it; none: the local engine.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// The name `/status` and the logs give the local Docker engine; no `docker_hosts` entry may
+/// take it.
+pub(crate) const LOCAL_ENGINE: &str = "local";
+
+/// A remote Docker engine reached through a docker-agent: the agent's address and the
+/// gateway's mutual-TLS material for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DockerHostConfig {
+    /// The name workloads use (`host = "…"`).
+    pub name: String,
+    /// `agent://host:port`: where the docker-agent listens.
+    pub url: String,
+    /// The CA, the gateway's client certificate and its key (all required: the agent accepts
+    /// nothing without a client certificate). The agent's certificate is checked for the fixed
+    /// name `docker-agent.agentpool` whatever address is dialled.
+    pub tls: DockerHostTls,
+}
+
+/// The gateway's TLS material for a docker-agent: PEM files (`{ file = "…" }`) or text
+/// (`{ pem = "…" }`), as for listeners.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DockerHostTls {
+    /// The deployment's CA certificate: the only root trusted for the agent's certificate.
+    pub ca: PemSource,
+    /// The gateway's client certificate (issued by `docker-agent certs client`).
+    pub cert: PemSource,
+    /// The private key of `cert`.
+    pub key: PemSource,
+}
+
+impl DockerHostTls {
+    /// Reads and checks the material (PEM parses, the key matches the certificate): the
+    /// controller's TLS for docker-agent's client, or the first problem.
+    pub(crate) fn load(&self) -> Result<docker_agent::AgentTls, AgentTlsError> {
+        let text = |field, source| {
+            String::from_utf8(pem_bytes(field, source)?)
+                .map_err(|_| AgentTlsError { field, problem: "not PEM text (UTF-8)".into() })
+        };
+        let tls = docker_agent::AgentTls {
+            ca_cert_pem: text("ca", &self.ca)?,
+            client_cert_pem: text("cert", &self.cert)?,
+            client_key_pem: text("key", &self.key)?,
+        };
+        tls.client_config().map_err(|e| {
+            let field = match &e {
+                docker_agent::ClientError::Pem { what: "CA certificate", .. } => "ca",
+                docker_agent::ClientError::Pem { what: "client certificate", .. } => "cert",
+                // A malformed key, or one rustls refuses (not the certificate's).
+                _ => "key",
+            };
+            AgentTlsError { field, problem: e.to_string() }
+        })?;
+        Ok(tls)
+    }
+}
+
+impl DockerHostConfig {
+    /// The agent's `host:port`, from `url` (`agent://host:port`).
+    pub(crate) fn address(&self) -> Result<String, String> {
+        match self.url.parse::<docker_agent::DockerHost>() {
+            Ok(docker_agent::DockerHost::Agent(address)) => Ok(address.to_string()),
+            Ok(other) => Err(format!(
+                "{:?}: only agent://host:port is supported here (a {}:// engine is not reached through docker-agent; the local engine is the default)",
+                self.url,
+                other.scheme()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -358,10 +438,64 @@ impl GatewayConfig {
                 None => {}
             }
         }
+        let hosts = unique_names(&mut p, "docker_hosts", self.docker_hosts.iter().map(|h| h.name.as_str()));
+        let mut addresses = HashMap::new();
+        for (i, h) in self.docker_hosts.iter().enumerate() {
+            if h.name == LOCAL_ENGINE {
+                p.push(format!("docker_hosts[{i}].name: {LOCAL_ENGINE:?} is the local engine's name"));
+            }
+            match h.address() {
+                Ok(address) => {
+                    if let Some(first) = addresses.insert(address.clone(), i) {
+                        p.push(format!(
+                            "docker_hosts[{i}] ({}).url: {address} is also docker_hosts[{first}]",
+                            h.name
+                        ));
+                    }
+                }
+                Err(e) => p.push(format!("docker_hosts[{i}] ({}).url: {e}", h.name)),
+            }
+            if let Err(e) = h.tls.load() {
+                p.push(format!("docker_hosts[{i}] ({}).{e}", h.name));
+            }
+        }
         let workloads = unique_names(&mut p, "workloads", self.workloads.iter().map(|w| w.name.as_str()));
-        let configs: Vec<idlewatch::IdleConfig> = self.workloads.iter().map(|w| w.watch.clone()).collect();
-        if let Err(e) = idlewatch::IdleGroup::check(&configs) {
-            p.extend(e.problems.into_iter().map(|x| format!("workloads: {x}")));
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Some(host) = &w.host
+                && !hosts.contains_key(host.as_str())
+            {
+                p.push(format!("workloads[{i}] ({}).host: no docker host named {host:?}", w.name));
+            }
+        }
+        // Each engine's workloads form one idlewatch group: dependencies stay on one engine,
+        // and a container name is unique per engine (two hosts may each have a "web").
+        let engine_of: HashMap<&str, &str> = self
+            .workloads
+            .iter()
+            .map(|w| (w.watch.workload.name(), w.host.as_deref().unwrap_or(LOCAL_ENGINE)))
+            .collect();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let engine = w.host.as_deref().unwrap_or(LOCAL_ENGINE);
+            for (j, d) in w.watch.depends_on.iter().enumerate() {
+                if let Some(other) = engine_of.get(d.workload.as_str())
+                    && *other != engine
+                {
+                    p.push(format!(
+                        "workloads[{i}] ({}).watch.depends_on[{j}]: {:?} runs on {other:?}, this workload on {engine:?}; dependencies must be on the same Docker engine",
+                        w.name, d.workload
+                    ));
+                }
+            }
+        }
+        for (engine, group) in self.workload_groups() {
+            let configs: Vec<idlewatch::IdleConfig> = group.iter().map(|w| w.watch.clone()).collect();
+            if let Err(e) = idlewatch::IdleGroup::check(&configs) {
+                let at = match engine {
+                    None => "workloads".to_owned(),
+                    Some(host) => format!("workloads (host {host:?})"),
+                };
+                p.extend(e.problems.into_iter().map(|x| format!("{at}: {x}")));
+            }
         }
         if self.routes.is_empty() {
             p.push("routes: at least one is required".to_owned());
@@ -395,6 +529,22 @@ impl GatewayConfig {
             p.extend(problems.into_iter().map(|x| format!("pool.{x}")));
         }
         if p.is_empty() { Ok(()) } else { Err(ConfigError { problems: p }) }
+    }
+}
+
+impl GatewayConfig {
+    /// The workloads grouped by the engine that runs them (`None`: the local engine), in the
+    /// order the engines first appear.
+    pub(crate) fn workload_groups(&self) -> Vec<(Option<&str>, Vec<&WorkloadConfig>)> {
+        let mut groups: Vec<(Option<&str>, Vec<&WorkloadConfig>)> = Vec::new();
+        for w in &self.workloads {
+            let host = w.host.as_deref();
+            match groups.iter_mut().find(|(h, _)| *h == host) {
+                Some((_, group)) => group.push(w),
+                None => groups.push((host, vec![w])),
+            }
+        }
+        groups
     }
 }
 
@@ -498,6 +648,123 @@ mod tests {
             "routes[0] (r).agents[0]: no agent named \"ghost\"",
             "routes[0] (r).max_websocket_frame: must be at least 1",
             "pool.connections_per_endpoint",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    /// A CA, and a client certificate of it, as PEM text for `tls = { … }`; `cert_file`
+    /// replaces the certificate by a file.
+    fn host_tls_with(cert_file: Option<&str>) -> String {
+        let day = Duration::from_secs(86_400);
+        let ca = docker_agent::CertificateAuthority::generate("config test CA", day).unwrap();
+        let client = ca.issue_client("gateway", day).unwrap();
+        let cert = match cert_file {
+            Some(path) => format!("{{ file = {path:?} }}"),
+            None => format!("{{ pem = {:?} }}", client.cert_pem),
+        };
+        format!(
+            "{{ ca = {{ pem = {:?} }}, cert = {cert}, key = {{ pem = {:?} }} }}",
+            ca.cert_pem(),
+            client.key_pem
+        )
+    }
+
+    fn host_tls() -> String {
+        host_tls_with(None)
+    }
+
+    fn with_hosts(hosts_and_workloads: &str) -> Result<GatewayConfig, ConfigError> {
+        let cfg = GatewayConfig::from_toml(&format!("{GOOD}\n{hosts_and_workloads}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn workloads_name_their_docker_host() {
+        let tls = host_tls();
+        let cfg = with_hosts(&format!(
+            r#"
+            [[docker_hosts]]
+            name = "edge"
+            url = "agent://192.0.2.10:2376"
+            tls = {tls}
+
+            [[workloads]]
+            name = "web-local"
+            watch = {{ workload = {{ container = "web" }}, idle_timeout = "5m" }}
+
+            [[workloads]]
+            name = "web-edge"
+            host = "edge"
+            watch = {{ workload = {{ container = "web" }}, idle_timeout = "5m" }}
+
+            [[workloads]]
+            name = "db-edge"
+            host = "edge"
+            watch = {{ workload = {{ container = "db" }}, idle_timeout = "5m" }}
+            "#
+        ))
+        .unwrap();
+        assert_eq!(cfg.docker_hosts[0].address().unwrap(), "192.0.2.10:2376");
+        // One group per engine: "web" on each is no duplicate.
+        let groups = cfg.workload_groups();
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].0, groups[0].1.len()), (None, 1));
+        assert_eq!((groups[1].0, groups[1].1.len()), (Some("edge"), 2));
+    }
+
+    #[test]
+    fn docker_host_problems_are_reported_with_their_location() {
+        let tls = host_tls();
+        let missing = host_tls_with(Some("/nonexistent/cert.pem"));
+        let err = with_hosts(&format!(
+            r#"
+            [[docker_hosts]]
+            name = "edge"
+            url = "tcp://192.0.2.10:2375"
+            tls = {tls}
+
+            [[docker_hosts]]
+            name = "local"
+            url = "agent://192.0.2.11:2376"
+            tls = {{ ca = {{ pem = "nonsense" }}, cert = {{ pem = "" }}, key = {{ pem = "" }} }}
+
+            [[docker_hosts]]
+            name = "again"
+            url = "agent://192.0.2.11:2376"
+            tls = {tls}
+
+            [[docker_hosts]]
+            name = "files"
+            url = "agent://192.0.2.12:2376"
+            tls = {missing}
+
+            [[workloads]]
+            name = "a"
+            host = "nowhere"
+            watch = {{ workload = {{ container = "a" }}, idle_timeout = "5m" }}
+
+            [[workloads]]
+            name = "b"
+            host = "edge"
+            watch = {{ workload = {{ container = "b" }}, idle_timeout = "5m", depends_on = [{{ workload = "c" }}] }}
+
+            [[workloads]]
+            name = "c"
+            watch = {{ workload = {{ container = "c" }}, idle_timeout = "5m" }}
+            "#
+        ))
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for expected in [
+            "docker_hosts[0] (edge).url: \"tcp://192.0.2.10:2375\": only agent://host:port is supported here",
+            "docker_hosts[1].name: \"local\" is the local engine's name",
+            "docker_hosts[1] (local).tls.ca: invalid CA certificate PEM",
+            "docker_hosts[2] (again).url: 192.0.2.11:2376 is also docker_hosts[1]",
+            "docker_hosts[3] (files).tls.cert: /nonexistent/cert.pem: ",
+            "workloads[0] (a).host: no docker host named \"nowhere\"",
+            "workloads[1] (b).watch.depends_on[0]: \"c\" runs on \"local\", this workload on \"edge\"",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }

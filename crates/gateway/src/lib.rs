@@ -22,6 +22,7 @@ mod demo;
 mod inspect;
 mod proxy;
 mod response_body;
+mod workloads;
 mod ws;
 
 use std::path::PathBuf;
@@ -143,21 +144,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     for agent in &config.agents {
         add_agent(&pool, agent).await?;
     }
-    let group = start_workloads(&config).await?;
-    let workloads: std::collections::HashMap<String, idlewatch::IdleWatcher> = match &group {
-        Some(group) => config
-            .workloads
-            .iter()
-            .filter_map(|w| Some((w.name.clone(), group.get(w.watch.workload.name())?.clone())))
-            .collect(),
-        None => Default::default(),
-    };
-    let proxy = Arc::new(Proxy::new(&config, pool.clone(), workloads));
+    let workloads = Arc::new(workloads::Workloads::start(&config).await?);
+    let proxy = Arc::new(Proxy::new(&config, pool.clone(), workloads.watchers.clone()));
     let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let admin = Arc::new(Admin {
         metrics,
         pool: pool.clone(),
         proxy: proxy.clone(),
+        workloads: workloads.clone(),
         listeners: ArcSwap::from_pointee(listener_names(&config)),
         ready: AtomicBool::new(false),
         reload: reload_tx,
@@ -217,10 +211,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     admin.ready.store(false, Ordering::Release);
     let report = tokio::time::timeout(running.drain_timeout, http.stop()).await;
     let pool_report = pool.shutdown().await;
-    if let Some(group) = &group {
-        // Stop watching; the workloads stay as they are.
-        let _ = group.stop().await;
-    }
+    // Stop watching; the workloads stay as they are.
+    workloads.stop().await;
     if let Some(demo) = demo {
         demo.stop().await;
     }
@@ -273,25 +265,6 @@ fn describe_metrics() {
         "gateway_websocket_closed_total",
         "WebSocket connections the gateway closed itself, by route and close code."
     );
-}
-
-/// Starts watching the configured workloads on the local Docker engine (none: `None`).
-async fn start_workloads(
-    config: &GatewayConfig,
-) -> Result<Option<idlewatch::IdleGroup>, Box<dyn std::error::Error>> {
-    if config.workloads.is_empty() {
-        return Ok(None);
-    }
-    let docker = docker_agent::bollard::Docker::connect_with_socket_defaults()
-        .map_err(|e| format!("workloads need the local Docker engine: {e}"))?;
-    let runtime = Arc::new(docker_agent::DockerRuntime::new(docker));
-    let group =
-        idlewatch::IdleGroup::new(config.workloads.iter().map(|w| w.watch.clone()).collect(), runtime)?;
-    group.start().await.map_err(|e| format!("workloads: {e}"))?;
-    for w in &config.workloads {
-        tracing::info!(workload = %w.name, target = %w.watch.workload.name(), "watching");
-    }
-    Ok(Some(group))
 }
 
 /// The two handlers, made once: a reload swaps what they read, not the handlers.
@@ -402,6 +375,9 @@ async fn reload(
     if next.workloads != running.workloads {
         return Err("[[workloads]] cannot change while running; restart the gateway for them".into());
     }
+    if next.docker_hosts != running.docker_hosts {
+        return Err("[[docker_hosts]] cannot change while running; restart the gateway for them".into());
+    }
     let old: std::collections::HashMap<&str, &AgentConfig> =
         running.agents.iter().map(|a| (a.name.as_str(), a)).collect();
     let mut added = Vec::new();
@@ -491,6 +467,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             },
             AgentConfig { name: "waf-grpc".into(), endpoints: vec![demo.grpc_endpoint.clone()], tls: None },
         ],
+        docker_hosts: Vec::new(),
         workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
