@@ -32,8 +32,9 @@ pub(crate) enum ToAgent {
 pub(crate) enum ToProxy {
     /// An `AgentFrame` encoded by [`wire::encode_decision`].
     Encoded(Bytes),
-    /// Any other frame (capabilities, errors, pongs, signals…).
-    Frame(proto::AgentFrame),
+    /// Any other frame (capabilities, errors, pongs, signals…), boxed: these are rare and
+    /// larger than the bytes of a decision.
+    Frame(Box<proto::AgentFrame>),
 }
 
 /// What the proxy reads: a decision decoded straight into the vocabulary type, or any other

@@ -311,7 +311,7 @@ impl GrpcServerHandle {
         let frame = proto::AgentFrame { stream_id: 0, body: Some(body) };
         self.sessions.lock().retain(|s| {
             let Some(session) = s.upgrade() else { return false };
-            match session.try_send(Ok(ToProxy::Frame(frame.clone()))) {
+            match session.try_send(Ok(ToProxy::Frame(Box::new(frame.clone())))) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::debug!(
@@ -713,10 +713,7 @@ impl<H: AgentHandler> tonic::server::StreamingService<FromProxy> for ConnectCall
 }
 
 impl<H: AgentHandler> AgentSessions<H> {
-    fn connect(
-        &self,
-        request: Request<Streaming<FromProxy>>,
-    ) -> Response<SessionStream> {
+    fn connect(&self, request: Request<Streaming<FromProxy>>) -> Response<SessionStream> {
         let inbound = request.into_inner();
         let limit = self.config.max_concurrent_requests as usize;
         // Room for every answer the proxy may have outstanding, plus signals and pongs.
@@ -761,7 +758,7 @@ impl tokio_stream::Stream for SessionStream {
 }
 
 fn frame(stream_id: u64, body: agent_frame::Body) -> ToProxy {
-    ToProxy::Frame(proto::AgentFrame { stream_id, body: Some(body) })
+    ToProxy::Frame(Box::new(proto::AgentFrame { stream_id, body: Some(body) }))
 }
 
 /// The answer to request `stream`: its decision (or an error if the decision is over the

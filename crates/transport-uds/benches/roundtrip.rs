@@ -483,7 +483,7 @@ fn serve_child(dir: &Path) {
     std::io::stdout().flush().unwrap();
     // Until the parent closes our standard input (or dies).
     let mut sink = String::new();
-    while std::io::stdin().read_line(&mut sink).map_or(false, |n| n > 0) {}
+    while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
     drop(rt);
 }
 
