@@ -20,8 +20,9 @@
 //!   limit; the connection and its other requests are untouched. Health, flow-control and configuration-update messages from the agent are
 //!   published on the connection's signals; metrics reports become `agentpool_agent_metric`
 //!   gauges.
-//! * **Agent side:** [`UdsServer`] serves any [`pool_api::AgentHandler`]: a task per request,
-//!   bounded by the concurrency the agent advertises; a cancel aborts that task; a handler that
+//! * **Agent side:** [`UdsServer`] serves any [`pool_api::AgentHandler`]: a handler that decides
+//!   without waiting is answered inline, one that waits runs in a task of its own, bounded by
+//!   the concurrency the agent advertises; a cancel aborts that task; a handler that
 //!   panics answers that request with an error (the connection keeps serving); drain refuses
 //!   new work while running requests finish; a frame it cannot decode closes that connection
 //!   unanswered. A [`ServerHandle`] sends health, flow-control, metrics and configuration-update

@@ -1,7 +1,8 @@
 //! The agent side: serve an [`AgentHandler`] on a Unix socket.
 //!
-//! Every connection handshakes (under a time-out), then runs one task per request, at most as
-//! many at once as the handler's capabilities advertise. A cancel aborts that request's task.
+//! Every connection handshakes (under a time-out), then serves requests, at most as many at
+//! once as the handler's capabilities advertise: each handler is polled once in the session, and
+//! one that has to wait goes on in a task of its own, which a cancel aborts.
 //! A frame that cannot be decoded closes the connection with a logged error: the server never
 //! answers a request it could not read, and never answers "allow" for it. Drain stops new work
 //! (new events are answered with an error) while running requests finish. Health, flow-control
@@ -32,6 +33,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use std::panic::AssertUnwindSafe;
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::{
     AgentError, AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, FlowControl,
@@ -758,7 +760,8 @@ fn poll_read(framed: &mut AgentFramed, watch: &mut FrameWatch, cx: &mut Context<
     Poll::Pending
 }
 
-/// Serves one handshaken connection until it ends: a task per request (at most `limit` at
+/// Serves one handshaken connection until it ends: requests answered inline or on a task of
+/// their own when their handler waits (at most `limit` at
 /// once, more wait their turn), cancels, pings, config pushes, drain, and whatever the
 /// [`ServerHandle`] sends. `limit` is the concurrency the proxy was told.
 pub(crate) async fn run_session<H: AgentHandler>(
@@ -894,14 +897,24 @@ pub(crate) async fn run_session<H: AgentHandler>(
                                 }
                             }
                         };
-                        let (handler, out) = (handler.clone(), out.clone());
+                        // The handler is polled once here: one that decides without waiting
+                        // (most do) is answered at once, without a task of its own. One that
+                        // waits goes on in a task, which a cancel aborts. A panic, either way,
+                        // answers that request with an error.
+                        let handler = handler.clone();
+                        let mut deciding = Box::pin(
+                            AssertUnwindSafe(async move { handler.on_event(event).await }).catch_unwind(),
+                        );
+                        if let Some(outcome) = (&mut deciding).now_or_never() {
+                            drop(permit);
+                            out.answer(stream, &outcome.unwrap_or_else(|_| Err(panicked())));
+                            continue;
+                        }
+                        let out = out.clone();
                         slot.insert(tokio::spawn(async move {
                             let _permit = permit;
-                            let mut guard = PanicGuard { out: Some(out), stream };
-                            let answer = handler.on_event(event).await;
-                            if let Some(out) = guard.out.take() {
-                                out.answer(stream, &answer);
-                            }
+                            let answer = deciding.await.unwrap_or_else(|_| Err(panicked()));
+                            out.answer(stream, &answer);
                         }));
                         continue;
                     }
@@ -950,22 +963,10 @@ pub(crate) async fn run_session<H: AgentHandler>(
     }
 }
 
-/// Answers a request whose handler panicked with an error, so the proxy does not wait for its
+/// The answer to a request whose handler panicked, so the proxy does not wait for its
 /// time-out. (A cancelled request's task is dropped without a panic and answers nothing.)
-struct PanicGuard {
-    out: Option<Arc<Out>>,
-    stream: u64,
-}
-
-impl Drop for PanicGuard {
-    fn drop(&mut self) {
-        if let Some(out) = self.out.take()
-            && std::thread::panicking()
-        {
-            let error = proto::AgentError { message: "the agent's handler panicked".into() };
-            out.push(frame(self.stream, agent_frame::Body::Error(error)));
-        }
-    }
+fn panicked() -> AgentError {
+    AgentError::new("the agent's handler panicked")
 }
 
 #[cfg(test)]
