@@ -625,6 +625,11 @@ impl Out {
         self.state.lock()
     }
 
+    /// True when answers waiting to be written reach [`WRITE_AT`] bytes.
+    fn backlogged(&self) -> bool {
+        self.lock().buf.len() >= WRITE_AT
+    }
+
     /// Queues `encode`'s frame, which answers `answers` if it is an answer; false once the
     /// connection has ended.
     fn queue(
@@ -760,6 +765,14 @@ fn poll_read(framed: &mut AgentFramed, watch: &mut FrameWatch, cx: &mut Context<
     Poll::Pending
 }
 
+/// Answers queued up to this many bytes may wait while frames already read are answered first.
+const WRITE_AT: usize = 64 * 1024;
+
+/// True if `buf` holds at least one whole frame (its 4-byte length and that many bytes).
+fn whole_frame(buf: &[u8]) -> bool {
+    buf.first_chunk::<4>().is_some_and(|len| buf.len() - 4 >= u32::from_be_bytes(*len) as usize)
+}
+
 /// Serves one handshaken connection until it ends: requests answered inline or on a task of
 /// their own when their handler waits (at most `limit` at
 /// once, more wait their turn), cancels, pings, config pushes, drain, and whatever the
@@ -787,8 +800,12 @@ pub(crate) async fn run_session<H: AgentHandler>(
     let ready = out.ready.notified();
     tokio::pin!(ready);
     loop {
+        // Frames already read are answered before anything is written, so the answers to one
+        // read leave in one write (as an echo server does); past `WRITE_AT` queued bytes, or
+        // once only a partial frame is left, the answers go out.
+        let more_read = whole_frame(framed.read_buffer());
         tokio::select! {
-            () = &mut ready => {
+            () = &mut ready, if !more_read || out.backlogged() => {
                 ready.set(out.ready.notified());
                 // Other requests still running may finish in this same scheduler round: let
                 // them, so one write carries all their answers.
