@@ -33,12 +33,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use std::panic::AssertUnwindSafe;
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::{
     AgentError, AgentHandler, AgentHealth, ConfigPush, ConfigUpdateKind, ConfigUpdateRequest, FlowControl,
     PROTOCOL_VERSION,
 };
+use std::panic::AssertUnwindSafe;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
