@@ -19,7 +19,8 @@ use common::{exchange, get, metric};
 const LIMIT: u64 = 4096;
 
 /// Records every response chunk by the request's path; refuses a chunk holding `STOP`, masks
-/// `secret`, never answers on one holding `HANG` (counting those calls dropped).
+/// `secret`, never answers on one holding `HANG` nor on the headers of `/hang-headers`
+/// (counting those calls dropped).
 #[derive(Clone, Default)]
 struct Recorder {
     paths: Arc<Mutex<HashMap<String, String>>>,
@@ -53,6 +54,10 @@ impl AgentHandler for Recorder {
         match event {
             Event::RequestHeaders(h) => {
                 self.paths.lock().insert(h.correlation_id.to_string(), h.uri.path().to_owned());
+                if h.uri.path() == "/hang-headers" {
+                    let _counted = CountDrop(self.dropped.clone());
+                    std::future::pending::<()>().await;
+                }
             }
             Event::ResponseBody(chunk) => {
                 let path = self.paths.lock().get(chunk.correlation_id.as_str()).cloned().unwrap_or_default();
@@ -224,4 +229,27 @@ async fn a_client_that_goes_away_cancels_the_agent_s_pending_decision_on_a_chunk
         recorder.dropped.load(Ordering::SeqCst) == 1
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_while_an_agent_decides_on_its_headers_cancels_that_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::default();
+    let (_agent, gateway) = setup(dir.path(), &recorder).await;
+    let mut client = tokio::net::TcpStream::connect(&gateway.listen).await.unwrap();
+    client.write_all(&get("/hang-headers")).await.unwrap();
+    common::eventually("the agent has the headers", async || {
+        recorder.paths.lock().values().any(|p| p == "/hang-headers")
+    })
+    .await;
+    assert_eq!(recorder.dropped.load(Ordering::SeqCst), 0);
+    drop(client);
+    // Well before the pool's 60 s request time-out: the gateway drops its pending call, and the
+    // transport tells the agent, which aborts the handler.
+    common::eventually("the agent's pending decision is cancelled", async || {
+        recorder.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The gateway still serves afterwards.
+    assert_eq!(exchange(&gateway.listen, &get("/cl")).await.text(), "alpha beta gamma");
 }
