@@ -9,7 +9,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use pool_core::AgentPool;
 use serde_json::json;
 
-use crate::proxy::{Proxy, plain};
+use crate::proxy::Proxy;
+use crate::reply::plain;
 use crate::workloads::{HostState, Workloads};
 
 /// What the admin endpoints read.

@@ -16,7 +16,7 @@ use httpserver_pool::{BoxError, RequestBody, ResponseBody};
 use pool_api::{Action, BodyChunk, BodyMutation, Event};
 use pool_core::{AgentPool, FailureMode};
 
-use crate::proxy::{plain, respond};
+use crate::reply::{plain, respond};
 
 /// How a body's inspection ended.
 pub(crate) enum Inspection {
@@ -145,7 +145,7 @@ impl Inspector {
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "an agent this route needs is unavailable\n",
                             );
-                            crate::proxy::set_status_header(
+                            crate::reply::set_status_header(
                                 resp.headers_mut(),
                                 &[format!("{agent}: unavailable, failing closed")],
                             );

@@ -21,6 +21,7 @@ mod config;
 mod demo;
 mod inspect;
 mod proxy;
+mod reply;
 mod response_body;
 mod workloads;
 mod ws;

@@ -22,7 +22,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Empty};
-use httpserver_pool::{RequestBody, ResponseBody, full};
+use httpserver_pool::{RequestBody, ResponseBody};
+
+use crate::reply::{plain, respond, set_status_header};
 use hyper::body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -37,9 +39,6 @@ use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
 use crate::response_body::{self, ResponseInspector};
 use crate::ws::FrameWatch;
-
-/// The header that says what happened with a route's agents when one could not answer.
-pub(crate) const AGENT_STATUS: HeaderName = HeaderName::from_static("x-agentpool-agent-status");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -709,45 +708,6 @@ fn access_log(route: &str, method: &http::Method, path: &str, status: StatusCode
     tracing::info!(target: "access", route, %method, path, status = status.as_u16(), micros = start.elapsed().as_micros() as u64);
 }
 
-pub(crate) fn set_status_header(headers: &mut HeaderMap, notes: &[String]) {
-    if let Ok(value) = HeaderValue::from_str(&notes.join("; ")) {
-        headers.insert(AGENT_STATUS, value);
-    }
-}
-
-/// The response a decision that does not allow stands for: the agent's block (status, headers,
-/// body), a redirect, or a challenge (403 naming its kind); its response-header changes applied.
-pub(crate) fn respond(decision: Decision) -> Response<ResponseBody> {
-    let mut resp = match decision.action {
-        Action::Allow => plain(StatusCode::OK, ""),
-        Action::Block { status, headers, body } => {
-            let mut resp = Response::new(full(body));
-            *resp.status_mut() = status;
-            resp.headers_mut().extend(headers);
-            resp
-        }
-        Action::Redirect { location, status } => {
-            let mut resp = Response::new(full(Bytes::new()));
-            *resp.status_mut() = status;
-            if let Ok(value) = HeaderValue::from_str(&location) {
-                resp.headers_mut().insert(header::LOCATION, value);
-            }
-            resp
-        }
-        Action::Challenge { kind, .. } => {
-            let mut resp = plain(StatusCode::FORBIDDEN, "a challenge is required\n");
-            if let Ok(value) = HeaderValue::from_str(&kind) {
-                resp.headers_mut().insert(HeaderName::from_static("x-agentpool-challenge"), value);
-            }
-            resp
-        }
-    };
-    for op in &decision.response_headers {
-        op.apply(resp.headers_mut());
-    }
-    resp
-}
-
 /// What the idle layer answers with.
 type IdleAnswer = Pin<
     Box<
@@ -759,14 +719,6 @@ type IdleAnswer = Pin<
 /// Marks a response `serve` has already counted and logged.
 #[derive(Clone, Copy)]
 struct Served;
-
-/// A small text response.
-pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut resp = Response::new(full(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp
-}
 
 fn request_host(req: &Request<RequestBody>) -> Option<String> {
     let raw = req.uri().host().map(str::to_owned).or_else(|| {
