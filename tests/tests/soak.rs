@@ -736,6 +736,7 @@ async fn soak() {
         after.1 / 1024
     );
     let mut names: Vec<&str> = last_gauges.iter().filter_map(|(s, _)| s.split('{').next()).collect();
+    names.sort_unstable();
     names.dedup();
     println!(
         "gauges at rest ({} series: {}): {}",

@@ -213,3 +213,23 @@ fn modcycles(crate_dir: Option<&str>) -> Result<(), String> {
     println!("{report}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soak_durations_and_seeds_parse() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("m").is_err());
+        let args = |a: &[&str]| soak_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(args(&[]), Ok((60, None)));
+        assert_eq!(args(&["--time", "30m", "--seed", "7"]), Ok((1800, Some(7))));
+        assert!(args(&["--time"]).is_err());
+        assert!(args(&["--fast"]).is_err());
+    }
+}
