@@ -18,10 +18,17 @@
 //! * `sleeping_container_woken`: a Docker container upstream (real engine) that sleeps while
 //!   idle, woken by a request through the gateway and an agent. Without an engine it skips with
 //!   the reason, unless `CI` is `true` or `1`: then it fails.
+//! * `soak` (ignored by `cargo test`; `cargo xtask soak [--time DURATION] [--seed N]`, and a
+//!   60-second one in `cargo xtask ci`): the gateway under steady load with a UDS agent, a gRPC
+//!   agent and a container upstream while a seeded fault script kills, stops, slows and garbles
+//!   agents, pauses their flow control, reloads, stops the container and restarts the upstream;
+//!   the accounting (every request answered exactly once, failure modes per route, gauges,
+//!   descriptors and memory back to their level, time to detect and recover) is printed and
+//!   asserted.
 //!
 //! The processes are this package's binaries: `itest-gateway` (the gateway crate's
 //! [`gateway::main_from_args`], as the `gateway` binary runs it) and `itest-agent` (the example
-//! WAF handler of transport-uds over UDS or gRPC). The tests find them with
+//! WAF handler of transport-uds over UDS or gRPC, with the soak's fault modes). The tests find them with
 //! [`gateway_bin!`] and [`agent_bin!`]; this library holds what they share. The gateway logs
 //! errors only (to the test's stderr); `ITEST_GATEWAY_LOG=warn` (a `RUST_LOG` filter) shows more.
 

@@ -7,7 +7,9 @@
 //! on its socket or port (garbage), pauses its flow control (SIGUSR2), reloads the gateway's
 //! configuration, stops the container from outside (`docker stop`), restarts the upstream
 //! (stopped, then bound again on the same port). `SOAK_SECONDS` (default 60) bounds it,
-//! `SOAK_SEED` picks the schedule (default: from the clock, printed).
+//! `SOAK_SEED` picks the schedule (default: from the clock, printed), `SOAK_CLIENTS` sets the
+//! load's clients (default 12), `SOAK_FAULTS` (comma-separated parts of the faults' names, e.g.
+//! `slow,kill`) keeps only those faults.
 //!
 //! Every request carries an id (`x-soak-id`); the upstream echoes it and counts each id it
 //! sees. At the end the accounting is printed and asserted:
@@ -365,21 +367,24 @@ struct Soak {
 }
 
 impl Soak {
-    /// Probes `routes` every 20 ms until `done` holds for one round's answers, or `limit`.
+    /// Probes `routes` (one request each, at once) every 20 ms until `done` holds for one
+    /// round's answers; returns that round, or `None` after `limit`.
     async fn probe_until(
         &self,
         routes: &[usize],
         limit: Duration,
         mut done: impl FnMut(&[Record]) -> bool,
-    ) -> Option<Duration> {
+    ) -> Option<Vec<Record>> {
         let started = Instant::now();
         while started.elapsed() < limit {
-            let mut round = Vec::new();
+            let mut probes = tokio::task::JoinSet::new();
             for &route in routes {
-                round.push(self.ledger.send(&self.listen, route).await);
+                let (ledger, listen) = (self.ledger.clone(), self.listen.clone());
+                probes.spawn(async move { ledger.send(&listen, route).await });
             }
+            let round: Vec<Record> = probes.join_all().await;
             if done(&round) {
-                return Some(started.elapsed());
+                return Some(round);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -481,6 +486,7 @@ async fn soak() {
     // The load: `clients` tasks, each going round the routes (the container's route gets one
     // request in four rounds: busybox forks a process per connection).
     let ledger = Arc::new(Ledger::default());
+    let load_started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<JoinHandle<()>> = (0..clients)
         .map(|client| {
@@ -521,6 +527,10 @@ async fn soak() {
     if container.is_some() {
         faults.push(Fault::StopContainer);
     }
+    if let Ok(only) = std::env::var("SOAK_FAULTS") {
+        faults.retain(|f| only.split(',').any(|o| f.name().contains(o.trim())));
+        assert!(!faults.is_empty(), "SOAK_FAULTS={only:?} matches no fault");
+    }
     let mut windows: Vec<Window> = Vec::new();
     let mut extra_route = false;
     let mut unrecovered = Vec::new();
@@ -557,7 +567,11 @@ async fn soak() {
         let detected = if affected.is_empty() {
             None
         } else {
-            soak.probe_until(&affected, hold, |round| round.iter().any(|r| fault.shows(r))).await
+            // When the first answer showing it came.
+            soak.probe_until(&affected, hold, |round| round.iter().any(|r| fault.shows(r)))
+                .await
+                .and_then(|round| round.iter().filter(|r| fault.shows(r)).map(|r| r.at + r.took).min())
+                .map(|shown| shown.saturating_duration_since(start))
         };
         let held = start.elapsed();
         if held < hold {
@@ -585,7 +599,8 @@ async fn soak() {
                 })
             })
             .await
-            .map(|_| undone.elapsed());
+            .and_then(|round| round.iter().map(|r| r.at + r.took).max())
+            .map(|answered| answered.saturating_duration_since(undone));
         if recovered.is_none() {
             unrecovered.push(fault.name());
         }
@@ -692,6 +707,16 @@ async fn soak() {
         upstream_twice.len(),
         unknown_at_upstream
     );
+    // Answers per second, minute by minute (the first includes the warm-up): a steady load.
+    let mut per_minute: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in &records {
+        *per_minute.entry(r.at.saturating_duration_since(load_started).as_secs() / 60).or_default() += 1;
+    }
+    let span =
+        records.iter().map(|r| r.at.saturating_duration_since(load_started).as_secs()).max().unwrap_or(0) + 1;
+    let rates: Vec<String> =
+        per_minute.iter().map(|(m, n)| format!("{}", n / (span - m * 60).clamp(1, 60))).collect();
+    println!("answers per second, by minute: {}", rates.join(" "));
     println!("answers per route:");
     for (route, outcomes) in &per_route {
         let line: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
@@ -707,6 +732,28 @@ async fn soak() {
     let mut kinds: BTreeMap<String, Vec<&Window>> = BTreeMap::new();
     for w in &windows {
         kinds.entry(w.fault.name()).or_default().push(w);
+    }
+    // The answers on the routes each kind of fault disturbs, while it lasted: how they failed.
+    let mut in_windows: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in &records {
+        let finished = r.at + r.took;
+        if let Some(w) = windows
+            .iter()
+            .find(|w| r.at <= w.end && finished >= w.start && w.fault.routes().contains(&r.route))
+        {
+            let mode = if ROUTES[r.route].4 {
+                "site"
+            } else if ROUTES[r.route].3 {
+                "open"
+            } else {
+                "closed"
+            };
+            *in_windows
+                .entry(w.fault.name())
+                .or_default()
+                .entry(format!("{mode} {:?}", r.outcome))
+                .or_default() += 1;
+        }
     }
     for (name, ws) in &kinds {
         let mut detect: Vec<Duration> = ws.iter().filter_map(|w| w.detected).collect();
@@ -727,6 +774,10 @@ async fn soak() {
             fmt(&detect),
             fmt(&recover)
         );
+        if let Some(tally) = in_windows.get(name) {
+            let line: Vec<String> = tally.iter().map(|(o, n)| format!("{o} {n}")).collect();
+            println!("  {:24}      answers in its windows: {}", "", line.join(", "));
+        }
     }
     println!(
         "gateway fds {} -> {} (bound +{FD_SLACK}), rss {} -> {} MiB (bound +{RSS_SLACK_MIB})",
