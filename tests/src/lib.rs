@@ -18,10 +18,17 @@
 //! * `sleeping_container_woken`: a Docker container upstream (real engine) that sleeps while
 //!   idle, woken by a request through the gateway and an agent. Without an engine it skips with
 //!   the reason, unless `CI` is `true` or `1`: then it fails.
+//! * `soak` (ignored by `cargo test`; `cargo xtask soak [--time DURATION] [--seed N]`, and a
+//!   60-second one in `cargo xtask ci`): the gateway under steady load with a UDS agent, a gRPC
+//!   agent and a container upstream while a seeded fault script kills, stops, slows and garbles
+//!   agents, pauses their flow control, reloads, stops the container and restarts the upstream;
+//!   the accounting (every request answered exactly once, failure modes per route, gauges,
+//!   descriptors and memory back to their level, time to detect and recover) is printed and
+//!   asserted.
 //!
 //! The processes are this package's binaries: `itest-gateway` (the gateway crate's
 //! [`gateway::main_from_args`], as the `gateway` binary runs it) and `itest-agent` (the example
-//! WAF handler of transport-uds over UDS or gRPC). The tests find them with
+//! WAF handler of transport-uds over UDS or gRPC, with the soak's fault modes). The tests find them with
 //! [`gateway_bin!`] and [`agent_bin!`]; this library holds what they share. The gateway logs
 //! errors only (to the test's stderr); `ITEST_GATEWAY_LOG=warn` (a `RUST_LOG` filter) shows more.
 
@@ -105,6 +112,11 @@ impl Answer {
 /// Sends one request (`Connection: close`) and reads the whole answer; a failure to connect
 /// or send is an answer with status 0.
 pub async fn request(addr: &str, method: &str, target: &str) -> Answer {
+    request_with(addr, method, target, "").await
+}
+
+/// [`request`] with extra header lines (`name: value\r\n` each).
+pub async fn request_with(addr: &str, method: &str, target: &str, headers: &str) -> Answer {
     let failed =
         |why: String| Answer { status: 0, head: why, body: String::new(), status_lines: 0, complete: false };
     let mut stream = match TcpStream::connect(addr).await {
@@ -112,7 +124,7 @@ pub async fn request(addr: &str, method: &str, target: &str) -> Answer {
         Err(e) => return failed(format!("connect: {e}")),
     };
     let req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     if let Err(e) = stream.write_all(req.as_bytes()).await {
         return failed(format!("send: {e}"));
@@ -253,6 +265,11 @@ impl Gateway {
         answer.body
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway runs")
+    }
+
     /// SIGTERM, and the exit status (within [`PATIENCE`]).
     pub async fn stop(mut self) -> std::process::ExitStatus {
         terminate(&self.child);
@@ -319,6 +336,28 @@ impl Agent {
     /// Starts the agent again on the same socket or port, and waits until it listens.
     pub async fn restart(&mut self) {
         self.child = spawn_agent(&self.bin, &self.args).await;
+    }
+
+    /// SIGKILLs the agent and puts a process answering junk on its socket or port in its place
+    /// (`itest-agent garbage`); [`kill`](Self::kill) and [`restart`](Self::restart) bring the
+    /// agent back.
+    pub async fn replace_with_garbage(&mut self) {
+        self.kill().await;
+        let args = ["garbage".to_owned(), self.args[0].clone(), self.args[1].clone()];
+        self.child = spawn_agent(&self.bin, &args).await;
+    }
+
+    /// The process id (`None` once it has been waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a `kill` name: `STOP`, `CONT`, `USR1`…) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the agent runs");
+        let status =
+            std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
     }
 }
 

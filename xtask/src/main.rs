@@ -7,6 +7,11 @@
 //!   directory, so the normal build cache is untouched) and the stress tests in release mode
 //!   with more iterations.
 //! * `itest` — the cross-crate integration tests in `tests/`.
+//! * `soak [--time DURATION] [--seed N]` — the gateway process under steady load with agent
+//!   processes and a container upstream while a seeded fault script kills, stops, slows and
+//!   garbles agents, pauses flow control, reloads, stops the container and restarts the
+//!   upstream; prints and asserts the accounting (`tests/tests/soak.rs`). Default 60 s (what
+//!   `ci` runs); `--time 30m` is the long one.
 //! * `bench [args]` — the criterion benches (release build; not part of `ci`).
 //! * `bench-gateway [--rounds N] [--seconds S]` — the gateway against nginx as a reverse proxy
 //!   to the same upstream, with `wrk`, in paired rounds (needs Debian's `nginx` and `wrk`).
@@ -27,18 +32,19 @@ mod modcycles;
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        eprintln!("usage: cargo xtask <ci|race|itest|bench|bench-gateway|modcycles> [args]");
+        eprintln!("usage: cargo xtask <ci|race|itest|soak|bench|bench-gateway|modcycles> [args]");
         return ExitCode::FAILURE;
     };
     let result = match task.as_str() {
         "ci" => ci(),
         "race" => race(),
         "itest" => itest(),
+        "soak" => soak_args(&args[1..]).and_then(|(seconds, seed)| soak(seconds, seed, false)),
         "bench" => bench(&args[1..]),
         "modcycles" => modcycles(args.get(1).map(String::as_str)),
         "bench-gateway" => bench_gateway::run(&args[1..]),
         other => Err(format!(
-            "unknown task {other:?}; expected ci, race, itest, bench, bench-gateway or modcycles"
+            "unknown task {other:?}; expected ci, race, itest, soak, bench, bench-gateway or modcycles"
         )),
     };
     match result {
@@ -115,14 +121,29 @@ fn ci() -> Result<(), String> {
         "bench compile check",
         with_args(cargo(), &["check", "--workspace", "--benches", "--all-features"]),
     )?;
-    race_loom()
+    race_loom()?;
+    soak(60, None, true)
 }
 
 /// The loom models: small, so they stay in `ci` as well as `race`.
 fn race_loom() -> Result<(), String> {
     let mut c = with_args(
         cargo(),
-        &["test", "-p", "pool-core", "-p", "idlewatch", "--lib", "--release", "--", "loom_"],
+        &[
+            "test",
+            "-p",
+            "pool-core",
+            "-p",
+            "idlewatch",
+            "-p",
+            "pool-api",
+            "--features",
+            "pool-api/streams",
+            "--lib",
+            "--release",
+            "--",
+            "loom_",
+        ],
     );
     c.env("RUSTFLAGS", "--cfg agentpool_loom")
         .env("CARGO_TARGET_DIR", root().join("target").join("loom"))
@@ -141,6 +162,50 @@ fn itest() -> Result<(), String> {
     step("integration tests", with_args(cargo(), &["test", "-p", "agentpool-tests"]))
 }
 
+/// `--time DURATION` (`90s`, `10m`, `1h`, or seconds) and `--seed N`.
+fn soak_args(args: &[String]) -> Result<(u64, Option<u64>), String> {
+    let (mut seconds, mut seed) = (60, None);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--time" => seconds = parse_duration(value()?)?,
+            "--seed" => seed = Some(value()?.parse().map_err(|e| format!("--seed: {e}"))?),
+            other => return Err(format!("unknown argument {other:?}: --time DURATION, --seed N")),
+        }
+    }
+    Ok((seconds, seed))
+}
+
+/// Seconds in `90`, `90s`, `10m` or `1h`.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: not a duration (90s, 10m, 1h)"))?;
+    match unit {
+        "s" => Ok(n),
+        "m" => Ok(n * 60),
+        "h" => Ok(n * 3600),
+        _ => Err(format!("{text:?}: not a duration (90s, 10m, 1h)")),
+    }
+}
+
+/// The soak test (ignored by a plain `cargo test`). In `ci` it is built with the features of
+/// the test step before it, so nothing is compiled again.
+fn soak(seconds: u64, seed: Option<u64>, as_ci: bool) -> Result<(), String> {
+    let selection: &[&str] =
+        if as_ci { &["--workspace", "--all-features"] } else { &["-p", "agentpool-tests"] };
+    let mut c = with_args(cargo(), &["test"]);
+    c.args(selection).args(["--test", "soak", "--", "--ignored", "--nocapture", "--exact", "soak"]);
+    c.env("SOAK_SECONDS", seconds.to_string());
+    if let Some(seed) = seed {
+        c.env("SOAK_SEED", seed.to_string());
+    }
+    step(&format!("soak ({seconds} s)"), c)
+}
+
 fn bench(extra: &[String]) -> Result<(), String> {
     let mut c = with_args(cargo(), &["bench", "--workspace"]);
     if !extra.is_empty() {
@@ -154,4 +219,24 @@ fn modcycles(crate_dir: Option<&str>) -> Result<(), String> {
     let report = modcycles::run(&dir)?;
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soak_durations_and_seeds_parse() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("m").is_err());
+        let args = |a: &[&str]| soak_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(args(&[]), Ok((60, None)));
+        assert_eq!(args(&["--time", "30m", "--seed", "7"]), Ok((1800, Some(7))));
+        assert!(args(&["--time"]).is_err());
+        assert!(args(&["--fast"]).is_err());
+    }
 }

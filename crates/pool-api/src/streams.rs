@@ -209,3 +209,160 @@ mod tests {
         assert!(matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
     }
 }
+
+/// Loom models of the protocol the transports run around the table (`cargo xtask race`): the
+/// table and a `closed` flag under one lock, a request registered only while the connection is
+/// open, answers, cancels, abandons and the connection's end racing for the same waiters. Each
+/// waiter must be handed out exactly once and every request that was registered must get
+/// exactly one result: none stranded in a table nobody will look at again.
+#[cfg(all(test, agentpool_loom))]
+mod loom_streams {
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    use super::*;
+
+    type Answer = oneshot::Receiver<Result<Decision, TransportError>>;
+
+    /// The connection's shared state as the transports hold it.
+    #[derive(Default)]
+    struct Conn {
+        closed: bool,
+        table: PendingRequests,
+    }
+
+    fn closed() -> TransportError {
+        TransportError::Closed { connection: "c#1".into(), reason: "eof".into() }
+    }
+
+    /// Registers a request unless the connection is over (then it fails at once: `None`).
+    fn register(conn: &Mutex<Conn>, stream: u64, id: &str) -> Option<Answer> {
+        let mut c = conn.lock().unwrap();
+        if c.closed {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        c.table.insert(stream, id.into(), reply);
+        Some(answer)
+    }
+
+    /// The connection ends: everything waiting is taken out under the lock, failed after it.
+    /// Returns how many were.
+    fn close(conn: &Mutex<Conn>) -> usize {
+        let all = {
+            let mut c = conn.lock().unwrap();
+            c.closed = true;
+            c.table.take_all()
+        };
+        let n = all.len();
+        all.fail(&closed());
+        n
+    }
+
+    /// The answer a request got: exactly one, never none.
+    fn result(answer: &mut Answer) -> Result<Decision, TransportError> {
+        answer.try_recv().expect("every registered request gets exactly one result")
+    }
+
+    #[test]
+    fn loom_answers_cancels_and_the_end_of_the_connection_hand_each_waiter_out_once() {
+        loom::model(|| {
+            let conn = Arc::new(Mutex::new(Conn::default()));
+            let mut one = register(&conn, 1, "r").unwrap();
+            let mut two = register(&conn, 2, "r").unwrap();
+            let mut three = register(&conn, 3, "s").unwrap();
+            // The reader task: answers arrive for streams 1 and 3.
+            let reader = {
+                let conn = conn.clone();
+                thread::spawn(move || {
+                    let mut answered = 0;
+                    for stream in [1, 3] {
+                        let waiter = conn.lock().unwrap().table.take(stream);
+                        if let Some(waiter) = waiter {
+                            waiter.answer(Ok(Decision::allow()));
+                            answered += 1;
+                        }
+                    }
+                    answered
+                })
+            };
+            // The pool cancels correlation id "r" (streams 1 and 2).
+            let canceller = {
+                let conn = conn.clone();
+                thread::spawn(move || {
+                    let mut told = Vec::new();
+                    conn.lock().unwrap().table.cancel(&"r".into(), CancelReason::Timeout, |s, id| {
+                        assert_eq!(id.as_str(), "r");
+                        told.push(s);
+                    });
+                    told
+                })
+            };
+            let failed = close(&conn);
+            let answered = reader.join().unwrap();
+            let cancelled = canceller.join().unwrap();
+            assert!(cancelled.iter().all(|s| *s == 1 || *s == 2), "{cancelled:?}");
+            assert_eq!(answered + cancelled.len() + failed, 3, "each waiter handed out exactly once");
+            assert!(conn.lock().unwrap().table.is_empty());
+            let cancelled_error = Err(TransportError::Cancelled(CancelReason::Timeout));
+            let one = result(&mut one);
+            assert!(
+                one == Ok(Decision::allow()) || one == cancelled_error || one == Err(closed()),
+                "{one:?}"
+            );
+            let two = result(&mut two);
+            assert!(two == cancelled_error || two == Err(closed()), "{two:?}");
+            let three = result(&mut three);
+            assert!(three == Ok(Decision::allow()) || three == Err(closed()), "{three:?}");
+            assert_eq!(cancelled.contains(&1), one == cancelled_error);
+            assert_eq!(cancelled.contains(&2), two == cancelled_error);
+        });
+    }
+
+    #[test]
+    fn loom_a_request_registered_as_the_connection_ends_is_failed_not_stranded() {
+        loom::model(|| {
+            let conn = Arc::new(Mutex::new(Conn::default()));
+            let sender = {
+                let conn = conn.clone();
+                thread::spawn(move || register(&conn, 1, "r"))
+            };
+            let failed = close(&conn);
+            let registered = sender.join().unwrap();
+            assert!(conn.lock().unwrap().table.is_empty(), "nothing is left behind");
+            match registered {
+                Some(mut answer) => {
+                    assert_eq!(failed, 1);
+                    assert_eq!(result(&mut answer), Err(closed()));
+                }
+                None => assert_eq!(failed, 0, "refused after the end: nothing to fail"),
+            }
+        });
+    }
+
+    #[test]
+    fn loom_an_abandoned_request_and_its_late_answer_take_the_waiter_once() {
+        loom::model(|| {
+            let conn = Arc::new(Mutex::new(Conn::default()));
+            let answer = register(&conn, 7, "gone").unwrap();
+            // The request's future is dropped: it takes its waiter back to tell the agent.
+            let abandon = {
+                let conn = conn.clone();
+                thread::spawn(move || {
+                    drop(answer);
+                    let waiter = conn.lock().unwrap().table.take(7);
+                    waiter.map(Waiter::into_correlation_id)
+                })
+            };
+            // Meanwhile the answer arrives.
+            let waiter = conn.lock().unwrap().table.take(7);
+            let answered = waiter.map(|w| w.answer(Ok(Decision::allow()))).is_some();
+            let cancelled = abandon.join().unwrap();
+            assert_ne!(answered, cancelled.is_some(), "exactly one side takes the waiter");
+            if let Some(id) = cancelled {
+                assert_eq!(id.as_str(), "gone");
+            }
+            assert!(conn.lock().unwrap().table.is_empty());
+        });
+    }
+}
