@@ -26,9 +26,12 @@ pub use config::{config_docker_agent, config_gateway, config_httpserver, config_
 pub use gateway::{gateway_head, gateway_ws};
 pub use transport::{grpc_messages, uds_frames, wire_decode};
 
+/// A target's property: panics on an input that breaks it.
+pub type Property = fn(&[u8]);
+
 /// Every target: its name (the directory of its corpus, the binary `cargo xtask fuzz` builds)
 /// and its property.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Property)] = &[
     ("wire_decode", wire_decode),
     ("uds_frames", uds_frames),
     ("grpc_messages", grpc_messages),
@@ -43,6 +46,6 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The property of the target named `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Property> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
