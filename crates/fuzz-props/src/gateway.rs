@@ -114,19 +114,22 @@ pub fn gateway_head(data: &[u8]) {
 ///
 /// Checks: the buffer never grows past what the frame limit allows (a frame still arriving gets
 /// room for at most itself, and for no more than 64 KiB beyond the bytes already read; the
-/// buffer may double, as any buffer grows); a parsed frame takes exactly its bytes off the
+/// buffer's allocation may double, as any buffer grows); a parsed frame takes exactly its bytes off the
 /// buffer and encodes back to a frame that parses to itself.
 pub fn gateway_ws(data: &[u8]) {
     let [limit, piece, stream @ ..] = data else { return };
     let max = [1, 125, 126, 65_536, 1 << 20, u64::MAX >> 1][usize::from(limit % 6)];
     let piece = usize::from(*piece).max(1);
     let mut buf = BytesMut::new();
+    // Bytes taken off the buffer's front so far: its allocation still holds them.
+    let mut taken_total = 0;
     for chunk in stream.chunks(piece) {
         buf.extend_from_slice(chunk);
         loop {
             let (len_before, cap_before) = (buf.len(), buf.capacity());
             let parsed = gateway::fuzz::websocket_frame(&mut buf, max);
-            let bound = (2 * cap_before).max(len_before + 64 * 1024);
+            // At most double the whole allocation, plus 64 KiB beyond the bytes read.
+            let bound = 2 * (cap_before + taken_total) + len_before + 64 * 1024;
             assert!(buf.capacity() <= bound, "grew from {cap_before} to {} (limit {max})", buf.capacity());
             match parsed {
                 Ok(Some(frame)) => {
@@ -136,6 +139,7 @@ pub fn gateway_ws(data: &[u8]) {
                         0
                     };
                     let taken = len_before - buf.len();
+                    taken_total += taken;
                     assert!(taken >= header + frame.payload.len() + if frame.mask.is_some() { 4 } else { 0 });
                     assert!(frame.payload.len() as u64 <= max);
                     let encoded =

@@ -65,7 +65,7 @@ pub fn wire_decode(data: &[u8]) {
 /// Checks, at every call of the decoder: a frame announced over the limit is refused with the
 /// buffer untouched; the room reserved for a frame still arriving is never more than the frame
 /// (within the limit) or [`RESERVE_AHEAD`] beyond the bytes already read, whichever is less (the
-/// buffer may double, as any buffer grows, but never more); a frame decoded takes exactly its
+/// buffer's allocation may double, as any buffer grows, but never more); a frame decoded takes exactly its
 /// announced bytes off the buffer, and one over the limit is never decoded.
 pub fn uds_frames(data: &[u8]) {
     let [side, piece, stream @ ..] = data else { return };
@@ -76,8 +76,9 @@ pub fn uds_frames(data: &[u8]) {
     // Replays the stream's frames to know what each call should have seen.
     let mut at = 0;
     for step in &steps {
-        let announced =
-            stream.get(at..at + HEAD).map(|h| u32::from_be_bytes(h.try_into().expect("4 bytes")) as usize);
+        // The length at the buffer's front, once all of it has arrived.
+        let announced = (step.len_before >= HEAD)
+            .then(|| u32::from_be_bytes(stream[at..at + HEAD].try_into().expect("4 bytes")) as usize);
         match step.outcome {
             Outcome::TooLarge => {
                 assert!(
@@ -90,8 +91,10 @@ pub fn uds_frames(data: &[u8]) {
                 if let Some(size) = announced {
                     assert!(size <= limit, "{step:?}: waited for a frame of {size} over {limit}");
                 }
+                // A `BytesMut` grows its whole allocation, frames already taken off the front
+                // included (at most `at` bytes): at most double that, plus what was asked for.
                 let wanted = announced.map_or(0, |size| (HEAD + size).min(step.len_before + RESERVE_AHEAD));
-                let bound = (2 * step.cap_before).max(wanted).max(128 * 1024);
+                let bound = 2 * (step.cap_before + at) + wanted;
                 assert!(step.cap_after <= bound, "{step:?}: grew past {bound} (limit {limit})");
             }
             Outcome::Direct | Outcome::Prost | Outcome::Undecodable => {
