@@ -15,6 +15,10 @@
 //! * `bench [args]` — the criterion benches (release build; not part of `ci`).
 //! * `bench-gateway [--rounds N] [--seconds S]` — the gateway against nginx as a reverse proxy
 //!   to the same upstream, with `wrk`, in paired rounds (needs Debian's `nginx` and `wrk`).
+//! * `fuzz [target] [--time S] [-- libFuzzer options]` — builds the fuzz targets of `fuzz/`
+//!   with libFuzzer's instrumentation on the stable toolchain and runs one (or each) for `S`
+//!   seconds (default 60), printing executions and coverage (see `fuzz.rs`). Not part of `ci`,
+//!   which replays the committed corpora as ordinary tests (`crates/fuzz-props`).
 //! * `modcycles [crate-dir]` — fails on import cycles among a crate's top-level modules
 //!   (default `crates/pool-core`; a relative directory is taken from the workspace root).
 
@@ -27,12 +31,13 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod bench_gateway;
+mod fuzz;
 mod modcycles;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        eprintln!("usage: cargo xtask <ci|race|itest|soak|bench|bench-gateway|modcycles> [args]");
+        eprintln!("usage: cargo xtask <ci|race|itest|soak|bench|bench-gateway|fuzz|modcycles> [args]");
         return ExitCode::FAILURE;
     };
     let result = match task.as_str() {
@@ -43,8 +48,9 @@ fn main() -> ExitCode {
         "bench" => bench(&args[1..]),
         "modcycles" => modcycles(args.get(1).map(String::as_str)),
         "bench-gateway" => bench_gateway::run(&args[1..]),
+        "fuzz" => fuzz::run(&args[1..]),
         other => Err(format!(
-            "unknown task {other:?}; expected ci, race, itest, soak, bench, bench-gateway or modcycles"
+            "unknown task {other:?}; expected ci, race, itest, soak, bench, bench-gateway, fuzz or modcycles"
         )),
     };
     match result {

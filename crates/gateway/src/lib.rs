@@ -19,6 +19,8 @@
 mod admin;
 mod config;
 mod demo;
+#[doc(hidden)]
+pub mod fuzz;
 mod inspect;
 mod proxy;
 mod reply;

@@ -273,9 +273,7 @@ impl Proxy {
     fn route<'a>(routes: &'a [Arc<Route>], req: &Request<RequestBody>) -> Option<&'a Arc<Route>> {
         let host = request_host(req);
         let path = req.uri().path();
-        routes.iter().find(|r| {
-            r.host.as_deref().is_none_or(|h| host.as_deref() == Some(h)) && path_has_prefix(path, &r.prefix)
-        })
+        routes.iter().find(|r| route_matches(r.host.as_deref(), &r.prefix, host.as_deref(), path))
     }
 
     /// Serves one request: its route, through the route's workload (woken if asleep) when it
@@ -602,14 +600,7 @@ impl Proxy {
         let path_and_query =
             parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = &upgrade {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        if let Some(addr) = client {
-            append_forwarded_for(&mut parts.headers, addr);
-        }
+        upstream_headers(&mut parts.headers, upgrade.as_ref(), client);
         // A request without a body that could not reach a URL (refused, unanswered connection)
         // is tried once more on another: nothing of it was sent.
         let retryable = body.is_end_stream()
@@ -720,7 +711,19 @@ type IdleAnswer = Pin<
 #[derive(Clone, Copy)]
 struct Served;
 
-fn request_host(req: &Request<RequestBody>) -> Option<String> {
+/// Whether a route for `host` (lower case; any host when `None`) and path prefix `prefix`
+/// takes a request for `request_host` (as [`request_host`] gives it) and `path`.
+pub(crate) fn route_matches(
+    host: Option<&str>,
+    prefix: &str,
+    request_host: Option<&str>,
+    path: &str,
+) -> bool {
+    host.is_none_or(|h| request_host == Some(h)) && path_has_prefix(path, prefix)
+}
+
+/// The host a request is for, in lower case: its URI's, else its `Host` header's.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.uri().host().map(str::to_owned).or_else(|| {
         let value = req.headers().get(header::HOST)?.to_str().ok()?;
         Some(value.parse::<Authority>().ok()?.host().to_owned())
@@ -728,7 +731,7 @@ fn request_host(req: &Request<RequestBody>) -> Option<String> {
     Some(raw.to_ascii_lowercase())
 }
 
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
+pub(crate) fn path_has_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return true;
     }
@@ -767,7 +770,7 @@ fn splice(
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` with `Upgrade: …`), if any.
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -775,6 +778,24 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     if asks { headers.get(header::UPGRADE).cloned() } else { None }
+}
+
+/// The request's headers as they go upstream: the hop-by-hop ones dropped (an upgrade to
+/// `protocol` gets `Connection: upgrade` and its `Upgrade` back), the client's address appended
+/// to `X-Forwarded-For`.
+pub(crate) fn upstream_headers(
+    headers: &mut HeaderMap,
+    upgrade: Option<&HeaderValue>,
+    client: Option<SocketAddr>,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
+    if let Some(addr) = client {
+        append_forwarded_for(headers, addr);
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -80,13 +80,17 @@ pub(crate) enum FrameError {
 }
 
 impl FrameError {
-    fn code(&self) -> u16 {
+    pub(crate) fn code(&self) -> u16 {
         match self {
             Self::TooBig { .. } => TOO_BIG,
             Self::Protocol(_) => PROTOCOL_ERROR,
         }
     }
 }
+
+/// Room reserved for the rest of a frame that has not fully arrived, beyond the bytes already
+/// read: 64 KiB.
+const RESERVE_AHEAD: usize = 64 * 1024;
 
 /// Parses one frame off the front of `buf`: `None` until it is all there. A frame over `max`
 /// is refused as soon as its header is in, before its payload is read.
@@ -132,11 +136,13 @@ pub(crate) fn parse(buf: &mut BytesMut, max: u64) -> Result<Option<Frame>, Frame
     } else {
         None
     };
-    // `size <= max`, which fits in memory by configuration.
     let size =
         usize::try_from(size).map_err(|_| FrameError::Protocol("a frame too long for this machine"))?;
     if buf.len() < at + size {
-        buf.reserve(at + size - buf.len());
+        // Room for the rest as it arrives, at most `RESERVE_AHEAD` beyond what has: a peer
+        // announcing a frame within a large configured limit and sending little of it costs
+        // little (the limit is a `u64`: reserving it whole could exceed the address space).
+        buf.reserve((at + size - buf.len()).min(RESERVE_AHEAD));
         return Ok(None);
     }
     buf.advance(at);
@@ -485,6 +491,18 @@ mod tests {
         assert_eq!(parse(&mut fragmented_ping, 10).unwrap_err().code(), PROTOCOL_ERROR);
         let mut long_close = BytesMut::from(&encode(true, 0x8, &[0u8; 126], None)[..]);
         assert_eq!(parse(&mut long_close, 1000).unwrap_err().code(), PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn a_huge_frame_within_a_huge_limit_reserves_only_a_little_ahead() {
+        // Found by the `gateway_ws` fuzz target: a route may configure any `max_websocket_frame`,
+        // and the header of a 1 TiB frame under a limit above it once reserved the whole frame
+        // (an allocation failure, aborting the process).
+        let mut header = vec![0x82u8, 127];
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        let mut buf = BytesMut::from(&header[..]);
+        assert_eq!(parse(&mut buf, u64::MAX >> 1), Ok(None));
+        assert!(buf.capacity() <= header.len() + RESERVE_AHEAD + 64, "{}", buf.capacity());
     }
 
     #[test]

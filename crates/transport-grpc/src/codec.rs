@@ -157,12 +157,16 @@ impl Decoder for Reader<FromAgent> {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<FromAgent>, Status> {
         // The message's own bytes, split off tonic's buffer without a copy.
-        let frame = src.copy_to_bytes(src.remaining());
-        if let Some((stream_id, decision)) = wire::decode_decision(&frame) {
-            return Ok(Some(FromAgent::Decision { stream_id, decision }));
-        }
-        proto::AgentFrame::decode(frame).map(|f| Some(FromAgent::Frame(f))).map_err(decode_failed)
+        from_agent(src.copy_to_bytes(src.remaining())).map(Some)
     }
+}
+
+/// One message the proxy reads, from its bytes: the direct path, else prost.
+pub(crate) fn from_agent(frame: Bytes) -> Result<FromAgent, Status> {
+    if let Some((stream_id, decision)) = wire::decode_decision(&frame) {
+        return Ok(FromAgent::Decision { stream_id, decision });
+    }
+    proto::AgentFrame::decode(frame).map(FromAgent::Frame).map_err(decode_failed)
 }
 
 impl Decoder for Reader<FromProxy> {
@@ -170,12 +174,16 @@ impl Decoder for Reader<FromProxy> {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<FromProxy>, Status> {
-        let frame = src.copy_to_bytes(src.remaining());
-        if let Some((stream_id, event)) = wire::decode_request_headers(&frame) {
-            return Ok(Some(FromProxy::Event { stream_id, event }));
-        }
-        proto::ProxyFrame::decode(frame).map(|f| Some(FromProxy::Frame(f))).map_err(decode_failed)
+        from_proxy(src.copy_to_bytes(src.remaining())).map(Some)
     }
+}
+
+/// One message the agent reads, from its bytes: the direct path, else prost.
+pub(crate) fn from_proxy(frame: Bytes) -> Result<FromProxy, Status> {
+    if let Some((stream_id, event)) = wire::decode_request_headers(&frame) {
+        return Ok(FromProxy::Event { stream_id, event });
+    }
+    proto::ProxyFrame::decode(frame).map(FromProxy::Frame).map_err(decode_failed)
 }
 
 /// Encodes `decision` as the answer to request `stream_id`, or says how far over `limit` it is.

@@ -132,3 +132,43 @@ pub use server::{
 };
 pub use target::GrpcTarget;
 pub use tls::{GrpcClientTls, GrpcServerTls, GrpcTlsError};
+
+#[doc(hidden)]
+pub mod fuzz {
+    //! Entry points for the fuzz targets in `fuzz/` and the replay of their corpora
+    //! (`crates/fuzz-props`): what each side's codec makes of one gRPC message's bytes. Not an
+    //! API: hidden from the docs, and free to change with them.
+
+    use bytes::Bytes;
+    use pool_api::Decision;
+    use pool_api::proto::{AgentFrame, ProtoError, ProxyFrame};
+
+    use crate::codec::{self, FromAgent, FromProxy};
+
+    /// A message as the proxy side reads it: a decision taken straight into [`Decision`], any
+    /// other frame as prost decodes it, or the status the call would end with.
+    pub type ReadByProxy = Result<Result<(u64, Decision), AgentFrame>, String>;
+
+    /// A message as the agent side reads it: a request-headers event taken straight into the
+    /// vocabulary type, any other frame as prost decodes it, or the status the call would end
+    /// with.
+    pub type ReadByAgent = Result<Result<(u64, Result<pool_api::Event, ProtoError>), ProxyFrame>, String>;
+
+    /// What the proxy side's codec makes of one message's bytes.
+    pub fn read_by_proxy(message: Bytes) -> ReadByProxy {
+        match codec::from_agent(message) {
+            Ok(FromAgent::Decision { stream_id, decision }) => Ok(Ok((stream_id, decision))),
+            Ok(FromAgent::Frame(frame)) => Ok(Err(frame)),
+            Err(status) => Err(status.message().to_owned()),
+        }
+    }
+
+    /// What the agent side's codec makes of one message's bytes.
+    pub fn read_by_agent(message: Bytes) -> ReadByAgent {
+        match codec::from_proxy(message) {
+            Ok(FromProxy::Event { stream_id, event }) => Ok(Ok((stream_id, event))),
+            Ok(FromProxy::Frame(frame)) => Ok(Err(frame)),
+            Err(status) => Err(status.message().to_owned()),
+        }
+    }
+}

@@ -63,3 +63,103 @@ pub use reverse::{
 pub use server::{
     LimitStats, RequestRefused, ServeError, ServerHandle, SessionLimits, UdsServer, UdsServerConfig,
 };
+
+#[doc(hidden)]
+pub mod fuzz {
+    //! Entry points for the fuzz targets in `fuzz/` and the replay of their corpora
+    //! (`crates/fuzz-props`): the frame decoders of both sides driven over a byte stream that
+    //! arrives in pieces. Not an API: hidden from the docs, and free to change with them.
+
+    use bytes::BytesMut;
+    use pool_api::proto::{AgentFrame, ProxyFrame};
+    use tokio_util::codec::Decoder;
+
+    use crate::codec::{FrameCodec, FrameError, FromAgent, Inbound};
+
+    /// Bytes of a frame's length.
+    pub const HEAD: usize = 4;
+    /// Room reserved ahead for a frame that has not fully arrived (see the codec).
+    pub const RESERVE_AHEAD: usize = crate::codec::RESERVE_AHEAD;
+
+    /// What one call of the decoder returned.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Outcome {
+        /// No whole frame yet.
+        Pending,
+        /// A frame the fast path decoded.
+        Direct,
+        /// A frame prost decoded.
+        Prost,
+        /// A frame announced larger than the limit: the connection's end.
+        TooLarge,
+        /// A frame that is not a message of the schema: the connection's end.
+        Undecodable,
+    }
+
+    /// One call of the decoder: the read buffer before and after it, and what it returned.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Step {
+        /// Bytes buffered before the call.
+        pub len_before: usize,
+        /// The buffer's capacity before the call.
+        pub cap_before: usize,
+        /// Bytes buffered after the call.
+        pub len_after: usize,
+        /// The buffer's capacity after the call.
+        pub cap_after: usize,
+        /// What it returned.
+        pub outcome: Outcome,
+    }
+
+    /// Appends each of `pieces` in turn to a read buffer and decodes every frame it then holds,
+    /// as the agent side (`agent`) or the proxy side does with a frame limit of `limit`; stops at
+    /// the first error, as the connection would. Returns every call of the decoder.
+    pub fn decode_stream<'a>(
+        agent: bool,
+        limit: usize,
+        pieces: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Vec<Step> {
+        let mut by_agent: FrameCodec<Inbound, AgentFrame> = FrameCodec::new(limit);
+        let mut by_proxy: FrameCodec<FromAgent, ProxyFrame> = FrameCodec::new(limit);
+        let mut buf = BytesMut::new();
+        let mut steps = Vec::new();
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            loop {
+                let (len_before, cap_before) = (buf.len(), buf.capacity());
+                let outcome = if agent {
+                    match by_agent.decode(&mut buf) {
+                        Ok(None) => Ok(Outcome::Pending),
+                        Ok(Some(Inbound::Event { .. })) => Ok(Outcome::Direct),
+                        Ok(Some(Inbound::Frame(_))) => Ok(Outcome::Prost),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    match by_proxy.decode(&mut buf) {
+                        Ok(None) => Ok(Outcome::Pending),
+                        Ok(Some(FromAgent::Decision { .. })) => Ok(Outcome::Direct),
+                        Ok(Some(FromAgent::Frame(_))) => Ok(Outcome::Prost),
+                        Err(e) => Err(e),
+                    }
+                };
+                let outcome = outcome.unwrap_or_else(|e| match e {
+                    FrameError::TooLarge { .. } => Outcome::TooLarge,
+                    FrameError::Decode(_) | FrameError::Io(_) => Outcome::Undecodable,
+                });
+                steps.push(Step {
+                    len_before,
+                    cap_before,
+                    len_after: buf.len(),
+                    cap_after: buf.capacity(),
+                    outcome,
+                });
+                match outcome {
+                    Outcome::Pending => break,
+                    Outcome::Direct | Outcome::Prost => {}
+                    Outcome::TooLarge | Outcome::Undecodable => return steps,
+                }
+            }
+        }
+        steps
+    }
+}

@@ -142,16 +142,22 @@ fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<crate::Event, ProtoError
         let Field::Bytes(tag, _) = field(&mut buf)? else { return None };
         headers += usize::from(tag == request::HEADERS);
     }
-    let (mut id, mut method, mut uri, mut addr): (&[u8], &[u8], &[u8], &[u8]) = (&[], &[], &[], &[]);
+    let (mut id, mut method, mut uri, mut addr): (&str, &[u8], &[u8], &str) = ("", &[], &[], "");
     let mut map = HeaderMap::with_capacity(headers);
     let mut header_error = None;
     let mut metadata = crate::Metadata::new();
     let mut buf = fields;
     while let Some(Field::Bytes(tag, b)) = field(&mut buf) {
         match tag {
-            request::CORRELATION_ID => id = b,
-            request::METHOD => method = b,
-            request::URI => uri = b,
+            // prost refuses non-UTF-8 in a string field, in every occurrence of it (not only
+            // the last, which is the value): leave that to it.
+            request::CORRELATION_ID => id = utf8(b)?,
+            request::METHOD | request::URI => {
+                if !b.is_ascii() {
+                    utf8(b)?;
+                }
+                if tag == request::METHOD { method = b } else { uri = b }
+            }
             request::HEADERS => {
                 let (name, value) = pair(b)?;
                 if header_error.is_none() {
@@ -163,7 +169,7 @@ fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<crate::Event, ProtoError
                     }
                 }
             }
-            request::CLIENT_ADDR => addr = b,
+            request::CLIENT_ADDR => addr = utf8(b)?,
             request::METADATA => {
                 let (key, value) = pair(b)?;
                 metadata.insert(utf8(key)?.to_owned(), utf8(value)?.to_owned());
@@ -171,13 +177,6 @@ fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<crate::Event, ProtoError
             _ => return None,
         }
     }
-    // prost would refuse non-UTF-8 in these string fields: leave that to it.
-    let id = utf8(id)?;
-    if !method.is_ascii() || !uri.is_ascii() {
-        utf8(method)?;
-        utf8(uri)?;
-    }
-    let addr = utf8(addr)?;
     Some(convert(frame, id, method, uri, map, header_error, addr, metadata))
 }
 
@@ -284,15 +283,16 @@ fn block(frame: &Bytes, mut buf: &[u8]) -> Option<Action> {
 
 /// `Redirect { location, status }`.
 fn redirect(mut buf: &[u8]) -> Option<Action> {
-    let (mut location, mut code) = (&[][..], 0);
+    let (mut location, mut code) = ("", 0);
     while !buf.is_empty() {
         match field(&mut buf)? {
-            Field::Bytes(redirect::LOCATION, b) => location = b,
+            // Every occurrence UTF-8, as prost checks (the last is the value).
+            Field::Bytes(redirect::LOCATION, b) => location = utf8(b)?,
             Field::Varint(redirect::STATUS, v) => code = v,
             _ => return None,
         }
     }
-    Some(Action::Redirect { location: utf8(location)?.to_owned(), status: status(code)? })
+    Some(Action::Redirect { location: location.to_owned(), status: status(code)? })
 }
 
 /// `HeaderOp { kind, name, value }`.

@@ -21,7 +21,5 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-use frame::RESERVE_AHEAD;
-pub(crate) use frame::{DEFAULT_MAX_FRAME, FrameCodec, FrameError};
+pub(crate) use frame::{DEFAULT_MAX_FRAME, FrameCodec, FrameError, RESERVE_AHEAD};
 pub(crate) use inbound::{FromAgent, Inbound};

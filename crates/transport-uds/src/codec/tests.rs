@@ -252,6 +252,29 @@ proptest::proptest! {
 }
 
 #[test]
+fn a_string_field_repeated_with_bad_utf8_before_its_value_is_left_to_prost() {
+    // Found by the `wire_decode` fuzz target: prost refuses non-UTF-8 in any occurrence of a
+    // string field, the direct path once checked only the last (the value) and answered with an
+    // event where prost refuses the frame.
+    let frame = bytes::Bytes::from_static(
+        b"\x08\x07\x1a\x50\x0a\x4e\x0a\x03r-1\x12\x03GET\x1a\x08\xda\x00\x08\x01\x1a\x19\x0a\x17\x0a\x03r-2\x12\x04POST\
+          \x1a\x0ahytp://h/x\x0a\x03x-k\x12\x01v*\x0b09.0.0.1:802\x0c\x0a\x05route\x12\x03api",
+    );
+    assert!(reference(frame.clone()).is_none(), "prost refuses it");
+    assert_eq!(wire::decode_request_headers(&frame), None);
+    // The same for a redirect's location: `AgentFrame { stream_id: 1, decision { redirect {
+    // location: "\xff", location: "/ok", status: 302 } } }`.
+    let redirect = b"\x0a\x01\xff\x0a\x03/ok\x10\xae\x02";
+    let mut decision = vec![0x1a, redirect.len() as u8];
+    decision.extend_from_slice(redirect);
+    let mut frame = vec![0x08, 0x01, 0x22, decision.len() as u8];
+    frame.extend_from_slice(&decision);
+    let frame = bytes::Bytes::from(frame);
+    assert!(reference_decision(frame.clone()).is_none(), "prost refuses it");
+    assert!(wire::decode_decision(&frame).is_none());
+}
+
+#[test]
 fn mutated_canonical_frames_decode_alike_both_ways() {
     // Flip each byte of a real frame in turn: the direct path either declines or agrees.
     let mut h = pool_api::RequestHeaders::new("r-1", http::Method::GET, http::Uri::from_static("/a?b"));
