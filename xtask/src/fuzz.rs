@@ -9,9 +9,11 @@
 //! `--target` is given so the flags reach the targets' code but not build scripts or proc
 //! macros. The build goes to `fuzz/target`, apart from the workspace's.
 //!
-//! New inputs that reach new coverage are added to `fuzz/corpus/<target>/` (commit them after
-//! minimising with `-- -merge=1`, see the README); a crash is written to
-//! `fuzz/artifacts/<target>/` and fails the task.
+//! New inputs that reach new coverage are added to `fuzz/corpus/<target>/` (minimise the corpus
+//! before committing it, as the README shows); a crash is written to `fuzz/artifacts/<target>/`
+//! and fails the task. libFuzzer's whole output of a run is kept in
+//! `fuzz/artifacts/<target>/last-run.log`. Each run is capped at inputs of 4 KiB and 2 GiB of
+//! RSS.
 
 use std::path::Path;
 use std::process::Command;

@@ -91,8 +91,10 @@ fn lines(data: &[u8]) -> Vec<String> {
 ///   cleaned as the engine's router does, it gives the same version and segments, so the agent
 ///   and the engine cannot disagree about the endpoint;
 /// * an allowed request matches its rule on the engine's view, so it reaches the rule's endpoint
-///   and no other; with no custom rule, never an endpoint of [`LEFT_OUT`];
-/// * an accepted version is canonical and no older than [`acl::MIN_API_VERSION`];
+///   and no other; with no custom rule, never one of the endpoints listed in this module's `LEFT_OUT`
+///   (exec, create, build, attach, update, archive, swarm, secrets, plugins, auth…);
+/// * an accepted version is canonical and no older than
+///   [`docker_agent::acl::MIN_API_VERSION`];
 /// * `check_request` allows only what `check` allows, with the same rule, and never an upgrade
 ///   the rule does not allow or a declared body a rule for empty bodies refuses;
 /// * every rule that parses is shown as text that parses back to the same rule.

@@ -117,7 +117,7 @@ pub(super) fn request_headers(frame: &Bytes) -> Option<(u64, Result<crate::Event
     Some((stream_id, parse(frame, fields)?))
 }
 
-/// The fields of a `Header` or `KeyValue` pair (`name` or `key`, then `value`).
+/// The fields of a `Header` pair (`name`, then `value`; bytes, so unchecked here).
 #[inline(always)]
 fn pair(mut buf: &[u8]) -> Option<(&[u8], &[u8])> {
     const _: () = assert!(header::NAME == key_value::KEY && header::VALUE == key_value::VALUE);
@@ -130,6 +130,20 @@ fn pair(mut buf: &[u8]) -> Option<(&[u8], &[u8])> {
         }
     }
     Some((first, second))
+}
+
+/// The fields of a `KeyValue` pair, both strings: every occurrence of each UTF-8, as prost
+/// checks (the last is the value).
+fn string_pair(mut buf: &[u8]) -> Option<(&str, &str)> {
+    let (mut key, mut value) = ("", "");
+    while !buf.is_empty() {
+        match field(&mut buf)? {
+            Field::Bytes(key_value::KEY, v) => key = utf8(v)?,
+            Field::Bytes(key_value::VALUE, v) => value = utf8(v)?,
+            _ => return None,
+        }
+    }
+    Some((key, value))
 }
 
 /// Checks the fields (`None`: not canonical) and converts them as `TryFrom` does, in one
@@ -171,8 +185,8 @@ fn parse(frame: &Bytes, fields: &[u8]) -> Option<Result<crate::Event, ProtoError
             }
             request::CLIENT_ADDR => addr = utf8(b)?,
             request::METADATA => {
-                let (key, value) = pair(b)?;
-                metadata.insert(utf8(key)?.to_owned(), utf8(value)?.to_owned());
+                let (key, value) = string_pair(b)?;
+                metadata.insert(key.to_owned(), value.to_owned());
             }
             _ => return None,
         }
@@ -327,8 +341,8 @@ fn audit_of(mut buf: &[u8]) -> Option<Audit> {
             Field::Bytes(audit::REASON, b) => out.reason = Some(utf8(b)?.to_owned()),
             Field::Fixed32(audit::CONFIDENCE, b) => out.confidence = Some(f32::from_le_bytes(b)),
             Field::Bytes(audit::CUSTOM, b) => {
-                let (key, value) = pair(b)?;
-                out.custom.insert(utf8(key)?.to_owned(), utf8(value)?.to_owned());
+                let (key, value) = string_pair(b)?;
+                out.custom.insert(key.to_owned(), value.to_owned());
             }
             _ => return None,
         }

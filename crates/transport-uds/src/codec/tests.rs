@@ -262,6 +262,13 @@ fn a_string_field_repeated_with_bad_utf8_before_its_value_is_left_to_prost() {
     );
     assert!(reference(frame.clone()).is_none(), "prost refuses it");
     assert_eq!(wire::decode_request_headers(&frame), None);
+    // The same in a metadata pair: its key `c\xbbd"\x13`, then `api`.
+    let frame = bytes::Bytes::from_static(
+        b"\x08\x07\x1aP\nN\n\x121\x03-\x03rGET\x1a\x08/a/b?c=d\"\x13\n\x04host\x12\x0bexample.com\"\x08\n\x03x-p\
+          \x12\x01\r*\x0b10.00..1:802\x0c\n\x05c\xbbd\"\x13\n\x03api",
+    );
+    assert!(reference(frame.clone()).is_none(), "prost refuses it");
+    assert_eq!(wire::decode_request_headers(&frame), None);
     // The same for a redirect's location: `AgentFrame { stream_id: 1, decision { redirect {
     // location: "\xff", location: "/ok", status: 302 } } }`.
     let redirect = b"\x0a\x01\xff\x0a\x03/ok\x10\xae\x02";
