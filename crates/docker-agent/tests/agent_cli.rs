@@ -139,7 +139,15 @@ async fn the_docker_cli_works_through_the_agent_under_the_lifecycle_profile() {
     let out = run_docker(addr, dir, &["build", "-q", &context.path().display().to_string()]).await;
     assert!(!out.status.success(), "docker build went through: {}", text(&out.stdout));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("docker-agent:") || stderr.contains("403"), "{stderr}");
+    // The agent refuses before reading the build context: the CLI either reads the refusal or,
+    // still uploading, finds the connection closed under it.
+    assert!(
+        stderr.contains("docker-agent:")
+            || stderr.contains("403")
+            || stderr.contains("broken pipe")
+            || stderr.contains("connection reset"),
+        "{stderr}"
+    );
 
     // docker inspect works, with the environment values redacted.
     let out = run_docker(addr, dir, &["inspect", "--format", "{{json .Config.Env}}", container.name()]).await;
