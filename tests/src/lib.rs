@@ -150,6 +150,135 @@ pub async fn request_with(addr: &str, method: &str, target: &str, headers: &str)
     answer
 }
 
+/// A client connection kept alive across requests (HTTP/1.1, one request at a time): it
+/// connects when it has no connection, and drops the connection after an answer that says
+/// `connection: close`, an answer it cannot read, or bytes after an answer (a second answer
+/// to one request, which it reports as such).
+#[derive(Debug)]
+pub struct KeepAlive {
+    addr: String,
+    stream: Option<BufReader<TcpStream>>,
+    /// Connections made so far.
+    pub connections: u64,
+}
+
+impl KeepAlive {
+    /// A client of `addr`; it connects on the first request.
+    pub fn new(addr: &str) -> Self {
+        Self { addr: addr.to_owned(), stream: None, connections: 0 }
+    }
+
+    /// Drops the connection, if any: the next request opens a new one.
+    pub fn reset(&mut self) {
+        self.stream = None;
+    }
+
+    /// Sends one request (no body) with extra header lines (`name: value\r\n` each) and reads
+    /// its answer. A failure to connect, send or read is an answer with status 0; an answer
+    /// followed by stray bytes counts two status lines.
+    pub async fn request(&mut self, method: &str, target: &str, headers: &str) -> Answer {
+        let failed = |why: String| Answer {
+            status: 0,
+            head: why,
+            body: String::new(),
+            status_lines: 0,
+            complete: false,
+        };
+        if self.stream.is_none() {
+            match TcpStream::connect(&self.addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    self.connections += 1;
+                    self.stream = Some(BufReader::new(s));
+                }
+                Err(e) => return failed(format!("connect: {e}")),
+            }
+        }
+        let stream = self.stream.as_mut().expect("connected above");
+        let req = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\n{headers}Content-Length: 0\r\n\r\n",
+            self.addr
+        );
+        if let Err(e) = stream.get_mut().write_all(req.as_bytes()).await {
+            self.stream = None;
+            return failed(format!("send: {e}"));
+        }
+        match read_answer(stream).await {
+            Ok((mut answer, keep)) => {
+                if !stream.buffer().is_empty() {
+                    // More than one answer arrived for one request.
+                    answer.status_lines += 1;
+                    self.stream = None;
+                } else if !keep {
+                    self.stream = None;
+                }
+                answer
+            }
+            Err(e) => {
+                self.stream = None;
+                failed(format!("read: {e}"))
+            }
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 answer: the head, then a body of `content-length` bytes, a chunked body,
+/// or (with neither) everything up to the end of the stream. Returns the answer and whether
+/// the connection may carry another request.
+async fn read_answer(stream: &mut BufReader<TcpStream>) -> std::io::Result<(Answer, bool)> {
+    let mut head = String::new();
+    loop {
+        let before = head.len();
+        if stream.read_line(&mut head).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before the answer's head ended",
+            ));
+        }
+        if &head[before..] == "\r\n" {
+            break;
+        }
+    }
+    let head = head.trim_end().to_owned();
+    let status = head.strip_prefix("HTTP/1.1 ").and_then(|s| s.get(..3)?.parse().ok()).unwrap_or(0);
+    let mut answer = Answer {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: String::new(),
+        status_lines: 1,
+        complete: true,
+    };
+    let mut keep = answer.header("connection") != Some("close");
+    let mut body = Vec::new();
+    if let Some(length) = answer.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(length, 0);
+        if let Err(e) = stream.read_exact(&mut body).await {
+            answer.complete = false;
+            keep = false;
+            answer.head.push_str(&format!("\nbody: {e}"));
+        }
+    } else if answer.header("transfer-encoding") == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            stream.read_line(&mut size).await?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("chunk size {size:?}"))
+            })?;
+            let mut chunk = vec![0; n + 2];
+            stream.read_exact(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        stream.read_to_end(&mut body).await?;
+        keep = false;
+    }
+    answer.body = String::from_utf8_lossy(&body).into_owned();
+    Ok((answer, keep))
+}
+
 /// `GET target` on `addr`.
 pub async fn get(addr: &str, target: &str) -> Answer {
     request(addr, "GET", target).await

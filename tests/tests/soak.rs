@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentpool_tests::{
-    Agent, Answer, Gateway, PATIENCE, Transport, agent_bin, base_config, free_addr, gateway_bin, request_with,
+    Agent, Answer, Gateway, KeepAlive, PATIENCE, Transport, agent_bin, base_config, free_addr, gateway_bin,
 };
 use test_support::docker::{self, INDEX_HTML, TestContainer};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -133,13 +133,18 @@ struct Ledger {
 }
 
 impl Ledger {
-    /// Sends one request on `route` with a fresh id, records and returns its outcome.
-    async fn send(&self, listen: &str, route: usize) -> Record {
+    /// Sends one request on `route` with a fresh id over `client`'s connection, records and
+    /// returns its outcome.
+    async fn send(&self, client: &mut KeepAlive, route: usize) -> Record {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let at = Instant::now();
         let header = format!("x-soak-id: {id}\r\n");
         let answer =
-            tokio::time::timeout(CLIENT_TIMEOUT, request_with(listen, "GET", ROUTES[route].1, &header)).await;
+            tokio::time::timeout(CLIENT_TIMEOUT, client.request("GET", ROUTES[route].1, &header)).await;
+        if answer.is_err() {
+            // The connection may still carry the late answer: never reuse it.
+            client.reset();
+        }
         let record =
             Record { id, route, outcome: classify(route, id, answer.as_ref().ok()), at, took: at.elapsed() };
         self.records.lock().unwrap().push(record);
@@ -380,7 +385,7 @@ impl Soak {
             let mut probes = tokio::task::JoinSet::new();
             for &route in routes {
                 let (ledger, listen) = (self.ledger.clone(), self.listen.clone());
-                probes.spawn(async move { ledger.send(&listen, route).await });
+                probes.spawn(async move { ledger.send(&mut KeepAlive::new(&listen), route).await });
             }
             let round: Vec<Record> = probes.join_all().await;
             if done(&round) {
@@ -488,21 +493,23 @@ async fn soak() {
     let ledger = Arc::new(Ledger::default());
     let load_started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<JoinHandle<()>> = (0..clients)
+    let load: Vec<JoinHandle<u64>> = (0..clients)
         .map(|client| {
             let (ledger, stop, listen, routes) =
                 (ledger.clone(), stop.clone(), listen.clone(), routes.clone());
             tokio::spawn(async move {
                 let mut round = client;
+                let mut connection = KeepAlive::new(&listen);
                 while !stop.load(Ordering::Relaxed) {
                     for &route in &routes {
                         if ROUTES[route].4 && round % 4 != 0 {
                             continue;
                         }
-                        ledger.send(&listen, route).await;
+                        ledger.send(&mut connection, route).await;
                     }
                     round += 1;
                 }
+                connection.connections
             })
         })
         .collect();
@@ -609,8 +616,9 @@ async fn soak() {
     let soak_time = soak_started.elapsed();
     tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
     stop.store(true, Ordering::Relaxed);
+    let mut connections = 0;
     for task in load {
-        task.await.unwrap();
+        connections += task.await.unwrap();
     }
     let load_time = soak_started.elapsed() + Duration::from_secs(5);
 
@@ -701,6 +709,7 @@ async fn soak() {
         records.len() - lost,
         records.len() as f64 / load_time.as_secs_f64()
     );
+    println!("load: {clients} clients on keep-alive connections, {connections} connections made");
     println!(
         "upstream: {} ids seen, {} twice, {} unknown, {normal_not_seen} answers from it not seen there once",
         seen.len(),

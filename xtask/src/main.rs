@@ -7,11 +7,12 @@
 //!   directory, so the normal build cache is untouched) and the stress tests in release mode
 //!   with more iterations.
 //! * `itest` — the cross-crate integration tests in `tests/`.
-//! * `soak [--time DURATION] [--seed N]` — the gateway process under steady load with agent
-//!   processes and a container upstream while a seeded fault script kills, stops, slows and
-//!   garbles agents, pauses flow control, reloads, stops the container and restarts the
-//!   upstream; prints and asserts the accounting (`tests/tests/soak.rs`). Default 60 s (what
-//!   `ci` runs); `--time 30m` is the long one.
+//! * `soak [--time DURATION] [--seed N] [--debug]` — the gateway process under steady load
+//!   (keep-alive clients) with agent processes and a container upstream while a seeded fault
+//!   script kills, stops, slows and garbles agents, pauses flow control, reloads, stops the
+//!   container and restarts the upstream; prints and asserts the accounting
+//!   (`tests/tests/soak.rs`). Default 60 s; `--time 30m` is the long one. A release build
+//!   unless `--debug`; `ci` runs 60 s on its debug build.
 //! * `bench [args]` — the criterion benches (release build; not part of `ci`).
 //! * `bench-gateway [--rounds N] [--seconds S]` — the gateway against nginx as a reverse proxy
 //!   to the same upstream, with `wrk`, in paired rounds (needs Debian's `nginx` and `wrk`).
@@ -44,7 +45,8 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "race" => race(),
         "itest" => itest(),
-        "soak" => soak_args(&args[1..]).and_then(|(seconds, seed)| soak(seconds, seed, false)),
+        "soak" => soak_args(&args[1..])
+            .and_then(|a| soak(a.seconds, a.seed, if a.debug { Build::Debug } else { Build::Release })),
         "bench" => bench(&args[1..]),
         "modcycles" => modcycles(args.get(1).map(String::as_str)),
         "bench-gateway" => bench_gateway::run(&args[1..]),
@@ -128,7 +130,7 @@ fn ci() -> Result<(), String> {
         with_args(cargo(), &["check", "--workspace", "--benches", "--all-features"]),
     )?;
     race_loom()?;
-    soak(60, None, true)
+    soak(60, None, Build::Ci)
 }
 
 /// The loom models: small, so they stay in `ci` as well as `race`.
@@ -168,19 +170,28 @@ fn itest() -> Result<(), String> {
     step("integration tests", with_args(cargo(), &["test", "-p", "agentpool-tests"]))
 }
 
-/// `--time DURATION` (`90s`, `10m`, `1h`, or seconds) and `--seed N`.
-fn soak_args(args: &[String]) -> Result<(u64, Option<u64>), String> {
-    let (mut seconds, mut seed) = (60, None);
+/// The soak's arguments.
+#[derive(Debug, PartialEq)]
+struct SoakArgs {
+    seconds: u64,
+    seed: Option<u64>,
+    debug: bool,
+}
+
+/// `--time DURATION` (`90s`, `10m`, `1h`, or seconds), `--seed N` and `--debug`.
+fn soak_args(args: &[String]) -> Result<SoakArgs, String> {
+    let mut soak = SoakArgs { seconds: 60, seed: None, debug: false };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--time" => seconds = parse_duration(value()?)?,
-            "--seed" => seed = Some(value()?.parse().map_err(|e| format!("--seed: {e}"))?),
-            other => return Err(format!("unknown argument {other:?}: --time DURATION, --seed N")),
+            "--time" => soak.seconds = parse_duration(value()?)?,
+            "--seed" => soak.seed = Some(value()?.parse().map_err(|e| format!("--seed: {e}"))?),
+            "--debug" => soak.debug = true,
+            other => return Err(format!("unknown argument {other:?}: --time DURATION, --seed N, --debug")),
         }
     }
-    Ok((seconds, seed))
+    Ok(soak)
 }
 
 /// Seconds in `90`, `90s`, `10m` or `1h`.
@@ -198,18 +209,33 @@ fn parse_duration(text: &str) -> Result<u64, String> {
     }
 }
 
-/// The soak test (ignored by a plain `cargo test`). In `ci` it is built with the features of
-/// the test step before it, so nothing is compiled again.
-fn soak(seconds: u64, seed: Option<u64>, as_ci: bool) -> Result<(), String> {
-    let selection: &[&str] =
-        if as_ci { &["--workspace", "--all-features"] } else { &["-p", "agentpool-tests"] };
+/// How the soak is built.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Build {
+    /// In `ci`: with the workspace and features of the test step before it, so nothing is
+    /// compiled again (a debug build: a lighter load, the same accounting).
+    Ci,
+    /// `cargo xtask soak --debug`.
+    Debug,
+    /// `cargo xtask soak`: the gateway and agents as users run them, under a load of
+    /// thousands of requests per second.
+    Release,
+}
+
+/// The soak test (ignored by a plain `cargo test`).
+fn soak(seconds: u64, seed: Option<u64>, build: Build) -> Result<(), String> {
+    let selection: &[&str] = match build {
+        Build::Ci => &["--workspace", "--all-features"],
+        Build::Debug => &["-p", "agentpool-tests"],
+        Build::Release => &["-p", "agentpool-tests", "--release"],
+    };
     let mut c = with_args(cargo(), &["test"]);
     c.args(selection).args(["--test", "soak", "--", "--ignored", "--nocapture", "--exact", "soak"]);
     c.env("SOAK_SECONDS", seconds.to_string());
     if let Some(seed) = seed {
         c.env("SOAK_SEED", seed.to_string());
     }
-    step(&format!("soak ({seconds} s)"), c)
+    step(&format!("soak ({seconds} s, {build:?} build)"), c)
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {
@@ -240,8 +266,11 @@ mod tests {
         assert!(parse_duration("10x").is_err());
         assert!(parse_duration("m").is_err());
         let args = |a: &[&str]| soak_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert_eq!(args(&[]), Ok((60, None)));
-        assert_eq!(args(&["--time", "30m", "--seed", "7"]), Ok((1800, Some(7))));
+        assert_eq!(args(&[]), Ok(SoakArgs { seconds: 60, seed: None, debug: false }));
+        assert_eq!(
+            args(&["--time", "30m", "--seed", "7", "--debug"]),
+            Ok(SoakArgs { seconds: 1800, seed: Some(7), debug: true })
+        );
         assert!(args(&["--time"]).is_err());
         assert!(args(&["--fast"]).is_err());
     }
