@@ -25,6 +25,7 @@ mod inspect;
 mod proxy;
 mod reply;
 mod response_body;
+mod upstream;
 mod workloads;
 mod ws;
 

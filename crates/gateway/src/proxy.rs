@@ -18,7 +18,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Empty};
@@ -26,9 +26,7 @@ use httpserver_pool::{RequestBody, ResponseBody};
 
 use crate::reply::{plain, respond, set_status_header};
 use hyper::body::Body as _;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use idlewatch::{IdleLayer, IdleLayerOptions, IdleWatcher};
 use pool_api::{Action, Decision, Event, EventKind, HeaderOp, RequestHeaders, ResponseHeaders};
 use pool_core::{AgentPool, FailureMode};
@@ -38,6 +36,7 @@ use tower::{Layer as _, ServiceExt as _};
 use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
 use crate::response_body::{self, ResponseInspector};
+use crate::upstream::{IdleStack, UpstreamBody, UpstreamClient};
 use crate::ws::FrameWatch;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
@@ -117,6 +116,9 @@ pub(crate) struct Upstream {
 /// unanswered connections, time-outs) and, once they reach the limit, until when it is left out.
 struct Base {
     authority: Authority,
+    /// Its idle keep-alive connections (shared with every route to the same URL, and kept
+    /// across reloads).
+    stack: Arc<IdleStack>,
     failures: AtomicU32,
     /// Milliseconds since the upstream's epoch; 0: in rotation.
     down_until: AtomicU64,
@@ -164,9 +166,6 @@ impl Upstream {
     }
 }
 
-/// What the upstream client sends: the client's body, streamed, or nothing (a retry).
-type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, httpserver_pool::BoxError>;
-
 /// The proxy: routes, the agent pool, the upstream client. The routes are swapped whole on a
 /// reload; a request keeps the table it started with.
 pub(crate) struct Proxy {
@@ -174,7 +173,7 @@ pub(crate) struct Proxy {
     /// The idle-watched workloads, by the gateway's name for them.
     workloads: HashMap<String, IdleWatcher>,
     pool: AgentPool,
-    client: Client<HttpConnector, UpstreamBody>,
+    client: UpstreamClient,
     ids: AtomicU64,
 }
 
@@ -185,19 +184,18 @@ impl Proxy {
         pool: AgentPool,
         workloads: HashMap<String, IdleWatcher>,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
-        let routes = ArcSwap::from_pointee(build_routes(config, &workloads));
+        let client = UpstreamClient::new();
+        let routes = ArcSwap::from_pointee(build_routes(config, &workloads, &client));
         Proxy { routes, workloads, pool, client, ids: AtomicU64::new(1) }
     }
 
     /// Replaces the routes and upstreams with those of `config` (validated), atomically.
     pub(crate) fn set_routes(&self, config: &GatewayConfig) {
-        self.routes.store(Arc::new(build_routes(config, &self.workloads)));
+        let routes = build_routes(config, &self.workloads, &self.client);
+        let in_use: Vec<&Authority> =
+            routes.iter().flat_map(|r| r.upstream.bases.iter().map(|b| &b.authority)).collect();
+        self.client.retain(&in_use);
+        self.routes.store(Arc::new(routes));
     }
 
     /// The routes, in matching order.
@@ -212,7 +210,11 @@ impl Proxy {
 }
 
 /// Resolves a validated configuration's routes and upstreams.
-fn build_routes(config: &GatewayConfig, workloads: &HashMap<String, IdleWatcher>) -> Vec<Arc<Route>> {
+fn build_routes(
+    config: &GatewayConfig,
+    workloads: &HashMap<String, IdleWatcher>,
+    client: &UpstreamClient,
+) -> Vec<Arc<Route>> {
     {
         let upstreams: std::collections::HashMap<&str, Arc<Upstream>> = config
             .upstreams
@@ -223,6 +225,7 @@ fn build_routes(config: &GatewayConfig, workloads: &HashMap<String, IdleWatcher>
                     .iter()
                     .filter_map(|url| upstream_base(url).ok())
                     .map(|authority| Base {
+                        stack: client.stack(&authority),
                         authority,
                         failures: AtomicU32::new(0),
                         down_until: AtomicU64::new(0),
@@ -612,23 +615,21 @@ impl Proxy {
                 return (plain(StatusCode::BAD_GATEWAY, "the upstream failed\n"), false);
             };
             tried.push(i);
-            let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(upstream.bases[i].authority.clone())
-                .path_and_query(path_and_query.clone())
-                .build();
-            let Ok(uri) = uri else {
-                return (plain(StatusCode::BAD_REQUEST, "the request target cannot be forwarded\n"), false);
-            };
+            let base = &upstream.bases[i];
             let mut attempt =
                 Request::new(body.take().unwrap_or_else(|| Empty::new().map_err(Into::into).boxed()));
             *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = uri;
+            *attempt.uri_mut() = Uri::from(path_and_query.clone());
             *attempt.version_mut() = parts.version;
             // Only a request that may be retried keeps a copy of its headers.
             *attempt.headers_mut() =
                 if retryable { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-            match tokio::time::timeout(upstream.timeout, self.client.request(attempt)).await {
+            match tokio::time::timeout(
+                upstream.timeout,
+                self.client.send(&base.authority, &base.stack, attempt),
+            )
+            .await
+            {
                 Ok(Ok(mut resp)) => {
                     upstream.succeeded(i);
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS

@@ -1,0 +1,456 @@
+//! The gateway's HTTP/1.1 client to its upstreams: a stack of idle keep-alive connections per
+//! upstream URL (`host:port`), on hyper's connection API.
+//!
+//! Why not hyper-util's pooled client: it spawns a task for every request to watch the
+//! connection become reusable, takes a pool-wide lock twice per request and rebuilds the
+//! request's URI; on a proxy's hot path that is a wake-up and a task per request. Here a
+//! connection goes back on its URL's stack when the response body ends (the body wrapper
+//! does it, on the task that read the body), and the next request takes the most recently used
+//! one (warm in cache, and the others can time out).
+//!
+//! What it keeps of the old client's behaviour: `TCP_NODELAY`, upgrades (`101` responses hand
+//! the connection to [`hyper::upgrade::on`]), an idle connection closed after
+//! [`IDLE_TIMEOUT`] (checked when taken, and by a sweep every [`SWEEP_EVERY`]), a request that
+//! could not be written on a reused connection the upstream had just closed is sent once more
+//! on a new connection (nothing of it reached the upstream), and a `Host` header from the URL
+//! when the request has none (an HTTP/2 client's request).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// What the client sends: the client's body, streamed, or nothing.
+pub(crate) type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, httpserver_pool::BoxError>;
+
+/// An idle connection older than this is closed instead of reused.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections past [`IDLE_TIMEOUT`] are swept out.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Idle connections kept per upstream URL; one going idle beyond that is closed.
+pub(crate) const MAX_IDLE_PER_URL: usize = 1024;
+
+/// Why a request got no response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    /// No connection could be made: nothing was sent.
+    #[error("connect to {authority}: {source}")]
+    Connect {
+        /// The URL's `host:port`.
+        authority: Authority,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The connection was made but the HTTP exchange failed.
+    #[error("HTTP/1.1 to {authority}: {source}")]
+    Http {
+        /// The URL's `host:port`.
+        authority: Authority,
+        /// What went wrong.
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// True if nothing of the request reached the upstream (it may go to another URL).
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect { .. })
+    }
+}
+
+/// The idle connections of one upstream URL, most recently used last.
+#[derive(Default)]
+pub(crate) struct IdleStack {
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+impl IdleStack {
+    /// The most recently used idle connection that is still open and young enough.
+    fn take(&self) -> Option<SendRequest<UpstreamBody>> {
+        loop {
+            let idle = self.idle.lock().pop()?;
+            if !idle.sender.is_closed() && idle.since.elapsed() < IDLE_TIMEOUT {
+                return Some(idle.sender);
+            }
+        }
+    }
+
+    fn put(&self, sender: SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE_PER_URL {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// Drops closed and expired connections.
+    fn sweep(&self) {
+        let expired: Vec<Idle> = {
+            let mut idle = self.idle.lock();
+            let (keep, expired) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|i| !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT);
+            *idle = keep;
+            expired
+        };
+        // Closed outside the lock.
+        drop(expired);
+    }
+
+    /// Idle connections held now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle.lock().len()
+    }
+}
+
+/// The client: one [`IdleStack`] per upstream URL. Clones share the stacks.
+#[derive(Clone, Default)]
+pub(crate) struct UpstreamClient {
+    stacks: Arc<Mutex<HashMap<Authority, Arc<IdleStack>>>>,
+}
+
+impl UpstreamClient {
+    /// A client whose idle connections are swept on the current runtime while it lives.
+    pub(crate) fn new() -> Self {
+        let client = UpstreamClient::default();
+        let stacks = Arc::downgrade(&client.stacks);
+        tokio::spawn(sweep(stacks));
+        client
+    }
+
+    /// The idle stack of `authority` (made on first use): a route keeps it, so a request
+    /// looks nothing up.
+    pub(crate) fn stack(&self, authority: &Authority) -> Arc<IdleStack> {
+        self.stacks.lock().entry(authority.clone()).or_default().clone()
+    }
+
+    /// Forgets the stacks of URLs not in `keep` (after a reload); their idle connections close.
+    pub(crate) fn retain(&self, keep: &[&Authority]) {
+        let dropped: Vec<Arc<IdleStack>> = {
+            let mut stacks = self.stacks.lock();
+            let gone: Vec<Authority> = stacks.keys().filter(|a| !keep.contains(a)).cloned().collect();
+            gone.iter().filter_map(|a| stacks.remove(a)).collect()
+        };
+        drop(dropped);
+    }
+
+    /// Sends `req` (origin-form target, HTTP/1.1) to `authority` over an idle connection of
+    /// `stack` or a new one, and returns the response head; the connection goes back on the
+    /// stack when the response's body has been read to its end.
+    pub(crate) async fn send(
+        &self,
+        authority: &Authority,
+        stack: &Arc<IdleStack>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let http = |source| UpstreamError::Http { authority: authority.clone(), source };
+        let (mut sender, reused) = match stack.take() {
+            Some(sender) => (sender, true),
+            None => (connect(authority).await?, false),
+        };
+        let answer = match sender.ready().await {
+            Ok(()) => sender.try_send_request(req).await,
+            Err(e) if reused => {
+                // The idle connection broke while waiting to be taken: a new one.
+                tracing::debug!(upstream = %authority, error = %e, "idle upstream connection unusable");
+                sender = connect(authority).await?;
+                sender.ready().await.map_err(http)?;
+                sender.try_send_request(req).await
+            }
+            Err(e) => return Err(http(e)),
+        };
+        let resp = match answer {
+            Ok(resp) => resp,
+            Err(mut failed) => match failed.take_message() {
+                // Not written at all: the upstream closed the reused connection first.
+                Some(req) if reused => {
+                    sender = connect(authority).await?;
+                    sender.ready().await.map_err(http)?;
+                    sender.try_send_request(req).await.map_err(|e| http(e.into_error()))?
+                }
+                _ => return Err(http(failed.into_error())),
+            },
+        };
+        let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, stack.clone()));
+        let mut body = PooledBody { inner: None, back };
+        let resp = resp.map(|inner| {
+            if inner.is_end_stream() {
+                body.give_back();
+            }
+            body.inner = Some(inner);
+            body
+        });
+        Ok(resp)
+    }
+}
+
+/// Opens a connection to `authority` and starts its hyper connection task (with upgrades).
+async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    let failed = |source| UpstreamError::Connect { authority: authority.clone(), source };
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((authority.host().trim_start_matches('[').trim_end_matches(']'), port))
+        .await
+        .map_err(failed)?;
+    stream.set_nodelay(true).map_err(failed)?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Http { authority: authority.clone(), source })?;
+    let upstream = authority.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %upstream, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sweeps the client's stacks every [`SWEEP_EVERY`] until the client is gone.
+async fn sweep(stacks: Weak<Mutex<HashMap<Authority, Arc<IdleStack>>>>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(stacks) = stacks.upgrade() else { return };
+        let all: Vec<Arc<IdleStack>> = stacks.lock().values().cloned().collect();
+        drop(stacks);
+        for stack in all {
+            stack.sweep();
+        }
+    }
+}
+
+/// A response body from the upstream; at its end the connection goes back on its stack. A body
+/// dropped before its end closes the connection (hyper cannot reuse it).
+pub(crate) struct PooledBody {
+    inner: Option<Incoming>,
+    back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>)>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").field("returns_connection", &self.back.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some((sender, stack)) = self.back.take() {
+            stack.put(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
+        match &frame {
+            None => self.give_back(),
+            Some(Ok(_)) if self.inner.as_ref().is_some_and(Body::is_end_stream) => self.give_back(),
+            Some(Ok(_)) => {}
+            // The connection is broken: it does not go back.
+            Some(Err(_)) => self.back = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn empty() -> UpstreamBody {
+        Empty::new().map_err(Into::into).boxed()
+    }
+
+    fn get(path: &str) -> Request<UpstreamBody> {
+        Request::get(path).body(empty()).unwrap()
+    }
+
+    /// An upstream that answers `ok` to each request head, keeping connections open; counts
+    /// the connections it accepted.
+    async fn upstream() -> (Authority, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (authority, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_body_is_read() {
+        let (authority, accepted) = upstream().await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        for _ in 0..5 {
+            let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(stack.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_does_not_give_its_connection_back() {
+        let (authority, accepted) = upstream().await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+        drop(resp);
+        assert_eq!(stack.len(), 0);
+        let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_open_connections_and_all_come_back() {
+        let (authority, accepted) = upstream().await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            all.spawn(async move {
+                let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            });
+        }
+        all.join_all().await;
+        let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((1..=8).contains(&opened));
+        assert_eq!(stack.len(), opened);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
+        // An upstream that answers one request per connection and closes it without saying so.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                });
+            }
+        });
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        for _ in 0..20 {
+            let resp = client
+                .send(&authority, &stack, get("/"))
+                .await
+                .expect("a new connection when the idle one closed");
+            assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error_naming_the_url() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        drop(listener);
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        let e = client.send(&authority, &stack, get("/")).await.unwrap_err();
+        assert!(e.is_connect());
+        assert!(e.to_string().contains(authority.as_str()), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_host_gets_the_urls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let head = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+            // The connection stays open (returned with the head).
+            (String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase(), s)
+        });
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        let body = Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed();
+        let resp =
+            client.send(&authority, &stack, Request::post("/p?q=1").body(body).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 204);
+        // A body-less response gives the connection back at once.
+        assert_eq!(stack.len(), 1);
+        let (head, _open) = head.await.unwrap();
+        assert!(head.starts_with("post /p?q=1 http/1.1\r\n"), "{head}");
+        assert!(head.contains(&format!("host: {authority}\r\n")), "{head}");
+    }
+}
