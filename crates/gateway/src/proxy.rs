@@ -274,9 +274,17 @@ fn build_routes(
 
 impl Proxy {
     fn route<'a>(routes: &'a [Arc<Route>], req: &Request<RequestBody>) -> Option<&'a Arc<Route>> {
-        let host = request_host(req);
         let path = req.uri().path();
-        routes.iter().find(|r| route_matches(r.host.as_deref(), &r.prefix, host.as_deref(), path))
+        // The host is worked out (an allocation) only if a route asks for one.
+        let mut host: Option<Option<String>> = None;
+        routes.iter().find(|r| {
+            let wanted = r.host.as_deref();
+            let host = match wanted {
+                Some(_) => host.get_or_insert_with(|| request_host(req)).as_deref(),
+                None => None,
+            };
+            route_matches(wanted, &r.prefix, host, path)
+        })
     }
 
     /// Serves one request: its route, through the route's workload (woken if asleep) when it
@@ -324,7 +332,12 @@ impl Proxy {
         route: Arc<Route>,
         req: Request<RequestBody>,
     ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
-        Box::pin(self.serve_on(route, req))
+        Box::pin(async move {
+            let mut resp = self.serve_on(route, req).await;
+            // Tells `handle` this response is counted (only the idle layer's path needs it).
+            resp.extensions_mut().insert(Served);
+            resp
+        })
     }
 
     /// Serves one request on `route`: agents, upstream, response.
@@ -685,13 +698,12 @@ impl Proxy {
 /// Counts and logs a request whose response (headers) is ready.
 fn record(
     route: &Route,
-    mut resp: Response<ResponseBody>,
+    resp: Response<ResponseBody>,
     method: &http::Method,
     path: &str,
     start: Instant,
 ) -> Response<ResponseBody> {
     route.metrics.answered(resp.status(), start.elapsed());
-    resp.extensions_mut().insert(Served);
     access_log(&route.name, method, path, resp.status(), start);
     resp
 }
