@@ -50,6 +50,9 @@ use crate::config::{AgentConfig, GatewayConfig, ListenerConfig, RouteConfig, Ups
 use crate::demo::Demo;
 use crate::proxy::Proxy;
 
+/// How often the metrics recorder drains its histogram samples when nobody scrapes.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The reference reverse proxy of agentpool.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -143,6 +146,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     config.validate()?;
 
     let metrics = PrometheusBuilder::new().install_recorder()?;
+    // The recorder keeps every histogram sample until it is drained: by a scrape of `/metrics`,
+    // or by this upkeep. Without it a gateway nobody scrapes grows by every request's samples
+    // (the soak found ~10 MiB a minute at 4k req/s).
+    tokio::spawn({
+        let metrics = metrics.clone();
+        async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        }
+    });
     describe_metrics();
     let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
     for agent in &config.agents {
