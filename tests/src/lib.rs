@@ -258,18 +258,10 @@ async fn read_answer(stream: &mut BufReader<TcpStream>) -> std::io::Result<(Answ
             answer.head.push_str(&format!("\nbody: {e}"));
         }
     } else if answer.header("transfer-encoding") == Some("chunked") {
-        loop {
-            let mut size = String::new();
-            stream.read_line(&mut size).await?;
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("chunk size {size:?}"))
-            })?;
-            let mut chunk = vec![0; n + 2];
-            stream.read_exact(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..n]);
+        if let Err(e) = read_chunked(stream, &mut body).await {
+            answer.complete = false;
+            keep = false;
+            answer.head.push_str(&format!("\nbody: {e}"));
         }
     } else {
         stream.read_to_end(&mut body).await?;
@@ -277,6 +269,25 @@ async fn read_answer(stream: &mut BufReader<TcpStream>) -> std::io::Result<(Answ
     }
     answer.body = String::from_utf8_lossy(&body).into_owned();
     Ok((answer, keep))
+}
+
+/// Reads a chunked body (without trailers) into `body`.
+async fn read_chunked(stream: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> std::io::Result<()> {
+    loop {
+        let mut size = String::new();
+        if stream.read_line(&mut size).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("chunk size {size:?}"))
+        })?;
+        let mut chunk = vec![0; n + 2];
+        stream.read_exact(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// `GET target` on `addr`.

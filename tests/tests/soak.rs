@@ -15,8 +15,11 @@
 //! sees. At the end the accounting is printed and asserted:
 //!
 //! * every request sent is *answered* exactly once: one complete HTTP response with exactly one
-//!   status line, within the client's 30 s time-out. A connection error, a time-out, a response
-//!   cut short or two status lines are *lost*. A 503 of a fail-closed route or a 502 while the
+//!   status line, within the client's 30 s time-out. A connection error, a time-out, or two
+//!   status lines are *lost*. A response whose body is cut short (the connection closed after
+//!   the head) is allowed only where the upstream was stopped in the middle of that body: the
+//!   client can tell it is incomplete, which is all a proxy can do then. The clients keep their
+//!   connections alive across requests (a new one after an answer that closes it). A 503 of a fail-closed route or a 502 while the
 //!   upstream is down is an answer (the gateway answered); what matters is that it is allowed;
 //! * a 200 from the upstream carries the request's own id, and no id reaches the upstream twice;
 //! * each answer is allowed where it falls: outside fault windows only normal answers (through
@@ -91,6 +94,10 @@ enum Outcome {
     Mismatched,
     /// Any other status: never allowed.
     Other(u16),
+    /// A status line and headers, then the connection closed before the body's end: what a
+    /// proxy must do when its upstream dies in the middle of a body (the client can tell the
+    /// answer is incomplete). Allowed only where the upstream was stopped.
+    CutShort,
     /// No complete, single answer: lost.
     Lost,
 }
@@ -107,7 +114,10 @@ struct Record {
 
 fn classify(route: usize, id: u64, answer: Option<&Answer>) -> Outcome {
     let Some(a) = answer else { return Outcome::Lost };
-    if a.status == 0 || a.status_lines != 1 || !a.complete {
+    if a.status != 0 && a.status_lines == 1 && !a.complete {
+        return Outcome::CutShort;
+    }
+    if a.status == 0 || a.status_lines != 1 {
         return Outcome::Lost;
     }
     let agent_status = a.header("x-agentpool-agent-status");
@@ -130,6 +140,8 @@ fn classify(route: usize, id: u64, answer: Option<&Answer>) -> Outcome {
 struct Ledger {
     next_id: AtomicU64,
     records: Mutex<Vec<Record>>,
+    /// What the client saw of the first answers that were not normal ones: `(id, what)`.
+    odd: Mutex<Vec<(u64, String)>>,
 }
 
 impl Ledger {
@@ -147,6 +159,24 @@ impl Ledger {
         }
         let record =
             Record { id, route, outcome: classify(route, id, answer.as_ref().ok()), at, took: at.elapsed() };
+        if matches!(
+            record.outcome,
+            Outcome::Lost | Outcome::CutShort | Outcome::Mismatched | Outcome::Other(_)
+        ) {
+            let mut odd = self.odd.lock().unwrap();
+            if odd.len() < 20 {
+                let seen = match &answer {
+                    Ok(a) => format!(
+                        "status {} ({} status lines), {}",
+                        a.status,
+                        a.status_lines,
+                        a.head.replace('\n', " | ")
+                    ),
+                    Err(_) => format!("no answer within {CLIENT_TIMEOUT:?}"),
+                };
+                odd.push((id, seen));
+            }
+        }
         self.records.lock().unwrap().push(record);
         record
     }
@@ -294,7 +324,9 @@ impl Fault {
             Fault::Kill(_) | Fault::Silent(_) | Fault::Slow(_) | Fault::Garbage(_) | Fault::PauseFlow(_) => {
                 (open && outcome == Outcome::FailedOpen) || (!open && outcome == Outcome::FailedClosed)
             }
-            Fault::StopContainer | Fault::RestartUpstream => outcome == Outcome::UpstreamError,
+            Fault::StopContainer | Fault::RestartUpstream => {
+                matches!(outcome, Outcome::UpstreamError | Outcome::CutShort)
+            }
             Fault::Reload => false,
         }
     }
@@ -736,6 +768,13 @@ async fn soak() {
     );
     for v in &violations {
         println!("  {v}");
+    }
+    let odd = std::mem::take(&mut *ledger.odd.lock().unwrap());
+    if !odd.is_empty() {
+        println!("what the client saw of lost, cut-short or wrong answers (first {}):", odd.len());
+        for (id, seen) in &odd {
+            println!("  id {id}: {seen}");
+        }
     }
     println!("faults ({}), detect / recover (p50 / max):", windows.len());
     let mut kinds: BTreeMap<String, Vec<&Window>> = BTreeMap::new();
