@@ -197,7 +197,7 @@ impl UpstreamClient {
             },
         };
         let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, stack.clone()));
-        let mut body = PooledBody { inner: None, back };
+        let mut body = PooledBody { inner: None, back, failed: None };
         let resp = resp.map(|inner| {
             if inner.is_end_stream() {
                 body.give_back();
@@ -248,9 +248,19 @@ async fn sweep(stacks: Weak<Mutex<HashMap<Authority, Arc<IdleStack>>>>) {
 
 /// A response body from the upstream; at its end the connection goes back on its stack. A body
 /// dropped before its end closes the connection (hyper cannot reuse it).
+///
+/// An error of the upstream's body (it closed the connection mid-body) is held back for one
+/// poll: the body answers `Pending` once, having woken its task, and the error after. hyper's
+/// server writes a response's head together with the first piece of its body, and a body
+/// that fails on its first poll makes it close the client's connection with the head never
+/// written — the client sees the connection close with no answer at all. Given the one
+/// `Pending`, hyper flushes the head first, so the client gets the status and a body it can
+/// tell is cut short (as nginx gives).
 pub(crate) struct PooledBody {
     inner: Option<Incoming>,
     back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>)>,
+    /// The upstream's body error, held back for one poll.
+    failed: Option<hyper::Error>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -275,20 +285,30 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(e) = self.failed.take() {
+            self.inner = None;
+            return Poll::Ready(Some(Err(e)));
+        }
         let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
         let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
-        match &frame {
+        match frame {
             None => self.give_back(),
             Some(Ok(_)) if self.inner.as_ref().is_some_and(Body::is_end_stream) => self.give_back(),
             Some(Ok(_)) => {}
-            // The connection is broken: it does not go back.
-            Some(Err(_)) => self.back = None,
+            Some(Err(e)) => {
+                // The connection is broken: it does not go back; the error comes on the next
+                // poll (see the type's docs).
+                self.back = None;
+                self.failed = Some(e);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.failed.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -415,6 +435,46 @@ mod tests {
             assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_fails_after_one_pending_poll() {
+        // Announces 10 bytes, sends 2, closes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok").await;
+        });
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority);
+        let mut body = client.send(&authority, &stack, get("/")).await.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ok");
+        // The error is held back for one poll, with the task woken.
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let failed = loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Pending if body.failed.is_some() => break true,
+                Poll::Pending => tokio::task::yield_now().await,
+                Poll::Ready(other) => panic!("a cut-short body ended with {other:?} first"),
+            }
+        };
+        assert!(failed);
+        assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) >= 1, "woken to be polled again");
+        assert!(matches!(Pin::new(&mut body).poll_frame(&mut cx), Poll::Ready(Some(Err(_)))));
+        assert!(matches!(Pin::new(&mut body).poll_frame(&mut cx), Poll::Ready(None)));
+        assert_eq!(stack.len(), 0, "a broken connection does not go back");
     }
 
     #[tokio::test]

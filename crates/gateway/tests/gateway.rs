@@ -334,11 +334,22 @@ async fn raw(addr: &str, bytes: &[u8]) -> u16 {
     text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-/// An upstream that accepts and closes at once, and one that reads and never answers.
-async fn bad_upstreams() -> (SocketAddr, SocketAddr) {
+/// An upstream that accepts and closes at once, one that reads and never answers, and one that
+/// sends a response head and closes before the body it announced.
+async fn bad_upstreams() -> (SocketAddr, SocketAddr, SocketAddr) {
     let resets = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addrs = (resets.local_addr().unwrap(), silent.local_addr().unwrap());
+    let dies = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = (resets.local_addr().unwrap(), silent.local_addr().unwrap(), dies.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            if let Ok((mut stream, _)) = dies.accept().await {
+                let mut buf = vec![0; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n").await;
+            }
+        }
+    });
     tokio::spawn(async move {
         loop {
             if let Ok((stream, _)) = resets.accept().await {
@@ -359,7 +370,7 @@ async fn bad_upstreams() -> (SocketAddr, SocketAddr) {
 
 #[tokio::test]
 async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() {
-    let (resets, silent) = bad_upstreams().await;
+    let (resets, silent, dies) = bad_upstreams().await;
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let config = format!(
@@ -389,6 +400,15 @@ async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() 
         name = "silent"
         path_prefix = "/silent"
         upstream = "silent"
+
+        [[upstreams]]
+        name = "dies"
+        urls = ["http://{dies}"]
+
+        [[routes]]
+        name = "dies"
+        path_prefix = "/dies"
+        upstream = "dies"
         "#
     );
     let path = dir.path().join("gateway.toml");
@@ -409,6 +429,11 @@ async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() 
     assert_eq!(get(&listen, "/nothing-here").await.0, 404, "no route");
     assert_eq!(get(&listen, "/resets/x").await.0, 502, "an upstream that resets");
     assert_eq!(get(&listen, "/silent/x").await.0, 504, "an upstream that never answers");
+    for _ in 0..20 {
+        // The head reaches the client (a body it can tell is cut short), not a silent close.
+        let request = format!("GET /dies/x HTTP/1.1\r\nHost: {listen}\r\n\r\n");
+        assert_eq!(raw(&listen, request.as_bytes()).await, 200, "an upstream that dies mid-body");
+    }
 
     let (_, _, metrics) = get(&admin, "/metrics").await;
     for line in [
