@@ -298,7 +298,16 @@ impl Proxy {
             return resp;
         };
         drop(routes);
-        let Some(layer) = route.idle.clone() else { return self.serve_on(route, req).await };
+        let Some(layer) = route.idle.clone() else {
+            // A route without agents takes the short path; the agents' path, whose future is
+            // several kilobytes, is boxed so that this future (moved into a box by the server
+            // on every request) stays small.
+            return if route.agents.is_empty() {
+                self.serve_plain(route, req).await
+            } else {
+                Box::pin(self.serve_on(route, req)).await
+            };
+        };
         let (proxy, routed) = (self.clone(), route.clone());
         let inner = tower::service_fn(move |req: Request<RequestBody>| {
             let (proxy, route) = (proxy.clone(), routed.clone());
@@ -338,6 +347,21 @@ impl Proxy {
             resp.extensions_mut().insert(Served);
             resp
         })
+    }
+
+    /// Serves one request on `route`, which has no agents: upstream, response. (What
+    /// [`serve_on`](Self::serve_on) does on such a route, without its bookkeeping for agents.)
+    async fn serve_plain(
+        self: Arc<Self>,
+        route: Arc<Route>,
+        req: Request<RequestBody>,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let client_addr = req.extensions().get::<httpserver_pool::ClientAddr>().map(|c| c.0);
+        let (resp, _) =
+            self.forward(&route, req.map(|b| b.map_err(Into::into).boxed()), client_addr, None).await;
+        record(&route, resp, &method, uri.path(), start)
     }
 
     /// Serves one request on `route`: agents, upstream, response.
@@ -617,9 +641,11 @@ impl Proxy {
             parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.version = http::Version::HTTP_11;
         upstream_headers(&mut parts.headers, upgrade.as_ref(), client);
-        // A request without a body that could not reach a URL (refused, unanswered connection)
-        // is tried once more on another: nothing of it was sent.
-        let retryable = body.is_end_stream()
+        // A request without a body that could not reach a URL (its connection failed) is tried
+        // once more on another, when the upstream has another: nothing of it was sent. Only then
+        // are its headers copied for the second try.
+        let retryable = upstream.bases.len() > 1
+            && body.is_end_stream()
             && matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
         let mut body = Some(body);
         let mut tried = Vec::new();
@@ -812,6 +838,11 @@ pub(crate) fn upstream_headers(
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the few names there are tells, rather
+    // than a hashed removal of each of the eight.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -71,9 +71,10 @@ impl UpstreamError {
 }
 
 /// The idle connections of one upstream URL, most recently used last.
-#[derive(Default)]
 pub(crate) struct IdleStack {
     idle: Mutex<Vec<Idle>>,
+    /// The `Host` header for a request that has none: the URL's authority, made once.
+    host: Option<HeaderValue>,
 }
 
 struct Idle {
@@ -141,7 +142,16 @@ impl UpstreamClient {
     /// The idle stack of `authority` (made on first use): a route keeps it, so a request
     /// looks nothing up.
     pub(crate) fn stack(&self, authority: &Authority) -> Arc<IdleStack> {
-        self.stacks.lock().entry(authority.clone()).or_default().clone()
+        self.stacks
+            .lock()
+            .entry(authority.clone())
+            .or_insert_with(|| {
+                Arc::new(IdleStack {
+                    idle: Mutex::default(),
+                    host: HeaderValue::from_str(authority.as_str()).ok(),
+                })
+            })
+            .clone()
     }
 
     /// Forgets the stacks of URLs not in `keep` (after a reload); their idle connections close.
@@ -164,21 +174,23 @@ impl UpstreamClient {
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         if !req.headers().contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            && let Some(host) = &stack.host
         {
-            req.headers_mut().insert(header::HOST, host);
+            req.headers_mut().insert(header::HOST, host.clone());
         }
         let http = |source| UpstreamError::Http { authority: authority.clone(), source };
+        // `connect` (a name lookup, a TCP connect, a handshake) is boxed: it is rare next to
+        // reusing an idle connection, and inline it would make every request's future larger.
         let (mut sender, reused) = match stack.take() {
             Some(sender) => (sender, true),
-            None => (connect(authority).await?, false),
+            None => (Box::pin(connect(authority)).await?, false),
         };
         let answer = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
             Err(e) if reused => {
                 // The idle connection broke while waiting to be taken: a new one.
                 tracing::debug!(upstream = %authority, error = %e, "idle upstream connection unusable");
-                sender = connect(authority).await?;
+                sender = Box::pin(connect(authority)).await?;
                 sender.ready().await.map_err(http)?;
                 sender.try_send_request(req).await
             }
@@ -189,7 +201,7 @@ impl UpstreamClient {
             Err(mut failed) => match failed.take_message() {
                 // Not written at all: the upstream closed the reused connection first.
                 Some(req) if reused => {
-                    sender = connect(authority).await?;
+                    sender = Box::pin(connect(authority)).await?;
                     sender.ready().await.map_err(http)?;
                     sender.try_send_request(req).await.map_err(|e| http(e.into_error()))?
                 }

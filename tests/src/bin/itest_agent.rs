@@ -98,38 +98,38 @@ fn fault_signals(slow: Arc<AtomicBool>, flow: impl Fn(FlowControl) + 'static) ->
 /// Junk that is no frame of either protocol: a length prefix far over any limit, then noise.
 const GARBAGE: &[u8] = b"\xff\xff\xff\xf0GARBAGE\x00\x01\x02 not a frame \xde\xad\xbe\xef\r\n\r\n";
 
+/// Accepts connections for ever; each is sent [`GARBAGE`] and closed.
+async fn spew<S, F>(mut accept: impl FnMut() -> F)
+where
+    S: tokio::io::AsyncWrite + Unpin + 'static,
+    F: std::future::Future<Output = std::io::Result<S>>,
+{
+    loop {
+        if let Ok(mut stream) = accept().await {
+            tokio::task::spawn_local(async move {
+                let _ = stream.write_all(GARBAGE).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }
+}
+
 async fn garbage(transport: &str, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
     match transport {
         "uds" => {
             let _ = std::fs::remove_file(listen);
             let listener = tokio::net::UnixListener::bind(listen)?;
             ready(&format!("unix:{listen}"))?;
-            let serve = async {
-                loop {
-                    if let Ok((mut stream, _)) = listener.accept().await {
-                        tokio::task::spawn_local(async move {
-                            let _ = stream.write_all(GARBAGE).await;
-                            let _ = stream.shutdown().await;
-                        });
-                    }
-                }
-            };
+            let listener = &listener;
+            let serve = spew(|| async move { listener.accept().await.map(|(stream, _)| stream) });
             tokio::select! { () = serve => {}, () = stopped() => {} }
             let _ = std::fs::remove_file(listen);
         }
         "grpc" => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             ready(&format!("grpc://{listen}"))?;
-            let serve = async {
-                loop {
-                    if let Ok((mut stream, _)) = listener.accept().await {
-                        tokio::task::spawn_local(async move {
-                            let _ = stream.write_all(GARBAGE).await;
-                            let _ = stream.shutdown().await;
-                        });
-                    }
-                }
-            };
+            let listener = &listener;
+            let serve = spew(|| async move { listener.accept().await.map(|(stream, _)| stream) });
             tokio::select! { () = serve => {}, () = stopped() => {} }
         }
         other => return Err(format!("unknown transport {other:?}: uds or grpc").into()),
