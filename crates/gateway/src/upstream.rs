@@ -209,7 +209,7 @@ impl UpstreamClient {
             },
         };
         let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, stack.clone()));
-        let mut body = PooledBody { inner: None, back, failed: None };
+        let mut body = PooledBody { inner: None, back };
         let resp = resp.map(|inner| {
             if inner.is_end_stream() {
                 body.give_back();
@@ -259,20 +259,13 @@ async fn sweep(stacks: Weak<Mutex<HashMap<Authority, Arc<IdleStack>>>>) {
 }
 
 /// A response body from the upstream; at its end the connection goes back on its stack. A body
-/// dropped before its end closes the connection (hyper cannot reuse it).
-///
-/// An error of the upstream's body (it closed the connection mid-body) is held back for one
-/// poll: the body answers `Pending` once, having woken its task, and the error after. hyper's
-/// server writes a response's head together with the first piece of its body, and a body
-/// that fails on its first poll makes it close the client's connection with the head never
-/// written — the client sees the connection close with no answer at all. Given the one
-/// `Pending`, hyper flushes the head first, so the client gets the status and a body it can
-/// tell is cut short (as nginx gives).
+/// dropped before its end, or that fails (the upstream closed the connection mid-body), closes
+/// the connection (hyper cannot reuse it). The client still gets the response's head when the
+/// body fails at once: `httpserver-pool` holds a body's error back for one poll, so hyper
+/// flushes the head first.
 pub(crate) struct PooledBody {
     inner: Option<Incoming>,
     back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>)>,
-    /// The upstream's body error, held back for one poll.
-    failed: Option<hyper::Error>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -297,30 +290,23 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(e) = self.failed.take() {
-            self.inner = None;
-            return Poll::Ready(Some(Err(e)));
-        }
         let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
         let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
         match frame {
             None => self.give_back(),
             Some(Ok(_)) if self.inner.as_ref().is_some_and(Body::is_end_stream) => self.give_back(),
             Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                // The connection is broken: it does not go back; the error comes on the next
-                // poll (see the type's docs).
+            Some(Err(_)) => {
+                // The connection is broken: it does not go back, and the body ends here.
                 self.back = None;
-                self.failed = Some(e);
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
+                self.inner = None;
             }
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -450,7 +436,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_cut_short_fails_after_one_pending_poll() {
+    async fn a_body_cut_short_fails_and_its_connection_does_not_go_back() {
         // Announces 10 bytes, sends 2, closes.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
@@ -465,27 +451,9 @@ mod tests {
         let mut body = client.send(&authority, &stack, get("/")).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "ok");
-        // The error is held back for one poll, with the task woken.
-        struct Count(std::sync::atomic::AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
-        let waker = std::task::Waker::from(count.clone());
-        let mut cx = Context::from_waker(&waker);
-        let failed = loop {
-            match Pin::new(&mut body).poll_frame(&mut cx) {
-                Poll::Pending if body.failed.is_some() => break true,
-                Poll::Pending => tokio::task::yield_now().await,
-                Poll::Ready(other) => panic!("a cut-short body ended with {other:?} first"),
-            }
-        };
-        assert!(failed);
-        assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) >= 1, "woken to be polled again");
-        assert!(matches!(Pin::new(&mut body).poll_frame(&mut cx), Poll::Ready(Some(Err(_)))));
-        assert!(matches!(Pin::new(&mut body).poll_frame(&mut cx), Poll::Ready(None)));
+        assert!(body.frame().await.unwrap().is_err(), "the body is cut short");
+        assert!(body.frame().await.is_none(), "and ends there");
+        assert!(body.is_end_stream());
         assert_eq!(stack.len(), 0, "a broken connection does not go back");
     }
 

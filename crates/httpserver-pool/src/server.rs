@@ -831,15 +831,25 @@ impl Future for Answer {
         let this = self.get_mut();
         let response = std::task::ready!(Pin::new(&mut this.response).poll(cx));
         let in_flight = this.in_flight.take();
-        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _in_flight: in_flight })))
+        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _in_flight: in_flight, failed: None })))
     }
 }
 
 /// A response body that keeps its request in flight until it has been sent in full, or dropped:
 /// a connection streaming a long response is not idle.
+///
+/// An error of the handler's body is held back for one poll: the body answers `Pending` once,
+/// having woken its task, and the error after. hyper writes an HTTP/1 response's head together
+/// with the first piece of its body, and when the body fails before anything was flushed it
+/// closes the connection with the head never written: the client sees the connection close
+/// with no answer at all. Given the one `Pending`, hyper flushes what it holds first, so the
+/// client gets the status and a body it can tell is cut short (short of its length, or with no
+/// last chunk), as a proxy whose upstream dies mid-body should give.
 pub(crate) struct TrackedBody {
     body: ResponseBody,
     _in_flight: Option<RequestGuard>,
+    /// The body's error, held back for one poll.
+    failed: Option<BoxError>,
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -851,15 +861,25 @@ impl hyper::body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let frame = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            this._in_flight = None;
+        match frame {
+            Poll::Ready(None) => this._in_flight = None,
+            Poll::Ready(Some(Err(e))) => {
+                // Sent on the next poll (see the type's docs).
+                this.failed = Some(e);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            _ => {}
         }
         frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.failed.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -303,3 +303,34 @@ async fn a_certificate_that_does_not_match_its_key_is_a_tls_error() {
     let err = Server::new(cfg).unwrap_err().to_string();
     assert!(err.contains("do not match"), "{err}");
 }
+
+/// A body that fails before its first frame (an upstream that dies between its response head
+/// and its body): the client still gets the head, then a body it can tell is cut short, rather
+/// than a connection closed with no answer at all.
+#[tokio::test]
+async fn a_body_that_fails_at_once_still_sends_the_head() {
+    let handler = Handler::from_fn(|_req: Request<httpserver_pool::RequestBody>| async move {
+        let failing =
+            stream::iter([Err::<Frame<Bytes>, httpserver_pool::BoxError>("the upstream went away".into())]);
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-length", "10")
+            .body(StreamBody::new(failing).boxed())
+            .unwrap()
+    });
+    let server = Server::new(config("cut", handler)).unwrap();
+    server.start().await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    // The server closes the connection after the head (the body cannot be completed).
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut seen))
+        .await
+        .expect("the connection is closed")
+        .ok();
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 200 OK\r\n"), "the head was sent: {seen:?}");
+    assert!(seen.contains("content-length: 10\r\n"), "{seen:?}");
+    assert!(seen.ends_with("\r\n\r\n"), "no body byte follows the head: {seen:?}");
+    server.stop().await.unwrap();
+}
