@@ -150,6 +150,40 @@ pub(crate) struct UpstreamConfig {
     /// How long a failing URL is left out. Default 10 s.
     #[serde(default = "default_eject_for", with = "humantime_serde")]
     pub eject_for: Duration,
+    /// Connections open at once to each of its URLs. A request that finds none idle and the
+    /// cap reached waits for one to come back or close, within `timeout`. Default 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Idle keep-alive connections kept per URL; one going idle beyond that is closed.
+    /// Default 256.
+    #[serde(default = "default_max_idle")]
+    pub max_idle: usize,
+    /// An idle connection older than this is closed instead of reused. Default 90 s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl UpstreamConfig {
+    /// The connection limits of each of its URLs.
+    pub(crate) fn limits(&self) -> crate::upstream::ConnLimits {
+        crate::upstream::ConnLimits {
+            max_connections: self.max_connections,
+            max_idle: self.max_idle,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
+pub(crate) fn default_max_connections() -> usize {
+    1024
+}
+
+pub(crate) fn default_max_idle() -> usize {
+    256
+}
+
+pub(crate) fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
 }
 
 fn default_max_failures() -> u32 {
@@ -406,6 +440,18 @@ impl GatewayConfig {
             if u.max_failures == 0 {
                 p.push(format!("upstreams[{i}] ({}).max_failures: must be at least 1", u.name));
             }
+            if u.max_connections == 0 || u.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+                p.push(format!("upstreams[{i}] ({}).max_connections: must be at least 1", u.name));
+            }
+            if u.max_idle > u.max_connections {
+                p.push(format!(
+                    "upstreams[{i}] ({}).max_idle: {} is more than max_connections ({})",
+                    u.name, u.max_idle, u.max_connections
+                ));
+            }
+            if u.idle_timeout.is_zero() {
+                p.push(format!("upstreams[{i}] ({}).idle_timeout: must be greater than zero", u.name));
+            }
             if u.timeout.is_zero() {
                 p.push(format!("upstreams[{i}] ({}).timeout: must be greater than zero", u.name));
             }
@@ -626,6 +672,15 @@ mod tests {
             [[upstreams]]
             name = "app"
             urls = ["https://x", "http://y/path"]
+            max_connections = 4
+            max_idle = 8
+            idle_timeout = "0s"
+
+            [[upstreams]]
+            name = "none"
+            urls = ["http://z"]
+            max_connections = 0
+            max_idle = 0
 
             [[routes]]
             name = "r"
@@ -643,6 +698,9 @@ mod tests {
             "listeners[0].bind: \"8080\" is not host:port",
             "upstreams[0] (app).urls[0]: \"https://x\": only http:// upstreams are supported",
             "upstreams[0] (app).urls[1]: \"http://y/path\": a base URL has no path or query",
+            "upstreams[0] (app).max_idle: 8 is more than max_connections (4)",
+            "upstreams[0] (app).idle_timeout: must be greater than zero",
+            "upstreams[1] (none).max_connections: must be at least 1",
             "routes[0] (r).path_prefix: \"api\" must start with /",
             "routes[0] (r).upstream: no upstream named \"nope\"",
             "routes[0] (r).agents[0]: no agent named \"ghost\"",

@@ -479,6 +479,9 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             timeout: std::time::Duration::from_secs(30),
             max_failures: 3,
             eject_for: std::time::Duration::from_secs(10),
+            max_connections: config::default_max_connections(),
+            max_idle: config::default_max_idle(),
+            idle_timeout: config::default_idle_timeout(),
         }],
         agents: vec![
             AgentConfig {

@@ -36,7 +36,7 @@ use tower::{Layer as _, ServiceExt as _};
 use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
 use crate::response_body::{self, ResponseInspector};
-use crate::upstream::{IdleStack, UpstreamBody, UpstreamClient};
+use crate::upstream::{ConnLimits, IdleStack, UpstreamBody, UpstreamClient};
 use crate::ws::FrameWatch;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
@@ -192,8 +192,10 @@ impl Proxy {
     /// Replaces the routes and upstreams with those of `config` (validated), atomically.
     pub(crate) fn set_routes(&self, config: &GatewayConfig) {
         let routes = build_routes(config, &self.workloads, &self.client);
-        let in_use: Vec<&Authority> =
-            routes.iter().flat_map(|r| r.upstream.bases.iter().map(|b| &b.authority)).collect();
+        let in_use: Vec<(&Authority, ConnLimits)> = routes
+            .iter()
+            .flat_map(|r| r.upstream.bases.iter().map(|b| (&b.authority, b.stack.limits())))
+            .collect();
         self.client.retain(&in_use);
         self.routes.store(Arc::new(routes));
     }
@@ -220,12 +222,13 @@ fn build_routes(
             .upstreams
             .iter()
             .map(|u| {
+                let limits = u.limits();
                 let bases = u
                     .urls
                     .iter()
                     .filter_map(|url| upstream_base(url).ok())
                     .map(|authority| Base {
-                        stack: client.stack(&authority),
+                        stack: client.stack(&authority, limits),
                         authority,
                         failures: AtomicU32::new(0),
                         down_until: AtomicU64::new(0),

@@ -8,9 +8,13 @@
 //! does it, on the task that read the body), and the next request takes the most recently used
 //! one (warm in cache, and the others can time out).
 //!
+//! Each URL's stack has its [`ConnLimits`]: a cap on the connections open at once (a request
+//! that finds none idle and the cap reached waits for one to come back or to close), a cap on
+//! those kept idle, and an idle time-out.
+//!
 //! What it keeps of the old client's behaviour: `TCP_NODELAY`, upgrades (`101` responses hand
-//! the connection to [`hyper::upgrade::on`]), an idle connection closed after
-//! [`IDLE_TIMEOUT`] (checked when taken, and by a sweep every [`SWEEP_EVERY`]), a request that
+//! the connection to [`hyper::upgrade::on`]), an idle connection closed after its idle time-out
+//! (checked when taken, and by a sweep every [`SWEEP_EVERY`]), a request that
 //! could not be written on a reused connection the upstream had just closed is sent once more
 //! on a new connection (nothing of it reached the upstream), and a `Host` header from the URL
 //! when the request has none (an HTTP/2 client's request).
@@ -30,17 +34,25 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// What the client sends: the client's body, streamed, or nothing.
 pub(crate) type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, httpserver_pool::BoxError>;
 
-/// An idle connection older than this is closed instead of reused.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How often idle connections past [`IDLE_TIMEOUT`] are swept out.
-pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(30);
-/// Idle connections kept per upstream URL; one going idle beyond that is closed.
-pub(crate) const MAX_IDLE_PER_URL: usize = 1024;
+/// How often idle connections past their idle time-out are swept out.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The connection limits of one upstream URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ConnLimits {
+    /// Connections open at once (idle or busy).
+    pub max_connections: usize,
+    /// Idle connections kept; one going idle beyond that is closed.
+    pub max_idle: usize,
+    /// An idle connection older than this is closed instead of reused.
+    pub idle_timeout: Duration,
+}
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +87,11 @@ pub(crate) struct IdleStack {
     idle: Mutex<Vec<Idle>>,
     /// The `Host` header for a request that has none: the URL's authority, made once.
     host: Option<HeaderValue>,
+    limits: ConnLimits,
+    /// One permit per open connection, held by its connection task.
+    open: Arc<Semaphore>,
+    /// Signalled when a connection goes back on the stack (for a request waiting at the cap).
+    returned: Notify,
 }
 
 struct Idle {
@@ -83,11 +100,16 @@ struct Idle {
 }
 
 impl IdleStack {
+    /// The limits it keeps.
+    pub(crate) fn limits(&self) -> ConnLimits {
+        self.limits
+    }
+
     /// The most recently used idle connection that is still open and young enough.
     fn take(&self) -> Option<SendRequest<UpstreamBody>> {
         loop {
             let idle = self.idle.lock().pop()?;
-            if !idle.sender.is_closed() && idle.since.elapsed() < IDLE_TIMEOUT {
+            if !idle.sender.is_closed() && idle.since.elapsed() < self.limits.idle_timeout {
                 return Some(idle.sender);
             }
         }
@@ -98,8 +120,41 @@ impl IdleStack {
             return;
         }
         let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_PER_URL {
+        if idle.len() < self.limits.max_idle {
             idle.push(Idle { sender, since: Instant::now() });
+            drop(idle);
+            self.returned.notify_one();
+        }
+    }
+
+    /// A connection for one request: the most recently used idle one, a new one while under
+    /// the cap, or else the first to come back or to close (a closed one frees a place under
+    /// the cap). The flag says whether the connection was reused.
+    async fn checkout(
+        &self,
+        authority: &Authority,
+    ) -> Result<(SendRequest<UpstreamBody>, bool), UpstreamError> {
+        loop {
+            if let Some(sender) = self.take() {
+                return Ok((sender, true));
+            }
+            let permit = match self.open.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // `notify_one` keeps a wake-up for a waiter yet to come, so a connection
+                    // returned between `take` and here is not missed.
+                    tokio::select! {
+                        () = self.returned.notified() => continue,
+                        permit = self.open.clone().acquire_owned() => {
+                            permit.expect("the semaphore is never closed")
+                        }
+                    }
+                }
+            };
+            // `connect` (a name lookup, a TCP connect, a handshake) is boxed: it is rare next
+            // to reusing an idle connection, and inline it would make every request's future
+            // larger.
+            return Ok((Box::pin(connect(authority, permit)).await?, false));
         }
     }
 
@@ -109,7 +164,7 @@ impl IdleStack {
             let mut idle = self.idle.lock();
             let (keep, expired) = std::mem::take(&mut *idle)
                 .into_iter()
-                .partition(|i| !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT);
+                .partition(|i| !i.sender.is_closed() && i.since.elapsed() < self.limits.idle_timeout);
             *idle = keep;
             expired
         };
@@ -127,8 +182,11 @@ impl IdleStack {
 /// The client: one [`IdleStack`] per upstream URL. Clones share the stacks.
 #[derive(Clone, Default)]
 pub(crate) struct UpstreamClient {
-    stacks: Arc<Mutex<HashMap<Authority, Arc<IdleStack>>>>,
+    stacks: Arc<Stacks>,
 }
+
+/// The stacks of a client, by URL and limits.
+type Stacks = Mutex<HashMap<(Authority, ConnLimits), Arc<IdleStack>>>;
 
 impl UpstreamClient {
     /// A client whose idle connections are swept on the current runtime while it lives.
@@ -139,27 +197,35 @@ impl UpstreamClient {
         client
     }
 
-    /// The idle stack of `authority` (made on first use): a route keeps it, so a request
-    /// looks nothing up.
-    pub(crate) fn stack(&self, authority: &Authority) -> Arc<IdleStack> {
+    /// The idle stack of `authority` under `limits` (made on first use): a route keeps it, so
+    /// a request looks nothing up. Upstreams that share a URL with the same limits share its
+    /// stack; with other limits each has its own.
+    pub(crate) fn stack(&self, authority: &Authority, limits: ConnLimits) -> Arc<IdleStack> {
         self.stacks
             .lock()
-            .entry(authority.clone())
+            .entry((authority.clone(), limits))
             .or_insert_with(|| {
                 Arc::new(IdleStack {
                     idle: Mutex::default(),
                     host: HeaderValue::from_str(authority.as_str()).ok(),
+                    limits,
+                    open: Arc::new(Semaphore::new(limits.max_connections)),
+                    returned: Notify::new(),
                 })
             })
             .clone()
     }
 
-    /// Forgets the stacks of URLs not in `keep` (after a reload); their idle connections close.
-    pub(crate) fn retain(&self, keep: &[&Authority]) {
+    /// Forgets the stacks not in `keep` (after a reload); their idle connections close.
+    pub(crate) fn retain(&self, keep: &[(&Authority, ConnLimits)]) {
         let dropped: Vec<Arc<IdleStack>> = {
             let mut stacks = self.stacks.lock();
-            let gone: Vec<Authority> = stacks.keys().filter(|a| !keep.contains(a)).cloned().collect();
-            gone.iter().filter_map(|a| stacks.remove(a)).collect()
+            let gone: Vec<(Authority, ConnLimits)> = stacks
+                .keys()
+                .filter(|(a, l)| !keep.iter().any(|(k, kl)| *k == a && kl == l))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|key| stacks.remove(key)).collect()
         };
         drop(dropped);
     }
@@ -179,18 +245,13 @@ impl UpstreamClient {
             req.headers_mut().insert(header::HOST, host.clone());
         }
         let http = |source| UpstreamError::Http { authority: authority.clone(), source };
-        // `connect` (a name lookup, a TCP connect, a handshake) is boxed: it is rare next to
-        // reusing an idle connection, and inline it would make every request's future larger.
-        let (mut sender, reused) = match stack.take() {
-            Some(sender) => (sender, true),
-            None => (Box::pin(connect(authority)).await?, false),
-        };
+        let (mut sender, reused) = stack.checkout(authority).await?;
         let answer = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
             Err(e) if reused => {
                 // The idle connection broke while waiting to be taken: a new one.
                 tracing::debug!(upstream = %authority, error = %e, "idle upstream connection unusable");
-                sender = Box::pin(connect(authority)).await?;
+                sender = Box::pin(reconnect(authority, stack)).await?;
                 sender.ready().await.map_err(http)?;
                 sender.try_send_request(req).await
             }
@@ -201,7 +262,7 @@ impl UpstreamClient {
             Err(mut failed) => match failed.take_message() {
                 // Not written at all: the upstream closed the reused connection first.
                 Some(req) if reused => {
-                    sender = Box::pin(connect(authority)).await?;
+                    sender = Box::pin(reconnect(authority, stack)).await?;
                     sender.ready().await.map_err(http)?;
                     sender.try_send_request(req).await.map_err(|e| http(e.into_error()))?
                 }
@@ -221,8 +282,22 @@ impl UpstreamClient {
     }
 }
 
-/// Opens a connection to `authority` and starts its hyper connection task (with upgrades).
-async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+/// A new connection in place of a reused one that turned out broken (its task ends, freeing
+/// its place under the cap).
+async fn reconnect(
+    authority: &Authority,
+    stack: &IdleStack,
+) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    let permit = stack.open.clone().acquire_owned().await.expect("the semaphore is never closed");
+    connect(authority, permit).await
+}
+
+/// Opens a connection to `authority` and starts its hyper connection task (with upgrades),
+/// which holds `permit` (its place under the URL's cap) until the connection ends.
+async fn connect(
+    authority: &Authority,
+    permit: OwnedSemaphorePermit,
+) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
     let failed = |source| UpstreamError::Connect { authority: authority.clone(), source };
     let port = authority.port_u16().unwrap_or(80);
     let stream = TcpStream::connect((authority.host().trim_start_matches('[').trim_end_matches(']'), port))
@@ -235,6 +310,7 @@ async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, Ups
         .map_err(|source| UpstreamError::Http { authority: authority.clone(), source })?;
     let upstream = authority.clone();
     tokio::spawn(async move {
+        let _place = permit;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(upstream = %upstream, error = %e, "upstream connection ended");
         }
@@ -243,7 +319,7 @@ async fn connect(authority: &Authority) -> Result<SendRequest<UpstreamBody>, Ups
 }
 
 /// Sweeps the client's stacks every [`SWEEP_EVERY`] until the client is gone.
-async fn sweep(stacks: Weak<Mutex<HashMap<Authority, Arc<IdleStack>>>>) {
+async fn sweep(stacks: Weak<Stacks>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
@@ -321,6 +397,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    const LIMITS: ConnLimits =
+        ConnLimits { max_connections: 1024, max_idle: 256, idle_timeout: Duration::from_secs(90) };
+
     fn empty() -> UpstreamBody {
         Empty::new().map_err(Into::into).boxed()
     }
@@ -366,7 +445,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_body_is_read() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         for _ in 0..5 {
             let resp = client.send(&authority, &stack, get("/")).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -377,10 +456,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_over_the_cap_wait_for_a_connection_and_all_are_answered() {
+        let (authority, accepted) = upstream().await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, ConnLimits { max_connections: 2, max_idle: 2, ..LIMITS });
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            all.spawn(async move {
+                let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+                // Holds its connection a moment, so that the others find the cap reached.
+                tokio::task::yield_now().await;
+                resp.into_body().collect().await.unwrap().to_bytes()
+            });
+        }
+        while let Some(body) = all.join_next().await {
+            assert_eq!(&body.unwrap()[..], b"ok");
+        }
+        assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2, "never more than the cap open");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_closes_frees_its_place_under_the_cap() {
+        let (authority, accepted) = upstream().await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
+        let first = client.send(&authority, &stack, get("/")).await.unwrap();
+        let waiting = tokio::spawn({
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            async move { client.send(&authority, &stack, get("/")).await.unwrap().into_body().collect().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the second request waits at the cap");
+        // Dropped unread: its connection closes, and the waiting request opens another.
+        drop(first);
+        assert_eq!(&waiting.await.unwrap().unwrap().to_bytes()[..], b"ok");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn a_body_dropped_early_does_not_give_its_connection_back() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         let resp = client.send(&authority, &stack, get("/")).await.unwrap();
         drop(resp);
         assert_eq!(stack.len(), 0);
@@ -393,7 +511,7 @@ mod tests {
     async fn concurrent_requests_open_connections_and_all_come_back() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         let mut all = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -424,7 +542,7 @@ mod tests {
             }
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         for _ in 0..20 {
             let resp = client
                 .send(&authority, &stack, get("/"))
@@ -447,7 +565,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok").await;
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         let mut body = client.send(&authority, &stack, get("/")).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "ok");
@@ -463,7 +581,7 @@ mod tests {
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         drop(listener);
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         let e = client.send(&authority, &stack, get("/")).await.unwrap_err();
         assert!(e.is_connect());
         assert!(e.to_string().contains(authority.as_str()), "{e}");
@@ -482,7 +600,7 @@ mod tests {
             (String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase(), s)
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority);
+        let stack = client.stack(&authority, LIMITS);
         let body = Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed();
         let resp =
             client.send(&authority, &stack, Request::post("/p?q=1").body(body).unwrap()).await.unwrap();

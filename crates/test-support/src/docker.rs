@@ -294,6 +294,29 @@ pub struct TestContainerBuilder {
     publish: Option<u16>,
 }
 
+/// A free loopback port to [`publish`](TestContainerBuilder::publish) on, chosen below the
+/// kernel's ephemeral range. A port the kernel handed out for `127.0.0.1:0` can be taken again
+/// as the local port of any outgoing connection (of this or of a parallel test) before Docker
+/// binds it when the container starts; one below that range is only ever taken by a bind that
+/// names it.
+pub fn publishable_port() -> u16 {
+    use std::hash::BuildHasher;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    for attempt in 0u64..1000 {
+        // A random start (the standard library's per-process random hasher keys), then tries.
+        let pick = std::collections::hash_map::RandomState::new().hash_one(attempt);
+        let port = from + (pick % u64::from(to - from)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {from}..{to} on 127.0.0.1");
+}
+
 impl TestContainerBuilder {
     /// Publishes the test image's HTTP port on `127.0.0.1:host_port` (default: not published),
     /// so a client on the host reaches the container at one address across restarts.

@@ -6,9 +6,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A free loopback port (bound and released: good enough on a test machine).
+/// A free loopback port for a listener the test starts later (the gateway's, or a container's
+/// published port): one below the ephemeral range, which no outgoing connection of a parallel
+/// test can take meanwhile (`127.0.0.1:0` could hand out a port that one then takes; a
+/// container's start once failed on that).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    test_support::docker::publishable_port()
 }
 
 /// True if the admin listener at `admin` answers `/readyz` with 200.
