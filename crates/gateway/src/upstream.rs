@@ -141,6 +141,9 @@ impl IdleStack {
             let permit = match self.open.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
+                    metrics::counter!("gateway_upstream_connection_waits_total", "url" => authority.to_string())
+                        .increment(1);
+                    tracing::debug!(upstream = %authority, cap = self.limits.max_connections, "at the connection cap: waiting");
                     // `notify_one` keeps a wake-up for a waiter yet to come, so a connection
                     // returned between `take` and here is not missed.
                     tokio::select! {
@@ -474,6 +477,37 @@ mod tests {
             assert_eq!(&body.unwrap()[..], b"ok");
         }
         assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2, "never more than the cap open");
+    }
+
+    #[test]
+    fn a_request_that_waits_at_the_cap_is_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let authority = metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let (authority, _) = upstream().await;
+                let client = UpstreamClient::new();
+                let stack =
+                    client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
+                let first = client.send(&authority, &stack, get("/")).await.unwrap();
+                let second = tokio::spawn({
+                    let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+                    async move {
+                        client.send(&authority, &stack, get("/")).await.unwrap().into_body().collect().await
+                    }
+                });
+                tokio::task::yield_now().await;
+                first.into_body().collect().await.unwrap();
+                second.await.unwrap().unwrap();
+                authority
+            })
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(&format!("gateway_upstream_connection_waits_total{{url=\"{authority}\"}} 1")),
+            "{text}"
+        );
     }
 
     #[tokio::test]
