@@ -301,16 +301,7 @@ impl Proxy {
             return resp;
         };
         drop(routes);
-        let Some(layer) = route.idle.clone() else {
-            // A route without agents takes the short path; the agents' path, whose future is
-            // several kilobytes, is boxed so that this future (moved into a box by the server
-            // on every request) stays small.
-            return if route.agents.is_empty() {
-                self.serve_plain(route, req).await
-            } else {
-                Box::pin(self.serve_on(route, req)).await
-            };
-        };
+        let Some(layer) = route.idle.clone() else { return self.serve_route(route, req).await };
         let (proxy, routed) = (self.clone(), route.clone());
         let inner = tower::service_fn(move |req: Request<RequestBody>| {
             let (proxy, route) = (proxy.clone(), routed.clone());
@@ -345,11 +336,26 @@ impl Proxy {
         req: Request<RequestBody>,
     ) -> Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>> {
         Box::pin(async move {
-            let mut resp = self.serve_on(route, req).await;
+            let mut resp = self.serve_route(route, req).await;
             // Tells `handle` this response is counted (only the idle layer's path needs it).
             resp.extensions_mut().insert(Served);
             resp
         })
+    }
+
+    /// Serves one request on `route`: the short path when the route has no agents; the
+    /// agents' path, whose future is several kilobytes, boxed, so that this future (moved into
+    /// a box by the server on every request) stays small.
+    async fn serve_route(
+        self: Arc<Self>,
+        route: Arc<Route>,
+        req: Request<RequestBody>,
+    ) -> Response<ResponseBody> {
+        if route.agents.is_empty() {
+            self.serve_plain(route, req).await
+        } else {
+            Box::pin(self.serve_on(route, req)).await
+        }
     }
 
     /// Serves one request on `route`, which has no agents: upstream, response. (What

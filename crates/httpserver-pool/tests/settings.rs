@@ -58,13 +58,8 @@ async fn prior_knowledge_http2_is_served_only_with_h2c() {
         if !h2c {
             // On the wire: HTTP/1 reads the HTTP/2 preface and closes without answering (an
             // HTTP/2 server would send its SETTINGS frame).
-            let mut tcp = tokio::net::TcpStream::connect(server.bind()).await.unwrap();
-            tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-            let mut answer = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
-                .await
-                .expect("closed by the server")
-                .unwrap();
+            let (answer, read) = raw_exchange(server.bind(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+            read.unwrap();
             assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
         }
         // HTTP/1.1 is served either way.

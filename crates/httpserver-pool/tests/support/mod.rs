@@ -29,6 +29,19 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Writes `request` raw to `addr` and reads until the server closes the connection (within
+/// 30 s): the bytes read, and how the read ended (an error after some bytes keeps them).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, std::io::Result<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection");
+    (answer, read)
+}
+
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
