@@ -90,6 +90,14 @@ pub enum TransportError {
     /// The request was cancelled before an answer came.
     #[error("request cancelled: {0}")]
     Cancelled(CancelReason),
+    /// No answer came by the deadline the request was sent with
+    /// ([`AgentConnection::send_until`](crate::AgentConnection::send_until)); the agent was
+    /// told to cancel it.
+    #[error("no answer on {connection} by the request's deadline")]
+    DeadlineExceeded {
+        /// The connection's label.
+        connection: String,
+    },
     /// The agent answered with an error instead of a decision.
     #[error("agent error: {0}")]
     Agent(#[from] AgentError),

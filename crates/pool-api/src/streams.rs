@@ -13,6 +13,13 @@
 //! [`take_all`](PendingRequests::take_all) hand waiters out so the transport can answer them
 //! after releasing its lock, keeping the critical section short.
 //!
+//! A request may carry a deadline ([`insert_until`](PendingRequests::insert_until)). The table
+//! keeps a lower bound of the earliest one, so the transport watches every deadline of a
+//! connection with one timer: it arms it for [`arm`](PendingRequests::arm)'s instant, and when
+//! it fires, [`expire`](PendingRequests::expire) fails the requests past their deadline and
+//! gives the next instant. Registering a request costs a comparison, not a timer of its own;
+//! the timer fires about once per deadline's length while requests come and go.
+//!
 //! Stream ids are hashed with foldhash's *quality* variant, seeded per table:
 //! consecutive ids spread over the buckets like a random function (the *fast* variant bunches
 //! them for some seeds; `transport-uds`'s `streams.rs` has the measurements), and a peer cannot
@@ -21,6 +28,7 @@
 use std::collections::HashMap;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::decision::Decision;
 use crate::error::TransportError;
@@ -34,6 +42,7 @@ pub type Reply = oneshot::Sender<Result<Decision, TransportError>>;
 pub struct Waiter {
     correlation_id: CorrelationId,
     reply: Reply,
+    deadline: Option<Instant>,
 }
 
 impl Waiter {
@@ -57,6 +66,11 @@ impl Waiter {
 #[derive(Debug, Default)]
 pub struct PendingRequests {
     waiting: HashMap<u64, Waiter, foldhash::quality::RandomState>,
+    /// No waiting request has a deadline before this; `None`: none has a deadline. Lowered by
+    /// each insert, made exact again by [`expire`](Self::expire).
+    earliest: Option<Instant>,
+    /// What the transport's timer was last armed for ([`arm`](Self::arm)).
+    armed: Option<Instant>,
 }
 
 impl PendingRequests {
@@ -68,7 +82,59 @@ impl PendingRequests {
     /// Registers the request sent on `stream`. A stream id still waiting is replaced (a
     /// transport never reuses one: ids are counters).
     pub fn insert(&mut self, stream: u64, correlation_id: CorrelationId, reply: Reply) {
-        self.waiting.insert(stream, Waiter { correlation_id, reply });
+        self.waiting.insert(stream, Waiter { correlation_id, reply, deadline: None });
+    }
+
+    /// Registers the request sent on `stream`, which must be answered by `deadline`.
+    /// Returns true if the transport's timer must be armed again ([`arm`](Self::arm)): it is
+    /// not armed, or armed for later than `deadline`.
+    pub fn insert_until(
+        &mut self,
+        stream: u64,
+        correlation_id: CorrelationId,
+        reply: Reply,
+        deadline: Instant,
+    ) -> bool {
+        self.waiting.insert(stream, Waiter { correlation_id, reply, deadline: Some(deadline) });
+        if self.earliest.is_none_or(|e| deadline < e) {
+            self.earliest = Some(deadline);
+        }
+        self.armed.is_none_or(|a| deadline < a)
+    }
+
+    /// When the transport's one timer must fire next: no waiting request has a deadline
+    /// before it (`None`: none has one). Remembered as what the timer is armed for.
+    pub fn arm(&mut self) -> Option<Instant> {
+        self.armed = self.earliest;
+        self.earliest
+    }
+
+    /// Fails every request whose deadline is at or before `now` with `error`, calls `expired`
+    /// with each one's stream id and correlation id (for the transport to tell the agent), and
+    /// returns when the timer must fire next, as [`arm`](Self::arm) does.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        error: &TransportError,
+        mut expired: impl FnMut(u64, CorrelationId),
+    ) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        let mut due = Vec::new();
+        for (&stream, waiter) in &self.waiting {
+            match waiter.deadline {
+                Some(d) if d <= now => due.push(stream),
+                Some(d) if earliest.is_none_or(|e| d < e) => earliest = Some(d),
+                _ => {}
+            }
+        }
+        for stream in due {
+            if let Some(waiter) = self.waiting.remove(&stream) {
+                let _ = waiter.reply.send(Err(error.clone()));
+                expired(stream, waiter.correlation_id);
+            }
+        }
+        self.earliest = earliest;
+        self.arm()
     }
 
     /// Takes out the request waiting on `stream`, to answer it (after releasing the lock the
@@ -104,6 +170,7 @@ impl PendingRequests {
     /// Takes every waiter out, leaving the table empty: the connection is over. Fail them
     /// with [`AllWaiters::fail`] once the lock is released.
     pub fn take_all(&mut self) -> AllWaiters {
+        self.earliest = None;
         AllWaiters(std::mem::take(&mut self.waiting).into_values().collect())
     }
 
@@ -197,6 +264,69 @@ mod tests {
         for answer in &mut answers {
             assert_eq!(answer.try_recv().unwrap(), Err(error.clone()));
         }
+    }
+
+    fn waiting_until(
+        table: &mut PendingRequests,
+        stream: u64,
+        id: &str,
+        deadline: Instant,
+    ) -> (bool, oneshot::Receiver<Result<Decision, TransportError>>) {
+        let (reply, answer) = oneshot::channel();
+        (table.insert_until(stream, id.into(), reply, deadline), answer)
+    }
+
+    #[test]
+    fn the_timer_is_armed_again_only_for_an_earlier_deadline() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let mut table = PendingRequests::new();
+        assert_eq!(table.arm(), None, "nothing waits: no timer");
+        let (rearm, _a) = waiting_until(&mut table, 1, "a", ms(100));
+        assert!(rearm, "the timer is not armed yet");
+        assert_eq!(table.arm(), Some(ms(100)));
+        let (rearm, _b) = waiting_until(&mut table, 2, "b", ms(150));
+        assert!(!rearm, "a later deadline is found when the armed one fires");
+        let (rearm, _c) = waiting_until(&mut table, 3, "c", ms(50));
+        assert!(rearm, "an earlier deadline needs the timer sooner");
+        assert_eq!(table.arm(), Some(ms(50)));
+        // A request without a deadline changes nothing.
+        let _d = waiting(&mut table, 4, "d");
+        assert_eq!(table.arm(), Some(ms(50)));
+        // Answered requests leave the bound where it was: a timer firing early finds nothing.
+        table.take(3).unwrap().answer(Ok(Decision::allow()));
+        assert_eq!(table.arm(), Some(ms(50)));
+    }
+
+    #[test]
+    fn expire_fails_only_what_is_past_its_deadline_and_says_when_to_look_again() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let mut table = PendingRequests::new();
+        let (_, mut early) = waiting_until(&mut table, 1, "early", ms(10));
+        let (_, mut due) = waiting_until(&mut table, 2, "due", ms(20));
+        let (_, mut late) = waiting_until(&mut table, 3, "late", ms(30));
+        let mut forever = waiting(&mut table, 4, "forever");
+        let error = TransportError::DeadlineExceeded { connection: "c#1".into() };
+        let mut told = Vec::new();
+        let next = table.expire(ms(20), &error, |stream, id| told.push((stream, id)));
+        told.sort_by_key(|(s, _)| *s);
+        assert_eq!(told, [(1, "early".into()), (2, "due".into())], "a deadline equal to now is past");
+        assert_eq!(next, Some(ms(30)));
+        assert_eq!(early.try_recv().unwrap(), Err(error.clone()));
+        assert_eq!(due.try_recv().unwrap(), Err(error.clone()));
+        assert!(late.try_recv().is_err() && forever.try_recv().is_err(), "the others still wait");
+        assert_eq!(table.len(), 2);
+        // Once the last deadline is gone there is nothing to arm for; the request without one
+        // waits on.
+        let next = table.expire(ms(1_000), &error, |_, _| {});
+        assert_eq!(next, None);
+        assert_eq!(late.try_recv().unwrap(), Err(error));
+        assert!(forever.try_recv().is_err());
+        let (rearm, _) = waiting_until(&mut table, 5, "next", ms(2_000));
+        assert!(rearm, "after the timer was disarmed, a new deadline arms it");
+        table.take_all().fail(&TransportError::Cancelled(CancelReason::Manual));
+        assert_eq!(table.arm(), None, "an ended connection has nothing to time");
     }
 
     #[test]

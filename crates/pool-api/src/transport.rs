@@ -121,6 +121,9 @@ pub trait PendingConnection: Send + 'static {
 ///   the request and tells the agent to cancel it with [`CancelReason::Abandoned`].
 /// * [`cancel`](AgentConnection::cancel) fails every pending request of that correlation id on
 ///   this connection with [`TransportError::Cancelled`] and tells the agent.
+/// * A request sent with [`send_until`](AgentConnection::send_until) and not answered by its
+///   deadline fails with [`TransportError::DeadlineExceeded`], never before it, and the agent
+///   is told.
 /// * Methods other than the returned futures never block and never wait: they enqueue.
 pub trait AgentConnection: Send + Sync + 'static {
     /// A short label for logs and errors (`"unix:/run/waf.sock#2"`).
@@ -140,6 +143,30 @@ pub trait AgentConnection: Send + Sync + 'static {
     /// ask the next agent) asks about it without a copy: the transport encodes it before this
     /// returns, and the returned future does not hold on to it.
     fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>>;
+
+    /// Sends one event, as [`send`](AgentConnection::send), that must be answered by
+    /// `deadline`: without an answer by then it fails with
+    /// [`TransportError::DeadlineExceeded`] and the agent is told to cancel it.
+    ///
+    /// The default wraps `send` in a timer of its own, so the agent is told the way a dropped
+    /// `send` tells it ([`CancelReason::Abandoned`]). The multiplexing transports override it
+    /// to keep every request's deadline in their table of waiting requests, watched by one
+    /// timer per connection instead of one per request, and cancel with
+    /// [`CancelReason::Timeout`].
+    fn send_until(
+        &self,
+        event: &Event,
+        deadline: tokio::time::Instant,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        let answer = self.send(event);
+        let connection = self.label().to_owned();
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(answer) => answer,
+                Err(_) => Err(TransportError::DeadlineExceeded { connection }),
+            }
+        })
+    }
 
     /// Cancels the pending requests of `correlation_id` on this connection.
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason);

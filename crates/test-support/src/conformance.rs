@@ -14,6 +14,8 @@
 //! * a killed agent fails every pending request at once with [`TransportError::Closed`], the
 //!   connection says it is closed, and a new connection works once the agent is back;
 //! * a cancel aborts that request only;
+//! * a request past its deadline fails alone, not early, each at its own deadline, and the
+//!   agent is told;
 //! * an agent that accepts but never handshakes leaves the handshake pending (the pool's
 //!   handshake time-out is what ends it); a protocol version mismatch is
 //!   [`TransportError::VersionMismatch`];
@@ -361,6 +363,83 @@ pub async fn cancel_aborts_only_that_request<H: Harness>(harness: &H) {
     assert!(conn.is_open());
 }
 
+/// A request sent with a deadline and not answered by then fails alone with
+/// [`TransportError::DeadlineExceeded`] — not before its deadline, and each at its own: a
+/// later request with an earlier deadline expires first — the agent is told to cancel it, and
+/// the requests answered in time and the connection are not affected.
+pub async fn a_request_past_its_deadline_fails_alone_and_the_agent_is_told<H: Harness>(harness: &H) {
+    let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let agent = harness.serve(NeverFor { prefix: "never", dropped: dropped.clone() }).await;
+    let conn = connect(&*harness.connector(), &agent.endpoint).await;
+    let start = tokio::time::Instant::now();
+    let (first_by, second_by) = (start + Duration::from_millis(400), start + Duration::from_millis(150));
+    let first = tokio::spawn(conn.send_until(&request("never-1".into()), first_by));
+    let answered = conn.send_until(&request("fast".into()), first_by).await;
+    assert!(answered.expect("answered in time").is_allow());
+    let second = tokio::spawn(conn.send_until(&request("never-2".into()), second_by));
+    let wait = |task: tokio::task::JoinHandle<_>| async move {
+        let result = tokio::time::timeout(Duration::from_secs(10), task).await;
+        (result.expect("a deadline ends the request").expect("task"), tokio::time::Instant::now())
+    };
+    let (second, second_at) = wait(second).await;
+    let (first, first_at) = wait(first).await;
+    for (result, by, at) in [(second, second_by, second_at), (first, first_by, first_at)] {
+        assert!(
+            matches!(result, Err(TransportError::DeadlineExceeded { ref connection }) if connection == conn.label()),
+            "{result:?}"
+        );
+        assert!(at >= by, "failed {:?} before its deadline", by - at);
+    }
+    assert!(second_at <= first_at, "the earlier deadline expires first");
+    // The agent is told: both handlers' futures are dropped (the request is cancelled there).
+    let told = tokio::time::timeout(Duration::from_secs(10), async {
+        while dropped.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        told.is_ok(),
+        "the agent was told to cancel {} of 2",
+        dropped.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(conn.is_open());
+    let after = conn
+        .send_until(&request("after".into()), tokio::time::Instant::now() + Duration::from_secs(10))
+        .await;
+    assert!(after.expect("the connection still serves").is_allow());
+}
+
+/// Never answers requests whose correlation id starts with `prefix` (counting their futures
+/// dropped: cancelled); allows every other at once.
+struct NeverFor {
+    prefix: &'static str,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts itself dropped.
+struct DropCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl AgentHandler for NeverFor {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("never-for").with_events(EventKind::ALL)
+    }
+
+    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
+        if event.correlation_id().as_str().starts_with(self.prefix) {
+            let _count = DropCount(self.dropped.clone());
+            std::future::pending::<()>().await;
+        }
+        Ok(Decision::allow())
+    }
+}
+
 /// Never answers the request named `id`; allows every other at once.
 struct SlowFor {
     id: &'static str,
@@ -481,6 +560,12 @@ macro_rules! conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn conformance_cancel_aborts_only_that_request() {
             $crate::conformance::cancel_aborts_only_that_request(&$harness).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_a_request_past_its_deadline_fails_alone_and_the_agent_is_told() {
+            $crate::conformance::a_request_past_its_deadline_fails_alone_and_the_agent_is_told(&$harness)
+                .await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,8 @@ pub(crate) enum Command {
     Cancel { correlation_id: CorrelationId, reason: CancelReason },
     /// The caller dropped its `send` future: forget the stream.
     Abandon { stream: u64 },
+    /// The request's deadline passed: forget the stream and tell the agent (reason timeout).
+    Expire { stream: u64 },
     /// A ping.
     Ping { reply: oneshot::Sender<()> },
     /// A configuration push.
@@ -141,6 +143,46 @@ impl fmt::Debug for MemoryConnection {
 }
 
 impl MemoryConnection {
+    /// Sends `event`, answered by `deadline` if it has one.
+    fn send_with(
+        &self,
+        event: &Event,
+        deadline: Option<tokio::time::Instant>,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        if let Some(closed) = self.closed() {
+            return closed;
+        }
+        let kind = event.kind();
+        if !self.capabilities.supports(kind) {
+            return ready(Err(TransportError::Unsupported {
+                connection: self.core.label.clone(),
+                operation: kind.as_str(),
+            }));
+        }
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        if let Err(e) = self.enqueue(Command::Send { stream, event: event.clone(), reply }) {
+            return ready(Err(e));
+        }
+        let guard = AbandonGuard { commands: Some(self.commands.clone()), stream };
+        let core = Arc::clone(&self.core);
+        Box::pin(async move {
+            let mut guard = guard;
+            let answer = match deadline {
+                None => answer.await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, answer).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        guard.expire();
+                        return Err(TransportError::DeadlineExceeded { connection: core.label.clone() });
+                    }
+                },
+            };
+            guard.disarm();
+            answer.unwrap_or_else(|_| Err(core.closed_error()))
+        })
+    }
+
     /// Opens a connection to `agent` after a successful handshake and starts its task.
     pub(crate) fn open(
         agent: &Arc<AgentShared>,
@@ -220,6 +262,13 @@ impl AbandonGuard {
     fn disarm(&mut self) {
         self.commands = None;
     }
+
+    /// The deadline passed: the request is cancelled with reason timeout, not abandoned.
+    fn expire(&mut self) {
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Command::Expire { stream: self.stream });
+        }
+    }
 }
 
 impl Drop for AbandonGuard {
@@ -252,29 +301,18 @@ impl AgentConnection for MemoryConnection {
     /// with [`CancelReason::Abandoned`]. The in-memory agent gets a clone of the event, where a
     /// real transport would encode it.
     fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
-        if let Some(closed) = self.closed() {
-            return closed;
-        }
-        let kind = event.kind();
-        if !self.capabilities.supports(kind) {
-            return ready(Err(TransportError::Unsupported {
-                connection: self.core.label.clone(),
-                operation: kind.as_str(),
-            }));
-        }
-        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        if let Err(e) = self.enqueue(Command::Send { stream, event: event.clone(), reply }) {
-            return ready(Err(e));
-        }
-        let guard = AbandonGuard { commands: Some(self.commands.clone()), stream };
-        let core = Arc::clone(&self.core);
-        Box::pin(async move {
-            let mut guard = guard;
-            let answer = answer.await;
-            guard.disarm();
-            answer.unwrap_or_else(|_| Err(core.closed_error()))
-        })
+        self.send_with(event, None)
+    }
+
+    /// Sends one event as [`send`](Self::send) does, failing it with
+    /// [`TransportError::DeadlineExceeded`] at `deadline` and telling the agent (a cancel with
+    /// reason timeout), as the multiplexing transports do.
+    fn send_until(
+        &self,
+        event: &Event,
+        deadline: tokio::time::Instant,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        self.send_with(event, Some(deadline))
     }
 
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
@@ -480,6 +518,11 @@ impl ConnectionTask {
             Command::Abandon { stream } => {
                 if let Some(request) = self.pending.remove(&stream) {
                     agent.record_cancel(label, &request.correlation_id, CancelReason::Abandoned);
+                }
+            }
+            Command::Expire { stream } => {
+                if let Some(request) = self.pending.remove(&stream) {
+                    agent.record_cancel(label, &request.correlation_id, CancelReason::Timeout);
                 }
             }
             Command::Ping { reply } => {

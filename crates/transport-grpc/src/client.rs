@@ -12,7 +12,10 @@
 //! agent advertises. An event is encoded there by [`pool_api::wire`] from the caller's borrowed
 //! value, into a buffer the connection reuses, and travels as bytes ([`crate::codec`]); a
 //! decision is decoded straight into [`Decision`] the same way. One task reads the response
-//! stream and hands each answer to its waiter.
+//! stream and hands each answer to its waiter. It also keeps the one timer for every request
+//! sent with a deadline ([`AgentConnection::send_until`]), armed for the earliest: a request
+//! past its deadline fails with [`TransportError::DeadlineExceeded`] and a cancel (reason
+//! timeout) goes to the agent. Registering a deadline costs a comparison, not a timer.
 //!
 //! The end of the response stream, a gRPC error on it (a message that does not decode, one
 //! over the size limit, a reset stream, a connection HTTP/2 keep-alive found dead), or a frame
@@ -313,6 +316,9 @@ struct Core {
     /// Signalled when the request stream has ended (closed, or every handle dropped): the
     /// task gives the agent a moment to end its side, then stops.
     ending: Notify,
+    /// Signalled when a request's deadline is earlier than the task's deadline timer is armed
+    /// for (rare: deadlines mostly come in the order of their requests).
+    rearm: Notify,
 }
 
 /// What waits for an answer, and the way out, under one lock: a request is registered in the
@@ -451,6 +457,7 @@ impl GrpcConnection {
                 orphaned: false,
             }),
             ending: Notify::new(),
+            rearm: Notify::new(),
         });
         let task = Task { core: core.clone(), inbound, updates: updates_tx };
         tokio::spawn(task.run(channel));
@@ -464,6 +471,64 @@ impl GrpcConnection {
 
     fn stream(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends `event`, answered by `deadline` if it has one.
+    fn send_with(
+        &self,
+        event: &Event,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        if !self.is_open() {
+            return ready(Err(self.core.closed_error()));
+        }
+        if !self.capabilities.supports(event.kind()) {
+            return ready(Err(TransportError::Unsupported {
+                connection: self.core.label.clone(),
+                operation: event.kind().as_str(),
+            }));
+        }
+        let stream = self.stream();
+        let (reply, answer) = oneshot::channel();
+        let max = self.core.max_message;
+        let queued = self.core.with(|state| {
+            // Room in blocks, so most events are encoded without an allocation of their own.
+            if state.arena.capacity() < ARENA_LOW {
+                state.arena.reserve(ARENA_BLOCK);
+            }
+            // The size is checked before a byte is written: over it, only this request fails.
+            wire::encode_event(stream, event, max, &mut state.arena, |_, _| {})
+                .map_err(|e| self.core.too_large(e.size))?;
+            let bytes = state.arena.split().freeze();
+            let correlation_id = event.correlation_id().clone();
+            let rearm = match deadline {
+                Some(deadline) => state.pending.insert_until(stream, correlation_id, reply, deadline),
+                None => {
+                    state.pending.insert(stream, correlation_id, reply);
+                    false
+                }
+            };
+            if let Some(out) = &state.out {
+                let _ = out.send(ToAgent::Encoded(bytes));
+            }
+            Ok(rearm)
+        });
+        match queued {
+            Ok(Ok(rearm)) => {
+                if rearm {
+                    self.core.rearm.notify_one();
+                }
+            }
+            Ok(Err(e)) | Err(e) => return ready(Err(e)),
+        }
+        let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
+        Box::pin(async move {
+            // Moved in whole: dropping this future before the answer is what abandons it.
+            let mut guard = guard;
+            let result = answer.await.unwrap_or_else(|_| Err(guard.core.closed_error()));
+            guard.answered = true;
+            result
+        })
     }
 }
 
@@ -512,45 +577,18 @@ impl AgentConnection for GrpcConnection {
     }
 
     fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
-        if !self.is_open() {
-            return ready(Err(self.core.closed_error()));
-        }
-        if !self.capabilities.supports(event.kind()) {
-            return ready(Err(TransportError::Unsupported {
-                connection: self.core.label.clone(),
-                operation: event.kind().as_str(),
-            }));
-        }
-        let stream = self.stream();
-        let (reply, answer) = oneshot::channel();
-        let max = self.core.max_message;
-        let queued = self.core.with(|state| {
-            // Room in blocks, so most events are encoded without an allocation of their own.
-            if state.arena.capacity() < ARENA_LOW {
-                state.arena.reserve(ARENA_BLOCK);
-            }
-            // The size is checked before a byte is written: over it, only this request fails.
-            wire::encode_event(stream, event, max, &mut state.arena, |_, _| {})
-                .map_err(|e| self.core.too_large(e.size))?;
-            let bytes = state.arena.split().freeze();
-            state.pending.insert(stream, event.correlation_id().clone(), reply);
-            if let Some(out) = &state.out {
-                let _ = out.send(ToAgent::Encoded(bytes));
-            }
-            Ok(())
-        });
-        match queued {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) | Err(e) => return ready(Err(e)),
-        }
-        let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
-        Box::pin(async move {
-            // Moved in whole: dropping this future before the answer is what abandons it.
-            let mut guard = guard;
-            let result = answer.await.unwrap_or_else(|_| Err(guard.core.closed_error()));
-            guard.answered = true;
-            result
-        })
+        self.send_with(event, None)
+    }
+
+    /// Keeps the deadline with the request in the table of waiting requests: the connection's
+    /// task watches all of them with one timer, and fails an expired request with
+    /// [`TransportError::DeadlineExceeded`] and a cancel (reason timeout) to the agent.
+    fn send_until(
+        &self,
+        event: &Event,
+        deadline: Instant,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        self.send_with(event, Some(deadline))
     }
 
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
@@ -654,6 +692,16 @@ fn record_metric(connection: &str, metric: pool_api::AgentMetric) {
     metrics::gauge!("agentpool_agent_metric", labels).set(metric.value);
 }
 
+/// Arms the deadline timer for `next` unless it is armed for that already; `None` disarms it.
+fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, armed: &mut Option<Instant>, next: Option<Instant>) {
+    if next != *armed {
+        if let Some(at) = next {
+            timer.reset(at);
+        }
+        *armed = next;
+    }
+}
+
 /// How long the agent has to end its side of the call once ours has ended.
 const END_GRACE: Duration = Duration::from_secs(1);
 
@@ -674,9 +722,24 @@ impl Task {
         tokio::pin!(ending);
         let grace = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(grace);
+        // The one timer for every request's deadline, armed for the earliest (`armed`).
+        let rearm = core.rearm.notified();
+        tokio::pin!(rearm);
+        let deadlines = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(deadlines);
+        let mut armed = None;
         let mut ended = false;
         let reason = loop {
             tokio::select! {
+                () = &mut rearm => {
+                    rearm.set(core.rearm.notified());
+                    let next = core.lock().pending.arm();
+                    arm(deadlines.as_mut(), &mut armed, next);
+                }
+                () = &mut deadlines, if armed.is_some() => {
+                    let next = self.expire();
+                    arm(deadlines.as_mut(), &mut armed, next);
+                }
                 () = &mut ending, if !ended => {
                     ended = true;
                     grace.as_mut().reset(Instant::now() + END_GRACE);
@@ -699,6 +762,29 @@ impl Task {
             }
         };
         self.core.shut(&reason);
+    }
+
+    /// Fails the requests past their deadline, tells the agent, and says when to look again.
+    fn expire(&self) -> Option<Instant> {
+        let error = TransportError::DeadlineExceeded { connection: self.core.label.clone() };
+        let now = Instant::now();
+        let (next, released) = {
+            let mut state = self.core.lock();
+            let State { pending, out, .. } = &mut *state;
+            let next = pending.expire(now, &error, |stream, correlation_id| {
+                let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Timeout };
+                let body = proxy_frame::Body::Cancel(cancel.into());
+                if let Some(out) = out {
+                    let _ =
+                        out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body: Some(body) }));
+                }
+            });
+            (next, state.release_if_orphaned())
+        };
+        if released {
+            self.core.ending.notify_one();
+        }
+        next
     }
 
     fn answered(&self, stream: u64, answer: Result<Decision, TransportError>) {

@@ -60,6 +60,9 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 const CONNECTIONS: usize = 4;
 const ROUNDS: usize = 6;
@@ -370,22 +373,45 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn report(layout: Layout, pool: &AgentPool, raw: &[RawConn], client_rt: &Runtime) {
+/// CPU time (user + system) used so far by this process and, if given, the server process:
+/// `/proc/PID/stat`'s `utime` and `stime`, in the kernel's 100 Hz user ticks.
+fn cpu_time(server: Option<u32>) -> Duration {
+    fn ticks(pid: &str) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): state is the first, utime the
+        // 12th, stime the 13th.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        after.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum()
+    }
+    let total = ticks("self") + server.map_or(0, |pid| ticks(&pid.to_string()));
+    Duration::from_millis(total * 10)
+}
+
+fn report(layout: Layout, pool: &AgentPool, raw: &[RawConn], client_rt: &Runtime, server: Option<u32>) {
     let (request_size, answer_size) = frame_sizes();
     println!(
         "\nroundtrip, layout {}: {CONNECTIONS} connections, request frame {request_size} B, answer frame {answer_size} B",
         layout.name()
     );
-    println!("{:>4} {:>5} {:>12} {:>10} {:>10}", "c", "side", "req/s", "p50 µs", "p99 µs");
+    println!(
+        "{:>4} {:>5} {:>12} {:>10} {:>10} {:>12}",
+        "c", "side", "req/s", "p50 µs", "p99 µs", "CPU µs/req"
+    );
     for concurrency in CONCURRENCY {
         let mut rps: HashMap<Side, Vec<f64>> = HashMap::new();
         let mut latency: HashMap<Side, Histogram<u64>> = HashMap::new();
         let mut ratios = Vec::new();
+        // CPU used and requests done, per side, over all rounds.
+        let mut cpu: HashMap<Side, (Duration, u64)> = HashMap::new();
         for r in 0..ROUNDS {
             let order = if r % 2 == 0 { [Side::Pool, Side::Raw] } else { [Side::Raw, Side::Pool] };
             let mut pair = HashMap::new();
             for side in order {
+                let before = cpu_time(server);
                 let (count, histogram) = client_rt.block_on(round(pool, raw, side, concurrency, ROUND));
+                let used = cpu_time(server).saturating_sub(before);
+                let spent = cpu.entry(side).or_default();
+                *spent = (spent.0 + used, spent.1 + count);
                 let per_second = count as f64 / ROUND.as_secs_f64();
                 pair.insert(side, per_second);
                 rps.entry(side).or_default().push(per_second);
@@ -395,12 +421,14 @@ fn report(layout: Layout, pool: &AgentPool, raw: &[RawConn], client_rt: &Runtime
         }
         for side in [Side::Pool, Side::Raw] {
             let h = &latency[&side];
+            let (used, count) = cpu[&side];
             println!(
-                "{concurrency:>4} {:>5} {:>12.0} {:>10.1} {:>10.1}",
+                "{concurrency:>4} {:>5} {:>12.0} {:>10.1} {:>10.1} {:>12.2}",
                 format!("{side:?}").to_lowercase(),
                 median(rps.get_mut(&side).unwrap()),
                 h.value_at_quantile(0.5) as f64 / 1000.0,
                 h.value_at_quantile(0.99) as f64 / 1000.0,
+                used.as_secs_f64() * 1e6 / count.max(1) as f64,
             );
         }
         println!(
@@ -493,7 +521,7 @@ struct Running {
     pool: AgentPool,
     raw: Vec<RawConn>,
     _agent: Option<oneshot::Sender<()>>,
-    _process: Option<ServerProcess>,
+    process: Option<ServerProcess>,
     _agent_rt: Option<Runtime>,
     _dir: tempfile::TempDir,
 }
@@ -513,7 +541,7 @@ fn start(layout: Layout) -> Running {
                 pool,
                 raw,
                 _agent: Some(agent),
-                _process: None,
+                process: None,
                 _agent_rt: Some(agent_rt),
                 _dir: dir,
             }
@@ -523,15 +551,7 @@ fn start(layout: Layout) -> Running {
             let client_rt = runtime("client");
             let pool = connect_pool(&client_rt, dir.path());
             let raw = connect_raw(&client_rt, dir.path());
-            Running {
-                client_rt,
-                pool,
-                raw,
-                _agent: None,
-                _process: Some(process),
-                _agent_rt: None,
-                _dir: dir,
-            }
+            Running { client_rt, pool, raw, _agent: None, process: Some(process), _agent_rt: None, _dir: dir }
         }
         Layout::Shared => {
             let rt = runtime_with("shared", 2);
@@ -544,7 +564,7 @@ fn start(layout: Layout) -> Running {
                 pool,
                 raw,
                 _agent: Some(agent),
-                _process: None,
+                process: None,
                 _agent_rt: None,
                 _dir: dir,
             }
@@ -577,7 +597,8 @@ fn roundtrip(c: &mut Criterion) {
         // so does a test-mode run (`cargo test --benches`, without `--bench`).
         let benching = std::env::args().any(|a| a == "--bench");
         if benching && std::env::var("ROUNDTRIP_REPORT").map_or(true, |v| v != "0") {
-            report(layout, &run.pool, &run.raw, &run.client_rt);
+            let server = run.process.as_ref().map(|p| p.0.id());
+            report(layout, &run.pool, &run.raw, &run.client_rt, server);
         }
         run.client_rt.block_on(run.pool.shutdown());
     }

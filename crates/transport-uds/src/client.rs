@@ -5,7 +5,11 @@
 //! encodes its own frame into the connection's write buffer and registers its request in the
 //! same critical section (no channel, no copy of the event); the task is woken only when the
 //! buffer goes from empty to not empty, and writes everything queued with one write. The task
-//! reads answers and hands each straight to its waiting request. End of stream, a frame that
+//! reads answers and hands each straight to its waiting request. It also keeps the one timer
+//! for every request sent with a deadline ([`AgentConnection::send_until`]), armed for the
+//! earliest: a request past its deadline fails with [`TransportError::DeadlineExceeded`] and
+//! a cancel (reason timeout) goes to the agent. Registering a deadline costs a comparison, not
+//! a timer. End of stream, a frame that
 //! does not decode, an unknown message or an invalid answer ends the connection: every pending
 //! request fails at once with [`TransportError::Closed`] naming the connection and the reason,
 //! and the connection's signals publish `open: false`. An event (or configuration push) that
@@ -501,6 +505,72 @@ impl UdsConnection {
     fn stream(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Sends `event`, answered by `deadline` if it has one.
+    fn send_with(
+        &self,
+        event: &Event,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        if !self.is_open() {
+            return ready(Err(self.core.closed_error()));
+        }
+        if !self.capabilities.supports(event.kind()) {
+            return ready(Err(TransportError::Unsupported {
+                connection: self.core.label.clone(),
+                operation: event.kind().as_str(),
+            }));
+        }
+        let stream = self.stream();
+        let (reply, answer) = oneshot::channel();
+        let queued = self.with(|out| match out.codec.encode_event(stream, event, &mut out.buf) {
+            Ok(()) => {
+                register(out, stream, event.correlation_id().clone(), reply, deadline);
+                out.queued += 1;
+                Ok(())
+            }
+            // The size is checked before a byte of the frame is written, so nothing of it is
+            // in the buffer: only this request fails, the connection and the requests on it
+            // go on.
+            Err(FrameError::TooLarge { size: Some(size), limit }) => Err(self.core.too_large(size, limit)),
+            Err(e) => {
+                // As a failed write: the connection ends and this request fails with it.
+                out.stop.get_or_insert(format!("write failed: {e}"));
+                register(out, stream, event.correlation_id().clone(), reply, deadline);
+                out.queued += 1;
+                Ok(())
+            }
+        });
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => return ready(Err(e)),
+        }
+        let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
+        Box::pin(async move {
+            // Moved in whole: dropping this future before the answer is what abandons it.
+            let mut guard = guard;
+            let result = answer.await.unwrap_or_else(|_| Err(guard.core.closed_error()));
+            guard.answered = true;
+            result
+        })
+    }
+}
+
+/// Registers a request in the table of waiting requests, with its deadline if it has one (the
+/// task arms its timer for it when it next writes: every request queues a frame).
+fn register(
+    out: &mut Outgoing,
+    stream: u64,
+    correlation_id: CorrelationId,
+    reply: pool_api::streams::Reply,
+    deadline: Option<Instant>,
+) {
+    match deadline {
+        Some(deadline) => {
+            out.pending.insert_until(stream, correlation_id, reply, deadline);
+        }
+        None => out.pending.insert(stream, correlation_id, reply),
+    }
 }
 
 fn ready<T: Send + 'static>(
@@ -545,47 +615,18 @@ impl AgentConnection for UdsConnection {
     }
 
     fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
-        if !self.is_open() {
-            return ready(Err(self.core.closed_error()));
-        }
-        if !self.capabilities.supports(event.kind()) {
-            return ready(Err(TransportError::Unsupported {
-                connection: self.core.label.clone(),
-                operation: event.kind().as_str(),
-            }));
-        }
-        let stream = self.stream();
-        let (reply, answer) = oneshot::channel();
-        let queued = self.with(|out| match out.codec.encode_event(stream, event, &mut out.buf) {
-            Ok(()) => {
-                out.pending.insert(stream, event.correlation_id().clone(), reply);
-                out.queued += 1;
-                Ok(())
-            }
-            // The size is checked before a byte of the frame is written, so nothing of it is
-            // in the buffer: only this request fails, the connection and the requests on it
-            // go on.
-            Err(FrameError::TooLarge { size: Some(size), limit }) => Err(self.core.too_large(size, limit)),
-            Err(e) => {
-                // As a failed write: the connection ends and this request fails with it.
-                out.stop.get_or_insert(format!("write failed: {e}"));
-                out.pending.insert(stream, event.correlation_id().clone(), reply);
-                out.queued += 1;
-                Ok(())
-            }
-        });
-        match queued {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) | Err(e) => return ready(Err(e)),
-        }
-        let guard = AbandonGuard { core: self.core.clone(), stream, answered: false };
-        Box::pin(async move {
-            // Moved in whole: dropping this future before the answer is what abandons it.
-            let mut guard = guard;
-            let result = answer.await.unwrap_or_else(|_| Err(guard.core.closed_error()));
-            guard.answered = true;
-            result
-        })
+        self.send_with(event, None)
+    }
+
+    /// Keeps the deadline with the request in the table of waiting requests: the connection's
+    /// task watches all of them with one timer, and fails an expired request with
+    /// [`TransportError::DeadlineExceeded`] and a cancel (reason timeout) to the agent.
+    fn send_until(
+        &self,
+        event: &Event,
+        deadline: Instant,
+    ) -> BoxFuture<'static, Result<Decision, TransportError>> {
+        self.send_with(event, Some(deadline))
     }
 
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason) {
@@ -701,6 +742,16 @@ struct Task {
     updates: Option<mpsc::UnboundedSender<ConfigUpdateRequest>>,
 }
 
+/// Arms the deadline timer for `next` unless it is armed for that already; `None` disarms it.
+fn rearm(timer: std::pin::Pin<&mut tokio::time::Sleep>, armed: &mut Option<Instant>, next: Option<Instant>) {
+    if next != *armed {
+        if let Some(at) = next {
+            timer.reset(at);
+        }
+        *armed = next;
+    }
+}
+
 /// Why the task stops.
 enum Stop {
     Closed(String),
@@ -711,8 +762,26 @@ impl Task {
         let core = self.core.clone();
         let ready = core.ready.notified();
         tokio::pin!(ready);
+        // The one timer for every request's deadline, armed for the earliest (`armed`).
+        let deadlines = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(deadlines);
+        let mut armed = None;
         let Stop::Closed(reason) = loop {
             tokio::select! {
+                () = &mut deadlines, if armed.is_some() => {
+                    let error = TransportError::DeadlineExceeded { connection: core.label.clone() };
+                    let now = Instant::now();
+                    let next = core.with(|out| {
+                        let mut expired = Vec::new();
+                        let next = out.pending.expire(now, &error, |stream, id| expired.push((stream, id)));
+                        for (stream, correlation_id) in expired {
+                            let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Timeout };
+                            out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                        }
+                        next
+                    });
+                    rearm(deadlines.as_mut(), &mut armed, next.flatten());
+                }
                 () = &mut ready => {
                     ready.set(core.ready.notified());
                     // With other requests on the wire, more sends are likely runnable right now
@@ -726,7 +795,7 @@ impl Task {
                     if in_flight {
                         tokio::task::yield_now().await;
                     }
-                    let (stop, orphaned) = {
+                    let (stop, orphaned, next) = {
                         let mut out = core.lock();
                         let write = self.framed.write_buffer_mut();
                         if write.is_empty() {
@@ -737,8 +806,9 @@ impl Task {
                         }
                         out.signalled = false;
                         out.queued = 0;
-                        (out.stop.take(), out.orphaned && out.pending.is_empty())
+                        (out.stop.take(), out.orphaned && out.pending.is_empty(), out.pending.arm())
                     };
+                    rearm(deadlines.as_mut(), &mut armed, next);
                     let flushed = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await;
                     if let Some(reason) = stop {
                         break Stop::Closed(reason);

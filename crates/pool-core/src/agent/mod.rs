@@ -28,9 +28,11 @@
 //! 2. If every usable connection is full, the request waits for a permit (woken by the next
 //!    release) until its deadline; if none is usable at all, the agent's failure mode
 //!    decides: an error, or "allow" (fail open).
-//! 3. The send goes out on the chosen connection and races the answer against the deadline
-//!    (scaled by a degraded agent's multiplier) and the agent's abort signal; a time-out or
-//!    an abort tells the agent to cancel.
+//! 3. The send goes out on the chosen connection with its deadline (scaled by a degraded
+//!    agent's multiplier), which the transport keeps (`AgentConnection::send_until`: the
+//!    multiplexing transports watch every request's deadline on a connection with one timer),
+//!    and races the answer against the agent's abort signal; a time-out or an abort tells the
+//!    agent to cancel.
 //! 4. The outcome feeds the slot's health window and latency estimate and the endpoint's
 //!    breaker; the permit is returned when the [`InFlight`] guard drops — which also happens
 //!    if the caller drops the future at any await point.

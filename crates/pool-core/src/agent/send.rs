@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use pool_api::{CancelReason, Decision, Event, EventKind, EventSet, TransportError};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 
 use super::pick::{Miss, Pick};
 use super::wait::{Acquired, Target, Waited};
@@ -263,8 +263,10 @@ impl AgentShared {
         } else {
             None
         };
-        // Kept outside the select so a time-out can cancel on the wire before it is dropped.
-        let mut answer = live.conn.send(event);
+        // The transport keeps the deadline (the multiplexing ones with one timer per
+        // connection, not one per request). Kept outside the select so a drain can cancel on
+        // the wire before it is dropped.
+        let mut answer = live.conn.send_until(event, deadline);
         enum Outcome<T> {
             Answer(T),
             TimedOut,
@@ -272,8 +274,10 @@ impl AgentShared {
         }
         let outcome = tokio::select! {
             biased;
-            r = &mut answer => Outcome::Answer(r),
-            () = sleep_until(deadline) => Outcome::TimedOut,
+            r = &mut answer => match r {
+                Err(TransportError::DeadlineExceeded { .. }) => Outcome::TimedOut,
+                r => Outcome::Answer(r),
+            },
             () = self.abort.cancelled() => Outcome::Aborted,
         };
         let now = Instant::now();
@@ -309,8 +313,8 @@ impl AgentShared {
                 }
                 Err(err)
             }
+            // The transport has told the agent (see `AgentConnection::send_until`).
             Outcome::TimedOut => {
-                live.conn.cancel(&correlation_id, CancelReason::Timeout);
                 let err = PoolError::Timeout { agent: self.id.to_string(), after: timeout };
                 slot.record(live.generation, now, elapsed, Finished::TimedOut(&err), thresholds);
                 slot.endpoint.record(now, false, probe);
