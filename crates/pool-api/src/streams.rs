@@ -167,6 +167,17 @@ impl PendingRequests {
         }
     }
 
+    /// Fails every waiting request with [`TransportError::Cancelled`]`(reason)` and calls
+    /// `cancelled` with each one's stream id and correlation id, for the transport to tell the
+    /// agent; the connection goes on.
+    pub fn cancel_all(&mut self, reason: CancelReason, mut cancelled: impl FnMut(u64, CorrelationId)) {
+        self.earliest = None;
+        for (stream, waiter) in self.waiting.drain() {
+            let _ = waiter.reply.send(Err(TransportError::Cancelled(reason)));
+            cancelled(stream, waiter.correlation_id);
+        }
+    }
+
     /// Takes every waiter out, leaving the table empty: the connection is over. Fail them
     /// with [`AllWaiters::fail`] once the lock is released.
     pub fn take_all(&mut self) -> AllWaiters {
@@ -250,6 +261,25 @@ mod tests {
         }
         assert!(other.try_recv().is_err());
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn cancel_all_fails_every_request_and_names_each() {
+        let mut table = PendingRequests::new();
+        let mut a = waiting(&mut table, 1, "a");
+        let (_, mut b) = waiting_until(&mut table, 2, "b", Instant::now());
+        let mut told = Vec::new();
+        table.cancel_all(CancelReason::ProxyShutdown, |stream, id| told.push((stream, id)));
+        told.sort_by_key(|(s, _)| *s);
+        assert_eq!(told, [(1, "a".into()), (2, "b".into())]);
+        for answer in [&mut a, &mut b] {
+            assert_eq!(
+                answer.try_recv().unwrap(),
+                Err(TransportError::Cancelled(CancelReason::ProxyShutdown))
+            );
+        }
+        assert!(table.is_empty());
+        assert_eq!(table.arm(), None, "nothing left to time");
     }
 
     #[test]
@@ -467,6 +497,39 @@ mod loom_streams {
                 }
                 None => assert_eq!(failed, 0, "refused after the end: nothing to fail"),
             }
+        });
+    }
+
+    /// The pool's abort at the end of a drain (`pool-core`'s `Agent::abort_requests`): it sets
+    /// a flag, then cancels everything waiting on the connection; a send registers on the
+    /// connection, then checks the flag. Every send must be either cancelled by the abort or
+    /// see the flag and cancel itself: none may wait on for an answer.
+    #[test]
+    fn loom_an_abort_reaches_every_send_on_the_connection_or_by_its_flag() {
+        use loom::sync::atomic::{AtomicBool, Ordering};
+        loom::model(|| {
+            let conn = Arc::new(Mutex::new(Conn::default()));
+            let aborted = Arc::new(AtomicBool::new(false));
+            let sender = {
+                let (conn, aborted) = (conn.clone(), aborted.clone());
+                thread::spawn(move || {
+                    let answer = register(&conn, 1, "r").expect("the connection is open");
+                    (answer, aborted.load(Ordering::SeqCst))
+                })
+            };
+            aborted.store(true, Ordering::SeqCst);
+            let mut told = 0;
+            conn.lock().unwrap().table.cancel_all(CancelReason::ProxyShutdown, |_, _| told += 1);
+            let (mut answer, saw_flag) = sender.join().unwrap();
+            let cancelled = match answer.try_recv() {
+                Ok(result) => {
+                    assert_eq!(result, Err(TransportError::Cancelled(CancelReason::ProxyShutdown)));
+                    true
+                }
+                Err(_) => false,
+            };
+            assert_eq!(cancelled, told == 1);
+            assert!(cancelled || saw_flag, "the send neither was cancelled nor saw the abort");
         });
     }
 

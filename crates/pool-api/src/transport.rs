@@ -120,7 +120,11 @@ pub trait PendingConnection: Send + 'static {
 /// * Dropping the future returned by [`send`](AgentConnection::send) before it resolves forgets
 ///   the request and tells the agent to cancel it with [`CancelReason::Abandoned`].
 /// * [`cancel`](AgentConnection::cancel) fails every pending request of that correlation id on
-///   this connection with [`TransportError::Cancelled`] and tells the agent.
+///   this connection with [`TransportError::Cancelled`] and tells the agent;
+///   [`cancel_all`](AgentConnection::cancel_all) does so for every pending request.
+/// * A request is registered by the time [`send`](AgentConnection::send) (or
+///   [`send_until`](AgentConnection::send_until)) returns: a `cancel` or `cancel_all` made
+///   after that finds it.
 /// * A request sent with [`send_until`](AgentConnection::send_until) and not answered by its
 ///   deadline fails with [`TransportError::DeadlineExceeded`], never before it, and the agent
 ///   is told.
@@ -170,6 +174,12 @@ pub trait AgentConnection: Send + Sync + 'static {
 
     /// Cancels the pending requests of `correlation_id` on this connection.
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason);
+
+    /// Cancels every pending request on this connection: each fails with
+    /// [`TransportError::Cancelled`]`(reason)` and the agent is told. The connection stays
+    /// open. (The pool's abort at the end of a drain: one call per connection instead of a
+    /// signal every request would have to watch.)
+    fn cancel_all(&self, reason: CancelReason);
 
     /// Subscribes to the connection's signals (open, draining, flow control, agent health).
     fn signals(&self) -> watch::Receiver<ConnectionSignals>;

@@ -13,7 +13,8 @@
 //! * many concurrent requests over several connections each get their own answer;
 //! * a killed agent fails every pending request at once with [`TransportError::Closed`], the
 //!   connection says it is closed, and a new connection works once the agent is back;
-//! * a cancel aborts that request only;
+//! * a cancel aborts that request only; `cancel_all` every pending one, and the connection
+//!   goes on;
 //! * a request past its deadline fails alone, not early, each at its own deadline, and the
 //!   agent is told;
 //! * an agent that accepts but never handshakes leaves the handshake pending (the pool's
@@ -410,6 +411,35 @@ pub async fn a_request_past_its_deadline_fails_alone_and_the_agent_is_told<H: Ha
     assert!(after.expect("the connection still serves").is_allow());
 }
 
+/// `cancel_all` fails every pending request with [`TransportError::Cancelled`], tells the
+/// agent, and leaves the connection serving.
+pub async fn cancel_all_fails_every_pending_request_and_the_connection_goes_on<H: Harness>(harness: &H) {
+    let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let agent = harness.serve(NeverFor { prefix: "never", dropped: dropped.clone() }).await;
+    let conn = connect(&*harness.connector(), &agent.endpoint).await;
+    let pending: Vec<_> = (0..5).map(|i| tokio::spawn(conn.send(&request(format!("never-{i}"))))).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    conn.cancel_all(CancelReason::ProxyShutdown);
+    for task in pending {
+        let result =
+            tokio::time::timeout(Duration::from_secs(10), task).await.expect("prompt").expect("task");
+        assert_eq!(result, Err(TransportError::Cancelled(CancelReason::ProxyShutdown)));
+    }
+    let told = tokio::time::timeout(Duration::from_secs(10), async {
+        while dropped.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        told.is_ok(),
+        "the agent was told to cancel {} of 5",
+        dropped.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(conn.is_open());
+    assert!(conn.send(&request("after".into())).await.expect("the connection still serves").is_allow());
+}
+
 /// Never answers requests whose correlation id starts with `prefix` (counting their futures
 /// dropped: cancelled); allows every other at once.
 struct NeverFor {
@@ -565,6 +595,12 @@ macro_rules! conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn conformance_a_request_past_its_deadline_fails_alone_and_the_agent_is_told() {
             $crate::conformance::a_request_past_its_deadline_fails_alone_and_the_agent_is_told(&$harness)
+                .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_cancel_all_fails_every_pending_request_and_the_connection_goes_on() {
+            $crate::conformance::cancel_all_fails_every_pending_request_and_the_connection_goes_on(&$harness)
                 .await;
         }
 

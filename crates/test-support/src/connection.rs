@@ -25,6 +25,8 @@ pub(crate) enum Command {
     Send { stream: u64, event: Event, reply: oneshot::Sender<Result<Decision, TransportError>> },
     /// Cancel every pending request of a correlation id.
     Cancel { correlation_id: CorrelationId, reason: CancelReason },
+    /// Cancel every pending request.
+    CancelAll { reason: CancelReason },
     /// The caller dropped its `send` future: forget the stream.
     Abandon { stream: u64 },
     /// The request's deadline passed: forget the stream and tell the agent (reason timeout).
@@ -321,6 +323,12 @@ impl AgentConnection for MemoryConnection {
         }
     }
 
+    fn cancel_all(&self, reason: CancelReason) {
+        if self.core.is_open() {
+            let _ = self.enqueue(Command::CancelAll { reason });
+        }
+    }
+
     fn signals(&self) -> watch::Receiver<ConnectionSignals> {
         self.core.signals.subscribe()
     }
@@ -512,6 +520,12 @@ impl ConnectionTask {
             Command::Cancel { correlation_id, reason } => {
                 agent.record_cancel(label, &correlation_id, reason);
                 for (_, request) in self.pending.extract_if(|_, r| r.correlation_id == correlation_id) {
+                    let _ = request.reply.send(Err(TransportError::Cancelled(reason)));
+                }
+            }
+            Command::CancelAll { reason } => {
+                for (_, request) in self.pending.drain() {
+                    agent.record_cancel(label, &request.correlation_id, reason);
                     let _ = request.reply.send(Err(TransportError::Cancelled(reason)));
                 }
             }

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 use pool_api::proto::{self, agent_frame, proxy_frame};
 use pool_api::streams::PendingRequests;
@@ -309,7 +310,9 @@ impl PendingConnection for Pending {
 struct Core {
     label: String,
     max_message: usize,
-    open: AtomicBool,
+    /// On a cache line of its own: every send reads it, and the lock next to it is written by
+    /// every send (sharing a line cost ~1.4 % of a request's CPU in a profile).
+    open: CachePadded<AtomicBool>,
     reason: Mutex<Option<String>>,
     signals: watch::Sender<ConnectionSignals>,
     state: Mutex<State>,
@@ -445,7 +448,7 @@ impl GrpcConnection {
         let core = Arc::new(Core {
             label,
             max_message,
-            open: AtomicBool::new(true),
+            open: CachePadded::new(AtomicBool::new(true)),
             reason: Mutex::new(None),
             signals: watch::Sender::new(ConnectionSignals::open()),
             state: Mutex::new(State {
@@ -595,6 +598,20 @@ impl AgentConnection for GrpcConnection {
         let _ = self.core.with(|state| {
             let State { pending, out, .. } = state;
             pending.cancel(correlation_id, reason, |stream, correlation_id| {
+                let cancel = pool_api::Cancel { correlation_id, reason };
+                let body = proxy_frame::Body::Cancel(cancel.into());
+                if let Some(out) = out {
+                    let _ =
+                        out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body: Some(body) }));
+                }
+            });
+        });
+    }
+
+    fn cancel_all(&self, reason: CancelReason) {
+        let _ = self.core.with(|state| {
+            let State { pending, out, .. } = state;
+            pending.cancel_all(reason, |stream, correlation_id| {
                 let cancel = pool_api::Cancel { correlation_id, reason };
                 let body = proxy_frame::Body::Cancel(cancel.into());
                 if let Some(out) = out {

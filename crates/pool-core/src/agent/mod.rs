@@ -31,7 +31,8 @@
 //! 3. The send goes out on the chosen connection with its deadline (scaled by a degraded
 //!    agent's multiplier), which the transport keeps (`AgentConnection::send_until`: the
 //!    multiplexing transports watch every request's deadline on a connection with one timer),
-//!    and races the answer against the agent's abort signal; a time-out or an abort tells the
+//!    and waits for the answer; the end of a drain cancels what is in flight on each
+//!    connection at once (`AgentConnection::cancel_all`). A time-out or an abort tells the
 //!    agent to cancel.
 //! 4. The outcome feeds the slot's health window and latency estimate and the endpoint's
 //!    breaker; the permit is returned when the [`InFlight`] guard drops — which also happens
@@ -106,8 +107,12 @@ pub(crate) struct AgentShared {
     pub(crate) metrics: AgentMetrics,
     pub(crate) settings: AgentSettings,
     pub(crate) ctx: Arc<PoolCtx>,
-    /// Fired at the end of a drain: in-flight and waiting sends are cancelled.
+    /// Fired at the end of a drain: sends waiting for a permit are cancelled. (Sends in flight
+    /// are cancelled on their connections, [`Agent::abort_requests`]: no send watches this.)
     pub(crate) abort: CancellationToken,
+    /// Set, before the connections are told, when the agent's requests are aborted: a send
+    /// registered on its connection after they were told finds it and cancels itself.
+    pub(crate) aborted: AtomicBool,
     /// The agent itself, for re-picking when a reserved connection turns out closed.
     agent: OnceLock<Weak<Agent>>,
     /// Correlation affinity: which connection each in-progress request is pinned to.
@@ -233,6 +238,7 @@ impl Agent {
             settings,
             ctx: ctx.clone(),
             abort: parent.child_token(),
+            aborted: AtomicBool::new(false),
             agent: OnceLock::new(),
             affinity: Affinity::new(cfg.affinity.max_entries, cfg.affinity.ttl),
             removed: AtomicBool::new(false),
@@ -348,8 +354,23 @@ impl Agent {
     /// that was never registered (a replacement abandoned before its swap).
     pub(crate) fn abandon(&self) {
         self.shared.removed.store(true, Ordering::Release);
-        self.shared.abort.cancel();
+        self.abort_requests();
         self.stop.cancel();
+    }
+
+    /// Aborts every request of this agent: those waiting for a permit (the abort token) and
+    /// those in flight, cancelled on their connections with reason proxy shutdown. The flag
+    /// goes first (sequentially consistent, as is its check in the send path): a send either
+    /// registered on its connection before the connection was told, and is cancelled there, or
+    /// finds the flag after registering and cancels itself.
+    pub(crate) fn abort_requests(&self) {
+        self.shared.aborted.store(true, Ordering::SeqCst);
+        self.shared.abort.cancel();
+        for slot in self.slots() {
+            if let Some(live) = slot.conn.load_full() {
+                live.conn.cancel_all(CancelReason::ProxyShutdown);
+            }
+        }
     }
 
     /// True while requests are in flight on the agent or pinned to one of its connections
@@ -451,7 +472,7 @@ impl Agent {
         if forced > 0 {
             tracing::warn!(agent = %self.id(), forced, "drain deadline passed; cancelling what is left");
         }
-        self.shared.abort.cancel();
+        self.abort_requests();
         // Cancelled sends return at once; give them the moment they need.
         self.wait_idle(Instant::now() + Duration::from_secs(1)).await;
         self.stop.cancel();

@@ -11,6 +11,7 @@
 //! [`AgentShared::send_sticky`]).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use pool_api::{CancelReason, Decision, Event, EventKind, EventSet, TransportError};
 use tokio::time::Instant;
@@ -264,21 +265,31 @@ impl AgentShared {
             None
         };
         // The transport keeps the deadline (the multiplexing ones with one timer per
-        // connection, not one per request). Kept outside the select so a drain can cancel on
-        // the wire before it is dropped.
+        // connection, not one per request), and the end of a drain cancels the request on its
+        // connection (`Agent::abort_requests`): nothing here watches a timer or a signal.
         let mut answer = live.conn.send_until(event, deadline);
         enum Outcome<T> {
             Answer(T),
             TimedOut,
-            Aborted,
-        }
-        let outcome = tokio::select! {
-            biased;
-            r = &mut answer => match r {
-                Err(TransportError::DeadlineExceeded { .. }) => Outcome::TimedOut,
-                r => Outcome::Answer(r),
+            /// `told`: the connection has cancelled it already.
+            Aborted {
+                told: bool,
             },
-            () = self.abort.cancelled() => Outcome::Aborted,
+        }
+        // Registered on the connection by now: an abort that told the connections before
+        // this registration is seen here (the flag is set before they are told).
+        let outcome = if self.aborted.load(Ordering::SeqCst) {
+            Outcome::Aborted { told: false }
+        } else {
+            match (&mut answer).await {
+                Err(TransportError::DeadlineExceeded { .. }) => Outcome::TimedOut,
+                Err(TransportError::Cancelled(CancelReason::ProxyShutdown))
+                    if self.aborted.load(Ordering::SeqCst) =>
+                {
+                    Outcome::Aborted { told: true }
+                }
+                r => Outcome::Answer(r),
+            }
         };
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start);
@@ -323,8 +334,10 @@ impl AgentShared {
                 guard.settle();
                 Err(err)
             }
-            Outcome::Aborted => {
-                live.conn.cancel(&correlation_id, CancelReason::ProxyShutdown);
+            Outcome::Aborted { told } => {
+                if !told {
+                    live.conn.cancel(&correlation_id, CancelReason::ProxyShutdown);
+                }
                 Err(self.drained())
             }
         };
