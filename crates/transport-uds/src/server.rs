@@ -631,10 +631,13 @@ impl Out {
     }
 
     /// Queues `encode`'s frame, which answers `answers` if it is an answer; false once the
-    /// connection has ended.
+    /// connection has ended. `notify`: wake the session if this is the first frame waiting —
+    /// not for a frame the session queues itself (it writes those on its own, and a task that
+    /// wakes itself is rescheduled, which in a multi-thread runtime also wakes an idle worker).
     fn queue(
         &self,
         answers: Option<u64>,
+        notify: bool,
         encode: impl FnOnce(&mut FrameCodec<Inbound, proto::AgentFrame>, &mut BytesMut) -> Result<(), FrameError>,
     ) -> bool {
         let mut state = self.lock();
@@ -650,27 +653,47 @@ impl Out {
             }
         }
         drop(state);
-        if was_empty {
+        if was_empty && notify {
             self.ready.notify_one();
         }
         true
     }
 
-    /// Queues a frame; false once the connection has ended.
+    /// Queues a frame from outside the session (a task, the handle); false once the
+    /// connection has ended.
     fn push(&self, frame: proto::AgentFrame) -> bool {
-        let answers = answers(&frame);
-        self.queue(answers, |codec, buf| codec.encode_message(&frame, buf))
+        self.push_with(frame, true)
     }
 
-    /// Queues the answer to request `stream`.
+    /// Queues a frame from the session itself, which writes it without being woken.
+    fn push_here(&self, frame: proto::AgentFrame) {
+        self.push_with(frame, false);
+    }
+
+    fn push_with(&self, frame: proto::AgentFrame, notify: bool) -> bool {
+        let answers = answers(&frame);
+        self.queue(answers, notify, |codec, buf| codec.encode_message(&frame, buf))
+    }
+
+    /// Queues the answer to request `stream`, from a request's task.
     fn answer(&self, stream: u64, answer: &Result<pool_api::Decision, AgentError>) {
+        self.answer_with(stream, answer, true);
+    }
+
+    /// Queues the answer to request `stream`, from the session itself (an answer decided
+    /// inline), which writes it without being woken.
+    fn answer_here(&self, stream: u64, answer: &Result<pool_api::Decision, AgentError>) {
+        self.answer_with(stream, answer, false);
+    }
+
+    fn answer_with(&self, stream: u64, answer: &Result<pool_api::Decision, AgentError>, notify: bool) {
         match answer {
             Ok(decision) => {
-                self.queue(Some(stream), |codec, buf| codec.encode_decision(stream, decision, buf));
+                self.queue(Some(stream), notify, |codec, buf| codec.encode_decision(stream, decision, buf));
             }
             Err(e) => {
                 let error = proto::AgentError { message: e.message.clone() };
-                self.push(frame(stream, agent_frame::Body::Error(error)));
+                self.push_with(frame(stream, agent_frame::Body::Error(error)), notify);
             }
         }
     }
@@ -799,183 +822,197 @@ pub(crate) async fn run_session<H: AgentHandler>(
     let mut draining = false;
     let ready = out.ready.notified();
     tokio::pin!(ready);
+    // Frames the session queued itself since it last wrote (it is not woken for those).
+    let mut unwritten = false;
     loop {
         // Frames already read are answered before anything is written, so the answers to one
         // read leave in one write (as an echo server does); past `WRITE_AT` queued bytes, or
         // once only a partial frame is left, the answers go out.
         let more_read = whole_frame(framed.read_buffer());
-        tokio::select! {
-            () = &mut ready, if !more_read || out.backlogged() => {
-                ready.set(out.ready.notified());
-                // Other requests still running may finish in this same scheduler round: let
-                // them, so one write carries all their answers.
-                if permits.available_permits() + 1 < limit {
-                    tokio::task::yield_now().await;
+        let write_now = unwritten && (!more_read || out.backlogged());
+        let write = write_now
+            || tokio::select! {
+                () = &mut ready, if !more_read || out.backlogged() => {
+                    ready.set(out.ready.notified());
+                    true
                 }
-                let failed = {
-                    let mut state = out.lock();
-                    if framed.write_buffer().is_empty() {
-                        std::mem::swap(framed.write_buffer_mut(), &mut state.buf);
-                    } else {
-                        framed.write_buffer_mut().extend_from_slice(&state.buf);
-                        state.buf.clear();
-                    }
-                    std::mem::swap(&mut answered, &mut state.answered);
-                    state.failed.take()
-                };
-                for stream in answered.drain(..) {
-                    tasks.running.remove(&stream);
-                }
-                if let Some(e) = failed {
-                    tracing::error!(error = %e, "an answer could not be written; closing the connection");
-                    break;
-                }
-                // Only a write the socket cannot take at once is timed (no timer otherwise).
-                let mut flush = std::pin::pin!(SinkExt::<proto::AgentFrame>::flush(&mut framed));
-                let flushed = match flush.as_mut().now_or_never() {
-                    Some(flushed) => flushed,
-                    None => match tokio::time::timeout(limits.write_timeout, flush).await {
-                        Ok(flushed) => flushed,
-                        Err(_) => {
-                            counters.hit(Limit::Write);
+                read = std::future::poll_fn(|cx| poll_read(&mut framed, &mut watch, cx)) => {
+                    let incoming = match read {
+                        Read::Frame(incoming) => incoming,
+                        Read::Stalled => {
+                            counters.hit(Limit::FrameRead);
                             tracing::debug!(
-                                timeout = ?limits.write_timeout,
-                                "the proxy has not read for the write time-out; closing the connection"
+                                timeout = ?limits.frame_read_timeout,
+                                "a frame started and did not arrive whole within the frame time-out; closing the connection"
                             );
                             break;
                         }
-                    },
-                };
-                if flushed.is_err() {
+                    };
+                    let frame_in = match incoming {
+                        Some(Ok(f)) => f,
+                        Some(Err(FrameError::TooLarge { size, limit })) => {
+                            tracing::error!(?size, limit, "oversized frame; closing the connection");
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "undecodable frame; closing the connection");
+                            break;
+                        }
+                        None => break,
+                    };
+                    // The codec hands every event over as `Inbound::Event`, already converted.
+                    let (stream, body) = match frame_in {
+                        Inbound::Frame(f) => (f.stream_id, f.body),
+                        Inbound::Event { stream_id: stream, event } => {
+                            let event = match event {
+                                Ok(event) => event,
+                                Err(err) => {
+                                    tracing::error!(error = %err, "invalid event; closing the connection");
+                                    break;
+                                }
+                            };
+                            // `running` holds what the proxy was told to keep under `limit`: a
+                            // request's entry goes when its answer is taken for writing, or when its
+                            // cancel is read, so a proxy keeping to the limit never finds it full.
+                            let over = tasks.running.len() >= limit;
+                            // Before anything is answered on it: an answer on this stream would
+                            // be taken for the answer of the request running under the same id.
+                            let Entry::Vacant(slot) = tasks.running.entry(stream) else {
+                                tracing::error!(stream, "a request reuses the stream id of one still running; closing the connection");
+                                break;
+                            };
+                            if draining {
+                                out.answer_here(stream, &Err(RequestRefused::Draining.into()));
+                                unwritten = true;
+                                continue;
+                            }
+                            // No permit: either a task cancelled or answered has not quite ended
+                            // yet, or the proxy ignores the limit. Either way reading waits, and
+                            // no more than `limit` tasks are ever alive.
+                            let permit = match permits.clone().try_acquire_owned() {
+                                Ok(permit) => permit,
+                                Err(_) => {
+                                    if over {
+                                        counters.hit(Limit::Requests);
+                                    }
+                                    match permits.clone().acquire_owned().await {
+                                        Ok(permit) => permit,
+                                        Err(_) => break,
+                                    }
+                                }
+                            };
+                            // The handler is polled once here: one that decides without waiting
+                            // (most do) is answered at once, without a task of its own. One that
+                            // waits goes on in a task, which a cancel aborts. A panic, either way,
+                            // answers that request with an error.
+                            let handler = handler.clone();
+                            let mut deciding = Box::pin(
+                                AssertUnwindSafe(async move { handler.on_event(event).await }).catch_unwind(),
+                            );
+                            if let Some(outcome) = (&mut deciding).now_or_never() {
+                                drop(permit);
+                                out.answer_here(stream, &outcome.unwrap_or_else(|_| Err(panicked())));
+                                unwritten = true;
+                                continue;
+                            }
+                            let out = out.clone();
+                            slot.insert(tokio::spawn(async move {
+                                let _permit = permit;
+                                let answer = deciding.await.unwrap_or_else(|_| Err(panicked()));
+                                out.answer(stream, &answer);
+                            }));
+                            continue;
+                        }
+                    };
+                    match body {
+                        Some(proxy_frame::Body::Cancel(_)) => {
+                            if let Some(task) = tasks.running.remove(&stream) {
+                                task.abort();
+                            }
+                        }
+                        Some(proxy_frame::Body::Ping(_)) => {
+                            out.push_here(frame(stream, agent_frame::Body::Pong(proto::Pong {})));
+                            unwritten = true;
+                        }
+                        Some(proxy_frame::Body::ConfigPush(p)) => {
+                            tasks.config.retain(|task| !task.is_finished());
+                            if tasks.config.len() >= max_config_pushes {
+                                counters.hit(Limit::ConfigPushes);
+                                let refused = RequestRefused::TooManyConfigPushes { push_id: p.push_id, limit: max_config_pushes };
+                                let ack = proto::ConfigAck { push_id: p.push_id, accepted: false, error: Some(refused.to_string()) };
+                                out.push_here(frame(stream, agent_frame::Body::ConfigAck(ack)));
+                                unwritten = true;
+                                continue;
+                            }
+                            let (handler, out) = (handler.clone(), out.clone());
+                            tasks.config.push(tokio::spawn(async move {
+                                let ack = handler.on_config(ConfigPush::from(p)).await;
+                                out.push(frame(stream, agent_frame::Body::ConfigAck(ack.into())));
+                            }));
+                        }
+                        Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
+                            tracing::info!(request = a.request_id, accepted = a.accepted, error = ?a.error, "proxy answered a configuration update");
+                        }
+                        Some(proxy_frame::Body::Drain(_)) => draining = true,
+                        Some(proxy_frame::Body::Shutdown(_)) => break,
+                        Some(
+                            proxy_frame::Body::Hello(_)
+                            | proxy_frame::Body::RegisterResult(_)
+                            | proxy_frame::Body::Event(_),
+                        )
+                        | None => {
+                            tracing::error!("unexpected or unknown message; closing the connection");
+                            break;
+                        }
+                    }
+                    false
+                }
+            };
+        if !write {
+            continue;
+        }
+        unwritten = false;
+        // Other requests still running may finish in this same scheduler round: let
+        // them, so one write carries all their answers.
+        if permits.available_permits() + 1 < limit {
+            tokio::task::yield_now().await;
+        }
+        let failed = {
+            let mut state = out.lock();
+            if framed.write_buffer().is_empty() {
+                std::mem::swap(framed.write_buffer_mut(), &mut state.buf);
+            } else {
+                framed.write_buffer_mut().extend_from_slice(&state.buf);
+                state.buf.clear();
+            }
+            std::mem::swap(&mut answered, &mut state.answered);
+            state.failed.take()
+        };
+        for stream in answered.drain(..) {
+            tasks.running.remove(&stream);
+        }
+        if let Some(e) = failed {
+            tracing::error!(error = %e, "an answer could not be written; closing the connection");
+            break;
+        }
+        // Only a write the socket cannot take at once is timed (no timer otherwise).
+        let mut flush = std::pin::pin!(SinkExt::<proto::AgentFrame>::flush(&mut framed));
+        let flushed = match flush.as_mut().now_or_never() {
+            Some(flushed) => flushed,
+            None => match tokio::time::timeout(limits.write_timeout, flush).await {
+                Ok(flushed) => flushed,
+                Err(_) => {
+                    counters.hit(Limit::Write);
+                    tracing::debug!(
+                        timeout = ?limits.write_timeout,
+                        "the proxy has not read for the write time-out; closing the connection"
+                    );
                     break;
                 }
-            }
-            read = std::future::poll_fn(|cx| poll_read(&mut framed, &mut watch, cx)) => {
-                let incoming = match read {
-                    Read::Frame(incoming) => incoming,
-                    Read::Stalled => {
-                        counters.hit(Limit::FrameRead);
-                        tracing::debug!(
-                            timeout = ?limits.frame_read_timeout,
-                            "a frame started and did not arrive whole within the frame time-out; closing the connection"
-                        );
-                        break;
-                    }
-                };
-                let frame_in = match incoming {
-                    Some(Ok(f)) => f,
-                    Some(Err(FrameError::TooLarge { size, limit })) => {
-                        tracing::error!(?size, limit, "oversized frame; closing the connection");
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "undecodable frame; closing the connection");
-                        break;
-                    }
-                    None => break,
-                };
-                // The codec hands every event over as `Inbound::Event`, already converted.
-                let (stream, body) = match frame_in {
-                    Inbound::Frame(f) => (f.stream_id, f.body),
-                    Inbound::Event { stream_id: stream, event } => {
-                        let event = match event {
-                            Ok(event) => event,
-                            Err(err) => {
-                                tracing::error!(error = %err, "invalid event; closing the connection");
-                                break;
-                            }
-                        };
-                        // `running` holds what the proxy was told to keep under `limit`: a
-                        // request's entry goes when its answer is taken for writing, or when its
-                        // cancel is read, so a proxy keeping to the limit never finds it full.
-                        let over = tasks.running.len() >= limit;
-                        // Before anything is answered on it: an answer on this stream would
-                        // be taken for the answer of the request running under the same id.
-                        let Entry::Vacant(slot) = tasks.running.entry(stream) else {
-                            tracing::error!(stream, "a request reuses the stream id of one still running; closing the connection");
-                            break;
-                        };
-                        if draining {
-                            out.answer(stream, &Err(RequestRefused::Draining.into()));
-                            continue;
-                        }
-                        // No permit: either a task cancelled or answered has not quite ended
-                        // yet, or the proxy ignores the limit. Either way reading waits, and
-                        // no more than `limit` tasks are ever alive.
-                        let permit = match permits.clone().try_acquire_owned() {
-                            Ok(permit) => permit,
-                            Err(_) => {
-                                if over {
-                                    counters.hit(Limit::Requests);
-                                }
-                                match permits.clone().acquire_owned().await {
-                                    Ok(permit) => permit,
-                                    Err(_) => break,
-                                }
-                            }
-                        };
-                        // The handler is polled once here: one that decides without waiting
-                        // (most do) is answered at once, without a task of its own. One that
-                        // waits goes on in a task, which a cancel aborts. A panic, either way,
-                        // answers that request with an error.
-                        let handler = handler.clone();
-                        let mut deciding = Box::pin(
-                            AssertUnwindSafe(async move { handler.on_event(event).await }).catch_unwind(),
-                        );
-                        if let Some(outcome) = (&mut deciding).now_or_never() {
-                            drop(permit);
-                            out.answer(stream, &outcome.unwrap_or_else(|_| Err(panicked())));
-                            continue;
-                        }
-                        let out = out.clone();
-                        slot.insert(tokio::spawn(async move {
-                            let _permit = permit;
-                            let answer = deciding.await.unwrap_or_else(|_| Err(panicked()));
-                            out.answer(stream, &answer);
-                        }));
-                        continue;
-                    }
-                };
-                match body {
-                    Some(proxy_frame::Body::Cancel(_)) => {
-                        if let Some(task) = tasks.running.remove(&stream) {
-                            task.abort();
-                        }
-                    }
-                    Some(proxy_frame::Body::Ping(_)) => {
-                        out.push(frame(stream, agent_frame::Body::Pong(proto::Pong {})));
-                    }
-                    Some(proxy_frame::Body::ConfigPush(p)) => {
-                        tasks.config.retain(|task| !task.is_finished());
-                        if tasks.config.len() >= max_config_pushes {
-                            counters.hit(Limit::ConfigPushes);
-                            let refused = RequestRefused::TooManyConfigPushes { push_id: p.push_id, limit: max_config_pushes };
-                            let ack = proto::ConfigAck { push_id: p.push_id, accepted: false, error: Some(refused.to_string()) };
-                            out.push(frame(stream, agent_frame::Body::ConfigAck(ack)));
-                            continue;
-                        }
-                        let (handler, out) = (handler.clone(), out.clone());
-                        tasks.config.push(tokio::spawn(async move {
-                            let ack = handler.on_config(ConfigPush::from(p)).await;
-                            out.push(frame(stream, agent_frame::Body::ConfigAck(ack.into())));
-                        }));
-                    }
-                    Some(proxy_frame::Body::ConfigUpdateAnswer(a)) => {
-                        tracing::info!(request = a.request_id, accepted = a.accepted, error = ?a.error, "proxy answered a configuration update");
-                    }
-                    Some(proxy_frame::Body::Drain(_)) => draining = true,
-                    Some(proxy_frame::Body::Shutdown(_)) => break,
-                    Some(
-                        proxy_frame::Body::Hello(_)
-                        | proxy_frame::Body::RegisterResult(_)
-                        | proxy_frame::Body::Event(_),
-                    )
-                    | None => {
-                        tracing::error!("unexpected or unknown message; closing the connection");
-                        break;
-                    }
-                }
-            }
+            },
+        };
+        if flushed.is_err() {
+            break;
         }
     }
 }
