@@ -18,18 +18,25 @@
 //! length-prefixed frame carrying a stream id written by a writer task that batches, read by a
 //! reader task that completes the waiting request, answered inline by the server. What the
 //! pool adds on top: protobuf encoding, the balancer, permits, health and breaker accounting,
-//! time-outs, and on the agent a task per request bounded by its concurrency.
+//! time-outs, affinity, and on the agent the decoding into an `http::HeaderMap` and the
+//! handler (polled inline, a task of its own only if it waits).
 //!
 //! Two measurements at concurrency 1, 16 and 64:
 //! - criterion (`roundtrip/{pool,raw}/{c}`): mean wall time per request at that concurrency;
 //! - a timing loop of its own, rounds alternating pool and raw so load from elsewhere hits both
 //!   alike, printing requests/s (median of rounds), p50 and p99 latency, and the throughput
-//!   ratio pool/raw (median of the per-pair ratios). Targets: ≥ 0.8 at c = 64 in every layout
+//!   ratio pool/raw (median of the per-pair ratios), and the CPU time (user + system, of
+//!   this process and the server process, from `/proc`) per request of each side over all its
+//!   rounds — steadier than throughput in `shared`, where the same build runs in one of two
+//!   regimes from run to run (see the README). Targets: ≥ 0.8 at c = 64 in every layout
 //!   but `shared`, ≥ 0.7 there; in `process` also ≥ 0.6 at c = 1 and a p99 at c = 64 no more
 //!   than 1.3 × the echo's.
 //!
 //! Each request is a browser-like GET whose event the worker keeps, as a proxy keeps its
 //! request: only the correlation id changes per request, and `send` borrows the event.
+//!
+//! The bench (both sides, every layout, the server process too) allocates with mimalloc, as
+//! the gateway does.
 //!
 //! `CARGO_TARGET_DIR=target/bench cargo bench -p transport-uds --bench roundtrip`
 //! (`ROUNDTRIP_REPORT=0` skips the timing loop, for profiling one benchmark with
@@ -60,6 +67,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
+/// As the gateway: the allocator a proxy built on these crates runs with.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
