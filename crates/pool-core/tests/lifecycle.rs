@@ -141,6 +141,30 @@ async fn shutdown_cancels_what_outlives_the_drain_time_out() {
     assert_eq!(agent.pending(), 0);
 }
 
+/// Dropping the last pool handle without a shutdown still aborts a send in flight through a
+/// service that outlives it (the pool's token fires; the agent cancels it on its connection).
+#[tokio::test(start_paused = true)]
+async fn dropping_the_pool_aborts_a_send_in_flight_through_a_service() {
+    use tower_service::Service as _;
+    let agent = allow_all();
+    agent.set_silent(true);
+    let cfg = PoolConfig { request_timeout: Duration::from_secs(60), ..config() };
+    let (pool, _c) = common::single(cfg, &agent).await;
+    let mut service = pool.service("waf").unwrap();
+    std::future::poll_fn(|cx| service.poll_ready(cx)).await.unwrap();
+    let start = Instant::now();
+    let in_flight = tokio::spawn(service.call(request("orphan")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    drop(pool);
+    let err = in_flight.await.unwrap().unwrap_err();
+    assert_eq!(err, PoolError::Cancelled { agent: "waf".into(), reason: CancelReason::ProxyShutdown });
+    assert!(start.elapsed() < Duration::from_secs(1), "aborted at once, not at the time-out");
+    // The agent hears a cancel, or the connection's close, whichever the pool's tasks make
+    // first: either way nothing is left pending there.
+    agent.settle().await;
+    assert_eq!(agent.pending(), 0);
+}
+
 /// A request the caller cancels and one the drain cancels in flight end with the same error,
 /// `Cancelled` with its reason; one waiting for a permit when shutdown begins has not been
 /// admitted and is refused like a new request.

@@ -107,8 +107,11 @@ pub(crate) struct AgentShared {
     pub(crate) metrics: AgentMetrics,
     pub(crate) settings: AgentSettings,
     pub(crate) ctx: Arc<PoolCtx>,
-    /// Fired at the end of a drain: sends waiting for a permit are cancelled. (Sends in flight
-    /// are cancelled on their connections, [`Agent::abort_requests`]: no send watches this.)
+    /// Fired at the end of a drain (or by the pool's token when its last handle is dropped):
+    /// sends waiting for a permit are cancelled. No send in flight watches it: the drain
+    /// cancels those on their connections ([`Agent::abort_requests`]), and when the pool is
+    /// dropped its supervisors close the connections, which the send path reports as the
+    /// abort it is.
     pub(crate) abort: CancellationToken,
     /// Set, before the connections are told, when the agent's requests are aborted: a send
     /// registered on its connection after they were told finds it and cancels itself.

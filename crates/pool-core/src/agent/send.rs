@@ -288,6 +288,11 @@ impl AgentShared {
                 {
                     Outcome::Aborted { told: true }
                 }
+                // The pool's last handle dropped: its supervisors close the connections as the
+                // abort is being made; the request was aborted, not failed by the agent.
+                Err(TransportError::Closed { .. }) if self.abort.is_cancelled() => {
+                    Outcome::Aborted { told: true }
+                }
                 r => Outcome::Answer(r),
             }
         };
