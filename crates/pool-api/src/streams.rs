@@ -196,6 +196,48 @@ impl PendingRequests {
     }
 }
 
+/// The one timer a transport keeps for its table's deadlines: armed for the instant
+/// [`PendingRequests::arm`] or [`PendingRequests::expire`] gives, disarmed by `None`.
+#[derive(Debug)]
+pub struct DeadlineTimer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Default for DeadlineTimer {
+    fn default() -> Self {
+        Self { sleep: Box::pin(tokio::time::sleep_until(Instant::now())), armed: None }
+    }
+}
+
+impl DeadlineTimer {
+    /// A timer armed for nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Arms the timer for `next` (it is reset only if that changes); `None` disarms it.
+    pub fn set(&mut self, next: Option<Instant>) {
+        if next != self.armed {
+            if let Some(at) = next {
+                self.sleep.as_mut().reset(at);
+            }
+            self.armed = next;
+        }
+    }
+
+    /// True while armed: poll [`fired`](Self::fired) only then.
+    pub fn is_armed(&self) -> bool {
+        self.armed.is_some()
+    }
+
+    /// Resolves when the instant it is armed for has come (at once if it is not armed: guard
+    /// with [`is_armed`](Self::is_armed)).
+    pub async fn fired(&mut self) {
+        self.sleep.as_mut().await;
+    }
+}
+
 /// Every request that was waiting on a connection that is over.
 #[derive(Debug)]
 #[must_use = "the waiters wait until they are failed"]

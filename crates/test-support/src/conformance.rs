@@ -393,17 +393,7 @@ pub async fn a_request_past_its_deadline_fails_alone_and_the_agent_is_told<H: Ha
     }
     assert!(second_at <= first_at, "the earlier deadline expires first");
     // The agent is told: both handlers' futures are dropped (the request is cancelled there).
-    let told = tokio::time::timeout(Duration::from_secs(10), async {
-        while dropped.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(
-        told.is_ok(),
-        "the agent was told to cancel {} of 2",
-        dropped.load(std::sync::atomic::Ordering::SeqCst)
-    );
+    agent_told(&dropped, 2).await;
     assert!(conn.is_open());
     let after = conn
         .send_until(&request("after".into()), tokio::time::Instant::now() + Duration::from_secs(10))
@@ -425,19 +415,25 @@ pub async fn cancel_all_fails_every_pending_request_and_the_connection_goes_on<H
             tokio::time::timeout(Duration::from_secs(10), task).await.expect("prompt").expect("task");
         assert_eq!(result, Err(TransportError::Cancelled(CancelReason::ProxyShutdown)));
     }
+    agent_told(&dropped, 5).await;
+    assert!(conn.is_open());
+    assert!(conn.send(&request("after".into())).await.expect("the connection still serves").is_allow());
+}
+
+/// Waits (up to 10 s) until `n` of [`NeverFor`]'s handler futures were dropped: the agent was
+/// told to cancel them.
+async fn agent_told(dropped: &std::sync::atomic::AtomicUsize, n: usize) {
     let told = tokio::time::timeout(Duration::from_secs(10), async {
-        while dropped.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+        while dropped.load(std::sync::atomic::Ordering::SeqCst) < n {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await;
     assert!(
         told.is_ok(),
-        "the agent was told to cancel {} of 5",
+        "the agent was told to cancel {} of {n}",
         dropped.load(std::sync::atomic::Ordering::SeqCst)
     );
-    assert!(conn.is_open());
-    assert!(conn.send(&request("after".into())).await.expect("the connection still serves").is_allow());
 }
 
 /// Never answers requests whose correlation id starts with `prefix` (counting their futures

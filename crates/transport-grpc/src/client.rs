@@ -34,7 +34,7 @@ use bytes::BytesMut;
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 use pool_api::proto::{self, agent_frame, proxy_frame};
-use pool_api::streams::PendingRequests;
+use pool_api::streams::{DeadlineTimer, PendingRequests};
 use pool_api::wire;
 use pool_api::{
     AgentConnection, AgentError, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
@@ -339,6 +339,20 @@ struct State {
     orphaned: bool,
 }
 
+/// Tells the agent to cancel the request on `stream`, while the request stream is open.
+fn send_cancel(
+    out: &Option<mpsc::UnboundedSender<ToAgent>>,
+    stream: u64,
+    correlation_id: CorrelationId,
+    reason: CancelReason,
+) {
+    if let Some(out) = out {
+        let cancel = pool_api::Cancel { correlation_id, reason };
+        let body = Some(proxy_frame::Body::Cancel(cancel.into()));
+        let _ = out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body }));
+    }
+}
+
 impl State {
     fn frame(&mut self, stream_id: u64, body: proxy_frame::Body) {
         if let Some(out) = &self.out {
@@ -554,9 +568,7 @@ impl Drop for AbandonGuard {
             let stream = self.stream;
             let _ = self.core.with(|state| {
                 if let Some(waiter) = state.pending.take(stream) {
-                    let correlation_id = waiter.into_correlation_id();
-                    let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Abandoned };
-                    state.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                    send_cancel(&state.out, stream, waiter.into_correlation_id(), CancelReason::Abandoned);
                 }
                 if state.release_if_orphaned() {
                     self.core.ending.notify_one();
@@ -598,12 +610,7 @@ impl AgentConnection for GrpcConnection {
         let _ = self.core.with(|state| {
             let State { pending, out, .. } = state;
             pending.cancel(correlation_id, reason, |stream, correlation_id| {
-                let cancel = pool_api::Cancel { correlation_id, reason };
-                let body = proxy_frame::Body::Cancel(cancel.into());
-                if let Some(out) = out {
-                    let _ =
-                        out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body: Some(body) }));
-                }
+                send_cancel(out, stream, correlation_id, reason);
             });
         });
     }
@@ -612,12 +619,7 @@ impl AgentConnection for GrpcConnection {
         let _ = self.core.with(|state| {
             let State { pending, out, .. } = state;
             pending.cancel_all(reason, |stream, correlation_id| {
-                let cancel = pool_api::Cancel { correlation_id, reason };
-                let body = proxy_frame::Body::Cancel(cancel.into());
-                if let Some(out) = out {
-                    let _ =
-                        out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body: Some(body) }));
-                }
+                send_cancel(out, stream, correlation_id, reason);
             });
         });
     }
@@ -709,16 +711,6 @@ fn record_metric(connection: &str, metric: pool_api::AgentMetric) {
     metrics::gauge!("agentpool_agent_metric", labels).set(metric.value);
 }
 
-/// Arms the deadline timer for `next` unless it is armed for that already; `None` disarms it.
-fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, armed: &mut Option<Instant>, next: Option<Instant>) {
-    if next != *armed {
-        if let Some(at) = next {
-            timer.reset(at);
-        }
-        *armed = next;
-    }
-}
-
 /// How long the agent has to end its side of the call once ours has ended.
 const END_GRACE: Duration = Duration::from_secs(1);
 
@@ -739,23 +731,21 @@ impl Task {
         tokio::pin!(ending);
         let grace = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(grace);
-        // The one timer for every request's deadline, armed for the earliest (`armed`).
+        // The one timer for every request's deadline, armed for the earliest.
         let rearm = core.rearm.notified();
         tokio::pin!(rearm);
-        let deadlines = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(deadlines);
-        let mut armed = None;
+        let mut deadlines = DeadlineTimer::new();
         let mut ended = false;
         let reason = loop {
             tokio::select! {
                 () = &mut rearm => {
                     rearm.set(core.rearm.notified());
                     let next = core.lock().pending.arm();
-                    arm(deadlines.as_mut(), &mut armed, next);
+                    deadlines.set(next);
                 }
-                () = &mut deadlines, if armed.is_some() => {
+                () = deadlines.fired(), if deadlines.is_armed() => {
                     let next = self.expire();
-                    arm(deadlines.as_mut(), &mut armed, next);
+                    deadlines.set(next);
                 }
                 () = &mut ending, if !ended => {
                     ended = true;
@@ -789,12 +779,7 @@ impl Task {
             let mut state = self.core.lock();
             let State { pending, out, .. } = &mut *state;
             let next = pending.expire(now, &error, |stream, correlation_id| {
-                let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Timeout };
-                let body = proxy_frame::Body::Cancel(cancel.into());
-                if let Some(out) = out {
-                    let _ =
-                        out.send(ToAgent::Frame(proto::ProxyFrame { stream_id: stream, body: Some(body) }));
-                }
+                send_cancel(out, stream, correlation_id, CancelReason::Timeout);
             });
             (next, state.release_if_orphaned())
         };

@@ -29,7 +29,7 @@ use bytes::BytesMut;
 use crossbeam_utils::CachePadded;
 use futures_util::{SinkExt, StreamExt};
 use pool_api::proto::{self, agent_frame, proxy_frame};
-use pool_api::streams::PendingRequests;
+use pool_api::streams::{DeadlineTimer, PendingRequests};
 use pool_api::{
     AgentConnection, AgentError, BoxFuture, CancelReason, Capabilities, ConfigAck, ConfigPush,
     ConfigUpdateAnswer, ConfigUpdateRequest, ConnectionSignals, Connector, CorrelationId, Decision, Endpoint,
@@ -384,6 +384,12 @@ impl Outgoing {
     fn frame(&mut self, stream_id: u64, body: proxy_frame::Body) {
         self.write(&proto::ProxyFrame { stream_id, body: Some(body) });
     }
+
+    /// Tells the agent to cancel the request on `stream`.
+    fn cancel(&mut self, stream: u64, correlation_id: CorrelationId, reason: CancelReason) {
+        let cancel = pool_api::Cancel { correlation_id, reason };
+        self.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+    }
 }
 
 impl Core {
@@ -596,8 +602,7 @@ impl Drop for AbandonGuard {
             self.core.with(|out| {
                 if let Some(waiter) = out.pending.take(stream) {
                     let correlation_id = waiter.into_correlation_id();
-                    let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Abandoned };
-                    out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                    out.cancel(stream, correlation_id, CancelReason::Abandoned);
                 }
             });
         }
@@ -639,8 +644,7 @@ impl AgentConnection for UdsConnection {
                 cancelled.push((stream, correlation_id));
             });
             for (stream, correlation_id) in cancelled {
-                let cancel = pool_api::Cancel { correlation_id, reason };
-                out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                out.cancel(stream, correlation_id, reason);
             }
         });
     }
@@ -650,8 +654,7 @@ impl AgentConnection for UdsConnection {
             let mut cancelled = Vec::new();
             out.pending.cancel_all(reason, |stream, correlation_id| cancelled.push((stream, correlation_id)));
             for (stream, correlation_id) in cancelled {
-                let cancel = pool_api::Cancel { correlation_id, reason };
-                out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                out.cancel(stream, correlation_id, reason);
             }
         });
     }
@@ -756,16 +759,6 @@ struct Task {
     updates: Option<mpsc::UnboundedSender<ConfigUpdateRequest>>,
 }
 
-/// Arms the deadline timer for `next` unless it is armed for that already; `None` disarms it.
-fn rearm(timer: std::pin::Pin<&mut tokio::time::Sleep>, armed: &mut Option<Instant>, next: Option<Instant>) {
-    if next != *armed {
-        if let Some(at) = next {
-            timer.reset(at);
-        }
-        *armed = next;
-    }
-}
-
 /// Why the task stops.
 enum Stop {
     Closed(String),
@@ -776,25 +769,22 @@ impl Task {
         let core = self.core.clone();
         let ready = core.ready.notified();
         tokio::pin!(ready);
-        // The one timer for every request's deadline, armed for the earliest (`armed`).
-        let deadlines = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(deadlines);
-        let mut armed = None;
+        // The one timer for every request's deadline, armed for the earliest.
+        let mut deadlines = DeadlineTimer::new();
         let Stop::Closed(reason) = loop {
             tokio::select! {
-                () = &mut deadlines, if armed.is_some() => {
+                () = deadlines.fired(), if deadlines.is_armed() => {
                     let error = TransportError::DeadlineExceeded { connection: core.label.clone() };
                     let now = Instant::now();
                     let next = core.with(|out| {
                         let mut expired = Vec::new();
                         let next = out.pending.expire(now, &error, |stream, id| expired.push((stream, id)));
                         for (stream, correlation_id) in expired {
-                            let cancel = pool_api::Cancel { correlation_id, reason: CancelReason::Timeout };
-                            out.frame(stream, proxy_frame::Body::Cancel(cancel.into()));
+                            out.cancel(stream, correlation_id, CancelReason::Timeout);
                         }
                         next
                     });
-                    rearm(deadlines.as_mut(), &mut armed, next.flatten());
+                    deadlines.set(next.flatten());
                 }
                 () = &mut ready => {
                     ready.set(core.ready.notified());
@@ -822,7 +812,7 @@ impl Task {
                         out.queued = 0;
                         (out.stop.take(), out.orphaned && out.pending.is_empty(), out.pending.arm())
                     };
-                    rearm(deadlines.as_mut(), &mut armed, next);
+                    deadlines.set(next);
                     let flushed = SinkExt::<proto::ProxyFrame>::flush(&mut self.framed).await;
                     if let Some(reason) = stop {
                         break Stop::Closed(reason);
