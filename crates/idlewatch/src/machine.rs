@@ -29,6 +29,9 @@
 //!   starting until healthy); one stopped from outside is napping.
 //! - **A wake that arrives during a stop** is remembered and starts the workload once the stop
 //!   is confirmed.
+//! - **A failed stop forgets the view.** The stop may have taken effect before its answer was
+//!   lost, so the machine holds no engine view until the next read (the driver reads again
+//!   right away): a wake meanwhile asks for a start instead of trusting a stale "running".
 
 use std::time::Duration;
 
@@ -303,7 +306,18 @@ impl IdleMachine {
                                 self.engine = Some(EngineView::Down);
                             }
                         }
-                        Err(source) => self.fail(WakeError::Stop { workload: self.name(), source }),
+                        Err(source) => {
+                            // The call may have taken effect before it failed (its answer lost
+                            // with the engine's connection): the view from before it is no
+                            // longer known to hold. Until the engine is read again, a wake
+                            // starts rather than trusting a running state that may be gone.
+                            self.engine = None;
+                            // Tried again after another idle period, not at once: the idle
+                            // deadline had passed, and a stop that keeps failing would
+                            // otherwise be retried in a loop.
+                            self.idle_since = now;
+                            self.fail(WakeError::Stop { workload: self.name(), source });
+                        }
                     }
                     if std::mem::take(&mut self.wake_pending) {
                         self.begin_start(now, &mut actions);

@@ -523,10 +523,16 @@ impl Driver {
                         after: deadline,
                     })
                 });
+            let failed = result.is_err();
             if let Err(error) = &result {
                 tracing::warn!(workload = inner.config.workload.name(), %error, "idle stop failed");
             }
             let _ = tx.send(Internal::Input(IdleInput::StopDone(result)));
+            if failed {
+                // The machine forgot its view with the failure: read the status again (when
+                // the engine answers, the view is back; when it does not, a wake starts).
+                observe(&inner, &tx).await;
+            }
         });
     }
 

@@ -196,6 +196,39 @@ async fn the_event_stream_reconnects_and_rereads_the_state() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_that_took_effect_but_lost_its_answer_is_not_taken_for_running() {
+    // The engine is reached through something that can vanish (a docker-agent): the stop
+    // lands, then the connection goes, taking the stop's confirmation and its events with it.
+    let engine = Arc::new(FakeRuntime::new());
+    engine.add_container("web", FakeHealth::NoCheck);
+    let watcher = watching(&engine, container("web")).await;
+    watcher.wake().await.unwrap();
+    let gone = || RuntimeError::Unreachable { message: "agent went away".into() };
+    engine.fail(FakeOp::Events, gone());
+    engine.break_event_streams();
+    engine.fail(FakeOp::Status, gone());
+    tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(engine.calls(FakeOp::Stop), 1);
+    assert!(!engine.state("web").unwrap().is_running(), "the stop landed");
+    assert!(matches!(state(&watcher), IdleState::Error(WakeError::Stop { .. })), "{:?}", state(&watcher));
+
+    // A request now: the watcher must not believe the workload is still up (its upstream is
+    // gone); it asks for a start, which fails while the engine is unreachable.
+    engine.fail(FakeOp::Start, gone());
+    let error = watcher.wake().await.unwrap_err();
+    assert!(matches!(error, WakeError::Start { source: RuntimeError::Unreachable { .. }, .. }), "{error:?}");
+    assert!(!watcher.is_ready());
+
+    // The engine back: the next wake starts it.
+    engine.clear_failure(FakeOp::Start);
+    engine.clear_failure(FakeOp::Status);
+    engine.clear_failure(FakeOp::Events);
+    watcher.wake().await.unwrap();
+    assert!(engine.state("web").unwrap().is_running());
+}
+
+#[tokio::test(start_paused = true)]
 async fn engine_failures_reach_the_waiters_and_the_next_wake_retries() {
     let engine = Arc::new(FakeRuntime::new());
     engine.add_container("web", FakeHealth::NoCheck);

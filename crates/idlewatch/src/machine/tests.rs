@@ -96,6 +96,63 @@ fn a_wake_during_a_stop_starts_again_once_it_is_down() {
     assert_eq!(m.state(), &IdleState::Starting);
 }
 
+/// What a stop whose engine connection broke reports.
+fn lost() -> RuntimeError {
+    RuntimeError::Unreachable { message: "connection reset by agent://127.0.0.1:1".into() }
+}
+
+#[test]
+fn a_failed_stop_forgets_the_view_so_a_wake_starts_instead_of_trusting_it() {
+    let (mut m, t) = machine();
+    m.on_event(t, IdleInput::Observed(EngineView::Up(NoCheck)));
+    assert_eq!(m.on_event(t + IDLE, IdleInput::Tick), [IdleAction::Stop]);
+    // The stop took effect, but its answer (and the event saying so) was lost with the engine.
+    m.on_event(t + IDLE, IdleInput::StopDone(Err(lost())));
+    assert!(matches!(m.state(), IdleState::Error(WakeError::Stop { .. })), "{:?}", m.state());
+    assert_eq!(m.engine(), None);
+    assert_eq!(m.on_event(t + IDLE, IdleInput::Wake), [IdleAction::Start { unpause: false }]);
+    assert_eq!(m.state(), &IdleState::Starting, "not ready on the strength of the old view");
+}
+
+#[test]
+fn a_failed_stop_of_a_workload_still_running_is_ready_again_once_read() {
+    let (mut m, t) = machine();
+    m.on_event(t, IdleInput::Observed(EngineView::Up(NoCheck)));
+    m.on_event(t + IDLE, IdleInput::Tick);
+    m.on_event(t + IDLE, IdleInput::StopDone(Err(lost())));
+    // The driver's read after the failure: still running.
+    m.on_event(t + IDLE, IdleInput::Observed(EngineView::Up(NoCheck)));
+    assert_eq!(m.state(), &IdleState::Ready);
+    assert_eq!(m.next_deadline(), Some(t + IDLE + IDLE), "the stop is tried again after the idle time");
+}
+
+#[test]
+fn a_stop_that_keeps_failing_is_retried_once_per_idle_period_not_in_a_loop() {
+    let (mut m, t) = machine();
+    m.on_event(t, IdleInput::Observed(EngineView::Up(Unhealthy)));
+    m.on_event(t, IdleInput::Wake);
+    m.on_event(t + secs(1), IdleInput::Observed(EngineView::Up(Healthy)));
+    let ready = t + secs(1);
+    assert_eq!(m.state(), &IdleState::Ready);
+    let refused = || RuntimeError::Engine {
+        operation: "stop",
+        id: "web".into(),
+        status: Some(500),
+        message: "x".into(),
+    };
+    let mut at = ready + IDLE;
+    for _ in 0..3 {
+        assert_eq!(m.on_event(at, IdleInput::Tick), [IdleAction::Stop]);
+        m.on_event(at, IdleInput::StopDone(Err(refused())));
+        // Read again: still running, but unhealthy now (so not ready, still in error).
+        m.on_event(at, IdleInput::Observed(EngineView::Up(Unhealthy)));
+        assert!(matches!(m.state(), IdleState::Error(WakeError::Stop { .. })), "{:?}", m.state());
+        assert_eq!(m.next_deadline(), Some(at + IDLE));
+        assert!(m.on_event(at, IdleInput::Tick).is_empty(), "not again at once");
+        at += IDLE;
+    }
+}
+
 #[test]
 fn a_paused_workload_is_unpaused() {
     let (mut m, t) = machine();
