@@ -174,8 +174,17 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
 struct Children(Vec<Child>);
 
 impl Drop for Children {
+    /// SIGTERM first, so that an nginx master stops its workers (a SIGKILLed master leaves
+    /// them running, orphaned, holding their ports); SIGKILL what is still there after 5 s.
     fn drop(&mut self) {
         for c in &mut self.0 {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in &mut self.0 {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

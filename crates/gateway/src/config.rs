@@ -345,28 +345,27 @@ fn pem_bytes(field: &'static str, source: &PemSource) -> Result<Vec<u8>, AgentTl
     }
 }
 
+/// The bytes of an agent's TLS material as read from its files (or inline text): what the
+/// gateway dialled with, kept so that a reload notices a file rewritten in place (a renewed
+/// certificate at the same path) even though the configuration's text did not change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AgentTlsFiles {
+    ca: Vec<u8>,
+    /// The client certificate chain and its key, when set.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl AgentTls {
     /// Reads and checks the material: transport-grpc's client TLS, or the first problem.
     pub(crate) fn load(&self) -> Result<GrpcClientTls, AgentTlsError> {
+        self.read()?.build(self.server_name.as_deref())
+    }
+
+    /// Reads the files (a certificate without its key, or the reverse, is refused here).
+    pub(crate) fn read(&self) -> Result<AgentTlsFiles, AgentTlsError> {
         let ca = pem_bytes("ca", &self.ca)?;
-        let mut tls =
-            GrpcClientTls::new(&ca).map_err(|e| AgentTlsError { field: "ca", problem: e.to_string() })?;
-        if let Some(name) = &self.server_name {
-            tls = tls
-                .with_server_name(name)
-                .map_err(|e| AgentTlsError { field: "server_name", problem: e.to_string() })?;
-        }
-        match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => {
-                let (cert, key) = (pem_bytes("cert", cert)?, pem_bytes("key", key)?);
-                tls = tls.with_identity(&cert, &key).map_err(|e| {
-                    let field = match e {
-                        GrpcTlsError::Certificates { .. } => "cert",
-                        _ => "key",
-                    };
-                    AgentTlsError { field, problem: e.to_string() }
-                })?;
-            }
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((pem_bytes("cert", cert)?, pem_bytes("key", key)?)),
             (Some(_), None) => {
                 return Err(AgentTlsError {
                     field: "key",
@@ -379,7 +378,30 @@ impl AgentTls {
                     problem: "a key needs its client certificate".into(),
                 });
             }
-            (None, None) => {}
+            (None, None) => None,
+        };
+        Ok(AgentTlsFiles { ca, identity })
+    }
+}
+
+impl AgentTlsFiles {
+    /// Checks the bytes read and makes transport-grpc's client TLS from them.
+    pub(crate) fn build(&self, server_name: Option<&str>) -> Result<GrpcClientTls, AgentTlsError> {
+        let mut tls = GrpcClientTls::new(&self.ca)
+            .map_err(|e| AgentTlsError { field: "ca", problem: e.to_string() })?;
+        if let Some(name) = server_name {
+            tls = tls
+                .with_server_name(name)
+                .map_err(|e| AgentTlsError { field: "server_name", problem: e.to_string() })?;
+        }
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.with_identity(cert, key).map_err(|e| {
+                let field = match e {
+                    GrpcTlsError::Certificates { .. } => "cert",
+                    _ => "key",
+                };
+                AgentTlsError { field, problem: e.to_string() }
+            })?;
         }
         Ok(tls)
     }

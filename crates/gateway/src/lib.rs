@@ -7,7 +7,8 @@
 //! reports every problem.
 //!
 //! SIGHUP (or `POST /admin/reload` on the admin listener) re-reads the configuration file:
-//! a file with any problem changes nothing. SIGINT or SIGTERM stops it: listeners stop accepting, requests in flight finish (up to the
+//! a file with any problem changes nothing; an agent whose TLS files were rewritten in place
+//! is replaced like one whose settings changed. SIGINT or SIGTERM stops it: listeners stop accepting, requests in flight finish (up to the
 //! drain time-out), the agent pool drains; the exit code is 0 if nothing had to be cut off.
 //!
 //! The binary is a thin `fn main` over [`main_from_args`], the one public entry of this
@@ -162,8 +163,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     });
     describe_metrics();
     let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
+    let mut dialled = Dialled::new();
     for agent in &config.agents {
-        add_agent(&pool, agent).await?;
+        let files = add_agent(&pool, agent).await?;
+        dialled.insert(agent.name.clone(), files);
     }
     let workloads = Arc::new(workloads::Workloads::start(&config).await?);
     let proxy = Arc::new(Proxy::new(&config, pool.clone(), workloads.watchers.clone()));
@@ -217,7 +220,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Some(reply) = reload_rx.recv() => Some(reply),
         };
         let outcome = match &cli.config {
-            Some(path) => reload(path, &mut running, &pool, &proxy, &http, &handlers, &admin).await,
+            Some(path) => {
+                reload(path, &mut running, &mut dialled, &pool, &proxy, &http, &handlers, &admin).await
+            }
             None => Err("nothing to reload: the demo runs without --config".to_owned()),
         };
         match &outcome {
@@ -324,8 +329,14 @@ enum AddAgentError {
     Pool(#[from] pool_core::PoolError),
 }
 
-async fn add_agent(pool: &AgentPool, agent: &AgentConfig) -> Result<(), AddAgentError> {
-    register(pool, agent, Registration::Add).await
+/// The TLS files each agent was dialled with, by agent name (`None`: no TLS).
+type Dialled = std::collections::HashMap<String, Option<config::AgentTlsFiles>>;
+
+async fn add_agent(
+    pool: &AgentPool,
+    agent: &AgentConfig,
+) -> Result<Option<config::AgentTlsFiles>, AddAgentError> {
+    register(pool, agent, Registration::Add, None).await
 }
 
 /// How [`register`] puts an agent into the pool.
@@ -339,17 +350,26 @@ enum Registration {
     Replace,
 }
 
-async fn register(pool: &AgentPool, agent: &AgentConfig, how: Registration) -> Result<(), AddAgentError> {
+/// Puts `agent` into the pool (with the TLS files `read` already, when the caller has them);
+/// returns the TLS files it dialled with.
+async fn register(
+    pool: &AgentPool,
+    agent: &AgentConfig,
+    how: Registration,
+    read: Option<config::AgentTlsFiles>,
+) -> Result<Option<config::AgentTlsFiles>, AddAgentError> {
     let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
+    let tls_error = |source| AddAgentError::Tls { agent: agent.name.clone(), source };
+    let files = match (&agent.tls, read) {
+        (Some(_), Some(files)) => Some(files),
+        (Some(tls), None) => Some(tls.read().map_err(tls_error)?),
+        (None, _) => None,
+    };
     if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
         // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector, one
         // per agent, with the agent's own TLS settings for grpcs:// endpoints.
-        let tls = match &agent.tls {
-            Some(tls) => {
-                Some(tls.load().map_err(|source| AddAgentError::Tls { agent: agent.name.clone(), source })?)
-            }
-            None => None,
-        };
+        let server_name = agent.tls.as_ref().and_then(|t| t.server_name.as_deref());
+        let tls = files.as_ref().map(|f| f.build(server_name)).transpose().map_err(tls_error)?;
         let config = GrpcConnectorConfig { tls, ..GrpcConnectorConfig::default() };
         spec = spec.connector(Arc::new(GrpcConnector::new(config)));
     }
@@ -370,7 +390,7 @@ async fn register(pool: &AgentPool, agent: &AgentConfig, how: Registration) -> R
             .collect();
         tracing::warn!(agent = %agent.name, errors = ?errors, "agent unreachable for now (retried in the background)");
     }
-    Ok(())
+    Ok(files)
 }
 
 /// Re-reads `path` and moves the running gateway to it: agents first (new ones added, changed
@@ -378,9 +398,11 @@ async fn register(pool: &AgentPool, agent: &AgentConfig, how: Registration) -> R
 /// apply: open connections finish where they are), then agents no route needs any more are
 /// drained, once the requests that matched an old route naming them are done. A configuration
 /// with any problem changes nothing.
+#[allow(clippy::too_many_arguments)]
 async fn reload(
     path: &std::path::Path,
     running: &mut GatewayConfig,
+    dialled: &mut Dialled,
     pool: &AgentPool,
     proxy: &Proxy,
     http: &Pool,
@@ -404,21 +426,33 @@ async fn reload(
     let mut added = Vec::new();
     let mut replaced = Vec::new();
     for agent in &next.agents {
+        let failed = |e: AddAgentError| format!("agent {}: {e}", agent.name);
         match old.get(agent.name.as_str()) {
             None => {
-                add_agent(pool, agent).await.map_err(|e| format!("agent {}: {e}", agent.name))?;
+                let files = add_agent(pool, agent).await.map_err(failed)?;
+                dialled.insert(agent.name.clone(), files);
                 added.push(agent.name.clone());
             }
-            Some(before) if *before != agent => {
+            Some(before) => {
+                // The same settings may name files rewritten since (a renewed certificate at
+                // the same path): their bytes are compared with those the agent was dialled with.
+                let files = match &agent.tls {
+                    Some(tls) => Some(tls.read().map_err(|source| {
+                        failed(AddAgentError::Tls { agent: agent.name.clone(), source })
+                    })?),
+                    None => None,
+                };
+                let rewritten = dialled.get(&agent.name).is_some_and(|d| *d != files);
+                if *before == agent && !rewritten {
+                    continue;
+                }
                 // The pool keys agents by name: the new endpoints come up, then take the old
                 // ones' place at once; the old ones drain in the background, requests on them
                 // finishing there. A new setting the pool refuses leaves the old agent running.
-                register(pool, agent, Registration::Replace)
-                    .await
-                    .map_err(|e| format!("agent {}: {e}", agent.name))?;
+                let files = register(pool, agent, Registration::Replace, files).await.map_err(failed)?;
+                dialled.insert(agent.name.clone(), files);
                 replaced.push(agent.name.clone());
             }
-            Some(_) => {}
         }
     }
     let before = proxy.routes();
@@ -443,6 +477,7 @@ async fn reload(
     drop(before);
     for agent in &removed {
         let _ = pool.remove_agent(agent).await;
+        dialled.remove(agent);
     }
     let summary = format!(
         "{} route(s); agents added {added:?}, replaced {replaced:?}, removed {removed:?}; listeners: {report:?}",

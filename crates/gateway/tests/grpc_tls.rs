@@ -141,3 +141,57 @@ async fn check_reports_bad_agent_tls_fields_with_their_location() {
     let (ok, err) = common::check(dir.path(), &format!("{head}{rest}")).await;
     assert!(!ok && err.contains("agents[0] (waf).tls: grpcs:// endpoints need tls.ca"), "{err}");
 }
+
+/// `POST /admin/reload`: the status code and the answer's text.
+async fn reload(admin: &str) -> (u16, String) {
+    let request = format!(
+        "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let reply = exchange(admin, request.as_bytes()).await;
+    (reply.status, reply.text())
+}
+
+#[tokio::test]
+async fn a_client_certificate_renewed_at_the_same_path_is_taken_by_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("agents");
+    let (endpoint, _stop) = mtls_agent(&ca).await;
+    let app = common::ok_upstream().await;
+    // The gateway's certificate is from a CA the agent does not accept (an expired or revoked
+    // one would do the same): the route, failing closed, answers 503.
+    let stale = TestCa::new("last year's CA").issue(&["gateway.test"]);
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem);
+    let cert = write(dir.path(), "gateway.pem", &stale.cert);
+    let key = write(dir.path(), "gateway.key", &stale.key);
+    let tls = format!(
+        "{{ ca = {{ file = \"{ca_file}\" }}, cert = {{ file = \"{cert}\" }}, key = {{ file = \"{key}\" }}, server_name = \"agent.test\" }}"
+    );
+    let gateway = common::start_gateway(dir.path(), &config(app, &endpoint, &tls)).await;
+    assert_eq!(exchange(&gateway.listen, &get("/page")).await.status, 503);
+
+    // An unchanged file set: nothing is replaced.
+    let (status, text) = reload(&gateway.admin).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("replaced []"), "{text}");
+
+    // The certificate renewed in place (same paths, same configuration text): the reload sees
+    // the new bytes, replaces the agent, and the route works.
+    let renewed = ca.issue(&["gateway.test"]);
+    write(dir.path(), "gateway.pem", &renewed.cert);
+    write(dir.path(), "gateway.key", &renewed.key);
+    let (status, text) = reload(&gateway.admin).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("replaced [\"waf\"]"), "{text}");
+    common::eventually("the renewed certificate is accepted", async || {
+        exchange(&gateway.listen, &get("/page")).await.status == 200
+    })
+    .await;
+    assert_eq!(exchange(&gateway.listen, &get("/admin/x")).await.status, 403, "the agent decided");
+
+    // A renewed file that is broken: the reload is refused with the field, the agent stays.
+    write(dir.path(), "gateway.key", "not a key\n");
+    let (status, text) = reload(&gateway.admin).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("tls.key"), "{text}");
+    assert_eq!(exchange(&gateway.listen, &get("/page")).await.status, 200);
+}
