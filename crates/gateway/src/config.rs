@@ -205,7 +205,9 @@ pub(crate) struct WorkloadConfig {
     /// The name routes use.
     pub name: String,
     /// idlewatch's settings: `workload = { container = "wiki" }` (or `{ service = { name, replicas } }`),
-    /// `idle_timeout`, `stop`, `stop_timeout`, `wake_timeout`, `readiness`, `depends_on`.
+    /// `idle_timeout`, `stop`, `stop_timeout`, `wake_timeout`, `readiness`, `depends_on`,
+    /// `metric_labels`. The gateway sets the label `host` (the `docker_hosts` name, or `local`)
+    /// on the watcher's series itself.
     pub watch: idlewatch::IdleConfig,
     /// Serve a loading page to browsers while it wakes (default true); otherwise requests are
     /// held until it is ready.

@@ -117,7 +117,17 @@ impl Workloads {
         // The local engine first: its failure stops the start before any remote task is spawned.
         groups.sort_by_key(|(host, _)| host.is_some());
         for (host, members) in groups {
-            let configs = members.iter().map(|w| w.watch.clone()).collect();
+            // Same-named containers on two engines are two watchers: their metric series are
+            // kept apart by the engine's name.
+            let engine = host.unwrap_or(LOCAL_ENGINE);
+            let configs = members
+                .iter()
+                .map(|w| {
+                    let mut watch = w.watch.clone();
+                    watch.metric_labels.insert("host".to_owned(), engine.to_owned());
+                    watch
+                })
+                .collect();
             let (group, host) = match host {
                 None => {
                     let docker = docker_agent::bollard::Docker::connect_with_socket_defaults()

@@ -142,6 +142,9 @@ async fn a_container_on_a_remote_host_sleeps_and_is_woken_through_its_docker_age
     let reply = exchange(&gateway.listen, &get("/")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(reply.text().contains("agentpool test container"), "{}", reply.text());
+    // idlewatch's series name the engine: same-named containers on two hosts stay apart.
+    let wakes = format!("idlewatch_wakes_total{{workload=\"{}\",host=\"edge\"}}", container.name());
+    assert_eq!(common::metric(&gateway.admin, &wakes).await, Some(1.0), "{wakes}");
 
     // Idle: stopped through the agent. The next request wakes it again.
     wait_stopped(&engine, container.name()).await;

@@ -8,6 +8,7 @@
 //! stop that the engine is still carrying out within its grace period is never reported as
 //! failed (GoDoxy used one value for both, its #166).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -187,7 +188,16 @@ pub struct IdleConfig {
     /// Only an [`IdleGroup`](crate::IdleGroup) can honour these.
     #[serde(default)]
     pub depends_on: Vec<Dependency>,
+    /// Labels added to every metric series of this watcher, beside `workload`: for example
+    /// the engine a workload runs on, so that watchers of same-named containers on several
+    /// engines keep series of their own. Names follow Prometheus's rules
+    /// (`[a-zA-Z_][a-zA-Z0-9_]*`); `workload`, `state`, `outcome` and `reason` are taken.
+    #[serde(default)]
+    pub metric_labels: BTreeMap<String, String>,
 }
+
+/// Label names the watcher's own series use.
+const RESERVED_LABELS: [&str; 4] = ["workload", "state", "outcome", "reason"];
 
 fn default_stop_timeout() -> Duration {
     Duration::from_secs(10)
@@ -209,6 +219,7 @@ impl IdleConfig {
             wake_timeout: default_wake_timeout(),
             readiness: Readiness::default(),
             depends_on: Vec::new(),
+            metric_labels: BTreeMap::new(),
         }
     }
 
@@ -284,6 +295,16 @@ impl IdleConfig {
                 r.settle, self.wake_timeout
             ));
         }
+        for key in self.metric_labels.keys() {
+            let mut chars = key.chars();
+            let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid || key.starts_with("__") {
+                problems.push(format!("metric_labels: {key:?} is not a metric label name"));
+            } else if RESERVED_LABELS.contains(&key.as_str()) {
+                problems.push(format!("metric_labels: {key:?} is a label the watcher sets itself"));
+            }
+        }
         let name = self.workload.name();
         for (i, dependency) in self.depends_on.iter().enumerate() {
             if dependency.workload == name {
@@ -335,6 +356,27 @@ mod tests {
             assert!(problems.iter().any(|p| p.contains(needle)), "{needle:?} missing from {problems:#?}");
         }
         assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn metric_labels_must_be_label_names_the_watcher_does_not_set_itself() {
+        let mut config = IdleConfig::new(Workload::Container("web".into()), Duration::from_secs(1));
+        for key in ["host", "_zone", "rack_2"] {
+            config.metric_labels.insert(key.into(), "x".into());
+        }
+        config.validate().unwrap();
+        for key in ["", "2rack", "data-center", "__name", "workload", "state"] {
+            config.metric_labels.insert(key.into(), "x".into());
+        }
+        let problems = config.validate().unwrap_err().problems;
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("\"workload\" is a label the watcher sets itself")));
+        assert!(problems.iter().any(|p| p.contains("\"data-center\" is not a metric label name")));
+        let parsed: IdleConfig = serde_json::from_str(
+            r#"{"workload": {"container": "web"}, "idle_timeout": "1s", "metric_labels": {"host": "edge"}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.metric_labels["host"], "edge");
     }
 
     #[test]

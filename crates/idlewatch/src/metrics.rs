@@ -1,4 +1,5 @@
-//! The watcher's metrics, through the `metrics` facade; every series carries a `workload` label.
+//! The watcher's metrics, through the `metrics` facade; every series carries a `workload` label
+//! and the configuration's [`metric_labels`](crate::IdleConfig::metric_labels).
 //!
 //! | Name | Kind | Meaning |
 //! |---|---|---|
@@ -9,7 +10,9 @@
 //! | `idlewatch_waiters` | gauge | callers waiting for a wake |
 //! | `idlewatch_event_reconnects_total` | counter | times the engine's event stream was reopened |
 
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use std::collections::BTreeMap;
+
+use metrics::{Counter, Gauge, Histogram, Label, counter, gauge, histogram};
 
 use crate::machine::IdleState;
 
@@ -28,17 +31,24 @@ pub(crate) struct WatchMetrics {
 }
 
 impl WatchMetrics {
-    pub(crate) fn new(workload: &str) -> Self {
-        let w = workload.to_owned();
+    pub(crate) fn new(workload: &str, extra: &BTreeMap<String, String>) -> Self {
+        let base: Vec<Label> = std::iter::once(Label::new("workload", workload.to_owned()))
+            .chain(extra.iter().map(|(k, v)| Label::new(k.clone(), v.clone())))
+            .collect();
+        let with = |key: &'static str, value: &'static str| {
+            let mut labels = base.clone();
+            labels.push(Label::new(key, value));
+            labels
+        };
         Self {
-            wakes: counter!("idlewatch_wakes_total", "workload" => w.clone()),
-            wake_ready: histogram!("idlewatch_wake_duration_seconds", "workload" => w.clone(), "outcome" => "ready"),
-            wake_error: histogram!("idlewatch_wake_duration_seconds", "workload" => w.clone(), "outcome" => "error"),
-            stops_idle: counter!("idlewatch_stops_total", "workload" => w.clone(), "reason" => "idle"),
-            stops_external: counter!("idlewatch_stops_total", "workload" => w.clone(), "reason" => "external"),
-            waiters: gauge!("idlewatch_waiters", "workload" => w.clone()),
-            reconnects: counter!("idlewatch_event_reconnects_total", "workload" => w.clone()),
-            states: STATES.map(|s| gauge!("idlewatch_state", "workload" => w.clone(), "state" => s)),
+            wakes: counter!("idlewatch_wakes_total", base.clone()),
+            wake_ready: histogram!("idlewatch_wake_duration_seconds", with("outcome", "ready")),
+            wake_error: histogram!("idlewatch_wake_duration_seconds", with("outcome", "error")),
+            stops_idle: counter!("idlewatch_stops_total", with("reason", "idle")),
+            stops_external: counter!("idlewatch_stops_total", with("reason", "external")),
+            waiters: gauge!("idlewatch_waiters", base.clone()),
+            reconnects: counter!("idlewatch_event_reconnects_total", base.clone()),
+            states: STATES.map(|s| gauge!("idlewatch_state", with("state", s))),
         }
     }
 

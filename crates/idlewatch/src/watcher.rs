@@ -128,7 +128,7 @@ impl IdleWatcher {
         engine: Arc<dyn Engine>,
         dependencies: Vec<(IdleWatcher, Dependency)>,
     ) -> Self {
-        let metrics = WatchMetrics::new(config.workload.name());
+        let metrics = WatchMetrics::new(config.workload.name(), &config.metric_labels);
         metrics.set_state(&IdleState::Napping);
         let (snapshot, _) =
             watch::channel(IdleSnapshot { state: IdleState::Napping, attempt: 0, running: false });

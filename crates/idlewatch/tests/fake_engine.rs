@@ -344,9 +344,10 @@ async fn metrics_count_wakes_stops_and_states() {
     let engine = Arc::new(FakeRuntime::new());
     engine.add_container("web", FakeHealth::HealthyAfter(Duration::from_secs(1)));
     // The handles are bound to the recorder when the watcher is made.
-    let watcher = metrics::with_local_recorder(&recorder, || {
-        IdleWatcher::new(container("web"), engine.clone()).unwrap()
-    });
+    let mut config = container("web");
+    config.metric_labels.insert("host".into(), "edge-1".into());
+    let watcher =
+        metrics::with_local_recorder(&recorder, || IdleWatcher::new(config, engine.clone()).unwrap());
     watcher.start().await.unwrap();
     watcher.wake().await.unwrap();
     tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
@@ -388,6 +389,11 @@ async fn metrics_count_wakes_stops_and_states() {
     assert_eq!(find("idlewatch_state", Some(("state", "napping"))), &DebugValue::Gauge(1.0.into()));
     assert_eq!(find("idlewatch_state", Some(("state", "ready"))), &DebugValue::Gauge(0.0.into()));
     assert_eq!(find("idlewatch_waiters", None), &DebugValue::Gauge(0.0.into()));
+    // Every series carries the configured labels beside its own.
+    for (name, labels, _) in &values {
+        let has = |k: &str, v: &str| labels.iter().any(|(lk, lv)| lk == k && lv == v);
+        assert!(has("workload", "web") && has("host", "edge-1"), "{name} {labels:?}");
+    }
 }
 
 fn dependent(name: &str, idle: Duration, deps: &[(&str, idlewatch::DependencyCondition)]) -> IdleConfig {
