@@ -151,7 +151,8 @@ pub(crate) struct UpstreamConfig {
     #[serde(default = "default_eject_for", with = "humantime_serde")]
     pub eject_for: Duration,
     /// Connections open at once to each of its URLs. A request that finds none idle and the
-    /// cap reached waits for one to come back or close, within `timeout`. Default 1024.
+    /// cap reached waits for one to come back or close, within `timeout`; if none does, it
+    /// gets 503 with `Retry-After` (the URL's health is not charged). Default 1024.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Idle keep-alive connections kept per URL; one going idle beyond that is closed.

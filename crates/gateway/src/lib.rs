@@ -288,6 +288,14 @@ fn describe_metrics() {
         "Response bodies an agent was shown no more of: over its max_body_size, or unavailable on a fail-open route."
     );
     describe_counter!(
+        "gateway_upstream_connection_waits_total",
+        "Requests that found an upstream URL at its max_connections and waited for a connection."
+    );
+    describe_counter!(
+        "gateway_upstream_busy_total",
+        "Requests answered 503 because no connection to an upstream URL came free within its timeout."
+    );
+    describe_counter!(
         "gateway_websocket_closed_total",
         "WebSocket connections the gateway closed itself, by route and close code."
     );

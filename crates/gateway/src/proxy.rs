@@ -672,9 +672,10 @@ impl Proxy {
             // Only a request that may be retried keeps a copy of its headers.
             *attempt.headers_mut() =
                 if retryable { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-            match tokio::time::timeout(
-                upstream.timeout,
-                self.client.send(&base.authority, &base.stack, attempt),
+            let deadline = Instant::now() + upstream.timeout;
+            match tokio::time::timeout_at(
+                deadline,
+                self.client.send(&base.authority, &base.stack, deadline, attempt),
             )
             .await
             {
@@ -690,6 +691,19 @@ impl Proxy {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     return (Response::from_parts(parts, body.map_err(Into::into).boxed()), true);
+                }
+                Ok(Err(e)) if e.is_busy() => {
+                    // The gateway's own cap, not the upstream's failure: it is not counted
+                    // against the URL's health, and the client may try again.
+                    tracing::warn!(route = %route.name, upstream = %upstream.name, error = %e, "no upstream connection free in time");
+                    metrics::counter!("gateway_upstream_busy_total", "url" => base.authority.to_string())
+                        .increment(1);
+                    let mut resp = plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "every connection to the upstream is busy; try again\n",
+                    );
+                    resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                    return (resp, false);
                 }
                 Ok(Err(e)) => {
                     upstream.failed(i);

@@ -65,6 +65,15 @@ pub(crate) enum UpstreamError {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// Every connection the URL may have open (its `max_connections`) stayed busy until the
+    /// request's deadline: nothing was sent, and the upstream is not at fault.
+    #[error("all {max_connections} connections to {authority} stayed busy")]
+    Busy {
+        /// The URL's `host:port`.
+        authority: Authority,
+        /// Its cap.
+        max_connections: usize,
+    },
     /// The connection was made but the HTTP exchange failed.
     #[error("HTTP/1.1 to {authority}: {source}")]
     Http {
@@ -79,6 +88,11 @@ impl UpstreamError {
     /// True if nothing of the request reached the upstream (it may go to another URL).
     pub(crate) fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect { .. })
+    }
+
+    /// True if the request found the URL at its connection cap until its deadline.
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(self, UpstreamError::Busy { .. })
     }
 }
 
@@ -129,10 +143,12 @@ impl IdleStack {
 
     /// A connection for one request: the most recently used idle one, a new one while under
     /// the cap, or else the first to come back or to close (a closed one frees a place under
-    /// the cap). The flag says whether the connection was reused.
+    /// the cap) — [`UpstreamError::Busy`] if none does by `deadline`. The flag says whether
+    /// the connection was reused.
     async fn checkout(
         &self,
         authority: &Authority,
+        deadline: Instant,
     ) -> Result<(SendRequest<UpstreamBody>, bool), UpstreamError> {
         loop {
             if let Some(sender) = self.take() {
@@ -150,6 +166,12 @@ impl IdleStack {
                         () = self.returned.notified() => continue,
                         permit = self.open.clone().acquire_owned() => {
                             permit.expect("the semaphore is never closed")
+                        }
+                        () = tokio::time::sleep_until(deadline) => {
+                            return Err(UpstreamError::Busy {
+                                authority: authority.clone(),
+                                max_connections: self.limits.max_connections,
+                            });
                         }
                     }
                 }
@@ -235,11 +257,14 @@ impl UpstreamClient {
 
     /// Sends `req` (origin-form target, HTTP/1.1) to `authority` over an idle connection of
     /// `stack` or a new one, and returns the response head; the connection goes back on the
-    /// stack when the response's body has been read to its end.
+    /// stack when the response's body has been read to its end. A request that waits at the
+    /// URL's connection cap gives up at `deadline` ([`UpstreamError::Busy`]); the caller
+    /// bounds the rest (connect, exchange) with the same deadline.
     pub(crate) async fn send(
         &self,
         authority: &Authority,
         stack: &Arc<IdleStack>,
+        deadline: Instant,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         if !req.headers().contains_key(header::HOST)
@@ -248,7 +273,7 @@ impl UpstreamClient {
             req.headers_mut().insert(header::HOST, host.clone());
         }
         let http = |source| UpstreamError::Http { authority: authority.clone(), source };
-        let (mut sender, reused) = stack.checkout(authority).await?;
+        let (mut sender, reused) = stack.checkout(authority, deadline).await?;
         let answer = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
             Err(e) if reused => {
@@ -403,6 +428,11 @@ mod tests {
     const LIMITS: ConnLimits =
         ConnLimits { max_connections: 1024, max_idle: 256, idle_timeout: Duration::from_secs(90) };
 
+    /// A deadline no test reaches.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
     fn empty() -> UpstreamBody {
         Empty::new().map_err(Into::into).boxed()
     }
@@ -450,7 +480,7 @@ mod tests {
         let client = UpstreamClient::new();
         let stack = client.stack(&authority, LIMITS);
         for _ in 0..5 {
-            let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+            let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
         }
@@ -467,7 +497,7 @@ mod tests {
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
             all.spawn(async move {
-                let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+                let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
                 // Holds its connection a moment, so that the others find the cap reached.
                 tokio::task::yield_now().await;
                 resp.into_body().collect().await.unwrap().to_bytes()
@@ -490,11 +520,17 @@ mod tests {
                 let client = UpstreamClient::new();
                 let stack =
                     client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
-                let first = client.send(&authority, &stack, get("/")).await.unwrap();
+                let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
                 let second = tokio::spawn({
                     let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
                     async move {
-                        client.send(&authority, &stack, get("/")).await.unwrap().into_body().collect().await
+                        client
+                            .send(&authority, &stack, later(), get("/"))
+                            .await
+                            .unwrap()
+                            .into_body()
+                            .collect()
+                            .await
                     }
                 });
                 tokio::task::yield_now().await;
@@ -511,14 +547,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_still_at_the_cap_at_its_deadline_is_busy_and_sends_nothing() {
+        let (authority, accepted) = upstream().await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
+        // Holds the only connection (its body unread).
+        let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let e = client.send(&authority, &stack, deadline, get("/")).await.unwrap_err();
+        assert!(e.is_busy() && !e.is_connect(), "{e:?}");
+        assert!(Instant::now() >= deadline, "given up at the deadline, not before");
+        assert_eq!(e.to_string(), format!("all 1 connections to {authority} stayed busy"));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "no second connection");
+        // The held connection is fine and goes back once read.
+        first.into_body().collect().await.unwrap();
+        assert_eq!(stack.len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_connection_that_closes_frees_its_place_under_the_cap() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
         let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
-        let first = client.send(&authority, &stack, get("/")).await.unwrap();
+        let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         let waiting = tokio::spawn({
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
-            async move { client.send(&authority, &stack, get("/")).await.unwrap().into_body().collect().await }
+            async move {
+                client.send(&authority, &stack, later(), get("/")).await.unwrap().into_body().collect().await
+            }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "the second request waits at the cap");
@@ -533,10 +589,10 @@ mod tests {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
         let stack = client.stack(&authority, LIMITS);
-        let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         drop(resp);
         assert_eq!(stack.len(), 0);
-        let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
@@ -550,7 +606,7 @@ mod tests {
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
             all.spawn(async move {
-                let resp = client.send(&authority, &stack, get("/")).await.unwrap();
+                let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
                 resp.into_body().collect().await.unwrap();
             });
         }
@@ -579,7 +635,7 @@ mod tests {
         let stack = client.stack(&authority, LIMITS);
         for _ in 0..20 {
             let resp = client
-                .send(&authority, &stack, get("/"))
+                .send(&authority, &stack, later(), get("/"))
                 .await
                 .expect("a new connection when the idle one closed");
             assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
@@ -600,7 +656,7 @@ mod tests {
         });
         let client = UpstreamClient::new();
         let stack = client.stack(&authority, LIMITS);
-        let mut body = client.send(&authority, &stack, get("/")).await.unwrap().into_body();
+        let mut body = client.send(&authority, &stack, later(), get("/")).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "ok");
         assert!(body.frame().await.unwrap().is_err(), "the body is cut short");
@@ -616,7 +672,7 @@ mod tests {
         drop(listener);
         let client = UpstreamClient::new();
         let stack = client.stack(&authority, LIMITS);
-        let e = client.send(&authority, &stack, get("/")).await.unwrap_err();
+        let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
         assert!(e.is_connect());
         assert!(e.to_string().contains(authority.as_str()), "{e}");
     }
@@ -636,8 +692,10 @@ mod tests {
         let client = UpstreamClient::new();
         let stack = client.stack(&authority, LIMITS);
         let body = Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed();
-        let resp =
-            client.send(&authority, &stack, Request::post("/p?q=1").body(body).unwrap()).await.unwrap();
+        let resp = client
+            .send(&authority, &stack, later(), Request::post("/p?q=1").body(body).unwrap())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 204);
         // A body-less response gives the connection back at once.
         assert_eq!(stack.len(), 1);

@@ -577,3 +577,73 @@ async fn json_logs_carry_one_access_line_per_request() {
     assert_eq!(access[0]["fields"]["path"], "/logged");
     assert_eq!(access[0]["fields"]["status"], 200);
 }
+
+/// An upstream whose answer's head comes at once and whose 2-byte body comes after `hold`:
+/// the connection stays busy meanwhile.
+async fn slow_body_upstream(hold: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n").await;
+                    tokio::time::sleep(hold).await;
+                    let _ = stream.write_all(b"ok").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_that_finds_every_upstream_connection_busy_gets_503_and_the_url_stays_in() {
+    let app = slow_body_upstream(Duration::from_secs(2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    // One connection allowed; a single failure would leave the URL out.
+    let config = format!(
+        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n\
+         [[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\ntimeout = \"300ms\"\nmax_connections = 1\nmax_idle = 1\n\
+         max_failures = 1\neject_for = \"1m\"\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(&admin, &mut child).await;
+    // The first request holds the only connection while its body trickles in: its head is
+    // read before the second request is sent.
+    let mut first = TcpStream::connect(&listen).await.unwrap();
+    first
+        .write_all(format!("GET /first HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(first);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).await.unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    let (status, head, body) = get(&listen, "/second").await;
+    assert_eq!(status, 503, "{head}\n{body}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert!(body.contains("busy"), "{body}");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.ends_with("\r\n\r\nok"), "{rest:?}");
+    // The gateway's own cap is not the upstream's failure: the URL was not left out.
+    let (_, _, metrics) = get(&admin, "/metrics").await;
+    assert!(metrics.contains(&format!("gateway_upstream_busy_total{{url=\"{app}\"}} 1")), "{metrics}");
+    assert!(!metrics.contains("gateway_upstream_ejections_total"), "{metrics}");
+    let (exit, _) = stop_gateway(child).await;
+    assert!(exit.success());
+}
