@@ -40,6 +40,21 @@ async fn wait_ready(admin: &str, child: &mut Child) {
     panic!("the gateway was not ready within 30 s");
 }
 
+/// Starts the gateway on the configuration file at `path` (stdout piped for
+/// [`stop_gateway`]) and waits until `admin` says ready.
+async fn run_config(path: &std::path::Path, admin: &str) -> Child {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(admin, &mut child).await;
+    child
+}
+
 async fn stop_gateway(mut child: Child) -> (std::process::ExitStatus, String) {
     let pid = child.id().expect("running");
     let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
@@ -171,15 +186,7 @@ async fn an_agent_that_is_down_fails_closed_or_open_per_route() {
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(&admin, &mut child).await;
+    let child = run_config(&path, &admin).await;
 
     let (status, head, _) = get(&listen, "/strict/thing").await;
     assert_eq!(status, 503, "{head}");
@@ -268,15 +275,7 @@ async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, simple_config(&listen, &admin, one)).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(&admin, &mut child).await;
+    let child = run_config(&path, &admin).await;
     assert_eq!(get(&listen, "/").await.2, "one\n");
 
     // Load: requests one after another, on two tasks, while the configuration changes.
@@ -413,15 +412,7 @@ async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() 
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(&admin, &mut child).await;
+    let child = run_config(&path, &admin).await;
 
     assert_eq!(raw(&listen, b"GARBAGE\r\n\r\n").await, 400, "a malformed request line");
     let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(200 * 1024));
@@ -483,15 +474,7 @@ async fn an_upgrade_is_proxied_and_bytes_flow_both_ways() {
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, simple_config(&listen, &admin, app)).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(&admin, &mut child).await;
+    let child = run_config(&path, &admin).await;
 
     let mut stream = TcpStream::connect(&listen).await.unwrap();
     let request = "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -530,15 +513,7 @@ async fn a_dead_upstream_url_is_retried_around_and_left_out() {
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(&admin, &mut child).await;
+    let child = run_config(&path, &admin).await;
     for i in 0..10 {
         let (status, head, body) = get(&listen, &format!("/r{i}")).await;
         assert_eq!((status, body.as_str()), (200, "upstream ok\n"), "request {i}: {head}");
@@ -613,15 +588,7 @@ async fn a_request_that_finds_every_upstream_connection_busy_gets_503_and_the_ur
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(&admin, &mut child).await;
+    let child = run_config(&path, &admin).await;
     // The first request holds the only connection while its body trickles in: its head is
     // read before the second request is sent.
     let mut first = TcpStream::connect(&listen).await.unwrap();
