@@ -165,8 +165,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
     let mut dialled = Dialled::new();
     for agent in &config.agents {
-        let files = add_agent(&pool, agent).await?;
-        dialled.insert(agent.name.clone(), files);
+        add_agent(&pool, agent, &mut dialled).await?;
     }
     let workloads = Arc::new(workloads::Workloads::start(&config).await?);
     let proxy = Arc::new(Proxy::new(&config, pool.clone(), workloads.watchers.clone()));
@@ -340,11 +339,22 @@ enum AddAgentError {
 /// The TLS files each agent was dialled with, by agent name (`None`: no TLS).
 type Dialled = std::collections::HashMap<String, Option<config::AgentTlsFiles>>;
 
+/// Reads the agent's TLS files, if it has any.
+fn read_tls(agent: &AgentConfig) -> Result<Option<config::AgentTlsFiles>, AddAgentError> {
+    let tls = agent.tls.as_ref().map(config::AgentTls::read).transpose();
+    tls.map_err(|source| AddAgentError::Tls { agent: agent.name.clone(), source })
+}
+
+/// Adds a new agent, and notes the TLS files it was dialled with in `dialled`.
 async fn add_agent(
     pool: &AgentPool,
     agent: &AgentConfig,
-) -> Result<Option<config::AgentTlsFiles>, AddAgentError> {
-    register(pool, agent, Registration::Add, None).await
+    dialled: &mut Dialled,
+) -> Result<(), AddAgentError> {
+    let files = read_tls(agent)?;
+    register(pool, agent, Registration::Add, files.as_ref()).await?;
+    dialled.insert(agent.name.clone(), files);
+    Ok(())
 }
 
 /// How [`register`] puts an agent into the pool.
@@ -358,26 +368,22 @@ enum Registration {
     Replace,
 }
 
-/// Puts `agent` into the pool (with the TLS files `read` already, when the caller has them);
-/// returns the TLS files it dialled with.
+/// Puts `agent` into the pool, dialling with the TLS `files` read from its settings.
 async fn register(
     pool: &AgentPool,
     agent: &AgentConfig,
     how: Registration,
-    read: Option<config::AgentTlsFiles>,
-) -> Result<Option<config::AgentTlsFiles>, AddAgentError> {
+    files: Option<&config::AgentTlsFiles>,
+) -> Result<(), AddAgentError> {
     let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
-    let tls_error = |source| AddAgentError::Tls { agent: agent.name.clone(), source };
-    let files = match (&agent.tls, read) {
-        (Some(_), Some(files)) => Some(files),
-        (Some(tls), None) => Some(tls.read().map_err(tls_error)?),
-        (None, _) => None,
-    };
     if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
         // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector, one
         // per agent, with the agent's own TLS settings for grpcs:// endpoints.
         let server_name = agent.tls.as_ref().and_then(|t| t.server_name.as_deref());
-        let tls = files.as_ref().map(|f| f.build(server_name)).transpose().map_err(tls_error)?;
+        let tls = files
+            .map(|f| f.build(server_name))
+            .transpose()
+            .map_err(|source| AddAgentError::Tls { agent: agent.name.clone(), source })?;
         let config = GrpcConnectorConfig { tls, ..GrpcConnectorConfig::default() };
         spec = spec.connector(Arc::new(GrpcConnector::new(config)));
     }
@@ -398,7 +404,7 @@ async fn register(
             .collect();
         tracing::warn!(agent = %agent.name, errors = ?errors, "agent unreachable for now (retried in the background)");
     }
-    Ok(files)
+    Ok(())
 }
 
 /// Re-reads `path` and moves the running gateway to it: agents first (new ones added, changed
@@ -437,19 +443,13 @@ async fn reload(
         let failed = |e: AddAgentError| format!("agent {}: {e}", agent.name);
         match old.get(agent.name.as_str()) {
             None => {
-                let files = add_agent(pool, agent).await.map_err(failed)?;
-                dialled.insert(agent.name.clone(), files);
+                add_agent(pool, agent, dialled).await.map_err(failed)?;
                 added.push(agent.name.clone());
             }
             Some(before) => {
                 // The same settings may name files rewritten since (a renewed certificate at
                 // the same path): their bytes are compared with those the agent was dialled with.
-                let files = match &agent.tls {
-                    Some(tls) => Some(tls.read().map_err(|source| {
-                        failed(AddAgentError::Tls { agent: agent.name.clone(), source })
-                    })?),
-                    None => None,
-                };
+                let files = read_tls(agent).map_err(failed)?;
                 let rewritten = dialled.get(&agent.name).is_some_and(|d| *d != files);
                 if *before == agent && !rewritten {
                     continue;
@@ -457,7 +457,7 @@ async fn reload(
                 // The pool keys agents by name: the new endpoints come up, then take the old
                 // ones' place at once; the old ones drain in the background, requests on them
                 // finishing there. A new setting the pool refuses leaves the old agent running.
-                let files = register(pool, agent, Registration::Replace, files).await.map_err(failed)?;
+                register(pool, agent, Registration::Replace, files.as_ref()).await.map_err(failed)?;
                 dialled.insert(agent.name.clone(), files);
                 replaced.push(agent.name.clone());
             }
