@@ -162,6 +162,9 @@ pub(crate) struct UpstreamConfig {
     /// An idle connection older than this is closed instead of reused. Default 90 s.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// TLS for `https://` URLs (required by them, refused when every URL is `http://`).
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
 }
 
 impl UpstreamConfig {
@@ -254,10 +257,10 @@ pub(crate) struct DockerHostTls {
 impl DockerHostTls {
     /// Reads and checks the material (PEM parses, the key matches the certificate): the
     /// controller's TLS for docker-agent's client, or the first problem.
-    pub(crate) fn load(&self) -> Result<docker_agent::AgentTls, AgentTlsError> {
+    pub(crate) fn load(&self) -> Result<docker_agent::AgentTls, ClientTlsError> {
         let text = |field, source| {
             String::from_utf8(pem_bytes(field, source)?)
-                .map_err(|_| AgentTlsError { field, problem: "not PEM text (UTF-8)".into() })
+                .map_err(|_| ClientTlsError { field, problem: "not PEM text (UTF-8)".into() })
         };
         let tls = docker_agent::AgentTls {
             ca_cert_pem: text("ca", &self.ca)?,
@@ -271,7 +274,7 @@ impl DockerHostTls {
                 // A malformed key, or one rustls refuses (not the certificate's).
                 _ => "key",
             };
-            AgentTlsError { field, problem: e.to_string() }
+            ClientTlsError { field, problem: e.to_string() }
         })?;
         Ok(tls)
     }
@@ -307,95 +310,96 @@ pub(crate) struct AgentConfig {
     pub endpoints: Vec<String>,
     /// TLS for `grpcs://` endpoints (required by them, refused for any other kind).
     #[serde(default)]
-    pub tls: Option<AgentTls>,
+    pub tls: Option<ClientTls>,
 }
 
-/// How the gateway dials an agent's `grpcs://` endpoints: the CA it trusts for the agent's
-/// certificate, optionally a client certificate (mutual TLS) and the name to expect in the
-/// agent's certificate. PEM files (`{ file = "…" }`) or text (`{ pem = "…" }`), as for listeners.
+/// How the gateway dials over TLS (an agent's `grpcs://` endpoints, an upstream's `https://`
+/// URLs): the CA it trusts for the peer's certificate, optionally a client certificate (mutual
+/// TLS) and the name to expect in the peer's certificate. PEM files (`{ file = "…" }`) or text
+/// (`{ pem = "…" }`), as for listeners.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct AgentTls {
-    /// The CA certificate(s) that sign the agent's certificate; nothing else is trusted.
+pub(crate) struct ClientTls {
+    /// The CA certificate(s) that sign the peer's certificate; nothing else is trusted.
     pub ca: PemSource,
-    /// The gateway's client certificate chain, for agents that require one (with `key`).
+    /// The gateway's client certificate chain, for peers that require one (with `key`).
     #[serde(default)]
     pub cert: Option<PemSource>,
     /// The private key of `cert`.
     #[serde(default)]
     pub key: Option<PemSource>,
-    /// The name to verify in the agent's certificate instead of the endpoint's host.
+    /// The name to verify in the peer's certificate instead of the endpoint's or URL's host.
     #[serde(default)]
     pub server_name: Option<String>,
 }
 
-/// A problem with an agent's TLS settings: the field (`ca`, `cert`, `key`, `server_name`) and
+/// A problem with TLS settings of an agent or upstream: the field (`ca`, `cert`, `key`, `server_name`) and
 /// what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("tls.{field}: {problem}")]
-pub(crate) struct AgentTlsError {
+pub(crate) struct ClientTlsError {
     /// The field at fault.
     pub field: &'static str,
     /// What is wrong with it.
     pub problem: String,
 }
 
-fn pem_bytes(field: &'static str, source: &PemSource) -> Result<Vec<u8>, AgentTlsError> {
+fn pem_bytes(field: &'static str, source: &PemSource) -> Result<Vec<u8>, ClientTlsError> {
     match source {
         PemSource::File(path) => std::fs::read(path)
-            .map_err(|e| AgentTlsError { field, problem: format!("{}: {e}", path.display()) }),
+            .map_err(|e| ClientTlsError { field, problem: format!("{}: {e}", path.display()) }),
         PemSource::Pem(text) => Ok(text.clone().into_bytes()),
     }
 }
 
-/// The bytes of an agent's TLS material as read from its files (or inline text): what the
-/// gateway dialled with, kept so that a reload notices a file rewritten in place (a renewed
-/// certificate at the same path) even though the configuration's text did not change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct AgentTlsFiles {
+/// The bytes of TLS material as read from its files (or inline text): what the gateway dialled
+/// with, kept so that a reload notices a file rewritten in place (a renewed certificate at the
+/// same path) even though the configuration's text did not change.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ClientTlsFiles {
     ca: Vec<u8>,
     /// The client certificate chain and its key, when set.
     identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-impl AgentTls {
+impl ClientTls {
     /// Reads and checks the material: transport-grpc's client TLS, or the first problem.
-    pub(crate) fn load(&self) -> Result<GrpcClientTls, AgentTlsError> {
+    pub(crate) fn load(&self) -> Result<GrpcClientTls, ClientTlsError> {
         self.read()?.build(self.server_name.as_deref())
     }
 
     /// Reads the files (a certificate without its key, or the reverse, is refused here).
-    pub(crate) fn read(&self) -> Result<AgentTlsFiles, AgentTlsError> {
+    pub(crate) fn read(&self) -> Result<ClientTlsFiles, ClientTlsError> {
         let ca = pem_bytes("ca", &self.ca)?;
         let identity = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => Some((pem_bytes("cert", cert)?, pem_bytes("key", key)?)),
             (Some(_), None) => {
-                return Err(AgentTlsError {
+                return Err(ClientTlsError {
                     field: "key",
                     problem: "a client certificate needs its key".into(),
                 });
             }
             (None, Some(_)) => {
-                return Err(AgentTlsError {
+                return Err(ClientTlsError {
                     field: "cert",
                     problem: "a key needs its client certificate".into(),
                 });
             }
             (None, None) => None,
         };
-        Ok(AgentTlsFiles { ca, identity })
+        Ok(ClientTlsFiles { ca, identity })
     }
 }
 
-impl AgentTlsFiles {
+impl ClientTlsFiles {
     /// Checks the bytes read and makes transport-grpc's client TLS from them.
-    pub(crate) fn build(&self, server_name: Option<&str>) -> Result<GrpcClientTls, AgentTlsError> {
+    pub(crate) fn build(&self, server_name: Option<&str>) -> Result<GrpcClientTls, ClientTlsError> {
         let mut tls = GrpcClientTls::new(&self.ca)
-            .map_err(|e| AgentTlsError { field: "ca", problem: e.to_string() })?;
+            .map_err(|e| ClientTlsError { field: "ca", problem: e.to_string() })?;
         if let Some(name) = server_name {
             tls = tls
                 .with_server_name(name)
-                .map_err(|e| AgentTlsError { field: "server_name", problem: e.to_string() })?;
+                .map_err(|e| ClientTlsError { field: "server_name", problem: e.to_string() })?;
         }
         if let Some((cert, key)) = &self.identity {
             tls = tls.with_identity(cert, key).map_err(|e| {
@@ -403,10 +407,22 @@ impl AgentTlsFiles {
                     GrpcTlsError::Certificates { .. } => "cert",
                     _ => "key",
                 };
-                AgentTlsError { field, problem: e.to_string() }
+                ClientTlsError { field, problem: e.to_string() }
             })?;
         }
         Ok(tls)
+    }
+}
+
+impl ClientTlsFiles {
+    /// Checks the bytes read and makes the upstream client's TLS (HTTP/1.1 over TLS) from them.
+    pub(crate) fn upstream(
+        &self,
+        server_name: Option<&str>,
+    ) -> Result<crate::upstream::UpstreamTls, ClientTlsError> {
+        let identity = self.identity.as_ref().map(|(cert, key)| (cert.as_slice(), key.as_slice()));
+        crate::upstream::UpstreamTls::new(&self.ca, identity, server_name, self.clone())
+            .map_err(|(field, problem)| ClientTlsError { field, problem })
     }
 }
 
@@ -457,10 +473,32 @@ impl GatewayConfig {
             if u.urls.is_empty() {
                 p.push(format!("upstreams[{i}] ({}).urls: at least one is required", u.name));
             }
+            let mut https = Vec::new();
             for (j, url) in u.urls.iter().enumerate() {
-                if let Err(e) = upstream_base(url) {
-                    p.push(format!("upstreams[{i}] ({}).urls[{j}]: {e}", u.name));
+                match upstream_base(url) {
+                    Ok(base) if base.https => https.push((j, base.authority)),
+                    Ok(_) => {}
+                    Err(e) => p.push(format!("upstreams[{i}] ({}).urls[{j}]: {e}", u.name)),
                 }
+            }
+            match &u.tls {
+                None if !https.is_empty() => {
+                    p.push(format!("upstreams[{i}] ({}).tls: https:// URLs need tls.ca", u.name))
+                }
+                None => {}
+                Some(_) if https.is_empty() => {
+                    p.push(format!("upstreams[{i}] ({}).tls: only https:// URLs use TLS", u.name))
+                }
+                Some(tls) => match tls.read().and_then(|f| f.upstream(tls.server_name.as_deref())) {
+                    Err(e) => p.push(format!("upstreams[{i}] ({}).{e}", u.name)),
+                    Ok(made) => {
+                        for (j, authority) in &https {
+                            if let Err(e) = made.server_name(authority) {
+                                p.push(format!("upstreams[{i}] ({}).urls[{j}]: {e}", u.name));
+                            }
+                        }
+                    }
+                },
             }
             if u.max_failures == 0 {
                 p.push(format!("upstreams[{i}] ({}).max_failures: must be at least 1", u.name));
@@ -642,17 +680,29 @@ fn check_bind(p: &mut Vec<String>, at: &str, bind: &str) {
     }
 }
 
-/// The scheme and authority of an upstream URL (`http://host:port`, nothing after the port
-/// but an optional `/`).
-pub(crate) fn upstream_base(url: &str) -> Result<http::uri::Authority, String> {
+/// An upstream's base URL: where it is and whether it is reached over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UpstreamBase {
+    /// `host[:port]` as written.
+    pub authority: http::uri::Authority,
+    /// `https://` (TLS, default port 443) rather than `http://` (default port 80).
+    pub https: bool,
+}
+
+/// The scheme and authority of an upstream URL (`http://host:port` or `https://host:port`,
+/// nothing after the port but an optional `/`).
+pub(crate) fn upstream_base(url: &str) -> Result<UpstreamBase, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("{url:?}: only http:// upstreams are supported"));
-    }
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("{url:?}: only http:// and https:// upstreams are supported")),
+    };
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!("{url:?}: a base URL has no path or query"));
     }
-    uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))
+    let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?} has no host"))?;
+    Ok(UpstreamBase { authority, https })
 }
 
 #[cfg(test)]
@@ -696,7 +746,7 @@ mod tests {
 
             [[upstreams]]
             name = "app"
-            urls = ["https://x", "http://y/path"]
+            urls = ["ftp://x", "http://y/path"]
             max_connections = 4
             max_idle = 8
             idle_timeout = "0s"
@@ -721,7 +771,7 @@ mod tests {
         let all = err.problems.join("\n");
         for expected in [
             "listeners[0].bind: \"8080\" is not host:port",
-            "upstreams[0] (app).urls[0]: \"https://x\": only http:// upstreams are supported",
+            "upstreams[0] (app).urls[0]: \"ftp://x\": only http:// and https:// upstreams are supported",
             "upstreams[0] (app).urls[1]: \"http://y/path\": a base URL has no path or query",
             "upstreams[0] (app).max_idle: 8 is more than max_connections (4)",
             "upstreams[0] (app).idle_timeout: must be greater than zero",
@@ -732,6 +782,60 @@ mod tests {
             "routes[0] (r).max_websocket_frame: must be at least 1",
             "pool.connections_per_endpoint",
         ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn https_upstreams_need_their_tls_and_only_they_take_it() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let ca_pem = format!("{{ pem = {:?} }}", ca.pem);
+        let head = "[[listeners]]\nname = \"m\"\nbind = \"127.0.0.1:1\"\n\n\
+                    [[routes]]\nname = \"r\"\nupstream = \"a\"\n\n";
+        let check = |upstreams: &str| {
+            let cfg = GatewayConfig::from_toml(&format!("{head}{upstreams}")).unwrap();
+            cfg.validate().map_err(|e| e.problems.join("\n"))
+        };
+        // https:// with its CA (a host name, an address, a named override): valid.
+        check(&format!(
+            "[[upstreams]]\nname = \"a\"\nurls = [\"https://app.internal\", \"https://[::1]:8443\", \"http://127.0.0.1:80\"]\ntls = {{ ca = {ca_pem} }}\n"
+        ))
+        .unwrap();
+        let cases = [
+            (
+                "[[upstreams]]\nname = \"a\"\nurls = [\"https://app.internal\"]\n".to_owned(),
+                "upstreams[0] (a).tls: https:// URLs need tls.ca",
+            ),
+            (
+                format!("[[upstreams]]\nname = \"a\"\nurls = [\"http://app.internal\"]\ntls = {{ ca = {ca_pem} }}\n"),
+                "upstreams[0] (a).tls: only https:// URLs use TLS",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nurls = [\"https://app.internal\"]\ntls = { ca = { pem = \"nonsense\" } }\n"
+                    .to_owned(),
+                "upstreams[0] (a).tls.ca: no certificate",
+            ),
+            (
+                format!(
+                    "[[upstreams]]\nname = \"a\"\nurls = [\"https://app.internal\"]\ntls = {{ ca = {ca_pem}, key = {ca_pem} }}\n"
+                ),
+                "upstreams[0] (a).tls.cert: a key needs its client certificate",
+            ),
+            (
+                format!(
+                    "[[upstreams]]\nname = \"a\"\nurls = [\"https://app.internal\"]\ntls = {{ ca = {ca_pem}, server_name = \"not a name!\" }}\n"
+                ),
+                "upstreams[0] (a).tls.server_name:",
+            ),
+            (
+                format!(
+                    "[[upstreams]]\nname = \"a\"\nurls = [\"https://a.internal\", \"https://bad_host!\"]\ntls = {{ ca = {ca_pem} }}\n"
+                ),
+                "upstreams[0] (a).urls[1]: \"bad_host!\" cannot be verified in a certificate",
+            ),
+        ];
+        for (upstreams, expected) in cases {
+            let all = check(&upstreams).unwrap_err();
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
     }

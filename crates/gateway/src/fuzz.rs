@@ -41,6 +41,7 @@ pub fn config(text: &str) -> Result<ConfigOutcome, String> {
     let offline = parsed.listeners.iter().all(|l| l.tls.is_none() && offline_bind(&l.bind))
         && offline_bind(&parsed.admin.bind)
         && parsed.agents.iter().all(|a| a.tls.is_none())
+        && parsed.upstreams.iter().all(|u| u.tls.is_none())
         && parsed.docker_hosts.is_empty();
     if !offline {
         return Ok(ConfigOutcome::ParsedNotValidated);

@@ -168,7 +168,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         add_agent(&pool, agent, &mut dialled).await?;
     }
     let workloads = Arc::new(workloads::Workloads::start(&config).await?);
-    let proxy = Arc::new(Proxy::new(&config, pool.clone(), workloads.watchers.clone()));
+    let upstream_tls = proxy::upstream_tls(&config)?;
+    let proxy = Arc::new(Proxy::new(&config, &upstream_tls, pool.clone(), workloads.watchers.clone()));
     let (reload_tx, mut reload_rx) = mpsc::channel(4);
     let admin = Arc::new(Admin {
         metrics,
@@ -329,7 +330,7 @@ enum AddAgentError {
         /// The agent.
         agent: String,
         /// What is wrong.
-        source: config::AgentTlsError,
+        source: config::ClientTlsError,
     },
     /// The pool refused it.
     #[error(transparent)]
@@ -337,11 +338,11 @@ enum AddAgentError {
 }
 
 /// The TLS files each agent was dialled with, by agent name (`None`: no TLS).
-type Dialled = std::collections::HashMap<String, Option<config::AgentTlsFiles>>;
+type Dialled = std::collections::HashMap<String, Option<config::ClientTlsFiles>>;
 
 /// Reads the agent's TLS files, if it has any.
-fn read_tls(agent: &AgentConfig) -> Result<Option<config::AgentTlsFiles>, AddAgentError> {
-    let tls = agent.tls.as_ref().map(config::AgentTls::read).transpose();
+fn read_tls(agent: &AgentConfig) -> Result<Option<config::ClientTlsFiles>, AddAgentError> {
+    let tls = agent.tls.as_ref().map(config::ClientTls::read).transpose();
     tls.map_err(|source| AddAgentError::Tls { agent: agent.name.clone(), source })
 }
 
@@ -373,7 +374,7 @@ async fn register(
     pool: &AgentPool,
     agent: &AgentConfig,
     how: Registration,
-    files: Option<&config::AgentTlsFiles>,
+    files: Option<&config::ClientTlsFiles>,
 ) -> Result<(), AddAgentError> {
     let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
     if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
@@ -435,6 +436,8 @@ async fn reload(
     if next.docker_hosts != running.docker_hosts {
         return Err("[[docker_hosts]] cannot change while running; restart the gateway for them".into());
     }
+    // Read before any agent changes: a file that went bad refuses the whole reload.
+    let upstream_tls = proxy::upstream_tls(&next)?;
     let old: std::collections::HashMap<&str, &AgentConfig> =
         running.agents.iter().map(|a| (a.name.as_str(), a)).collect();
     let mut added = Vec::new();
@@ -464,7 +467,7 @@ async fn reload(
         }
     }
     let before = proxy.routes();
-    proxy.set_routes(&next);
+    proxy.set_routes(&next, &upstream_tls);
     let report = http.apply(&handlers.servers(&next)).await.map_err(|e| format!("listeners: {e}"))?;
     admin.listeners.store(Arc::new(listener_names(&next)));
     let keep: std::collections::HashSet<&str> = next.agents.iter().map(|a| a.name.as_str()).collect();
@@ -525,6 +528,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             max_connections: config::default_max_connections(),
             max_idle: config::default_max_idle(),
             idle_timeout: config::default_idle_timeout(),
+            tls: None,
         }],
         agents: vec![
             AgentConfig {

@@ -36,7 +36,7 @@ use tower::{Layer as _, ServiceExt as _};
 use crate::config::{GatewayConfig, upstream_base};
 use crate::inspect::{self, Inspection, Inspector};
 use crate::response_body::{self, ResponseInspector};
-use crate::upstream::{ConnLimits, IdleStack, UpstreamBody, UpstreamClient};
+use crate::upstream::{IdleStack, UpstreamBody, UpstreamClient, UpstreamTls};
 use crate::ws::FrameWatch;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
@@ -181,21 +181,21 @@ impl Proxy {
     /// Builds the proxy from a validated configuration and a pool holding its agents.
     pub(crate) fn new(
         config: &GatewayConfig,
+        tls: &UpstreamTlsMap,
         pool: AgentPool,
         workloads: HashMap<String, IdleWatcher>,
     ) -> Proxy {
         let client = UpstreamClient::new();
-        let routes = ArcSwap::from_pointee(build_routes(config, &workloads, &client));
+        let routes = ArcSwap::from_pointee(build_routes(config, tls, &workloads, &client));
         Proxy { routes, workloads, pool, client, ids: AtomicU64::new(1) }
     }
 
-    /// Replaces the routes and upstreams with those of `config` (validated), atomically.
-    pub(crate) fn set_routes(&self, config: &GatewayConfig) {
-        let routes = build_routes(config, &self.workloads, &self.client);
-        let in_use: Vec<(&Authority, ConnLimits)> = routes
-            .iter()
-            .flat_map(|r| r.upstream.bases.iter().map(|b| (&b.authority, b.stack.limits())))
-            .collect();
+    /// Replaces the routes and upstreams with those of `config` (validated; `tls` read from
+    /// it by [`upstream_tls`]), atomically.
+    pub(crate) fn set_routes(&self, config: &GatewayConfig, tls: &UpstreamTlsMap) {
+        let routes = build_routes(config, tls, &self.workloads, &self.client);
+        let in_use: Vec<&Arc<IdleStack>> =
+            routes.iter().flat_map(|r| r.upstream.bases.iter().map(|b| &b.stack)).collect();
         self.client.retain(&in_use);
         self.routes.store(Arc::new(routes));
     }
@@ -211,9 +211,29 @@ impl Proxy {
     }
 }
 
+/// The TLS of each upstream that has `https://` URLs, by upstream name.
+pub(crate) type UpstreamTlsMap = HashMap<String, Arc<UpstreamTls>>;
+
+/// Reads the TLS files of a validated configuration's upstreams (again: they may have changed
+/// since the check) and builds their client configurations; the first problem, with where.
+pub(crate) fn upstream_tls(config: &GatewayConfig) -> Result<UpstreamTlsMap, String> {
+    let mut map = UpstreamTlsMap::new();
+    for u in &config.upstreams {
+        if let Some(tls) = &u.tls {
+            let made = tls
+                .read()
+                .and_then(|files| files.upstream(tls.server_name.as_deref()))
+                .map_err(|e| format!("upstream {}: {e}", u.name))?;
+            map.insert(u.name.clone(), Arc::new(made));
+        }
+    }
+    Ok(map)
+}
+
 /// Resolves a validated configuration's routes and upstreams.
 fn build_routes(
     config: &GatewayConfig,
+    tls: &UpstreamTlsMap,
     workloads: &HashMap<String, IdleWatcher>,
     client: &UpstreamClient,
 ) -> Vec<Arc<Route>> {
@@ -223,13 +243,14 @@ fn build_routes(
             .iter()
             .map(|u| {
                 let limits = u.limits();
+                let tls = tls.get(&u.name).map(|t| &**t);
                 let bases = u
                     .urls
                     .iter()
                     .filter_map(|url| upstream_base(url).ok())
-                    .map(|authority| Base {
-                        stack: client.stack(&authority, limits),
-                        authority,
+                    .map(|base| Base {
+                        stack: client.stack(&base.authority, limits, tls.filter(|_| base.https)),
+                        authority: base.authority,
                         failures: AtomicU32::new(0),
                         down_until: AtomicU64::new(0),
                     })

@@ -1,5 +1,7 @@
 //! The gateway's HTTP/1.1 client to its upstreams: a stack of idle keep-alive connections per
-//! upstream URL (`host:port`), on hyper's connection API.
+//! upstream URL (`host:port`), on hyper's connection API, over TCP or over TLS (`https://`
+//! URLs: rustls, only the configured CA trusted, ALPN `http/1.1`, an optional client
+//! certificate).
 //!
 //! Why not hyper-util's pooled client: it spawns a task for every request to watch the
 //! connection become reusable, takes a pool-wide lock twice per request and rebuilds the
@@ -33,6 +35,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -74,6 +79,15 @@ pub(crate) enum UpstreamError {
         /// Its cap.
         max_connections: usize,
     },
+    /// The TCP connection was made but the TLS handshake failed (an untrusted or mismatched
+    /// certificate, a peer that does not speak TLS): nothing was sent.
+    #[error("TLS to {authority}: {source}")]
+    Tls {
+        /// The URL's `host:port`.
+        authority: Authority,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// The connection was made but the HTTP exchange failed.
     #[error("HTTP/1.1 to {authority}: {source}")]
     Http {
@@ -87,7 +101,7 @@ pub(crate) enum UpstreamError {
 impl UpstreamError {
     /// True if nothing of the request reached the upstream (it may go to another URL).
     pub(crate) fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect { .. })
+        matches!(self, UpstreamError::Connect { .. } | UpstreamError::Tls { .. })
     }
 
     /// True if the request found the URL at its connection cap until its deadline.
@@ -96,9 +110,97 @@ impl UpstreamError {
     }
 }
 
+/// How an upstream's `https://` URLs are dialled: a rustls client configuration made once from
+/// the configured CA (the only roots trusted), optional client certificate, and the name to
+/// verify instead of each URL's host.
+pub(crate) struct UpstreamTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: Option<ServerName<'static>>,
+    /// What it was made of: stacks are keyed by it, so a reload that reads other bytes (a
+    /// certificate renewed in place) dials new connections and lets the old ones close.
+    made_of: (crate::config::ClientTlsFiles, Option<String>),
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// Parses the PEM (CA certificates; a client chain and its key) and builds the rustls
+    /// configuration (ring, TLS 1.2 and 1.3, ALPN `http/1.1`). An error names the field at
+    /// fault (`ca`, `cert`, `key`, `server_name`) and the problem.
+    pub(crate) fn new(
+        ca: &[u8],
+        identity: Option<(&[u8], &[u8])>,
+        server_name: Option<&str>,
+        made_of: crate::config::ClientTlsFiles,
+    ) -> Result<Self, (&'static str, String)> {
+        let certificates = |field, pem: &[u8]| {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| (field, format!("no certificate could be read from the PEM ({e})")))?;
+            if certs.is_empty() {
+                return Err((field, "no certificate in the PEM".to_owned()));
+            }
+            Ok(certs)
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in certificates("ca", ca)? {
+            roots.add(cert).map_err(|e| ("ca", e.to_string()))?;
+        }
+        let builder =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| ("ca", e.to_string()))?
+                .with_root_certificates(roots);
+        let mut config = match identity {
+            Some((chain, key)) => {
+                let chain = certificates("cert", chain)?;
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| ("key", e.to_string()))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| ("key", e.to_string()))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = server_name
+            .map(|n| ServerName::try_from(n.to_owned()).map_err(|e| ("server_name", format!("{n:?}: {e}"))))
+            .transpose()?;
+        Ok(UpstreamTls {
+            config: Arc::new(config),
+            server_name: name,
+            made_of: (made_of, server_name.map(str::to_owned)),
+        })
+    }
+
+    /// The name verified in the certificate of `authority`'s upstream: the configured one, or
+    /// the URL's host (a DNS name or an IP address).
+    pub(crate) fn server_name(&self, authority: &Authority) -> Result<ServerName<'static>, String> {
+        if let Some(name) = &self.server_name {
+            return Ok(name.clone());
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("{host:?} cannot be verified in a certificate ({e}); set tls.server_name"))
+    }
+}
+
+/// How a stack's connections are made.
+enum Dial {
+    Tcp,
+    /// Over TLS, verifying `name` (an error if the URL's host cannot be verified and no name is
+    /// configured: the configuration's check refuses that, so it is never dialled).
+    Tls {
+        connector: tokio_rustls::TlsConnector,
+        name: Result<ServerName<'static>, String>,
+    },
+}
+
 /// The idle connections of one upstream URL, most recently used last.
 pub(crate) struct IdleStack {
     idle: Mutex<Vec<Idle>>,
+    dial: Dial,
     /// The `Host` header for a request that has none: the URL's authority, made once.
     host: Option<HeaderValue>,
     limits: ConnLimits,
@@ -114,11 +216,6 @@ struct Idle {
 }
 
 impl IdleStack {
-    /// The limits it keeps.
-    pub(crate) fn limits(&self) -> ConnLimits {
-        self.limits
-    }
-
     /// The most recently used idle connection that is still open and young enough.
     fn take(&self) -> Option<SendRequest<UpstreamBody>> {
         loop {
@@ -179,7 +276,7 @@ impl IdleStack {
             // `connect` (a name lookup, a TCP connect, a handshake) is boxed: it is rare next
             // to reusing an idle connection, and inline it would make every request's future
             // larger.
-            return Ok((Box::pin(connect(authority, permit)).await?, false));
+            return Ok((Box::pin(connect(authority, &self.dial, permit)).await?, false));
         }
     }
 
@@ -210,8 +307,11 @@ pub(crate) struct UpstreamClient {
     stacks: Arc<Stacks>,
 }
 
-/// The stacks of a client, by URL and limits.
-type Stacks = Mutex<HashMap<(Authority, ConnLimits), Arc<IdleStack>>>;
+/// What tells two stacks apart: the URL, its limits, and the TLS material it dials with.
+type StackKey = (Authority, ConnLimits, Option<(crate::config::ClientTlsFiles, Option<String>)>);
+
+/// The stacks of a client, by URL, limits and TLS.
+type Stacks = Mutex<HashMap<StackKey, Arc<IdleStack>>>;
 
 impl UpstreamClient {
     /// A client whose idle connections are swept on the current runtime while it lives.
@@ -222,16 +322,30 @@ impl UpstreamClient {
         client
     }
 
-    /// The idle stack of `authority` under `limits` (made on first use): a route keeps it, so
-    /// a request looks nothing up. Upstreams that share a URL with the same limits share its
-    /// stack; with other limits each has its own.
-    pub(crate) fn stack(&self, authority: &Authority, limits: ConnLimits) -> Arc<IdleStack> {
+    /// The idle stack of `authority` under `limits`, over TCP or over `tls` (made on first
+    /// use): a route keeps it, so a request looks nothing up. Upstreams that share a URL with
+    /// the same limits and TLS share its stack; otherwise each has its own. The TLS settings
+    /// must name a server the URL can be verified as (the configuration's check does it).
+    pub(crate) fn stack(
+        &self,
+        authority: &Authority,
+        limits: ConnLimits,
+        tls: Option<&UpstreamTls>,
+    ) -> Arc<IdleStack> {
+        let dial = match tls {
+            None => Dial::Tcp,
+            Some(tls) => Dial::Tls {
+                connector: tokio_rustls::TlsConnector::from(tls.config.clone()),
+                name: tls.server_name(authority),
+            },
+        };
         self.stacks
             .lock()
-            .entry((authority.clone(), limits))
+            .entry((authority.clone(), limits, tls.map(|t| t.made_of.clone())))
             .or_insert_with(|| {
                 Arc::new(IdleStack {
                     idle: Mutex::default(),
+                    dial,
                     host: HeaderValue::from_str(authority.as_str()).ok(),
                     limits,
                     open: Arc::new(Semaphore::new(limits.max_connections)),
@@ -242,13 +356,13 @@ impl UpstreamClient {
     }
 
     /// Forgets the stacks not in `keep` (after a reload); their idle connections close.
-    pub(crate) fn retain(&self, keep: &[(&Authority, ConnLimits)]) {
+    pub(crate) fn retain(&self, keep: &[&Arc<IdleStack>]) {
         let dropped: Vec<Arc<IdleStack>> = {
             let mut stacks = self.stacks.lock();
-            let gone: Vec<(Authority, ConnLimits)> = stacks
-                .keys()
-                .filter(|(a, l)| !keep.iter().any(|(k, kl)| *k == a && kl == l))
-                .cloned()
+            let gone: Vec<StackKey> = stacks
+                .iter()
+                .filter(|(_, stack)| !keep.iter().any(|k| Arc::ptr_eq(k, stack)))
+                .map(|(key, _)| key.clone())
                 .collect();
             gone.iter().filter_map(|key| stacks.remove(key)).collect()
         };
@@ -317,23 +431,47 @@ async fn reconnect(
     stack: &IdleStack,
 ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
     let permit = stack.open.clone().acquire_owned().await.expect("the semaphore is never closed");
-    connect(authority, permit).await
+    connect(authority, &stack.dial, permit).await
 }
 
-/// Opens a connection to `authority` and starts its hyper connection task (with upgrades),
-/// which holds `permit` (its place under the URL's cap) until the connection ends.
+/// Opens a connection to `authority` (TCP, then TLS if the stack dials it) and starts its
+/// hyper connection task (with upgrades), which holds `permit` (its place under the URL's cap)
+/// until the connection ends.
 async fn connect(
     authority: &Authority,
+    dial: &Dial,
     permit: OwnedSemaphorePermit,
 ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
     let failed = |source| UpstreamError::Connect { authority: authority.clone(), source };
-    let port = authority.port_u16().unwrap_or(80);
+    let default_port = if matches!(dial, Dial::Tcp) { 80 } else { 443 };
+    let port = authority.port_u16().unwrap_or(default_port);
     let stream = TcpStream::connect((authority.host().trim_start_matches('[').trim_end_matches(']'), port))
         .await
         .map_err(failed)?;
     stream.set_nodelay(true).map_err(failed)?;
+    match dial {
+        Dial::Tcp => handshake(authority, TokioIo::new(stream), permit).await,
+        Dial::Tls { connector, name } => {
+            let tls = |source| UpstreamError::Tls { authority: authority.clone(), source };
+            let name =
+                name.clone().map_err(|e| tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+            let stream = connector.connect(name, stream).await.map_err(tls)?;
+            handshake(authority, TokioIo::new(stream), permit).await
+        }
+    }
+}
+
+/// Starts HTTP/1.1 on a connection made and its hyper connection task.
+async fn handshake<T>(
+    authority: &Authority,
+    io: T,
+    permit: OwnedSemaphorePermit,
+) -> Result<SendRequest<UpstreamBody>, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(|source| UpstreamError::Http { authority: authority.clone(), source })?;
     let upstream = authority.clone();
@@ -478,7 +616,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_body_is_read() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         for _ in 0..5 {
             let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -492,7 +630,7 @@ mod tests {
     async fn requests_over_the_cap_wait_for_a_connection_and_all_are_answered() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 2, max_idle: 2, ..LIMITS });
+        let stack = client.stack(&authority, ConnLimits { max_connections: 2, max_idle: 2, ..LIMITS }, None);
         let mut all = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -519,7 +657,7 @@ mod tests {
                 let (authority, _) = upstream().await;
                 let client = UpstreamClient::new();
                 let stack =
-                    client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
+                    client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None);
                 let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
                 let second = tokio::spawn({
                     let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -550,7 +688,7 @@ mod tests {
     async fn a_request_still_at_the_cap_at_its_deadline_is_busy_and_sends_nothing() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
+        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None);
         // Holds the only connection (its body unread).
         let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         let deadline = Instant::now() + Duration::from_millis(200);
@@ -568,7 +706,7 @@ mod tests {
     async fn a_connection_that_closes_frees_its_place_under_the_cap() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS });
+        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None);
         let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         let waiting = tokio::spawn({
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -588,7 +726,7 @@ mod tests {
     async fn a_body_dropped_early_does_not_give_its_connection_back() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         drop(resp);
         assert_eq!(stack.len(), 0);
@@ -601,7 +739,7 @@ mod tests {
     async fn concurrent_requests_open_connections_and_all_come_back() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         let mut all = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -632,7 +770,7 @@ mod tests {
             }
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         for _ in 0..20 {
             let resp = client
                 .send(&authority, &stack, later(), get("/"))
@@ -655,7 +793,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok").await;
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         let mut body = client.send(&authority, &stack, later(), get("/")).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "ok");
@@ -671,7 +809,7 @@ mod tests {
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         drop(listener);
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
         assert!(e.is_connect());
         assert!(e.to_string().contains(authority.as_str()), "{e}");
@@ -690,7 +828,7 @@ mod tests {
             (String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase(), s)
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS);
+        let stack = client.stack(&authority, LIMITS, None);
         let body = Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed();
         let resp = client
             .send(&authority, &stack, later(), Request::post("/p?q=1").body(body).unwrap())
@@ -702,5 +840,173 @@ mod tests {
         let (head, _open) = head.await.unwrap();
         assert!(head.starts_with("post /p?q=1 http/1.1\r\n"), "{head}");
         assert!(head.contains(&format!("host: {authority}\r\n")), "{head}");
+    }
+
+    /// What a TLS test upstream saw: requests answered, the server names clients sent (SNI).
+    #[derive(Default)]
+    struct Seen {
+        requests: std::sync::atomic::AtomicUsize,
+        names: parking_lot::Mutex<Vec<String>>,
+    }
+
+    /// An HTTPS upstream (rustls, hyper) with `pair`'s certificate, answering `ok`; with
+    /// `client_ca`, only clients with a certificate that CA signed get through the handshake.
+    async fn tls_upstream(pair: &test_support::tls::Pair, client_ca: Option<&str>) -> (Authority, Arc<Seen>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain =
+            CertificateDer::pem_slice_iter(pair.cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(builder.with_single_cert(chain, key).unwrap()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, seen) = (acceptor.clone(), counts.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    seen.names.lock().push(tls.get_ref().1.server_name().unwrap_or_default().to_owned());
+                    let service = hyper::service::service_fn(move |_req| {
+                        seen.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async {
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                                b"ok",
+                            ))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (authority, seen)
+    }
+
+    fn tls_of(
+        ca: &test_support::tls::TestCa,
+        identity: Option<&test_support::tls::Pair>,
+        name: Option<&str>,
+    ) -> UpstreamTls {
+        let files = crate::config::ClientTls {
+            ca: httpserver_pool::PemSource::Pem(ca.pem.clone()),
+            cert: identity.map(|p| httpserver_pool::PemSource::Pem(p.cert.clone())),
+            key: identity.map(|p| httpserver_pool::PemSource::Pem(p.key.clone())),
+            server_name: name.map(str::to_owned),
+        };
+        files.read().unwrap().upstream(name).unwrap()
+    }
+
+    async fn ok_body(resp: Response<PooledBody>) -> Bytes {
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_is_verified_by_the_configured_ca_and_its_connection_reused() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let (authority, seen) = tls_upstream(&ca.issue(&["127.0.0.1"]), None).await;
+        let client = UpstreamClient::new();
+        let tls = tls_of(&ca, None, None);
+        let stack = client.stack(&authority, LIMITS, Some(&tls));
+        for _ in 0..3 {
+            let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+            assert_eq!(&ok_body(resp).await[..], b"ok");
+        }
+        assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(seen.names.lock().len(), 1, "one TLS connection, kept alive");
+        // An IP address is verified against the certificate but sent as no SNI name.
+        assert_eq!(seen.names.lock()[0], "");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_fails_the_handshake_and_nothing_is_sent() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let other = test_support::tls::TestCa::new("someone else");
+        let (authority, seen) = tls_upstream(&other.issue(&["127.0.0.1"]), None).await;
+        let client = UpstreamClient::new();
+        let tls = tls_of(&ca, None, None);
+        let stack = client.stack(&authority, LIMITS, Some(&tls));
+        let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Tls { .. }) && e.is_connect(), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(authority.as_str()) && text.contains("UnknownIssuer"), "{text}");
+        assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_name_the_certificate_lacks_is_refused_and_the_configured_one_is_verified_and_sent() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let (authority, seen) = tls_upstream(&ca.issue(&["app.internal"]), None).await;
+        let client = UpstreamClient::new();
+        let by_address = tls_of(&ca, None, None);
+        let stack = client.stack(&authority, LIMITS, Some(&by_address));
+        let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
+        assert!(e.to_string().contains("not valid for name"), "{e}");
+        let named = tls_of(&ca, None, Some("app.internal"));
+        let stack = client.stack(&authority, LIMITS, Some(&named));
+        assert_eq!(
+            &ok_body(client.send(&authority, &stack, later(), get("/")).await.unwrap()).await[..],
+            b"ok"
+        );
+        assert_eq!(seen.names.lock().as_slice(), ["app.internal"]);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_requires_a_client_certificate_gets_the_configured_one() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let clients = test_support::tls::TestCa::new("gateways");
+        let (authority, seen) = tls_upstream(&ca.issue(&["127.0.0.1"]), Some(&clients.pem)).await;
+        let client = UpstreamClient::new();
+        // Without a certificate the upstream ends the handshake: no request is answered.
+        let anonymous = tls_of(&ca, None, None);
+        let stack = client.stack(&authority, LIMITS, Some(&anonymous));
+        client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
+        assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let identity = clients.issue(&["gateway.test"]);
+        let mutual = tls_of(&ca, Some(&identity), None);
+        let stack = client.stack(&authority, LIMITS, Some(&mutual));
+        assert_eq!(
+            &ok_body(client.send(&authority, &stack, later(), get("/")).await.unwrap()).await[..],
+            b"ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn stacks_differ_by_tls_material_and_retain_keeps_only_those_in_use() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let renewed = test_support::tls::TestCa::new("upstreams, renewed");
+        let authority: Authority = "127.0.0.1:9".parse().unwrap();
+        let client = UpstreamClient::new();
+        let (a, b) = (tls_of(&ca, None, None), tls_of(&ca, None, None));
+        let first = client.stack(&authority, LIMITS, Some(&a));
+        assert!(Arc::ptr_eq(&first, &client.stack(&authority, LIMITS, Some(&b))), "same bytes, same stack");
+        let other = client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)));
+        assert!(!Arc::ptr_eq(&first, &other));
+        let plain = client.stack(&authority, LIMITS, None);
+        assert!(!Arc::ptr_eq(&first, &plain) && !Arc::ptr_eq(&other, &plain));
+        client.retain(&[&other]);
+        assert_eq!(client.stacks.lock().len(), 1);
+        assert!(Arc::ptr_eq(&other, &client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)))));
     }
 }

@@ -95,3 +95,105 @@ async fn a_tls_listener_serves_https_and_check_reports_a_missing_key() {
     assert!(text.ends_with("ok\n"), "{text}");
     assert_eq!(plain_get(&listen, "/healthz").await, None, "plain HTTP on the TLS listener gets no answer");
 }
+
+/// An HTTPS upstream answering `ok` and closing each connection (so every request is a new
+/// handshake); the certificate it presents can be swapped while it runs.
+async fn swappable_https_upstream(
+    pair: &test_support::tls::Pair,
+) -> (std::net::SocketAddr, impl Fn(&test_support::tls::Pair) + use<>) {
+    use rustls::pki_types::pem::PemObject as _;
+    fn acceptor(pair: &test_support::tls::Pair) -> tokio_rustls::TlsAcceptor {
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(pair.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+    let current = Arc::new(parking_lot::Mutex::new(acceptor(pair)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = current.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let acceptor = serving.lock().clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, move |pair: &test_support::tls::Pair| *current.lock() = acceptor(pair))
+}
+
+/// `POST /admin/reload`: the status code and the answer's text.
+async fn reload(admin: &str) -> (u16, String) {
+    let request = format!(
+        "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let reply = common::exchange(admin, request.as_bytes()).await;
+    (reply.status, reply.text())
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_verified_with_its_ca_which_a_reload_rereads() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_support::tls::TestCa::new("upstreams");
+    let (app, present) = swappable_https_upstream(&ca.issue(&["127.0.0.1"])).await;
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    // An upstream that takes the TCP connection and never says a word of TLS.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let tls = format!("{{ ca = {{ file = {:?} }} }}", ca_file.display().to_string());
+    let gateway = common::start_gateway(
+        dir.path(),
+        &format!(
+            "[[upstreams]]\nname = \"app\"\nurls = [\"https://{app}\"]\ntls = {tls}\n\n\
+             [[upstreams]]\nname = \"silent\"\nurls = [\"https://{silent_addr}\"]\ntimeout = \"1s\"\ntls = {tls}\n\n\
+             [[routes]]\nname = \"silent\"\npath_prefix = \"/silent\"\nupstream = \"silent\"\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+        ),
+    )
+    .await;
+    let reply = common::exchange(&gateway.listen, &common::get("/page")).await;
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok\n"));
+    // A handshake that never comes is bounded by the upstream's time-out.
+    assert_eq!(common::exchange(&gateway.listen, &common::get("/silent")).await.status, 504);
+
+    // The upstream moves to a certificate of a new CA: not trusted yet.
+    let renewed = test_support::tls::TestCa::new("upstreams, renewed");
+    present(&renewed.issue(&["127.0.0.1"]));
+    assert_eq!(common::exchange(&gateway.listen, &common::get("/page")).await.status, 502);
+
+    // The CA file rewritten in place (same configuration text): a reload trusts the new CA.
+    std::fs::write(&ca_file, &renewed.pem).unwrap();
+    let (status, text) = reload(&gateway.admin).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(common::exchange(&gateway.listen, &common::get("/page")).await.status, 200);
+
+    // A CA file that went bad: the reload is refused with where, and the running one stays.
+    std::fs::write(&ca_file, "not a certificate\n").unwrap();
+    let (status, text) = reload(&gateway.admin).await;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("tls.ca"), "{text}");
+    assert_eq!(common::exchange(&gateway.listen, &common::get("/page")).await.status, 200);
+}
