@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -677,6 +677,13 @@ impl Proxy {
         let retryable = upstream.bases.len() > 1
             && body.is_end_stream()
             && matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
+        // A body still being sent when the upstream's time-out ends may be the client's
+        // slowness as much as the upstream's: such a time-out does not count against the URL.
+        let sent = (!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let body = match &sent {
+            Some(flag) => SentFlag { inner: body, sent: flag.clone() }.boxed(),
+            None => body,
+        };
         let mut body = Some(body);
         let mut tried = Vec::new();
         loop {
@@ -726,6 +733,16 @@ impl Proxy {
                     resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
                     return (resp, false);
                 }
+                Ok(Err(e)) if e.is_request_body() => {
+                    // The client's body broke off or was malformed (a chunk size that does not
+                    // parse…): a bad request, and the upstream, which saw it cut short, is not
+                    // charged — a client must not be able to eject a healthy URL.
+                    tracing::info!(route = %route.name, upstream = %upstream.name, error = %e, "the request body failed");
+                    return (
+                        plain(StatusCode::BAD_REQUEST, "the request body broke off or was malformed\n"),
+                        false,
+                    );
+                }
                 Ok(Err(e)) => {
                     upstream.failed(i);
                     tracing::warn!(route = %route.name, upstream = %upstream.name, base = %upstream.bases[i].authority, error = %e, "upstream failed");
@@ -735,8 +752,11 @@ impl Proxy {
                     return (plain(StatusCode::BAD_GATEWAY, "the upstream failed\n"), false);
                 }
                 Err(_) => {
-                    upstream.failed(i);
-                    tracing::warn!(route = %route.name, upstream = %upstream.name, base = %upstream.bases[i].authority, after = ?upstream.timeout, "upstream timed out");
+                    let body_done = sent.as_ref().is_none_or(|flag| flag.load(Ordering::Acquire));
+                    if body_done {
+                        upstream.failed(i);
+                    }
+                    tracing::warn!(route = %route.name, upstream = %upstream.name, base = %upstream.bases[i].authority, after = ?upstream.timeout, body_done, "upstream timed out");
                     return (
                         plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time\n"),
                         false,
@@ -878,6 +898,36 @@ pub(crate) fn upstream_headers(
     }
     if let Some(addr) = client {
         append_forwarded_for(headers, addr);
+    }
+}
+
+/// The request body on its way upstream, noting when it has been sent whole.
+struct SentFlag {
+    inner: UpstreamBody,
+    sent: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for SentFlag {
+    type Data = Bytes;
+    type Error = httpserver_pool::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.sent.store(true, Ordering::Release);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -104,6 +104,15 @@ impl UpstreamError {
         matches!(self, UpstreamError::Connect { .. } | UpstreamError::Tls { .. })
     }
 
+    /// True if the request's own body failed while it was being sent (the client's upload broke
+    /// off, was malformed, or stalled past the listener's body time-out): the client's doing,
+    /// not the upstream's. (hyper reports an error of the body it sends as a "user" error with
+    /// that error as its source.)
+    pub(crate) fn is_request_body(&self) -> bool {
+        matches!(self, UpstreamError::Http { source, .. }
+            if source.is_user() && std::error::Error::source(source).is_some())
+    }
+
     /// True if the request found the URL at its connection cap until its deadline.
     pub(crate) fn is_busy(&self) -> bool {
         matches!(self, UpstreamError::Busy { .. })
