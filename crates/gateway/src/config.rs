@@ -162,6 +162,11 @@ pub(crate) struct UpstreamConfig {
     /// An idle connection older than this is closed instead of reused. Default 90 s.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The longest wait for the next piece of a response body once its headers have come; then
+    /// the response is cut off (the client sees it end short) and the connection closed.
+    /// Default 60 s; raise it for upstreams that stream with long pauses (server-sent events).
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
     /// TLS for `https://` URLs (required by them, refused when every URL is `http://`).
     #[serde(default)]
     pub tls: Option<ClientTls>,
@@ -174,6 +179,7 @@ impl UpstreamConfig {
             max_connections: self.max_connections,
             max_idle: self.max_idle,
             idle_timeout: self.idle_timeout,
+            read_timeout: self.read_timeout,
         }
     }
 }
@@ -188,6 +194,10 @@ pub(crate) fn default_max_idle() -> usize {
 
 pub(crate) fn default_idle_timeout() -> Duration {
     Duration::from_secs(90)
+}
+
+pub(crate) fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_max_failures() -> u32 {
@@ -518,6 +528,9 @@ impl GatewayConfig {
             if u.timeout.is_zero() {
                 p.push(format!("upstreams[{i}] ({}).timeout: must be greater than zero", u.name));
             }
+            if u.read_timeout.is_zero() {
+                p.push(format!("upstreams[{i}] ({}).read_timeout: must be greater than zero", u.name));
+            }
         }
         let agents = unique_names(&mut p, "agents", self.agents.iter().map(|a| a.name.as_str()));
         for (i, a) in self.agents.iter().enumerate() {
@@ -750,6 +763,7 @@ mod tests {
             max_connections = 4
             max_idle = 8
             idle_timeout = "0s"
+            read_timeout = "0s"
 
             [[upstreams]]
             name = "none"
@@ -775,6 +789,7 @@ mod tests {
             "upstreams[0] (app).urls[1]: \"http://y/path\": a base URL has no path or query",
             "upstreams[0] (app).max_idle: 8 is more than max_connections (4)",
             "upstreams[0] (app).idle_timeout: must be greater than zero",
+            "upstreams[0] (app).read_timeout: must be greater than zero",
             "upstreams[1] (none).max_connections: must be at least 1",
             "routes[0] (r).path_prefix: \"api\" must start with /",
             "routes[0] (r).upstream: no upstream named \"nope\"",

@@ -528,6 +528,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             max_connections: config::default_max_connections(),
             max_idle: config::default_max_idle(),
             idle_timeout: config::default_idle_timeout(),
+            read_timeout: config::default_read_timeout(),
             tls: None,
         }],
         agents: vec![

@@ -57,7 +57,15 @@ pub(crate) struct ConnLimits {
     pub max_idle: usize,
     /// An idle connection older than this is closed instead of reused.
     pub idle_timeout: Duration,
+    /// The longest wait for the next piece of a response body; then the body fails with
+    /// [`BodyStalled`] and the connection is closed.
+    pub read_timeout: Duration,
 }
+
+/// A response body the upstream stopped sending: nothing came for its URL's `read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no more of its response body for {0:?}")]
+pub(crate) struct BodyStalled(pub Duration);
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -421,7 +429,13 @@ impl UpstreamClient {
             },
         };
         let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, stack.clone()));
-        let mut body = PooledBody { inner: None, back };
+        let mut body = PooledBody {
+            inner: None,
+            back,
+            read_timeout: stack.limits.read_timeout,
+            stall: None,
+            moved: false,
+        };
         let resp = resp.map(|inner| {
             if inner.is_end_stream() {
                 body.give_back();
@@ -517,6 +531,12 @@ async fn sweep(stacks: Weak<Stacks>) {
 pub(crate) struct PooledBody {
     inner: Option<Incoming>,
     back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>)>,
+    read_timeout: Duration,
+    /// Armed the first time the upstream makes the body wait (a body that is there with its
+    /// head never needs it); moved on when a wait follows a frame.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    moved: bool,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -535,22 +555,40 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = httpserver_pool::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
-        let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
-        match frame {
-            None => self.give_back(),
-            Some(Ok(_)) if self.inner.as_ref().is_some_and(Body::is_end_stream) => self.give_back(),
+    ) -> Poll<Option<Result<Frame<Bytes>, httpserver_pool::BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame.map(|f| f.map_err(Into::into)),
+            Poll::Pending => {
+                let at = Instant::now() + this.read_timeout;
+                match &mut this.stall {
+                    None => this.stall = Some(Box::pin(tokio::time::sleep_until(at))),
+                    Some(stall) if this.moved => stall.as_mut().reset(at),
+                    Some(_) => {}
+                }
+                this.moved = false;
+                let stall = this.stall.as_mut().expect("armed above");
+                std::task::ready!(stall.as_mut().poll(cx));
+                Some(Err(BodyStalled(this.read_timeout).into()))
+            }
+        };
+        this.moved = true;
+        match &frame {
+            None => this.give_back(),
+            Some(Ok(_)) if this.inner.as_ref().is_some_and(Body::is_end_stream) => this.give_back(),
             Some(Ok(_)) => {}
             Some(Err(_)) => {
-                // The connection is broken: it does not go back, and the body ends here.
-                self.back = None;
-                self.inner = None;
+                // The connection is broken or stalled: it does not go back (dropped here, hyper
+                // closes it), and the body ends here.
+                this.back = None;
+                this.inner = None;
+                this.stall = None;
             }
         }
         Poll::Ready(frame)
@@ -572,8 +610,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    const LIMITS: ConnLimits =
-        ConnLimits { max_connections: 1024, max_idle: 256, idle_timeout: Duration::from_secs(90) };
+    const LIMITS: ConnLimits = ConnLimits {
+        max_connections: 1024,
+        max_idle: 256,
+        idle_timeout: Duration::from_secs(90),
+        read_timeout: Duration::from_secs(60),
+    };
 
     /// A deadline no test reaches.
     fn later() -> Instant {
@@ -1017,5 +1059,50 @@ mod tests {
         client.retain(&[&other]);
         assert_eq!(client.stacks.lock().len(), 1);
         assert!(Arc::ptr_eq(&other, &client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)))));
+    }
+
+    /// An upstream that answers its one request with a head for 12 bytes, then sends them in
+    /// pieces of `piece` bytes every `gap`, and stalls for good after `sent` of them.
+    async fn trickling_upstream(piece: usize, gap: Duration, sent: usize) -> Authority {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n").await.unwrap();
+            for chunk in b"abcdefghijkl".chunks(piece).take(sent) {
+                tokio::time::sleep(gap).await;
+                s.write_all(chunk).await.unwrap();
+            }
+            // Holds the connection open, silent.
+            std::future::pending::<()>().await;
+        });
+        authority
+    }
+
+    #[tokio::test]
+    async fn a_response_body_that_stalls_fails_at_the_read_timeout_and_its_connection_closes() {
+        let authority = trickling_upstream(3, Duration::ZERO, 2).await;
+        let client = UpstreamClient::new();
+        let limits = ConnLimits { read_timeout: Duration::from_millis(200), ..LIMITS };
+        let stack = client.stack(&authority, limits, None);
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        let e = resp.into_body().collect().await.unwrap_err();
+        assert!(e.downcast_ref::<BodyStalled>().is_some(), "{e}");
+        assert!(e.to_string().contains("sent no more of its response body"), "{e}");
+        assert_eq!(stack.len(), 0, "a stalled connection is not reused");
+    }
+
+    #[tokio::test]
+    async fn a_slow_body_that_keeps_coming_is_not_cut_by_the_read_timeout() {
+        // 12 pieces 100 ms apart: 1.2 s in all, each wait well under the 1 s read time-out.
+        let authority = trickling_upstream(1, Duration::from_millis(100), 12).await;
+        let client = UpstreamClient::new();
+        let limits = ConnLimits { read_timeout: Duration::from_secs(1), ..LIMITS };
+        let stack = client.stack(&authority, limits, None);
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"abcdefghijkl");
+        assert_eq!(stack.len(), 1, "a whole body gives its connection back");
     }
 }

@@ -367,9 +367,29 @@ async fn bad_upstreams() -> (SocketAddr, SocketAddr, SocketAddr) {
     addrs
 }
 
+/// An upstream that answers with a head for 100 bytes, sends 10 and then holds the connection
+/// open without a word.
+async fn stalling_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = vec![0; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
+                held.push(stream);
+            }
+        }
+    });
+    addr
+}
+
 #[tokio::test]
 async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() {
     let (resets, silent, dies) = bad_upstreams().await;
+    let stalls = stalling_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let config = format!(
@@ -408,6 +428,16 @@ async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() 
         name = "dies"
         path_prefix = "/dies"
         upstream = "dies"
+
+        [[upstreams]]
+        name = "stalls"
+        urls = ["http://{stalls}"]
+        read_timeout = "300ms"
+
+        [[routes]]
+        name = "stalls"
+        path_prefix = "/stalls"
+        upstream = "stalls"
         "#
     );
     let path = dir.path().join("gateway.toml");
@@ -420,6 +450,19 @@ async fn bad_requests_and_bad_upstreams_get_the_right_status_and_leak_nothing() 
     assert_eq!(get(&listen, "/nothing-here").await.0, 404, "no route");
     assert_eq!(get(&listen, "/resets/x").await.0, 502, "an upstream that resets");
     assert_eq!(get(&listen, "/silent/x").await.0, 504, "an upstream that never answers");
+    // Sends its head and 10 of 100 bytes, then nothing: the response is cut off at the
+    // upstream's read time-out, and the client sees its connection end short of the body.
+    let mut stream = TcpStream::connect(&listen).await.unwrap();
+    stream.write_all(format!("GET /stalls/x HTTP/1.1\r\nHost: {listen}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut back = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut back)).await;
+    assert!(closed.is_ok(), "the gateway ends a stalled response itself (read time-out 300 ms)");
+    let reply = common::parse_reply(&back);
+    assert_eq!(
+        (reply.status, reply.complete, reply.body.len()),
+        (200, false, 10),
+        "an upstream that stalls mid-body"
+    );
     for _ in 0..20 {
         // The head reaches the client (a body it can tell is cut short), not a silent close.
         let request = format!("GET /dies/x HTTP/1.1\r\nHost: {listen}\r\n\r\n");
