@@ -24,9 +24,11 @@ const HOP_BY_HOP: &[&str] = &[
 ///
 /// Checks: the route taken is the first whose host is the request's (the URI's, else the `Host`
 /// header's, in lower case) and whose prefix is a run of whole leading segments of the path;
-/// upstream, no hop-by-hop header and none the `Connection` header names is left but an
-/// upgrade's own `Connection: upgrade` and `Upgrade`; every other header is kept as it came;
-/// `X-Forwarded-For` ends with the client's address.
+/// upstream, no hop-by-hop header and none the `Connection` header names (but `Host`) is left but
+/// an upgrade's own `Connection: upgrade` and `Upgrade`; `Host` is the target's authority
+/// (without user information) when the target has one, so the upstream sees the host that
+/// chose the route; every other header is kept as it came; `X-Forwarded-For` ends with the
+/// client's address.
 pub fn gateway_head(data: &[u8]) {
     let mut lines = data.split(|&b| b == b'\n');
     let (Some(first), Some(target)) = (lines.next(), lines.next()) else { return };
@@ -81,7 +83,20 @@ pub fn gateway_head(data: &[u8]) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| *n != header::HOST)
         .collect();
+    let target_host = req.uri().authority().map(|a| a.as_str().rsplit('@').next().unwrap_or_default());
+    if let Some(target) = target_host
+        && http::HeaderValue::from_str(target).is_ok()
+    {
+        assert_eq!(
+            head.upstream.get_all(header::HOST).iter().map(|v| v.as_bytes()).collect::<Vec<_>>(),
+            [target.as_bytes()]
+        );
+        if let (Some(route_host), Some(h)) = (&head.host, req.uri().host()) {
+            assert_eq!(*route_host, h.to_ascii_lowercase(), "routed on the target's host");
+        }
+    }
     let forwarded_for = HeaderName::from_static("x-forwarded-for");
     let upgrading =
         |name: &HeaderName| head.upgrade.is_some() && (name == header::CONNECTION || name == header::UPGRADE);
@@ -95,7 +110,7 @@ pub fn gateway_head(data: &[u8]) {
     }
     for name in req.headers().keys() {
         let dropped = HOP_BY_HOP.contains(&name.as_str()) || named.contains(name);
-        if !dropped && *name != forwarded_for {
+        if !dropped && *name != forwarded_for && !(target_host.is_some() && *name == header::HOST) {
             let sent: Vec<_> = req.headers().get_all(name).iter().collect();
             let kept: Vec<_> = head.upstream.get_all(name).iter().collect();
             assert_eq!(sent, kept, "{name} changed on its way upstream");

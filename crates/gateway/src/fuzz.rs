@@ -72,7 +72,8 @@ pub struct Head {
 }
 
 /// Routes `req` among `routes` (each a lower-case host or any, and a path prefix) as the proxy
-/// does, and prepares its headers for the upstream as the proxy does for a client at `client`.
+/// does, and prepares its headers for the upstream as the proxy does for a client at `client`
+/// (`Host` made the target's authority when the target has one, then hop-by-hop headers out).
 pub fn request_head<B>(
     routes: &[(Option<String>, String)],
     req: &Request<B>,
@@ -84,7 +85,11 @@ pub fn request_head<B>(
         .iter()
         .position(|(h, prefix)| proxy::route_matches(h.as_deref(), prefix, host.as_deref(), path));
     let upgrade = proxy::upgrade_protocol(req.headers());
-    let mut upstream = req.headers().clone();
+    let mut target = Request::new(());
+    *target.uri_mut() = req.uri().clone();
+    *target.headers_mut() = req.headers().clone();
+    proxy::host_from_target(&mut target);
+    let mut upstream = std::mem::take(target.headers_mut());
     proxy::upstream_headers(&mut upstream, upgrade.as_ref(), client);
     Head { host, route, upgrade, upstream }
 }

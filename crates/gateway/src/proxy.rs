@@ -313,7 +313,8 @@ impl Proxy {
 
     /// Serves one request: its route, through the route's workload (woken if asleep) when it
     /// has one.
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
+        host_from_target(&mut req);
         let routes = self.routes.load_full();
         let Some(route) = Self::route(&routes, &req).cloned() else {
             let resp = plain(StatusCode::NOT_FOUND, "no route matches this request\n");
@@ -826,6 +827,25 @@ pub(crate) fn route_matches(
 }
 
 /// The host a request is for, in lower case: its URI's, else its `Host` header's.
+/// A request whose target names its host (HTTP/1.1's absolute form, `GET http://host/path`, or
+/// HTTP/2's `:authority`) is about that host, whatever its `Host` header says: HTTP/1.1 has a
+/// proxy replace the header with the target's authority (RFC 9112, section 3.2.2), and HTTP/2
+/// takes `:authority` over it (RFC 9113, section 8.3.1). The header is made to match at once,
+/// so that the route (chosen by [`request_host`]), the agents and the upstream all see the one
+/// host. Without it, `GET http://public.example/ HTTP/1.1` with `Host: admin.example` would take
+/// the route of the public host and reach the upstream as a request for the admin one. Any
+/// user information before an `@` is left out, as [`http::Uri::host`] leaves it out.
+pub(crate) fn host_from_target<B>(req: &mut Request<B>) {
+    let Some(authority) = req.uri().authority() else { return };
+    let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+    if req.headers().get(header::HOST).is_some_and(|h| h.as_bytes() == host.as_bytes()) {
+        return;
+    }
+    if let Ok(value) = HeaderValue::from_str(host) {
+        req.headers_mut().insert(header::HOST, value);
+    }
+}
+
 pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.uri().host().map(str::to_owned).or_else(|| {
         let value = req.headers().get(header::HOST)?.to_str().ok()?;
@@ -937,13 +957,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
-    // Headers named in Connection are hop-by-hop too.
+    // Headers named in Connection are hop-by-hop too — but not `Host`, which says what the
+    // request is for: a client must not have the upstream see another host than the route's.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| *n != header::HOST)
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);

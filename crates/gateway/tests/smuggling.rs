@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod common;
 
-/// What the upstream parsed: method, path and body of each request, in order.
-type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+/// What the upstream parsed: method, path, `Host` and body of each request, in order.
+type Seen = Arc<Mutex<Vec<(String, String, String, Vec<u8>)>>>;
 
 /// hyper's HTTP/1.1 server on a free port, answering `ok` and recording every request.
 async fn recording_upstream() -> (std::net::SocketAddr, Seen) {
@@ -39,13 +39,18 @@ async fn recording_upstream() -> (std::net::SocketAddr, Seen) {
                     let record = record.clone();
                     async move {
                         let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+                        let host = req
+                            .headers()
+                            .get(http::header::HOST)
+                            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                            .unwrap_or_default();
                         let body = req
                             .into_body()
                             .collect()
                             .await
                             .map(|b| b.to_bytes().to_vec())
                             .unwrap_or_default();
-                        record.lock().push((method, path, body));
+                        record.lock().push((method, path, host, body));
                         Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
                     }
                 });
@@ -236,7 +241,7 @@ async fn no_framing_trick_gets_a_blocked_request_to_the_upstream() {
 
     // The upstream parsed only the allowed requests, each with its body as data: no request
     // hidden in a body came out as one of its own.
-    for (method, at, body) in seen.lock().iter() {
+    for (method, at, _, body) in seen.lock().iter() {
         assert!(
             ["/page", "/open/page", "/drip"].contains(&at.as_str()),
             "the upstream saw {method} {at} ({:?})",
@@ -309,5 +314,46 @@ async fn bytes_an_upstream_sends_beyond_its_response_never_reach_another_client(
             "request {i}: {} {text:?}",
             reply.status
         );
+    }
+}
+
+#[tokio::test]
+async fn the_upstream_sees_the_host_that_chose_the_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, seen) = recording_upstream().await;
+    // Everything for admin.example goes through an agent that blocks it all; other hosts are open.
+    let agent = common::uds_agent(dir.path(), "waf", test_support::BlockPath::new("/")).await;
+    let gateway = common::start_gateway(
+        dir.path(),
+        &format!(
+            "[[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
+             [[agents]]\nname = \"waf\"\nendpoints = [\"{}\"]\n\n\
+             [[routes]]\nname = \"admin\"\nhost = \"admin.example\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
+             [[routes]]\nname = \"public\"\nupstream = \"app\"\n",
+            agent.endpoint
+        ),
+    )
+    .await;
+    assert_eq!(attack(&gateway.listen, b"GET /x HTTP/1.1\r\nHost: admin.example\r\n\r\n").await, [403]);
+    // An absolute-form target names the host: it chooses the route, and the upstream gets it as
+    // `Host` (not the header the client sent, which named the guarded host).
+    let cases: [(&[u8], u16, &str); 4] = [
+        (b"GET http://public.example/x HTTP/1.1\r\nHost: admin.example\r\n\r\n", 200, "public.example"),
+        (
+            b"GET http://user@public.example:8080/x HTTP/1.1\r\nHost: admin.example\r\n\r\n",
+            200,
+            "public.example:8080",
+        ),
+        (b"GET http://admin.example/x HTTP/1.1\r\nHost: public.example\r\n\r\n", 403, ""),
+        // `Connection` cannot make the gateway drop `Host` on the way.
+        (b"GET /x HTTP/1.1\r\nHost: public.example\r\nConnection: host\r\n\r\n", 200, "public.example"),
+    ];
+    for (raw, status, host) in cases {
+        seen.lock().clear();
+        let what = String::from_utf8_lossy(raw);
+        assert_eq!(attack(&gateway.listen, raw).await, [status], "{what}");
+        let upstream: Vec<String> = seen.lock().iter().map(|(_, _, h, _)| h.clone()).collect();
+        let expected: Vec<&str> = if status == 200 { vec![host] } else { vec![] };
+        assert_eq!(upstream, expected, "{what}");
     }
 }
