@@ -22,8 +22,10 @@ const HOP_BY_HOP: &[&str] = &[
 /// `;`, `*` for any host); the second is the request target; every further line a header
 /// (`name: value`).
 ///
-/// Checks: the route taken is the first whose host is the request's (the URI's, else the `Host`
-/// header's, in lower case) and whose prefix is a run of whole leading segments of the path;
+/// Checks: the path routed on is normalized (no empty, `.` or `..` segment, no escaped
+/// unreserved character, the same when normalized again) or the request is refused; the route
+/// taken is the first whose host is the request's (the URI's, else the `Host` header's, in
+/// lower case) and whose prefix is a run of whole leading segments of that path;
 /// upstream, no hop-by-hop header and none the `Connection` header names (but `Host`) is left but
 /// an upgrade's own `Connection: upgrade` and `Upgrade`; `Host` is the target's authority
 /// (without user information) when the target has one, so the upstream sees the host that
@@ -59,7 +61,26 @@ pub fn gateway_head(data: &[u8]) {
     let Ok(req) = req.body(()) else { return };
     let head = gateway::fuzz::request_head(&routes, &req, client);
 
-    let path = req.uri().path();
+    // The path routed on: normalized (no empty, `.` or `..` segment, no escaped unreserved
+    // character or slash, a fixed point), or the request refused.
+    let Some(path) = head.path.as_deref() else {
+        assert_eq!(head.route, None, "a refused path takes no route");
+        return;
+    };
+    if req.uri().path().starts_with('/') {
+        assert!(path.starts_with('/'), "{path:?}");
+        let inner = path.strip_suffix('/').unwrap_or(path);
+        for segment in inner.split('/').skip(1) {
+            assert!(!["", ".", ".."].contains(&segment), "{segment:?} left in {path:?}");
+        }
+        let upper = path.to_ascii_uppercase();
+        for escaped in ["%2F", "%5C", "%2E", "%41", "%7E", "%5F", "%2D", "%30"] {
+            assert!(!upper.contains(escaped), "{escaped} left in {path:?}");
+        }
+        assert_eq!(gateway::fuzz::normalize_path(path).as_deref(), Some(path), "normalized twice");
+    } else {
+        assert_eq!(path, req.uri().path(), "not a path of segments: left alone");
+    }
     let takes = |(host, prefix): &(Option<String>, String)| {
         host.as_ref().is_none_or(|h| head.host.as_ref() == Some(h))
             && gateway::fuzz::path_has_prefix(path, prefix)

@@ -63,7 +63,11 @@ fn offline_bind(bind: &str) -> bool {
 pub struct Head {
     /// The host routes are matched against (the URI's, else the `Host` header's; lower case).
     pub host: Option<String>,
-    /// The index of the first route (`(host, path prefix)`) that takes the request.
+    /// The path it is routed on and sent on with (normalized), or `None` if it is refused
+    /// (400: an escaped slash, a malformed escape).
+    pub path: Option<String>,
+    /// The index of the first route (`(host, path prefix)`) that takes the request (none for
+    /// a refused one).
     pub route: Option<usize>,
     /// The protocol the request asks to upgrade to.
     pub upgrade: Option<HeaderValue>,
@@ -80,10 +84,12 @@ pub fn request_head<B>(
     client: Option<SocketAddr>,
 ) -> Head {
     let host = proxy::request_host(req);
-    let path = req.uri().path();
-    let route = routes
-        .iter()
-        .position(|(h, prefix)| proxy::route_matches(h.as_deref(), prefix, host.as_deref(), path));
+    let path = crate::path::normalize(req.uri().path()).ok().map(|p| p.into_owned());
+    let route = path.as_deref().and_then(|path| {
+        routes
+            .iter()
+            .position(|(h, prefix)| proxy::route_matches(h.as_deref(), prefix, host.as_deref(), path))
+    });
     let upgrade = proxy::upgrade_protocol(req.headers());
     let mut target = Request::new(());
     *target.uri_mut() = req.uri().clone();
@@ -91,7 +97,13 @@ pub fn request_head<B>(
     proxy::host_from_target(&mut target);
     let mut upstream = std::mem::take(target.headers_mut());
     proxy::upstream_headers(&mut upstream, upgrade.as_ref(), client);
-    Head { host, route, upgrade, upstream }
+    Head { host, path, route, upgrade, upstream }
+}
+
+/// The normalized form of a path (the gateway routes on it and sends it on), or `None` if the
+/// gateway refuses it.
+pub fn normalize_path(path: &str) -> Option<String> {
+    crate::path::normalize(path).ok().map(|p| p.into_owned())
 }
 
 /// Whether a path is taken by a route with this prefix (whole segments only).

@@ -23,6 +23,7 @@ mod demo;
 #[doc(hidden)]
 pub mod fuzz;
 mod inspect;
+mod path;
 mod proxy;
 mod reply;
 mod response_body;

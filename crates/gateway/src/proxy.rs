@@ -315,6 +315,12 @@ impl Proxy {
     /// has one.
     pub(crate) async fn handle(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
         host_from_target(&mut req);
+        if let Err(e) = normalize_path(&mut req) {
+            let resp = plain(StatusCode::BAD_REQUEST, e.answer());
+            access_log("-", req.method(), req.uri().path(), resp.status(), Instant::now());
+            metrics::counter!("gateway_requests_total", "route" => "-", "status" => "400").increment(1);
+            return resp;
+        }
         let routes = self.routes.load_full();
         let Some(route) = Self::route(&routes, &req).cloned() else {
             let resp = plain(StatusCode::NOT_FOUND, "no route matches this request\n");
@@ -844,6 +850,27 @@ pub(crate) fn host_from_target<B>(req: &mut Request<B>) {
     if let Ok(value) = HeaderValue::from_str(host) {
         req.headers_mut().insert(header::HOST, value);
     }
+}
+
+/// Replaces the request's path with its normalized form ([`crate::path`]), keeping the rest of
+/// its target; the error refuses the request.
+pub(crate) fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::path::PathError> {
+    let std::borrow::Cow::Owned(path) = crate::path::normalize(req.uri().path())? else { return Ok(()) };
+    let target = match req.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    // Made of the characters of a parsed path and query: it parses.
+    if let Ok(path_and_query) = PathAndQuery::from_maybe_shared(target)
+        && let Ok(uri) = Uri::from_parts({
+            parts.path_and_query = Some(path_and_query);
+            parts
+        })
+    {
+        *req.uri_mut() = uri;
+    }
+    Ok(())
 }
 
 pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {

@@ -357,3 +357,44 @@ async fn the_upstream_sees_the_host_that_chose_the_route() {
         assert_eq!(upstream, expected, "{what}");
     }
 }
+
+#[tokio::test]
+async fn a_path_is_routed_as_the_upstream_will_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, seen) = recording_upstream().await;
+    // /admin goes through an agent that blocks it all; the rest is open.
+    let agent = common::uds_agent(dir.path(), "waf", test_support::BlockPath::new("/")).await;
+    let gateway = common::start_gateway(
+        dir.path(),
+        &format!(
+            "[[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
+             [[agents]]\nname = \"waf\"\nendpoints = [\"{}\"]\n\n\
+             [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
+             [[routes]]\nname = \"public\"\nupstream = \"app\"\n",
+            agent.endpoint
+        ),
+    )
+    .await;
+    // Spellings of /admin/x a server may resolve: each takes the guarded route, or is refused.
+    let cases = [
+        ("/public/../admin/x", 403, ""),
+        ("/./admin/x", 403, ""),
+        ("//admin/x", 403, ""),
+        ("/%61dmin/x", 403, ""),
+        ("/public/%2e%2E/admin/x", 403, ""),
+        ("/admin%2Fx", 400, ""),
+        ("/public/..%2Fadmin/x", 400, ""),
+        ("/public/..%5Cadmin/x", 400, ""),
+        // Ordinary paths go on as they are, or in their normal form.
+        ("/public/a%20b?q=/../admin", 200, "/public/a%20b"),
+        ("/public/%7euser/./x", 200, "/public/~user/x"),
+    ];
+    for (target, status, upstream_path) in cases {
+        seen.lock().clear();
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(attack(&gateway.listen, raw.as_bytes()).await, [status], "{target}");
+        let paths: Vec<String> = seen.lock().iter().map(|(_, p, _, _)| p.clone()).collect();
+        let expected: Vec<&str> = if status == 200 { vec![upstream_path] } else { vec![] };
+        assert_eq!(paths, expected, "{target}");
+    }
+}
