@@ -88,6 +88,7 @@ pub fn gateway_head(data: &[u8]) {
     assert_eq!(head.route, routes.iter().position(takes));
     if let Some(host) = &head.host {
         assert_eq!(*host, host.to_ascii_lowercase());
+        assert!(!host.ends_with('.') || host == ".", "{host:?}: routed with its trailing dot");
     }
     for (_, prefix) in &routes {
         if gateway::fuzz::path_has_prefix(path, prefix) && prefix != "/" {

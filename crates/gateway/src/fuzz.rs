@@ -64,7 +64,7 @@ pub struct Head {
     /// The host routes are matched against (the URI's, else the `Host` header's; lower case).
     pub host: Option<String>,
     /// The path it is routed on and sent on with (normalized), or `None` if it is refused
-    /// (400: an escaped slash, a malformed escape).
+    /// (400: an escaped slash, a malformed escape, a missing, doubled or malformed `Host`).
     pub path: Option<String>,
     /// The index of the first route (`(host, path prefix)`) that takes the request (none for
     /// a refused one).
@@ -84,7 +84,10 @@ pub fn request_head<B>(
     client: Option<SocketAddr>,
 ) -> Head {
     let host = proxy::request_host(req);
-    let path = crate::path::normalize(req.uri().path()).ok().map(|p| p.into_owned());
+    let path = match proxy::check_host(req) {
+        Ok(()) => crate::path::normalize(req.uri().path()).ok().map(|p| p.into_owned()),
+        Err(_) => None,
+    };
     let route = path.as_deref().and_then(|path| {
         routes
             .iter()

@@ -315,8 +315,9 @@ impl Proxy {
     /// has one.
     pub(crate) async fn handle(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
         host_from_target(&mut req);
-        if let Err(e) = normalize_path(&mut req) {
-            let resp = plain(StatusCode::BAD_REQUEST, e.answer());
+        if let Err(answer) = check_host(&req).and_then(|()| normalize_path(&mut req).map_err(|e| e.answer()))
+        {
+            let resp = plain(StatusCode::BAD_REQUEST, answer);
             access_log("-", req.method(), req.uri().path(), resp.status(), Instant::now());
             metrics::counter!("gateway_requests_total", "route" => "-", "status" => "400").increment(1);
             return resp;
@@ -852,6 +853,25 @@ pub(crate) fn host_from_target<B>(req: &mut Request<B>) {
     }
 }
 
+/// Refuses what RFC 9112 (section 3.2) has a server refuse, and what would let the gateway and
+/// the upstream read different hosts: more than one `Host` header (the gateway would route on
+/// the first, a server may take the last), one that is no `host[:port]`, and an HTTP/1.1
+/// request with neither a `Host` header nor a host in its target. The error is the 400's text.
+pub(crate) fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err("more than one Host header\n"),
+        (Some(host), None) => match std::str::from_utf8(host.as_bytes()).ok().map(str::parse::<Authority>) {
+            Some(Ok(authority)) if !authority.as_str().contains('@') => Ok(()),
+            _ => Err("the Host header is not host[:port]\n"),
+        },
+        (None, _) if req.version() == http::Version::HTTP_11 && req.uri().authority().is_none() => {
+            Err("an HTTP/1.1 request needs a Host header\n")
+        }
+        (None, _) => Ok(()),
+    }
+}
+
 /// Replaces the request's path with its normalized form ([`crate::path`]), keeping the rest of
 /// its target; the error refuses the request.
 pub(crate) fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::path::PathError> {
@@ -873,12 +893,16 @@ pub(crate) fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::path:
     Ok(())
 }
 
+/// The host a request is for, as routes match it: the target's, else the `Host` header's, in
+/// lower case and without the trailing dot of a fully qualified name (`admin.example.` is the
+/// host `admin.example` to a resolver and to most servers).
 pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.uri().host().map(str::to_owned).or_else(|| {
         let value = req.headers().get(header::HOST)?.to_str().ok()?;
         Some(value.parse::<Authority>().ok()?.host().to_owned())
     })?;
-    Some(raw.to_ascii_lowercase())
+    let host = raw.strip_suffix('.').filter(|h| !h.is_empty()).unwrap_or(&raw);
+    Some(host.to_ascii_lowercase())
 }
 
 pub(crate) fn path_has_prefix(path: &str, prefix: &str) -> bool {

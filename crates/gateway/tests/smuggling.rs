@@ -335,9 +335,11 @@ async fn the_upstream_sees_the_host_that_chose_the_route() {
     )
     .await;
     assert_eq!(attack(&gateway.listen, b"GET /x HTTP/1.1\r\nHost: admin.example\r\n\r\n").await, [403]);
+    // A request with no host at all gets the upstream URL's.
+    let app_host = app.to_string();
     // An absolute-form target names the host: it chooses the route, and the upstream gets it as
     // `Host` (not the header the client sent, which named the guarded host).
-    let cases: [(&[u8], u16, &str); 4] = [
+    let cases: [(&[u8], u16, &str); 9] = [
         (b"GET http://public.example/x HTTP/1.1\r\nHost: admin.example\r\n\r\n", 200, "public.example"),
         (
             b"GET http://user@public.example:8080/x HTTP/1.1\r\nHost: admin.example\r\n\r\n",
@@ -347,6 +349,15 @@ async fn the_upstream_sees_the_host_that_chose_the_route() {
         (b"GET http://admin.example/x HTTP/1.1\r\nHost: public.example\r\n\r\n", 403, ""),
         // `Connection` cannot make the gateway drop `Host` on the way.
         (b"GET /x HTTP/1.1\r\nHost: public.example\r\nConnection: host\r\n\r\n", 200, "public.example"),
+        // Two Host headers (the gateway would route on one, a server may take the other), one
+        // that is no host[:port], none at all on HTTP/1.1: refused.
+        (b"GET /x HTTP/1.1\r\nHost: public.example\r\nHost: admin.example\r\n\r\n", 400, ""),
+        (b"GET /x HTTP/1.1\r\nHost: admin.example@public.example\r\n\r\n", 400, ""),
+        (b"GET /x HTTP/1.1\r\nX-Host: public.example\r\n\r\n", 400, ""),
+        // The fully qualified name with its trailing dot is the same host.
+        (b"GET /x HTTP/1.1\r\nHost: ADMIN.example.\r\n\r\n", 403, ""),
+        // HTTP/1.0 may leave the header out.
+        (b"GET /x HTTP/1.0\r\n\r\n", 200, &app_host),
     ];
     for (raw, status, host) in cases {
         seen.lock().clear();
