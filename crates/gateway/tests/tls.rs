@@ -197,3 +197,164 @@ async fn an_https_upstream_is_verified_with_its_ca_which_a_reload_rereads() {
     assert!(text.contains("tls.ca"), "{text}");
     assert_eq!(common::exchange(&gateway.listen, &common::get("/page")).await.status, 200);
 }
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client that opens streams and resets them at once,
+/// thousands of times, on one TLS connection. Streams reset before the gateway takes them cost
+/// it nothing (hyper's HTTP/2 drops them); streams reset while their request is on its way to
+/// the upstream are counted, and the connection is closed once they pass the listener's
+/// `max_abandoned_requests` (100 by default). The gateway keeps serving others.
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_costs_the_upstream_little_and_is_cut_off() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_support::tls::TestCa::new("listeners");
+    let pair = ca.issue(&["gateway.test"]);
+    std::fs::write(dir.path().join("cert.pem"), &pair.cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &pair.key).unwrap();
+
+    // The upstream counts the requests it gets; it answers `/hold/…` never, the rest at once.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = upstream.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = upstream.accept().await else { continue };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let hold = seen.starts_with(b"GET /hold/");
+                        seen.drain(..end + 4);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        if !hold
+                            && s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nname = \"secure\"\nbind = \"{listen}\"\n\
+             tls = {{ cert_chain = {{ file = \"{cert}\" }}, key = {{ file = \"{key}\" }} }}\n\n\
+             [admin]\nbind = \"{admin}\"\n\n\
+             [[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+            cert = dir.path().join("cert.pem").display(),
+            key = dir.path().join("key.pem").display(),
+        ),
+    )
+    .unwrap();
+    let _gateway = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    common::wait_ready(&admin).await;
+
+    let connect = || async {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut tls =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(&listen).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("gateway.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (client, conn) = h2::client::handshake(stream).await.unwrap();
+        (client, tokio::spawn(conn))
+    };
+    let request = |path: &str| http::Request::get(format!("https://gateway.test{path}")).body(()).unwrap();
+    let served = async || {
+        let (mut client, _conn) = connect().await;
+        let (answer, _) = client.send_request(request("/x"), true).unwrap();
+        answer.await.unwrap().status()
+    };
+    assert_eq!(served().await, 200, "a request on HTTP/2");
+
+    // 1. Streams reset as fast as they are opened: most never reach the gateway's handler.
+    const FLOOD: usize = 5_000;
+    let before = requests.load(Ordering::SeqCst);
+    let (client, conn) = connect().await;
+    let mut next = Some(client);
+    let mut opened = 0;
+    while let Some(client) = next.take()
+        && opened < FLOOD
+    {
+        let Ok(mut client) = client.ready().await else { break };
+        let Ok((answer, _)) = client.send_request(request("/x"), true) else { break };
+        // The connection's task writes the HEADERS; the drop then resets the stream.
+        tokio::task::yield_now().await;
+        drop(answer);
+        opened += 1;
+        next = Some(client);
+    }
+    drop(next);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), conn).await;
+    let reached = requests.load(Ordering::SeqCst) - before;
+    assert!(reached <= 150, "{reached} of {opened} streams reset at once reached the upstream");
+
+    // 2. Streams reset once their request is at the upstream (the costly kind): the connection
+    // is closed after about `max_abandoned_requests` of them.
+    let (client, conn) = connect().await;
+    let mut next = Some(client);
+    let mut opened = 0;
+    while let Some(client) = next.take()
+        && opened < 1_000
+    {
+        let Ok(mut client) = client.ready().await else { break };
+        let at = requests.load(Ordering::SeqCst);
+        let Ok((answer, _)) = client.send_request(request("/hold/x"), true) else { break };
+        let arrived = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while requests.load(Ordering::SeqCst) == at {
+                if conn.is_finished() {
+                    return false;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            true
+        })
+        .await
+        .expect("a request neither reached the upstream nor ended the connection");
+        drop(answer);
+        if !arrived {
+            // The gateway closed the connection.
+            break;
+        }
+        opened += 1;
+        next = Some(client);
+    }
+    drop(next);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the flooded connection is still open");
+    assert!((100..=110).contains(&opened), "closed after {opened} requests reset at the upstream");
+
+    assert_eq!(served().await, 200, "others are still served");
+}

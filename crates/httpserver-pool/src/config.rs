@@ -90,6 +90,7 @@ impl Default for Timeouts {
 /// | `http2_max_concurrent_streams` | streams one HTTP/2 connection may have open at once | 100 |
 /// | `http2_keep_alive_interval` | how often an HTTP/2 connection is pinged | 30 s |
 /// | `http2_keep_alive_timeout` | how long a ping may go unanswered before the connection is closed | 20 s |
+/// | `max_abandoned_requests` | requests a connection's client may give up on before their answer (once they are also most of its requests): then it is closed | 100 |
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -115,6 +116,14 @@ pub struct Limits {
     /// (a dead or stalled peer). Default 20 s.
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_timeout: Duration,
+    /// The requests one connection's client may abandon before their answer begins — on HTTP/2
+    /// a stream reset while its handler runs — once they are also more than half of the
+    /// connection's requests: then the connection is closed at once. A client that opens
+    /// streams and resets them ("rapid reset", CVE-2023-44487) makes the server start work
+    /// it never finishes, at no cost to itself; hyper's HTTP/2 limits only the streams reset
+    /// before the server took them, this the rest. Browsers cancel now and then, never most of
+    /// a connection's requests. Default 100.
+    pub max_abandoned_requests: u32,
 }
 
 impl Default for Limits {
@@ -125,6 +134,7 @@ impl Default for Limits {
             http2_max_concurrent_streams: 100,
             http2_keep_alive_interval: Some(Duration::from_secs(30)),
             http2_keep_alive_timeout: Duration::from_secs(20),
+            max_abandoned_requests: 100,
         }
     }
 }
@@ -164,6 +174,7 @@ impl Default for SocketOptions {
 /// | [`limits`](Limits) `.max_connections_per_ip` | the same per client address (IPv6: /64) | none |
 /// | [`limits`](Limits) `.http2_max_concurrent_streams` | streams per HTTP/2 connection; more are refused | 100 |
 /// | [`limits`](Limits) `.http2_keep_alive_interval` / `_timeout` | HTTP/2 pings; an unanswered one closes the connection | 30 s / 20 s |
+/// | [`limits`](Limits) `.max_abandoned_requests` | requests given up before their answer (most of the connection's): closed | 100 |
 /// | [`timeouts`](Timeouts) `.header_read` | request head (HTTP/1), TLS handshake, first request | 30 s |
 /// | [`timeouts`](Timeouts) `.idle` | keep-alive connection with nothing in flight | 120 s |
 /// | [`timeouts`](Timeouts) `.body_read` | wait for request body data | 30 s |
@@ -352,6 +363,9 @@ impl HttpServerConfig {
             if value == Some(0) {
                 problem(field, "must be positive (leave it out for no cap)".into());
             }
+        }
+        if l.max_abandoned_requests == 0 {
+            problem("limits.max_abandoned_requests", "must be positive".into());
         }
         if l.http2_max_concurrent_streams == 0 {
             problem("limits.http2_max_concurrent_streams", "must be positive".into());

@@ -299,10 +299,29 @@ pub(crate) struct Activity {
     idle_since_nanos: AtomicU64,
     /// Set when the first request begins.
     begun: AtomicBool,
+    /// Requests begun on the connection.
+    started: AtomicU64,
+    /// Requests whose answer was dropped before it was ready (the client gave up on them).
+    abandoned: AtomicU64,
+    /// See `Limits::max_abandoned_requests`.
+    abandon_limit: u64,
+    /// Set once the abandoned requests pass the limit: the connection is to be closed.
+    abusive: AtomicBool,
 }
 
 /// Marks one request in flight until dropped.
 pub(crate) struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    /// Notes that the request was abandoned before its answer was ready.
+    pub(crate) fn abandon(&self) {
+        let a = &self.0;
+        let abandoned = a.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
+        if abandoned >= a.abandon_limit && abandoned * 2 > a.started.load(Ordering::Relaxed) {
+            a.abusive.store(true, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
@@ -313,17 +332,29 @@ impl Drop for RequestGuard {
 }
 
 impl Activity {
-    pub(crate) fn new() -> Arc<Self> {
+    /// The activity of a new connection that may abandon `abandon_limit` requests (see
+    /// `Limits::max_abandoned_requests`).
+    pub(crate) fn new(abandon_limit: u32) -> Arc<Self> {
         Arc::new(Activity {
             base: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_nanos: AtomicU64::new(0),
             begun: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            abandon_limit: u64::from(abandon_limit.max(1)),
+            abusive: AtomicBool::new(false),
         })
+    }
+
+    /// True once the client has abandoned more requests than the limit allows.
+    pub(crate) fn is_abusive(&self) -> bool {
+        self.abusive.load(Ordering::Relaxed)
     }
 
     pub(crate) fn begin(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::Relaxed);
         // A plain load first: the store happens once per connection, not per request.
         if !self.begun.load(Ordering::Relaxed) {
             self.begun.store(true, Ordering::Relaxed);

@@ -547,7 +547,7 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Activity::new();
+    let activity = Activity::new(live.config.limits.max_abandoned_requests);
     let service = ConnService {
         handler: live.handler.clone(),
         signal: ShutdownSignal::new(shutdown.clone()),
@@ -624,7 +624,10 @@ async fn drive<C, E>(
     let mut closing = false;
     let result = std::future::poll_fn(|cx| {
         if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-            return Poll::Ready(Some(result));
+            return Poll::Ready(Some(result.map_err(Closed::Error)));
+        }
+        if activity.is_abusive() {
+            return Poll::Ready(Some(Err(Closed::Abandoned)));
         }
         if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
@@ -640,7 +643,7 @@ async fn drive<C, E>(
             if !closing && close_gracefully.load(Ordering::Relaxed) {
                 closing = true;
                 graceful(conn.as_mut());
-                return conn.as_mut().poll(cx).map(Some);
+                return conn.as_mut().poll(cx).map(|r| Some(r.map_err(Closed::Error)));
             }
         }
         Poll::Pending
@@ -648,9 +651,23 @@ async fn drive<C, E>(
     .await;
     match result {
         Some(Ok(())) => {}
-        Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+        Some(Err(Closed::Abandoned)) => {
+            metrics::counter!("httpserver_connections_closed_abandoning_total").increment(1);
+            tracing::warn!(
+                "closed a connection whose client abandoned most of its requests before their answers (HTTP/2 rapid reset?)"
+            );
+        }
+        Some(Err(Closed::Error(e))) => tracing::debug!(error = %e, "connection ended with an error"),
         None => tracing::debug!("header read or idle timeout: connection closed"),
     }
+}
+
+/// Why `drive` ended a connection other than by the connection's own end.
+enum Closed<E> {
+    /// hyper's error.
+    Error(E),
+    /// The client abandoned too many of its requests (`Limits::max_abandoned_requests`).
+    Abandoned,
 }
 
 /// Wakes the connection task on behalf of the stop signal or the timers, and says so.
@@ -820,6 +837,16 @@ impl Future for Pending {
                 f.as_mut().poll(cx).map(|r| r.unwrap_or_else(|_| status(StatusCode::SERVICE_UNAVAILABLE)))
             }
             Pending::Ready(resp) => Poll::Ready(resp.take().expect("answer polled after it was ready")),
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // Dropped before it was ready: the client gave up on the request (an HTTP/2 stream
+        // reset, an HTTP/1 connection closed).
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.abandon();
         }
     }
 }

@@ -545,6 +545,7 @@ fn limits_have_safe_defaults_read_humantime_and_are_validated() {
         http2_max_concurrent_streams: 0,
         http2_keep_alive_interval: Some(Duration::ZERO),
         http2_keep_alive_timeout: Duration::ZERO,
+        max_abandoned_requests: 0,
     };
     let Err(Error::Invalid { problems }) = bad.validate() else { panic!("zero limits accepted") };
     let fields: Vec<&str> = problems.iter().map(|p| p.field).collect();
@@ -555,6 +556,7 @@ fn limits_have_safe_defaults_read_humantime_and_are_validated() {
         "limits.http2_max_concurrent_streams",
         "limits.http2_keep_alive_interval",
         "limits.http2_keep_alive_timeout",
+        "limits.max_abandoned_requests",
     ] {
         assert!(fields.contains(&f), "{f} missing from {problems:?}");
     }
