@@ -25,6 +25,8 @@ pub(crate) struct Admin {
     pub workloads: Arc<Workloads>,
     /// Listener names and binds, for status.
     pub listeners: arc_swap::ArcSwap<Vec<(String, String)>>,
+    /// `[admin] allowed_hosts`: names answered besides IP addresses and `localhost`.
+    pub allowed_hosts: arc_swap::ArcSwap<Vec<String>>,
     /// False from the moment a stop begins.
     pub ready: AtomicBool,
     /// Asks the main task to reload the configuration; the answer says what changed, or why
@@ -35,6 +37,9 @@ pub(crate) struct Admin {
 impl Admin {
     /// Serves one admin request.
     pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
+        if let Err(refusal) = self.check_addressed(&req) {
+            return plain(StatusCode::FORBIDDEN, refusal);
+        }
         match req.uri().path() {
             "/admin/reload" if req.method() == http::Method::POST => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -75,6 +80,36 @@ impl Admin {
                 "admin: /metrics, /healthz, /readyz, /status, POST /admin/reload\n",
             ),
         }
+    }
+
+    /// Refuses what a web page in a browser could send here: a request addressed by a name the
+    /// admin does not answer to (a DNS-rebound page's own name: only IP addresses, `localhost`
+    /// and `allowed_hosts` are answered), and a reload with an `Origin` (a cross-site form
+    /// posted by a browser; curl and scripts send none). The error is the 403's text.
+    fn check_addressed<B>(&self, req: &Request<B>) -> Result<(), &'static str> {
+        const NOT_OURS: &str =
+            "the admin answers requests addressed to an IP address, localhost or [admin] allowed_hosts\n";
+        let host = match (req.uri().host(), req.headers().get(header::HOST)) {
+            (Some(host), _) => Some(host.to_owned()),
+            (None, Some(value)) => {
+                let authority = value.to_str().ok().and_then(|v| v.parse::<http::uri::Authority>().ok());
+                Some(authority.ok_or(NOT_OURS)?.host().to_owned())
+            }
+            (None, None) => None,
+        };
+        if let Some(host) = host {
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+            let known = host.parse::<std::net::IpAddr>().is_ok()
+                || host == "localhost"
+                || self.allowed_hosts.load().iter().any(|h| h.eq_ignore_ascii_case(&host));
+            if !known {
+                return Err(NOT_OURS);
+            }
+        }
+        if req.uri().path() == "/admin/reload" && req.headers().contains_key(header::ORIGIN) {
+            return Err("a reload is not taken from a web page (the request has an Origin)\n");
+        }
+        Ok(())
     }
 
     fn status(&self) -> serde_json::Value {

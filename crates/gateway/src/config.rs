@@ -84,11 +84,17 @@ impl ListenerConfig {
 pub(crate) struct AdminConfig {
     /// `host:port` to bind; keep it on loopback.
     pub bind: String,
+    /// Host names the admin answers to, besides IP addresses and `localhost` (which it always
+    /// does): a request whose `Host` names another is refused with 403, so that a web page
+    /// whose name a hostile DNS server points at this machine (DNS rebinding) cannot read
+    /// `/status` or `/metrics` from a browser. Names a scraper uses to reach the admin go here.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:9901".into() }
+        Self { bind: "127.0.0.1:9901".into(), allowed_hosts: Vec::new() }
     }
 }
 
@@ -475,6 +481,13 @@ impl GatewayConfig {
             }
         }
         check_bind(&mut p, "admin.bind", &self.admin.bind);
+        for (i, host) in self.admin.allowed_hosts.iter().enumerate() {
+            let named =
+                host.parse::<http::uri::Authority>().is_ok_and(|a| a.host() == host && a.port().is_none());
+            if !named {
+                p.push(format!("admin.allowed_hosts[{i}]: {host:?} is not a host name"));
+            }
+        }
         if binds.contains(self.admin.bind.as_str()) {
             p.push(format!("admin.bind: {} is also a listener", self.admin.bind));
         }
@@ -799,6 +812,23 @@ mod tests {
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn admin_allowed_hosts_are_host_names() {
+        let cfg = |hosts: &str| {
+            GatewayConfig::from_toml(&format!(
+                "{GOOD}\n[admin]\nbind = \"127.0.0.1:9901\"\nallowed_hosts = {hosts}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        cfg(r#"["admin.internal", "gw"]"#).unwrap();
+        let all = cfg(r#"["ok", "with:80", "two words", "user@x"]"#).unwrap_err().problems.join("\n");
+        for expected in ["admin.allowed_hosts[1]", "admin.allowed_hosts[2]", "admin.allowed_hosts[3]"] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert!(!all.contains("admin.allowed_hosts[0]"), "{all}");
     }
 
     #[test]

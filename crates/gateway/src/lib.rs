@@ -178,6 +178,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         proxy: proxy.clone(),
         workloads: workloads.clone(),
         listeners: ArcSwap::from_pointee(listener_names(&config)),
+        allowed_hosts: ArcSwap::from_pointee(config.admin.allowed_hosts.clone()),
         ready: AtomicBool::new(false),
         reload: reload_tx,
     });
@@ -471,6 +472,7 @@ async fn reload(
     proxy.set_routes(&next, &upstream_tls);
     let report = http.apply(&handlers.servers(&next)).await.map_err(|e| format!("listeners: {e}"))?;
     admin.listeners.store(Arc::new(listener_names(&next)));
+    admin.allowed_hosts.store(Arc::new(next.admin.allowed_hosts.clone()));
     let keep: std::collections::HashSet<&str> = next.agents.iter().map(|a| a.name.as_str()).collect();
     let removed: Vec<String> =
         running.agents.iter().filter(|a| !keep.contains(a.name.as_str())).map(|a| a.name.clone()).collect();
@@ -509,7 +511,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             limits: Default::default(),
             timeouts: Default::default(),
         }],
-        admin: config::AdminConfig { bind: cli.admin.clone() },
+        admin: config::AdminConfig { bind: cli.admin.clone(), allowed_hosts: Vec::new() },
         routes: vec![RouteConfig {
             name: "demo".into(),
             host: None,

@@ -657,3 +657,43 @@ async fn a_request_that_finds_every_upstream_connection_busy_gets_503_and_the_ur
     let (exit, _) = stop_gateway(child).await;
     assert!(exit.success());
 }
+
+#[tokio::test]
+async fn the_admin_refuses_what_a_web_page_could_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = upstream().await;
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n\
+             [admin]\nbind = \"{admin}\"\nallowed_hosts = [\"gateway-admin.internal\"]\n\n\
+             [[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+        ),
+    )
+    .unwrap();
+    let _child = run_config(&path, &admin).await;
+    let port = admin.rsplit(':').next().unwrap();
+    let ask = |host: &str, extra: &str, method: &str, target: &str| {
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // Addressed by IP, by localhost, by a configured name: answered.
+    for host in [admin.clone(), format!("localhost:{port}"), format!("GATEWAY-ADMIN.internal:{port}")] {
+        assert_eq!(raw(&admin, ask(&host, "", "GET", "/status").as_bytes()).await, 200, "{host}");
+    }
+    // By any other name (a DNS-rebound page's own): refused, whatever the path.
+    for target in ["/status", "/metrics", "/admin/reload"] {
+        let method = if target == "/admin/reload" { "POST" } else { "GET" };
+        let request = ask(&format!("evil.example:{port}"), "", method, target);
+        assert_eq!(raw(&admin, request.as_bytes()).await, 403, "{target}");
+    }
+    assert_eq!(raw(&admin, ask("not a host", "", "GET", "/status").as_bytes()).await, 403);
+    // A reload posted from a web page (it has an Origin) is refused; from curl it is taken.
+    let from_page = ask(&admin, "Origin: http://evil.example\r\n", "POST", "/admin/reload");
+    assert_eq!(raw(&admin, from_page.as_bytes()).await, 403);
+    assert_eq!(raw(&admin, ask(&admin, "", "POST", "/admin/reload").as_bytes()).await, 200);
+}
