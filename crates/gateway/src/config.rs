@@ -371,7 +371,7 @@ fn pem_bytes(field: &'static str, source: &PemSource) -> Result<Vec<u8>, ClientT
 /// The bytes of TLS material as read from its files (or inline text): what the gateway dialled
 /// with, kept so that a reload notices a file rewritten in place (a renewed certificate at the
 /// same path) even though the configuration's text did not change.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ClientTlsFiles {
     ca: Vec<u8>,
     /// The client certificate chain and its key, when set.
@@ -437,7 +437,7 @@ impl ClientTlsFiles {
         server_name: Option<&str>,
     ) -> Result<crate::upstream::UpstreamTls, ClientTlsError> {
         let identity = self.identity.as_ref().map(|(cert, key)| (cert.as_slice(), key.as_slice()));
-        crate::upstream::UpstreamTls::new(&self.ca, identity, server_name, self.clone())
+        crate::upstream::UpstreamTls::new(&self.ca, identity, server_name)
             .map_err(|(field, problem)| ClientTlsError { field, problem })
     }
 }

@@ -135,8 +135,12 @@ pub(crate) struct UpstreamTls {
     server_name: Option<ServerName<'static>>,
     /// What it was made of: stacks are keyed by it, so a reload that reads other bytes (a
     /// certificate renewed in place) dials new connections and lets the old ones close.
-    made_of: (crate::config::ClientTlsFiles, Option<String>),
+    made_of: TlsKey,
 }
+
+/// The bytes and name an [`UpstreamTls`] was made of: the CA, the client certificate chain and
+/// key, the server name.
+type TlsKey = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>, Option<String>);
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,7 +156,6 @@ impl UpstreamTls {
         ca: &[u8],
         identity: Option<(&[u8], &[u8])>,
         server_name: Option<&str>,
-        made_of: crate::config::ClientTlsFiles,
     ) -> Result<Self, (&'static str, String)> {
         let certificates = |field, pem: &[u8]| {
             let certs = CertificateDer::pem_slice_iter(pem)
@@ -187,7 +190,11 @@ impl UpstreamTls {
         Ok(UpstreamTls {
             config: Arc::new(config),
             server_name: name,
-            made_of: (made_of, server_name.map(str::to_owned)),
+            made_of: (
+                ca.to_vec(),
+                identity.map(|(chain, key)| (chain.to_vec(), key.to_vec())),
+                server_name.map(str::to_owned),
+            ),
         })
     }
 
@@ -325,7 +332,7 @@ pub(crate) struct UpstreamClient {
 }
 
 /// What tells two stacks apart: the URL, its limits, and the TLS material it dials with.
-type StackKey = (Authority, ConnLimits, Option<(crate::config::ClientTlsFiles, Option<String>)>);
+type StackKey = (Authority, ConnLimits, Option<TlsKey>);
 
 /// The stacks of a client, by URL, limits and TLS.
 type Stacks = Mutex<HashMap<StackKey, Arc<IdleStack>>>;

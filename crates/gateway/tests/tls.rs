@@ -49,6 +49,7 @@ async fn a_tls_listener_serves_https_and_check_reports_a_missing_key() {
 
             [admin]
             bind = "{admin}"
+            allowed_hosts = ["gateway.test"]
 
             [[upstreams]]
             name = "admin"
