@@ -833,7 +833,6 @@ pub(crate) fn route_matches(
     host.is_none_or(|h| request_host == Some(h)) && path_has_prefix(path, prefix)
 }
 
-/// The host a request is for, in lower case: its URI's, else its `Host` header's.
 /// A request whose target names its host (HTTP/1.1's absolute form, `GET http://host/path`, or
 /// HTTP/2's `:authority`) is about that host, whatever its `Host` header says: HTTP/1.1 has a
 /// proxy replace the header with the target's authority (RFC 9112, section 3.2.2), and HTTP/2

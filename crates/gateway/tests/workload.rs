@@ -18,7 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 async fn get(addr: &str, target: &str) -> (u16, String) {
     let Ok(mut stream) = TcpStream::connect(addr).await else { return (0, String::new()) };
     let _ = stream
-        .write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await;
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw).await;
