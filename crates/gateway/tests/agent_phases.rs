@@ -3,7 +3,6 @@
 //! its moment and applies what comes back.
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,13 +12,10 @@ use parking_lot::Mutex;
 use pool_api::{AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, HeaderOp};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::Command;
 use transport_uds::{UdsServer, UdsServerConfig};
 
 mod common;
 use common::free_port;
-
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 #[derive(Clone, Default)]
 struct Phases {
@@ -124,15 +120,7 @@ async fn request_response_and_completion_reach_the_agent_and_its_answers_apply()
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let _gateway = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_ready(&admin).await;
+    let _gateway = common::run_file(&path, &admin).await;
 
     let (status, text) = get(&listen, "/page").await;
     assert_eq!(status, 200, "{text}");

@@ -2,7 +2,6 @@
 //! process, on a real socket): chunk by chunk, with refusals, mutations and the size limit.
 
 use std::convert::Infallible;
-use std::process::Stdio;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -10,13 +9,11 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pool_api::{AgentError, AgentHandler, BodyMutation, Capabilities, Decision, Event, EventKind};
 use tokio::net::TcpListener;
-use tokio::process::Command;
 use transport_uds::{UdsServer, UdsServerConfig};
 
 mod common;
 use common::free_port;
 
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 const LIMIT: u64 = 1000;
 
 /// Refuses a body chunk holding `evil`, masks `secret`, accepts at most 1000 bytes.
@@ -111,15 +108,7 @@ async fn bodies_are_inspected_chunk_by_chunk_refused_masked_and_limited() {
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let _gateway = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_ready(&admin).await;
+    let _gateway = common::run_file(&path, &admin).await;
 
     assert_eq!(send(&listen, &post("hello world")).await, (200, "hello world".into()));
     assert_eq!(send(&listen, &chunked(&["one ", "two ", "three"])).await, (200, "one two three".into()));

@@ -1,8 +1,6 @@
 //! An agent over gRPC (transport-grpc's agent side, in this test process, on a real Unix
 //! socket) consulted by the gateway through pool-core and transport-grpc's connector.
 
-use std::process::Stdio;
-
 use http::StatusCode;
 use pool_api::{AgentError, AgentHandler, Capabilities, Decision, Event, EventKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,15 +61,7 @@ async fn a_grpc_agent_decides_on_the_gateway_s_requests() {
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let _gateway = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_ready(&admin).await;
+    let _gateway = common::run_file(&path, &admin).await;
     assert_eq!(get(&listen, "/page").await, 200);
     assert_eq!(get(&listen, "/admin/x").await, 403);
     let _ = stop.send(());

@@ -317,23 +317,34 @@ async fn bytes_an_upstream_sends_beyond_its_response_never_reach_another_client(
     }
 }
 
-#[tokio::test]
-async fn the_upstream_sees_the_host_that_chose_the_route() {
-    let dir = tempfile::tempdir().unwrap();
+/// A gateway with two routes to a recording upstream: `admin`, chosen by `admin_match` (a
+/// `host = …` or `path_prefix = …` line) and guarded by an agent that blocks everything, and an
+/// open `public` one. The gateway, what the upstream saw, its address, and the agent.
+async fn guarded(
+    dir: &std::path::Path,
+    admin_match: &str,
+) -> (common::Gateway, Seen, std::net::SocketAddr, common::UdsAgent) {
     let (app, seen) = recording_upstream().await;
-    // Everything for admin.example goes through an agent that blocks it all; other hosts are open.
-    let agent = common::uds_agent(dir.path(), "waf", test_support::BlockPath::new("/")).await;
+    let agent = common::uds_agent(dir, "waf", test_support::BlockPath::new("/")).await;
     let gateway = common::start_gateway(
-        dir.path(),
+        dir,
         &format!(
             "[[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
              [[agents]]\nname = \"waf\"\nendpoints = [\"{}\"]\n\n\
-             [[routes]]\nname = \"admin\"\nhost = \"admin.example\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
+             [[routes]]\nname = \"admin\"\n{admin_match}\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
              [[routes]]\nname = \"public\"\nupstream = \"app\"\n",
             agent.endpoint
         ),
     )
     .await;
+    (gateway, seen, app, agent)
+}
+
+#[tokio::test]
+async fn the_upstream_sees_the_host_that_chose_the_route() {
+    let dir = tempfile::tempdir().unwrap();
+    // Everything for admin.example goes through an agent that blocks it all; other hosts are open.
+    let (gateway, seen, app, _agent) = guarded(dir.path(), "host = \"admin.example\"").await;
     assert_eq!(attack(&gateway.listen, b"GET /x HTTP/1.1\r\nHost: admin.example\r\n\r\n").await, [403]);
     // A request with no host at all gets the upstream URL's.
     let app_host = app.to_string();
@@ -372,20 +383,8 @@ async fn the_upstream_sees_the_host_that_chose_the_route() {
 #[tokio::test]
 async fn a_path_is_routed_as_the_upstream_will_read_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, seen) = recording_upstream().await;
     // /admin goes through an agent that blocks it all; the rest is open.
-    let agent = common::uds_agent(dir.path(), "waf", test_support::BlockPath::new("/")).await;
-    let gateway = common::start_gateway(
-        dir.path(),
-        &format!(
-            "[[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
-             [[agents]]\nname = \"waf\"\nendpoints = [\"{}\"]\n\n\
-             [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
-             [[routes]]\nname = \"public\"\nupstream = \"app\"\n",
-            agent.endpoint
-        ),
-    )
-    .await;
+    let (gateway, seen, _, _agent) = guarded(dir.path(), "path_prefix = \"/admin\"").await;
     // Spellings of /admin/x a server may resolve: each takes the guarded route, or is refused.
     let cases = [
         ("/public/../admin/x", 403, ""),

@@ -1,6 +1,5 @@
 //! A TLS listener, with certificates made by rcgen and a real rustls client.
 
-use std::process::Stdio;
 use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
@@ -72,15 +71,7 @@ async fn a_tls_listener_serves_https_and_check_reports_a_missing_key() {
 
     let good = dir.path().join("good.toml");
     std::fs::write(&good, config("key.pem")).unwrap();
-    let _gateway = Command::new(BIN)
-        .arg("--config")
-        .arg(&good)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_ready(&admin).await;
+    let _gateway = common::run_file(&good, &admin).await;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
@@ -261,15 +252,7 @@ async fn an_http2_rapid_reset_flood_costs_the_upstream_little_and_is_cut_off() {
         ),
     )
     .unwrap();
-    let _gateway = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_ready(&admin).await;
+    let _gateway = common::run_file(&config, &admin).await;
 
     let connect = || async {
         use rustls_pki_types::pem::PemObject as _;

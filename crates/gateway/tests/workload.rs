@@ -2,18 +2,14 @@
 //! gateway: the real engine, the busybox test image (`FROM scratch`, exec-form health check).
 //! Under `CI=true` a missing engine fails the test; elsewhere it skips with the reason.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use test_support::docker::{self, TestContainer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
 mod common;
 use common::free_port;
-
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 async fn get(addr: &str, target: &str) -> (u16, String) {
     let Ok(mut stream) = TcpStream::connect(addr).await else { return (0, String::new()) };
@@ -75,15 +71,7 @@ async fn a_sleeping_container_is_woken_by_a_request_and_put_back_to_sleep_when_i
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let _gateway = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    common::wait_ready(&admin).await;
+    let _gateway = common::run_file(&path, &admin).await;
     assert!(!running(&engine, container.name()).await, "asleep before the first request");
 
     // The first request wakes it (held until healthy), and is answered by it.

@@ -58,16 +58,23 @@ pub async fn start_gateway(dir: &std::path::Path, rest: &str) -> Gateway {
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, config).unwrap();
+    let child = run_file(&path, &admin).await;
+    Gateway { listen, admin, _child: child }
+}
+
+/// Starts the gateway on the configuration file at `path` (output discarded; killed when the
+/// child is dropped) and returns once its admin listener at `admin` says ready.
+pub async fn run_file(path: &std::path::Path, admin: &str) -> tokio::process::Child {
     let child = tokio::process::Command::new(BIN)
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait_ready(&admin).await;
-    Gateway { listen, admin, _child: child }
+    wait_ready(admin).await;
+    child
 }
 
 /// Runs `--check` on `config` (written into `dir`); returns (success, stderr).
