@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::canonical;
 use crate::tls::{TlsConfig, TlsMaterial};
-use crate::{Error, Handler, Problem};
+use crate::{Error, Handler, Problem, Workers};
 
 /// The smallest header buffer hyper accepts (`max_buf_size` panics below it).
 pub const MIN_HEADER_SIZE: usize = 8192;
@@ -220,6 +220,11 @@ pub struct HttpServerConfig {
     /// The handler; when `None` the pool's default handler is used.
     #[serde(skip)]
     pub handler: Option<Handler>,
+    /// Worker threads to serve the connections on, each accepted connection on the one with
+    /// the fewest (see [`Workers`]); when `None`, connections run on the runtime the server was
+    /// started on. A reload applies it to connections accepted from then on.
+    #[serde(skip)]
+    pub workers: Option<Workers>,
 }
 
 impl Default for HttpServerConfig {
@@ -238,19 +243,27 @@ impl Default for HttpServerConfig {
             h2c: false,
             socket: SocketOptions::default(),
             handler: None,
+            workers: None,
         }
     }
 }
 
 impl PartialEq for HttpServerConfig {
-    /// Field by field; handlers are equal when they are the same function (same `Arc`).
+    /// Field by field; handlers are equal when they are the same function (same `Arc`), worker
+    /// sets when they are the same threads.
     fn eq(&self, other: &Self) -> bool {
         let handlers = match (&self.handler, &other.handler) {
             (Some(a), Some(b)) => a.same_as(b),
             (None, None) => true,
             _ => false,
         };
+        let workers = match (&self.workers, &other.workers) {
+            (Some(a), Some(b)) => a.same_as(b),
+            (None, None) => true,
+            _ => false,
+        };
         handlers
+            && workers
             && self.name == other.name
             && self.listen == other.listen
             && self.expose == other.expose
@@ -275,6 +288,12 @@ impl HttpServerConfig {
     /// Sets the handler.
     pub fn with_handler(mut self, handler: Handler) -> Self {
         self.handler = Some(handler);
+        self
+    }
+
+    /// Serves the connections on `workers` (see [`HttpServerConfig::workers`]).
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        self.workers = Some(workers);
         self
     }
 

@@ -221,6 +221,13 @@ impl<T> TrackedIo<T> {
         &self.inner
     }
 
+    /// The same tracked connection around `f(socket)` (the socket moved to another runtime);
+    /// on an error the connection is closed and no longer counted.
+    pub(crate) fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<TrackedIo<U>, E> {
+        let TrackedIo { inner, kill, registered, _guard } = self;
+        Ok(TrackedIo { inner: f(inner)?, kill, registered, _guard })
+    }
+
     fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
         // Stored before `killed` is read: a kill either stores `killed` before our read (we see
         // it) or takes the lock after we stored the waker (it wakes this task).

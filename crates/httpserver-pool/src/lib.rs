@@ -25,7 +25,7 @@
 //!
 //! Modules: `addr` (address parsing), `config` (serde config, validation), `tls`, `server`
 //! (accept loop, connections), `drain` (connection accounting and caps), `body` (the request
-//! body under its timeout), `accept` (accept-error policy),
+//! body under its timeout), `accept` (accept-error policy), `workers` (thread-per-core serving),
 //! `filter`, `pool`, `counters` (metrics facade + snapshots).
 //!
 //! ```
@@ -58,6 +58,7 @@ mod error;
 mod handler;
 mod signal;
 mod tls;
+mod workers;
 
 pub use body::{RequestBody, RequestBodyError};
 pub use config::{HttpServerConfig, Limits, MIN_HEADER_SIZE, ServerPoolConfig, SocketOptions, Timeouts};
@@ -65,6 +66,7 @@ pub use error::{Error, Problem, ServerFailure};
 pub use handler::{BoxError, Handler, ResponseBody, full, status};
 pub use signal::ShutdownSignal;
 pub use tls::{PemSource, TlsConfig};
+pub use workers::{Workers, worker_index};
 mod accept;
 mod counters;
 mod drain;

@@ -44,6 +44,7 @@ use crate::drain::{Activity, Caps, Client, RequestGuard, TrackedIo, Tracker};
 use crate::filter::{Field, Pattern};
 use crate::handler::HandlerFuture;
 use crate::tls::TlsMaterial;
+use crate::workers;
 use crate::{
     BoxError, Error, Handler, HttpServerConfig, Problem, RequestBody, ResponseBody, ShutdownSignal, socket,
     status,
@@ -470,7 +471,29 @@ async fn accept_loop(
                             if let Err(e) = socket::configure_stream(io.get_ref(), &live.config.socket) {
                                 tracing::debug!(error = %e, "socket options on an accepted connection");
                             }
-                            conns.spawn(serve_connection(io, peer, live, shutdown.clone(), counters.clone()));
+                            match live.config.workers.clone() {
+                                None => {
+                                    conns.spawn(serve_connection(io, peer, live, shutdown.clone(), counters.clone()));
+                                }
+                                Some(workers) => {
+                                    // Taken off this runtime's reactor here and registered with
+                                    // the worker's there.
+                                    match io.try_map(TcpStream::into_std) {
+                                        Ok(io) => {
+                                            let (worker, placed) = workers.pick();
+                                            let (shutdown, counters) = (shutdown.clone(), counters.clone());
+                                            let serve = async move {
+                                                match io.try_map(TcpStream::from_std) {
+                                                    Ok(io) => serve_connection(io, peer, live, shutdown, counters).await,
+                                                    Err(e) => tracing::debug!(error = %e, "a connection could not join its worker"),
+                                                }
+                                            };
+                                            conns.spawn_on(workers::placed(serve, placed), worker);
+                                        }
+                                        Err(e) => tracing::debug!(error = %e, "a connection could not leave the acceptor"),
+                                    }
+                                }
+                            }
                         }
                         Err((stream, why)) => {
                             tracing::debug!(%peer, ?why, "connection over a cap: reset");
