@@ -42,7 +42,17 @@ pub(crate) struct GatewayConfig {
     /// How long a stop waits for requests in flight.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads that serve the listeners' connections, each with an event loop of its own: a
+    /// connection, its requests and the upstream connections they open stay on one thread
+    /// (each new connection goes to the thread with the fewest). Default: one per core. `0`
+    /// serves them on the gateway's main multi-threaded runtime instead, where the admin
+    /// listener, the agents' connections and the workloads' watchers always run.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
+
+/// The most worker threads a configuration may ask for.
+pub(crate) const MAX_WORKERS: usize = 1024;
 
 fn default_drain() -> Duration {
     Duration::from_secs(30)
@@ -456,6 +466,11 @@ pub(crate) struct ConfigError {
 }
 
 impl GatewayConfig {
+    /// The number of worker threads to serve connections on (0: none, the main runtime).
+    pub(crate) fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
     /// Parses TOML; syntax errors name their line and column.
     pub(crate) fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError { problems: vec![e.to_string().trim_end().to_owned()] })
@@ -464,6 +479,9 @@ impl GatewayConfig {
     /// Checks the whole configuration and reports every problem, each with its location.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
+        if self.workers.is_some_and(|n| n > MAX_WORKERS) {
+            p.push(format!("workers: at most {MAX_WORKERS}"));
+        }
         if self.listeners.is_empty() {
             p.push("listeners: at least one is required".to_owned());
         }
@@ -794,9 +812,11 @@ mod tests {
             [pool]
             connections_per_endpoint = 0
         "#;
-        let err = GatewayConfig::from_toml(bad).unwrap().validate().unwrap_err();
+        let bad = format!("workers = 5000\n{bad}");
+        let err = GatewayConfig::from_toml(&bad).unwrap().validate().unwrap_err();
         let all = err.problems.join("\n");
         for expected in [
+            "workers: at most 1024",
             "listeners[0].bind: \"8080\" is not host:port",
             "upstreams[0] (app).urls[0]: \"ftp://x\": only http:// and https:// upstreams are supported",
             "upstreams[0] (app).urls[1]: \"http://y/path\": a base URL has no path or query",

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use clap::Parser;
-use httpserver_pool::{Handler, HttpServerConfig, Pool, ServerPoolConfig};
+use httpserver_pool::{Handler, HttpServerConfig, Pool, ServerPoolConfig, Workers};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use pool_api::Lifecycle;
 use pool_core::{AgentPool, AgentSpec};
@@ -182,7 +182,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ready: AtomicBool::new(false),
         reload: reload_tx,
     });
+    // The listeners' connections are served on threads of their own (thread per core).
+    let workers = match config.worker_threads() {
+        0 => None,
+        n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
+    };
     let handlers = Handlers {
+        workers,
         proxy: {
             let proxy = proxy.clone();
             Handler::from_fn(move |req| proxy.clone().handle(req))
@@ -303,16 +309,27 @@ fn describe_metrics() {
     );
 }
 
-/// The two handlers, made once: a reload swaps what they read, not the handlers.
+/// The two handlers, made once: a reload swaps what they read, not the handlers; and the
+/// threads the listeners' connections are served on.
 struct Handlers {
     proxy: Handler,
     admin: Handler,
+    workers: Option<Workers>,
 }
 
 impl Handlers {
     fn servers(&self, config: &GatewayConfig) -> ServerPoolConfig {
-        let mut servers: Vec<HttpServerConfig> =
-            config.listeners.iter().map(|l| l.server().with_handler(self.proxy.clone())).collect();
+        let mut servers: Vec<HttpServerConfig> = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let server = l.server().with_handler(self.proxy.clone());
+                match &self.workers {
+                    Some(workers) => server.with_workers(workers.clone()),
+                    None => server,
+                }
+            })
+            .collect();
         servers
             .push(HttpServerConfig::new("admin", config.admin.bind.clone()).with_handler(self.admin.clone()));
         ServerPoolConfig { servers }
@@ -435,6 +452,9 @@ async fn reload(
     if next.workloads != running.workloads {
         return Err("[[workloads]] cannot change while running; restart the gateway for them".into());
     }
+    if next.workers != running.workers {
+        return Err("workers cannot change while running; restart the gateway for them".into());
+    }
     if next.docker_hosts != running.docker_hosts {
         return Err("[[docker_hosts]] cannot change while running; restart the gateway for them".into());
     }
@@ -546,5 +566,6 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
         workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
+        workers: None,
     }
 }

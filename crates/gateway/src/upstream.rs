@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -221,9 +222,15 @@ enum Dial {
     },
 }
 
-/// The idle connections of one upstream URL, most recently used last.
+/// The idle connections of one upstream URL, most recently used last, in one stack per
+/// serving thread ([`httpserver_pool::worker_index`]; one more for other threads): a
+/// connection's task runs on the thread that opened it, and a request takes a connection of its
+/// own thread while there is one, so that the request and its upstream exchange stay on one
+/// thread. Another thread's idle connection is taken only at the URL's connection cap.
 pub(crate) struct IdleStack {
-    idle: Mutex<Vec<Idle>>,
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Connections in all of `idle` (for `max_idle`).
+    held: AtomicUsize,
     dial: Dial,
     /// The `Host` header for a request that has none: the URL's authority, made once.
     host: Option<HeaderValue>,
@@ -239,45 +246,82 @@ struct Idle {
     since: Instant,
 }
 
+/// How many stacks an [`IdleStack`] keeps: one for each core (at least 16; workers beyond
+/// share), and one for threads that are not serving workers.
+fn shards() -> usize {
+    static SHARDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SHARDS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).max(16) + 1)
+}
+
+/// The stack of the thread this runs on.
+fn shard() -> usize {
+    httpserver_pool::worker_index().map_or(0, |i| 1 + i % (shards() - 1))
+}
+
 impl IdleStack {
-    /// The most recently used idle connection that is still open and young enough.
-    fn take(&self) -> Option<SendRequest<UpstreamBody>> {
+    fn new(dial: Dial, host: Option<HeaderValue>, limits: ConnLimits) -> IdleStack {
+        IdleStack {
+            idle: (0..shards()).map(|_| Mutex::default()).collect(),
+            held: AtomicUsize::new(0),
+            dial,
+            host,
+            limits,
+            open: Arc::new(Semaphore::new(limits.max_connections)),
+            returned: Notify::new(),
+        }
+    }
+
+    /// The most recently used idle connection of stack `shard` that is still open and young
+    /// enough.
+    fn take(&self, shard: usize) -> Option<SendRequest<UpstreamBody>> {
         loop {
-            let idle = self.idle.lock().pop()?;
+            let idle = self.idle[shard].lock().pop()?;
+            self.held.fetch_sub(1, Ordering::Relaxed);
             if !idle.sender.is_closed() && idle.since.elapsed() < self.limits.idle_timeout {
                 return Some(idle.sender);
             }
         }
     }
 
-    fn put(&self, sender: SendRequest<UpstreamBody>) {
+    /// An idle connection of another thread's stack than `shard`, and its stack.
+    fn take_other(&self, shard: usize) -> Option<(SendRequest<UpstreamBody>, usize)> {
+        (0..self.idle.len()).filter(|&i| i != shard).find_map(|i| Some((self.take(i)?, i)))
+    }
+
+    /// Puts a connection back on stack `home`, the one of the thread its task runs on.
+    fn put(&self, sender: SendRequest<UpstreamBody>, home: usize) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock();
-        if idle.len() < self.limits.max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
-            drop(idle);
+        // `max_idle` counts the URL's idle connections in all stacks (one more may slip in when
+        // two come back at once).
+        if self.held.load(Ordering::Relaxed) < self.limits.max_idle {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            self.idle[home].lock().push(Idle { sender, since: Instant::now() });
             self.returned.notify_one();
         }
     }
 
-    /// A connection for one request: the most recently used idle one, a new one while under
-    /// the cap, or else the first to come back or to close (a closed one frees a place under
-    /// the cap) — [`UpstreamError::Busy`] if none does by `deadline`. The flag says whether
-    /// the connection was reused.
+    /// A connection for one request: the most recently used idle one of this thread, a new one
+    /// while under the cap, an idle one of another thread, or else the first to come back or
+    /// to close (a closed one frees a place under the cap) — [`UpstreamError::Busy`] if none
+    /// does by `deadline`. With it: whether it was reused, and the stack it goes back to.
     async fn checkout(
         &self,
         authority: &Authority,
         deadline: Instant,
-    ) -> Result<(SendRequest<UpstreamBody>, bool), UpstreamError> {
+    ) -> Result<(SendRequest<UpstreamBody>, bool, usize), UpstreamError> {
+        let here = shard();
         loop {
-            if let Some(sender) = self.take() {
-                return Ok((sender, true));
+            if let Some(sender) = self.take(here) {
+                return Ok((sender, true, here));
             }
             let permit = match self.open.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
+                    if let Some((sender, home)) = self.take_other(here) {
+                        return Ok((sender, true, home));
+                    }
                     metrics::counter!("gateway_upstream_connection_waits_total", "url" => authority.to_string())
                         .increment(1);
                     tracing::debug!(upstream = %authority, cap = self.limits.max_connections, "at the connection cap: waiting");
@@ -300,28 +344,31 @@ impl IdleStack {
             // `connect` (a name lookup, a TCP connect, a handshake) is boxed: it is rare next
             // to reusing an idle connection, and inline it would make every request's future
             // larger.
-            return Ok((Box::pin(connect(authority, &self.dial, permit)).await?, false));
+            return Ok((Box::pin(connect(authority, &self.dial, permit)).await?, false, here));
         }
     }
 
     /// Drops closed and expired connections.
     fn sweep(&self) {
-        let expired: Vec<Idle> = {
-            let mut idle = self.idle.lock();
-            let (keep, expired) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|i| !i.sender.is_closed() && i.since.elapsed() < self.limits.idle_timeout);
-            *idle = keep;
-            expired
-        };
-        // Closed outside the lock.
-        drop(expired);
+        for stack in &self.idle {
+            let expired: Vec<Idle> = {
+                let mut idle = stack.lock();
+                let (keep, expired): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut *idle)
+                    .into_iter()
+                    .partition(|i| !i.sender.is_closed() && i.since.elapsed() < self.limits.idle_timeout);
+                *idle = keep;
+                self.held.fetch_sub(expired.len(), Ordering::Relaxed);
+                expired
+            };
+            // Closed outside the lock.
+            drop(expired);
+        }
     }
 
     /// Idle connections held now.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.idle.lock().len()
+        self.idle.iter().map(|s| s.lock().len()).sum()
     }
 }
 
@@ -367,14 +414,7 @@ impl UpstreamClient {
             .lock()
             .entry((authority.clone(), limits, tls.map(|t| t.made_of.clone())))
             .or_insert_with(|| {
-                Arc::new(IdleStack {
-                    idle: Mutex::default(),
-                    dial,
-                    host: HeaderValue::from_str(authority.as_str()).ok(),
-                    limits,
-                    open: Arc::new(Semaphore::new(limits.max_connections)),
-                    returned: Notify::new(),
-                })
+                Arc::new(IdleStack::new(dial, HeaderValue::from_str(authority.as_str()).ok(), limits))
             })
             .clone()
     }
@@ -411,13 +451,14 @@ impl UpstreamClient {
             req.headers_mut().insert(header::HOST, host.clone());
         }
         let http = |source| UpstreamError::Http { authority: authority.clone(), source };
-        let (mut sender, reused) = stack.checkout(authority, deadline).await?;
+        let (mut sender, reused, mut home) = stack.checkout(authority, deadline).await?;
         let answer = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
             Err(e) if reused => {
                 // The idle connection broke while waiting to be taken: a new one.
                 tracing::debug!(upstream = %authority, error = %e, "idle upstream connection unusable");
                 sender = Box::pin(reconnect(authority, stack)).await?;
+                home = shard();
                 sender.ready().await.map_err(http)?;
                 sender.try_send_request(req).await
             }
@@ -429,13 +470,15 @@ impl UpstreamClient {
                 // Not written at all: the upstream closed the reused connection first.
                 Some(req) if reused => {
                     sender = Box::pin(reconnect(authority, stack)).await?;
+                    home = shard();
                     sender.ready().await.map_err(http)?;
                     sender.try_send_request(req).await.map_err(|e| http(e.into_error()))?
                 }
                 _ => return Err(http(failed.into_error())),
             },
         };
-        let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, stack.clone()));
+        let back =
+            (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| (sender, stack.clone(), home));
         let mut body = PooledBody {
             inner: None,
             back,
@@ -537,7 +580,7 @@ async fn sweep(stacks: Weak<Stacks>) {
 /// flushes the head first.
 pub(crate) struct PooledBody {
     inner: Option<Incoming>,
-    back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>)>,
+    back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>, usize)>,
     read_timeout: Duration,
     /// Armed the first time the upstream makes the body wait (a body that is there with its
     /// head never needs it); moved on when a wait follows a frame.
@@ -554,8 +597,8 @@ impl std::fmt::Debug for PooledBody {
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((sender, stack)) = self.back.take() {
-            stack.put(sender);
+        if let Some((sender, stack, home)) = self.back.take() {
+            stack.put(sender, home);
         }
     }
 }
@@ -810,6 +853,58 @@ mod tests {
         let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert!((1..=8).contains(&opened));
         assert_eq!(stack.len(), opened);
+    }
+
+    #[tokio::test]
+    async fn a_worker_reuses_its_own_connections_and_takes_another_s_only_at_the_cap() {
+        let (authority, accepted) = upstream().await;
+        let workers = httpserver_pool::Workers::start(2, "up").unwrap();
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, ConnLimits { max_connections: 2, ..LIMITS }, None);
+        // A request on worker `w`; its body is read to the end after `hold` is released.
+        let on = |w: usize, hold: Option<tokio::sync::oneshot::Receiver<()>>| {
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            workers.handle(w).unwrap().spawn(async move {
+                let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+                if let Some(hold) = hold {
+                    let _ = hold.await;
+                }
+                resp.into_body().collect().await.unwrap();
+                shard()
+            })
+        };
+        let opened = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let held = |shard: usize| stack.idle[shard].lock().len();
+        let zero = on(0, None).await.unwrap();
+        assert_eq!(on(0, None).await.unwrap(), zero);
+        assert_eq!((opened(), held(zero)), (1, 1), "worker 0 reused its connection");
+        // Worker 1, under the cap, opens its own rather than take worker 0's.
+        let one = on(1, None).await.unwrap();
+        assert_ne!(one, zero);
+        assert_eq!((opened(), held(zero), held(one)), (2, 1, 1));
+        // At the cap, with its own connection busy, worker 1 takes worker 0's idle one, which
+        // goes back to worker 0's stack (its task runs there).
+        let (release, hold) = tokio::sync::oneshot::channel();
+        let busy = on(1, Some(hold));
+        eventually_true(|| held(one) == 0).await;
+        tokio::time::timeout(Duration::from_secs(10), on(1, None))
+            .await
+            .expect("worker 1 took worker 0's idle connection rather than wait for its own")
+            .unwrap();
+        release.send(()).unwrap();
+        busy.await.unwrap();
+        assert_eq!((opened(), held(zero), held(one)), (2, 1, 1), "no connection over the cap");
+    }
+
+    /// Waits (within 10 s) for `cond`.
+    async fn eventually_true(cond: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the condition within 10 s");
     }
 
     #[tokio::test]

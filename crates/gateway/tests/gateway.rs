@@ -274,7 +274,9 @@ async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, simple_config(&listen, &admin, one)).unwrap();
+    // Three worker threads serve the listener's connections (more than this machine's cores).
+    let config = |upstream| format!("workers = 3\n{}", simple_config(&listen, &admin, upstream));
+    std::fs::write(&path, config(one)).unwrap();
     let child = run_config(&path, &admin).await;
     assert_eq!(get(&listen, "/").await.2, "one\n");
 
@@ -298,7 +300,7 @@ async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    std::fs::write(&path, simple_config(&listen, &admin, two)).unwrap();
+    std::fs::write(&path, config(two)).unwrap();
     let (status, body) = post(&admin, "/admin/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("reloaded"), "{body}");
@@ -309,6 +311,11 @@ async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
     let (status, body) = post(&admin, "/admin/reload").await;
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("no upstream named \"nowhere\""), "{body}");
+    // The number of worker threads is fixed while running.
+    std::fs::write(&path, config(one).replace("workers = 3", "workers = 1")).unwrap();
+    let (status, body) = post(&admin, "/admin/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("workers cannot change while running"), "{body}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut served = 0;
@@ -549,8 +556,9 @@ async fn a_dead_upstream_url_is_retried_around_and_left_out() {
     let dead = format!("127.0.0.1:{}", free_port());
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    // `workers = 0`: connections served on the main runtime, without worker threads.
     let config = format!(
-        "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n\
+        "workers = 0\n[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n[admin]\nbind = \"{admin}\"\n\n\
          [[upstreams]]\nname = \"app\"\nurls = [\"http://{dead}\", \"http://{alive}\"]\nmax_failures = 2\neject_for = \"1m\"\n\n\
          [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
     );
