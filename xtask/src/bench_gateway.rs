@@ -7,8 +7,10 @@
 //! upstream; the gateway (release build, its runtime has as many workers as cores) with a route
 //! to the same upstream and no agent (`/plain`), and a route that asks the example WAF agent
 //! over a Unix socket first (`/waf`; the agent is transport-uds's `waf_agent` example, its own
-//! process). Each round runs nginx and the gateway back to back at c = 64 (throughput, p99),
-//! then the gateway's two routes at c = 1 (the agent's added p50). Medians over the rounds.
+//! process). The gateway runs twice, in its default layout (`workers = 0`) and with one worker
+//! thread per core. Each round runs nginx and both gateways back to back at c = 64 (throughput,
+//! p99), then each gateway's two routes at c = 1 (the agent's added p50). Medians over the
+//! rounds.
 //!
 //! Needs Debian's `nginx` and `wrk` (`apt-get install nginx wrk`); everything on loopback,
 //! temporary files only.
@@ -66,7 +68,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("agentpool-bench-gateway-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let port = |offset: u16| 20000 + (std::process::id() % 20000) as u16 + offset;
-    let (upstream, nginx_proxy, gateway, admin) = (port(0), port(1), port(2), port(3));
+    let (upstream, nginx_proxy) = (port(0), port(1));
+    // The gateway twice: its default layout, and one worker thread per core (`workers`).
+    let layouts = [("gateway", 0usize, port(2), port(3)), ("gateway", cores, port(4), port(5))];
 
     let mut children = Children(Vec::new());
     children.0.push(nginx(
@@ -90,58 +94,65 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("waf_agent: {e}"))?,
     );
     wait_for(&socket)?;
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{gateway}\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
-             [[upstreams]]\nname = \"app\"\nurls = [\"http://127.0.0.1:{upstream}\"]\n\n\
-             [[agents]]\nname = \"waf\"\nendpoints = [\"unix:{}\"]\n\n\
-             [[routes]]\nname = \"waf\"\npath_prefix = \"/waf\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
-             [[routes]]\nname = \"plain\"\nupstream = \"app\"\n",
-            socket.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    children.0.push(
-        Command::new(release.join("gateway"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("gateway: {e}"))?,
-    );
+    for (name, workers, gateway, admin) in layouts {
+        let config = dir.join(format!("gateway-{workers}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "workers = {workers}\n[[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{gateway}\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
+                 [[upstreams]]\nname = \"app\"\nurls = [\"http://127.0.0.1:{upstream}\"]\n\n\
+                 [[agents]]\nname = \"waf\"\nendpoints = [\"unix:{}\"]\n\n\
+                 [[routes]]\nname = \"waf\"\npath_prefix = \"/waf\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
+                 [[routes]]\nname = \"plain\"\nupstream = \"app\"\n",
+                socket.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        children.0.push(
+            Command::new(release.join("gateway"))
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{name}: {e}"))?,
+        );
+    }
     std::thread::sleep(Duration::from_secs(1));
-    for (name, url) in [
-        ("nginx", format!("http://127.0.0.1:{nginx_proxy}/plain")),
-        ("gateway", format!("http://127.0.0.1:{gateway}/plain")),
-        ("gateway + agent", format!("http://127.0.0.1:{gateway}/waf")),
-    ] {
-        let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).output();
+    let mut targets = vec![("nginx".to_owned(), format!("http://127.0.0.1:{nginx_proxy}/plain"))];
+    for (name, _, gateway, _) in layouts {
+        targets.push((name.to_owned(), format!("http://127.0.0.1:{gateway}/plain")));
+        targets.push((format!("{name} + agent"), format!("http://127.0.0.1:{gateway}/waf")));
+    }
+    for (name, url) in &targets {
+        let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]).output();
         if !out.as_ref().is_ok_and(|o| o.stdout == b"200") {
             return Err(format!("{name} does not answer 200 on {url}"));
         }
     }
 
-    let (mut ng, mut gw, mut plain1, mut waf1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per round: nginx and each gateway layout at c = 64, in an order that rotates so that a
+    // drift in the machine's load favours none; then each layout's two routes at c = 1.
+    let mut c64: Vec<Vec<Run>> = vec![Vec::new(); 1 + layouts.len()];
+    let mut c1: Vec<[Vec<Run>; 2]> = vec![[Vec::new(), Vec::new()]; layouts.len()];
+    let nginx_url = format!("http://127.0.0.1:{nginx_proxy}/plain");
     for round in 0..rounds {
-        let nginx_url = format!("http://127.0.0.1:{nginx_proxy}/plain");
-        let gateway_url = format!("http://127.0.0.1:{gateway}/plain");
-        // Alternate who goes first, so a drift in the machine's load favours neither.
-        if round % 2 == 0 {
-            ng.push(wrk(&nginx_url, cores, 64, seconds)?);
-            gw.push(wrk(&gateway_url, cores, 64, seconds)?);
-        } else {
-            gw.push(wrk(&gateway_url, cores, 64, seconds)?);
-            ng.push(wrk(&nginx_url, cores, 64, seconds)?);
+        for k in 0..c64.len() {
+            let who = (k + round) % c64.len();
+            let url = match who {
+                0 => nginx_url.clone(),
+                i => format!("http://127.0.0.1:{}/plain", layouts[i - 1].2),
+            };
+            c64[who].push(wrk(&url, cores, 64, seconds)?);
         }
-        plain1.push(wrk(&gateway_url, 1, 1, seconds)?);
-        waf1.push(wrk(&format!("http://127.0.0.1:{gateway}/waf"), 1, 1, seconds)?);
+        for (i, (_, _, gateway, _)) in layouts.iter().enumerate() {
+            c1[i][0].push(wrk(&format!("http://127.0.0.1:{gateway}/plain"), 1, 1, seconds)?);
+            c1[i][1].push(wrk(&format!("http://127.0.0.1:{gateway}/waf"), 1, 1, seconds)?);
+        }
         eprintln!("round {}/{rounds} done", round + 1);
     }
-    let (ng, gw, plain1, waf1) = (median(&ng), median(&gw), median(&plain1), median(&waf1));
+    let ng = median(&c64[0]);
     let mut report = String::new();
     let _ = writeln!(
         report,
@@ -149,21 +160,26 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     );
     let _ = writeln!(report, "| layout | req/s | p50 µs | p99 µs |");
     let _ = writeln!(report, "|---|---|---|---|");
-    for (name, r) in [
-        ("nginx proxy, c = 64", ng),
-        ("gateway, no agent, c = 64", gw),
-        ("gateway, no agent, c = 1", plain1),
-        ("gateway, UDS agent, c = 1", waf1),
-    ] {
+    let row = |report: &mut String, name: &str, r: Run| {
         let _ = writeln!(report, "| {name} | {:.0} | {:.0} | {:.0} |", r.rps, r.p50, r.p99);
+    };
+    row(&mut report, "nginx proxy, c = 64", ng);
+    for (i, (name, workers, _, _)) in layouts.iter().enumerate() {
+        let name = format!("{name} (workers = {workers})");
+        row(&mut report, &format!("{name}, no agent, c = 64"), median(&c64[i + 1]));
+        row(&mut report, &format!("{name}, no agent, c = 1"), median(&c1[i][0]));
+        row(&mut report, &format!("{name}, UDS agent, c = 1"), median(&c1[i][1]));
     }
-    let _ = writeln!(
-        report,
-        "gateway/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; the agent adds {:.0} µs at p50 (c = 1)",
-        gw.rps / ng.rps,
-        gw.p99 / ng.p99,
-        waf1.p50 - plain1.p50
-    );
+    for (i, (name, workers, _, _)) in layouts.iter().enumerate() {
+        let (gw, plain1, waf1) = (median(&c64[i + 1]), median(&c1[i][0]), median(&c1[i][1]));
+        let _ = writeln!(
+            report,
+            "{name} (workers = {workers})/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; the agent adds {:.0} µs at p50 (c = 1)",
+            gw.rps / ng.rps,
+            gw.p99 / ng.p99,
+            waf1.p50 - plain1.p50
+        );
+    }
     print!("{report}");
     drop(children);
     let _ = std::fs::remove_dir_all(&dir);

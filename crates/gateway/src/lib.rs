@@ -86,7 +86,8 @@ enum LogFormat {
 /// Runs the gateway as the `gateway` binary does, with `args` as its command line (the first
 /// item is the program's name, as in [`std::env::args_os`]): parses it (printing help or a usage
 /// error and exiting the process as clap does), sets up logging, builds a multi-threaded Tokio
-/// runtime and runs until SIGINT or SIGTERM. Returns the process's exit code.
+/// runtime (and worker threads for the listeners' connections when the configuration's
+/// `workers` asks for them) and runs until SIGINT or SIGTERM. Returns the process's exit code.
 ///
 /// It installs process-wide state (the log subscriber, the metrics recorder, signal handlers):
 /// call it once per process, from `main`.
@@ -183,7 +184,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         reload: reload_tx,
     });
     // The listeners' connections are served on threads of their own (thread per core).
-    let workers = match config.worker_threads() {
+    let workers = match config.workers {
         0 => None,
         n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
     };
@@ -566,6 +567,6 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
         workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
-        workers: None,
+        workers: 0,
     }
 }
