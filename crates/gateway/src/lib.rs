@@ -164,7 +164,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     });
     describe_metrics();
-    let pool = AgentPool::new(config.pool.clone(), UdsConnector::default())?;
+    // The listeners' connections are served on threads of their own when `workers` asks for
+    // them (thread per core); the agents' Unix-socket connections are then spread over the
+    // same threads, and a request asks an agent over a connection of its own thread.
+    let workers = match config.workers {
+        0 => None,
+        n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
+    };
+    let uds = match &workers {
+        Some(w) => {
+            UdsConnector::default().spread_over((0..w.len()).filter_map(|i| w.handle(i).cloned()).collect())
+        }
+        None => UdsConnector::default(),
+    };
+    let pool = AgentPool::new(config.pool.clone(), uds)?;
     let mut dialled = Dialled::new();
     for agent in &config.agents {
         add_agent(&pool, agent, &mut dialled).await?;
@@ -183,11 +196,6 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ready: AtomicBool::new(false),
         reload: reload_tx,
     });
-    // The listeners' connections are served on threads of their own (thread per core).
-    let workers = match config.workers {
-        0 => None,
-        n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
-    };
     let handlers = Handlers {
         workers,
         proxy: {

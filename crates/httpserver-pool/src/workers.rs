@@ -10,7 +10,6 @@
 //! writes (the peers on the other end wake once for several of them, not once each) — the
 //! layout of nginx's and Envoy's workers.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -19,16 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-thread_local! {
-    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
 /// The index of the [`Workers`] thread this code runs on (`0..len`), `None` off a worker
-/// thread. Lets a handler keep per-worker state (a connection pool per worker, say) so that
-/// what a connection uses was made on its own thread.
-pub fn worker_index() -> Option<usize> {
-    INDEX.with(Cell::get)
-}
+/// thread (`pool_api::worker_index`, which these threads set). Lets a handler keep per-worker
+/// state (a connection pool per worker, say) so that what a connection uses was made on its
+/// own thread.
+pub use pool_api::worker_index;
 
 /// A set of worker threads, each running a single-threaded tokio runtime. A handle: clones
 /// share the threads, which stop when the last clone is dropped (the tasks still on them are
@@ -74,7 +68,7 @@ impl Workers {
                         return;
                     }
                 };
-                INDEX.with(|i| i.set(Some(index)));
+                pool_api::set_worker_index(Some(index));
                 let _ = handle_tx.send(Ok(runtime.handle().clone()));
                 // Runs the worker's tasks until the set is dropped.
                 let _ = runtime.block_on(stopped);

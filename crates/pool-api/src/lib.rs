@@ -84,6 +84,7 @@ pub mod streams;
 mod transport;
 #[cfg(feature = "wire")]
 pub mod wire;
+mod worker;
 
 pub use capabilities::{Capabilities, Features, Hello, PROTOCOL_VERSION};
 pub use config::{ConfigAck, ConfigPush, ConfigUpdateAnswer, ConfigUpdateKind, ConfigUpdateRequest};
@@ -102,3 +103,4 @@ pub use runtime::{
 pub use service::{ServiceEvent, ServiceEventKind, ServiceRuntime, ServiceStatus};
 pub use signals::{AgentHealth, AgentMetric, ConnectionSignals, FlowControl, FlowState, HealthStatus};
 pub use transport::{AgentConnection, BoxFuture, BoxStream, Connector, Endpoint, PendingConnection};
+pub use worker::{set_worker_index, worker_index};

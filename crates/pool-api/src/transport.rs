@@ -172,6 +172,13 @@ pub trait AgentConnection: Send + Sync + 'static {
         })
     }
 
+    /// The worker thread ([`worker_index`](crate::worker_index)) this connection's I/O runs on,
+    /// when the transport placed it on one: the pool prefers it for requests made on that
+    /// thread. `None` (the default): anywhere.
+    fn home(&self) -> Option<usize> {
+        None
+    }
+
     /// Cancels the pending requests of `correlation_id` on this connection.
     fn cancel(&self, correlation_id: &CorrelationId, reason: CancelReason);
 

@@ -12,7 +12,7 @@
 //! what remembers that the agent went away.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -38,6 +38,8 @@ const AGENT_UNHEALTHY: u32 = 1 << 2;
 const DISCONNECTED: u32 = 1 << 3;
 /// Success rate below the unhealthy threshold: used only when nothing better is available.
 const SOFT_UNHEALTHY: u32 = 1 << 8;
+/// The home of a slot whose connection runs anywhere.
+const NO_HOME: usize = usize::MAX;
 /// Any of these keeps the slot out of traffic.
 const HARD: u32 = PAUSED | DRAINING | AGENT_UNHEALTHY | DISCONNECTED;
 
@@ -123,6 +125,9 @@ pub struct ConnectionHealth {
     pub paused: bool,
     /// The agent's last health report.
     pub reported: HealthStatus,
+    /// The worker thread the connection's I/O runs on ([`AgentConnection::home`]), if any:
+    /// requests made on that thread prefer it.
+    pub worker: Option<usize>,
 }
 
 /// One connection slot of an agent whose shared state is `O`.
@@ -139,6 +144,9 @@ pub(crate) struct Slot<O> {
     timeout_mult_bits: AtomicU32,
     max_body: AtomicU64,
     pub(crate) conn: ArcSwapOption<Live>,
+    /// The worker thread the connection's I/O runs on ([`AgentConnection::home`]); `NO_HOME`
+    /// when it has none.
+    home: AtomicUsize,
     /// Counts the connections this slot has held; a pin remembers the one it was made on.
     generation: AtomicU64,
     label: Mutex<Arc<str>>,
@@ -169,6 +177,7 @@ impl<O: SlotOwner> Slot<O> {
             timeout_mult_bits: AtomicU32::new(1f32.to_bits()),
             max_body: AtomicU64::new(u64::MAX),
             conn: ArcSwapOption::empty(),
+            home: AtomicUsize::new(NO_HOME),
             generation: AtomicU64::new(0),
             label: Mutex::new(label),
             caps: Mutex::new(None),
@@ -276,6 +285,7 @@ impl<O: SlotOwner> Slot<O> {
             self.owner.metrics().paused.decrement(1.0);
         }
         self.timeout_mult_bits.store(1f32.to_bits(), Ordering::Relaxed);
+        self.home.store(conn.home().unwrap_or(NO_HOME), Ordering::Relaxed);
         *self.label.lock() = Arc::from(conn.label());
         *self.caps.lock() = Some(caps);
         *self.reported.lock() = HealthStatus::Healthy;
@@ -296,6 +306,12 @@ impl<O: SlotOwner> Slot<O> {
             self.generation.fetch_add(1, Ordering::Release) + 1
         };
         self.conn.store(Some(Arc::new(Live { conn, generation })));
+    }
+
+    /// True if the slot's connection runs its I/O on worker thread `worker`.
+    #[inline]
+    pub(crate) fn is_home(&self, worker: usize) -> bool {
+        self.home.load(Ordering::Relaxed) == worker
     }
 
     /// Which connection the slot holds (or last held): bumped on every attach.
@@ -447,6 +463,7 @@ impl<O: SlotOwner> Slot<O> {
             uptime: h.connected_since.map(|t| now.saturating_duration_since(t)),
             paused: self.is_paused(),
             reported: *self.reported.lock(),
+            worker: Some(self.home.load(Ordering::Relaxed)).filter(|&h| h != NO_HOME),
         }
     }
 }

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -176,12 +176,33 @@ impl SocketPath {
 #[derive(Clone, Debug, Default)]
 pub struct UdsConnector {
     config: Arc<ClientConfig>,
+    spread: Option<Arc<Spread>>,
+}
+
+/// Runtimes new connections are made on, in turn.
+#[derive(Debug)]
+struct Spread {
+    runtimes: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
 }
 
 impl UdsConnector {
     /// A connector with these settings.
     pub fn new(config: ClientConfig) -> Self {
-        Self { config: Arc::new(config) }
+        Self { config: Arc::new(config), spread: None }
+    }
+
+    /// Makes each new connection on the next of `runtimes` in turn (an empty list: wherever
+    /// `connect` is called, the default): its socket is registered there and its task runs
+    /// there. For a proxy whose requests run on worker threads, one single-threaded runtime
+    /// each: given the workers' runtimes, the connections are spread over them, each reports
+    /// its thread as [`AgentConnection::home`], and the pool sends a request made on a worker
+    /// over a connection of that worker, so that the exchange and the answer's wake-up never
+    /// cross threads.
+    pub fn spread_over(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
+        self.spread =
+            (!runtimes.is_empty()).then(|| Arc::new(Spread { runtimes, next: AtomicUsize::new(0) }));
+        self
     }
 }
 
@@ -207,13 +228,29 @@ impl Connector for UdsConnector {
     ) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>> {
         let config = self.config.clone();
         let endpoint = endpoint.clone();
-        Box::pin(async move {
+        let place = self
+            .spread
+            .as_ref()
+            .map(|s| s.runtimes[s.next.fetch_add(1, Ordering::Relaxed) % s.runtimes.len()].clone());
+        let label = endpoint.to_string();
+        let placed = place.is_some();
+        let connect = async move {
             let path = SocketPath::parse(&endpoint)?;
             let stream = path.connect().await.map_err(|e| TransportError::connect(endpoint.as_str(), &e))?;
             if let Some(expected) = config.peer {
                 check_peer(&stream, expected, endpoint.as_str())?;
             }
-            Ok(Box::new(Pending { stream, endpoint, config }) as Box<dyn PendingConnection>)
+            // Run where the socket was registered: the task goes to the same runtime.
+            let home = placed.then(|| (tokio::runtime::Handle::current(), pool_api::worker_index()));
+            Ok(Box::new(Pending { stream, endpoint, config, home }) as Box<dyn PendingConnection>)
+        };
+        Box::pin(async move {
+            match place {
+                None => connect.await,
+                Some(runtime) => runtime.spawn(connect).await.map_err(|e| {
+                    TransportError::connect(&label, &std::io::Error::other(format!("its runtime: {e}")))
+                })?,
+            }
         })
     }
 }
@@ -247,6 +284,9 @@ struct Pending {
     stream: UnixStream,
     endpoint: Endpoint,
     config: Arc<ClientConfig>,
+    /// The runtime the socket is registered with and its worker thread, when the connector
+    /// places connections.
+    home: Option<(tokio::runtime::Handle, Option<usize>)>,
 }
 
 pub(crate) type ProxyFramed = Framed<UnixStream, FrameCodec<proto::AgentFrame, proto::ProxyFrame>>;
@@ -302,7 +342,7 @@ impl PendingConnection for Pending {
                     agent: vec![capabilities.protocol_version],
                 });
             }
-            Ok(UdsConnection::start(framed, capabilities, label) as Arc<dyn AgentConnection>)
+            Ok(UdsConnection::start(framed, capabilities, label, self.home) as Arc<dyn AgentConnection>)
         })
     }
 }
@@ -326,6 +366,11 @@ impl PreparedTask {
     /// Starts the task.
     pub(crate) fn spawn(self) {
         tokio::spawn(self.task.run());
+    }
+
+    /// Starts the task on `runtime`.
+    fn spawn_on(self, runtime: &tokio::runtime::Handle) {
+        runtime.spawn(self.task.run());
     }
 }
 
@@ -439,6 +484,8 @@ impl Core {
 /// One live connection to an agent over a Unix socket.
 pub struct UdsConnection {
     core: Arc<Core>,
+    /// The worker thread its task runs on, when the connector placed it on one.
+    home: Option<usize>,
     capabilities: Capabilities,
     next_stream: AtomicU64,
     updates: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ConfigUpdateRequest>>>,
@@ -460,9 +507,18 @@ impl Drop for UdsConnection {
 }
 
 impl UdsConnection {
-    fn start(framed: ProxyFramed, capabilities: Capabilities, label: String) -> Arc<Self> {
-        let (connection, task) = Self::prepare(framed, capabilities, label);
-        task.spawn();
+    fn start(
+        framed: ProxyFramed,
+        capabilities: Capabilities,
+        label: String,
+        home: Option<(tokio::runtime::Handle, Option<usize>)>,
+    ) -> Arc<Self> {
+        let worker = home.as_ref().and_then(|(_, worker)| *worker);
+        let (connection, task) = Self::prepare_at(framed, capabilities, label, worker);
+        match home {
+            None => task.spawn(),
+            Some((runtime, _)) => task.spawn_on(&runtime),
+        }
         connection
     }
 
@@ -473,6 +529,16 @@ impl UdsConnection {
         framed: ProxyFramed,
         capabilities: Capabilities,
         label: String,
+    ) -> (Arc<Self>, PreparedTask) {
+        Self::prepare_at(framed, capabilities, label, None)
+    }
+
+    /// [`prepare`](Self::prepare) for a connection whose task will run on worker `home`.
+    fn prepare_at(
+        framed: ProxyFramed,
+        capabilities: Capabilities,
+        label: String,
+        home: Option<usize>,
     ) -> (Arc<Self>, PreparedTask) {
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let framed = framed.map_codec(FrameCodec::retype);
@@ -499,6 +565,7 @@ impl UdsConnection {
         let task = Task { core: core.clone(), framed, updates: Some(updates_tx) };
         let connection = Arc::new(Self {
             core,
+            home,
             capabilities,
             next_stream: AtomicU64::new(1),
             updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
@@ -620,6 +687,10 @@ impl AgentConnection for UdsConnection {
 
     fn is_open(&self) -> bool {
         self.core.open.load(Ordering::Acquire)
+    }
+
+    fn home(&self) -> Option<usize> {
+        self.home
     }
 
     fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {

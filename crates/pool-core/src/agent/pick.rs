@@ -137,8 +137,9 @@ impl Agent {
         self.try_reserve_from(&self.snapshot.load(), kind)
     }
 
-    /// The balancer's half of a pick, over `snap`: healthy connections first, then those with
-    /// a poor success rate; a permit with one CAS; a half-open breaker's single probe.
+    /// The balancer's half of a pick, over `snap`: on a worker thread, the healthy connections
+    /// at home there first ([`pool_api::worker_index`]); then healthy connections, then those
+    /// with a poor success rate; a permit with one CAS; a half-open breaker's single probe.
     #[inline]
     pub(crate) fn try_reserve_from(
         &self,
@@ -146,30 +147,42 @@ impl Agent {
         kind: Option<EventKind>,
     ) -> Result<InFlight, Reject> {
         let kind_bit = kind_bits(kind);
+        if let Some(here) = pool_api::worker_index()
+            && let Some(local) = self.reserve_where(snap, |s| s.is_home(here) && s.is_usable(kind_bit, false))
+        {
+            return Ok(local);
+        }
         for allow_soft in [false, true] {
-            for _ in 0..MAX_RACES {
-                let Some(i) = self.balancer.pick(snap, |s| s.is_usable(kind_bit, allow_soft)) else {
-                    break;
-                };
-                let slot = &snap[i];
-                if !slot.permits.try_acquire() {
-                    continue;
-                }
-                let mut probe = false;
-                if slot.endpoint.gate() & GATE_PROBE != 0 {
-                    match slot.endpoint.breaker.try_probe(Instant::now()) {
-                        Admission::Probe => probe = true,
-                        Admission::Admitted => {}
-                        Admission::Rejected => {
-                            slot.permits.release();
-                            continue;
-                        }
-                    }
-                }
-                return Ok(InFlight::new(slot.clone(), probe));
+            if let Some(found) = self.reserve_where(snap, |s| s.is_usable(kind_bit, allow_soft)) {
+                return Ok(found);
             }
         }
         Err(self.why_not(snap, kind_bit))
+    }
+
+    /// A permit on a connection of `snap` the balancer picks among those `eligible`.
+    #[inline]
+    fn reserve_where(&self, snap: &[Arc<Slot>], eligible: impl Fn(&Arc<Slot>) -> bool) -> Option<InFlight> {
+        for _ in 0..MAX_RACES {
+            let i = self.balancer.pick(snap, &eligible)?;
+            let slot = &snap[i];
+            if !slot.permits.try_acquire() {
+                continue;
+            }
+            let mut probe = false;
+            if slot.endpoint.gate() & GATE_PROBE != 0 {
+                match slot.endpoint.breaker.try_probe(Instant::now()) {
+                    Admission::Probe => probe = true,
+                    Admission::Admitted => {}
+                    Admission::Rejected => {
+                        slot.permits.release();
+                        continue;
+                    }
+                }
+            }
+            return Some(InFlight::new(slot.clone(), probe));
+        }
+        None
     }
 
     /// Why no connection of `snap` took a permit for `kind_bit`.

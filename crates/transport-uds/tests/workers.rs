@@ -1,0 +1,103 @@
+//! A connector spread over worker runtimes (`UdsConnector::spread_over`), through pool-core, to
+//! a real agent over a real Unix socket: the connections are made on the workers in turn and
+//! say so (`AgentConnection::home`, the pool's `ConnectionHealth::worker`), and a request made
+//! on a worker goes over a connection of that worker while it has a usable one.
+
+use std::time::Duration;
+
+use http::{Method, Uri};
+use pool_api::{Action, AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, RequestHeaders};
+use pool_core::{AgentPool, AgentSpec, PoolConfig};
+use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
+
+struct Allow;
+
+impl AgentHandler for Allow {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("allow").with_events([EventKind::RequestHeaders])
+    }
+
+    async fn on_event(&self, _event: Event) -> Result<Decision, AgentError> {
+        Ok(Decision::allow())
+    }
+}
+
+/// `n` threads, each running a single-threaded runtime and marked as worker `i`; they run
+/// until the returned senders are dropped.
+fn workers(n: usize) -> (Vec<tokio::runtime::Handle>, Vec<tokio::sync::oneshot::Sender<()>>) {
+    let (mut handles, mut stops) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            pool_api::set_worker_index(Some(i));
+            tx.send(runtime.handle().clone()).unwrap();
+            let _ = runtime.block_on(stopped);
+        });
+        handles.push(rx.recv().unwrap());
+        stops.push(stop);
+    }
+    (handles, stops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let server = UdsServer::bind(&socket, UdsServerConfig::default()).await.unwrap();
+    tokio::spawn(server.serve(Allow, std::future::pending()));
+
+    let (handles, _stops) = workers(2);
+    let connector = UdsConnector::default().spread_over(handles.clone());
+    let config = PoolConfig { connections_per_endpoint: 4, ..PoolConfig::default() };
+    let pool = AgentPool::new(config, connector).unwrap();
+    let added =
+        pool.add_agent(AgentSpec::new("allow").endpoint(format!("unix:{}", socket.display()))).await.unwrap();
+    assert_eq!(added.connected, 4);
+    let homes = |pool: &AgentPool| -> Vec<Option<usize>> {
+        pool.health("allow").unwrap().iter().map(|c| c.worker).collect()
+    };
+    // `add_agent` counts a connection up from its handshake; the slot takes it just after.
+    let attached = tokio::time::timeout(Duration::from_secs(10), async {
+        while homes(&pool).contains(&None) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    attached.await.expect("every connection attached within 10 s");
+    let mut placed = homes(&pool);
+    placed.sort();
+    assert_eq!(placed, [Some(0), Some(0), Some(1), Some(1)], "two connections on each worker");
+
+    // Requests made on worker 1 are answered over worker 1's connections only.
+    let before: Vec<u64> = pool.health("allow").unwrap().iter().map(|c| c.requests).collect();
+    let on_one = pool.clone();
+    handles[1]
+        .spawn(async move {
+            for i in 0..40 {
+                let event = Event::RequestHeaders(RequestHeaders::new(
+                    format!("r{i}"),
+                    Method::GET,
+                    Uri::from_static("/"),
+                ));
+                let decision = on_one.send("allow", &event).await.unwrap();
+                assert!(matches!(decision.action, Action::Allow));
+            }
+        })
+        .await
+        .unwrap();
+    let after = pool.health("allow").unwrap();
+    let mut by_worker = [0u64; 2];
+    for (c, before) in after.iter().zip(before) {
+        by_worker[c.worker.unwrap()] += c.requests - before;
+    }
+    assert_eq!(by_worker, [0, 40], "{after:#?}");
+
+    // Off the workers (this test's own runtime), requests go anywhere: all are answered.
+    for i in 0..8 {
+        let event =
+            Event::RequestHeaders(RequestHeaders::new(format!("x{i}"), Method::GET, Uri::from_static("/")));
+        tokio::time::timeout(Duration::from_secs(10), pool.send("allow", &event)).await.unwrap().unwrap();
+    }
+    pool.shutdown().await;
+}
