@@ -133,6 +133,7 @@ impl Admin {
                             "requests": c.requests,
                             "failures": c.failures,
                             "last_error": c.last_error.map(|(error, _)| error),
+                            "worker": c.worker,
                         })
                     })
                     .collect();

@@ -43,14 +43,13 @@ pub(crate) struct GatewayConfig {
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Threads that serve the listeners' connections, each with an event loop of its own: a
-    /// connection, its requests and the upstream connections they open stay on one thread
-    /// (each new connection goes to the thread with the fewest). Default 0: they are served on
-    /// the gateway's main multi-threaded runtime, where the admin listener, the agents'
-    /// connections and the workloads' watchers always run. Worker threads serve routes
-    /// without agents faster; a request to an agent crosses from its worker to the main
-    /// runtime and back (see the README's figures).
+    /// connection, its requests, the upstream connections they open and the Unix-socket agent
+    /// connections they use stay on one thread (each new connection goes to the thread with
+    /// the fewest; each agent's connections are spread over the threads). Default: one per
+    /// core. `0` serves everything on the gateway's main multi-threaded runtime, where the
+    /// admin listener, gRPC agents' connections and the workloads' watchers always run.
     #[serde(default)]
-    pub workers: usize,
+    pub workers: Option<usize>,
 }
 
 /// The most worker threads a configuration may ask for.
@@ -468,6 +467,11 @@ pub(crate) struct ConfigError {
 }
 
 impl GatewayConfig {
+    /// How many worker threads serve the listeners (0: none, the main runtime).
+    pub(crate) fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
     /// Parses TOML; syntax errors name their line and column.
     pub(crate) fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError { problems: vec![e.to_string().trim_end().to_owned()] })
@@ -476,7 +480,7 @@ impl GatewayConfig {
     /// Checks the whole configuration and reports every problem, each with its location.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
-        if self.workers > MAX_WORKERS {
+        if self.workers.is_some_and(|n| n > MAX_WORKERS) {
             p.push(format!("workers: at most {MAX_WORKERS}"));
         }
         if self.listeners.is_empty() {

@@ -86,8 +86,8 @@ enum LogFormat {
 /// Runs the gateway as the `gateway` binary does, with `args` as its command line (the first
 /// item is the program's name, as in [`std::env::args_os`]): parses it (printing help or a usage
 /// error and exiting the process as clap does), sets up logging, builds a multi-threaded Tokio
-/// runtime (and worker threads for the listeners' connections when the configuration's
-/// `workers` asks for them) and runs until SIGINT or SIGTERM. Returns the process's exit code.
+/// runtime (and, unless the configuration's `workers` is 0, a worker thread per core for the
+/// listeners' connections) and runs until SIGINT or SIGTERM. Returns the process's exit code.
 ///
 /// It installs process-wide state (the log subscriber, the metrics recorder, signal handlers):
 /// call it once per process, from `main`.
@@ -167,7 +167,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // The listeners' connections are served on threads of their own when `workers` asks for
     // them (thread per core); the agents' Unix-socket connections are then spread over the
     // same threads, and a request asks an agent over a connection of its own thread.
-    let workers = match config.workers {
+    let workers = match config.worker_threads() {
         0 => None,
         n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
     };
@@ -575,6 +575,6 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
         workloads: Vec::new(),
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
-        workers: 0,
+        workers: None,
     }
 }
