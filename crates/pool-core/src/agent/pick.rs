@@ -162,9 +162,13 @@ impl Agent {
 
     /// A permit on a connection of `snap` the balancer picks among those `eligible`.
     #[inline]
-    fn reserve_where(&self, snap: &[Arc<Slot>], eligible: impl Fn(&Arc<Slot>) -> bool) -> Option<InFlight> {
+    fn reserve_where(
+        &self,
+        snap: &[Arc<Slot>],
+        eligible: impl Fn(&Arc<Slot>) -> bool + Copy,
+    ) -> Option<InFlight> {
         for _ in 0..MAX_RACES {
-            let i = self.balancer.pick(snap, &eligible)?;
+            let i = self.balancer.pick(snap, eligible)?;
             let slot = &snap[i];
             if !slot.permits.try_acquire() {
                 continue;
