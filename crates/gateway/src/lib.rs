@@ -172,9 +172,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
     };
     let uds = match &workers {
-        Some(w) => {
-            UdsConnector::default().spread_over((0..w.len()).filter_map(|i| w.handle(i).cloned()).collect())
-        }
+        Some(w) => UdsConnector::default().spread_over(w.handles()),
         None => UdsConnector::default(),
     };
     let pool = AgentPool::new(config.pool.clone(), uds)?;

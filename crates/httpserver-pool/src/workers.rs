@@ -96,6 +96,11 @@ impl Workers {
         self.inner.workers.get(index).map(|w| &w.handle)
     }
 
+    /// The runtimes of all the workers, in index order.
+    pub fn handles(&self) -> Vec<Handle> {
+        self.inner.workers.iter().map(|w| w.handle.clone()).collect()
+    }
+
     /// Connections on each worker now (served by servers of this crate).
     pub fn connections(&self) -> Vec<usize> {
         self.inner.workers.iter().map(|w| w.connections.load(Ordering::Relaxed)).collect()
