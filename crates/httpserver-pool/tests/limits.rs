@@ -21,17 +21,6 @@ use tokio::net::TcpStream;
 /// The longest any single wait may take before the test gives up.
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Waits until `cond` holds, polling; panics after [`DEADLINE`].
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(DEADLINE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
 /// Reads until the server closes the connection (EOF or reset); returns what it sent.
 /// Panics if it is still open at the deadline.
 async fn read_until_closed(tcp: &mut TcpStream, what: &str) -> Vec<u8> {

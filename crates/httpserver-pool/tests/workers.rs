@@ -60,16 +60,6 @@ async fn ask(tcp: &mut TcpStream, path: &str) -> String {
     .expect("an answer within the deadline")
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(DEADLINE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
 #[tokio::test]
 async fn connections_are_served_on_the_workers_spread_by_load_each_on_one() {
     let workers = Workers::start(2, "serve").unwrap();

@@ -42,6 +42,18 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, std::io
     (answer, read)
 }
 
+/// Waits until `cond` holds, polling every 10 ms; panics naming `what` after 10 s (a deadline
+/// that only keeps a broken server from hanging a test, never a measure of speed).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
