@@ -7,10 +7,12 @@
 //! upstream; the gateway (release build, its runtime has as many workers as cores) with a route
 //! to the same upstream and no agent (`/plain`), and a route that asks the example WAF agent
 //! over a Unix socket first (`/waf`; the agent is transport-uds's `waf_agent` example, its own
-//! process). The gateway runs twice, in its default layout (`workers = 0`) and with one worker
-//! thread per core. Each round runs nginx and both gateways back to back at c = 64 (throughput,
-//! p99), then each gateway's two routes at c = 1 (the agent's added p50). Medians over the
-//! rounds.
+//! process). The gateway runs three times: everything on its main runtime (`workers = 0`), and
+//! one worker thread per core (its default) with `worker_spin = "0s"` (an idle worker sleeps at
+//! once) and with the default spin. Each round runs nginx and the gateways back to back at
+//! c = 64 (throughput, p99), then each gateway's two routes at c = 1 (the agent's added p50).
+//! Medians over the rounds. The report ends with the machine's guest halt polling setting,
+//! which the c = 1 figures depend on.
 //!
 //! Needs Debian's `nginx` and `wrk` (`apt-get install nginx wrk`); everything on loopback,
 //! temporary files only.
@@ -69,8 +71,14 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let port = |offset: u16| 20000 + (std::process::id() % 20000) as u16 + offset;
     let (upstream, nginx_proxy) = (port(0), port(1));
-    // The gateway twice: its default layout, and one worker thread per core (`workers`).
-    let layouts = [("gateway", 0usize, port(2), port(3)), ("gateway", cores, port(4), port(5))];
+    // The gateway three times: everything on its main runtime (`workers = 0`), and one worker
+    // thread per core (its default), with workers that sleep as soon as they are idle and with
+    // the default `worker_spin`.
+    let layouts = [
+        ("gateway (workers = 0)".to_owned(), 0usize, "0s", port(2), port(3)),
+        (format!("gateway (workers = {cores}, worker_spin = 0s)"), cores, "0s", port(4), port(5)),
+        (format!("gateway (workers = {cores}, worker_spin = 50us)"), cores, "50us", port(6), port(7)),
+    ];
 
     let mut children = Children(Vec::new());
     children.0.push(nginx(
@@ -94,12 +102,12 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("waf_agent: {e}"))?,
     );
     wait_for(&socket)?;
-    for (name, workers, gateway, admin) in layouts {
-        let config = dir.join(format!("gateway-{workers}.toml"));
+    for (i, (name, workers, spin, gateway, admin)) in layouts.iter().enumerate() {
+        let config = dir.join(format!("gateway-{i}.toml"));
         std::fs::write(
             &config,
             format!(
-                "workers = {workers}\n[[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{gateway}\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
+                "workers = {workers}\nworker_spin = \"{spin}\"\n[[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{gateway}\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
                  [[upstreams]]\nname = \"app\"\nurls = [\"http://127.0.0.1:{upstream}\"]\n\n\
                  [[agents]]\nname = \"waf\"\nendpoints = [\"unix:{}\"]\n\n\
                  [[routes]]\nname = \"waf\"\npath_prefix = \"/waf\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
@@ -121,8 +129,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     std::thread::sleep(Duration::from_secs(1));
     let mut targets = vec![("nginx".to_owned(), format!("http://127.0.0.1:{nginx_proxy}/plain"))];
-    for (name, _, gateway, _) in layouts {
-        targets.push((name.to_owned(), format!("http://127.0.0.1:{gateway}/plain")));
+    for (name, _, _, gateway, _) in &layouts {
+        targets.push((name.clone(), format!("http://127.0.0.1:{gateway}/plain")));
         targets.push((format!("{name} + agent"), format!("http://127.0.0.1:{gateway}/waf")));
     }
     for (name, url) in &targets {
@@ -142,11 +150,11 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             let who = (k + round) % c64.len();
             let url = match who {
                 0 => nginx_url.clone(),
-                i => format!("http://127.0.0.1:{}/plain", layouts[i - 1].2),
+                i => format!("http://127.0.0.1:{}/plain", layouts[i - 1].3),
             };
             c64[who].push(wrk(&url, cores, 64, seconds)?);
         }
-        for (i, (_, _, gateway, _)) in layouts.iter().enumerate() {
+        for (i, (_, _, _, gateway, _)) in layouts.iter().enumerate() {
             c1[i][0].push(wrk(&format!("http://127.0.0.1:{gateway}/plain"), 1, 1, seconds)?);
             c1[i][1].push(wrk(&format!("http://127.0.0.1:{gateway}/waf"), 1, 1, seconds)?);
         }
@@ -164,21 +172,25 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         let _ = writeln!(report, "| {name} | {:.0} | {:.0} | {:.0} |", r.rps, r.p50, r.p99);
     };
     row(&mut report, "nginx proxy, c = 64", ng);
-    for (i, (name, workers, _, _)) in layouts.iter().enumerate() {
-        let name = format!("{name} (workers = {workers})");
+    for (i, (name, ..)) in layouts.iter().enumerate() {
         row(&mut report, &format!("{name}, no agent, c = 64"), median(&c64[i + 1]));
         row(&mut report, &format!("{name}, no agent, c = 1"), median(&c1[i][0]));
         row(&mut report, &format!("{name}, UDS agent, c = 1"), median(&c1[i][1]));
     }
-    for (i, (name, workers, _, _)) in layouts.iter().enumerate() {
+    for (i, (name, ..)) in layouts.iter().enumerate() {
         let (gw, plain1, waf1) = (median(&c64[i + 1]), median(&c1[i][0]), median(&c1[i][1]));
         let _ = writeln!(
             report,
-            "{name} (workers = {workers})/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; the agent adds {:.0} µs at p50 (c = 1)",
+            "{name}/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; the agent adds {:.0} µs at p50 (c = 1)",
             gw.rps / ng.rps,
             gw.p99 / ng.p99,
             waf1.p50 - plain1.p50
         );
+    }
+    // Whether an idle CPU of this (virtual) machine polls before it halts: when it does not,
+    // every wake-up of an idle CPU is a VM exit, and the c = 1 figures show it.
+    if let Ok(ns) = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        let _ = writeln!(report, "guest halt polling (guest_halt_poll_ns): {}", ns.trim());
     }
     print!("{report}");
     drop(children);

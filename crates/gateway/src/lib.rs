@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use clap::Parser;
-use httpserver_pool::{Handler, HttpServerConfig, Pool, ServerPoolConfig, Workers};
+use httpserver_pool::{Handler, HttpServerConfig, Pool, ServerPoolConfig, WorkerOptions, Workers};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use pool_api::Lifecycle;
 use pool_core::{AgentPool, AgentSpec};
@@ -169,7 +169,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // same threads, and a request asks an agent over a connection of its own thread.
     let workers = match config.worker_threads() {
         0 => None,
-        n => Some(Workers::start(n, "gateway-worker").map_err(|e| format!("worker threads: {e}"))?),
+        n => Some(
+            Workers::start_with(n, "gateway-worker", WorkerOptions::default().spin(config.worker_spin))
+                .map_err(|e| format!("worker threads: {e}"))?,
+        ),
     };
     let uds = match &workers {
         Some(w) => UdsConnector::default().spread_over(w.handles()),
@@ -459,8 +462,10 @@ async fn reload(
     if next.workloads != running.workloads {
         return Err("[[workloads]] cannot change while running; restart the gateway for them".into());
     }
-    if next.workers != running.workers {
-        return Err("workers cannot change while running; restart the gateway for them".into());
+    if next.workers != running.workers || next.worker_spin != running.worker_spin {
+        return Err(
+            "workers and worker_spin cannot change while running; restart the gateway for them".into()
+        );
     }
     if next.docker_hosts != running.docker_hosts {
         return Err("[[docker_hosts]] cannot change while running; restart the gateway for them".into());
@@ -574,5 +579,6 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
         pool: pool_core::PoolConfig { proxy_id: "gateway".into(), ..Default::default() },
         drain_timeout: std::time::Duration::from_secs(30),
         workers: None,
+        worker_spin: config::default_worker_spin(),
     }
 }

@@ -326,7 +326,7 @@ async fn a_reload_under_load_drops_no_request_and_a_bad_file_changes_nothing() {
     std::fs::write(&path, config(one).replace("workers = 3", "workers = 1")).unwrap();
     let (status, body) = post(&admin, "/admin/reload").await;
     assert_eq!(status, 422, "{body}");
-    assert!(body.contains("workers cannot change while running"), "{body}");
+    assert!(body.contains("workers and worker_spin cannot change while running"), "{body}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut served = 0;

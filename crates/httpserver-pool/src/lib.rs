@@ -66,7 +66,7 @@ pub use error::{Error, Problem, ServerFailure};
 pub use handler::{BoxError, Handler, ResponseBody, full, status};
 pub use signal::ShutdownSignal;
 pub use tls::{PemSource, TlsConfig};
-pub use workers::{Workers, worker_index};
+pub use workers::{WorkerOptions, Workers, worker_index};
 mod accept;
 mod counters;
 mod drain;
