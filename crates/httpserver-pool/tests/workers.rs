@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Response;
-use httpserver_pool::{Handler, HttpServerConfig, Server, Workers, full, worker_index};
+use httpserver_pool::{Handler, HttpServerConfig, Server, WorkerOptions, Workers, full, worker_index};
 use pool_api::Lifecycle;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -94,7 +94,9 @@ async fn connections_are_served_on_the_workers_spread_by_load_each_on_one() {
 
 #[tokio::test]
 async fn stop_drains_requests_in_flight_on_workers_and_cuts_those_past_the_deadline() {
-    let workers = Workers::start(2, "drain").unwrap();
+    // Workers that spin before they sleep: the spin changes nothing of what the server does.
+    let workers =
+        Workers::start_with(2, "drain", WorkerOptions::default().spin(Duration::from_millis(1))).unwrap();
     let started = Arc::new(AtomicUsize::new(0));
     let cfg = HttpServerConfig::new("w", free_addr())
         .with_handler(where_am_i(Duration::from_millis(300), started.clone()))
@@ -130,7 +132,8 @@ async fn stop_drains_requests_in_flight_on_workers_and_cuts_those_past_the_deadl
 
 #[tokio::test]
 async fn tls_connections_are_served_on_the_workers_over_both_protocols() {
-    let workers = Workers::start(1, "tls").unwrap();
+    let workers =
+        Workers::start_with(1, "tls", WorkerOptions::default().spin(Duration::from_millis(1))).unwrap();
     let pki = TestPki::new();
     let cfg = HttpServerConfig::new("t", format!("localhost:{}", free_port()))
         .with_handler(where_am_i(Duration::ZERO, Arc::default()))
