@@ -43,11 +43,11 @@ pub(crate) struct GatewayConfig {
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Threads that serve the listeners' connections, each with an event loop of its own: a
-    /// connection, its requests, the upstream connections they open and the Unix-socket agent
-    /// connections they use stay on one thread (each new connection goes to the thread with
-    /// the fewest; each agent's connections are spread over the threads). Default: one per
-    /// core. `0` serves everything on the gateway's main multi-threaded runtime, where the
-    /// admin listener, gRPC agents' connections and the workloads' watchers always run.
+    /// connection, its requests, the upstream connections they open and the agent connections
+    /// they use (Unix-socket and gRPC) stay on one thread (each new connection goes to the
+    /// thread with the fewest; each agent's connections are spread over the threads). Default:
+    /// one per core. `0` serves everything on the gateway's main multi-threaded runtime, where
+    /// the admin listener and the workloads' watchers always run.
     #[serde(default)]
     pub workers: Option<usize>,
     /// How long a worker thread that has run out of work keeps checking its sockets before it

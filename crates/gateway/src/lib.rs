@@ -165,7 +165,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     });
     describe_metrics();
     // The listeners' connections are served on threads of their own when `workers` asks for
-    // them (thread per core); the agents' Unix-socket connections are then spread over the
+    // them (thread per core); the agents' connections (Unix sockets and gRPC) are then spread over the
     // same threads, and a request asks an agent over a connection of its own thread.
     let workers = match config.worker_threads() {
         0 => None,
@@ -179,7 +179,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         None => UdsConnector::default(),
     };
     let pool = AgentPool::new(config.pool.clone(), uds)?;
-    let mut dialled = Dialled::new();
+    let runtimes = workers.as_ref().map(Workers::handles).unwrap_or_default();
+    let mut dialled = Dialled { files: std::collections::HashMap::new(), runtimes };
     for agent in &config.agents {
         add_agent(&pool, agent, &mut dialled).await?;
     }
@@ -366,8 +367,13 @@ enum AddAgentError {
     Pool(#[from] pool_core::PoolError),
 }
 
-/// The TLS files each agent was dialled with, by agent name (`None`: no TLS).
-type Dialled = std::collections::HashMap<String, Option<config::ClientTlsFiles>>;
+/// How agents are dialled: the TLS files each one was dialled with, by agent name (`None`: no
+/// TLS), and the worker runtimes gRPC agents' connections are spread over (none: the main
+/// runtime).
+struct Dialled {
+    files: std::collections::HashMap<String, Option<config::ClientTlsFiles>>,
+    runtimes: Vec<tokio::runtime::Handle>,
+}
 
 /// Reads the agent's TLS files, if it has any.
 fn read_tls(agent: &AgentConfig) -> Result<Option<config::ClientTlsFiles>, AddAgentError> {
@@ -382,8 +388,8 @@ async fn add_agent(
     dialled: &mut Dialled,
 ) -> Result<(), AddAgentError> {
     let files = read_tls(agent)?;
-    register(pool, agent, Registration::Add, files.as_ref()).await?;
-    dialled.insert(agent.name.clone(), files);
+    register(pool, agent, Registration::Add, files.as_ref(), &dialled.runtimes).await?;
+    dialled.files.insert(agent.name.clone(), files);
     Ok(())
 }
 
@@ -404,18 +410,20 @@ async fn register(
     agent: &AgentConfig,
     how: Registration,
     files: Option<&config::ClientTlsFiles>,
+    runtimes: &[tokio::runtime::Handle],
 ) -> Result<(), AddAgentError> {
     let mut spec = AgentSpec::new(agent.name.clone()).endpoints(agent.endpoints.iter().map(String::as_str));
     if agent.endpoints.iter().any(|e| config::is_grpc(e)) {
         // The pool dials UDS endpoints itself; gRPC agents get transport-grpc's connector, one
-        // per agent, with the agent's own TLS settings for grpcs:// endpoints.
+        // per agent, with the agent's own TLS settings for grpcs:// endpoints; its connections
+        // are spread over the worker threads, as the UDS agents' are.
         let server_name = agent.tls.as_ref().and_then(|t| t.server_name.as_deref());
         let tls = files
             .map(|f| f.build(server_name))
             .transpose()
             .map_err(|source| AddAgentError::Tls { agent: agent.name.clone(), source })?;
         let config = GrpcConnectorConfig { tls, ..GrpcConnectorConfig::default() };
-        spec = spec.connector(Arc::new(GrpcConnector::new(config)));
+        spec = spec.connector(Arc::new(GrpcConnector::new(config).spread_over(runtimes.to_vec())));
     }
     let report = match how {
         Registration::Add => pool.add_agent(spec).await?,
@@ -487,15 +495,17 @@ async fn reload(
                 // The same settings may name files rewritten since (a renewed certificate at
                 // the same path): their bytes are compared with those the agent was dialled with.
                 let files = read_tls(agent).map_err(failed)?;
-                let rewritten = dialled.get(&agent.name).is_some_and(|d| *d != files);
+                let rewritten = dialled.files.get(&agent.name).is_some_and(|d| *d != files);
                 if *before == agent && !rewritten {
                     continue;
                 }
                 // The pool keys agents by name: the new endpoints come up, then take the old
                 // ones' place at once; the old ones drain in the background, requests on them
                 // finishing there. A new setting the pool refuses leaves the old agent running.
-                register(pool, agent, Registration::Replace, files.as_ref()).await.map_err(failed)?;
-                dialled.insert(agent.name.clone(), files);
+                register(pool, agent, Registration::Replace, files.as_ref(), &dialled.runtimes)
+                    .await
+                    .map_err(failed)?;
+                dialled.files.insert(agent.name.clone(), files);
                 replaced.push(agent.name.clone());
             }
         }
@@ -523,7 +533,7 @@ async fn reload(
     drop(before);
     for agent in &removed {
         let _ = pool.remove_agent(agent).await;
-        dialled.remove(agent);
+        dialled.files.remove(agent);
     }
     let summary = format!(
         "{} route(s); agents added {added:?}, replaced {replaced:?}, removed {removed:?}; listeners: {report:?}",

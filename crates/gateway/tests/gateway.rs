@@ -105,17 +105,18 @@ async fn the_demo_serves_allows_blocks_reports_and_stops_cleanly() {
     assert_eq!(status["agents"][1]["id"], "waf-grpc");
     assert_eq!(status["agents"][1]["healthy"], true);
     assert_eq!(status["routes"][0]["agents"][1], "waf-grpc");
-    // The UDS agent's connections run on the worker threads (one per core by default), spread
-    // over them in turn; the gRPC agent's on the main runtime.
+    // The agents' connections, UDS and gRPC, run on the worker threads (one per core by
+    // default), spread over them in turn.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers: Vec<u64> = status["agents"][0]["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["worker"].as_u64().expect("a UDS connection runs on a worker"))
-        .collect();
-    assert!(!workers.is_empty() && workers.iter().all(|&w| (w as usize) < cores), "{workers:?}");
-    assert!(status["agents"][1]["connections"].as_array().unwrap().iter().all(|c| c["worker"].is_null()));
+    for agent in 0..2 {
+        let workers: Vec<u64> = status["agents"][agent]["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["worker"].as_u64().expect("an agent's connection runs on a worker"))
+            .collect();
+        assert!(!workers.is_empty() && workers.iter().all(|&w| (w as usize) < cores), "{workers:?}");
+    }
 
     let (exit, out) = stop_gateway(child).await;
     assert!(exit.success(), "a clean drain exits 0: {exit}\n{out}");

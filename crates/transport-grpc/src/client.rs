@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -107,12 +107,46 @@ impl Default for GrpcConnectorConfig {
 #[derive(Clone, Debug, Default)]
 pub struct GrpcConnector {
     config: Arc<GrpcConnectorConfig>,
+    spread: Option<Arc<Spread>>,
+}
+
+/// Runtimes new connections are made on, in turn.
+#[derive(Debug)]
+struct Spread {
+    runtimes: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+}
+
+/// Spawns the tasks of a connection's HTTP/2 client (the connection itself, the request
+/// stream's pump, the channel's buffer) on one runtime, rather than on whichever runtime
+/// is current when hyper spawns them.
+#[derive(Clone)]
+struct OnRuntime(tokio::runtime::Handle);
+
+impl<F: std::future::Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for OnRuntime {
+    fn execute(&self, task: F) {
+        self.0.spawn(task);
+    }
 }
 
 impl GrpcConnector {
     /// A connector with these settings.
     pub fn new(config: GrpcConnectorConfig) -> Self {
-        Self { config: Arc::new(config) }
+        Self { config: Arc::new(config), spread: None }
+    }
+
+    /// Makes each new connection on the next of `runtimes` in turn (an empty list: wherever
+    /// `connect` is called, the default): its socket is registered there, and the tasks of its
+    /// HTTP/2 connection and the one that reads the agent's answers run there. For a proxy
+    /// whose requests run on worker threads, one single-threaded runtime each: given the
+    /// workers' runtimes, the connections are spread over them, each reports its thread as
+    /// [`AgentConnection::home`], and the pool sends a request made on a worker over a
+    /// connection of that worker, so that the exchange and the answer's wake-up stay on that
+    /// thread.
+    pub fn spread_over(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
+        self.spread =
+            (!runtimes.is_empty()).then(|| Arc::new(Spread { runtimes, next: AtomicUsize::new(0) }));
+        self
     }
 
     fn target(&self, endpoint: &Endpoint) -> Result<GrpcTarget, TransportError> {
@@ -169,7 +203,13 @@ impl Connector for GrpcConnector {
         };
         let config = self.config.clone();
         let endpoint = endpoint.clone();
-        Box::pin(async move {
+        let place = self
+            .spread
+            .as_ref()
+            .map(|s| s.runtimes[s.next.fetch_add(1, Ordering::Relaxed) % s.runtimes.len()].clone());
+        let label = endpoint.to_string();
+        let placed = place.is_some();
+        let connect = async move {
             let authority = match &target {
                 GrpcTarget::Plain { authority } | GrpcTarget::Tls { authority } => authority.to_string(),
                 GrpcTarget::Unix { .. } => "localhost".to_owned(),
@@ -186,6 +226,13 @@ impl Connector for GrpcConnector {
                 .keep_alive_while_idle(true)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(2 << 20);
+            // Placed: this runs on the chosen runtime, and so do the tasks hyper spawns for the
+            // connection later.
+            let home = placed.then(|| (tokio::runtime::Handle::current(), pool_api::worker_index()));
+            let http = match &home {
+                Some((runtime, _)) => http.executor(OnRuntime(runtime.clone())),
+                None => http,
+            };
             let tls = config.tls.clone();
             let dial = tower::service_fn(move |_: http::Uri| {
                 let (target, tls) = (target.clone(), tls.clone());
@@ -209,7 +256,17 @@ impl Connector for GrpcConnector {
                     });
                 }
             };
-            Ok(Box::new(Pending { channel, endpoint, config }) as Box<dyn PendingConnection>)
+            Ok(Box::new(Pending { channel, endpoint, config, home }) as Box<dyn PendingConnection>)
+        };
+        Box::pin(async move {
+            match place {
+                None => connect.await,
+                Some(runtime) => runtime.spawn(connect).await.map_err(|e| TransportError::Connect {
+                    endpoint: label,
+                    kind: None,
+                    message: format!("its runtime: {e}"),
+                })?,
+            }
         })
     }
 }
@@ -226,6 +283,9 @@ struct Pending {
     channel: Channel,
     endpoint: Endpoint,
     config: Arc<GrpcConnectorConfig>,
+    /// The runtime the connection was made on and its worker thread, when the connector
+    /// places connections.
+    home: Option<(tokio::runtime::Handle, Option<usize>)>,
 }
 
 impl PendingConnection for Pending {
@@ -233,9 +293,12 @@ impl PendingConnection for Pending {
         self: Box<Self>,
         hello: Hello,
     ) -> BoxFuture<'static, Result<Arc<dyn AgentConnection>, TransportError>> {
-        Box::pin(async move {
+        let place = self.home.as_ref().map(|(runtime, _)| runtime.clone());
+        let endpoint_label = self.endpoint.to_string();
+        let handshake = async move {
             let label = format!("{}#{}", self.endpoint, NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
             let endpoint = self.endpoint.to_string();
+            let worker = self.home.as_ref().and_then(|(_, worker)| *worker);
             let failed = |message: String| TransportError::Handshake { endpoint: endpoint.clone(), message };
             let offered = hello.supported_versions.clone();
             let (tx, rx) = mpsc::unbounded_channel();
@@ -300,8 +363,19 @@ impl PendingConnection for Pending {
                     agent: vec![capabilities.protocol_version],
                 });
             }
-            let connection = GrpcConnection::start(self.channel, tx, inbound, capabilities, label, max);
+            let connection =
+                GrpcConnection::start(self.channel, tx, inbound, capabilities, label, max, worker);
             Ok(connection as Arc<dyn AgentConnection>)
+        };
+        // Placed: the call is opened and its reading task spawned on the connection's runtime.
+        Box::pin(async move {
+            match place {
+                None => handshake.await,
+                Some(runtime) => runtime.spawn(handshake).await.map_err(|e| TransportError::Handshake {
+                    endpoint: endpoint_label,
+                    message: format!("its runtime: {e}"),
+                })?,
+            }
         })
     }
 }
@@ -422,6 +496,8 @@ impl Core {
 /// One live connection to an agent over gRPC.
 pub struct GrpcConnection {
     core: Arc<Core>,
+    /// The worker thread whose runtime runs this connection's tasks, when it was placed.
+    home: Option<usize>,
     capabilities: Capabilities,
     next_stream: AtomicU64,
     updates: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ConfigUpdateRequest>>>,
@@ -457,6 +533,7 @@ impl GrpcConnection {
         capabilities: Capabilities,
         label: String,
         max_message: usize,
+        home: Option<usize>,
     ) -> Arc<Self> {
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let core = Arc::new(Core {
@@ -480,6 +557,7 @@ impl GrpcConnection {
         tokio::spawn(task.run(channel));
         Arc::new(Self {
             core,
+            home,
             capabilities,
             next_stream: AtomicU64::new(1),
             updates: Arc::new(tokio::sync::Mutex::new(updates_rx)),
@@ -589,6 +667,10 @@ impl AgentConnection for GrpcConnection {
 
     fn is_open(&self) -> bool {
         self.core.open.load(Ordering::Acquire)
+    }
+
+    fn home(&self) -> Option<usize> {
+        self.home
     }
 
     fn send(&self, event: &Event) -> BoxFuture<'static, Result<Decision, TransportError>> {
@@ -719,6 +801,15 @@ struct Task {
     core: Arc<Core>,
     inbound: tonic::Streaming<FromAgent>,
     updates: mpsc::UnboundedSender<ConfigUpdateRequest>,
+}
+
+/// A task dropped before its end (its runtime stopped: a worker thread that ended) closes the
+/// connection like any other end: waiting requests fail at once instead of at their deadlines,
+/// and the pool sees the connection closed.
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.core.shut("the connection's runtime stopped");
+    }
 }
 
 impl Task {

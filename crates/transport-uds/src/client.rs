@@ -835,6 +835,17 @@ enum Stop {
     Closed(String),
 }
 
+/// A task dropped before its end (its runtime stopped: a worker thread that ended) closes the
+/// connection like any other end: waiting requests fail at once instead of at their deadlines,
+/// and the pool sees the connection closed.
+impl Drop for Task {
+    fn drop(&mut self) {
+        if !self.core.lock().closed {
+            self.shut("the connection's runtime stopped");
+        }
+    }
+}
+
 impl Task {
     async fn run(mut self) {
         let core = self.core.clone();

@@ -1,12 +1,16 @@
 //! A connector spread over worker runtimes (`UdsConnector::spread_over`), through pool-core, to
 //! a real agent over a real Unix socket: the connections are made on the workers in turn and
 //! say so (`AgentConnection::home`, the pool's `ConnectionHealth::worker`), and a request made
-//! on a worker goes over a connection of that worker while it has a usable one.
+//! on a worker goes over a connection of that worker while it has a usable one; a worker that
+//! stops closes its connections at once.
 
 use std::time::Duration;
 
 use http::{Method, Uri};
-use pool_api::{Action, AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, RequestHeaders};
+use pool_api::{
+    Action, AgentError, AgentHandler, Capabilities, Connector as _, Decision, Event, EventKind, Hello,
+    RequestHeaders, TransportError,
+};
 use pool_core::{AgentPool, AgentSpec, PoolConfig};
 use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
@@ -17,7 +21,13 @@ impl AgentHandler for Allow {
         Capabilities::new("allow").with_events([EventKind::RequestHeaders])
     }
 
-    async fn on_event(&self, _event: Event) -> Result<Decision, AgentError> {
+    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
+        // `/slow` is answered only after the test is over: a request left waiting.
+        if let Event::RequestHeaders(r) = &event
+            && r.uri.path() == "/slow"
+        {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         Ok(Decision::allow())
     }
 }
@@ -100,4 +110,49 @@ async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() 
         tokio::time::timeout(Duration::from_secs(10), pool.send("allow", &event)).await.unwrap().unwrap();
     }
     pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_closes_its_connections_at_once_and_the_others_keep_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let server = UdsServer::bind(&socket, UdsServerConfig::default()).await.unwrap();
+    tokio::spawn(server.serve(Allow, std::future::pending()));
+    let (handles, mut stops) = workers(2);
+    let connector = UdsConnector::default().spread_over(handles);
+    let endpoint = pool_api::Endpoint::new(format!("unix:{}", socket.display()));
+    let connect = || async {
+        connector.connect(&endpoint).await.unwrap().handshake(Hello::new("test-proxy")).await.unwrap()
+    };
+    let (on_zero, on_one) = (connect().await, connect().await);
+    assert_eq!((on_zero.home(), on_one.home()), (Some(0), Some(1)));
+    let request = |path: &'static str| {
+        Event::RequestHeaders(RequestHeaders::new(path, Method::GET, Uri::from_static(path)))
+    };
+
+    // A request waits on worker 0's connection; then worker 0 stops.
+    let waiting = on_zero.send(&request("/slow"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stops.remove(0));
+    // The waiting request fails as soon as the connection's task is gone, not at a deadline
+    // (it has none), and says why.
+    let failed = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting request fails once its worker stops");
+    match failed {
+        Err(TransportError::Closed { reason, .. }) => {
+            assert_eq!(reason, "the connection's runtime stopped");
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    assert!(!on_zero.is_open());
+    assert!(matches!(on_zero.send(&request("/after")).await, Err(TransportError::Closed { .. })));
+
+    // Worker 1's connection is untouched.
+    assert!(on_one.is_open());
+    let decision = tokio::time::timeout(Duration::from_secs(10), on_one.send(&request("/still")))
+        .await
+        .expect("worker 1 answers")
+        .unwrap();
+    assert!(matches!(decision.action, Action::Allow));
 }

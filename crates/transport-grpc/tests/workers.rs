@@ -1,0 +1,137 @@
+//! A connector spread over worker runtimes (`GrpcConnector::spread_over`), to a real gRPC agent
+//! over real TCP: the connections are made on the workers in turn and say so
+//! (`AgentConnection::home`, the pool's `ConnectionHealth::worker`); a request made on a worker
+//! goes over a connection of that worker; and a connection's tasks live on its worker, so a
+//! worker that stops closes its connections at once while the others keep answering.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{connect, request, serve};
+use pool_api::{Action, AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, TransportError};
+use pool_core::{AgentPool, AgentSpec, PoolConfig};
+use transport_grpc::{GrpcConnector, GrpcConnectorConfig, GrpcServerConfig};
+
+struct Allow;
+
+impl AgentHandler for Allow {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new("allow").with_events([EventKind::RequestHeaders])
+    }
+
+    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
+        // `/slow` is answered only after the test is over: a request left waiting.
+        if let Event::RequestHeaders(r) = &event
+            && r.uri.path() == "/slow"
+        {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok(Decision::allow())
+    }
+}
+
+/// `n` threads, each running a single-threaded runtime and marked as worker `i`; worker `i`
+/// stops when `stops[i]` is dropped (or sent to).
+fn workers(n: usize) -> (Vec<tokio::runtime::Handle>, Vec<tokio::sync::oneshot::Sender<()>>) {
+    let (mut handles, mut stops) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            pool_api::set_worker_index(Some(i));
+            tx.send(runtime.handle().clone()).unwrap();
+            let _ = runtime.block_on(stopped);
+        });
+        handles.push(rx.recv().unwrap());
+        stops.push(stop);
+    }
+    (handles, stops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() {
+    let agent = serve(Allow, GrpcServerConfig::default()).await;
+    let (handles, _stops) = workers(2);
+    let connector = GrpcConnector::new(GrpcConnectorConfig::default()).spread_over(handles.clone());
+    let config = PoolConfig { connections_per_endpoint: 4, ..PoolConfig::default() };
+    let pool = AgentPool::new(config, connector).unwrap();
+    let added = pool.add_agent(AgentSpec::new("allow").endpoint(agent.endpoint.as_str())).await.unwrap();
+    assert_eq!(added.connected, 4);
+    let homes = |pool: &AgentPool| -> Vec<Option<usize>> {
+        pool.health("allow").unwrap().iter().map(|c| c.worker).collect()
+    };
+    // `add_agent` counts a connection up from its handshake; the slot takes it just after.
+    let attached = tokio::time::timeout(Duration::from_secs(10), async {
+        while homes(&pool).contains(&None) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    attached.await.expect("every connection attached within 10 s");
+    let mut placed = homes(&pool);
+    placed.sort();
+    assert_eq!(placed, [Some(0), Some(0), Some(1), Some(1)], "two connections on each worker");
+
+    // Requests made on worker 1 are answered over worker 1's connections only.
+    let before: Vec<u64> = pool.health("allow").unwrap().iter().map(|c| c.requests).collect();
+    let on_one = pool.clone();
+    handles[1]
+        .spawn(async move {
+            for i in 0..40 {
+                let decision = on_one.send("allow", &request(&format!("r{i}"))).await.unwrap();
+                assert!(matches!(decision.action, Action::Allow));
+            }
+        })
+        .await
+        .unwrap();
+    let after = pool.health("allow").unwrap();
+    let mut by_worker = [0u64; 2];
+    for (c, before) in after.iter().zip(before) {
+        by_worker[c.worker.unwrap()] += c.requests - before;
+    }
+    assert_eq!(by_worker, [0, 40], "{after:#?}");
+
+    // Off the workers (this test's own runtime), requests go anywhere: all are answered.
+    for i in 0..8 {
+        let event = request(&format!("x{i}"));
+        tokio::time::timeout(Duration::from_secs(10), pool.send("allow", &event)).await.unwrap().unwrap();
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_closes_its_connections_at_once_and_the_others_keep_answering() {
+    let agent = serve(Allow, GrpcServerConfig::default()).await;
+    let (handles, mut stops) = workers(2);
+    let connector = GrpcConnector::new(GrpcConnectorConfig::default()).spread_over(handles);
+    let on_zero = connect(&connector, &agent.endpoint).await.unwrap();
+    let on_one = connect(&connector, &agent.endpoint).await.unwrap();
+    assert_eq!((on_zero.home(), on_one.home()), (Some(0), Some(1)));
+
+    // A request waits on worker 0's connection; then worker 0 stops.
+    let waiting = on_zero.send(&common::request_to("slow", "/slow"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stops.remove(0));
+    // The waiting request fails as soon as the connection's tasks are gone, not at a deadline
+    // (it has none), and says why.
+    let failed = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting request fails once its worker stops");
+    match failed {
+        Err(TransportError::Closed { reason, .. }) => {
+            assert_eq!(reason, "the connection's runtime stopped");
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    assert!(!on_zero.is_open());
+    assert!(matches!(on_zero.send(&request("after")).await, Err(TransportError::Closed { .. })));
+
+    // Worker 1's connection is untouched.
+    assert!(on_one.is_open());
+    let decision = tokio::time::timeout(Duration::from_secs(10), on_one.send(&request("still")))
+        .await
+        .expect("worker 1 answers")
+        .unwrap();
+    assert!(matches!(decision.action, Action::Allow));
+}
