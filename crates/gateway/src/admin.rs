@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use pool_core::AgentPool;
 use serde_json::json;
 
+use crate::config::AdminToken;
 use crate::proxy::Proxy;
 use crate::reply::plain;
 use crate::workloads::{HostState, Workloads};
@@ -27,6 +28,8 @@ pub(crate) struct Admin {
     pub listeners: arc_swap::ArcSwap<Vec<(String, String)>>,
     /// `[admin] allowed_hosts`: names answered besides IP addresses and `localhost`.
     pub allowed_hosts: arc_swap::ArcSwap<Vec<String>>,
+    /// `[admin] token_file`'s token: when set, everything but the probes needs it.
+    pub token: arc_swap::ArcSwapOption<AdminToken>,
     /// False from the moment a stop begins.
     pub ready: AtomicBool,
     /// Asks the main task to reload the configuration; the answer says what changed, or why
@@ -39,6 +42,16 @@ impl Admin {
     pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
         if let Err(refusal) = self.check_addressed(&req) {
             return plain(StatusCode::FORBIDDEN, refusal);
+        }
+        if !self.authorized(&req) {
+            metrics::counter!("gateway_admin_unauthorized_total").increment(1);
+            let mut resp = plain(
+                StatusCode::UNAUTHORIZED,
+                "the admin needs its token: Authorization: Bearer <[admin] token_file's token>\n",
+            );
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"admin\""));
+            return resp;
         }
         match req.uri().path() {
             "/admin/reload" if req.method() == http::Method::POST => {
@@ -110,6 +123,26 @@ impl Admin {
             return Err("a reload is not taken from a web page (the request has an Origin)\n");
         }
         Ok(())
+    }
+
+    /// Whether `req` may be answered: always for the probes (`/healthz`, `/readyz`), which
+    /// say nothing an orchestrator's probe should need a secret for; otherwise only with the
+    /// token, when there is one.
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        if matches!(req.uri().path(), "/healthz" | "/readyz") {
+            return true;
+        }
+        match &*self.token.load() {
+            None => true,
+            Some(token) => {
+                let mut given = req.headers().get_all(header::AUTHORIZATION).iter();
+                // Exactly one Authorization header, and it carries the token.
+                match (given.next(), given.next()) {
+                    (Some(value), None) => token.admits(value.as_bytes()),
+                    _ => false,
+                }
+            }
+        }
     }
 
     fn status(&self) -> serde_json::Value {

@@ -116,11 +116,66 @@ pub(crate) struct AdminConfig {
     /// `/status` or `/metrics` from a browser. Names a scraper uses to reach the admin go here.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// A file holding the admin's bearer token: when set, `/metrics`, `/status` and
+    /// `/admin/reload` answer only requests carrying `Authorization: Bearer <token>` (401
+    /// otherwise); `/healthz` and `/readyz` stay open for probes. The file is read at start and
+    /// on every reload (a new token takes effect then); surrounding whitespace is ignored.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:9901".into(), allowed_hosts: Vec::new() }
+        Self { bind: "127.0.0.1:9901".into(), allowed_hosts: Vec::new(), token_file: None }
+    }
+}
+
+/// The shortest admin token taken: a guessable one would protect nothing.
+pub(crate) const MIN_ADMIN_TOKEN: usize = 16;
+
+/// The admin's bearer token, as read from `[admin] token_file`. Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct AdminToken(Vec<u8>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdminToken({} bytes)", self.0.len())
+    }
+}
+
+impl AdminToken {
+    /// Whether an `Authorization` header's value is `Bearer <this token>` (the scheme in any
+    /// case), compared in constant time.
+    pub(crate) fn admits(&self, authorization: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        let Some(split) = authorization.iter().position(|&b| b == b' ') else { return false };
+        let (scheme, token) = (&authorization[..split], authorization[split..].trim_ascii_start());
+        scheme.eq_ignore_ascii_case(b"bearer") && bool::from(token.ct_eq(&self.0))
+    }
+}
+
+impl AdminConfig {
+    /// The token in `token_file`, read now (`None` without a file), or what is wrong with it:
+    /// unreadable, shorter than [`MIN_ADMIN_TOKEN`], or holding characters a header cannot
+    /// carry.
+    pub(crate) fn read_token(&self) -> Result<Option<AdminToken>, String> {
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let token = text.trim_ascii();
+        if token.len() < MIN_ADMIN_TOKEN {
+            return Err(format!(
+                "{}: the token has {} characters, at least {MIN_ADMIN_TOKEN} are needed",
+                path.display(),
+                token.len()
+            ));
+        }
+        if !token.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "{}: the token must be printable ASCII without spaces (it is sent in a header)",
+                path.display()
+            ));
+        }
+        Ok(Some(AdminToken(token.to_vec())))
     }
 }
 
@@ -525,6 +580,9 @@ impl GatewayConfig {
                 p.push(format!("admin.allowed_hosts[{i}]: {host:?} is not a host name"));
             }
         }
+        if let Err(problem) = self.admin.read_token() {
+            p.push(format!("admin.token_file: {problem}"));
+        }
         if binds.contains(self.admin.bind.as_str()) {
             p.push(format!("admin.bind: {} is also a listener", self.admin.bind));
         }
@@ -798,6 +856,45 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.routes[0].failure_mode, FailureMode::Open);
         assert_eq!(cfg.routes[0].path_prefix, "/");
+    }
+
+    #[test]
+    fn an_admin_token_file_must_hold_a_usable_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |file: &std::path::Path| {
+            let text = format!("{GOOD}\n[admin]\nbind = \"127.0.0.1:9901\"\ntoken_file = {:?}\n", file);
+            GatewayConfig::from_toml(&text).unwrap().validate()
+        };
+        let file = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            path
+        };
+        let good = file("good", "  s3cret-token-0123456789\n");
+        cfg(&good).unwrap();
+        let token =
+            AdminConfig { token_file: Some(good), ..AdminConfig::default() }.read_token().unwrap().unwrap();
+        assert!(token.admits(b"Bearer s3cret-token-0123456789"));
+        assert!(token.admits(b"bearer  s3cret-token-0123456789"), "the scheme in any case");
+        for refused in [
+            &b"Bearer s3cret-token-012345678"[..],
+            b"Bearer s3cret-token-01234567890",
+            b"Basic s3cret-token-0123456789",
+            b"s3cret-token-0123456789",
+            b"Bearer",
+            b"",
+        ] {
+            assert!(!token.admits(refused), "{:?}", String::from_utf8_lossy(refused));
+        }
+        assert_eq!(format!("{token:?}"), "AdminToken(23 bytes)", "Debug does not show the token");
+        for (path, expected) in [
+            (dir.path().join("missing"), "missing: No such file"),
+            (file("short", "short-token\n"), "the token has 11 characters, at least 16 are needed"),
+            (file("spaced", "two words in one token"), "printable ASCII without spaces"),
+        ] {
+            let all = cfg(&path).unwrap_err().to_string();
+            assert!(all.contains("admin.token_file: ") && all.contains(expected), "{all}");
+        }
     }
 
     #[test]

@@ -195,6 +195,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         workloads: workloads.clone(),
         listeners: ArcSwap::from_pointee(listener_names(&config)),
         allowed_hosts: ArcSwap::from_pointee(config.admin.allowed_hosts.clone()),
+        token: arc_swap::ArcSwapOption::from(
+            config.admin.read_token().map_err(|e| format!("admin.token_file: {e}"))?.map(Arc::new),
+        ),
         ready: AtomicBool::new(false),
         reload: reload_tx,
     });
@@ -285,6 +288,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!("gateway_requests_total", "Requests answered, by route and status.");
+    describe_counter!(
+        "gateway_admin_unauthorized_total",
+        "Admin requests refused for want of the [admin] token_file's bearer token."
+    );
     describe_histogram!(
         "gateway_request_duration_seconds",
         Unit::Seconds,
@@ -480,6 +487,7 @@ async fn reload(
     }
     // Read before any agent changes: a file that went bad refuses the whole reload.
     let upstream_tls = proxy::upstream_tls(&next)?;
+    let token = next.admin.read_token().map_err(|e| format!("admin.token_file: {e}"))?;
     let old: std::collections::HashMap<&str, &AgentConfig> =
         running.agents.iter().map(|a| (a.name.as_str(), a)).collect();
     let mut added = Vec::new();
@@ -515,6 +523,7 @@ async fn reload(
     let report = http.apply(&handlers.servers(&next)).await.map_err(|e| format!("listeners: {e}"))?;
     admin.listeners.store(Arc::new(listener_names(&next)));
     admin.allowed_hosts.store(Arc::new(next.admin.allowed_hosts.clone()));
+    admin.token.store(token.map(Arc::new));
     let keep: std::collections::HashSet<&str> = next.agents.iter().map(|a| a.name.as_str()).collect();
     let removed: Vec<String> =
         running.agents.iter().filter(|a| !keep.contains(a.name.as_str())).map(|a| a.name.clone()).collect();
@@ -553,7 +562,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             limits: Default::default(),
             timeouts: Default::default(),
         }],
-        admin: config::AdminConfig { bind: cli.admin.clone(), allowed_hosts: Vec::new() },
+        admin: config::AdminConfig { bind: cli.admin.clone(), ..config::AdminConfig::default() },
         routes: vec![RouteConfig {
             name: "demo".into(),
             host: None,

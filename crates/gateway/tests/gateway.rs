@@ -15,8 +15,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
 /// One HTTP/1.1 request over a fresh connection; returns (status, lower-cased head, body).
 async fn get(addr: &str, target: &str) -> (u16, String, String) {
+    get_as(addr, target, None).await
+}
+
+/// [`get`], with an `Authorization` header when given one.
+async fn get_as(addr: &str, target: &str, authorization: Option<&str>) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let authorization = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
@@ -676,6 +683,86 @@ async fn a_request_that_finds_every_upstream_connection_busy_gets_503_and_the_ur
     assert!(!metrics.contains("gateway_upstream_ejections_total"), "{metrics}");
     let (exit, _) = stop_gateway(child).await;
     assert!(exit.success());
+}
+
+#[tokio::test]
+async fn with_a_token_file_the_admin_answers_only_its_bearer_and_a_reload_rotates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = upstream().await;
+    let (listen, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "first-token-0123456789\n").unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listeners]]\nname = \"main\"\nbind = \"{listen}\"\n\n\
+             [admin]\nbind = \"{admin}\"\ntoken_file = {token_file:?}\n\n\
+             [[upstreams]]\nname = \"app\"\nurls = [\"http://{app}\"]\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+        ),
+    )
+    .unwrap();
+    let _child = run_config(&path, &admin).await;
+    let ask = |method: &str, target: &str, authorization: Option<&str>| {
+        let authorization = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: {admin}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // The probes need no token.
+    for target in ["/healthz", "/readyz"] {
+        assert_eq!(raw(&admin, ask("GET", target, None).as_bytes()).await, 200, "{target}");
+    }
+    // The rest: 401 without the token, with a wrong one, with two Authorization headers, or
+    // with another scheme; answered with it.
+    for (method, target) in [("GET", "/status"), ("GET", "/metrics"), ("POST", "/admin/reload")] {
+        for wrong in [
+            None,
+            Some("Bearer first-token-012345678"),
+            Some("Basic first-token-0123456789"),
+            Some("Bearer first-token-0123456789\r\nAuthorization: Bearer x"),
+        ] {
+            assert_eq!(raw(&admin, ask(method, target, wrong).as_bytes()).await, 401, "{target} {wrong:?}");
+        }
+    }
+    let (status, head, body) = get_as(&admin, "/status", None).await;
+    assert_eq!(status, 401);
+    assert!(head.contains("www-authenticate: bearer realm=\"admin\""), "{head}");
+    assert!(!body.contains("first-token"), "the refusal does not echo the token: {body}");
+    assert_eq!(
+        raw(&admin, ask("GET", "/status", Some("Bearer first-token-0123456789")).as_bytes()).await,
+        200
+    );
+
+    // A reload reads the file again: the new token takes over at once, the old one is refused.
+    std::fs::write(&token_file, "second-token-0123456789").unwrap();
+    let reload = ask("POST", "/admin/reload", Some("Bearer first-token-0123456789"));
+    assert_eq!(raw(&admin, reload.as_bytes()).await, 200);
+    assert_eq!(
+        raw(&admin, ask("GET", "/metrics", Some("Bearer first-token-0123456789")).as_bytes()).await,
+        401
+    );
+    assert_eq!(
+        raw(&admin, ask("GET", "/metrics", Some("Bearer second-token-0123456789")).as_bytes()).await,
+        200
+    );
+    // A token file gone bad refuses the reload, and the running token stays.
+    std::fs::write(&token_file, "short").unwrap();
+    let reload = ask("POST", "/admin/reload", Some("Bearer second-token-0123456789"));
+    assert_eq!(raw(&admin, reload.as_bytes()).await, 422);
+    assert_eq!(
+        raw(&admin, ask("GET", "/status", Some("Bearer second-token-0123456789")).as_bytes()).await,
+        200
+    );
+    // The refusals were counted.
+    let (_, _, metrics) = get_as(&admin, "/metrics", Some("Bearer second-token-0123456789")).await;
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_admin_unauthorized_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gateway_admin_unauthorized_total");
+    assert!(refused >= 14.0, "{refused}");
 }
 
 #[tokio::test]
