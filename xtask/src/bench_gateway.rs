@@ -5,12 +5,13 @@
 //! Layout: one upstream (an nginx instance with one worker answering `200 ok` from memory); an
 //! nginx proxy with as many workers as the machine has cores, HTTP/1.1 keep-alive to the
 //! upstream; the gateway (release build, its runtime has as many workers as cores) with a route
-//! to the same upstream and no agent (`/plain`), and a route that asks the example WAF agent
+//! to the same upstream and no agent (`/plain`), a route that asks the example WAF agent
 //! over a Unix socket first (`/waf`; the agent is transport-uds's `waf_agent` example, its own
-//! process). The gateway runs three times: everything on its main runtime (`workers = 0`), and
+//! process), and one that asks the same handler over gRPC (`/gwaf`; transport-grpc's
+//! `grpc_waf_agent` example on a Unix socket, `grpc+unix:`). The gateway runs three times: everything on its main runtime (`workers = 0`), and
 //! one worker thread per core (its default) with `worker_spin = "0s"` (an idle worker sleeps at
 //! once) and with the default spin. Each round runs nginx and the gateways back to back at
-//! c = 64 (throughput, p99), then each gateway's two routes at c = 1 (the agent's added p50).
+//! c = 64 (throughput, p99), then each gateway's three routes at c = 1 (each agent's added p50).
 //! Medians over the rounds. The report ends with the machine's guest halt polling setting,
 //! which the c = 1 figures depend on.
 //!
@@ -53,9 +54,11 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             return Err(format!("{tool} is not installed (apt-get install nginx wrk)"));
         }
     }
-    for build in
-        [&["-p", "gateway", "--bin", "gateway"][..], &["-p", "transport-uds", "--example", "waf_agent"]]
-    {
+    for build in [
+        &["-p", "gateway", "--bin", "gateway"][..],
+        &["-p", "transport-uds", "--example", "waf_agent"],
+        &["-p", "transport-grpc", "--example", "grpc_waf_agent"],
+    ] {
         let status = cargo()
             .args(["build", "--release"])
             .args(build)
@@ -102,6 +105,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("waf_agent: {e}"))?,
     );
     wait_for(&socket)?;
+    let grpc_socket = dir.join("gwaf.sock");
+    children.0.push(
+        Command::new(release.join("examples").join("grpc_waf_agent"))
+            .arg(&grpc_socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("grpc_waf_agent: {e}"))?,
+    );
+    wait_for(&grpc_socket)?;
     for (i, (name, workers, spin, gateway, admin)) in layouts.iter().enumerate() {
         let config = dir.join(format!("gateway-{i}.toml"));
         std::fs::write(
@@ -110,9 +123,12 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "workers = {workers}\nworker_spin = \"{spin}\"\n[[listeners]]\nname = \"bench\"\nbind = \"127.0.0.1:{gateway}\"\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n\n\
                  [[upstreams]]\nname = \"app\"\nurls = [\"http://127.0.0.1:{upstream}\"]\n\n\
                  [[agents]]\nname = \"waf\"\nendpoints = [\"unix:{}\"]\n\n\
+                 [[agents]]\nname = \"gwaf\"\nendpoints = [\"grpc+unix:{}\"]\n\n\
                  [[routes]]\nname = \"waf\"\npath_prefix = \"/waf\"\nupstream = \"app\"\nagents = [\"waf\"]\n\n\
+                 [[routes]]\nname = \"gwaf\"\npath_prefix = \"/gwaf\"\nupstream = \"app\"\nagents = [\"gwaf\"]\n\n\
                  [[routes]]\nname = \"plain\"\nupstream = \"app\"\n",
-                socket.display()
+                socket.display(),
+                grpc_socket.display()
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -132,6 +148,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     for (name, _, _, gateway, _) in &layouts {
         targets.push((name.clone(), format!("http://127.0.0.1:{gateway}/plain")));
         targets.push((format!("{name} + agent"), format!("http://127.0.0.1:{gateway}/waf")));
+        targets.push((format!("{name} + gRPC agent"), format!("http://127.0.0.1:{gateway}/gwaf")));
     }
     for (name, url) in &targets {
         let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]).output();
@@ -143,7 +160,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     // Per round: nginx and each gateway layout at c = 64, in an order that rotates so that a
     // drift in the machine's load favours none; then each layout's two routes at c = 1.
     let mut c64: Vec<Vec<Run>> = vec![Vec::new(); 1 + layouts.len()];
-    let mut c1: Vec<[Vec<Run>; 2]> = vec![[Vec::new(), Vec::new()]; layouts.len()];
+    let mut c1: Vec<[Vec<Run>; 3]> = vec![[Vec::new(), Vec::new(), Vec::new()]; layouts.len()];
     let nginx_url = format!("http://127.0.0.1:{nginx_proxy}/plain");
     for round in 0..rounds {
         for k in 0..c64.len() {
@@ -157,6 +174,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         for (i, (_, _, _, gateway, _)) in layouts.iter().enumerate() {
             c1[i][0].push(wrk(&format!("http://127.0.0.1:{gateway}/plain"), 1, 1, seconds)?);
             c1[i][1].push(wrk(&format!("http://127.0.0.1:{gateway}/waf"), 1, 1, seconds)?);
+            c1[i][2].push(wrk(&format!("http://127.0.0.1:{gateway}/gwaf"), 1, 1, seconds)?);
         }
         eprintln!("round {}/{rounds} done", round + 1);
     }
@@ -176,15 +194,18 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         row(&mut report, &format!("{name}, no agent, c = 64"), median(&c64[i + 1]));
         row(&mut report, &format!("{name}, no agent, c = 1"), median(&c1[i][0]));
         row(&mut report, &format!("{name}, UDS agent, c = 1"), median(&c1[i][1]));
+        row(&mut report, &format!("{name}, gRPC agent, c = 1"), median(&c1[i][2]));
     }
     for (i, (name, ..)) in layouts.iter().enumerate() {
-        let (gw, plain1, waf1) = (median(&c64[i + 1]), median(&c1[i][0]), median(&c1[i][1]));
+        let (gw, plain1, waf1, gwaf1) =
+            (median(&c64[i + 1]), median(&c1[i][0]), median(&c1[i][1]), median(&c1[i][2]));
         let _ = writeln!(
             report,
-            "{name}/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; the agent adds {:.0} µs at p50 (c = 1)",
+            "{name}/nginx at c = 64: throughput {:.2}×, p99 {:.2}×; at p50 (c = 1) the UDS agent adds {:.0} µs, the gRPC agent {:.0} µs",
             gw.rps / ng.rps,
             gw.p99 / ng.p99,
-            waf1.p50 - plain1.p50
+            waf1.p50 - plain1.p50,
+            gwaf1.p50 - plain1.p50
         );
     }
     // Whether an idle CPU of this (virtual) machine polls before it halts: when it does not,
