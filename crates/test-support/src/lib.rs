@@ -77,6 +77,7 @@ mod connection;
 mod connector;
 mod handlers;
 pub mod runtime;
+pub mod workers;
 
 #[cfg(test)]
 mod tests;

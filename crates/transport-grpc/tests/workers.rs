@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{connect, request, serve};
 use pool_api::{Action, AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, TransportError};
 use pool_core::{AgentPool, AgentSpec, PoolConfig};
+use test_support::workers::worker_runtimes;
 use transport_grpc::{GrpcConnector, GrpcConnectorConfig, GrpcServerConfig};
 
 struct Allow;
@@ -31,29 +32,10 @@ impl AgentHandler for Allow {
     }
 }
 
-/// `n` threads, each running a single-threaded runtime and marked as worker `i`; worker `i`
-/// stops when `stops[i]` is dropped (or sent to).
-fn workers(n: usize) -> (Vec<tokio::runtime::Handle>, Vec<tokio::sync::oneshot::Sender<()>>) {
-    let (mut handles, mut stops) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            pool_api::set_worker_index(Some(i));
-            tx.send(runtime.handle().clone()).unwrap();
-            let _ = runtime.block_on(stopped);
-        });
-        handles.push(rx.recv().unwrap());
-        stops.push(stop);
-    }
-    (handles, stops)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() {
     let agent = serve(Allow, GrpcServerConfig::default()).await;
-    let (handles, _stops) = workers(2);
+    let (handles, _stops) = worker_runtimes(2);
     let connector = GrpcConnector::new(GrpcConnectorConfig::default()).spread_over(handles.clone());
     let config = PoolConfig { connections_per_endpoint: 4, ..PoolConfig::default() };
     let pool = AgentPool::new(config, connector).unwrap();
@@ -103,7 +85,7 @@ async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_stops_closes_its_connections_at_once_and_the_others_keep_answering() {
     let agent = serve(Allow, GrpcServerConfig::default()).await;
-    let (handles, mut stops) = workers(2);
+    let (handles, mut stops) = worker_runtimes(2);
     let connector = GrpcConnector::new(GrpcConnectorConfig::default()).spread_over(handles);
     let on_zero = connect(&connector, &agent.endpoint).await.unwrap();
     let on_one = connect(&connector, &agent.endpoint).await.unwrap();

@@ -12,6 +12,7 @@ use pool_api::{
     RequestHeaders, TransportError,
 };
 use pool_core::{AgentPool, AgentSpec, PoolConfig};
+use test_support::workers::worker_runtimes;
 use transport_uds::{UdsConnector, UdsServer, UdsServerConfig};
 
 struct Allow;
@@ -32,25 +33,6 @@ impl AgentHandler for Allow {
     }
 }
 
-/// `n` threads, each running a single-threaded runtime and marked as worker `i`; they run
-/// until the returned senders are dropped.
-fn workers(n: usize) -> (Vec<tokio::runtime::Handle>, Vec<tokio::sync::oneshot::Sender<()>>) {
-    let (mut handles, mut stops) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            pool_api::set_worker_index(Some(i));
-            tx.send(runtime.handle().clone()).unwrap();
-            let _ = runtime.block_on(stopped);
-        });
-        handles.push(rx.recv().unwrap());
-        stops.push(stop);
-    }
-    (handles, stops)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,7 +40,7 @@ async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() 
     let server = UdsServer::bind(&socket, UdsServerConfig::default()).await.unwrap();
     tokio::spawn(server.serve(Allow, std::future::pending()));
 
-    let (handles, _stops) = workers(2);
+    let (handles, _stops) = worker_runtimes(2);
     let connector = UdsConnector::default().spread_over(handles.clone());
     let config = PoolConfig { connections_per_endpoint: 4, ..PoolConfig::default() };
     let pool = AgentPool::new(config, connector).unwrap();
@@ -118,7 +100,7 @@ async fn a_worker_that_stops_closes_its_connections_at_once_and_the_others_keep_
     let socket = dir.path().join("agent.sock");
     let server = UdsServer::bind(&socket, UdsServerConfig::default()).await.unwrap();
     tokio::spawn(server.serve(Allow, std::future::pending()));
-    let (handles, mut stops) = workers(2);
+    let (handles, mut stops) = worker_runtimes(2);
     let connector = UdsConnector::default().spread_over(handles);
     let endpoint = pool_api::Endpoint::new(format!("unix:{}", socket.display()));
     let connect = || async {
