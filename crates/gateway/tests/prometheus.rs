@@ -82,7 +82,12 @@ async fn prometheus_scrapes_the_gateway_and_promtool_accepts_its_metrics() {
     let (web, _prometheus) = start_prometheus(&prometheus, dir.path(), &jobs);
     let value = query(&web, "gateway_requests_total{route=\"demo\",status=\"200\"}").await;
     assert_eq!(value, "3", "Prometheus read the gateway's counter");
-    let _ = gateway.kill().await;
+    // SIGTERM, not SIGKILL: the demo removes its temporary directory (the agents' sockets) as
+    // it stops.
+    let pid = gateway.id().expect("running");
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), gateway.wait()).await.expect("stops");
+    assert!(stopped.unwrap().success());
 }
 
 #[tokio::test]
