@@ -165,8 +165,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     });
     describe_metrics();
     // The listeners' connections are served on threads of their own when `workers` asks for
-    // them (thread per core); the agents' connections (Unix sockets and gRPC) are then spread over the
-    // same threads, and a request asks an agent over a connection of its own thread.
+    // them (thread per core); the agents' connections (Unix sockets and gRPC) are then spread
+    // over the same threads, and a request asks an agent over a connection of its own thread.
     let workers = match config.worker_threads() {
         0 => None,
         n => Some(

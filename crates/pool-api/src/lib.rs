@@ -60,7 +60,8 @@
 //!   [`proto`], with checked conversions; compiled by protox, so no `protoc`.
 //! * `streams` — `streams::PendingRequests`, the proxy side's table of requests waiting for
 //!   answers by stream id (register, answer, cancel by correlation id, fail all on close),
-//!   shared by the multiplexing transports.
+//!   shared by the multiplexing transports; and [`Placement`] / [`run_on`], how they spread
+//!   their connections over a proxy's worker runtimes.
 //! * `wire` (implies `proto`) — `wire::encode_event`, `wire::encode_decision` and their
 //!   decoders: the hot messages straight between these types and protobuf bytes, byte for byte
 //!   prost's encoding, shared by both transports.
@@ -103,4 +104,6 @@ pub use runtime::{
 pub use service::{ServiceEvent, ServiceEventKind, ServiceRuntime, ServiceStatus};
 pub use signals::{AgentHealth, AgentMetric, ConnectionSignals, FlowControl, FlowState, HealthStatus};
 pub use transport::{AgentConnection, BoxFuture, BoxStream, Connector, Endpoint, PendingConnection};
+#[cfg(feature = "streams")]
+pub use worker::{Placement, run_on};
 pub use worker::{set_worker_index, worker_index};

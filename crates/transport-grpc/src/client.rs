@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -107,14 +107,7 @@ impl Default for GrpcConnectorConfig {
 #[derive(Clone, Debug, Default)]
 pub struct GrpcConnector {
     config: Arc<GrpcConnectorConfig>,
-    spread: Option<Arc<Spread>>,
-}
-
-/// Runtimes new connections are made on, in turn.
-#[derive(Debug)]
-struct Spread {
-    runtimes: Vec<tokio::runtime::Handle>,
-    next: AtomicUsize,
+    spread: Option<Arc<pool_api::Placement>>,
 }
 
 /// Spawns the tasks of a connection's HTTP/2 client (the connection itself, the request
@@ -144,8 +137,7 @@ impl GrpcConnector {
     /// connection of that worker, so that the exchange and the answer's wake-up stay on that
     /// thread.
     pub fn spread_over(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
-        self.spread =
-            (!runtimes.is_empty()).then(|| Arc::new(Spread { runtimes, next: AtomicUsize::new(0) }));
+        self.spread = pool_api::Placement::new(runtimes).map(Arc::new);
         self
     }
 
@@ -203,10 +195,7 @@ impl Connector for GrpcConnector {
         };
         let config = self.config.clone();
         let endpoint = endpoint.clone();
-        let place = self
-            .spread
-            .as_ref()
-            .map(|s| s.runtimes[s.next.fetch_add(1, Ordering::Relaxed) % s.runtimes.len()].clone());
+        let place = self.spread.as_ref().map(|s| s.next_runtime());
         let label = endpoint.to_string();
         let placed = place.is_some();
         let connect = async move {
@@ -259,14 +248,11 @@ impl Connector for GrpcConnector {
             Ok(Box::new(Pending { channel, endpoint, config, home }) as Box<dyn PendingConnection>)
         };
         Box::pin(async move {
-            match place {
-                None => connect.await,
-                Some(runtime) => runtime.spawn(connect).await.map_err(|e| TransportError::Connect {
-                    endpoint: label,
-                    kind: None,
-                    message: format!("its runtime: {e}"),
-                })?,
-            }
+            pool_api::run_on(place, connect).await.map_err(|e| TransportError::Connect {
+                endpoint: label,
+                kind: None,
+                message: format!("its runtime: {e}"),
+            })?
         })
     }
 }
@@ -369,13 +355,10 @@ impl PendingConnection for Pending {
         };
         // Placed: the call is opened and its reading task spawned on the connection's runtime.
         Box::pin(async move {
-            match place {
-                None => handshake.await,
-                Some(runtime) => runtime.spawn(handshake).await.map_err(|e| TransportError::Handshake {
-                    endpoint: endpoint_label,
-                    message: format!("its runtime: {e}"),
-                })?,
-            }
+            pool_api::run_on(place, handshake).await.map_err(|e| TransportError::Handshake {
+                endpoint: endpoint_label,
+                message: format!("its runtime: {e}"),
+            })?
         })
     }
 }

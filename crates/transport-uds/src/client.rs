@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -176,14 +176,7 @@ impl SocketPath {
 #[derive(Clone, Debug, Default)]
 pub struct UdsConnector {
     config: Arc<ClientConfig>,
-    spread: Option<Arc<Spread>>,
-}
-
-/// Runtimes new connections are made on, in turn.
-#[derive(Debug)]
-struct Spread {
-    runtimes: Vec<tokio::runtime::Handle>,
-    next: AtomicUsize,
+    spread: Option<Arc<pool_api::Placement>>,
 }
 
 impl UdsConnector {
@@ -200,8 +193,7 @@ impl UdsConnector {
     /// over a connection of that worker, so that the exchange and the answer's wake-up never
     /// cross threads.
     pub fn spread_over(mut self, runtimes: Vec<tokio::runtime::Handle>) -> Self {
-        self.spread =
-            (!runtimes.is_empty()).then(|| Arc::new(Spread { runtimes, next: AtomicUsize::new(0) }));
+        self.spread = pool_api::Placement::new(runtimes).map(Arc::new);
         self
     }
 }
@@ -228,10 +220,7 @@ impl Connector for UdsConnector {
     ) -> BoxFuture<'static, Result<Box<dyn PendingConnection>, TransportError>> {
         let config = self.config.clone();
         let endpoint = endpoint.clone();
-        let place = self
-            .spread
-            .as_ref()
-            .map(|s| s.runtimes[s.next.fetch_add(1, Ordering::Relaxed) % s.runtimes.len()].clone());
+        let place = self.spread.as_ref().map(|s| s.next_runtime());
         let label = endpoint.to_string();
         let placed = place.is_some();
         let connect = async move {
@@ -245,12 +234,9 @@ impl Connector for UdsConnector {
             Ok(Box::new(Pending { stream, endpoint, config, home }) as Box<dyn PendingConnection>)
         };
         Box::pin(async move {
-            match place {
-                None => connect.await,
-                Some(runtime) => runtime.spawn(connect).await.map_err(|e| {
-                    TransportError::connect(&label, &std::io::Error::other(format!("its runtime: {e}")))
-                })?,
-            }
+            pool_api::run_on(place, connect).await.map_err(|e| {
+                TransportError::connect(&label, &std::io::Error::other(format!("its runtime: {e}")))
+            })?
         })
     }
 }
