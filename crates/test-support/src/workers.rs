@@ -27,3 +27,67 @@ pub fn worker_runtimes(n: usize) -> (Vec<Handle>, Vec<oneshot::Sender<()>>) {
     }
     (handles, stops)
 }
+
+/// An agent for placement tests: allows every request but one for `/slow`, which it holds for
+/// an hour (a request left waiting).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowButHoldSlow;
+
+impl pool_api::AgentHandler for AllowButHoldSlow {
+    fn capabilities(&self) -> pool_api::Capabilities {
+        pool_api::Capabilities::new("allow").with_events([pool_api::EventKind::RequestHeaders])
+    }
+
+    async fn on_event(&self, event: pool_api::Event) -> Result<pool_api::Decision, pool_api::AgentError> {
+        if let pool_api::Event::RequestHeaders(r) = &event
+            && r.uri.path() == "/slow"
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
+        Ok(pool_api::Decision::allow())
+    }
+}
+
+/// What a transport must do when a worker thread stops, checked on two connections to an
+/// [`AllowButHoldSlow`] agent made by a connector spread over `worker_runtimes(2)`: `on_zero`
+/// on worker 0, `on_one` on worker 1; `stops` are that call's. A request waiting on worker 0's
+/// connection fails as soon as worker 0 stops (not at a deadline: it has none) with `Closed`
+/// ("the connection's runtime stopped"), the connection says it is closed and refuses more;
+/// worker 1's connection keeps answering.
+pub async fn check_a_stopped_worker_closes_its_connections(
+    on_zero: std::sync::Arc<dyn pool_api::AgentConnection>,
+    on_one: std::sync::Arc<dyn pool_api::AgentConnection>,
+    mut stops: Vec<oneshot::Sender<()>>,
+) {
+    use pool_api::{Action, Event, RequestHeaders, TransportError};
+    use std::time::Duration;
+    assert_eq!((on_zero.home(), on_one.home()), (Some(0), Some(1)));
+    let request = |path: &'static str| {
+        Event::RequestHeaders(RequestHeaders::new(path, http::Method::GET, http::Uri::from_static(path)))
+    };
+
+    // A request waits on worker 0's connection; then worker 0 stops.
+    let waiting = on_zero.send(&request("/slow"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stops.remove(0));
+    // The waiting request fails as soon as the connection's tasks are gone, and says why.
+    let failed = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting request fails once its worker stops");
+    match failed {
+        Err(TransportError::Closed { reason, .. }) => {
+            assert_eq!(reason, "the connection's runtime stopped");
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    assert!(!on_zero.is_open());
+    assert!(matches!(on_zero.send(&request("/after")).await, Err(TransportError::Closed { .. })));
+
+    // Worker 1's connection is untouched.
+    assert!(on_one.is_open());
+    let decision = tokio::time::timeout(Duration::from_secs(10), on_one.send(&request("/still")))
+        .await
+        .expect("worker 1 answers")
+        .unwrap();
+    assert!(matches!(decision.action, Action::Allow));
+}

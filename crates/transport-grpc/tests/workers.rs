@@ -9,32 +9,16 @@ mod common;
 use std::time::Duration;
 
 use common::{connect, request, serve};
-use pool_api::{Action, AgentError, AgentHandler, Capabilities, Decision, Event, EventKind, TransportError};
+use pool_api::Action;
 use pool_core::{AgentPool, AgentSpec, PoolConfig};
-use test_support::workers::worker_runtimes;
+use test_support::workers::{
+    AllowButHoldSlow, check_a_stopped_worker_closes_its_connections, worker_runtimes,
+};
 use transport_grpc::{GrpcConnector, GrpcConnectorConfig, GrpcServerConfig};
-
-struct Allow;
-
-impl AgentHandler for Allow {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new("allow").with_events([EventKind::RequestHeaders])
-    }
-
-    async fn on_event(&self, event: Event) -> Result<Decision, AgentError> {
-        // `/slow` is answered only after the test is over: a request left waiting.
-        if let Event::RequestHeaders(r) = &event
-            && r.uri.path() == "/slow"
-        {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-        Ok(Decision::allow())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() {
-    let agent = serve(Allow, GrpcServerConfig::default()).await;
+    let agent = serve(AllowButHoldSlow, GrpcServerConfig::default()).await;
     let (handles, _stops) = worker_runtimes(2);
     let connector = GrpcConnector::new(GrpcConnectorConfig::default()).spread_over(handles.clone());
     let config = PoolConfig { connections_per_endpoint: 4, ..PoolConfig::default() };
@@ -84,36 +68,10 @@ async fn connections_are_placed_on_the_workers_and_requests_stay_on_their_own() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_stops_closes_its_connections_at_once_and_the_others_keep_answering() {
-    let agent = serve(Allow, GrpcServerConfig::default()).await;
-    let (handles, mut stops) = worker_runtimes(2);
+    let agent = serve(AllowButHoldSlow, GrpcServerConfig::default()).await;
+    let (handles, stops) = worker_runtimes(2);
     let connector = GrpcConnector::new(GrpcConnectorConfig::default()).spread_over(handles);
     let on_zero = connect(&connector, &agent.endpoint).await.unwrap();
     let on_one = connect(&connector, &agent.endpoint).await.unwrap();
-    assert_eq!((on_zero.home(), on_one.home()), (Some(0), Some(1)));
-
-    // A request waits on worker 0's connection; then worker 0 stops.
-    let waiting = on_zero.send(&common::request_to("slow", "/slow"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(stops.remove(0));
-    // The waiting request fails as soon as the connection's tasks are gone, not at a deadline
-    // (it has none), and says why.
-    let failed = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the waiting request fails once its worker stops");
-    match failed {
-        Err(TransportError::Closed { reason, .. }) => {
-            assert_eq!(reason, "the connection's runtime stopped");
-        }
-        other => panic!("expected Closed, got {other:?}"),
-    }
-    assert!(!on_zero.is_open());
-    assert!(matches!(on_zero.send(&request("after")).await, Err(TransportError::Closed { .. })));
-
-    // Worker 1's connection is untouched.
-    assert!(on_one.is_open());
-    let decision = tokio::time::timeout(Duration::from_secs(10), on_one.send(&request("still")))
-        .await
-        .expect("worker 1 answers")
-        .unwrap();
-    assert!(matches!(decision.action, Action::Allow));
+    check_a_stopped_worker_closes_its_connections(on_zero, on_one, stops).await;
 }
