@@ -33,7 +33,9 @@ pub enum WakeError {
         source: RuntimeError,
     },
     /// The workload went down (exited, died, was stopped or paused from outside) while it was
-    /// starting.
+    /// starting. A wake that unpaused the workload does not end this way on a "paused" read:
+    /// the engine may report the pause a moment after it answered the unpause, so reads go on
+    /// until the wake time-out ([`WakeError::Timeout`]).
     #[error("{workload} went down while it was starting")]
     WentDown {
         /// The workload's name.

@@ -196,6 +196,9 @@ pub struct IdleMachine {
     probe_asked: bool,
     probe_passed: bool,
     start_in_flight: bool,
+    /// The current wake's start was an unpause: until the wake ends, a "paused" view is not
+    /// final (the engine may still apply a late event of the pause; see [`Self::observe`]).
+    unpausing: bool,
     stop_in_flight: bool,
     wake_pending: bool,
 }
@@ -215,6 +218,7 @@ impl IdleMachine {
             probe_asked: false,
             probe_passed: false,
             start_in_flight: false,
+            unpausing: false,
             stop_in_flight: false,
             wake_pending: false,
         }
@@ -359,7 +363,11 @@ impl IdleMachine {
         self.probe_passed = false;
         match self.engine {
             // Up or settling on its own: nothing to start, wait for it.
-            Some(EngineView::Up(_) | EngineView::Transitional) => {}
+            Some(EngineView::Up(_) | EngineView::Transitional) => {
+                if !self.start_in_flight {
+                    self.unpausing = false;
+                }
+            }
             Some(EngineView::Gone) => {
                 self.fail(WakeError::NotFound { workload: self.name() });
                 return;
@@ -367,7 +375,8 @@ impl IdleMachine {
             view => {
                 if !self.start_in_flight {
                     self.start_in_flight = true;
-                    actions.push(IdleAction::Start { unpause: view == Some(EngineView::Paused) });
+                    self.unpausing = view == Some(EngineView::Paused);
+                    actions.push(IdleAction::Start { unpause: self.unpausing });
                 }
             }
         }
@@ -422,6 +431,10 @@ impl IdleMachine {
                 }
             }
             (IdleState::Starting, EngineView::Up(_)) => self.check_ready(now, actions),
+            // After an unpause the engine can still read "paused" for a moment: Docker applies
+            // containerd's own pause event when it arrives, which may be after its answer to
+            // the unpause. Reads go on until the view changes or the wake time-out passes.
+            (IdleState::Starting, EngineView::Paused) if !self.start_in_flight && self.unpausing => {}
             (IdleState::Starting, EngineView::Down | EngineView::Paused) if !self.start_in_flight => {
                 self.fail(WakeError::WentDown { workload: self.name() });
             }

@@ -68,7 +68,12 @@ async fn an_idle_container_is_stopped_paused_or_killed_and_woken_again() {
             _ => assert!(matches!(state, ContainerState::Exited { .. }), "{label}: {state:?}"),
         }
         watcher.wake().await.expect("woken again");
-        assert!(runtime.status(container.name()).await.unwrap().is_ready(), "{label}");
+        // The engine applies some of containerd's events after its own answer: an unpaused
+        // container can read "paused" for a moment longer, so its status is polled.
+        until(&format!("{label}: ready on the engine"), Duration::from_secs(15), async || {
+            runtime.status(container.name()).await.unwrap().is_ready()
+        })
+        .await;
         watcher.stop().await.unwrap();
     }
 }

@@ -161,6 +161,38 @@ fn a_paused_workload_is_unpaused() {
 }
 
 #[test]
+fn a_late_paused_read_after_an_unpause_is_not_final() {
+    let (mut m, t) = machine();
+    m.on_event(t, IdleInput::Observed(EngineView::Paused));
+    m.on_event(t, IdleInput::Wake);
+    m.on_event(t, IdleInput::StartDone(Ok(())));
+    // Docker can still say "paused" just after it answered the unpause: not a failure.
+    m.on_event(t, IdleInput::Observed(EngineView::Paused));
+    assert_eq!(m.state(), &IdleState::Starting);
+    m.on_event(t + secs(1), IdleInput::Observed(EngineView::Up(Healthy)));
+    assert_eq!(m.state(), &IdleState::Ready);
+
+    // Paused for good: the wake time-out ends it.
+    m.on_event(t + secs(2), IdleInput::Observed(EngineView::Paused));
+    assert_eq!(m.state(), &IdleState::Napping);
+    m.on_event(t + secs(2), IdleInput::Wake);
+    m.on_event(t + secs(2), IdleInput::StartDone(Ok(())));
+    m.on_event(t + secs(3), IdleInput::Observed(EngineView::Paused));
+    assert_eq!(m.state(), &IdleState::Starting);
+    m.on_event(t + secs(2) + WAKE, IdleInput::Tick);
+    assert!(matches!(m.state(), IdleState::Error(WakeError::Timeout { .. })), "{:?}", m.state());
+}
+
+#[test]
+fn paused_after_a_start_is_a_failure() {
+    let (mut m, t) = machine();
+    m.on_event(t, IdleInput::Wake);
+    m.on_event(t, IdleInput::StartDone(Ok(())));
+    m.on_event(t, IdleInput::Observed(EngineView::Paused));
+    assert!(matches!(m.state(), IdleState::Error(WakeError::WentDown { .. })), "{:?}", m.state());
+}
+
+#[test]
 fn every_engine_state_is_mapped() {
     use pool_api::{ContainerState as S, ContainerStatus};
     let view = |state: S, health| {
