@@ -162,10 +162,11 @@ async fn lifecycle_scenario(engine: &bollard::Docker, runtime: &DockerRuntime) {
 
     runtime.pause(id).await.unwrap();
     expect_event(&mut events, "pause", |k| *k == ContainerEventKind::Pause).await;
-    assert_eq!(runtime.status(id).await.unwrap().state, ContainerState::Paused);
+    // The engine records some state changes from containerd's events, after its answer: poll.
+    wait_status(runtime, id, "paused", |s| s.state == ContainerState::Paused).await;
     runtime.unpause(id).await.unwrap();
     expect_event(&mut events, "unpause", |k| *k == ContainerEventKind::Unpause).await;
-    assert_eq!(runtime.status(id).await.unwrap().state, ContainerState::Running);
+    wait_status(runtime, id, "running", |s| s.state == ContainerState::Running).await;
 
     runtime.kill(id, None).await.unwrap();
     let kill = expect_event(&mut events, "kill", |k| matches!(k, ContainerEventKind::Kill { .. })).await;
@@ -187,7 +188,7 @@ async fn lifecycle_scenario(engine: &bollard::Docker, runtime: &DockerRuntime) {
         expect_event(&mut events, "die after stop", |k| matches!(k, ContainerEventKind::Die { .. })).await;
     assert_eq!(die.kind, ContainerEventKind::Die { exit_code: Some(143) });
     expect_event(&mut events, "stop", |k| *k == ContainerEventKind::Stop).await;
-    assert_eq!(runtime.status(id).await.unwrap().state, ContainerState::Exited { code: Some(143) });
+    wait_status(runtime, id, "exited 143", |s| s.state == ContainerState::Exited { code: Some(143) }).await;
     // Stopping a stopped container succeeds.
     runtime.stop(id, StopOptions { signal: None, timeout: Duration::from_secs(1) }).await.unwrap();
 
@@ -322,13 +323,31 @@ async fn lifecycle_through_a_real_agent() {
         "{err:?}"
     );
 
-    // The engine (here: the agent) goes away: the event stream reports it and ends.
+    // The engine (here: the agent) goes away while an event stream is open: the stream reports
+    // it and ends. A task reads the stream; a container started on the engine proves it open.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut events = runtime.events(EventFilter::default());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reader = tokio::spawn(async move {
+        while let Some(item) = events.next().await {
+            let _ = tx.send(item);
+        }
+    });
+    let _probe = TestContainer::builder("stream-probe").create(&engine).await.unwrap();
+    let first = tokio::time::timeout(WAIT, rx.recv()).await.expect("an event through the agent");
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
     agent.shutdown().await;
-    let next = tokio::time::timeout(WAIT, events.next()).await.expect("the stream notices");
+    let end = async {
+        loop {
+            match rx.recv().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    };
+    let next = tokio::time::timeout(WAIT, end).await.expect("the stream notices");
     assert!(matches!(next, Some(Err(RuntimeError::Unreachable { .. }))), "{next:?}");
-    assert!(tokio::time::timeout(WAIT, events.next()).await.unwrap().is_none());
+    tokio::time::timeout(WAIT, reader).await.expect("the stream ends after the error").unwrap();
+    assert!(rx.recv().await.is_none(), "nothing after the error");
     // And calls are typed as unreachable.
     let err = runtime.status("anything").await.unwrap_err();
     assert!(matches!(err, RuntimeError::Unreachable { .. }), "{err:?}");
