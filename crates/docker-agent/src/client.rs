@@ -17,6 +17,10 @@
 //! instead of a TCP and TLS handshake (bollard's own `connect_with_ssl` opens a new connection
 //! per request). Cloning an `AgentClient` is cheap and shares the pool.
 //!
+//! [`AgentClient::set_tls`] replaces the material of a running client (a renewed certificate):
+//! requests from then on, through every handle already made, dial new connections with it,
+//! while requests already under way finish on their connections, which then close.
+//!
 //! [`AgentClient::info`] and [`AgentClient::health`] call the agent's `GET /agent/info` and
 //! `GET /agent/health`. [`connect_local`] gives a bollard [`Docker`] for the hosts that need no
 //! agent: a Unix socket, plain TCP, or an engine's own TLS port.
@@ -38,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bollard::{API_DEFAULT_VERSION, BollardRequest, Docker};
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -329,9 +334,40 @@ pub struct AgentClient {
 struct Inner {
     address: String,
     authority: Authority,
-    http: HttpClient,
+    /// Replaced whole by [`AgentClient::set_tls`]: a request takes the current one.
+    conn: ArcSwap<Dialer>,
     request_timeout: Duration,
+}
+
+/// The pooled client and the TLS configuration it dials with.
+struct Dialer {
+    http: HttpClient,
     tls: Arc<rustls::ClientConfig>,
+}
+
+impl Dialer {
+    fn new(tls: &AgentTls) -> Result<Self, ClientError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let server_name = ServerName::try_from(AGENT_SERVER_NAME)
+            .map_err(|e| ClientError::Pem { what: "server name", message: e.to_string() })?;
+        let tls_config = tls.client_config()?;
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config.clone())
+            .https_only()
+            .with_server_name_resolver(FixedServerNameResolver::new(server_name))
+            .enable_http1()
+            .wrap_connector(http);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .build(connector);
+        Ok(Self { http, tls: Arc::new(tls_config) })
+    }
 }
 
 impl fmt::Debug for AgentClient {
@@ -367,33 +403,19 @@ impl AgentClient {
                 message: "expected host:port".into(),
             });
         }
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let server_name = ServerName::try_from(AGENT_SERVER_NAME)
-            .map_err(|e| ClientError::Pem { what: "server name", message: e.to_string() })?;
-        let tls_config = tls.client_config()?;
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config.clone())
-            .https_only()
-            .with_server_name_resolver(FixedServerNameResolver::new(server_name))
-            .enable_http1()
-            .wrap_connector(http);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build(connector);
-        let inner = Inner {
-            address: address.to_owned(),
-            authority,
-            http,
-            request_timeout,
-            tls: Arc::new(tls_config),
-        };
+        let conn = ArcSwap::from_pointee(Dialer::new(tls)?);
+        let inner = Inner { address: address.to_owned(), authority, conn, request_timeout };
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Replaces the TLS material (a renewed client certificate, a new CA): every request from
+    /// now on, through this client, its clones and the [`Docker`] handles made from them, dials
+    /// a new connection with it. Requests already under way finish on their connections; the
+    /// idle ones of the old material close once nothing uses them. Material that does not load
+    /// changes nothing.
+    pub fn set_tls(&self, tls: &AgentTls) -> Result<(), ClientError> {
+        self.inner.conn.store(Arc::new(Dialer::new(tls)?));
+        Ok(())
     }
 
     /// A client for an `agent://host:port` Docker host.
@@ -546,7 +568,7 @@ impl AgentClient {
         let connect = tokio::net::TcpStream::connect(self.inner.address.as_str());
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect).await.ok()?.ok()?;
         let name = ServerName::try_from(AGENT_SERVER_NAME).ok()?;
-        let connector = tokio_rustls::TlsConnector::from(self.inner.tls.clone());
+        let connector = tokio_rustls::TlsConnector::from(self.inner.conn.load().tls.clone());
         let mut tls = match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await.ok()? {
             Ok(tls) => tls,
             Err(e) => return is_tls_error(&e).then(|| error_chain(&e)),
@@ -589,7 +611,9 @@ impl Inner {
             uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
         parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
-        self.http.request(Request::from_parts(parts, body)).await
+        // Held for the request: a `set_tls` meanwhile leaves this one on the material it began with.
+        let dialer = self.conn.load_full();
+        dialer.http.request(Request::from_parts(parts, body)).await
     }
 }
 

@@ -573,3 +573,62 @@ async fn client_certificates_must_be_client_leaves_of_the_ca_and_not_revoked() {
     assert_eq!(ping(pki.good_client()).await.unwrap().0, StatusCode::SERVICE_UNAVAILABLE);
     agent.shutdown().await;
 }
+
+/// The controller's material for `client`, trusting `pki`'s CA.
+fn agent_tls(pki: &Pki, client: &IssuedCert) -> docker_agent::client::AgentTls {
+    docker_agent::client::AgentTls {
+        ca_cert_pem: pki.ca.cert_pem().to_owned(),
+        client_cert_pem: client.cert_pem.clone(),
+        client_key_pem: client.key_pem.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_client_takes_renewed_material_on_its_next_request() {
+    use docker_agent::client::{AgentClient, ClientError};
+    let pki = Pki::new(DAY);
+    let agent = start_agent(&pki, NO_ENGINE, lifecycle(), DAY).await;
+    let address = agent.local_addr().to_string();
+
+    // A certificate of another CA: refused at the handshake.
+    let other = CertificateAuthority::generate("other CA", DAY).unwrap();
+    let foreign = other.issue_client("controller", DAY).unwrap();
+    let client = AgentClient::new(&address, &agent_tls(&pki, &foreign)).unwrap();
+    let docker = client.docker();
+    let err = client.health().await.unwrap_err();
+    assert!(matches!(err, ClientError::Handshake { .. }), "{err:?}");
+
+    // Material that does not load changes nothing.
+    let mut broken = agent_tls(&pki, &pki.client);
+    broken.client_key_pem = "not a key".into();
+    assert!(client.set_tls(&broken).is_err());
+    assert!(matches!(client.health().await.unwrap_err(), ClientError::Handshake { .. }));
+
+    // The renewed material: the client and the Docker handle made before both use it.
+    client.set_tls(&agent_tls(&pki, &pki.client)).unwrap();
+    assert_eq!(client.health().await.unwrap().status, docker_agent::client::AgentHealthStatus::Unhealthy);
+    // Through the agent to its (absent) engine: the agent's own answer, so the handshake passed.
+    let err = docker.version().await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            docker_agent::bollard::errors::Error::DockerResponseServerError { status_code: 502, .. }
+        ),
+        "{err:?}"
+    );
+
+    // Rotation away from a revoked certificate: the pooled connection opened with the old one
+    // is not used again; the next request dials with the new one.
+    let der = CertificateDer::from_pem_slice(pki.client.cert_pem.as_bytes()).unwrap();
+    agent.set_revoked(RevocationList::new([fingerprint(&der)]));
+    let renewed = pki.ca.issue_client("controller", DAY).unwrap();
+    client.set_tls(&agent_tls(&pki, &renewed)).unwrap();
+    assert_eq!(client.health().await.unwrap().status, docker_agent::client::AgentHealthStatus::Unhealthy);
+    // The old material's idle connection closes once nothing uses it: one connection is left.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while agent.open_connections() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "{} connections open", agent.open_connections());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.shutdown().await;
+}

@@ -488,6 +488,7 @@ async fn reload(
     // Read before any agent changes: a file that went bad refuses the whole reload.
     let upstream_tls = proxy::upstream_tls(&next)?;
     let token = next.admin.read_token().map_err(|e| format!("admin.token_file: {e}"))?;
+    let renewed_hosts = admin.workloads.read_tls(&next)?;
     let old: std::collections::HashMap<&str, &AgentConfig> =
         running.agents.iter().map(|a| (a.name.as_str(), a)).collect();
     let mut added = Vec::new();
@@ -524,6 +525,7 @@ async fn reload(
     admin.listeners.store(Arc::new(listener_names(&next)));
     admin.allowed_hosts.store(Arc::new(next.admin.allowed_hosts.clone()));
     admin.token.store(token.map(Arc::new));
+    let renewed_hosts = admin.workloads.apply_tls(renewed_hosts)?;
     let keep: std::collections::HashSet<&str> = next.agents.iter().map(|a| a.name.as_str()).collect();
     let removed: Vec<String> =
         running.agents.iter().filter(|a| !keep.contains(a.name.as_str())).map(|a| a.name.clone()).collect();
@@ -545,7 +547,7 @@ async fn reload(
         dialled.files.remove(agent);
     }
     let summary = format!(
-        "{} route(s); agents added {added:?}, replaced {replaced:?}, removed {removed:?}; listeners: {report:?}",
+        "{} route(s); agents added {added:?}, replaced {replaced:?}, removed {removed:?}; docker hosts with new TLS material {renewed_hosts:?}; listeners: {report:?}",
         next.routes.len()
     );
     *running = next;

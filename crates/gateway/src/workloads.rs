@@ -10,15 +10,20 @@
 //! from the start; an agent that is down, or refuses the gateway's certificate, does not stop
 //! the gateway: its workloads answer 503 (not watched) and `/status` says why. Once watching,
 //! the watchers follow the engine themselves (their event streams reconnect after an outage).
+//!
+//! A reload reads each host's TLS files again ([`Workloads::read_tls`]); material that changed
+//! (a renewed client certificate at the same path) is taken by the host's client at once: the
+//! next request to the agent dials with it, requests under way finish where they are, and a
+//! host still trying to connect tries again at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use docker_agent::{AgentClient, AgentHealthStatus, DockerRuntime};
+use docker_agent::{AgentClient, AgentHealthStatus, AgentTls, DockerRuntime};
 use idlewatch::{IdleGroup, IdleWatcher};
 use pool_api::Lifecycle;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{DockerHostConfig, GatewayConfig, LOCAL_ENGINE};
@@ -73,6 +78,12 @@ pub(crate) struct RemoteHost {
     /// `agent://host:port`.
     pub url: String,
     state: watch::Sender<HostState>,
+    /// The pool of mutual-TLS connections to the agent, shared by the host's watchers.
+    client: AgentClient,
+    /// The material `client` dials with now.
+    tls: std::sync::Mutex<AgentTls>,
+    /// Wakes the starter for an attempt now (new material).
+    retry: Notify,
 }
 
 impl RemoteHost {
@@ -141,10 +152,11 @@ impl Workloads {
                     let host = config.docker_hosts.iter().find(|h| h.name == name).ok_or_else(|| {
                         WorkloadsError::Host { host: name.to_owned(), message: "not configured".into() }
                     })?;
-                    let (client, remote) = connect(host)?;
-                    let group = IdleGroup::new(configs, Arc::new(DockerRuntime::new(client.docker())))?;
+                    let remote = connect(host)?;
+                    let group =
+                        IdleGroup::new(configs, Arc::new(DockerRuntime::new(remote.client.docker())))?;
                     first_attempts.push(remote.state.subscribe());
-                    let starter = tokio::spawn(keep_starting(remote.clone(), client, group.clone()));
+                    let starter = tokio::spawn(keep_starting(remote.clone(), group.clone()));
                     workloads.groups.push(EngineGroup {
                         host: Some(remote.clone()),
                         group: group.clone(),
@@ -204,6 +216,38 @@ impl Workloads {
         self.groups.iter().filter_map(|g| g.host.as_deref())
     }
 
+    /// Reads every remote host's TLS material again, as `config` names it (the hosts themselves
+    /// cannot change on a reload): the hosts whose material changed, with it. Changes nothing;
+    /// a file that does not load is the error.
+    pub(crate) fn read_tls(
+        &self,
+        config: &GatewayConfig,
+    ) -> Result<Vec<(Arc<RemoteHost>, AgentTls)>, String> {
+        let mut changed = Vec::new();
+        for host in self.groups.iter().filter_map(|g| g.host.as_ref()) {
+            let Some(entry) = config.docker_hosts.iter().find(|h| h.name == host.name) else { continue };
+            let tls = entry.tls.load().map_err(|e| format!("docker host {}: {e}", host.name))?;
+            if *host.tls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) != tls {
+                changed.push((host.clone(), tls));
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Moves the hosts [`read_tls`](Self::read_tls) found changed to their new material; their
+    /// names.
+    pub(crate) fn apply_tls(&self, changed: Vec<(Arc<RemoteHost>, AgentTls)>) -> Result<Vec<String>, String> {
+        let mut names = Vec::new();
+        for (host, tls) in changed {
+            host.client.set_tls(&tls).map_err(|e| format!("docker host {}: {e}", host.name))?;
+            tracing::info!(host = %host.name, url = %host.url, "docker host: new TLS material");
+            *host.tls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
+            host.retry.notify_one();
+            names.push(host.name.clone());
+        }
+        Ok(names)
+    }
+
     /// Stops watching (the workloads stay as they are): remote starters first, then every group.
     pub(crate) async fn stop(&self) {
         for group in &self.groups {
@@ -218,27 +262,30 @@ impl Workloads {
 }
 
 /// The host's client (its pool of mutual-TLS connections) and its shared state.
-fn connect(host: &DockerHostConfig) -> Result<(AgentClient, Arc<RemoteHost>), WorkloadsError> {
+fn connect(host: &DockerHostConfig) -> Result<Arc<RemoteHost>, WorkloadsError> {
     let fail = |message: String| WorkloadsError::Host { host: host.name.clone(), message };
     let address = host.address().map_err(fail)?;
     let tls = host.tls.load().map_err(|e| fail(e.to_string()))?;
     let client = AgentClient::new(&address, &tls).map_err(|e| fail(e.to_string()))?;
-    let remote = Arc::new(RemoteHost {
+    Ok(Arc::new(RemoteHost {
         name: host.name.clone(),
         url: host.url.clone(),
         state: watch::Sender::new(HostState::Connecting { attempts: 0, error: None }),
-    });
-    Ok((client, remote))
+        client,
+        tls: std::sync::Mutex::new(tls),
+        retry: Notify::new(),
+    }))
 }
 
 /// Asks the agent for its health, then starts the watchers; retried with back-off until both
-/// work.
-async fn keep_starting(host: Arc<RemoteHost>, client: AgentClient, group: IdleGroup) {
+/// work, and at once when the host's material changes.
+async fn keep_starting(host: Arc<RemoteHost>, group: IdleGroup) {
+    let client = &host.client;
     let mut delay = RETRY_MIN;
     let mut attempts = 0u32;
     loop {
         attempts = attempts.saturating_add(1);
-        match attempt(&client, &group).await {
+        match attempt(client, &group).await {
             Ok(()) => {
                 tracing::info!(host = %host.name, url = %host.url, attempts, "docker host reached; watching its workloads");
                 host.state.send_replace(HostState::Watching);
@@ -253,8 +300,10 @@ async fn keep_starting(host: Arc<RemoteHost>, client: AgentClient, group: IdleGr
                 }
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(RETRY_MAX);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => delay = (delay * 2).min(RETRY_MAX),
+            () = host.retry.notified() => delay = RETRY_MIN,
+        }
     }
 }
 

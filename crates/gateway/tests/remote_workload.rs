@@ -262,4 +262,29 @@ async fn a_client_certificate_the_agent_refuses_passes_check_and_shows_in_status
     assert!(reply.text().contains("[[docker_hosts]] cannot change while running"), "{}", reply.text());
     let report = status(admin).await;
     assert_eq!(report["docker_hosts"][0]["url"], format!("agent://{}", agent.local_addr()), "{report:#}");
+
+    // The operator renews the certificate at the same paths (now from the agent's CA) and
+    // reloads: the host's client takes it and tries again at once; the handshake passes.
+    std::fs::write(&path, &running).unwrap();
+    let renewed = ca.issue_client("gateway", DAY).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), renewed.cert_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), renewed.key_pem).unwrap();
+    let reply = exchange(
+        admin,
+        format!(
+            "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().contains(r#"docker hosts with new TLS material ["edge"]"#), "{}", reply.text());
+    common::eventually("the renewed certificate is accepted", async || {
+        let report = status(admin).await;
+        // Watching, or stopped further on (no such container, or no engine here): not by TLS.
+        let error = report["workloads"][0]["error"].as_str().unwrap_or_default().to_owned();
+        agent.open_connections() > 0 && !error.contains("TLS") && !error.contains("connecting")
+    })
+    .await;
+    println!("after the renewal: {:#}", status(admin).await["workloads"][0]);
 }
