@@ -5,7 +5,7 @@
 //! before). A remote host gets one docker-agent client (one pool of mutual-TLS connections)
 //! and one [`DockerRuntime`] shared by all its workloads; its group is started by a task of its
 //! own that asks the agent's `/agent/health`, then starts the watchers, and retries with
-//! back-off (1 s doubling to 30 s) until that works. The gateway waits for the first attempt
+//! back-off (1 s doubling to 30 s, with jitter) until that works. The gateway waits for the first attempt
 //! (at most [`FIRST_ATTEMPT`]) before it serves, so a reachable agent's workloads are watched
 //! from the start; an agent that is down, or refuses the gateway's certificate, does not stop
 //! the gateway: its workloads answer 503 (not watched) and `/status` says why. Once watching,
@@ -280,12 +280,18 @@ fn connect(host: &DockerHostConfig) -> Result<Arc<RemoteHost>, WorkloadsError> {
 /// Asks the agent for its health, then starts the watchers; retried with back-off until both
 /// work, and at once when the host's material changes.
 async fn keep_starting(host: Arc<RemoteHost>, group: IdleGroup) {
-    let client = &host.client;
-    let mut delay = RETRY_MIN;
+    use backon::BackoffBuilder;
+    let schedule = backon::ExponentialBuilder::new()
+        .with_min_delay(RETRY_MIN)
+        .with_max_delay(RETRY_MAX)
+        .with_jitter()
+        .without_max_times();
+    let mut delays = schedule.build();
     let mut attempts = 0u32;
     loop {
         attempts = attempts.saturating_add(1);
-        match attempt(client, &group).await {
+        let delay = delays.next().unwrap_or(RETRY_MAX);
+        match attempt(&host.client, &group).await {
             Ok(()) => {
                 tracing::info!(host = %host.name, url = %host.url, attempts, "docker host reached; watching its workloads");
                 host.state.send_replace(HostState::Watching);
@@ -301,8 +307,9 @@ async fn keep_starting(host: Arc<RemoteHost>, group: IdleGroup) {
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(delay) => delay = (delay * 2).min(RETRY_MAX),
-            () = host.retry.notified() => delay = RETRY_MIN,
+            () = tokio::time::sleep(delay) => {}
+            // New material: try now, and from the shortest delay again.
+            () = host.retry.notified() => delays = schedule.build(),
         }
     }
 }
