@@ -180,10 +180,11 @@ async fn lifecycle_scenario(engine: &bollard::Docker, runtime: &DockerRuntime) {
 
     runtime.start(id).await.unwrap();
     expect_event(&mut events, "start again", |k| *k == ContainerEventKind::Start).await;
-    let stop = StopOptions { signal: None, timeout: Duration::from_secs(2) };
+    // Without init, httpd (pid 1) would ignore SIGTERM and be killed after the whole time-out.
+    let stop = StopOptions { signal: None, timeout: Duration::from_secs(10) };
     let began = tokio::time::Instant::now();
     runtime.stop(id, stop).await.unwrap();
-    assert!(began.elapsed() < Duration::from_secs(2), "with init the stop signal ends httpd at once");
+    assert!(began.elapsed() < Duration::from_secs(5), "with init the stop signal ends httpd at once");
     let die =
         expect_event(&mut events, "die after stop", |k| matches!(k, ContainerEventKind::Die { .. })).await;
     assert_eq!(die.kind, ContainerEventKind::Die { exit_code: Some(143) });

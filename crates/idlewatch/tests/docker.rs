@@ -24,6 +24,9 @@ fn config(name: &str) -> IdleConfig {
     config
 }
 
+/// Status re-read interval of the test that checks waiters are released by the engine's event.
+const EVENTS_ONLY: Duration = Duration::from_secs(20);
+
 async fn until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !check().await {
@@ -89,6 +92,9 @@ async fn fifty_concurrent_requests_cause_exactly_one_start() {
         runtime.events(EventFilter { containers: vec![container.id().to_owned()], labels: Vec::new() });
     let mut config = config(container.name());
     config.idle_timeout = Duration::from_secs(60);
+    // Status re-reads far apart: only the engine's healthy event can release the waiters soon.
+    config.readiness.poll_min = EVENTS_ONLY;
+    config.readiness.poll_max = EVENTS_ONLY;
     let watcher = IdleWatcher::new(config, runtime.clone()).unwrap();
     watcher.start().await.unwrap();
     assert_eq!(watcher.subscribe().borrow().state, IdleState::Napping, "created = asleep, not an error");
@@ -125,11 +131,13 @@ async fn fifty_concurrent_requests_cause_exactly_one_start() {
     assert!(counted.is_err(), "the event stream stays open");
     assert_eq!(starts, 1, "exactly one start");
     // Wake detection on the real engine: the engine's healthy event (its own time stamp) to
-    // the last of the 50 waiters released.
+    // the last of the 50 waiters released. Printed, not judged (speed is for benchmarks); what
+    // is checked is that the event released them, not a status re-read, the next of which was
+    // `EVENTS_ONLY` after the start.
     let healthy_at = healthy_at.expect("a healthy event");
     let detection = last_released.duration_since(healthy_at).unwrap_or_default();
     eprintln!("wake detection (engine healthy event → 50 waiters released): {detection:?}");
-    assert!(detection <= Duration::from_millis(250), "{detection:?}");
+    assert!(detection < EVENTS_ONLY / 2, "released by a status re-read, not by the event: {detection:?}");
     watcher.stop().await.unwrap();
 }
 
@@ -181,7 +189,8 @@ async fn a_container_that_never_turns_healthy_fails_every_waiter_within_the_wake
         let (result, at) = waiter.await.unwrap();
         assert!(matches!(result, Err(WakeError::Timeout { .. })), "{result:?}");
         let waited = at - begun;
-        assert!(waited <= Duration::from_millis(4500), "answered after {waited:?}");
+        // Answered by the wake time-out, not left waiting (the margin is for a busy machine).
+        assert!(waited < Duration::from_secs(4 + 8), "answered after {waited:?}");
     }
     watcher.stop().await.unwrap();
 }
