@@ -91,6 +91,11 @@ pub(crate) struct ListenerConfig {
     /// Header, body, idle and request time-outs (httpserver-pool's defaults when absent).
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Serve HTTP/2 with prior knowledge on a plain-TCP listener too (h2c: gRPC clients without
+    /// TLS). A TLS listener negotiates HTTP/2 by ALPN whatever this says. Default false: plain
+    /// connections speak HTTP/1.1 only.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 impl ListenerConfig {
@@ -100,6 +105,7 @@ impl ListenerConfig {
         server.tls = self.tls.clone();
         server.limits = self.limits.clone();
         server.timeouts = self.timeouts.clone();
+        server.h2c = self.h2c;
         server
     }
 }
@@ -257,6 +263,14 @@ pub(crate) struct UpstreamConfig {
     /// TLS for `https://` URLs (required by them, refused when every URL is `http://`).
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    /// Speak HTTP/2 to it (gRPC servers, for one): with prior knowledge on `http://` URLs
+    /// (h2c), by ALPN `h2` on `https://` ones (a server that does not agree fails the
+    /// handshake). Each URL then has one multiplexed connection: `max_connections` caps the
+    /// requests in flight on it, and it is closed after `idle_timeout` without requests (at
+    /// the next sweep, every 5 s; at once there when `max_idle` is 0). A WebSocket upgrade to
+    /// it is answered 501. Default false: HTTP/1.1.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 impl UpstreamConfig {
@@ -856,6 +870,19 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.routes[0].failure_mode, FailureMode::Open);
         assert_eq!(cfg.routes[0].path_prefix, "/");
+        // HTTP/1.1 to upstreams and on plain listeners unless asked.
+        assert!(!cfg.upstreams[0].http2);
+        assert!(!cfg.listeners[0].h2c && !cfg.listeners[0].server().h2c);
+        let grpc = GOOD
+            .replace(
+                "[[upstreams]]\n        name = \"app\"",
+                "[[upstreams]]\n        name = \"app\"\n        http2 = true",
+            )
+            .replace("bind = \"127.0.0.1:8080\"", "bind = \"127.0.0.1:8080\"\n        h2c = true");
+        let cfg = GatewayConfig::from_toml(&grpc).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.upstreams[0].http2);
+        assert!(cfg.listeners[0].server().h2c);
     }
 
     #[test]

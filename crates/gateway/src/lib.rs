@@ -563,6 +563,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             tls: None,
             limits: Default::default(),
             timeouts: Default::default(),
+            h2c: false,
         }],
         admin: config::AdminConfig { bind: cli.admin.clone(), ..config::AdminConfig::default() },
         routes: vec![RouteConfig {
@@ -586,6 +587,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             idle_timeout: config::default_idle_timeout(),
             read_timeout: config::default_read_timeout(),
             tls: None,
+            http2: false,
         }],
         agents: vec![
             AgentConfig {

@@ -110,6 +110,8 @@ pub(crate) struct Upstream {
     eject_for: Duration,
     /// The clock `Base::down_until` counts from.
     epoch: Instant,
+    /// Spoken to over HTTP/2.
+    http2: bool,
 }
 
 /// One URL of an upstream, with its passive health: consecutive failures (refused or
@@ -249,7 +251,7 @@ fn build_routes(
                     .iter()
                     .filter_map(|url| upstream_base(url).ok())
                     .map(|base| Base {
-                        stack: client.stack(&base.authority, limits, tls.filter(|_| base.https)),
+                        stack: client.stack(&base.authority, limits, tls.filter(|_| base.https), u.http2),
                         authority: base.authority,
                         failures: AtomicU32::new(0),
                         down_until: AtomicU64::new(0),
@@ -263,6 +265,7 @@ fn build_routes(
                     max_failures: u.max_failures.max(1),
                     eject_for: u.eject_for,
                     epoch: Instant::now(),
+                    http2: u.http2,
                 };
                 (u.name.as_str(), Arc::new(upstream))
             })
@@ -673,12 +676,28 @@ impl Proxy {
         // An upgrade (a WebSocket) keeps its Connection and Upgrade headers, and the client's
         // side of it is taken before the request goes on.
         let upgrade = upgrade_protocol(req.headers());
+        if upgrade.is_some() && upstream.http2 {
+            tracing::info!(route = %route.name, upstream = %upstream.name, "an upgrade to an HTTP/2 upstream: refused");
+            return (
+                plain(StatusCode::NOT_IMPLEMENTED, "this upstream takes no upgrades (it speaks HTTP/2)\n"),
+                false,
+            );
+        }
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let path_and_query =
             parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.version = http::Version::HTTP_11;
+        // `TE: trailers` is the one TE an HTTP/2 request carries (gRPC sends it); hop by hop
+        // otherwise, like the rest.
+        let te_trailers = upstream.http2
+            && parts.headers.get_all(header::TE).iter().any(|v| {
+                v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            });
         upstream_headers(&mut parts.headers, upgrade.as_ref(), client);
+        if te_trailers {
+            parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         // A request without a body that could not reach a URL (its connection failed) is tried
         // once more on another, when the upstream has another: nothing of it was sent. Only then
         // are its headers copied for the second try.
@@ -726,6 +745,8 @@ impl Proxy {
                     }
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    // The client's connection says which version it is answered in.
+                    parts.version = http::Version::HTTP_11;
                     return (Response::from_parts(parts, body.map_err(Into::into).boxed()), true);
                 }
                 Ok(Err(e)) if e.is_busy() => {

@@ -1,7 +1,7 @@
-//! The gateway's HTTP/1.1 client to its upstreams: a stack of idle keep-alive connections per
-//! upstream URL (`host:port`), on hyper's connection API, over TCP or over TLS (`https://`
-//! URLs: rustls, only the configured CA trusted, ALPN `http/1.1`, an optional client
-//! certificate).
+//! The gateway's client to its upstreams: HTTP/1.1 with a stack of idle keep-alive connections
+//! per upstream URL (`host:port`), or HTTP/2 (below), on hyper's connection API, over TCP or
+//! over TLS (`https://` URLs: rustls, only the configured CA trusted, ALPN `http/1.1` or `h2`,
+//! an optional client certificate).
 //!
 //! Why not hyper-util's pooled client: it spawns a task for every request to watch the
 //! connection become reusable, takes a pool-wide lock twice per request and rebuilds the
@@ -20,6 +20,15 @@
 //! could not be written on a reused connection the upstream had just closed is sent once more
 //! on a new connection (nothing of it reached the upstream), and a `Host` header from the URL
 //! when the request has none (an HTTP/2 client's request).
+//!
+//! **HTTP/2 upstreams** (`http2 = true`: prior knowledge on `http://` URLs, ALPN `h2` on
+//! `https://` ones) get one multiplexed connection per URL instead of a stack: it is made by the
+//! first request (the others wait for it), carries every request while it is open, and is made
+//! again by the next request once it closed. `max_connections` caps the requests in flight on
+//! it (a request over the cap waits, as for HTTP/1.1, and gets [`UpstreamError::Busy`] at its
+//! deadline); the sweep closes it once no request has used it for `idle_timeout`, or at once
+//! when `max_idle` is 0. A request goes out with the client's `Host` as its `:authority` (the
+//! URL's when it has none). Trailers pass both ways (gRPC's status is one).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -34,7 +43,8 @@ use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -98,7 +108,7 @@ pub(crate) enum UpstreamError {
         source: std::io::Error,
     },
     /// The connection was made but the HTTP exchange failed.
-    #[error("HTTP/1.1 to {authority}: {source}")]
+    #[error("HTTP to {authority}: {source}")]
     Http {
         /// The URL's `host:port`.
         authority: Authority,
@@ -239,6 +249,21 @@ pub(crate) struct IdleStack {
     open: Arc<Semaphore>,
     /// Signalled when a connection goes back on the stack (for a request waiting at the cap).
     returned: Notify,
+    /// Set for an HTTP/2 upstream: its one connection (`open` then counts requests in flight).
+    h2: Option<H2Conn>,
+}
+
+/// The one HTTP/2 connection of a URL.
+struct H2Conn {
+    /// The connection while it is open, when a request last took it, and its number.
+    current: Mutex<Option<(http2::SendRequest<UpstreamBody>, Instant, u64)>>,
+    /// Connections made so far (numbers them).
+    made: std::sync::atomic::AtomicU64,
+    /// Held while a connection is being made, so that one request makes it and the others
+    /// wait for it.
+    connecting: tokio::sync::Mutex<()>,
+    /// `http` or `https`, for the requests' URIs.
+    scheme: http::uri::Scheme,
 }
 
 struct Idle {
@@ -259,7 +284,17 @@ fn shard() -> usize {
 }
 
 impl IdleStack {
-    fn new(dial: Dial, host: Option<HeaderValue>, limits: ConnLimits) -> IdleStack {
+    fn new(dial: Dial, host: Option<HeaderValue>, limits: ConnLimits, http2: bool) -> IdleStack {
+        let h2 = http2.then(|| H2Conn {
+            current: Mutex::new(None),
+            made: std::sync::atomic::AtomicU64::new(0),
+            connecting: tokio::sync::Mutex::new(()),
+            scheme: if matches!(dial, Dial::Tcp) {
+                http::uri::Scheme::HTTP
+            } else {
+                http::uri::Scheme::HTTPS
+            },
+        });
         IdleStack {
             idle: (0..shards()).map(|_| Mutex::default()).collect(),
             held: AtomicUsize::new(0),
@@ -268,7 +303,60 @@ impl IdleStack {
             limits,
             open: Arc::new(Semaphore::new(limits.max_connections)),
             returned: Notify::new(),
+            h2,
         }
+    }
+
+    /// A place among the requests in flight on an HTTP/2 URL (its `max_connections`), or
+    /// [`UpstreamError::Busy`] at `deadline`.
+    async fn h2_place(
+        &self,
+        authority: &Authority,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        if let Ok(permit) = self.open.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        metrics::counter!("gateway_upstream_connection_waits_total", "url" => authority.to_string())
+            .increment(1);
+        tokio::select! {
+            permit = self.open.clone().acquire_owned() => Ok(permit.expect("the semaphore is never closed")),
+            () = tokio::time::sleep_until(deadline) => Err(UpstreamError::Busy {
+                authority: authority.clone(),
+                max_connections: self.limits.max_connections,
+            }),
+        }
+    }
+
+    /// The URL's HTTP/2 connection and its number: the open one, or a new one (made by one
+    /// request while the others wait). `stale` is the number of one found closing: it is not
+    /// handed out again.
+    async fn h2_sender(
+        &self,
+        h2: &H2Conn,
+        authority: &Authority,
+        stale: Option<u64>,
+    ) -> Result<(http2::SendRequest<UpstreamBody>, u64), UpstreamError> {
+        type Current = Option<(http2::SendRequest<UpstreamBody>, Instant, u64)>;
+        let usable = |current: &mut Current| {
+            let (sender, used, number) = current.as_mut()?;
+            if sender.is_closed() || stale == Some(*number) {
+                return None;
+            }
+            *used = Instant::now();
+            Some((sender.clone(), *number))
+        };
+        if let Some(found) = usable(&mut h2.current.lock()) {
+            return Ok(found);
+        }
+        let _making = h2.connecting.lock().await;
+        if let Some(found) = usable(&mut h2.current.lock()) {
+            return Ok(found);
+        }
+        let sender = Box::pin(connect_h2(authority, &self.dial)).await?;
+        let number = h2.made.fetch_add(1, Ordering::Relaxed);
+        *h2.current.lock() = Some((sender.clone(), Instant::now(), number));
+        Ok((sender, number))
     }
 
     /// The most recently used idle connection of stack `shard` that is still open and young
@@ -350,6 +438,18 @@ impl IdleStack {
 
     /// Drops closed and expired connections.
     fn sweep(&self) {
+        if let Some(h2) = &self.h2 {
+            let idle = self.open.available_permits() == self.limits.max_connections;
+            let mut current = h2.current.lock();
+            let expired = current.as_ref().is_some_and(|(sender, used, _)| {
+                sender.is_closed()
+                    || (idle && (self.limits.max_idle == 0 || used.elapsed() >= self.limits.idle_timeout))
+            });
+            if expired {
+                // The connection closes once the last request on it ends.
+                current.take();
+            }
+        }
         for stack in &self.idle {
             let expired: Vec<Idle> = {
                 let mut idle = stack.lock();
@@ -378,8 +478,9 @@ pub(crate) struct UpstreamClient {
     stacks: Arc<Stacks>,
 }
 
-/// What tells two stacks apart: the URL, its limits, and the TLS material it dials with.
-type StackKey = (Authority, ConnLimits, Option<TlsKey>);
+/// What tells two stacks apart: the URL, its limits, the TLS material it dials with, and
+/// whether it speaks HTTP/2.
+type StackKey = (Authority, ConnLimits, Option<TlsKey>, bool);
 
 /// The stacks of a client, by URL, limits and TLS.
 type Stacks = Mutex<HashMap<StackKey, Arc<IdleStack>>>;
@@ -397,24 +498,35 @@ impl UpstreamClient {
     /// use): a route keeps it, so a request looks nothing up. Upstreams that share a URL with
     /// the same limits and TLS share its stack; otherwise each has its own. The TLS settings
     /// must name a server the URL can be verified as (the configuration's check does it).
+    /// With `http2` the URL gets one multiplexed HTTP/2 connection (ALPN `h2` over TLS).
     pub(crate) fn stack(
         &self,
         authority: &Authority,
         limits: ConnLimits,
         tls: Option<&UpstreamTls>,
+        http2: bool,
     ) -> Arc<IdleStack> {
-        let dial = match tls {
-            None => Dial::Tcp,
-            Some(tls) => Dial::Tls {
-                connector: tokio_rustls::TlsConnector::from(tls.config.clone()),
-                name: tls.server_name(authority),
-            },
-        };
         self.stacks
             .lock()
-            .entry((authority.clone(), limits, tls.map(|t| t.made_of.clone())))
+            .entry((authority.clone(), limits, tls.map(|t| t.made_of.clone()), http2))
             .or_insert_with(|| {
-                Arc::new(IdleStack::new(dial, HeaderValue::from_str(authority.as_str()).ok(), limits))
+                let dial = match tls {
+                    None => Dial::Tcp,
+                    Some(tls) => {
+                        let config = if http2 {
+                            let mut config = (*tls.config).clone();
+                            config.alpn_protocols = vec![b"h2".to_vec()];
+                            Arc::new(config)
+                        } else {
+                            tls.config.clone()
+                        };
+                        Dial::Tls {
+                            connector: tokio_rustls::TlsConnector::from(config),
+                            name: tls.server_name(authority),
+                        }
+                    }
+                };
+                Arc::new(IdleStack::new(dial, HeaderValue::from_str(authority.as_str()).ok(), limits, http2))
             })
             .clone()
     }
@@ -445,6 +557,9 @@ impl UpstreamClient {
         deadline: Instant,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        if let Some(h2) = &stack.h2 {
+            return send_h2(authority, stack, h2, deadline, req).await;
+        }
         if !req.headers().contains_key(header::HOST)
             && let Some(host) = &stack.host
         {
@@ -482,6 +597,7 @@ impl UpstreamClient {
         let mut body = PooledBody {
             inner: None,
             back,
+            place: None,
             read_timeout: stack.limits.read_timeout,
             stall: None,
             moved: false,
@@ -495,6 +611,141 @@ impl UpstreamClient {
         });
         Ok(resp)
     }
+}
+
+/// Sends `req` on the URL's HTTP/2 connection (see the [module docs](self)); once more on a new
+/// connection if the one taken turned out closed before the request went out.
+async fn send_h2(
+    authority: &Authority,
+    stack: &Arc<IdleStack>,
+    h2: &H2Conn,
+    deadline: Instant,
+    mut req: Request<UpstreamBody>,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let http = |source| UpstreamError::Http { authority: authority.clone(), source };
+    let place = stack.h2_place(authority, deadline).await?;
+    // HTTP/2 has no Host header: the client's goes as the request's authority.
+    let target = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .unwrap_or_else(|| authority.clone());
+    let path =
+        req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = http::Uri::builder()
+        .scheme(h2.scheme.clone())
+        .authority(target)
+        .path_and_query(path)
+        .build()
+        .expect("a scheme, an authority and a path make a URI");
+    *req.version_mut() = http::Version::HTTP_2;
+    let (mut sender, number) = stack.h2_sender(h2, authority, None).await?;
+    let resp = match sender.try_send_request(req).await {
+        Ok(resp) => resp,
+        Err(mut failed) => match failed.take_message() {
+            // Not sent at all: the connection was closing. A new one, once.
+            Some(req) => {
+                tracing::debug!(upstream = %authority, "HTTP/2 connection closed before the request went out");
+                (sender, _) = stack.h2_sender(h2, authority, Some(number)).await?;
+                sender.try_send_request(req).await.map_err(|e| http(e.into_error()))?
+            }
+            None => return Err(http(failed.into_error())),
+        },
+    };
+    let read_timeout = stack.limits.read_timeout;
+    Ok(resp.map(|inner| PooledBody {
+        inner: Some(inner),
+        back: None,
+        place: Some(place),
+        read_timeout,
+        stall: None,
+        moved: false,
+    }))
+}
+
+/// Opens a connection to `authority` (TCP, then TLS with ALPN `h2` if the stack dials it),
+/// starts HTTP/2 on it and its connection task.
+async fn connect_h2(
+    authority: &Authority,
+    dial: &Dial,
+) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+    let stream = tcp(authority, dial).await?;
+    match dial {
+        Dial::Tcp => handshake_h2(authority, TokioIo::new(stream)).await,
+        Dial::Tls { connector, name } => {
+            let no_h2 = |detail: &str| UpstreamError::Tls {
+                authority: authority.clone(),
+                source: std::io::Error::other(format!(
+                    "the upstream did not agree to HTTP/2 (ALPN h2){detail}"
+                )),
+            };
+            let stream = match tls_handshake(authority, connector, name, stream).await {
+                Err(UpstreamError::Tls { source, .. })
+                    if source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some_and(
+                        |e| {
+                            matches!(
+                                e,
+                                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+                            )
+                        },
+                    ) =>
+                {
+                    return Err(no_h2(&format!(": {source}")));
+                }
+                other => other?,
+            };
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(no_h2(""));
+            }
+            handshake_h2(authority, TokioIo::new(stream)).await
+        }
+    }
+}
+
+/// Starts HTTP/2 on a connection made and its hyper connection task.
+async fn handshake_h2<T>(
+    authority: &Authority,
+    io: T,
+) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Http { authority: authority.clone(), source })?;
+    let upstream = authority.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(upstream = %upstream, error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// A TCP connection to `authority` (port 80 or 443 by default, as `dial` says), no-delay.
+async fn tcp(authority: &Authority, dial: &Dial) -> Result<TcpStream, UpstreamError> {
+    let failed = |source| UpstreamError::Connect { authority: authority.clone(), source };
+    let default_port = if matches!(dial, Dial::Tcp) { 80 } else { 443 };
+    let port = authority.port_u16().unwrap_or(default_port);
+    let stream = TcpStream::connect((authority.host().trim_start_matches('[').trim_end_matches(']'), port))
+        .await
+        .map_err(failed)?;
+    stream.set_nodelay(true).map_err(failed)?;
+    Ok(stream)
+}
+
+/// The TLS handshake on `stream`, verifying `name`.
+async fn tls_handshake(
+    authority: &Authority,
+    connector: &tokio_rustls::TlsConnector,
+    name: &Result<ServerName<'static>, String>,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+    let tls = |source| UpstreamError::Tls { authority: authority.clone(), source };
+    let name = name.clone().map_err(|e| tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    connector.connect(name, stream).await.map_err(tls)
 }
 
 /// A new connection in place of a reused one that turned out broken (its task ends, freeing
@@ -515,20 +766,11 @@ async fn connect(
     dial: &Dial,
     permit: OwnedSemaphorePermit,
 ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
-    let failed = |source| UpstreamError::Connect { authority: authority.clone(), source };
-    let default_port = if matches!(dial, Dial::Tcp) { 80 } else { 443 };
-    let port = authority.port_u16().unwrap_or(default_port);
-    let stream = TcpStream::connect((authority.host().trim_start_matches('[').trim_end_matches(']'), port))
-        .await
-        .map_err(failed)?;
-    stream.set_nodelay(true).map_err(failed)?;
+    let stream = tcp(authority, dial).await?;
     match dial {
         Dial::Tcp => handshake(authority, TokioIo::new(stream), permit).await,
         Dial::Tls { connector, name } => {
-            let tls = |source| UpstreamError::Tls { authority: authority.clone(), source };
-            let name =
-                name.clone().map_err(|e| tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-            let stream = connector.connect(name, stream).await.map_err(tls)?;
+            let stream = tls_handshake(authority, connector, name, stream).await?;
             handshake(authority, TokioIo::new(stream), permit).await
         }
     }
@@ -581,6 +823,8 @@ async fn sweep(stacks: Weak<Stacks>) {
 pub(crate) struct PooledBody {
     inner: Option<Incoming>,
     back: Option<(SendRequest<UpstreamBody>, Arc<IdleStack>, usize)>,
+    /// An HTTP/2 request's place under its URL's `max_connections`, held while its body lasts.
+    place: Option<OwnedSemaphorePermit>,
     read_timeout: Duration,
     /// Armed the first time the upstream makes the body wait (a body that is there with its
     /// head never needs it); moved on when a wait follows a frame.
@@ -600,6 +844,8 @@ impl PooledBody {
         if let Some((sender, stack, home)) = self.back.take() {
             stack.put(sender, home);
         }
+        // An HTTP/2 request's place frees as its body ends.
+        drop(self.place.take());
     }
 }
 
@@ -717,7 +963,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_body_is_read() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         for _ in 0..5 {
             let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -731,7 +977,8 @@ mod tests {
     async fn requests_over_the_cap_wait_for_a_connection_and_all_are_answered() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 2, max_idle: 2, ..LIMITS }, None);
+        let stack =
+            client.stack(&authority, ConnLimits { max_connections: 2, max_idle: 2, ..LIMITS }, None, false);
         let mut all = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -757,8 +1004,12 @@ mod tests {
             runtime.block_on(async {
                 let (authority, _) = upstream().await;
                 let client = UpstreamClient::new();
-                let stack =
-                    client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None);
+                let stack = client.stack(
+                    &authority,
+                    ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS },
+                    None,
+                    false,
+                );
                 let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
                 let second = tokio::spawn({
                     let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -789,7 +1040,8 @@ mod tests {
     async fn a_request_still_at_the_cap_at_its_deadline_is_busy_and_sends_nothing() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None);
+        let stack =
+            client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None, false);
         // Holds the only connection (its body unread).
         let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         let deadline = Instant::now() + Duration::from_millis(200);
@@ -807,7 +1059,8 @@ mod tests {
     async fn a_connection_that_closes_frees_its_place_under_the_cap() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None);
+        let stack =
+            client.stack(&authority, ConnLimits { max_connections: 1, max_idle: 1, ..LIMITS }, None, false);
         let first = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         let waiting = tokio::spawn({
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -827,7 +1080,7 @@ mod tests {
     async fn a_body_dropped_early_does_not_give_its_connection_back() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         drop(resp);
         assert_eq!(stack.len(), 0);
@@ -840,7 +1093,7 @@ mod tests {
     async fn concurrent_requests_open_connections_and_all_come_back() {
         let (authority, accepted) = upstream().await;
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         let mut all = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -860,7 +1113,7 @@ mod tests {
         let (authority, accepted) = upstream().await;
         let workers = httpserver_pool::Workers::start(2, "up").unwrap();
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, ConnLimits { max_connections: 2, ..LIMITS }, None);
+        let stack = client.stack(&authority, ConnLimits { max_connections: 2, ..LIMITS }, None, false);
         // A request on worker `w`; its body is read to the end after `hold` is released.
         let on = |w: usize, hold: Option<tokio::sync::oneshot::Receiver<()>>| {
             let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
@@ -923,7 +1176,7 @@ mod tests {
             }
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         for _ in 0..20 {
             let resp = client
                 .send(&authority, &stack, later(), get("/"))
@@ -946,7 +1199,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok").await;
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         let mut body = client.send(&authority, &stack, later(), get("/")).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "ok");
@@ -962,7 +1215,7 @@ mod tests {
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         drop(listener);
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
         assert!(e.is_connect());
         assert!(e.to_string().contains(authority.as_str()), "{e}");
@@ -981,7 +1234,7 @@ mod tests {
             (String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase(), s)
         });
         let client = UpstreamClient::new();
-        let stack = client.stack(&authority, LIMITS, None);
+        let stack = client.stack(&authority, LIMITS, None, false);
         let body = Full::new(Bytes::from_static(b"x")).map_err(Into::into).boxed();
         let resp = client
             .send(&authority, &stack, later(), Request::post("/p?q=1").body(body).unwrap())
@@ -1081,7 +1334,7 @@ mod tests {
         let (authority, seen) = tls_upstream(&ca.issue(&["127.0.0.1"]), None).await;
         let client = UpstreamClient::new();
         let tls = tls_of(&ca, None, None);
-        let stack = client.stack(&authority, LIMITS, Some(&tls));
+        let stack = client.stack(&authority, LIMITS, Some(&tls), false);
         for _ in 0..3 {
             let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
             assert_eq!(&ok_body(resp).await[..], b"ok");
@@ -1099,7 +1352,7 @@ mod tests {
         let (authority, seen) = tls_upstream(&other.issue(&["127.0.0.1"]), None).await;
         let client = UpstreamClient::new();
         let tls = tls_of(&ca, None, None);
-        let stack = client.stack(&authority, LIMITS, Some(&tls));
+        let stack = client.stack(&authority, LIMITS, Some(&tls), false);
         let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
         assert!(matches!(e, UpstreamError::Tls { .. }) && e.is_connect(), "{e:?}");
         let text = e.to_string();
@@ -1113,11 +1366,11 @@ mod tests {
         let (authority, seen) = tls_upstream(&ca.issue(&["app.internal"]), None).await;
         let client = UpstreamClient::new();
         let by_address = tls_of(&ca, None, None);
-        let stack = client.stack(&authority, LIMITS, Some(&by_address));
+        let stack = client.stack(&authority, LIMITS, Some(&by_address), false);
         let e = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
         assert!(e.to_string().contains("not valid for name"), "{e}");
         let named = tls_of(&ca, None, Some("app.internal"));
-        let stack = client.stack(&authority, LIMITS, Some(&named));
+        let stack = client.stack(&authority, LIMITS, Some(&named), false);
         assert_eq!(
             &ok_body(client.send(&authority, &stack, later(), get("/")).await.unwrap()).await[..],
             b"ok"
@@ -1133,12 +1386,12 @@ mod tests {
         let client = UpstreamClient::new();
         // Without a certificate the upstream ends the handshake: no request is answered.
         let anonymous = tls_of(&ca, None, None);
-        let stack = client.stack(&authority, LIMITS, Some(&anonymous));
+        let stack = client.stack(&authority, LIMITS, Some(&anonymous), false);
         client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
         assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
         let identity = clients.issue(&["gateway.test"]);
         let mutual = tls_of(&ca, Some(&identity), None);
-        let stack = client.stack(&authority, LIMITS, Some(&mutual));
+        let stack = client.stack(&authority, LIMITS, Some(&mutual), false);
         assert_eq!(
             &ok_body(client.send(&authority, &stack, later(), get("/")).await.unwrap()).await[..],
             b"ok"
@@ -1152,15 +1405,21 @@ mod tests {
         let authority: Authority = "127.0.0.1:9".parse().unwrap();
         let client = UpstreamClient::new();
         let (a, b) = (tls_of(&ca, None, None), tls_of(&ca, None, None));
-        let first = client.stack(&authority, LIMITS, Some(&a));
-        assert!(Arc::ptr_eq(&first, &client.stack(&authority, LIMITS, Some(&b))), "same bytes, same stack");
-        let other = client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)));
+        let first = client.stack(&authority, LIMITS, Some(&a), false);
+        assert!(
+            Arc::ptr_eq(&first, &client.stack(&authority, LIMITS, Some(&b), false)),
+            "same bytes, same stack"
+        );
+        let other = client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)), false);
         assert!(!Arc::ptr_eq(&first, &other));
-        let plain = client.stack(&authority, LIMITS, None);
+        let plain = client.stack(&authority, LIMITS, None, false);
         assert!(!Arc::ptr_eq(&first, &plain) && !Arc::ptr_eq(&other, &plain));
         client.retain(&[&other]);
         assert_eq!(client.stacks.lock().len(), 1);
-        assert!(Arc::ptr_eq(&other, &client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)))));
+        assert!(Arc::ptr_eq(
+            &other,
+            &client.stack(&authority, LIMITS, Some(&tls_of(&renewed, None, None)), false)
+        ));
     }
 
     /// An upstream that answers its one request with a head for 12 bytes, then sends them in
@@ -1188,7 +1447,7 @@ mod tests {
         let authority = trickling_upstream(3, Duration::ZERO, 2).await;
         let client = UpstreamClient::new();
         let limits = ConnLimits { read_timeout: Duration::from_millis(200), ..LIMITS };
-        let stack = client.stack(&authority, limits, None);
+        let stack = client.stack(&authority, limits, None, false);
         let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         let e = resp.into_body().collect().await.unwrap_err();
         assert!(e.downcast_ref::<BodyStalled>().is_some(), "{e}");
@@ -1202,9 +1461,203 @@ mod tests {
         let authority = trickling_upstream(1, Duration::from_millis(100), 12).await;
         let client = UpstreamClient::new();
         let limits = ConnLimits { read_timeout: Duration::from_secs(1), ..LIMITS };
-        let stack = client.stack(&authority, limits, None);
+        let stack = client.stack(&authority, limits, None, false);
         let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
         assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"abcdefghijkl");
         assert_eq!(stack.len(), 1, "a whole body gives its connection back");
+    }
+
+    // ---- HTTP/2 upstreams --------------------------------------------------------------
+
+    /// What an HTTP/2 test upstream saw: connections accepted, and each request's version,
+    /// URI and `te` header.
+    #[derive(Default)]
+    struct H2Seen {
+        connections: std::sync::atomic::AtomicUsize,
+        requests: parking_lot::Mutex<Vec<(http::Version, String, Option<String>)>>,
+    }
+
+    /// An HTTP/2 upstream (hyper) over `tls` when given (ALPN `h2`, or `alpn` instead), else
+    /// h2c: answers `ok` with the trailer `grpc-status: 0`, after `delay`.
+    async fn h2_upstream(
+        tls: Option<(&test_support::tls::Pair, &[&[u8]])>,
+        delay: Duration,
+    ) -> (Authority, Arc<H2Seen>) {
+        let acceptor = tls.map(|(pair, alpn)| {
+            let chain =
+                CertificateDer::pem_slice_iter(pair.cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+            let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let seen = Arc::new(H2Seen::default());
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counts.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (acceptor, seen) = (acceptor.clone(), counts.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let te = req.headers().get(header::TE).map(|v| v.to_str().unwrap().to_owned());
+                        seen.requests.lock().push((req.version(), req.uri().to_string(), te));
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                            let frames = futures_util::stream::iter([
+                                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"ok"))),
+                                Ok(Frame::trailers(trailers)),
+                            ]);
+                            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::StreamBody::new(
+                                frames,
+                            )))
+                        }
+                    });
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    let _ = match acceptor {
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(tcp).await else { return };
+                            builder.serve_connection(TokioIo::new(tls), service).await
+                        }
+                        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                    };
+                });
+            }
+        });
+        (authority, seen)
+    }
+
+    /// The body's data and its trailers.
+    async fn body_and_trailers(resp: Response<PooledBody>) -> (Bytes, Option<http::HeaderMap>) {
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes(), trailers)
+    }
+
+    #[tokio::test]
+    async fn an_http2_upstream_gets_every_request_on_one_connection_with_trailers_back() {
+        let (authority, seen) = h2_upstream(None, Duration::from_millis(20)).await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, LIMITS, None, true);
+        let requests = (0..20).map(|i| {
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            async move {
+                let mut req = get(&format!("/svc/Method?n={i}"));
+                req.headers_mut().insert(header::HOST, HeaderValue::from_static("api.example"));
+                req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+                client.send(&authority, &stack, later(), req).await.unwrap()
+            }
+        });
+        for resp in futures_util::future::join_all(requests).await {
+            assert_eq!(resp.status(), 200);
+            let (body, trailers) = body_and_trailers(resp).await;
+            assert_eq!(&body[..], b"ok");
+            assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        }
+        assert_eq!(seen.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "multiplexed");
+        let requests = seen.requests.lock();
+        assert_eq!(requests.len(), 20);
+        for (version, uri, te) in requests.iter() {
+            assert_eq!(*version, http::Version::HTTP_2);
+            // The client's Host is the request's authority.
+            assert!(uri.starts_with("http://api.example/svc/Method?n="), "{uri}");
+            assert_eq!(te.as_deref(), Some("trailers"));
+        }
+        // Every place under the cap is free again.
+        assert_eq!(stack.open.available_permits(), LIMITS.max_connections);
+    }
+
+    #[tokio::test]
+    async fn http2_requests_over_the_cap_wait_and_one_still_waiting_at_its_deadline_is_busy() {
+        let (authority, seen) = h2_upstream(None, Duration::from_millis(300)).await;
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, ConnLimits { max_connections: 2, ..LIMITS }, None, true);
+        let send = |deadline: Instant| {
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            tokio::spawn(async move {
+                let resp = client.send(&authority, &stack, deadline, get("/")).await?;
+                Ok::<_, UpstreamError>(body_and_trailers(resp).await.0)
+            })
+        };
+        let (a, b) = (send(later()), send(later()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Both places taken: the third waits, and past its deadline gets Busy having sent nothing.
+        let err = send(Instant::now() + Duration::from_millis(50)).await.unwrap().unwrap_err();
+        assert!(err.is_busy(), "{err:?}");
+        // A fourth with time waits for a place and is answered.
+        let d = send(later());
+        for task in [a, b, d] {
+            assert_eq!(&task.await.unwrap().unwrap()[..], b"ok");
+        }
+        assert_eq!(seen.requests.lock().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_closed_http2_connection_is_made_again_and_an_idle_one_is_swept() {
+        let (authority, seen) = h2_upstream(None, Duration::ZERO).await;
+        let client = UpstreamClient::new();
+        let limits = ConnLimits { idle_timeout: Duration::from_millis(100), ..LIMITS };
+        let stack = client.stack(&authority, limits, None, true);
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        assert_eq!(&body_and_trailers(resp).await.0[..], b"ok");
+        // Idle past its idle time-out: the sweep lets it go; the next request makes another.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stack.sweep();
+        assert!(stack.h2.as_ref().unwrap().current.lock().is_none());
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        assert_eq!(&body_and_trailers(resp).await.0[..], b"ok");
+        assert_eq!(seen.connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // With max_idle = 0 it goes at the first sweep after its last request.
+        let stack = client.stack(&authority, ConnLimits { max_idle: 0, ..LIMITS }, None, true);
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        assert_eq!(&body_and_trailers(resp).await.0[..], b"ok");
+        stack.sweep();
+        assert!(stack.h2.as_ref().unwrap().current.lock().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_http2_upstream_that_went_away_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        drop(listener);
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, LIMITS, None, true);
+        let err = client.send(&authority, &stack, later(), get("/")).await.unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        assert_eq!(stack.open.available_permits(), LIMITS.max_connections, "its place is free again");
+    }
+
+    #[tokio::test]
+    async fn an_https_http2_upstream_is_reached_by_alpn_and_one_without_h2_is_refused() {
+        let ca = test_support::tls::TestCa::new("upstreams");
+        let pair = ca.issue(&["127.0.0.1"]);
+        let tls = tls_of(&ca, None, None);
+        let client = UpstreamClient::new();
+
+        let (authority, seen) = h2_upstream(Some((&pair, &[b"h2"])), Duration::ZERO).await;
+        let stack = client.stack(&authority, LIMITS, Some(&tls), true);
+        let resp = client.send(&authority, &stack, later(), get("/x")).await.unwrap();
+        let (body, trailers) = body_and_trailers(resp).await;
+        assert_eq!((&body[..], trailers.unwrap()["grpc-status"].to_str().unwrap()), (&b"ok"[..], "0"));
+        assert!(seen.requests.lock()[0].1.starts_with("https://"), "{:?}", seen.requests.lock());
+
+        // A server that offers only HTTP/1.1: the handshake is refused by ALPN, nothing sent.
+        let (authority, seen) = h2_upstream(Some((&pair, &[b"http/1.1"])), Duration::ZERO).await;
+        let stack = client.stack(&authority, LIMITS, Some(&tls), true);
+        let err = client.send(&authority, &stack, later(), get("/x")).await.unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        assert!(err.to_string().contains("HTTP/2"), "{err}");
+        assert!(seen.requests.lock().is_empty());
     }
 }
