@@ -558,7 +558,8 @@ impl UpstreamClient {
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         if let Some(h2) = &stack.h2 {
-            return send_h2(authority, stack, h2, deadline, req).await;
+            // Boxed: inline, its state would make every HTTP/1.1 request's future larger too.
+            return Box::pin(send_h2(authority, stack, h2, deadline, req)).await;
         }
         if !req.headers().contains_key(header::HOST)
             && let Some(host) = &stack.host
