@@ -1,7 +1,9 @@
 //! A gRPC service behind the gateway, with stock gRPC on both sides that no one here wrote:
 //! Python's `grpcio` serves the standard health service as the upstream (`http2 = true`, h2c),
 //! and a Python `grpcio` client calls it through the gateway's listener (`h2c = true`). A unary
-//! call, a call whose status comes back in the trailers alone, and a server stream get through.
+//! call, a call whose status comes back in the trailers alone, and a server stream get through;
+//! a method the route's agent blocks gets `PERMISSION_DENIED` (the gateway's 403, as gRPC maps
+//! it) and never reaches the server.
 //!
 //! Needs `python3` with `grpcio` and `grpcio-health-checking` (`.ci/run` installs them). Without
 //! them the test says so and passes, except with `CI=true`, where it fails.
@@ -48,6 +50,11 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
     watch = stub.Watch(health_pb2.HealthCheckRequest(service="demo"), timeout=20)
     print("watch demo", name(next(watch).status), flush=True)
     watch.cancel()
+    try:
+        channel.unary_unary("/grpc.health.v1.Health/Forbidden")(b"", timeout=20)
+        print("forbidden answered", flush=True)
+    except grpc.RpcError as e:
+        print("forbidden", e.code().name, flush=True)
 "#;
 
 /// True if Python gRPC is there; otherwise says why (and fails under `CI=true`).
@@ -93,6 +100,13 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
         .parse()
         .unwrap();
 
+    // The route's agent: requests whose path starts with the forbidden method are blocked.
+    let guard = common::uds_agent(
+        dir.path(),
+        "guard",
+        test_support::BlockPath::new("/grpc.health.v1.Health/Forbidden"),
+    )
+    .await;
     let (listen, admin) =
         (format!("127.0.0.1:{}", common::free_port()), format!("127.0.0.1:{}", common::free_port()));
     let config = format!(
@@ -110,10 +124,16 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
         urls = ["http://127.0.0.1:{port}"]
         http2 = true
 
+        [[agents]]
+        name = "guard"
+        endpoints = ["{endpoint}"]
+
         [[routes]]
         name = "grpc"
         upstream = "health"
-        "#
+        agents = ["guard"]
+        "#,
+        endpoint = guard.endpoint
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
@@ -130,7 +150,12 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
-        ["check demo SERVING", "check missing NOT_FOUND", "watch demo SERVING"],
+        [
+            "check demo SERVING",
+            "check missing NOT_FOUND",
+            "watch demo SERVING",
+            "forbidden PERMISSION_DENIED"
+        ],
         "{stdout}"
     );
 
@@ -156,4 +181,6 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
     // The gateway counted them on the route.
     let ok = r#"gateway_requests_total{route="grpc",status="200"}"#;
     assert_eq!(common::metric(&admin, ok).await, Some(3.0), "{ok}");
+    let blocked = r#"gateway_requests_total{route="grpc",status="403"}"#;
+    assert_eq!(common::metric(&admin, blocked).await, Some(1.0), "{blocked}");
 }
