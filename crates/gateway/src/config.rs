@@ -271,6 +271,11 @@ pub(crate) struct UpstreamConfig {
     /// it is answered 501. Default false: HTTP/1.1.
     #[serde(default)]
     pub http2: bool,
+    /// With `http2`: how often the connection is pinged while requests are in flight on it;
+    /// a ping unanswered for as long closes it (its requests fail and count against the URL;
+    /// the next request makes a new connection). Default 10 s.
+    #[serde(default = "default_http2_keep_alive", with = "humantime_serde")]
+    pub http2_keep_alive: Duration,
 }
 
 impl UpstreamConfig {
@@ -281,8 +286,13 @@ impl UpstreamConfig {
             max_idle: self.max_idle,
             idle_timeout: self.idle_timeout,
             read_timeout: self.read_timeout,
+            http2_keep_alive: self.http2_keep_alive,
         }
     }
+}
+
+pub(crate) fn default_http2_keep_alive() -> Duration {
+    Duration::from_secs(10)
 }
 
 pub(crate) fn default_max_connections() -> usize {

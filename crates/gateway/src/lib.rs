@@ -588,6 +588,7 @@ fn demo_config(demo: &Demo, cli: &Cli) -> GatewayConfig {
             read_timeout: config::default_read_timeout(),
             tls: None,
             http2: false,
+            http2_keep_alive: config::default_http2_keep_alive(),
         }],
         agents: vec![
             AgentConfig {

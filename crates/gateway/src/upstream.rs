@@ -28,7 +28,8 @@
 //! it (a request over the cap waits, as for HTTP/1.1, and gets [`UpstreamError::Busy`] at its
 //! deadline); the sweep closes it once no request has used it for `idle_timeout`, or at once
 //! when `max_idle` is 0. A request goes out with the client's `Host` as its `:authority` (the
-//! URL's when it has none). Trailers pass both ways (gRPC's status is one).
+//! URL's when it has none). Trailers pass both ways (gRPC's status is one). While requests are
+//! in flight the connection is pinged every `http2_keep_alive`; an unanswered ping closes it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -71,6 +72,10 @@ pub(crate) struct ConnLimits {
     /// The longest wait for the next piece of a response body; then the body fails with
     /// [`BodyStalled`] and the connection is closed.
     pub read_timeout: Duration,
+    /// HTTP/2 only: how often the connection is pinged while requests are in flight on it, and
+    /// how long a ping may go unanswered before the connection is closed (its requests fail;
+    /// the next request makes a new one).
+    pub http2_keep_alive: Duration,
 }
 
 /// A response body the upstream stopped sending: nothing came for its URL's `read_timeout`.
@@ -353,7 +358,7 @@ impl IdleStack {
         if let Some(found) = usable(&mut h2.current.lock()) {
             return Ok(found);
         }
-        let sender = Box::pin(connect_h2(authority, &self.dial)).await?;
+        let sender = Box::pin(connect_h2(authority, &self.dial, self.limits.http2_keep_alive)).await?;
         let number = h2.made.fetch_add(1, Ordering::Relaxed);
         *h2.current.lock() = Some((sender.clone(), Instant::now(), number));
         Ok((sender, number))
@@ -669,10 +674,11 @@ async fn send_h2(
 async fn connect_h2(
     authority: &Authority,
     dial: &Dial,
+    keep_alive: Duration,
 ) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
     let stream = tcp(authority, dial).await?;
     match dial {
-        Dial::Tcp => handshake_h2(authority, TokioIo::new(stream)).await,
+        Dial::Tcp => handshake_h2(authority, TokioIo::new(stream), keep_alive).await,
         Dial::Tls { connector, name } => {
             let no_h2 = |detail: &str| UpstreamError::Tls {
                 authority: authority.clone(),
@@ -698,21 +704,27 @@ async fn connect_h2(
             if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
                 return Err(no_h2(""));
             }
-            handshake_h2(authority, TokioIo::new(stream)).await
+            handshake_h2(authority, TokioIo::new(stream), keep_alive).await
         }
     }
 }
 
-/// Starts HTTP/2 on a connection made and its hyper connection task.
+/// Starts HTTP/2 on a connection made and its hyper connection task; the connection is
+/// pinged every `keep_alive` while requests are in flight and closed when a ping goes
+/// unanswered as long (an upstream gone silent does not hold every request to its time-out).
 async fn handshake_h2<T>(
     authority: &Authority,
     io: T,
+    keep_alive: Duration,
 ) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .keep_alive_interval(keep_alive)
+        .keep_alive_timeout(keep_alive)
+        .keep_alive_while_idle(false)
         .handshake(io)
         .await
         .map_err(|source| UpstreamError::Http { authority: authority.clone(), source })?;
@@ -912,6 +924,7 @@ mod tests {
         max_idle: 256,
         idle_timeout: Duration::from_secs(90),
         read_timeout: Duration::from_secs(60),
+        http2_keep_alive: Duration::from_secs(10),
     };
 
     /// A deadline no test reaches.
@@ -1660,5 +1673,68 @@ mod tests {
         assert!(err.is_connect(), "{err:?}");
         assert!(err.to_string().contains("HTTP/2"), "{err}");
         assert!(seen.requests.lock().is_empty());
+    }
+
+    /// A TCP relay to `to` that forwards both ways until `frozen` is set; from then on it
+    /// forwards nothing more but keeps every connection open (an upstream gone silent).
+    async fn relay(to: Authority, frozen: Arc<std::sync::atomic::AtomicBool>) -> Authority {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let server = TcpStream::connect(to.as_str()).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                    let frozen = frozen.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                                // Silent from now on; the task keeps both sockets open.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        authority
+    }
+
+    #[tokio::test]
+    async fn an_http2_upstream_gone_silent_is_found_by_its_pings_and_replaced() {
+        let (upstream, seen) = h2_upstream(None, Duration::from_secs(3600)).await;
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let authority = relay(upstream, frozen.clone()).await;
+        let client = UpstreamClient::new();
+        let limits = ConnLimits { http2_keep_alive: Duration::from_millis(200), ..LIMITS };
+        let stack = client.stack(&authority, limits, None, true);
+        let send = || {
+            let (client, stack, authority) = (client.clone(), stack.clone(), authority.clone());
+            tokio::spawn(async move { client.send(&authority, &stack, later(), get("/")).await.map(|_| ()) })
+        };
+        // A request in flight (the upstream answers in an hour), then silence on the wire.
+        let waiting = send();
+        let connections = || seen.connections.load(std::sync::atomic::Ordering::SeqCst);
+        eventually_true(|| seen.requests.lock().len() == 1).await;
+        frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        // An unanswered ping closes the connection: the request fails instead of waiting its
+        // hour (the bound is only for a busy machine).
+        let failed = tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("not held").unwrap();
+        assert!(matches!(failed, Err(UpstreamError::Http { .. })), "{failed:?}");
+        // The next request makes a new connection.
+        frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+        let next = send();
+        eventually_true(|| connections() == 2 && seen.requests.lock().len() == 2).await;
+        next.abort();
     }
 }
