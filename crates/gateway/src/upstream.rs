@@ -57,6 +57,10 @@ use tokio::time::Instant;
 /// What the client sends: the client's body, streamed, or nothing.
 pub(crate) type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, httpserver_pool::BoxError>;
 
+/// The largest response head (its header list, as HTTP/2 counts it) taken from an HTTP/2
+/// upstream: about as much as hyper's HTTP/1.1 client reads for one (408 KiB).
+const MAX_H2_RESPONSE_HEAD: u32 = 400 * 1024;
+
 /// How often idle connections past their idle time-out are swept out.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -725,6 +729,8 @@ where
         .keep_alive_interval(keep_alive)
         .keep_alive_timeout(keep_alive)
         .keep_alive_while_idle(false)
+        // hyper's client default (16 KiB) would refuse response heads that HTTP/1.1 takes.
+        .max_header_list_size(MAX_H2_RESPONSE_HEAD)
         .handshake(io)
         .await
         .map_err(|source| UpstreamError::Http { authority: authority.clone(), source })?;
@@ -1736,5 +1742,32 @@ mod tests {
         let next = send();
         eventually_true(|| connections() == 2 && seen.requests.lock().len() == 2).await;
         next.abort();
+    }
+
+    #[tokio::test]
+    async fn an_http2_response_head_as_large_as_http1_takes_gets_through() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                // 64 KiB of cookies: four times hyper's own HTTP/2 client limit.
+                for i in 0..64 {
+                    let value = HeaderValue::from_str(&format!("c{i}={}", "x".repeat(1000))).unwrap();
+                    resp.headers_mut().append(header::SET_COOKIE, value);
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_header_list_size(1 << 20)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+        let client = UpstreamClient::new();
+        let stack = client.stack(&authority, LIMITS, None, true);
+        let resp = client.send(&authority, &stack, later(), get("/")).await.unwrap();
+        assert_eq!(resp.headers().get_all(header::SET_COOKIE).iter().count(), 64);
+        assert_eq!(&body_and_trailers(resp).await.0[..], b"ok");
     }
 }
