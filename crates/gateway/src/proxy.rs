@@ -24,7 +24,7 @@ use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Empty};
 use httpserver_pool::{RequestBody, ResponseBody};
 
-use crate::reply::{plain, respond, set_status_header};
+use crate::reply::{as_grpc, is_grpc, plain, respond, set_status_header};
 use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use idlewatch::{IdleLayer, IdleLayerOptions, IdleWatcher};
@@ -315,8 +315,19 @@ impl Proxy {
     }
 
     /// Serves one request: its route, through the route's workload (woken if asleep) when it
-    /// has one.
-    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
+    /// has one. The gateway's own answer to a gRPC call is given as gRPC status
+    /// ([`reply::as_grpc`](crate::reply::as_grpc)).
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response<ResponseBody> {
+        if is_grpc(req.headers()) {
+            // Boxed: gRPC calls are the rarer kind, and the plain path's future stays as it was.
+            as_grpc(Box::pin(self.answer(req)).await)
+        } else {
+            self.answer(req).await
+        }
+    }
+
+    /// [`handle`](Self::handle) but for gRPC's form of the gateway's own answers.
+    async fn answer(self: Arc<Self>, mut req: Request<RequestBody>) -> Response<ResponseBody> {
         host_from_target(&mut req);
         if let Err(answer) = check_host(&req).and_then(|()| normalize_path(&mut req).map_err(|e| e.answer()))
         {
@@ -349,10 +360,11 @@ impl Proxy {
             Ok(resp) => {
                 // The layer's own answers (loading page, 503 after a failed wake) are counted here;
                 // the upstream's were counted by `serve`.
-                let resp = resp.map(|body| body.map_err(Into::into).boxed());
+                let mut resp = resp.map(|body| body.map_err(Into::into).boxed());
                 if resp.extensions().get::<Served>().is_none() {
                     route.metrics.answered(resp.status(), start.elapsed());
                     access_log(&route.name, &method, &path, resp.status(), start);
+                    resp.extensions_mut().get_or_insert(crate::reply::Own(""));
                 }
                 resp
             }

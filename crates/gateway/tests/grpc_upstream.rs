@@ -2,8 +2,9 @@
 //! Python's `grpcio` serves the standard health service as the upstream (`http2 = true`, h2c),
 //! and a Python `grpcio` client calls it through the gateway's listener (`h2c = true`). A unary
 //! call, a call whose status comes back in the trailers alone, and a server stream get through;
-//! a method the route's agent blocks gets `PERMISSION_DENIED` (the gateway's 403, as gRPC maps
-//! it) and never reaches the server.
+//! a method the route's agent blocks gets `PERMISSION_DENIED` and never reaches the server, and
+//! a call routed to an upstream that is down gets `UNAVAILABLE`: the gateway's own answers come
+//! as gRPC status, with its text as the message.
 //!
 //! Needs `python3` with `grpcio` and `grpcio-health-checking` (`.ci/run` installs them). Without
 //! them the test says so and passes, except with `CI=true`, where it fails.
@@ -54,7 +55,12 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
         channel.unary_unary("/grpc.health.v1.Health/Forbidden")(b"", timeout=20)
         print("forbidden answered", flush=True)
     except grpc.RpcError as e:
-        print("forbidden", e.code().name, flush=True)
+        print("forbidden", e.code().name, e.details(), flush=True)
+    try:
+        channel.unary_unary("/dead.Service/Call")(b"", timeout=20)
+        print("dead answered", flush=True)
+    except grpc.RpcError as e:
+        print("dead", e.code().name, e.details(), flush=True)
 "#;
 
 /// True if Python gRPC is there; otherwise says why (and fails under `CI=true`).
@@ -124,16 +130,27 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
         urls = ["http://127.0.0.1:{port}"]
         http2 = true
 
+        [[upstreams]]
+        name = "dead"
+        urls = ["http://127.0.0.1:{dead}"]
+        http2 = true
+
         [[agents]]
         name = "guard"
         endpoints = ["{endpoint}"]
+
+        [[routes]]
+        name = "dead"
+        path_prefix = "/dead.Service/"
+        upstream = "dead"
 
         [[routes]]
         name = "grpc"
         upstream = "health"
         agents = ["guard"]
         "#,
-        endpoint = guard.endpoint
+        endpoint = guard.endpoint,
+        dead = common::free_port()
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
@@ -154,7 +171,8 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
             "check demo SERVING",
             "check missing NOT_FOUND",
             "watch demo SERVING",
-            "forbidden PERMISSION_DENIED"
+            "forbidden PERMISSION_DENIED Forbidden",
+            "dead UNAVAILABLE the upstream failed",
         ],
         "{stdout}"
     );
@@ -181,6 +199,9 @@ async fn a_grpc_client_reaches_a_grpc_server_through_the_gateway() {
     // The gateway counted them on the route.
     let ok = r#"gateway_requests_total{route="grpc",status="200"}"#;
     assert_eq!(common::metric(&admin, ok).await, Some(3.0), "{ok}");
+    // The metrics say what happened in HTTP terms.
     let blocked = r#"gateway_requests_total{route="grpc",status="403"}"#;
     assert_eq!(common::metric(&admin, blocked).await, Some(1.0), "{blocked}");
+    let failed = r#"gateway_requests_total{route="dead",status="502"}"#;
+    assert_eq!(common::metric(&admin, failed).await, Some(1.0), "{failed}");
 }
