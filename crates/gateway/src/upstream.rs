@@ -1275,9 +1275,9 @@ mod tests {
         names: parking_lot::Mutex<Vec<String>>,
     }
 
-    /// An HTTPS upstream (rustls, hyper) with `pair`'s certificate, answering `ok`; with
-    /// `client_ca`, only clients with a certificate that CA signed get through the handshake.
-    async fn tls_upstream(pair: &test_support::tls::Pair, client_ca: Option<&str>) -> (Authority, Arc<Seen>) {
+    /// A test upstream's rustls configuration: `pair`'s certificate; with `client_ca`, only
+    /// clients with a certificate that CA signed get through the handshake.
+    fn server_config(pair: &test_support::tls::Pair, client_ca: Option<&str>) -> rustls::ServerConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain =
             CertificateDer::pem_slice_iter(pair.cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
@@ -1299,8 +1299,13 @@ mod tests {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(Arc::new(builder.with_single_cert(chain, key).unwrap()));
+        builder.with_single_cert(chain, key).unwrap()
+    }
+
+    /// An HTTPS upstream (rustls, hyper) with `pair`'s certificate, answering `ok`; with
+    /// `client_ca`, only clients with a certificate that CA signed get through the handshake.
+    async fn tls_upstream(pair: &test_support::tls::Pair, client_ca: Option<&str>) -> (Authority, Arc<Seen>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(pair, client_ca)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         let seen = Arc::new(Seen::default());
@@ -1504,17 +1509,7 @@ mod tests {
         delay: Duration,
     ) -> (Authority, Arc<H2Seen>) {
         let acceptor = tls.map(|(pair, alpn)| {
-            let chain =
-                CertificateDer::pem_slice_iter(pair.cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-            let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
-            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
+            let mut config = server_config(pair, None);
             config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             tokio_rustls::TlsAcceptor::from(Arc::new(config))
         });

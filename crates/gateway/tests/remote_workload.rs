@@ -250,14 +250,7 @@ async fn a_client_certificate_the_agent_refuses_passes_check_and_shows_in_status
     assert_ne!(moved, running);
     std::fs::write(&path, moved).unwrap();
     let admin = &gateway.admin;
-    let reply = exchange(
-        admin,
-        format!(
-            "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await;
+    let reply = common::reload(admin).await;
     assert_eq!(reply.status, 422, "{}", reply.text());
     assert!(reply.text().contains("[[docker_hosts]] cannot change while running"), "{}", reply.text());
     let report = status(admin).await;
@@ -269,14 +262,7 @@ async fn a_client_certificate_the_agent_refuses_passes_check_and_shows_in_status
     let renewed = ca.issue_client("gateway", DAY).unwrap();
     std::fs::write(dir.path().join("cert.pem"), renewed.cert_pem).unwrap();
     std::fs::write(dir.path().join("key.pem"), renewed.key_pem).unwrap();
-    let reply = exchange(
-        admin,
-        format!(
-            "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await;
+    let reply = common::reload(admin).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(reply.text().contains(r#"docker hosts with new TLS material ["edge"]"#), "{}", reply.text());
     common::eventually("the renewed certificate is accepted", async || {

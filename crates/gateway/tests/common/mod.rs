@@ -210,6 +210,18 @@ pub fn get(target: &str) -> Vec<u8> {
     format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
+/// `POST /admin/reload` on the admin listener at `admin`.
+pub async fn reload(admin: &str) -> Reply {
+    exchange(
+        admin,
+        format!(
+            "POST /admin/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+}
+
 /// The admin's `/status`, parsed.
 pub async fn status(admin: &str) -> serde_json::Value {
     let reply = exchange(
