@@ -113,7 +113,7 @@ pub fn test_labels() -> HashMap<String, String> {
 
 /// True when the environment variable `CI` is `true` or `1`: Docker is then required.
 pub fn ci_requires_engine() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true" | "1"))
+    crate::in_ci()
 }
 
 /// Connects to the local engine and pings it.

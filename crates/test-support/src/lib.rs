@@ -82,6 +82,27 @@ pub mod workers;
 #[cfg(test)]
 mod tests;
 
+/// True under CI (`CI` = `true` or `1`), where every outside tool a test needs is installed
+/// (`.ci/run` does it), so a missing one is a failure, not a reason to skip.
+pub fn in_ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true" | "1"))
+}
+
+/// For a test that needs something from outside the workspace (a program, a Python package):
+/// `missing` says what is missing and how to install it, if anything is. Under CI ([`in_ci`])
+/// that fails the test; elsewhere it prints `skipping: …` and returns false, for the test to
+/// return. True when nothing is missing.
+///
+/// # Panics
+///
+/// When something is missing under CI.
+pub fn present_or_skip(missing: Option<String>) -> bool {
+    let Some(why) = missing else { return true };
+    assert!(!in_ci(), "{why} (required under CI)");
+    eprintln!("skipping: {why}");
+    false
+}
+
 pub use agent::{ConfigBehaviour, ConnectionControl, MemoryAgent};
 pub use connection::MemoryConnection;
 pub use connector::MemoryConnector;
