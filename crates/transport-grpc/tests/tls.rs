@@ -46,6 +46,11 @@ async fn assert_refused(ca: &TestCa, client_tls: GrpcClientTls) {
         connect(&connector(client_tls), &agent.endpoint).await.map(|c| c.label().to_owned()).unwrap_err();
     assert!(matches!(err, TransportError::Connect { .. } | TransportError::Handshake { .. }), "{err:?}");
     assert_eq!(agent.handle.session_count(), 0);
+    // The agent counts the failure after sending its alert: the client can hear of it first.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while agent.handle.limit_stats().tls_handshakes_failed < 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(agent.handle.limit_stats().tls_handshakes_failed >= 1, "{:?}", agent.handle.limit_stats());
 }
 
